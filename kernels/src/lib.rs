@@ -1,0 +1,155 @@
+//! Compute kernels for MiniMax-01.
+//!
+//! [`Backend`] is the compute interface the model engine is written against. Every
+//! operation the forward pass needs is a method here; a backend owns its buffers
+//! ([`Backend::Buf`]) and the engine never looks inside them except through
+//! [`Backend::download`]. [`cpu::Cpu`] is the CPU implementation: f32 compute, GEMMs through
+//! the `gemm` crate, threads through rayon. It is also the numerical reference that other
+//! backends are checked against.
+//!
+//! Shapes are passed explicitly; matrices are row-major. A weight `w` of a linear layer has
+//! the PyTorch `nn.Linear` layout `[out, in]`.
+
+pub mod cpu;
+
+/// Lightning-attention geometry of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LightningShape {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Block size of the prefill algorithm; results do not depend on it beyond rounding.
+    pub block: usize,
+}
+
+/// Softmax-attention geometry of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Rotary embedding parameters (NeoX "rotate half" pairing over the first `rotary_dim` dims).
+#[derive(Debug, Clone, Copy)]
+pub struct RopeParams {
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub theta: f64,
+}
+
+/// Result of routing `rows` tokens: for each row, `top_k` (expert, weight) pairs, renormalised.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    /// Rows and weights per expert (`experts` buckets), each in row order.
+    pub fn by_expert(&self, experts: usize) -> Vec<(Vec<u32>, Vec<f32>)> {
+        let mut out = vec![(Vec::new(), Vec::new()); experts];
+        for (i, (&e, &w)) in self.experts.iter().zip(&self.weights).enumerate() {
+            let b = &mut out[e as usize];
+            b.0.push((i / self.top_k) as u32);
+            b.1.push(w);
+        }
+        out
+    }
+
+    /// Rows routed to `expert`, with their weights, in row order.
+    pub fn rows_for(&self, expert: u32) -> (Vec<u32>, Vec<f32>) {
+        let mut rows = Vec::new();
+        let mut weights = Vec::new();
+        for (i, (&e, &w)) in self.experts.iter().zip(&self.weights).enumerate() {
+            if e == expert {
+                rows.push((i / self.top_k) as u32);
+                weights.push(w);
+            }
+        }
+        (rows, weights)
+    }
+}
+
+/// The compute interface of the model engine.
+pub trait Backend: Send + Sync + 'static {
+    /// A device buffer of f32 values (or the device's working type).
+    type Buf: Send + Sync;
+
+    fn name(&self) -> String;
+
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// Rows `[start, start + count)` of a row-major matrix with `width` columns.
+    fn rows(&self, x: &Self::Buf, start: usize, count: usize, width: usize) -> Self::Buf;
+    /// Rows listed in `ids` (any order, repeats allowed).
+    fn gather_rows(&self, x: &Self::Buf, ids: &[u32], width: usize) -> Self::Buf;
+    /// Concatenates row blocks of the same width.
+    fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
+    /// Appends `src` to the end of `dst` (a growing cache).
+    fn append(&self, dst: &mut Self::Buf, src: &Self::Buf);
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ`.
+    fn linear(&self, x: &Self::Buf, w: &Self::Buf, m: usize, k: usize, n: usize) -> Self::Buf;
+    /// RMSNorm over each row of width `width`: `g ⊙ u / sqrt(mean(u²) + eps)`.
+    fn rms_norm(&self, x: &Self::Buf, g: &Self::Buf, width: usize, eps: f32) -> Self::Buf;
+    fn silu_inplace(&self, x: &mut Self::Buf);
+    /// `x ← x ⊙ sigmoid(gate)`.
+    fn sigmoid_gate_inplace(&self, x: &mut Self::Buf, gate: &Self::Buf);
+    /// `alpha·a + beta·b`.
+    fn axpby(&self, alpha: f32, a: &Self::Buf, beta: f32, b: &Self::Buf) -> Self::Buf;
+    /// `SiLU(h1) ⊙ h3`.
+    fn swiglu(&self, h1: &Self::Buf, h3: &Self::Buf) -> Self::Buf;
+    /// `out[ids[i]] += weights[i] · y[i]` for each row i of `y`.
+    fn scatter_add_rows(
+        &self,
+        out: &mut Self::Buf,
+        y: &Self::Buf,
+        ids: &[u32],
+        weights: &[f32],
+        width: usize,
+    );
+
+    /// Lightning attention over `t` new tokens continuing from `state` (`[heads, d, d]`, f32).
+    ///
+    /// `qkv` is `[t, heads·3d]`, already activated, laid out per head as `[q_h; k_h; v_h]`.
+    /// `decay` holds λ per head (decay per token is `exp(−λ)`). Returns `[t, heads·d]` and
+    /// leaves the state after the last token in `state`.
+    fn lightning(
+        &self,
+        qkv: &Self::Buf,
+        t: usize,
+        shape: LightningShape,
+        decay: &[f32],
+        state: &mut Self::Buf,
+    ) -> Self::Buf;
+
+    /// Applies rotary embeddings in place to `x` (`[t, heads·head_dim]`), row `i` at absolute
+    /// position `pos0 + i`.
+    fn rope_inplace(
+        &self,
+        x: &mut Self::Buf,
+        t: usize,
+        heads: usize,
+        pos0: usize,
+        rope: RopeParams,
+    );
+
+    /// Causal softmax attention of `t` queries at absolute positions `pos0..pos0+t` over the
+    /// first `pos0 + t` keys of the caches (`[len, kv_heads·d]`). Scale `1/sqrt(d)`.
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        t: usize,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        pos0: usize,
+        shape: AttentionShape,
+    ) -> Self::Buf;
+
+    /// Softmax over `experts` router logits per row, top-k, renormalised.
+    fn route(&self, logits: &Self::Buf, rows: usize, experts: usize, top_k: usize) -> Routing;
+}

@@ -1,0 +1,249 @@
+//! Hugging Face checkpoints: `config.json` plus safetensors, single file or sharded with
+//! `model.safetensors.index.json`. Shards are memory-mapped when first needed, and only the
+//! tensors a caller asks for are read (a worker owns a subset).
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+struct Shard {
+    path: PathBuf,
+    opened: OnceLock<std::result::Result<Arc<ShardData>, String>>,
+}
+
+struct ShardData {
+    mmap: Mmap,
+    header_len: usize,
+    meta: Metadata,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+    shards: Vec<Shard>,
+    /// Tensor name → shard index, from the index file (or the single file's header).
+    locations: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.locations.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: "not a directory".into(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let index_path = dir.join(INDEX_FILE);
+        let mut shards = Vec::new();
+        let mut locations = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
+                path: index_path.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
+                    path: index_path.clone(),
+                    msg: format!("not valid JSON: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Checkpoint {
+                    path: index_path.clone(),
+                    msg: "no `weight_map` object".into(),
+                })?;
+            let mut by_file: HashMap<String, usize> = HashMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| ModelError::Checkpoint {
+                    path: index_path.clone(),
+                    msg: format!("weight_map entry for `{name}` is not a file name"),
+                })?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(ModelError::Checkpoint {
+                        path: index_path.clone(),
+                        msg: format!(
+                            "weight_map entry for `{name}` points outside the directory: {file}"
+                        ),
+                    });
+                }
+                let idx = *by_file.entry(file.to_string()).or_insert_with(|| {
+                    shards.push(Shard {
+                        path: dir.join(file),
+                        opened: OnceLock::new(),
+                    });
+                    shards.len() - 1
+                });
+                locations.insert(name.clone(), idx);
+            }
+        } else {
+            let single = dir.join(SINGLE_FILE);
+            let path = if single.exists() {
+                single
+            } else {
+                let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .map_err(|source| ModelError::Io {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                if found.len() != 1 {
+                    return Err(ModelError::Checkpoint {
+                        path: dir.to_path_buf(),
+                        msg: format!(
+                            "no {INDEX_FILE} and {} .safetensors files (expected {SINGLE_FILE} or an index)",
+                            found.len()
+                        ),
+                    });
+                }
+                found.pop().unwrap_or_default()
+            };
+            shards.push(Shard {
+                path,
+                opened: OnceLock::new(),
+            });
+            let data = open_shard(&shards[0]).map_err(|msg| ModelError::Checkpoint {
+                path: shards[0].path.clone(),
+                msg,
+            })?;
+            for name in data.meta.tensors().keys() {
+                locations.insert(name.clone(), 0);
+            }
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            locations,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.locations.contains_key(name)
+    }
+
+    /// Reads tensor `name`, checks its shape, and converts it to f32.
+    pub fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let &idx = self.locations.get(name).ok_or_else(|| {
+            let where_ = if self.shards.len() == 1 && !self.dir.join(INDEX_FILE).exists() {
+                self.shards[0].path.clone()
+            } else {
+                self.dir.join(INDEX_FILE)
+            };
+            ModelError::Tensor {
+                tensor: name.to_string(),
+                file: where_,
+                msg: "missing from the checkpoint".into(),
+            }
+        })?;
+        let shard = &self.shards[idx];
+        let err = |msg: String| ModelError::Tensor {
+            tensor: name.to_string(),
+            file: shard.path.clone(),
+            msg,
+        };
+        let data = open_shard(shard).map_err(err)?;
+        let info = data
+            .meta
+            .info(name)
+            .ok_or_else(|| err("listed in the index but not in this file".into()))?;
+        if info.shape != shape {
+            return Err(err(format!("shape {:?}, expected {:?}", info.shape, shape)));
+        }
+        let n: usize = shape.iter().product();
+        let (b, e) = info.data_offsets;
+        let start = 8 + data.header_len;
+        let bytes = data
+            .mmap
+            .get(start + b..start + e)
+            .ok_or_else(|| err("data lies beyond the end of the file".into()))?;
+        let out = convert(bytes, info.dtype, n).map_err(err)?;
+        if let Some(i) = out.par_iter().position_any(|x| !x.is_finite()) {
+            return Err(err(format!("non-finite value at element {i}")));
+        }
+        Ok(out)
+    }
+}
+
+fn open_shard(shard: &Shard) -> std::result::Result<Arc<ShardData>, String> {
+    shard
+        .opened
+        .get_or_init(|| {
+            let file = std::fs::File::open(&shard.path).map_err(|e| format!("cannot open: {e}"))?;
+            // SAFETY: the checkpoint is read-only input; a file changed underneath a running
+            // process is outside what any loader can defend against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot mmap: {e}"))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| format!("corrupt safetensors file: {e}"))?;
+            Ok(Arc::new(ShardData {
+                mmap,
+                header_len,
+                meta,
+            }))
+        })
+        .clone()
+}
+
+fn convert(bytes: &[u8], dtype: Dtype, n: usize) -> std::result::Result<Vec<f32>, String> {
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::BF16 | Dtype::F16 => 2,
+        other => return Err(format!("dtype {other:?} is not supported (f32, bf16, f16)")),
+    };
+    if bytes.len() != n * width {
+        return Err(format!(
+            "{} bytes of data for {n} {dtype:?} values",
+            bytes.len()
+        ));
+    }
+    let mut out = vec![0f32; n];
+    const CH: usize = 1 << 16;
+    out.par_chunks_mut(CH)
+        .zip(bytes.par_chunks(CH * width))
+        .for_each(|(o, b)| match dtype {
+            Dtype::F32 => o
+                .iter_mut()
+                .zip(b.chunks_exact(4))
+                .for_each(|(x, c)| *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::BF16 => o
+                .iter_mut()
+                .zip(b.chunks_exact(2))
+                .for_each(|(x, c)| *x = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            _ => o
+                .iter_mut()
+                .zip(b.chunks_exact(2))
+                .for_each(|(x, c)| *x = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        });
+    Ok(out)
+}

@@ -1,0 +1,20 @@
+//! The MiniMax-01 model engine: config dialects, Hugging Face checkpoints, the forward pass
+//! (lightning attention, softmax attention, MoE) on any [`ringbolt_kernels::Backend`], and
+//! sampling. This crate is the single source of truth for the model's math; everything else
+//! in Ringbolt distributes it.
+
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod sampling;
+pub mod tokens;
+pub mod weights;
+pub mod writer;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Dialect, LayerKind, ModelConfig};
+pub use engine::{Logits, Model, SequenceState};
+pub use error::{ModelError, Result};
+pub use sampling::{Sampler, SamplingParams};
+pub use writer::{Preset, WeightDtype, write_random_checkpoint};

@@ -1,0 +1,215 @@
+//! `init-checkpoint`, `logits` and `generate`: the model engine from the command line.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use ringbolt_kernels::cpu::Cpu;
+use ringbolt_model::{
+    Checkpoint, Logits, Model, ModelConfig, Preset, Sampler, SamplingParams, WeightDtype,
+    tokens::parse_token_list, write_random_checkpoint,
+};
+use safetensors::tensor::{Dtype, TensorView};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PresetArg {
+    Tiny,
+    Small,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct InitCheckpointArgs {
+    /// Built-in model shape.
+    #[arg(long, env = "RINGBOLT_PRESET", value_enum, default_value = "tiny")]
+    preset: PresetArg,
+    /// A config.json (either dialect) to use instead of the preset's shape.
+    #[arg(long, env = "RINGBOLT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Seed of the random weights.
+    #[arg(long, env = "RINGBOLT_SEED", default_value_t = 0)]
+    seed: u64,
+    /// On-disk dtype.
+    #[arg(long, env = "RINGBOLT_DTYPE", value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Output directory.
+    #[arg(long, env = "RINGBOLT_OUT")]
+    out: PathBuf,
+    /// Shard the weights into files of at most this many bytes, with an index.
+    #[arg(long, env = "RINGBOLT_MAX_SHARD_BYTES")]
+    max_shard_bytes: Option<u64>,
+}
+
+#[derive(Args)]
+#[group(id = "prompt", required = true, multiple = false)]
+pub struct PromptArgs {
+    /// Token ids, separated by commas.
+    #[arg(long, env = "RINGBOLT_TOKENS", group = "prompt")]
+    tokens: Option<String>,
+    /// A file of token ids separated by commas and/or whitespace.
+    #[arg(long, env = "RINGBOLT_TOKENS_FILE", group = "prompt")]
+    tokens_file: Option<PathBuf>,
+}
+
+impl PromptArgs {
+    pub fn read(&self) -> Result<Vec<u32>> {
+        let ids = match (&self.tokens, &self.tokens_file) {
+            (Some(t), _) => parse_token_list(t)?,
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                parse_token_list(&text).with_context(|| format!("in {}", f.display()))?
+            }
+            (None, None) => bail!("give --tokens or --tokens-file"),
+        };
+        if ids.is_empty() {
+            bail!("the prompt is empty");
+        }
+        Ok(ids)
+    }
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Prefill this many tokens at once, then decode the rest one at a time (default: all).
+    #[arg(long, env = "RINGBOLT_PREFILL_LEN")]
+    prefill_len: Option<usize>,
+    /// Lightning prefill block size (default: the config's).
+    #[arg(long, env = "RINGBOLT_BLOCK_SIZE")]
+    block_size: Option<usize>,
+    /// Output safetensors file with one f32 tensor `logits` of shape [T, vocab].
+    #[arg(long, env = "RINGBOLT_OUT")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Number of tokens to generate.
+    #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS")]
+    max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, env = "RINGBOLT_TEMPERATURE", default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, env = "RINGBOLT_TOP_P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, env = "RINGBOLT_SEED", default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn init_checkpoint(a: InitCheckpointArgs) -> Result<()> {
+    let cfg = match &a.config {
+        Some(path) => ModelConfig::from_file(path)?,
+        None => match a.preset {
+            PresetArg::Tiny => Preset::Tiny.config(),
+            PresetArg::Small => Preset::Small.config(),
+        },
+    };
+    let dtype = match a.dtype {
+        DtypeArg::F32 => WeightDtype::F32,
+        DtypeArg::Bf16 => WeightDtype::Bf16,
+    };
+    if a.max_shard_bytes == Some(0) {
+        bail!("--max-shard-bytes must be positive");
+    }
+    let shards = write_random_checkpoint(&cfg, a.seed, dtype, &a.out, a.max_shard_bytes)?;
+    eprintln!(
+        "wrote {} ({} safetensors file{})",
+        a.out.display(),
+        shards,
+        if shards == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+pub fn load_model(dir: &Path) -> Result<Model<Cpu>> {
+    let ckpt = Checkpoint::open(dir)?;
+    Ok(Model::load(&ckpt, Cpu)?)
+}
+
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    let mut model = load_model(&a.checkpoint)?;
+    if let Some(b) = a.block_size {
+        if b == 0 {
+            bail!("--block-size must be positive");
+        }
+        model.set_block_size(b);
+    }
+    let ids = a.prompt.read()?;
+    let t = ids.len();
+    let k = a.prefill_len.unwrap_or(t);
+    if k == 0 || k > t {
+        bail!("--prefill-len must be between 1 and the number of tokens ({t}), got {k}");
+    }
+    model.check_tokens(0, &ids)?;
+    let vocab = model.config().vocab_size;
+    let mut state = model.new_state();
+    let mut all = model.forward(&mut state, &ids[..k], Logits::All)?;
+    for &id in &ids[k..] {
+        all.extend(model.forward(&mut state, &[id], Logits::All)?);
+    }
+    let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::F32, vec![t, vocab], &bytes)?;
+    safetensors::serialize_to_file([("logits", view)], None, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(())
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut sampler = Sampler::new(params)?;
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    let model = load_model(&a.checkpoint)?;
+    let ids = a.prompt.read()?;
+    model.check_tokens(0, &ids)?;
+    let mut state = model.new_state();
+    let t0 = Instant::now();
+    let logits = model.forward(&mut state, &ids, Logits::Last)?;
+    let mut next = sampler.sample(&logits);
+    let prefill = t0.elapsed();
+    let mut out = vec![next];
+    let eos = &model.config().eos_token_ids;
+    let t1 = Instant::now();
+    while out.len() < a.max_new_tokens && !eos.contains(&next) {
+        let logits = model.forward(&mut state, &[next], Logits::Last)?;
+        next = sampler.sample(&logits);
+        out.push(next);
+    }
+    let decode = t1.elapsed();
+    let finish_reason = if eos.contains(&next) {
+        "stop"
+    } else {
+        "length"
+    };
+    let line = serde_json::json!({
+        "tokens": out,
+        "finish_reason": finish_reason,
+        "prompt_tokens": ids.len(),
+        "prefill_seconds": prefill.as_secs_f64(),
+        "decode_seconds": decode.as_secs_f64(),
+    });
+    println!("{line}");
+    Ok(())
+}
