@@ -17,4 +17,4 @@ pub use config::{Dialect, LayerKind, ModelConfig};
 pub use engine::{Logits, Model, SequenceState};
 pub use error::{ModelError, Result};
 pub use sampling::{Sampler, SamplingParams};
-pub use writer::{Preset, WeightDtype, write_random_checkpoint};
+pub use writer::{Preset, WeightDtype, write_random_checkpoint, write_random_checkpoint_scaled};

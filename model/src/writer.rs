@@ -107,11 +107,12 @@ fn tensor_seed(seed: u64, name: &str) -> u64 {
     h
 }
 
-fn fill(spec: &TensorSpec, seed: u64) -> Vec<f32> {
+fn fill(spec: &TensorSpec, seed: u64, std_scale: f32) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
     match spec.init {
         Init::Ones => vec![1.0; n],
         Init::Normal(std) => {
+            let std = std * std_scale;
             // Chunks with their own streams so large tensors fill in parallel.
             const CH: usize = 1 << 16;
             let base = tensor_seed(seed, &spec.name);
@@ -145,6 +146,19 @@ pub fn write_random_checkpoint(
     dtype: WeightDtype,
     out: &Path,
     max_shard_bytes: Option<u64>,
+) -> Result<usize> {
+    write_random_checkpoint_scaled(cfg, seed, dtype, out, max_shard_bytes, 1.0)
+}
+
+/// [`write_random_checkpoint`] with the random weights' standard deviation (0.02) multiplied
+/// by `std_scale`: tests use larger weights so that every part of the model moves the logits.
+pub fn write_random_checkpoint_scaled(
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: WeightDtype,
+    out: &Path,
+    max_shard_bytes: Option<u64>,
+    std_scale: f32,
 ) -> Result<usize> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -191,7 +205,7 @@ pub fn write_random_checkpoint(
                 (
                     s.name.clone(),
                     s.shape.clone(),
-                    encode(&fill(s, seed), dtype),
+                    encode(&fill(s, seed, std_scale), dtype),
                 )
             })
             .collect();

@@ -16,12 +16,19 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/reference")
+        .join(name);
     let bytes = std::fs::read(dir.join("expected.safetensors")).expect("fixture present");
     let st = SafeTensors::deserialize(&bytes).expect("fixture parses");
     let (_, meta) = SafeTensors::read_metadata(&bytes).expect("metadata");
     let f32s = |n: &str| -> Vec<f32> {
-        st.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        st.tensor(n)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     };
     let tokens = st
         .tensor("tokens")
@@ -30,7 +37,9 @@ fn fixture(name: &str) -> Fixture {
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect();
-    let prefill_len = meta.metadata().as_ref().unwrap()["prefill_len"].parse().unwrap();
+    let prefill_len = meta.metadata().as_ref().unwrap()["prefill_len"]
+        .parse()
+        .unwrap();
     Fixture {
         ckpt: dir.join("checkpoint"),
         tokens,
@@ -45,14 +54,22 @@ fn fixture(name: &str) -> Fixture {
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     eprintln!("{what}: max error {err:e} (max|logit| {scale})");
-    assert!(err <= 1e-4 * scale, "{what}: max error {err:e} > 1e-4 × {scale}");
+    assert!(
+        err <= 1e-4 * scale,
+        "{what}: max error {err:e} > 1e-4 × {scale}"
+    );
 }
 
 fn run(model: &Model<Cpu>, tokens: &[u32], prefill_len: usize) -> Vec<f32> {
     let mut st = model.new_state();
-    let mut out = model.forward(&mut st, &tokens[..prefill_len], Logits::All).unwrap();
+    let mut out = model
+        .forward(&mut st, &tokens[..prefill_len], Logits::All)
+        .unwrap();
     for &t in &tokens[prefill_len..] {
         out.extend(model.forward(&mut st, &[t], Logits::All).unwrap());
     }
@@ -65,9 +82,21 @@ fn check_fixture(name: &str, dialect: Dialect) {
     assert_eq!(ckpt.config().dialect, dialect);
     let model = Model::load(&ckpt, Cpu).unwrap();
     let t = f.tokens.len();
-    assert_close(&run(&model, &f.tokens, t), &f.prefill, &format!("{name}: full prefill"));
-    assert_close(&run(&model, &f.tokens, f.prefill_len), &f.decode, &format!("{name}: prefill + decode"));
-    assert_close(&run(&model, &f.tokens, 1), &f.stepwise, &format!("{name}: pure decode"));
+    assert_close(
+        &run(&model, &f.tokens, t),
+        &f.prefill,
+        &format!("{name}: full prefill"),
+    );
+    assert_close(
+        &run(&model, &f.tokens, f.prefill_len),
+        &f.decode,
+        &format!("{name}: prefill + decode"),
+    );
+    assert_close(
+        &run(&model, &f.tokens, 1),
+        &f.stepwise,
+        &format!("{name}: pure decode"),
+    );
 }
 
 #[test]
@@ -88,7 +117,11 @@ fn block_size_does_not_change_results_beyond_rounding() {
     let t = f.tokens.len();
     for block in [1, 3, 16, 64, 256] {
         model.set_block_size(block);
-        assert_close(&run(&model, &f.tokens, t), &f.prefill, &format!("block {block}"));
+        assert_close(
+            &run(&model, &f.tokens, t),
+            &f.prefill,
+            &format!("block {block}"),
+        );
     }
 }
 
@@ -98,7 +131,11 @@ fn prefill_then_decode_equals_prefill_for_every_split() {
     let ckpt = Checkpoint::open(&f.ckpt).unwrap();
     let model = Model::load(&ckpt, Cpu).unwrap();
     for k in [1, 2, 15, 16, 17, 33, 39, 40] {
-        assert_close(&run(&model, &f.tokens, k), &f.prefill, &format!("prefill {k} + decode"));
+        assert_close(
+            &run(&model, &f.tokens, k),
+            &f.prefill,
+            &format!("prefill {k} + decode"),
+        );
     }
     // Chunked prefill (several multi-token calls continuing the caches) too.
     let mut st = model.new_state();
