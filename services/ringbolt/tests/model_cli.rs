@@ -1,0 +1,266 @@
+//! The model CLI as other tools drive it: `init-checkpoint`, `logits`, `generate`.
+
+use ringbolt_kernels::cpu::Cpu;
+use ringbolt_model::{Checkpoint, Logits, Model};
+use safetensors::SafeTensors;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ringbolt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ringbolt"))
+        .args(args)
+        .output()
+        .expect("ringbolt runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = ringbolt(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let out = ringbolt(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr lacks `{needle}`: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+}
+
+fn init(dir: &Path, extra: &[&str]) {
+    let d = dir.to_str().unwrap();
+    let mut args = vec![
+        "init-checkpoint",
+        "--preset",
+        "tiny",
+        "--seed",
+        "4",
+        "--out",
+        d,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+}
+
+fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+#[test]
+fn logits_writes_every_position_and_matches_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    init(&ckpt, &["--dtype", "bf16", "--max-shard-bytes", "150000"]);
+    assert!(ckpt.join("model.safetensors.index.json").exists());
+    let toks = "5,17,3,99,100,101,7,8,9,10,11,12,13,14,15,16,17,18,19,20";
+    let out = dir.path().join("a.safetensors");
+    ok(&[
+        "logits",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--tokens",
+        toks,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (shape, full) = read_logits(&out);
+    assert_eq!(shape, vec![20, 512]);
+
+    // Prefill 6 then decode, from a tokens file with mixed separators.
+    let file = dir.path().join("toks.txt");
+    std::fs::write(&file, toks.replace(',', " \n").replacen(" \n", ",", 3)).unwrap();
+    let out2 = dir.path().join("b.safetensors");
+    ok(&[
+        "logits",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--tokens-file",
+        file.to_str().unwrap(),
+        "--prefill-len",
+        "6",
+        "--block-size",
+        "4",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    let (_, split) = read_logits(&out2);
+    let scale = full.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = full
+        .iter()
+        .zip(&split)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-4 * scale, "prefill+decode vs prefill: {err}");
+
+    // Same numbers as the library.
+    let model = Model::load(&Checkpoint::open(&ckpt).unwrap(), Cpu).unwrap();
+    let ids: Vec<u32> = toks.split(',').map(|s| s.parse().unwrap()).collect();
+    let lib = model
+        .forward(&mut model.new_state(), &ids, Logits::All)
+        .unwrap();
+    assert_eq!(lib, full);
+}
+
+#[test]
+fn generate_is_greedy_by_default_and_seeded_when_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), &[]);
+    let d = dir.path().to_str().unwrap();
+    let line = ok(&[
+        "generate",
+        "--checkpoint",
+        d,
+        "--tokens",
+        "1,2,3,4",
+        "--max-new-tokens",
+        "6",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let toks: Vec<u32> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(toks.len(), 6);
+
+    // Greedy equals argmax of the engine's logits, step by step.
+    let model = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu).unwrap();
+    let mut st = model.new_state();
+    let mut logits = model.forward(&mut st, &[1, 2, 3, 4], Logits::Last).unwrap();
+    for &t in &toks {
+        assert_eq!(ringbolt_model::sampling::argmax(&logits), t);
+        logits = model.forward(&mut st, &[t], Logits::Last).unwrap();
+    }
+
+    let sampled = |seed: &str| {
+        ok(&[
+            "generate",
+            "--checkpoint",
+            d,
+            "--tokens",
+            "1,2,3,4",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+        ])
+    };
+    let (a, b) = (sampled("7"), sampled("7"));
+    let tok =
+        |s: &str| serde_json::from_str::<serde_json::Value>(s.trim()).unwrap()["tokens"].clone();
+    assert_eq!(tok(&a), tok(&b), "same seed, same tokens");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), &[]);
+    let d = dir.path().to_str().unwrap();
+    let out = dir.path().join("x.safetensors");
+    let o = out.to_str().unwrap();
+    fails(
+        &[
+            "logits",
+            "--checkpoint",
+            d,
+            "--tokens",
+            "1,9999",
+            "--out",
+            o,
+        ],
+        "outside the vocabulary",
+    );
+    fails(
+        &["logits", "--checkpoint", d, "--tokens", "1,x", "--out", o],
+        "`x`",
+    );
+    fails(
+        &["logits", "--checkpoint", d, "--tokens", "", "--out", o],
+        "empty",
+    );
+    fails(
+        &[
+            "logits",
+            "--checkpoint",
+            d,
+            "--tokens",
+            "1,2",
+            "--prefill-len",
+            "3",
+            "--out",
+            o,
+        ],
+        "--prefill-len",
+    );
+    fails(
+        &[
+            "logits",
+            "--checkpoint",
+            "/nonexistent",
+            "--tokens",
+            "1",
+            "--out",
+            o,
+        ],
+        "/nonexistent",
+    );
+    fails(
+        &[
+            "generate",
+            "--checkpoint",
+            d,
+            "--tokens",
+            "1",
+            "--max-new-tokens",
+            "0",
+        ],
+        "max-new-tokens",
+    );
+    fails(
+        &[
+            "generate",
+            "--checkpoint",
+            d,
+            "--tokens",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--top-p",
+            "0",
+        ],
+        "top_p",
+    );
+    fails(&["init-checkpoint", "--preset", "huge", "--out", o], "huge");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"model_type":"minimax","vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":2,"num_attention_heads":3}"#).unwrap();
+    fails(
+        &[
+            "init-checkpoint",
+            "--config",
+            bad.to_str().unwrap(),
+            "--out",
+            o,
+        ],
+        "head_dim",
+    );
+}
