@@ -153,6 +153,7 @@ pub fn rope_inv_freq(rope: RopeParams) -> Vec<f32> {
 
 /// One head of lightning attention over `t` tokens: `q`, `k`, `v` are `[t, d]`, `state` is
 /// `[d, d]` (rows: key dim, columns: value dim). Writes `out` (`[t, d]`).
+#[allow(clippy::too_many_arguments)]
 pub fn lightning_head(
     q: &[f32],
     k: &[f32],

@@ -142,26 +142,24 @@ impl ModelConfig {
             ));
         };
 
-        if let Some(act) = f.get("hidden_act") {
-            if act.as_str() != Some("silu") {
-                return Err(ModelError::field(
-                    "hidden_act",
-                    format!("only \"silu\" is supported, got {act}"),
-                ));
-            }
+        if let Some(act) = f.get("hidden_act")
+            && act.as_str() != Some("silu")
+        {
+            return Err(ModelError::field(
+                "hidden_act",
+                format!("only \"silu\" is supported, got {act}"),
+            ));
         }
-        for shared in ["shared_intermediate_size"] {
-            let nonzero = match f.get(shared) {
-                None => false,
-                Some(Value::Array(a)) => a.iter().any(|x| x.as_u64() != Some(0)),
-                Some(x) => x.as_u64() != Some(0),
-            };
-            if nonzero {
-                return Err(ModelError::field(
-                    shared,
-                    "shared experts are not supported (MiniMax-Text-01 has none)",
-                ));
-            }
+        let shared_experts = match f.get("shared_intermediate_size") {
+            None => false,
+            Some(Value::Array(a)) => a.iter().any(|x| x.as_u64() != Some(0)),
+            Some(x) => x.as_u64() != Some(0),
+        };
+        if shared_experts {
+            return Err(ModelError::field(
+                "shared_intermediate_size",
+                "shared experts are not supported (MiniMax-Text-01 has none)",
+            ));
         }
 
         let vocab_size = f.req_usize("vocab_size")?;
@@ -278,13 +276,13 @@ impl ModelConfig {
                         )
                     })?),
                 };
-                if let Some(kind) = rp.and_then(|m| m.get("rope_type")).and_then(Value::as_str) {
-                    if kind != "default" {
-                        return Err(ModelError::field(
-                            "rope_parameters.rope_type",
-                            format!("only \"default\" RoPE is supported, got \"{kind}\""),
-                        ));
-                    }
+                if let Some(kind) = rp.and_then(|m| m.get("rope_type")).and_then(Value::as_str)
+                    && kind != "default"
+                {
+                    return Err(ModelError::field(
+                        "rope_parameters.rope_type",
+                        format!("only \"default\" RoPE is supported, got \"{kind}\""),
+                    ));
                 }
                 rope_theta = match from_params {
                     Some(t) => t,
@@ -355,7 +353,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::field(
                 "num_key_value_heads",
                 format!(
@@ -373,7 +371,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.rotary_dim > self.head_dim || self.rotary_dim % 2 != 0 {
+        if self.rotary_dim > self.head_dim || !self.rotary_dim.is_multiple_of(2) {
             return Err(ModelError::field(
                 "rotary_dim",
                 format!(
@@ -397,9 +395,6 @@ impl ModelConfig {
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return Err(ModelError::field("rope_theta", "must be a positive number"));
-        }
-        if self.tie_word_embeddings {
-            // Supported: the LM head reads the embedding table.
         }
         if let Some(&e) = self
             .eos_token_ids

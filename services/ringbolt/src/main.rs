@@ -1,6 +1,7 @@
 //! `ringbolt`: one binary, one subcommand per role and tool.
 
 mod bench;
+mod demo;
 mod model_cli;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a long prompt through a small random model and report its speed (no set-up).
+    Demo(demo::DemoArgs),
     /// Write a random Hugging Face-format checkpoint.
     InitCheckpoint(model_cli::InitCheckpointArgs),
     /// Run a prompt through the model and write the logits of every position.
@@ -39,20 +42,20 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
+    if let Some(n) = cli.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
-        {
-            eprintln!("error: cannot start {n} compute threads: {e}");
-            std::process::exit(2);
-        }
+    {
+        eprintln!("error: cannot start {n} compute threads: {e}");
+        std::process::exit(2);
     }
     let result = match cli.command {
         Command::InitCheckpoint(a) => model_cli::init_checkpoint(a),
         Command::Logits(a) => model_cli::logits(a),
         Command::Generate(a) => model_cli::generate(a),
         Command::Bench(a) => bench::run(a),
+        Command::Demo(a) => demo::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
