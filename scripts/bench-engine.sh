@@ -12,12 +12,12 @@ THREADS=${THREADS:-$(nproc)}
 work=${WORK:-$(mktemp -d)}
 cargo build --release -q -p ringbolt
 R=target/release/ringbolt
-[ -d "$work/small" ] || $R init-checkpoint --preset small --seed 1 --out "$work/small"
+[ -d "$work/small" ] || $R init-checkpoint --preset small --seed 1 --dtype bf16 --out "$work/small"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-ours=$($R --threads "$THREADS" bench engine --checkpoint "$work/small" --prefill 4096 --decode-context 512)
+ours=$($R --threads "$THREADS" bench engine --checkpoint "$work/small" --prefill 4096 --decode-context 512 --repeat 3)
 echo "$ours"
 if $PYTHON -c "import torch, transformers" 2>/dev/null; then
-  theirs=$($PYTHON scripts/reference/bench_transformers.py --checkpoint "$work/small" --threads "$THREADS" 2>/dev/null | tail -1)
+  theirs=$($PYTHON scripts/reference/bench_transformers.py --checkpoint "$work/small" --threads "$THREADS" --repeat 3 2>/dev/null | tail -1)
   echo "$theirs"
   $PYTHON - "$ours" "$theirs" <<'PY'
 import json, sys
@@ -39,6 +39,6 @@ c = json.load(open(sys.argv[1] + "/small/config.json"))
 c["layer_types"] = ["linear_attention"] * c["num_hidden_layers"]
 json.dump(c, open(sys.argv[1] + "/linear.json", "w"))
 PY
-  $R init-checkpoint --config "$work/linear.json" --seed 1 --out "$work/linear"
+  $R init-checkpoint --config "$work/linear.json" --seed 1 --dtype bf16 --out "$work/linear"
 fi
 $R --threads "$THREADS" bench scaling --checkpoint "$work/linear" --lengths 4096,32768 --chunk 4096

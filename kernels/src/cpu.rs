@@ -1,6 +1,6 @@
 //! The CPU backend: f32 compute, GEMMs through `gemm`, threads through rayon.
 
-use crate::{AttentionShape, Backend, LightningShape, RopeParams, Routing};
+use crate::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
 use rayon::prelude::*;
 
 /// Rows below which a linear layer runs as parallel dot products instead of a GEMM
@@ -116,30 +116,117 @@ fn dst_rows(dst: &mut [f32], rs: usize, m: usize, n: usize) -> impl Iterator<Ite
 
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
+    let mut acc = [0f32; 16];
+    let chunks = a.len() / 16;
     for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for i in 0..8 {
+        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+        for i in 0..16 {
             acc[i] += x[i] * y[i];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
+    for i in chunks * 16..a.len() {
         s += a[i] * b[i];
     }
     s
 }
 
-#[inline]
+/// `exp(x)` in f32 to about 1 ulp for x in [−87, 88] (clamped outside), written so that loops
+/// over slices vectorize: range reduction `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, and
+/// `2^n` built from the exponent bits.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
 fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + fast_exp(-x))
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
+}
+
+#[inline(always)]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// A weight matrix on the CPU: bf16 when every value is exactly a bf16 (a bf16 checkpoint: half
+/// the memory traffic in decode, converted to f32 as it is used), else f32.
+pub enum CpuWeight {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl CpuWeight {
+    pub fn new(data: &[f32]) -> Self {
+        if data.par_iter().all(|v| v.to_bits() & 0xffff == 0) {
+            CpuWeight::Bf16(
+                data.par_iter()
+                    .map(|v| (v.to_bits() >> 16) as u16)
+                    .collect(),
+            )
+        } else {
+            CpuWeight::F32(data.to_vec())
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            CpuWeight::F32(v) => v.len(),
+            CpuWeight::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole matrix in f32 (borrowed when it is stored so).
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            CpuWeight::F32(v) => std::borrow::Cow::Borrowed(v),
+            CpuWeight::Bf16(v) => {
+                std::borrow::Cow::Owned(v.par_iter().map(|&b| bf16_to_f32(b)).collect())
+            }
+        }
+    }
 }
 
 #[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = a.len() / 16;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+        for i in 0..16 {
+            acc[i] += x[i] * bf16_to_f32(y[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 16..a.len() {
+        s += a[i] * bf16_to_f32(b[i]);
+    }
+    s
 }
+
+/// Largest lightning block the CPU backend uses: the intra-block product costs O(B) per token
+/// and the state terms O(d), so a block near d is cheapest; results do not depend on it.
+pub const CPU_LIGHTNING_BLOCK: usize = 64;
 
 /// `inv_freq[i] = 1 / θ^(2i/rotary_dim)` in f32, the reference's rounding.
 pub fn rope_inv_freq(rope: RopeParams) -> Vec<f32> {
@@ -270,8 +357,171 @@ pub fn lightning_head(
     }
 }
 
+/// Keys per tile of [`flash_attention`].
+const ATTN_K_TILE: usize = 512;
+
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = x.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            m[l] = m[l].max(x[c * 8 + l]);
+        }
+    }
+    let mut r = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for &v in &x[chunks * 8..] {
+        r = r.max(v);
+    }
+    r
+}
+
+/// `x ← exp(x − m)` in place; returns the sum.
+fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut it = x.chunks_exact_mut(8);
+    for c in &mut it {
+        for l in 0..8 {
+            c[l] = fast_exp(c[l] - m);
+            acc[l] += c[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for v in it.into_remainder() {
+        *v = fast_exp(*v - m);
+        s += *v;
+    }
+    s
+}
+
+/// Softmax attention of `rows` (pre-scaled) queries `q` (`[rows, d]`) over the first `nk` keys
+/// and values (row stride `stride`), row `r` seeing keys `0..visible(r)`. Keys go in tiles with
+/// an online softmax (running max and sum per row), so memory stays O(rows × tile) whatever
+/// the context length.
+#[allow(clippy::too_many_arguments)]
+fn flash_attention(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    nk: usize,
+    visible: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    let mut o = vec![0f32; rows * d];
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut l = vec![0f32; rows];
+    let mut s = vec![0f32; rows * ATTN_K_TILE.min(nk)];
+    let mut kt = 0;
+    while kt < nk {
+        let kn = ATTN_K_TILE.min(nk - kt);
+        let st = &mut s[..rows * kn];
+        gemm(
+            rows,
+            kn,
+            d,
+            st,
+            kn,
+            Mat::rows(q, d),
+            Mat {
+                data: &k[kt * stride..],
+                rs: 1,
+                cs: stride,
+            },
+            None,
+            false,
+        );
+        for r in 0..rows {
+            let row = &mut st[r * kn..(r + 1) * kn];
+            let cnt = visible(r).saturating_sub(kt).min(kn);
+            if cnt == 0 {
+                row.iter_mut().for_each(|x| *x = 0.0);
+                continue;
+            }
+            let m_new = m[r].max(max_lanes(&row[..cnt]));
+            let rescale = if m[r] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                fast_exp(m[r] - m_new)
+            };
+            let sum = exp_sum(&mut row[..cnt], m_new);
+            row[cnt..].iter_mut().for_each(|x| *x = 0.0);
+            l[r] = l[r] * rescale + sum;
+            m[r] = m_new;
+            if rescale != 1.0 {
+                o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= rescale);
+            }
+        }
+        gemm(
+            rows,
+            d,
+            kn,
+            &mut o,
+            d,
+            Mat::rows(st, kn),
+            Mat {
+                data: &v[kt * stride..],
+                rs: stride,
+                cs: 1,
+            },
+            Some(1.0),
+            false,
+        );
+        kt += kn;
+    }
+    for r in 0..rows {
+        let inv = 1.0 / l[r];
+        o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+    }
+    o
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`; `parallel` lets the GEMM fork across threads.
+fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "linear: input is not [m, k]");
+    assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
+    let mut y = vec![0f32; m * n];
+    if m <= GEMV_ROWS {
+        // Memory-bound: parallel over output features, each a dot product per input row.
+        const CH: usize = 64;
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
+            for (jj, o) in out.chunks_mut(m).enumerate() {
+                let j = c * CH + jj;
+                for (r, or) in o.iter_mut().enumerate() {
+                    let xr = &x[r * k..(r + 1) * k];
+                    *or = match w {
+                        CpuWeight::F32(v) => dot(xr, &v[j * k..(j + 1) * k]),
+                        CpuWeight::Bf16(v) => dot_bf16(xr, &v[j * k..(j + 1) * k]),
+                    };
+                }
+            }
+        });
+        for r in 0..m {
+            for j in 0..n {
+                y[r * n + j] = yt[j * m + r];
+            }
+        }
+    } else {
+        let wf = w.to_f32();
+        gemm(
+            m,
+            n,
+            k,
+            &mut y,
+            n,
+            Mat::rows(x, k),
+            Mat::transposed(&wf, k),
+            None,
+            parallel,
+        );
+    }
+    y
+}
+
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+    type Weight = CpuWeight;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -279,6 +529,28 @@ impl Backend for Cpu {
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
+    }
+
+    fn upload_weight(&self, data: &[f32], rows: usize, cols: usize) -> CpuWeight {
+        assert_eq!(data.len(), rows * cols, "weight is not [rows, cols]");
+        CpuWeight::new(data)
+    }
+
+    fn weight_rows(&self, w: &CpuWeight, ids: &[u32], width: usize) -> Vec<f32> {
+        let mut out = vec![0f32; ids.len() * width];
+        out.par_chunks_mut(width)
+            .zip(ids.par_iter())
+            .for_each(|(o, &i)| {
+                let i = i as usize;
+                match w {
+                    CpuWeight::F32(v) => o.copy_from_slice(&v[i * width..(i + 1) * width]),
+                    CpuWeight::Bf16(v) => o
+                        .iter_mut()
+                        .zip(&v[i * width..(i + 1) * width])
+                        .for_each(|(x, &b)| *x = bf16_to_f32(b)),
+                }
+            });
+        out
     }
 
     fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
@@ -314,42 +586,37 @@ impl Backend for Cpu {
         dst.extend_from_slice(src);
     }
 
-    fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * k, "linear: input is not [m, k]");
-        assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
-        let mut y = vec![0f32; m * n];
-        if m <= GEMV_ROWS {
-            // Parallel over output features, each a dot product per input row.
-            const CH: usize = 64;
-            let mut yt = vec![0f32; n * m];
-            yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
-                for (jj, o) in out.chunks_mut(m).enumerate() {
-                    let j = c * CH + jj;
-                    let wr = &w[j * k..(j + 1) * k];
-                    for (r, or) in o.iter_mut().enumerate() {
-                        *or = dot(&x[r * k..(r + 1) * k], wr);
-                    }
-                }
-            });
-            for r in 0..m {
-                for j in 0..n {
-                    y[r * n + j] = yt[j * m + r];
-                }
-            }
-        } else {
-            gemm(
-                m,
-                n,
-                k,
-                &mut y,
-                n,
-                Mat::rows(x, k),
-                Mat::transposed(w, k),
-                None,
-                true,
-            );
+    fn linear(&self, x: &Vec<f32>, w: &CpuWeight, m: usize, k: usize, n: usize) -> Vec<f32> {
+        linear(x, w, m, k, n, true)
+    }
+
+    fn moe_experts(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        hidden: usize,
+        inter: usize,
+        groups: &[ExpertGroup<'_, Self>],
+    ) -> Vec<f32> {
+        assert_eq!(x.len(), rows * hidden);
+        // Enough experts to keep every thread busy: one expert per task, each GEMM on one
+        // thread (no fork/join inside). Otherwise the GEMMs themselves go parallel.
+        let per_task = groups.len() >= rayon::current_num_threads();
+        let ys: Vec<Vec<f32>> = groups
+            .par_iter()
+            .map(|g| {
+                let n = g.ids.len();
+                let xs = self.gather_rows(x, g.ids, hidden);
+                let h = linear(&xs, g.w13, n, hidden, 2 * inter, !per_task);
+                let a = self.swiglu(&h, n, inter);
+                linear(&a, g.w2, n, inter, hidden, !per_task)
+            })
+            .collect();
+        let mut out = vec![0f32; rows * hidden];
+        for (g, y) in groups.iter().zip(&ys) {
+            self.scatter_add_rows(&mut out, y, g.ids, g.weights, hidden);
         }
-        y
+        out
     }
 
     fn rms_norm(&self, x: &Vec<f32>, g: &Vec<f32>, width: usize, eps: f32) -> Vec<f32> {
@@ -381,20 +648,30 @@ impl Backend for Cpu {
 
     fn axpby(&self, alpha: f32, a: &Vec<f32>, beta: f32, b: &Vec<f32>) -> Vec<f32> {
         assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(&a, &b)| alpha * a + beta * b)
-            .collect()
-    }
-
-    fn swiglu(&self, h1: &Vec<f32>, h3: &Vec<f32>) -> Vec<f32> {
-        assert_eq!(h1.len(), h3.len());
-        let mut y = vec![0f32; h1.len()];
+        let mut y = vec![0f32; a.len()];
         y.par_chunks_mut(4096)
-            .zip(h1.par_chunks(4096).zip(h3.par_chunks(4096)))
+            .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
             .for_each(|(o, (a, b))| {
                 for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = silu(a) * b;
+                    *o = alpha * a + beta * b;
+                }
+            });
+        y
+    }
+
+    fn swiglu(&self, h: &Vec<f32>, rows: usize, inter: usize) -> Vec<f32> {
+        assert_eq!(
+            h.len(),
+            rows * 2 * inter,
+            "swiglu: input is not [rows, 2·inter]"
+        );
+        let mut y = vec![0f32; rows * inter];
+        y.par_chunks_mut(inter)
+            .zip(h.par_chunks(2 * inter))
+            .for_each(|(o, hr)| {
+                let (g, u) = hr.split_at(inter);
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = silu(g) * u;
                 }
             });
         y
@@ -409,11 +686,29 @@ impl Backend for Cpu {
         width: usize,
     ) {
         assert_eq!(y.len(), ids.len() * width);
-        for (i, (&r, &w)) in ids.iter().zip(weights).enumerate() {
-            let r = r as usize;
-            let dst = &mut out[r * width..(r + 1) * width];
+        let add = |dst: &mut [f32], i: usize, w: f32| {
             for (d, &s) in dst.iter_mut().zip(&y[i * width..(i + 1) * width]) {
                 *d += w * s;
+            }
+        };
+        if ids.windows(2).all(|p| p[0] < p[1]) {
+            // Distinct ascending rows (one expert's tokens): parallel over blocks of rows.
+            const CH: usize = 64;
+            out.par_chunks_mut(CH * width)
+                .enumerate()
+                .for_each(|(c, oc)| {
+                    let (r0, r1) = (c * CH, c * CH + oc.len() / width);
+                    let lo = ids.partition_point(|&i| (i as usize) < r0);
+                    let hi = ids.partition_point(|&i| (i as usize) < r1);
+                    for p in lo..hi {
+                        let r = ids[p] as usize - r0;
+                        add(&mut oc[r * width..(r + 1) * width], p, weights[p]);
+                    }
+                });
+        } else {
+            for (i, (&r, &w)) in ids.iter().zip(weights).enumerate() {
+                let r = r as usize;
+                add(&mut out[r * width..(r + 1) * width], i, w);
             }
         }
     }
@@ -431,6 +726,7 @@ impl Backend for Cpu {
             head_dim: d,
             block,
         } = shape;
+        let block = block.min(CPU_LIGHTNING_BLOCK);
         assert_eq!(
             qkv.len(),
             t * heads * 3 * d,
@@ -534,83 +830,48 @@ impl Backend for Cpu {
         let group = heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let qblocks = t.div_ceil(ATTN_Q_BLOCK);
-        let items: Vec<(usize, usize)> = (0..heads)
-            .flat_map(|h| (0..qblocks).map(move |b| (h, b)))
+        // One work item per (KV head, query block): the group's query heads share each K/V
+        // tile, so it is packed once for `group × block` rows.
+        let items: Vec<(usize, usize)> = (0..kv_heads)
+            .flat_map(|g| (0..qblocks).map(move |b| (g, b)))
             .collect();
         let results: Vec<Vec<f32>> = items
             .par_iter()
-            .map(|&(h, b)| {
-                let g = h / group;
+            .map(|&(g, b)| {
                 let r0 = b * ATTN_Q_BLOCK;
                 let mb = ATTN_Q_BLOCK.min(t - r0);
-                let nk = pos0 + r0 + mb; // keys visible to the last row of the block
-                let mut qb = vec![0f32; mb * d];
-                for i in 0..mb {
-                    let src = &q[(r0 + i) * heads * d + h * d..][..d];
-                    for c in 0..d {
-                        qb[i * d + c] = src[c] * scale;
+                let rows = group * mb; // row hh·mb + i: head g·group + hh, query r0 + i
+                let mut qg = vec![0f32; rows * d];
+                for hh in 0..group {
+                    let h = g * group + hh;
+                    for i in 0..mb {
+                        let src = &q[(r0 + i) * heads * d + h * d..][..d];
+                        let dst = &mut qg[(hh * mb + i) * d..][..d];
+                        for c in 0..d {
+                            dst[c] = src[c] * scale;
+                        }
                     }
                 }
-                let kg = &k_cache[g * d..];
-                let vg = &v_cache[g * d..];
-                let mut s = vec![0f32; mb * nk];
-                gemm(
-                    mb,
-                    nk,
+                let visible = |r: usize| pos0 + r0 + r % mb + 1;
+                flash_attention(
+                    &qg,
+                    rows,
                     d,
-                    &mut s,
-                    nk,
-                    Mat::rows(&qb, d),
-                    Mat {
-                        data: kg,
-                        rs: 1,
-                        cs: kvw,
-                    },
-                    None,
-                    false,
-                );
-                let mut inv_sum = vec![0f32; mb];
-                for i in 0..mb {
-                    let vis = pos0 + r0 + i + 1;
-                    let row = &mut s[i * nk..(i + 1) * nk];
-                    let mx = row[..vis].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let mut sum = 0f32;
-                    for x in row[..vis].iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
-                    row[vis..].iter_mut().for_each(|x| *x = 0.0);
-                    inv_sum[i] = 1.0 / sum;
-                }
-                let mut o = vec![0f32; mb * d];
-                gemm(
-                    mb,
-                    d,
-                    nk,
-                    &mut o,
-                    d,
-                    Mat::rows(&s, nk),
-                    Mat {
-                        data: vg,
-                        rs: kvw,
-                        cs: 1,
-                    },
-                    None,
-                    false,
-                );
-                for i in 0..mb {
-                    o[i * d..(i + 1) * d]
-                        .iter_mut()
-                        .for_each(|x| *x *= inv_sum[i]);
-                }
-                o
+                    &k_cache[g * d..],
+                    &v_cache[g * d..],
+                    kvw,
+                    pos0 + r0 + mb,
+                    visible,
+                )
             })
             .collect();
         let mut out = vec![0f32; t * heads * d];
-        for (&(h, b), o) in items.iter().zip(&results) {
+        for (&(g, b), o) in items.iter().zip(&results) {
             let r0 = b * ATTN_Q_BLOCK;
-            for (i, orow) in o.chunks(d).enumerate() {
-                out[(r0 + i) * heads * d + h * d..][..d].copy_from_slice(orow);
+            let mb = ATTN_Q_BLOCK.min(t - r0);
+            for (r, orow) in o.chunks(d).enumerate() {
+                let (hh, i) = (r / mb, r % mb);
+                out[(r0 + i) * heads * d + (g * group + hh) * d..][..d].copy_from_slice(orow);
             }
         }
         out
@@ -748,13 +1009,19 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_softmax_with_gqa_and_offset() {
-        let mut rng = StdRng::seed_from_u64(11);
+        // (pos0, t): one key tile; several key tiles and query blocks.
+        for (pos0, t) in [(70, 9), (1100, 70)] {
+            attention_case(pos0, t);
+        }
+    }
+
+    fn attention_case(pos0: usize, t: usize) {
+        let mut rng = StdRng::seed_from_u64(11 + pos0 as u64);
         let shape = AttentionShape {
             heads: 4,
             kv_heads: 2,
             head_dim: 8,
         };
-        let (pos0, t) = (70, 9);
         let len = pos0 + t;
         let q = rand_vec(&mut rng, t * 32, 1.0);
         let kc = rand_vec(&mut rng, len * 16, 1.0);
@@ -788,24 +1055,77 @@ mod tests {
     }
 
     #[test]
-    fn linear_gemv_and_gemm_paths_agree() {
+    fn linear_gemv_and_gemm_paths_agree_for_f32_and_bf16_weights() {
         let mut rng = StdRng::seed_from_u64(5);
         let (k, n) = (70, 130);
-        let w = rand_vec(&mut rng, n * k, 1.0);
+        let w32 = rand_vec(&mut rng, n * k, 1.0);
+        // The same values rounded to bf16: stored as bf16 (lossless), computed in f32.
+        let w16: Vec<f32> = w32
+            .iter()
+            .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
+            .collect();
         let x = rand_vec(&mut rng, 9 * k, 1.0);
-        let big = Cpu.linear(&x, &w, 9, k, n);
-        for m in 1..=GEMV_ROWS {
-            let small = Cpu.linear(&x[..m * k].to_vec(), &w, m, k, n);
-            for (a, b) in small.iter().zip(&big) {
-                assert!((a - b).abs() < 1e-4);
+        for w in [&w32, &w16] {
+            let cw = Cpu.upload_weight(w, n, k);
+            assert_eq!(matches!(cw, CpuWeight::Bf16(_)), std::ptr::eq(w, &w16));
+            let big = Cpu.linear(&x, &cw, 9, k, n);
+            for m in 1..=GEMV_ROWS {
+                let small = Cpu.linear(&x[..m * k].to_vec(), &cw, m, k, n);
+                for (a, b) in small.iter().zip(&big) {
+                    assert!((a - b).abs() < 1e-4);
+                }
             }
-        }
-        for r in 0..9 {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|c| x[r * k + c] * w[j * k + c]).sum();
-                assert!((big[r * n + j] - want).abs() < 1e-3);
+            for r in 0..9 {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|c| x[r * k + c] * w[j * k + c]).sum();
+                    assert!((big[r * n + j] - want).abs() < 1e-3);
+                }
             }
+            assert_eq!(
+                Cpu.weight_rows(&cw, &[3, 0], k),
+                [&w[3 * k..4 * k], &w[..k]].concat()
+            );
         }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            worst = worst.max(((fast_exp(x) as f64) - want).abs() / want);
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "relative error {worst:e}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!(fast_exp(-1000.0) < 1e-37 && fast_exp(-1000.0) >= 0.0);
+    }
+
+    #[test]
+    fn swiglu_and_scatter_add() {
+        let h = vec![1.0, -2.0, 3.0, 4.0, /* row 1 */ 0.5, 0.0, -1.0, 2.0];
+        let y = Cpu.swiglu(&h, 2, 2);
+        let s = |v: f32| v / (1.0 + (-v).exp());
+        let want = [s(1.0) * 3.0, s(-2.0) * 4.0, -s(0.5), 0.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        // Ascending ids take the parallel path, unordered ones the serial path: same sums.
+        let rows = 200;
+        let src: Vec<f32> = (0..3 * 4).map(|i| i as f32).collect();
+        let mut a = vec![1f32; rows * 4];
+        let mut b = a.clone();
+        Cpu.scatter_add_rows(&mut a, &src, &[5, 70, 199], &[0.5, 2.0, -1.0], 4);
+        Cpu.scatter_add_rows(
+            &mut b,
+            &[&src[8..], &src[..8]].concat(),
+            &[199, 5, 70],
+            &[-1.0, 0.5, 2.0],
+            4,
+        );
+        assert_eq!(a, b);
+        assert_eq!(&a[70 * 4..71 * 4], &[9.0, 11.0, 13.0, 15.0]);
     }
 
     #[test]

@@ -71,14 +71,30 @@ impl Routing {
     }
 }
 
+/// The tokens one expert processes in an MoE step: their rows in the step's input, their
+/// routing weights, and the expert's fused gate/up (`[2I, H]`) and down (`[H, I]`) weights.
+pub struct ExpertGroup<'a, B: Backend + ?Sized> {
+    pub ids: &'a [u32],
+    pub weights: &'a [f32],
+    pub w13: &'a B::Weight,
+    pub w2: &'a B::Weight,
+}
+
 /// The compute interface of the model engine.
 pub trait Backend: Send + Sync + 'static {
     /// A device buffer of f32 values (or the device's working type).
     type Buf: Send + Sync;
+    /// A weight matrix (`[out, in]`), stored as the backend likes (e.g. bf16 when that is
+    /// lossless) and always computed with in f32 or better.
+    type Weight: Send + Sync;
 
     fn name(&self) -> String;
 
     fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// Uploads a weight matrix of `rows × cols`.
+    fn upload_weight(&self, data: &[f32], rows: usize, cols: usize) -> Self::Weight;
+    /// Rows `ids` of a weight matrix with `width` columns, as activations (embedding lookup).
+    fn weight_rows(&self, w: &Self::Weight, ids: &[u32], width: usize) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn zeros(&self, len: usize) -> Self::Buf;
     fn len(&self, buf: &Self::Buf) -> usize;
@@ -93,7 +109,7 @@ pub trait Backend: Send + Sync + 'static {
     fn append(&self, dst: &mut Self::Buf, src: &Self::Buf);
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ`.
-    fn linear(&self, x: &Self::Buf, w: &Self::Buf, m: usize, k: usize, n: usize) -> Self::Buf;
+    fn linear(&self, x: &Self::Buf, w: &Self::Weight, m: usize, k: usize, n: usize) -> Self::Buf;
     /// RMSNorm over each row of width `width`: `g ⊙ u / sqrt(mean(u²) + eps)`.
     fn rms_norm(&self, x: &Self::Buf, g: &Self::Buf, width: usize, eps: f32) -> Self::Buf;
     fn silu_inplace(&self, x: &mut Self::Buf);
@@ -101,8 +117,9 @@ pub trait Backend: Send + Sync + 'static {
     fn sigmoid_gate_inplace(&self, x: &mut Self::Buf, gate: &Self::Buf);
     /// `alpha·a + beta·b`.
     fn axpby(&self, alpha: f32, a: &Self::Buf, beta: f32, b: &Self::Buf) -> Self::Buf;
-    /// `SiLU(h1) ⊙ h3`.
-    fn swiglu(&self, h1: &Self::Buf, h3: &Self::Buf) -> Self::Buf;
+    /// SwiGLU on a fused projection `h` (`[rows, 2·inter]`, gate columns first, then up):
+    /// returns `SiLU(gate) ⊙ up` (`[rows, inter]`).
+    fn swiglu(&self, h: &Self::Buf, rows: usize, inter: usize) -> Self::Buf;
     /// `out[ids[i]] += weights[i] · y[i]` for each row i of `y`.
     fn scatter_add_rows(
         &self,
@@ -112,6 +129,17 @@ pub trait Backend: Send + Sync + 'static {
         weights: &[f32],
         width: usize,
     );
+
+    /// Mixture of experts: `out[r] = Σ_groups w · W2(SiLU(W1 x_r) ⊙ W3 x_r)` over the groups
+    /// that hold row `r` (`x` is `[rows, hidden]`; rows no group names get zeros).
+    fn moe_experts(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        hidden: usize,
+        inter: usize,
+        groups: &[ExpertGroup<'_, Self>],
+    ) -> Self::Buf;
 
     /// Lightning attention over `t` new tokens continuing from `state` (`[heads, d, d]`, f32).
     ///

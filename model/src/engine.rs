@@ -5,48 +5,49 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LIGHTNING_NORM_EPS, LayerKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::weights::{expert_name, layer_prefix};
-use ringbolt_kernels::{AttentionShape, Backend, LightningShape, RopeParams};
+use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams};
 
-/// Weights of one expert (SwiGLU): `w1` gate `[I, H]`, `w3` up `[I, H]`, `w2` down `[H, I]`.
+/// Weights of one expert (SwiGLU): gate `w1` and up `w3` fused as `w13` (`[2I, H]`, w1 rows
+/// first) so one GEMM computes both, and down `w2` (`[H, I]`).
 pub struct Expert<B: Backend> {
-    pub w1: B::Buf,
-    pub w2: B::Buf,
-    pub w3: B::Buf,
+    pub w13: B::Weight,
+    pub w2: B::Weight,
 }
 
 impl<B: Backend> Expert<B> {
     pub fn load(ckpt: &Checkpoint, backend: &B, layer: usize, expert: usize) -> Result<Self> {
         let c = ckpt.config();
         let (h, i) = (c.hidden_size, c.intermediate_size);
+        let mut w13 = ckpt.load(&expert_name(layer, expert, "w1"), &[i, h])?;
+        w13.extend(ckpt.load(&expert_name(layer, expert, "w3"), &[i, h])?);
+        let w2 = ckpt.load(&expert_name(layer, expert, "w2"), &[h, i])?;
         Ok(Expert {
-            w1: backend.upload(&ckpt.load(&expert_name(layer, expert, "w1"), &[i, h])?),
-            w2: backend.upload(&ckpt.load(&expert_name(layer, expert, "w2"), &[h, i])?),
-            w3: backend.upload(&ckpt.load(&expert_name(layer, expert, "w3"), &[i, h])?),
+            w13: backend.upload_weight(&w13, 2 * i, h),
+            w2: backend.upload_weight(&w2, h, i),
         })
     }
 
     /// SwiGLU over `rows` rows of `x` (`[rows, H]`).
     pub fn forward(&self, backend: &B, x: &B::Buf, rows: usize, h: usize, i: usize) -> B::Buf {
-        let h1 = backend.linear(x, &self.w1, rows, h, i);
-        let h3 = backend.linear(x, &self.w3, rows, h, i);
-        let a = backend.swiglu(&h1, &h3);
+        let h13 = backend.linear(x, &self.w13, rows, h, 2 * i);
+        let a = backend.swiglu(&h13, rows, i);
         backend.linear(&a, &self.w2, rows, i, h)
     }
 }
 
 enum Mixer<B: Backend> {
     Lightning {
-        qkv: B::Buf,
-        gate: B::Buf,
+        qkv: B::Weight,
+        gate: B::Weight,
         norm: B::Buf,
-        out: B::Buf,
+        out: B::Weight,
         decay: Vec<f32>,
     },
     Softmax {
-        q: B::Buf,
-        k: B::Buf,
-        v: B::Buf,
-        o: B::Buf,
+        q: B::Weight,
+        k: B::Weight,
+        v: B::Weight,
+        o: B::Weight,
     },
 }
 
@@ -54,7 +55,7 @@ struct Layer<B: Backend> {
     input_norm: B::Buf,
     post_norm: B::Buf,
     mixer: Mixer<B>,
-    router: B::Buf,
+    router: B::Weight,
     experts: Vec<Expert<B>>,
 }
 
@@ -99,10 +100,10 @@ pub enum Logits {
 pub struct Model<B: Backend> {
     cfg: ModelConfig,
     backend: B,
-    embed: B::Buf,
+    embed: B::Weight,
     layers: Vec<Layer<B>>,
     final_norm: B::Buf,
-    lm_head: Option<B::Buf>,
+    lm_head: Option<B::Weight>,
 }
 
 impl<B: Backend> Model<B> {
@@ -114,23 +115,26 @@ impl<B: Backend> Model<B> {
         let up = |name: &str, shape: &[usize]| -> Result<B::Buf> {
             Ok(backend.upload(&ckpt.load(name, shape)?))
         };
-        let embed = up("model.embed_tokens.weight", &[v, h])?;
+        let upw = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
+            Ok(backend.upload_weight(&ckpt.load(name, &[rows, cols])?, rows, cols))
+        };
+        let embed = upw("model.embed_tokens.weight", v, h)?;
         let mut layers = Vec::with_capacity(cfg.num_layers());
         for (l, kind) in cfg.layers.iter().enumerate() {
             let p = layer_prefix(l);
             let mixer = match kind {
                 LayerKind::Lightning => Mixer::Lightning {
-                    qkv: up(&format!("{p}.self_attn.qkv_proj.weight"), &[3 * nh * d, h])?,
-                    gate: up(&format!("{p}.self_attn.output_gate.weight"), &[nh * d, h])?,
+                    qkv: upw(&format!("{p}.self_attn.qkv_proj.weight"), 3 * nh * d, h)?,
+                    gate: upw(&format!("{p}.self_attn.output_gate.weight"), nh * d, h)?,
                     norm: up(&format!("{p}.self_attn.norm.weight"), &[nh * d])?,
-                    out: up(&format!("{p}.self_attn.out_proj.weight"), &[h, nh * d])?,
+                    out: upw(&format!("{p}.self_attn.out_proj.weight"), h, nh * d)?,
                     decay: cfg.lightning_decay(l),
                 },
                 LayerKind::Softmax => Mixer::Softmax {
-                    q: up(&format!("{p}.self_attn.q_proj.weight"), &[nh * d, h])?,
-                    k: up(&format!("{p}.self_attn.k_proj.weight"), &[nkv * d, h])?,
-                    v: up(&format!("{p}.self_attn.v_proj.weight"), &[nkv * d, h])?,
-                    o: up(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * d])?,
+                    q: upw(&format!("{p}.self_attn.q_proj.weight"), nh * d, h)?,
+                    k: upw(&format!("{p}.self_attn.k_proj.weight"), nkv * d, h)?,
+                    v: upw(&format!("{p}.self_attn.v_proj.weight"), nkv * d, h)?,
+                    o: upw(&format!("{p}.self_attn.o_proj.weight"), h, nh * d)?,
                 },
             };
             let experts = (0..cfg.num_experts)
@@ -140,9 +144,10 @@ impl<B: Backend> Model<B> {
                 input_norm: up(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: up(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mixer,
-                router: up(
+                router: upw(
                     &format!("{p}.block_sparse_moe.gate.weight"),
-                    &[cfg.num_experts, h],
+                    cfg.num_experts,
+                    h,
                 )?,
                 experts,
             });
@@ -151,7 +156,7 @@ impl<B: Backend> Model<B> {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(up("lm_head.weight", &[v, h])?)
+            Some(upw("lm_head.weight", v, h)?)
         };
         Ok(Model {
             cfg,
@@ -263,7 +268,7 @@ impl<B: Backend> Model<B> {
                 Some((s, t.len()))
             })
             .collect();
-        let mut h = b.gather_rows(&self.embed, &ids, hsz);
+        let mut h = b.weight_rows(&self.embed, &ids, hsz);
 
         for (l, layer) in self.layers.iter().enumerate() {
             let a = b.rms_norm(&h, &layer.input_norm, hsz, cfg.rms_norm_eps);
@@ -419,15 +424,19 @@ impl<B: Backend> Model<B> {
         let (hsz, e, i) = (cfg.hidden_size, cfg.num_experts, cfg.intermediate_size);
         let logits = b.linear(x, &layer.router, rows, hsz, e);
         let routing = b.route(&logits, rows, e, cfg.experts_per_tok);
-        let mut out = b.zeros(rows * hsz);
-        for (expert, (ids, ws)) in layer.experts.iter().zip(routing.by_expert(e)) {
-            if ids.is_empty() {
-                continue;
-            }
-            let xs = b.gather_rows(x, &ids, hsz);
-            let y = expert.forward(b, &xs, ids.len(), hsz, i);
-            b.scatter_add_rows(&mut out, &y, &ids, &ws, hsz);
-        }
-        out
+        let buckets = routing.by_expert(e);
+        let groups: Vec<ExpertGroup<'_, B>> = layer
+            .experts
+            .iter()
+            .zip(&buckets)
+            .filter(|(_, (ids, _))| !ids.is_empty())
+            .map(|(ex, (ids, ws))| ExpertGroup {
+                ids,
+                weights: ws,
+                w13: &ex.w13,
+                w2: &ex.w2,
+            })
+            .collect();
+        b.moe_experts(x, rows, hsz, i, &groups)
     }
 }

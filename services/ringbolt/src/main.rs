@@ -1,5 +1,8 @@
 //! `ringbolt`: one binary, one subcommand per role and tool.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod demo;
 mod model_cli;
