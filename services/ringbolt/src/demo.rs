@@ -1,18 +1,19 @@
 //! `ringbolt demo`: the README's first command. Writes the `small` random checkpoint to a
-//! cache directory if absent, runs a long prompt through the engine in chunks with progress,
-//! streams the generated tokens, and ends with a short report.
+//! cache directory if absent, starts standalone in-process, submits a long prompt through the
+//! real client, shows upload, prefill and decode progress, streams the tokens, and ends with a
+//! short report.
 
-use crate::model_cli::load_model;
+use crate::client::{self, submit_tokens};
+use crate::server::{StandaloneArgs, start_manager};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use ringbolt_model::{
-    Logits, Preset, Sampler, SamplingParams, WeightDtype, write_random_checkpoint,
-};
-use std::io::Write;
+use ringbolt_model::{ModelConfig, Preset, WeightDtype, write_random_checkpoint};
+use ringbolt_proto::v1 as pb;
 use std::path::PathBuf;
 use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -24,40 +25,64 @@ pub struct DemoArgs {
     prompt_tokens: usize,
     /// Tokens to generate.
     #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS", default_value_t = 32)]
-    max_new_tokens: usize,
-    /// Prefill chunk size (tokens per forward call).
-    #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096)]
-    prefill_chunk: usize,
+    max_new_tokens: u32,
 }
 
-fn default_checkpoint() -> PathBuf {
+fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    base.join("ringbolt").join("small-seed0")
+    base.join("ringbolt")
 }
 
-pub fn run(a: DemoArgs) -> Result<()> {
-    if a.prompt_tokens == 0 || a.max_new_tokens == 0 || a.prefill_chunk == 0 {
-        bail!("--prompt-tokens, --max-new-tokens and --prefill-chunk must be positive");
+pub async fn run(a: DemoArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.max_new_tokens == 0 {
+        bail!("--prompt-tokens and --max-new-tokens must be positive");
     }
-    let dir = a.checkpoint.unwrap_or_else(default_checkpoint);
+    let dir = a
+        .checkpoint
+        .unwrap_or_else(|| cache_dir().join("small-seed0"));
     if !dir.join("config.json").exists() {
         eprintln!(
             "writing the `small` random checkpoint to {} ...",
             dir.display()
         );
-        write_random_checkpoint(&Preset::Small.config(), 0, WeightDtype::Bf16, &dir, None)
-            .with_context(|| format!("writing {}", dir.display()))?;
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            write_random_checkpoint(&Preset::Small.config(), 0, WeightDtype::Bf16, &d, None)
+        })
+        .await?
+        .with_context(|| format!("writing {}", dir.display()))?;
     }
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let data = tempfile::tempdir()?;
+    let args = StandaloneArgs {
+        checkpoint: dir.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: data.path().to_path_buf(),
+        max_jobs: 4,
+        max_new_tokens_limit: a.max_new_tokens.max(4096),
+        max_prompt_tokens: 4 << 20,
+        result_ttl_secs: 3600,
+        max_batch: 8,
+        prefill_chunk: 4096,
+    };
+    let token = CancellationToken::new();
     let t_load = Instant::now();
-    let model = load_model(&dir)?;
-    let cfg = model.config();
+    let a2 = args.clone();
+    let t2 = token.clone();
+    let mgr = tokio::task::spawn_blocking(move || start_manager(&a2, t2)).await??;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let stop = token.clone();
+    let server = tokio::spawn(ringbolt_jobs::grpc::serve(mgr, listener, async move {
+        stop.cancelled().await
+    }));
     eprintln!(
-        "loaded {} in {:.1}s: {} layers ({} lightning), hidden {}, {} experts top-{}, vocab {}",
-        dir.display(),
+        "standalone server on {addr} ({:.1}s to load {}): {} layers ({} lightning), hidden {}, {} experts top-{}",
         t_load.elapsed().as_secs_f64(),
+        dir.display(),
         cfg.num_layers(),
         cfg.layers
             .iter()
@@ -65,65 +90,56 @@ pub fn run(a: DemoArgs) -> Result<()> {
             .count(),
         cfg.hidden_size,
         cfg.num_experts,
-        cfg.experts_per_tok,
-        cfg.vocab_size
+        cfg.experts_per_tok
     );
+
+    let endpoint = format!("http://{addr}");
+    let mut c = client::connect(&endpoint).await?;
     let mut rng = StdRng::seed_from_u64(42);
     let prompt: Vec<u32> = (0..a.prompt_tokens)
         .map(|_| rng.random_range(0..cfg.vocab_size as u32))
         .collect();
-    model.check_tokens(0, &prompt)?;
-
-    let bar = ProgressBar::new(prompt.len() as u64).with_style(
-        ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})")
+    let header = pb::JobHeader {
+        max_new_tokens: a.max_new_tokens,
+        sampling: Some(pb::SamplingParams::default()),
+        idempotency_key: String::new(),
+        context_parallel: 0,
+        expected_prompt_tokens: prompt.len() as u64,
+    };
+    let up = ProgressBar::new(prompt.len() as u64).with_style(
+        ProgressStyle::with_template("upload  {bar:40} {pos}/{len} tokens ({per_sec})")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut state = model.new_state();
-    let start = Instant::now();
-    let mut logits = Vec::new();
-    let chunks = prompt.chunks(a.prefill_chunk).count();
-    for (i, chunk) in prompt.chunks(a.prefill_chunk).enumerate() {
-        let want = if i + 1 == chunks {
-            Logits::Last
-        } else {
-            Logits::None
-        };
-        logits = model.forward(&mut state, chunk, want)?;
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    let mut sampler = Sampler::new(SamplingParams::default())?;
-    let mut next = sampler.sample(&logits);
-    let ttft = start.elapsed();
-    print!("tokens:");
-    let mut out = vec![next];
-    print!(" {next}");
-    std::io::stdout().flush().ok();
-    let t_dec = Instant::now();
-    while out.len() < a.max_new_tokens {
-        logits = model.forward(&mut state, &[next], Logits::Last)?;
-        next = sampler.sample(&logits);
-        out.push(next);
-        print!(" {next}");
-        std::io::stdout().flush().ok();
-    }
-    println!();
-    let dec = t_dec.elapsed().as_secs_f64();
-    println!("prompt tokens:        {}", prompt.len());
+    let up2 = up.clone();
+    let t0 = Instant::now();
+    let resp = submit_tokens(&mut c, header, prompt, None, move |n| up2.inc(n as u64)).await?;
+    up.finish_and_clear();
+    eprintln!(
+        "job {} accepted: {} prompt tokens uploaded in {:.2}s",
+        resp.job_id,
+        resp.prompt_tokens,
+        t0.elapsed().as_secs_f64()
+    );
+    let out = client::watch(&mut c, &resp.job_id, true).await?;
+    let f = out.finished.unwrap_or_default();
+    let t = f.timings.unwrap_or_default();
+    println!("prompt tokens:        {}", f.prompt_tokens);
     println!(
         "prefill:              {:.0} tokens/s",
-        prompt.len() as f64 / ttft.as_secs_f64()
+        f.prompt_tokens as f64 / t.prefill_seconds.max(1e-9)
     );
-    println!("time to first token:  {:.2} s", ttft.as_secs_f64());
-    if out.len() > 1 {
+    if out.tokens.len() > 1 && t.decode_seconds > 0.0 {
         println!(
             "decode:               {:.1} tokens/s",
-            (out.len() - 1) as f64 / dec
+            (out.tokens.len() - 1) as f64 / t.decode_seconds
         );
     }
     println!(
-        "sequence cache:       {:.1} MiB (lightning states are constant in length; softmax KV grows)",
-        state.cache_bytes(model.backend()) as f64 / (1 << 20) as f64
+        "time to first token:  {:.2} s",
+        t.time_to_first_token_seconds
     );
+    println!("generated:            {} tokens", out.tokens.len());
+    token.cancel();
+    let _ = server.await;
     Ok(())
 }

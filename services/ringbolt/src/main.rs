@@ -4,8 +4,10 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod client;
 mod demo;
 mod model_cli;
+mod server;
 
 use clap::{Parser, Subcommand};
 
@@ -33,8 +35,24 @@ enum Command {
     Logits(model_cli::LogitsArgs),
     /// Generate tokens after a prompt; prints one JSON line.
     Generate(model_cli::GenerateArgs),
+    /// Every role in one process: the public API, the job store and the engine.
+    Standalone(server::StandaloneArgs),
+    /// Submit a job (streams the prompt, then follows the job).
+    Submit(client::SubmitArgs),
+    /// List, inspect, follow or cancel jobs.
+    Jobs(client::JobsArgs),
+    /// The cluster's members and placement.
+    Status(client::StatusArgs),
     /// Benchmarks of the model engine (prints JSON with ratios against in-run baselines).
     Bench(bench::BenchArgs),
+}
+
+fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 fn main() {
@@ -58,7 +76,11 @@ fn main() {
         Command::Logits(a) => model_cli::logits(a),
         Command::Generate(a) => model_cli::generate(a),
         Command::Bench(a) => bench::run(a),
-        Command::Demo(a) => demo::run(a),
+        Command::Demo(a) => run_async(demo::run(a)),
+        Command::Standalone(a) => run_async(server::standalone(a)),
+        Command::Submit(a) => run_async(client::submit(a)),
+        Command::Jobs(a) => run_async(client::jobs(a)),
+        Command::Status(a) => run_async(client::status(a)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -46,7 +46,7 @@ pub struct InitCheckpointArgs {
 }
 
 #[derive(Args)]
-#[group(id = "prompt", required = true, multiple = false)]
+#[group(id = "prompt", multiple = false)]
 pub struct PromptArgs {
     /// Token ids, separated by commas.
     #[arg(long, env = "RINGBOLT_TOKENS", group = "prompt")]

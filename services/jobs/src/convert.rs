@@ -1,0 +1,60 @@
+//! Job records to and from the wire types.
+
+use crate::record::{FinishReason, JobRecord, JobState, Sampling, Timings};
+use ringbolt_proto::v1 as pb;
+
+pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+pub fn state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+pub fn timings(t: &Timings) -> pb::Timings {
+    pb::Timings {
+        queued_seconds: t.queued_seconds,
+        prefill_seconds: t.prefill_seconds,
+        decode_seconds: t.decode_seconds,
+        time_to_first_token_seconds: t.time_to_first_token_seconds,
+    }
+}
+
+pub fn sampling(s: &Sampling) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        seed: s.seed,
+        stop_tokens: s.stop_tokens.clone(),
+    }
+}
+
+pub fn job(r: &JobRecord) -> pb::Job {
+    pb::Job {
+        job_id: r.id.clone(),
+        state: state(r.state) as i32,
+        prompt_tokens: r.prompt_tokens,
+        max_new_tokens: r.max_new_tokens,
+        sampling: Some(sampling(&r.sampling)),
+        tokens: r.tokens.clone(),
+        context_parallel: r.context_parallel,
+        finish_reason: r
+            .finish_reason
+            .map(finish_reason)
+            .unwrap_or(pb::FinishReason::Unspecified) as i32,
+        error: r.error.as_ref().map(|e| e.1.clone()).unwrap_or_default(),
+        created_unix_ms: r.created_unix_ms,
+        timings: Some(timings(&r.timings)),
+        idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,66 @@
+use tonic::{Code, Status};
+
+/// Errors of the job API; mapped to gRPC statuses in exactly one place ([`JobError::status`]).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("no job with id `{0}`")]
+    NotFound(String),
+    #[error("upload interrupted: {0}; no job was created")]
+    UploadInterrupted(String),
+    #[error("job store: {0}")]
+    Store(String),
+    #[error("model: {0}")]
+    Model(#[from] ringbolt_model::ModelError),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl JobError {
+    pub fn status(&self) -> Status {
+        let code = match self {
+            JobError::InvalidArgument(_) => Code::InvalidArgument,
+            JobError::FailedPrecondition(_) => Code::FailedPrecondition,
+            JobError::ResourceExhausted(_) => Code::ResourceExhausted,
+            JobError::NotFound(_) => Code::NotFound,
+            JobError::UploadInterrupted(_) => Code::Cancelled,
+            JobError::Store(_) => Code::Internal,
+            JobError::Model(_) => Code::Internal,
+            JobError::ShuttingDown => Code::Unavailable,
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
+impl From<JobError> for Status {
+    fn from(e: JobError) -> Self {
+        e.status()
+    }
+}
+
+macro_rules! store_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for JobError {
+            fn from(e: $t) -> Self {
+                JobError::Store(e.to_string())
+            }
+        }
+    )*};
+}
+store_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    std::io::Error,
+    serde_json::Error
+);
+
+pub type Result<T, E = JobError> = std::result::Result<T, E>;

@@ -1,0 +1,361 @@
+//! The public gRPC service (`ringbolt.v1.Jobs`, `ringbolt.v1.Cluster`, health) over a
+//! [`JobManager`].
+
+use crate::convert;
+use crate::error::JobError;
+use crate::live;
+use crate::manager::{JobManager, WatchSource};
+use crate::record::{JobRecord, JobState, Sampling, Timings, now_unix_ms};
+use ringbolt_model::SamplingParams;
+use ringbolt_proto::v1 as pb;
+use ringbolt_proto::v1::cluster_server::{Cluster, ClusterServer};
+use ringbolt_proto::v1::jobs_server::{Jobs, JobsServer};
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Largest gRPC message accepted (a prompt chunk of up to 1M tokens fits).
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+#[derive(Clone)]
+pub struct JobsService {
+    mgr: JobManager,
+    /// Address clients reach this server at (for `Status`).
+    address: String,
+}
+
+fn invalid(msg: impl Into<String>) -> JobError {
+    JobError::InvalidArgument(msg.into())
+}
+
+impl JobsService {
+    pub fn new(mgr: JobManager, address: String) -> Self {
+        JobsService { mgr, address }
+    }
+
+    fn validate_header(&self, h: &pb::JobHeader) -> Result<Sampling, JobError> {
+        let limit = self.mgr.limits().max_new_tokens;
+        if h.max_new_tokens == 0 || h.max_new_tokens > limit {
+            return Err(invalid(format!(
+                "max_new_tokens must be between 1 and {limit}, got {}",
+                h.max_new_tokens
+            )));
+        }
+        let s = h.sampling.clone().unwrap_or_default();
+        let params = SamplingParams {
+            temperature: s.temperature,
+            top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+            seed: s.seed,
+        };
+        params
+            .validate()
+            .map_err(|e| invalid(e.to_string().replace("invalid request: ", "")))?;
+        let vocab = self.mgr.model().vocab_size;
+        if let Some(&t) = s.stop_tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(invalid(format!(
+                "stop token {t} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if h.context_parallel > 1 {
+            return Err(JobError::FailedPrecondition(format!(
+                "context-parallel degree {} was requested, but this server runs every job on one \
+                 attention worker (context parallelism needs a cluster)",
+                h.context_parallel
+            )));
+        }
+        Ok(Sampling {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            seed: params.seed,
+            stop_tokens: s.stop_tokens,
+        })
+    }
+
+    async fn submit(
+        &self,
+        mut stream: Streaming<pb::SubmitJobRequest>,
+    ) -> Result<pb::SubmitJobResponse, JobError> {
+        use pb::submit_job_request::Item;
+        let interrupted = |s: Status| {
+            if s.code() == tonic::Code::OutOfRange {
+                // tonic's decoder refusing a message above the limit.
+                JobError::ResourceExhausted(format!(
+                    "{}; send the prompt in chunks of at most {} tokens",
+                    s.message(),
+                    MAX_MESSAGE_BYTES / 4 - 64
+                ))
+            } else {
+                JobError::UploadInterrupted(s.message().to_string())
+            }
+        };
+        let header = match stream.message().await.map_err(interrupted)? {
+            Some(pb::SubmitJobRequest {
+                item: Some(Item::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(invalid(
+                    "the first message must be a header (prompt chunk before the header)",
+                ));
+            }
+            None => return Err(invalid("no header: the request stream was empty")),
+        };
+        let sampling = self.validate_header(&header)?;
+        let key = (!header.idempotency_key.is_empty()).then(|| header.idempotency_key.clone());
+        if let Some(k) = &key
+            && let Some(existing) = self.mgr.lookup_idempotency_key(k)?
+        {
+            let rec = self.mgr.get(&existing)?;
+            return Ok(pb::SubmitJobResponse {
+                job_id: existing,
+                prompt_tokens: rec.prompt_tokens,
+                existing: true,
+            });
+        }
+        self.mgr.check_admission()?;
+        let model = self.mgr.model().clone();
+        let max_prompt = self
+            .mgr
+            .limits()
+            .max_prompt_tokens
+            .min(model.max_position_embeddings as u64);
+        let (id, mut spool) = self.mgr.new_upload()?;
+        loop {
+            let msg = stream.message().await.map_err(interrupted)?;
+            match msg.and_then(|m| m.item) {
+                None => {
+                    return Err(JobError::UploadInterrupted(
+                        "the request stream ended without an end marker".into(),
+                    ));
+                }
+                Some(Item::Header(_)) => return Err(invalid("a second header")),
+                Some(Item::End(_)) => break,
+                Some(Item::Chunk(c)) => {
+                    if !c.text.is_empty() {
+                        return Err(JobError::FailedPrecondition(
+                            "text prompts need a tokenizer, and this server has none configured; send token ids".into(),
+                        ));
+                    }
+                    let ids = ringbolt_proto::unpack_tokens(&c.tokens).ok_or_else(|| {
+                        invalid(format!(
+                            "a chunk of {} bytes is not packed u32 token ids",
+                            c.tokens.len()
+                        ))
+                    })?;
+                    if let Some((i, &t)) = ids
+                        .iter()
+                        .enumerate()
+                        .find(|(_, t)| **t as usize >= model.vocab_size)
+                    {
+                        return Err(invalid(format!(
+                            "token id {t} at position {} is outside the vocabulary (size {})",
+                            spool.tokens() + i as u64,
+                            model.vocab_size
+                        )));
+                    }
+                    if spool.tokens() + ids.len() as u64 > max_prompt {
+                        return Err(invalid(format!(
+                            "the prompt is longer than the maximum of {max_prompt} tokens"
+                        )));
+                    }
+                    spool.write(&ids)?;
+                }
+            }
+        }
+        if stream.message().await.map_err(interrupted)?.is_some() {
+            return Err(invalid("a message after the end marker"));
+        }
+        let n = spool.tokens();
+        if n == 0 {
+            return Err(invalid("the prompt is empty"));
+        }
+        if header.expected_prompt_tokens != 0 && header.expected_prompt_tokens != n {
+            return Err(invalid(format!(
+                "the header announced {} prompt tokens but {n} arrived",
+                header.expected_prompt_tokens
+            )));
+        }
+        if n as usize + header.max_new_tokens as usize > model.max_position_embeddings {
+            return Err(invalid(format!(
+                "{n} prompt tokens + {} new tokens exceed the model's {} positions",
+                header.max_new_tokens, model.max_position_embeddings
+            )));
+        }
+        let record = JobRecord {
+            id,
+            state: JobState::Queued,
+            prompt_tokens: n,
+            max_new_tokens: header.max_new_tokens,
+            sampling,
+            idempotency_key: key,
+            context_parallel: 0,
+            created_unix_ms: now_unix_ms(),
+            finished_unix_ms: None,
+            tokens: Vec::new(),
+            finish_reason: None,
+            error: None,
+            timings: Timings::default(),
+        };
+        let (job_id, existing) = self.mgr.accept(record, spool).await?;
+        Ok(pb::SubmitJobResponse {
+            job_id,
+            prompt_tokens: n,
+            existing,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    #[tracing::instrument(skip_all)]
+    async fn submit_job(
+        &self,
+        request: Request<Streaming<pb::SubmitJobRequest>>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let r = self.submit(request.into_inner()).await;
+        if let Err(e) = &r {
+            tracing::info!(error = %e, "submission refused");
+        }
+        Ok(Response::new(r?))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
+
+    #[tracing::instrument(skip_all, fields(job = %request.get_ref().job_id))]
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let src = self.mgr.watch(&request.into_inner().job_id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            match src {
+                WatchSource::Finished(rec) => {
+                    for e in live::replay(&rec) {
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                WatchSource::Live(job) => {
+                    let mut changed = job.subscribe();
+                    let mut sent = 0;
+                    loop {
+                        let (batch, done) = {
+                            let s = job.lock();
+                            (s.events[sent..].to_vec(), s.done)
+                        };
+                        sent += batch.len();
+                        for e in batch {
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if done && sent == job.lock().events.len() {
+                            return;
+                        }
+                        if changed.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %request.get_ref().job_id))]
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(convert::job(
+            &self.mgr.get(&request.into_inner().job_id)?,
+        )))
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %request.get_ref().job_id))]
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(convert::job(
+            &self.mgr.cancel(&request.into_inner().job_id)?,
+        )))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.mgr.list(request.into_inner().limit as usize)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(convert::job).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for JobsService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let m = self.mgr.model();
+        let experts = (0..m.num_layers() as u32)
+            .flat_map(|l| {
+                (0..m.num_experts as u32).map(move |e| pb::ExpertSlot {
+                    layer: l,
+                    expert: e,
+                })
+            })
+            .collect();
+        let (running, queued) = self.mgr.counts();
+        Ok(Response::new(pb::ClusterStatus {
+            mode: "standalone".into(),
+            epoch: 1,
+            members: vec![pb::Member {
+                id: "standalone-0".into(),
+                role: "standalone".into(),
+                address: self.address.clone(),
+                experts,
+            }],
+            model: format!(
+                "{} layers, hidden {}, {} experts top-{}, vocab {}",
+                m.num_layers(),
+                m.hidden_size,
+                m.num_experts,
+                m.experts_per_tok,
+                m.vocab_size
+            ),
+            running_jobs: running,
+            queued_jobs: queued,
+        }))
+    }
+}
+
+/// Serves the public API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    mgr: JobManager,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let svc = JobsService::new(mgr, address);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobsServer<JobsService>>().await;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            JobsServer::new(svc.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(ClusterServer::new(svc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

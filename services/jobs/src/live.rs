@@ -1,0 +1,158 @@
+//! A job in memory while it is queued or running: its record, the ordered log of its events
+//! (so a watcher that connects late gets every event from the start, exactly once, in order),
+//! and its cancellation flag.
+
+use crate::record::{FinishReason, JobRecord, JobState};
+use ringbolt_proto::v1 as pb;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::watch;
+
+pub struct LiveJob {
+    pub id: String,
+    state: Mutex<LiveState>,
+    changed: watch::Sender<u64>,
+    cancel: AtomicBool,
+}
+
+pub struct LiveState {
+    pub record: JobRecord,
+    pub events: Vec<pb::JobEvent>,
+    /// Set with the last event (finished or failed).
+    pub done: bool,
+}
+
+fn ev(e: pb::job_event::Event) -> pb::JobEvent {
+    pb::JobEvent { event: Some(e) }
+}
+
+/// The events a finished (or newly accepted) job replays to a watcher.
+pub fn replay(record: &JobRecord) -> Vec<pb::JobEvent> {
+    let mut out = vec![ev(pb::job_event::Event::Accepted(pb::Accepted {
+        job_id: record.id.clone(),
+        prompt_tokens: record.prompt_tokens,
+    }))];
+    out.extend(record.tokens.iter().enumerate().map(|(i, &t)| {
+        ev(pb::job_event::Event::Token(pb::Token {
+            index: i as u32,
+            token: t,
+        }))
+    }));
+    if let Some(last) = final_event(record) {
+        out.push(last);
+    }
+    out
+}
+
+/// The closing event of a finished record.
+pub fn final_event(record: &JobRecord) -> Option<pb::JobEvent> {
+    match record.state {
+        JobState::Succeeded | JobState::Cancelled => {
+            Some(ev(pb::job_event::Event::Finished(pb::Finished {
+                reason: crate::convert::finish_reason(
+                    record.finish_reason.unwrap_or(FinishReason::Length),
+                ) as i32,
+                generated_tokens: record.tokens.len() as u32,
+                prompt_tokens: record.prompt_tokens,
+                timings: Some(crate::convert::timings(&record.timings)),
+            })))
+        }
+        JobState::Failed => {
+            let (code, message) = record.error.clone().unwrap_or((13, "failed".into()));
+            Some(ev(pb::job_event::Event::Failed(pb::Failed {
+                code,
+                message,
+            })))
+        }
+        JobState::Queued | JobState::Running => None,
+    }
+}
+
+impl LiveJob {
+    pub fn new(record: JobRecord) -> Arc<Self> {
+        let mut events = replay(&record);
+        events.push(ev(pb::job_event::Event::Progress(pb::Progress {
+            phase: pb::Phase::Queued as i32,
+            prompt_tokens_done: 0,
+            prompt_tokens_total: record.prompt_tokens,
+            tokens_per_second: 0.0,
+        })));
+        Arc::new(LiveJob {
+            id: record.id.clone(),
+            state: Mutex::new(LiveState {
+                record,
+                events,
+                done: false,
+            }),
+            changed: watch::channel(0).0,
+            cancel: AtomicBool::new(false),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, LiveState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record(&self) -> JobRecord {
+        self.lock().record.clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn push(&self, f: impl FnOnce(&mut LiveState) -> Option<pb::JobEvent>) {
+        let n = {
+            let mut s = self.lock();
+            if let Some(e) = f(&mut s) {
+                s.events.push(e);
+            }
+            s.events.len() as u64
+        };
+        self.changed.send_replace(n);
+    }
+
+    pub fn set_running(&self) {
+        self.push(|s| {
+            s.record.state = JobState::Running;
+            s.record.context_parallel = 1;
+            None
+        });
+    }
+
+    pub fn progress(&self, phase: pb::Phase, done: u64, tps: f64) {
+        self.push(|s| {
+            Some(ev(pb::job_event::Event::Progress(pb::Progress {
+                phase: phase as i32,
+                prompt_tokens_done: done,
+                prompt_tokens_total: s.record.prompt_tokens,
+                tokens_per_second: tps,
+            })))
+        });
+    }
+
+    pub fn token(&self, token: u32) {
+        self.push(|s| {
+            let index = s.record.tokens.len() as u32;
+            s.record.tokens.push(token);
+            Some(ev(pb::job_event::Event::Token(pb::Token { index, token })))
+        });
+    }
+
+    /// Records the final state (already durable) and closes the log.
+    pub fn finish(&self, record: JobRecord) {
+        self.push(|s| {
+            s.record = record;
+            s.done = true;
+            final_event(&s.record)
+        });
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,322 @@
+//! The job manager: admission, durable acceptance, the live-job table, completion and expiry.
+//! It is the handle the gRPC service (and tests) use; the engine thread does the compute.
+
+use crate::error::{JobError, Result};
+use crate::executor::{Completion, Engine, EngineConfig, Outcome};
+use crate::live::LiveJob;
+use crate::record::{FinishReason, JobRecord, JobState, now_unix_ms};
+use crate::store::{JobStore, SpoolWriter};
+use ringbolt_kernels::cpu::Cpu;
+use ringbolt_model::{Model, ModelConfig};
+use std::collections::HashMap;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Limits on what clients may ask for.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Jobs queued or running at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_jobs: usize,
+    pub max_new_tokens: u32,
+    pub max_prompt_tokens: u64,
+    /// How long finished jobs' results are kept.
+    pub result_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_jobs: 64,
+            max_new_tokens: 4096,
+            max_prompt_tokens: 4 << 20,
+            result_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What a watcher reads from: a live job, or a finished record.
+pub enum WatchSource {
+    Live(Arc<LiveJob>),
+    Finished(Box<JobRecord>),
+}
+
+struct Inner {
+    store: Arc<JobStore>,
+    live: Mutex<HashMap<String, Arc<LiveJob>>>,
+    to_engine: SyncSender<Arc<LiveJob>>,
+    limits: Limits,
+    model: ModelConfig,
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct JobManager {
+    inner: Arc<Inner>,
+}
+
+impl JobManager {
+    /// Starts the engine thread and the completion and expiry tasks, and re-queues every
+    /// unfinished job found in the store. Must run inside a tokio runtime.
+    pub fn start(
+        model: Model<Cpu>,
+        store: JobStore,
+        limits: Limits,
+        engine: EngineConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        let store = Arc::new(store);
+        let model_cfg = model.config().clone();
+        let (to_engine, jobs) = std::sync::mpsc::sync_channel(limits.max_jobs.max(1) * 2);
+        let (done_tx, done_rx) = mpsc::channel(limits.max_jobs.max(1) * 2);
+        let eng = Engine {
+            model,
+            store: store.clone(),
+            jobs,
+            done: done_tx,
+            cfg: engine,
+        };
+        std::thread::Builder::new()
+            .name("ringbolt-engine".into())
+            .spawn(move || eng.run())
+            .map_err(|e| JobError::Store(format!("cannot start the engine thread: {e}")))?;
+        let mgr = JobManager {
+            inner: Arc::new(Inner {
+                store,
+                live: Mutex::new(HashMap::new()),
+                to_engine,
+                limits,
+                model: model_cfg,
+            }),
+        };
+        tokio::spawn(mgr.clone().completions(done_rx));
+        tokio::spawn(mgr.clone().expire_loop(shutdown));
+        let mut recovered = 0;
+        for rec in mgr.inner.store.all()? {
+            if !rec.state.is_finished() {
+                let rec = JobRecord {
+                    state: JobState::Queued,
+                    tokens: Vec::new(),
+                    ..rec
+                };
+                mgr.enqueue(rec)?;
+                recovered += 1;
+            }
+        }
+        if recovered > 0 {
+            tracing::info!(recovered, "re-queued unfinished jobs from the store");
+        }
+        Ok(mgr)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn model(&self) -> &ModelConfig {
+        &self.inner.model
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveJob>>> {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (running, queued) jobs.
+    pub fn counts(&self) -> (u32, u32) {
+        let live = self.live();
+        let running = live
+            .values()
+            .filter(|j| j.lock().record.state == JobState::Running)
+            .count() as u32;
+        (running, live.len() as u32 - running)
+    }
+
+    pub fn check_admission(&self) -> Result<()> {
+        let n = self.live().len();
+        if n >= self.inner.limits.max_jobs {
+            return Err(JobError::ResourceExhausted(format!(
+                "{n} jobs are queued or running (limit {}); retry later",
+                self.inner.limits.max_jobs
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn lookup_idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        self.inner.store.lookup_key(key)
+    }
+
+    /// A new job id and the spool file its prompt streams into.
+    pub fn new_upload(&self) -> Result<(String, SpoolWriter)> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let w = self.inner.store.spool_writer(&id)?;
+        Ok((id, w))
+    }
+
+    /// Makes an uploaded prompt a durable job and queues it. Returns the job id, and whether
+    /// an existing job with the same idempotency key was returned instead.
+    pub async fn accept(&self, record: JobRecord, spool: SpoolWriter) -> Result<(String, bool)> {
+        self.check_admission()?;
+        let store = self.inner.store.clone();
+        let rec = record.clone();
+        let committed = tokio::task::spawn_blocking(move || store.commit(&rec, spool))
+            .await
+            .map_err(|e| JobError::Store(e.to_string()))??;
+        match committed {
+            Err(existing) => Ok((existing, true)),
+            Ok(()) => {
+                let id = record.id.clone();
+                self.enqueue(record)?;
+                tracing::info!(job = %id, "job accepted");
+                Ok((id, false))
+            }
+        }
+    }
+
+    fn enqueue(&self, record: JobRecord) -> Result<()> {
+        let job = LiveJob::new(record);
+        self.live().insert(job.id.clone(), job.clone());
+        match self.inner.to_engine.try_send(job.clone()) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                // Durable already: it runs after a restart at the latest. Admission keeps
+                // this from happening in practice.
+                Err(JobError::ResourceExhausted(
+                    "the engine queue is full".into(),
+                ))
+            }
+            Err(TrySendError::Disconnected(_)) => Err(JobError::ShuttingDown),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<JobRecord> {
+        if let Some(j) = self.live().get(id) {
+            return Ok(j.record());
+        }
+        self.inner
+            .store
+            .get(id)?
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    pub fn watch(&self, id: &str) -> Result<WatchSource> {
+        if let Some(j) = self.live().get(id) {
+            return Ok(WatchSource::Live(j.clone()));
+        }
+        match self.inner.store.get(id)? {
+            Some(r) if r.state.is_finished() => Ok(WatchSource::Finished(Box::new(r))),
+            // Between commit and the live table (or at shutdown): look again.
+            Some(_) => self
+                .live()
+                .get(id)
+                .cloned()
+                .map(WatchSource::Live)
+                .ok_or(JobError::ShuttingDown),
+            None => Err(JobError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<JobRecord> {
+        if let Some(j) = self.live().get(id) {
+            j.cancel();
+            tracing::info!(job = %id, "cancel requested");
+            return Ok(j.record());
+        }
+        self.inner
+            .store
+            .get(id)?
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    /// The newest `limit` jobs (0 = all), newest first.
+    pub fn list(&self, limit: usize) -> Result<Vec<JobRecord>> {
+        let mut all = self.inner.store.all()?;
+        {
+            let live = self.live();
+            for r in all.iter_mut() {
+                if let Some(j) = live.get(&r.id) {
+                    *r = j.record();
+                }
+            }
+        }
+        all.reverse();
+        if limit > 0 {
+            all.truncate(limit);
+        }
+        Ok(all)
+    }
+
+    /// Makes each finished job durable, then closes its event log.
+    async fn completions(self, mut rx: mpsc::Receiver<Completion>) {
+        while let Some(c) = rx.recv().await {
+            let mut rec = c.job.record();
+            rec.timings = c.timings;
+            rec.finished_unix_ms = Some(now_unix_ms());
+            match c.outcome {
+                Outcome::Finished(reason) => {
+                    rec.state = if reason == FinishReason::Cancelled {
+                        JobState::Cancelled
+                    } else {
+                        JobState::Succeeded
+                    };
+                    rec.finish_reason = Some(reason);
+                }
+                Outcome::Failed(code, msg) => {
+                    rec.state = JobState::Failed;
+                    rec.error = Some((code, msg));
+                }
+            }
+            let store = self.inner.store.clone();
+            let r2 = rec.clone();
+            match tokio::task::spawn_blocking(move || store.put(&r2)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(job = %rec.id, error = %e, "cannot persist the result")
+                }
+                Err(e) => tracing::error!(job = %rec.id, error = %e, "cannot persist the result"),
+            }
+            tracing::info!(job = %rec.id, state = ?rec.state, tokens = rec.tokens.len(), "job finished");
+            c.job.finish(rec);
+            self.live().remove(&c.job.id);
+        }
+    }
+
+    /// Deletes finished results older than the TTL, once a minute.
+    async fn expire_loop(self, shutdown: CancellationToken) {
+        let every = self
+            .inner
+            .limits
+            .result_ttl
+            .min(Duration::from_secs(60))
+            .max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let store = self.inner.store.clone();
+            let ttl = self.inner.limits.result_ttl.as_millis() as u64;
+            let res = tokio::task::spawn_blocking(move || -> Result<usize> {
+                let now = now_unix_ms();
+                let mut n = 0;
+                for r in store.all()? {
+                    if r.finished_unix_ms
+                        .is_some_and(|f| now.saturating_sub(f) > ttl)
+                    {
+                        store.delete(&r)?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })
+            .await;
+            if let Ok(Ok(n)) = res
+                && n > 0
+            {
+                tracing::info!(expired = n, "deleted expired job results");
+            }
+        }
+    }
+}

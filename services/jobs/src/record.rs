@@ -1,0 +1,71 @@
+//! The durable job record.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Length,
+    Stop,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub stop_tokens: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub queued_seconds: f64,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub time_to_first_token_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub state: JobState,
+    pub prompt_tokens: u64,
+    pub max_new_tokens: u32,
+    pub sampling: Sampling,
+    pub idempotency_key: Option<String>,
+    pub context_parallel: u32,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+    pub tokens: Vec<u32>,
+    pub finish_reason: Option<FinishReason>,
+    /// gRPC code and message of a failure.
+    pub error: Option<(i32, String)>,
+    pub timings: Timings,
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

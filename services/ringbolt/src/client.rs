@@ -1,0 +1,501 @@
+//! The client side of the public API: `submit`, `jobs`, `status`.
+
+use crate::model_cli::PromptArgs;
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ringbolt_proto::v1 as pb;
+use ringbolt_proto::v1::cluster_client::ClusterClient;
+use ringbolt_proto::v1::jobs_client::JobsClient;
+use serde_json::json;
+use std::io::Write;
+use tonic::transport::Channel;
+
+/// Tokens per uploaded chunk (1 MiB of packed ids).
+pub const CHUNK_TOKENS: usize = 256 * 1024;
+
+/// A gRPC failure as the CLI reports it: `code: message` on stderr, non-zero exit.
+#[derive(Debug, thiserror::Error)]
+#[error("{:?}: {}", .0.code(), .0.message())]
+pub struct RpcError(pub tonic::Status);
+
+impl From<tonic::Status> for RpcError {
+    fn from(s: tonic::Status) -> Self {
+        RpcError(s)
+    }
+}
+
+pub async fn connect(endpoint: &str) -> Result<JobsClient<Channel>> {
+    let ch = Channel::from_shared(endpoint.to_string())?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))?;
+    Ok(JobsClient::new(ch)
+        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES))
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// Server address, e.g. http://127.0.0.1:7070.
+    #[arg(long, env = "RINGBOLT_ENDPOINT")]
+    pub endpoint: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Text prompt (needs a server with a tokenizer).
+    #[arg(long, env = "RINGBOLT_TEXT", conflicts_with_all = ["tokens", "tokens_file"])]
+    pub text: Option<String>,
+    #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS")]
+    pub max_new_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, env = "RINGBOLT_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, env = "RINGBOLT_TOP_P", default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, env = "RINGBOLT_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Token ids that end generation (comma-separated).
+    #[arg(long, env = "RINGBOLT_STOP_TOKENS", value_delimiter = ',')]
+    pub stop_tokens: Vec<u32>,
+    /// Same key, same job: retries return the first job.
+    #[arg(long, env = "RINGBOLT_IDEMPOTENCY_KEY")]
+    pub idempotency_key: Option<String>,
+    /// Context-parallel degree (attention workers splitting the context).
+    #[arg(long, env = "RINGBOLT_CONTEXT_PARALLEL", default_value_t = 0)]
+    pub context_parallel: u32,
+    /// Print the job id once accepted and exit.
+    #[arg(long, env = "RINGBOLT_DETACH")]
+    pub detach: bool,
+    /// Print one JSON line at the end.
+    #[arg(long, env = "RINGBOLT_JSON")]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    pub cmd: JobsCmd,
+}
+
+#[derive(Subcommand)]
+pub enum JobsCmd {
+    /// The newest jobs.
+    List {
+        #[arg(long, env = "RINGBOLT_ENDPOINT")]
+        endpoint: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, env = "RINGBOLT_JSON")]
+        json: bool,
+    },
+    /// One job's state and tokens so far.
+    Get {
+        id: String,
+        #[arg(long, env = "RINGBOLT_ENDPOINT")]
+        endpoint: String,
+        #[arg(long, env = "RINGBOLT_JSON")]
+        json: bool,
+    },
+    /// Follow a job to its end (from the start, whenever you connect).
+    Wait {
+        id: String,
+        #[arg(long, env = "RINGBOLT_ENDPOINT")]
+        endpoint: String,
+        #[arg(long, env = "RINGBOLT_JSON")]
+        json: bool,
+    },
+    /// Cancel a job.
+    Cancel {
+        id: String,
+        #[arg(long, env = "RINGBOLT_ENDPOINT")]
+        endpoint: String,
+        #[arg(long, env = "RINGBOLT_JSON")]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[arg(long, env = "RINGBOLT_ENDPOINT")]
+    pub endpoint: String,
+    #[arg(long, env = "RINGBOLT_JSON")]
+    pub json: bool,
+}
+
+/// Uploads a prompt; returns the server's answer. `on_chunk` sees each chunk's size.
+pub async fn submit_tokens(
+    client: &mut JobsClient<Channel>,
+    header: pb::JobHeader,
+    ids: Vec<u32>,
+    text: Option<String>,
+    on_chunk: impl Fn(usize) + Send + 'static,
+) -> Result<pb::SubmitJobResponse, RpcError> {
+    use pb::submit_job_request::Item;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let req = |item| pb::SubmitJobRequest { item: Some(item) };
+        if tx.send(req(Item::Header(header))).await.is_err() {
+            return;
+        }
+        if let Some(t) = text {
+            let _ = tx
+                .send(req(Item::Chunk(pb::PromptChunk {
+                    tokens: vec![],
+                    text: t,
+                })))
+                .await;
+        }
+        for chunk in ids.chunks(CHUNK_TOKENS) {
+            let c = pb::PromptChunk {
+                tokens: ringbolt_proto::pack_tokens(chunk),
+                text: String::new(),
+            };
+            if tx.send(req(Item::Chunk(c))).await.is_err() {
+                return;
+            }
+            on_chunk(chunk.len());
+        }
+        let _ = tx.send(req(Item::End(pb::PromptEnd {}))).await;
+    });
+    Ok(client
+        .submit_job(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner())
+}
+
+/// The end of a watched job.
+pub struct Outcome {
+    pub job_id: String,
+    pub tokens: Vec<u32>,
+    pub finished: Option<pb::Finished>,
+}
+
+pub fn outcome_json(o: &Outcome) -> serde_json::Value {
+    let f = o.finished.unwrap_or_default();
+    let t = f.timings.unwrap_or_default();
+    json!({
+        "job_id": o.job_id,
+        "tokens": o.tokens,
+        "finish_reason": pb::FinishReason::try_from(f.reason).map(|r| r.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase()).unwrap_or_default(),
+        "prompt_tokens": f.prompt_tokens,
+        "timings": {
+            "queued_seconds": t.queued_seconds,
+            "prefill_seconds": t.prefill_seconds,
+            "decode_seconds": t.decode_seconds,
+            "time_to_first_token_seconds": t.time_to_first_token_seconds,
+        },
+    })
+}
+
+/// Follows a job from its first event to its end. `live` prints progress and tokens.
+pub async fn watch(
+    client: &mut JobsClient<Channel>,
+    id: &str,
+    live: bool,
+) -> Result<Outcome, RpcError> {
+    use pb::job_event::Event;
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let bar = if live {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} prompt tokens ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("queued ");
+    let mut out = Outcome {
+        job_id: id.to_string(),
+        tokens: Vec::new(),
+        finished: None,
+    };
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(Event::Accepted(a)) => bar.set_length(a.prompt_tokens),
+            Some(Event::Progress(p)) if p.phase == pb::Phase::Prefill as i32 => {
+                bar.set_message("prefill");
+                bar.set_position(p.prompt_tokens_done);
+            }
+            Some(Event::Progress(_)) => {}
+            Some(Event::Token(t)) => {
+                if t.index as usize != out.tokens.len() {
+                    return Err(RpcError(tonic::Status::data_loss(format!(
+                        "token {} arrived where {} was expected",
+                        t.index,
+                        out.tokens.len()
+                    ))));
+                }
+                if live {
+                    if out.tokens.is_empty() {
+                        bar.finish_and_clear();
+                        print!("tokens:");
+                    }
+                    print!(" {}", t.token);
+                    let _ = std::io::stdout().flush();
+                }
+                out.tokens.push(t.token);
+            }
+            Some(Event::Finished(f)) => {
+                bar.finish_and_clear();
+                if live {
+                    println!();
+                }
+                out.finished = Some(f);
+                return Ok(out);
+            }
+            Some(Event::Failed(f)) => {
+                bar.finish_and_clear();
+                return Err(RpcError(tonic::Status::new(
+                    tonic::Code::from(f.code),
+                    f.message,
+                )));
+            }
+            None => {}
+        }
+    }
+    Err(RpcError(tonic::Status::unavailable(
+        "the job stream ended before the job did",
+    )))
+}
+
+fn print_summary(o: &Outcome) {
+    let f = o.finished.unwrap_or_default();
+    let t = f.timings.unwrap_or_default();
+    let decode_tps = if t.decode_seconds > 0.0 && o.tokens.len() > 1 {
+        (o.tokens.len() - 1) as f64 / t.decode_seconds
+    } else {
+        0.0
+    };
+    eprintln!(
+        "job {}: {} prompt tokens, {} generated ({}); prefill {:.0} tokens/s, decode {:.1} tokens/s, time to first token {:.2} s",
+        o.job_id,
+        f.prompt_tokens,
+        o.tokens.len(),
+        pb::FinishReason::try_from(f.reason)
+            .map(|r| r.as_str_name())
+            .unwrap_or("?"),
+        f.prompt_tokens as f64 / t.prefill_seconds.max(1e-9),
+        decode_tps,
+        t.time_to_first_token_seconds
+    );
+}
+
+pub async fn submit(a: SubmitArgs) -> Result<()> {
+    let (ids, text) = match &a.text {
+        Some(t) => (Vec::new(), Some(t.clone())),
+        None => (a.prompt.read()?, None),
+    };
+    let mut client = connect(&a.endpoint).await?;
+    let header = pb::JobHeader {
+        max_new_tokens: a.max_new_tokens,
+        sampling: Some(pb::SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+            stop_tokens: a.stop_tokens.clone(),
+        }),
+        idempotency_key: a.idempotency_key.clone().unwrap_or_default(),
+        context_parallel: a.context_parallel,
+        expected_prompt_tokens: ids.len() as u64,
+    };
+    let live = !a.json && !a.detach;
+    let up = if live {
+        ProgressBar::new(ids.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    up.set_style(
+        ProgressStyle::with_template("upload  {bar:40} {pos}/{len} tokens ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let up2 = up.clone();
+    let resp = submit_tokens(&mut client, header, ids, text, move |n| up2.inc(n as u64)).await?;
+    up.finish_and_clear();
+    if a.detach {
+        if a.json {
+            println!(
+                "{}",
+                json!({"job_id": resp.job_id, "prompt_tokens": resp.prompt_tokens, "existing": resp.existing})
+            );
+        } else {
+            println!("{}", resp.job_id);
+        }
+        return Ok(());
+    }
+    if live {
+        eprintln!(
+            "job {} accepted ({} prompt tokens)",
+            resp.job_id, resp.prompt_tokens
+        );
+    }
+    let out = watch(&mut client, &resp.job_id, live).await?;
+    if a.json {
+        println!("{}", outcome_json(&out));
+    } else {
+        print_summary(&out);
+    }
+    Ok(())
+}
+
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    let state = pb::JobState::try_from(j.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default();
+    let mut v = json!({
+        "job_id": j.job_id,
+        "state": state,
+        "prompt_tokens": j.prompt_tokens,
+        "max_new_tokens": j.max_new_tokens,
+        "tokens": j.tokens,
+        "created_unix_ms": j.created_unix_ms,
+    });
+    if j.context_parallel > 0 {
+        v["context_parallel"] = json!(j.context_parallel);
+    }
+    if !j.error.is_empty() {
+        v["error"] = json!(j.error);
+    }
+    if let Ok(r) = pb::FinishReason::try_from(j.finish_reason)
+        && r != pb::FinishReason::Unspecified
+    {
+        v["finish_reason"] = json!(
+            r.as_str_name()
+                .trim_start_matches("FINISH_REASON_")
+                .to_lowercase()
+        );
+    }
+    v
+}
+
+pub async fn jobs(a: JobsArgs) -> Result<()> {
+    match a.cmd {
+        JobsCmd::List {
+            endpoint,
+            limit,
+            json,
+        } => {
+            let mut c = connect(&endpoint).await?;
+            let jobs = c
+                .list_jobs(pb::ListJobsRequest { limit })
+                .await
+                .map_err(RpcError)?
+                .into_inner()
+                .jobs;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(jobs.iter().map(job_json).collect())
+                );
+            } else {
+                for j in &jobs {
+                    let v = job_json(j);
+                    println!(
+                        "{}  {:<10} prompt {:>9}  generated {:>5}",
+                        j.job_id,
+                        v["state"].as_str().unwrap_or(""),
+                        j.prompt_tokens,
+                        j.tokens.len()
+                    );
+                }
+            }
+        }
+        JobsCmd::Get { id, endpoint, json } => {
+            let mut c = connect(&endpoint).await?;
+            let j = c
+                .get_job(pb::GetJobRequest { job_id: id })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let v = job_json(&j);
+            if json {
+                println!("{v}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        JobsCmd::Wait { id, endpoint, json } => {
+            let mut c = connect(&endpoint).await?;
+            let out = watch(&mut c, &id, !json).await?;
+            if json {
+                println!("{}", outcome_json(&out));
+            } else {
+                print_summary(&out);
+            }
+        }
+        JobsCmd::Cancel { id, endpoint, json } => {
+            let mut c = connect(&endpoint).await?;
+            let j = c
+                .cancel_job(pb::CancelJobRequest { job_id: id })
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            if json {
+                println!("{}", job_json(&j));
+            } else {
+                println!("cancel requested for {}", j.job_id);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(a: StatusArgs) -> Result<()> {
+    let ch = Channel::from_shared(a.endpoint.clone())?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", a.endpoint))?;
+    let s = ClusterClient::new(ch)
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(RpcError)?
+        .into_inner();
+    let members: Vec<serde_json::Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            let mut v = json!({"id": m.id, "role": m.role, "address": m.address});
+            if m.role == "expert-worker" || m.role == "standalone" {
+                v["experts"] = json!(
+                    m.experts
+                        .iter()
+                        .map(|e| [e.layer, e.expert])
+                        .collect::<Vec<_>>()
+                );
+            }
+            v
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            json!({"mode": s.mode, "epoch": s.epoch, "members": members, "model": s.model,
+                   "running_jobs": s.running_jobs, "queued_jobs": s.queued_jobs})
+        );
+    } else {
+        println!("mode {}  epoch {}  model: {}", s.mode, s.epoch, s.model);
+        println!("jobs: {} running, {} queued", s.running_jobs, s.queued_jobs);
+        for m in &s.members {
+            println!(
+                "  {:<16} {:<18} {}  ({} experts)",
+                m.id,
+                m.role,
+                m.address,
+                m.experts.len()
+            );
+        }
+    }
+    if s.members.is_empty() {
+        bail!("no members");
+    }
+    Ok(())
+}

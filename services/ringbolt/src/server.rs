@@ -1,0 +1,94 @@
+//! `ringbolt standalone`: every role in one process, the embedded default.
+
+use crate::model_cli::load_model;
+use anyhow::{Context, Result};
+use clap::Args;
+use ringbolt_jobs::{EngineConfig, JobManager, JobStore, Limits};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args, Clone)]
+pub struct StandaloneArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// Address to serve the public gRPC API on (port 0: any free port).
+    #[arg(long, env = "RINGBOLT_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Where job records and spooled prompts are kept.
+    #[arg(long, env = "RINGBOLT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Jobs queued or running at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RINGBOLT_MAX_JOBS", default_value_t = 64)]
+    pub max_jobs: usize,
+    /// Largest max_new_tokens a job may ask for.
+    #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_new_tokens_limit: u32,
+    /// Longest prompt accepted (also bounded by the model's positions).
+    #[arg(long, env = "RINGBOLT_MAX_PROMPT_TOKENS", default_value_t = 4 << 20)]
+    pub max_prompt_tokens: u64,
+    /// Seconds finished results are kept.
+    #[arg(long, env = "RINGBOLT_RESULT_TTL_SECS", default_value_t = 86_400)]
+    pub result_ttl_secs: u64,
+    /// Sequences decoded together per step.
+    #[arg(long, env = "RINGBOLT_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+    /// Prompt tokens per prefill step.
+    #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096)]
+    pub prefill_chunk: usize,
+}
+
+/// Loads the model, recovers the job store and starts the engine; returns the manager.
+pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<JobManager> {
+    let model = load_model(&a.checkpoint)?;
+    let store =
+        JobStore::open(&a.data_dir).with_context(|| format!("opening {}", a.data_dir.display()))?;
+    let limits = Limits {
+        max_jobs: a.max_jobs.max(1),
+        max_new_tokens: a.max_new_tokens_limit,
+        max_prompt_tokens: a.max_prompt_tokens,
+        result_ttl: Duration::from_secs(a.result_ttl_secs),
+    };
+    let engine = EngineConfig {
+        max_batch: a.max_batch.max(1),
+        prefill_chunk: a.prefill_chunk.max(1),
+    };
+    Ok(JobManager::start(model, store, limits, engine, shutdown)?)
+}
+
+pub async fn shutdown_signal(token: CancellationToken) {
+    let term = async {
+        #[cfg(unix)]
+        {
+            if let Ok(mut s) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                s.recv().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+        _ = token.cancelled() => {}
+    }
+    token.cancel();
+}
+
+pub async fn standalone(a: StandaloneArgs) -> Result<()> {
+    let token = CancellationToken::new();
+    let mgr = start_manager(&a, token.clone())?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!("ringbolt standalone listening on {addr}");
+    ringbolt_jobs::grpc::serve(mgr, listener, shutdown_signal(token)).await?;
+    Ok(())
+}

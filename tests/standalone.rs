@@ -1,0 +1,667 @@
+//! Cross-process tests of `ringbolt standalone`: the real server on 127.0.0.1, driven by the
+//! real client (`ringbolt submit` / `jobs`) and, for malformed streams, by a raw gRPC client.
+
+use ringbolt_proto::v1 as pb;
+use ringbolt_proto::v1::jobs_client::JobsClient;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringbolt");
+
+struct Server {
+    child: Child,
+    endpoint: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(ckpt: &Path, data: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args([
+                "standalone",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--data-dir", data.to_str().unwrap()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start standalone");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("ringbolt standalone listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server printed its address");
+        Server {
+            child,
+            endpoint: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run ringbolt");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let (ok, out, err) = run(args);
+    assert!(ok, "{args:?} failed: {err}");
+    serde_json::from_str(out.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn tokens(v: &Value) -> Vec<u64> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// A tiny checkpoint with room for long prompts.
+fn checkpoint(dir: &Path, max_positions: u64, all_lightning: bool) -> PathBuf {
+    let base = dir.join("base");
+    run(&[
+        "init-checkpoint",
+        "--preset",
+        "tiny",
+        "--seed",
+        "9",
+        "--out",
+        base.to_str().unwrap(),
+    ]);
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = max_positions.into();
+    if all_lightning {
+        let n = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+        cfg["layer_types"] = vec!["linear_attention"; n].into();
+    }
+    let cfg_path = dir.join("cfg.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = dir.join(if all_lightning { "ckpt-linear" } else { "ckpt" });
+    let (ok, _, err) = run(&[
+        "init-checkpoint",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--seed",
+        "9",
+        "--dtype",
+        "bf16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    out
+}
+
+fn prompt(n: usize, seed: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + seed * 104_729) % 509) as u32 + 1)
+        .collect()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn generate(ckpt: &Path, ids: &[u32], n: u32) -> Vec<u64> {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), csv(ids)).unwrap();
+    tokens(&ok_json(&[
+        "generate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--tokens-file",
+        file.path().to_str().unwrap(),
+        "--max-new-tokens",
+        &n.to_string(),
+    ]))
+}
+
+fn submit_json(endpoint: &str, ids: &[u32], n: u32, extra: &[&str]) -> Value {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), csv(ids)).unwrap();
+    let mut args = vec![
+        "submit",
+        "--endpoint",
+        endpoint,
+        "--tokens-file",
+        file.path().to_str().unwrap(),
+        "--max-new-tokens",
+    ];
+    let n = n.to_string();
+    args.push(&n);
+    args.extend_from_slice(extra);
+    args.push("--json");
+    ok_json(&args)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn client(endpoint: &str) -> JobsClient<tonic::transport::Channel> {
+    JobsClient::connect(endpoint.to_string())
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20)
+}
+
+fn header(n: u32) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        item: Some(pb::submit_job_request::Item::Header(pb::JobHeader {
+            max_new_tokens: n,
+            ..Default::default()
+        })),
+    }
+}
+
+fn chunk(ids: &[u32]) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        item: Some(pb::submit_job_request::Item::Chunk(pb::PromptChunk {
+            tokens: ringbolt_proto::pack_tokens(ids),
+            text: String::new(),
+        })),
+    }
+}
+
+fn end() -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        item: Some(pb::submit_job_request::Item::End(pb::PromptEnd {})),
+    }
+}
+
+async fn submit_raw(
+    endpoint: &str,
+    msgs: Vec<pb::SubmitJobRequest>,
+) -> Result<pb::SubmitJobResponse, tonic::Status> {
+    let mut c = client(endpoint).await;
+    c.submit_job(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn job_count(endpoint: &str) -> usize {
+    let mut c = client(endpoint).await;
+    c.list_jobs(pb::ListJobsRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .len()
+}
+
+#[test]
+fn jobs_equal_generate_and_run_concurrently_with_batched_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let server = Server::start(&ckpt, &dir.path().join("data"), &["--prefill-chunk", "64"]);
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(40 + 37 * i, i)).collect();
+    let want: Vec<Vec<u64>> = prompts.iter().map(|p| generate(&ckpt, p, 12)).collect();
+    // Six clients at once: their decode steps share batches.
+    let got: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| submit_json(&server.endpoint, p, 12, &[])))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(&tokens(g), w, "job {i}");
+        assert_eq!(g["finish_reason"], "length");
+        assert_eq!(
+            g["prompt_tokens"].as_u64().unwrap() as usize,
+            prompts[i].len()
+        );
+    }
+    // A late watcher gets every token from the start.
+    let id = got[0]["job_id"].as_str().unwrap();
+    let again = ok_json(&["jobs", "wait", id, "--endpoint", &server.endpoint, "--json"]);
+    assert_eq!(tokens(&again), want[0]);
+    let get = ok_json(&["jobs", "get", id, "--endpoint", &server.endpoint, "--json"]);
+    assert_eq!(get["state"], "succeeded");
+    assert_eq!(get["context_parallel"], 1);
+    let status = ok_json(&["status", "--endpoint", &server.endpoint, "--json"]);
+    assert_eq!(status["members"][0]["role"], "standalone");
+    assert!(status["epoch"].as_u64().is_some());
+}
+
+#[test]
+fn upload_larger_than_the_message_limit_streams_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 4 << 20, true);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--prefill-chunk", "8192"],
+    );
+    // 2.5M tokens = 10 MB of ids, above the server's 8 MiB message limit.
+    let ids = prompt(2_500_000, 3);
+    let file = dir.path().join("big.txt");
+    std::fs::write(&file, csv(&ids)).unwrap();
+    let (ok, out, err) = run(&[
+        "submit",
+        "--endpoint",
+        &server.endpoint,
+        "--tokens-file",
+        file.to_str().unwrap(),
+        "--max-new-tokens",
+        "2",
+        "--detach",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    let get = ok_json(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
+    assert_eq!(get["prompt_tokens"], 2_500_000);
+    // The spooled prompt is exactly what was sent.
+    let spooled =
+        std::fs::read(dir.path().join("data/spool").join(format!("{id}.tokens"))).unwrap();
+    assert_eq!(spooled, ringbolt_proto::pack_tokens(&ids));
+    // A single message above the limit is refused.
+    let err = rt()
+        .block_on(submit_raw(
+            &server.endpoint,
+            vec![header(2), chunk(&ids[..2_200_000]), end()],
+        ))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("chunks"), "{err:?}");
+    let cancelled = ok_json(&[
+        "jobs",
+        "cancel",
+        &id,
+        "--endpoint",
+        &server.endpoint,
+        "--json",
+    ]);
+    assert_eq!(cancelled["job_id"], id.as_str());
+    let done = ok_json(&[
+        "jobs",
+        "wait",
+        &id,
+        "--endpoint",
+        &server.endpoint,
+        "--json",
+    ]);
+    assert_eq!(done["finish_reason"], "cancelled");
+}
+
+#[test]
+fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--max-prompt-tokens", "100", "--max-new-tokens-limit", "50"],
+    );
+    let ep = server.endpoint.clone();
+    let rt = rt();
+    let with = |f: &dyn Fn(&mut pb::JobHeader)| {
+        let mut h = pb::JobHeader {
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        f(&mut h);
+        pb::SubmitJobRequest {
+            item: Some(pb::submit_job_request::Item::Header(h)),
+        }
+    };
+    let cases: Vec<(&str, Vec<pb::SubmitJobRequest>, Code, &str)> = vec![
+        (
+            "empty prompt",
+            vec![header(4), end()],
+            Code::InvalidArgument,
+            "empty",
+        ),
+        (
+            "token >= vocab",
+            vec![header(4), chunk(&[1, 2, 512]), end()],
+            Code::InvalidArgument,
+            "position 2",
+        ),
+        (
+            "max new tokens 0",
+            vec![header(0), chunk(&[1]), end()],
+            Code::InvalidArgument,
+            "max_new_tokens",
+        ),
+        (
+            "max new tokens above limit",
+            vec![header(51), chunk(&[1]), end()],
+            Code::InvalidArgument,
+            "max_new_tokens",
+        ),
+        (
+            "negative temperature",
+            vec![
+                with(&|h| {
+                    h.sampling = Some(pb::SamplingParams {
+                        temperature: -1.0,
+                        ..Default::default()
+                    })
+                }),
+                chunk(&[1]),
+                end(),
+            ],
+            Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            "top_p above 1",
+            vec![
+                with(&|h| {
+                    h.sampling = Some(pb::SamplingParams {
+                        top_p: 1.5,
+                        ..Default::default()
+                    })
+                }),
+                chunk(&[1]),
+                end(),
+            ],
+            Code::InvalidArgument,
+            "top_p",
+        ),
+        (
+            "prompt above the configured maximum",
+            vec![header(4), chunk(&prompt(101, 1)), end()],
+            Code::InvalidArgument,
+            "maximum of 100",
+        ),
+        (
+            "chunk before header",
+            vec![chunk(&[1]), header(4), end()],
+            Code::InvalidArgument,
+            "header",
+        ),
+        (
+            "chunk after end",
+            vec![header(4), chunk(&[1]), end(), chunk(&[2])],
+            Code::InvalidArgument,
+            "after the end",
+        ),
+        (
+            "second header",
+            vec![header(4), header(4), end()],
+            Code::InvalidArgument,
+            "second header",
+        ),
+        (
+            "odd byte count",
+            vec![
+                header(4),
+                pb::SubmitJobRequest {
+                    item: Some(pb::submit_job_request::Item::Chunk(pb::PromptChunk {
+                        tokens: vec![1, 2, 3],
+                        text: String::new(),
+                    })),
+                },
+                end(),
+            ],
+            Code::InvalidArgument,
+            "packed",
+        ),
+        (
+            "no end marker",
+            vec![header(4), chunk(&[1, 2])],
+            Code::Cancelled,
+            "end marker",
+        ),
+        (
+            "context parallel 2",
+            vec![with(&|h| h.context_parallel = 2), chunk(&[1]), end()],
+            Code::FailedPrecondition,
+            "context-parallel",
+        ),
+        (
+            "text without tokenizer",
+            vec![
+                header(4),
+                pb::SubmitJobRequest {
+                    item: Some(pb::submit_job_request::Item::Chunk(pb::PromptChunk {
+                        tokens: vec![],
+                        text: "hi".into(),
+                    })),
+                },
+                end(),
+            ],
+            Code::FailedPrecondition,
+            "tokenizer",
+        ),
+    ];
+    for (what, msgs, code, needle) in cases {
+        let err = rt.block_on(submit_raw(&ep, msgs)).expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(err.message().contains(needle), "{what}: {}", err.message());
+    }
+    // A client that disconnects mid-upload: no job is created.
+    rt.block_on(async {
+        let mut c = client(&ep).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(header(4)).await.unwrap();
+        tx.send(chunk(&[1, 2, 3])).await.unwrap();
+        let call = tokio::spawn(async move {
+            c.submit_job(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        call.abort();
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(job_count(&ep).await, 0, "no job was created");
+        // Unknown ids.
+        let mut c = client(&ep).await;
+        for r in [
+            c.get_job(pb::GetJobRequest {
+                job_id: "nope".into(),
+            })
+            .await
+            .err(),
+            c.cancel_job(pb::CancelJobRequest {
+                job_id: "nope".into(),
+            })
+            .await
+            .err(),
+            c.watch_job(pb::WatchJobRequest {
+                job_id: "nope".into(),
+            })
+            .await
+            .err(),
+        ] {
+            let e = r.expect("unknown id is an error");
+            assert_eq!(e.code(), Code::NotFound);
+            assert!(e.message().contains("nope"));
+        }
+    });
+    // The CLI reports a failure with the status on stderr and a non-zero exit.
+    let (ok, _, err) = run(&[
+        "submit",
+        "--endpoint",
+        &ep,
+        "--tokens",
+        "1,999",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        !ok && err.contains("InvalidArgument") && err.contains("999"),
+        "{err}"
+    );
+    // Still serving.
+    let v = submit_json(&ep, &[5, 6, 7], 3, &[]);
+    assert_eq!(tokens(&v).len(), 3);
+    assert_eq!(rt.block_on(job_count(&ep)), 1);
+}
+
+#[test]
+fn kill_9_after_acceptance_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let data = dir.path().join("data");
+    let slow = ["--prefill-chunk", "256"];
+    let mut server = Server::start(&ckpt, &data, &slow);
+    let ids = prompt(6000, 5);
+    let want = generate(&ckpt, &ids, 10);
+    let file = dir.path().join("p.txt");
+    std::fs::write(&file, csv(&ids)).unwrap();
+    let (ok, out, err) = run(&[
+        "submit",
+        "--endpoint",
+        &server.endpoint,
+        "--tokens-file",
+        file.to_str().unwrap(),
+        "--max-new-tokens",
+        "10",
+        "--idempotency-key",
+        "k1",
+        "--detach",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    server.kill9();
+
+    let server = Server::start(&ckpt, &data, &slow);
+    // The same key after the restart: the same job.
+    let (ok, again, err) = run(&[
+        "submit",
+        "--endpoint",
+        &server.endpoint,
+        "--tokens-file",
+        file.to_str().unwrap(),
+        "--max-new-tokens",
+        "10",
+        "--idempotency-key",
+        "k1",
+        "--detach",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(again.trim(), id);
+    // The watcher checks indices: each token exactly once, in order.
+    let done = ok_json(&[
+        "jobs",
+        "wait",
+        &id,
+        "--endpoint",
+        &server.endpoint,
+        "--json",
+    ]);
+    assert_eq!(tokens(&done), want);
+    assert_eq!(done["finish_reason"], "length");
+    assert!(
+        server.logged("re-queued unfinished jobs"),
+        "the job was still running when the first server died, and the second one re-ran it"
+    );
+    let list = rt().block_on(job_count(&server.endpoint));
+    assert_eq!(list, 1, "one job, not two");
+}
+
+#[test]
+fn cancel_stops_a_running_job_and_admission_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--prefill-chunk", "128", "--max-jobs", "1"],
+    );
+    let ids = prompt(20_000, 2);
+    let file = dir.path().join("p.txt");
+    std::fs::write(&file, csv(&ids)).unwrap();
+    let (ok, out, err) = run(&[
+        "submit",
+        "--endpoint",
+        &server.endpoint,
+        "--tokens-file",
+        file.to_str().unwrap(),
+        "--max-new-tokens",
+        "50",
+        "--detach",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    // The one admission slot is taken.
+    let (ok, _, err) = run(&[
+        "submit",
+        "--endpoint",
+        &server.endpoint,
+        "--tokens",
+        "1,2",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(!ok && err.contains("ResourceExhausted"), "{err}");
+    ok_json(&[
+        "jobs",
+        "cancel",
+        &id,
+        "--endpoint",
+        &server.endpoint,
+        "--json",
+    ]);
+    let done = ok_json(&[
+        "jobs",
+        "wait",
+        &id,
+        "--endpoint",
+        &server.endpoint,
+        "--json",
+    ]);
+    assert_eq!(done["finish_reason"], "cancelled");
+    assert!(tokens(&done).len() < 50);
+    let get = ok_json(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
+    assert_eq!(get["state"], "cancelled");
+    // The slot is free again.
+    assert_eq!(
+        tokens(&submit_json(&server.endpoint, &[1, 2], 2, &[])).len(),
+        2
+    );
+}
