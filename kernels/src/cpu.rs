@@ -3,9 +3,11 @@
 use crate::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
 use rayon::prelude::*;
 
-/// Rows below which a linear layer runs as parallel dot products instead of a GEMM
-/// (decode is memory-bound; a GEMM's packing costs more than it saves there).
-const GEMV_ROWS: usize = 4;
+/// Rows up to which a linear layer runs as parallel dot products instead of a GEMM: decode
+/// (one row per sequence in the batch) is memory-bound, so each weight row is read once,
+/// converted once, and dotted with every input row; a GEMM would first convert and pack the
+/// whole weight.
+const GEMV_ROWS: usize = 16;
 /// Query rows per softmax-attention work item.
 const ATTN_Q_BLOCK: usize = 64;
 
@@ -205,6 +207,28 @@ impl CpuWeight {
             }
         }
     }
+}
+
+/// Four dot products against one weight row: each weight value is loaded once for four rows.
+#[inline]
+fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    const L: usize = 8;
+    let mut acc = [[0f32; L]; 4];
+    let chunks = w.len() / L;
+    for c in 0..chunks {
+        let wc = &w[c * L..c * L + L];
+        for (a, xr) in acc.iter_mut().zip(&x) {
+            let xc = &xr[c * L..c * L + L];
+            for i in 0..L {
+                a[i] += xc[i] * wc[i];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for (o, (a, xr)) in out.iter_mut().zip(acc.iter().zip(&x)) {
+        *o = a.iter().sum::<f32>() + (chunks * L..w.len()).map(|i| xr[i] * w[i]).sum::<f32>();
+    }
+    out
 }
 
 #[inline]
@@ -486,14 +510,34 @@ fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool
         const CH: usize = 64;
         let mut yt = vec![0f32; n * m];
         yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
+            let mut row = Vec::new();
             for (jj, o) in out.chunks_mut(m).enumerate() {
                 let j = c * CH + jj;
-                for (r, or) in o.iter_mut().enumerate() {
-                    let xr = &x[r * k..(r + 1) * k];
-                    *or = match w {
-                        CpuWeight::F32(v) => dot(xr, &v[j * k..(j + 1) * k]),
-                        CpuWeight::Bf16(v) => dot_bf16(xr, &v[j * k..(j + 1) * k]),
-                    };
+                let wr: &[f32] = match w {
+                    CpuWeight::F32(v) => &v[j * k..(j + 1) * k],
+                    CpuWeight::Bf16(v) if m == 1 => {
+                        o[0] = dot_bf16(x, &v[j * k..(j + 1) * k]);
+                        continue;
+                    }
+                    CpuWeight::Bf16(v) => {
+                        row.clear();
+                        row.extend(v[j * k..(j + 1) * k].iter().map(|&b| bf16_to_f32(b)));
+                        &row
+                    }
+                };
+                let mut r = 0;
+                while r + 4 <= m {
+                    let xs = [
+                        &x[r * k..][..k],
+                        &x[(r + 1) * k..][..k],
+                        &x[(r + 2) * k..][..k],
+                        &x[(r + 3) * k..][..k],
+                    ];
+                    o[r..r + 4].copy_from_slice(&dot4(xs, wr));
+                    r += 4;
+                }
+                for (rr, or) in o.iter_mut().enumerate().skip(r) {
+                    *or = dot(&x[rr * k..(rr + 1) * k], wr);
                 }
             }
         });
@@ -1064,18 +1108,19 @@ mod tests {
             .iter()
             .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
             .collect();
-        let x = rand_vec(&mut rng, 9 * k, 1.0);
+        let rows = GEMV_ROWS + 3;
+        let x = rand_vec(&mut rng, rows * k, 1.0);
         for w in [&w32, &w16] {
             let cw = Cpu.upload_weight(w, n, k);
             assert_eq!(matches!(cw, CpuWeight::Bf16(_)), std::ptr::eq(w, &w16));
-            let big = Cpu.linear(&x, &cw, 9, k, n);
+            let big = Cpu.linear(&x, &cw, rows, k, n);
             for m in 1..=GEMV_ROWS {
                 let small = Cpu.linear(&x[..m * k].to_vec(), &cw, m, k, n);
                 for (a, b) in small.iter().zip(&big) {
                     assert!((a - b).abs() < 1e-4);
                 }
             }
-            for r in 0..9 {
+            for r in 0..rows {
                 for j in 0..n {
                     let want: f32 = (0..k).map(|c| x[r * k + c] * w[j * k + c]).sum();
                     assert!((big[r * n + j] - want).abs() < 1e-3);

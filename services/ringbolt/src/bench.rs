@@ -36,6 +36,20 @@ enum BenchKind {
         /// Repetitions (the best is reported).
         #[arg(long, default_value_t = 2)]
         repeat: usize,
+        /// Sequences decoded together in the decode measurement.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+    /// Concurrent jobs through the server: batched decode vs one job at a time.
+    Batching {
+        #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: u32,
     },
     /// Prefill time at several lengths (for lightning-only configs: linear scaling).
     Scaling {
@@ -50,6 +64,78 @@ enum BenchKind {
     },
 }
 
+/// Throughput of concurrent jobs through an in-process standalone server, with decode steps
+/// batched across jobs (continuous batching) against one job at a time (`max_batch` 1).
+async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u32) -> Result<()> {
+    use crate::client::{connect, submit_tokens, watch};
+    use crate::server::{StandaloneArgs, start_manager};
+    use ringbolt_proto::v1 as pb;
+    let vocab = ringbolt_model::ModelConfig::from_file(&dir.join("config.json"))?.vocab_size;
+    let mut results = Vec::new();
+    for max_batch in [jobs, 1] {
+        let data = tempfile::tempdir()?;
+        let args = StandaloneArgs {
+            checkpoint: dir.clone(),
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: data.path().to_path_buf(),
+            max_jobs: jobs,
+            max_new_tokens_limit: new_tokens,
+            max_prompt_tokens: 4 << 20,
+            result_ttl_secs: 3600,
+            max_batch,
+            prefill_chunk: 4096,
+        };
+        let token = tokio_util::sync::CancellationToken::new();
+        let (a2, t2) = (args.clone(), token.clone());
+        let mgr = tokio::task::spawn_blocking(move || start_manager(&a2, t2)).await??;
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let stop = token.clone();
+        let server = tokio::spawn(ringbolt_jobs::grpc::serve(mgr, listener, async move {
+            stop.cancelled().await
+        }));
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for j in 0..jobs {
+            let endpoint = endpoint.clone();
+            let ids = random_tokens(prompt_tokens, vocab, 100 + j as u64);
+            tasks.push(tokio::spawn(async move {
+                let mut c = connect(&endpoint).await?;
+                let h = pb::JobHeader {
+                    max_new_tokens: new_tokens,
+                    ..Default::default()
+                };
+                let r = submit_tokens(&mut c, h, ids, None, |_| {}).await?;
+                let out = watch(&mut c, &r.job_id, false).await?;
+                anyhow::Ok(out.tokens.len())
+            }));
+        }
+        let mut generated = 0;
+        for task in tasks {
+            generated += task.await??;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        token.cancel();
+        let _ = server.await;
+        results.push((max_batch, generated, secs));
+    }
+    let (b, g, s) = results[0];
+    let (_, g1, s1) = results[1];
+    println!(
+        "{}",
+        json!({
+            "bench": "batching",
+            "jobs": jobs,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "batched": {"max_batch": b, "generated": g, "seconds": s, "tokens_per_second": g as f64 / s},
+            "one_at_a_time": {"max_batch": 1, "generated": g1, "seconds": s1, "tokens_per_second": g1 as f64 / s1},
+            "speedup": (g as f64 / s) / (g1 as f64 / s1),
+        })
+    );
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchKind::Engine {
@@ -58,18 +144,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
             decode_context,
             decode_steps,
             repeat,
+            batch,
         } => engine(
             checkpoint,
             prefill,
             decode_context,
             decode_steps,
             repeat.max(1),
+            batch.max(1),
         ),
         BenchKind::Scaling {
             checkpoint,
             lengths,
             chunk,
         } => scaling(checkpoint, &lengths, chunk),
+        BenchKind::Batching {
+            checkpoint,
+            jobs,
+            prompt_tokens,
+            new_tokens,
+        } => crate::run_async(batching(
+            checkpoint,
+            jobs.max(1),
+            prompt_tokens.max(1),
+            new_tokens.max(1),
+        )),
     }
 }
 
@@ -143,7 +242,14 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn engine(dir: PathBuf, prefill: usize, ctx: usize, steps: usize, repeat: usize) -> Result<()> {
+fn engine(
+    dir: PathBuf,
+    prefill: usize,
+    ctx: usize,
+    steps: usize,
+    repeat: usize,
+    batch: usize,
+) -> Result<()> {
     let model = load_model(&dir)?;
     let c = model.config().clone();
     if prefill == 0 || steps == 0 || ctx == 0 {
@@ -166,7 +272,7 @@ fn engine(dir: PathBuf, prefill: usize, ctx: usize, steps: usize, repeat: usize)
     let flops = prefill_flops(&c, prefill);
     let prefill_gflops = flops / best / 1e9;
 
-    let (decode_s, cache_bytes) = decode_time(&model, ctx, steps, repeat)?;
+    let (decode_s, cache_bytes) = decode_time(&model, ctx, steps, repeat, batch)?;
     let line = json!({
         "bench": "engine",
         "checkpoint": dir,
@@ -179,8 +285,10 @@ fn engine(dir: PathBuf, prefill: usize, ctx: usize, steps: usize, repeat: usize)
         "prefill_gflops": prefill_gflops,
         "prefill_fraction_of_gemm": prefill_gflops / gf,
         "decode_context": ctx,
-        "decode_ms_per_token": decode_s * 1e3,
-        "decode_tokens_per_second": 1.0 / decode_s,
+        "decode_batch": batch,
+        "decode_ms_per_step": decode_s * 1e3,
+        "decode_ms_per_token": decode_s * 1e3 / batch as f64,
+        "decode_tokens_per_second": batch as f64 / decode_s,
         "decode_cache_bytes": cache_bytes,
         "peak_rss_bytes": peak_rss_bytes(),
     });
@@ -188,26 +296,38 @@ fn engine(dir: PathBuf, prefill: usize, ctx: usize, steps: usize, repeat: usize)
     Ok(())
 }
 
-/// Seconds per decode step after a prefill of `ctx` tokens, and the sequence's cache bytes.
+/// Seconds per decode step of `batch` sequences after a prefill of `ctx` tokens each, and one
+/// sequence's cache bytes.
 fn decode_time(
     model: &Model<Cpu>,
     ctx: usize,
     steps: usize,
     repeat: usize,
+    batch: usize,
 ) -> Result<(f64, usize)> {
     let c = model.config();
-    let toks = random_tokens(ctx + steps, c.vocab_size, 9);
+    let toks: Vec<Vec<u32>> = (0..batch)
+        .map(|b| random_tokens(ctx + steps, c.vocab_size, 9 + b as u64))
+        .collect();
     let mut best = f64::MAX;
     let mut bytes = 0;
     for _ in 0..repeat {
-        let mut st = model.new_state();
-        model.forward(&mut st, &toks[..ctx], Logits::None)?;
+        let mut states: Vec<_> = (0..batch).map(|_| model.new_state()).collect();
+        for (st, t) in states.iter_mut().zip(&toks) {
+            model.forward(st, &t[..ctx], Logits::None)?;
+        }
         let t = Instant::now();
-        for &id in &toks[ctx..] {
-            model.forward(&mut st, &[id], Logits::Last)?;
+        for i in ctx..ctx + steps {
+            let next: Vec<[u32; 1]> = toks.iter().map(|t| [t[i]]).collect();
+            let mut seqs: Vec<_> = states
+                .iter_mut()
+                .zip(&next)
+                .map(|(s, n)| (s, &n[..]))
+                .collect();
+            model.forward_batch(&mut seqs, Logits::Last)?;
         }
         best = best.min(t.elapsed().as_secs_f64() / steps as f64);
-        bytes = st.cache_bytes(model.backend());
+        bytes = states[0].cache_bytes(model.backend());
     }
     Ok((best, bytes))
 }
