@@ -665,3 +665,63 @@ fn cancel_stops_a_running_job_and_admission_is_bounded() {
         2
     );
 }
+
+#[test]
+fn text_prompts_use_the_tokenizer_and_results_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    // A word-level tokenizer in Hugging Face's tokenizer.json format.
+    let tok = dir.path().join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"[UNK]":0,"hello":7,"long":8,"context":9},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &[
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--result-ttl-secs",
+            "1",
+        ],
+    );
+    let text = ok_json(&[
+        "submit",
+        "--endpoint",
+        &server.endpoint,
+        "--text",
+        "hello long context",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(text["prompt_tokens"], 3);
+    assert_eq!(
+        tokens(&text),
+        generate(&ckpt, &[7, 8, 9], 4),
+        "the text became ids 7, 8, 9"
+    );
+    // Finished results are kept for --result-ttl-secs, then removed.
+    let id = text["job_id"].as_str().unwrap().to_string();
+    let mut gone = false;
+    for _ in 0..100 {
+        let (ok, _, err) = run(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
+        if !ok {
+            assert!(err.contains("NotFound"), "{err}");
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gone, "the result expired");
+    assert!(
+        !dir.path()
+            .join("data/spool")
+            .join(format!("{id}.tokens"))
+            .exists()
+    );
+}

@@ -120,6 +120,7 @@ impl JobsService {
             .max_prompt_tokens
             .min(model.max_position_embeddings as u64);
         let (id, mut spool) = self.mgr.new_upload()?;
+        let mut text = String::new();
         loop {
             let msg = stream.message().await.map_err(interrupted)?;
             match msg.and_then(|m| m.item) {
@@ -132,9 +133,25 @@ impl JobsService {
                 Some(Item::End(_)) => break,
                 Some(Item::Chunk(c)) => {
                     if !c.text.is_empty() {
-                        return Err(JobError::FailedPrecondition(
-                            "text prompts need a tokenizer, and this server has none configured; send token ids".into(),
-                        ));
+                        if self.mgr.tokenizer().is_none() {
+                            return Err(JobError::FailedPrecondition(
+                                "text prompts need a tokenizer, and this server has none configured; send token ids"
+                                    .into(),
+                            ));
+                        }
+                        if !c.tokens.is_empty() || spool.tokens() > 0 {
+                            return Err(invalid("a prompt is either token ids or text, not both"));
+                        }
+                        if (text.len() + c.text.len()) as u64 > max_prompt.saturating_mul(16) {
+                            return Err(invalid(format!(
+                                "the text prompt is longer than the maximum of {max_prompt} tokens allows"
+                            )));
+                        }
+                        text.push_str(&c.text);
+                        continue;
+                    }
+                    if !text.is_empty() {
+                        return Err(invalid("a prompt is either token ids or text, not both"));
                     }
                     let ids = ringbolt_proto::unpack_tokens(&c.tokens).ok_or_else(|| {
                         invalid(format!(
@@ -164,6 +181,30 @@ impl JobsService {
         }
         if stream.message().await.map_err(interrupted)?.is_some() {
             return Err(invalid("a message after the end marker"));
+        }
+        if let Some(tok) = self.mgr.tokenizer()
+            && !text.is_empty()
+        {
+            let enc = tok
+                .encode(text.as_str(), false)
+                .map_err(|e| invalid(format!("the text cannot be tokenized: {e}")))?;
+            let ids = enc.get_ids();
+            if let Some((i, &t)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, t)| **t as usize >= model.vocab_size)
+            {
+                return Err(invalid(format!(
+                    "the tokenizer produced id {t} at position {i}, outside the model's vocabulary (size {})",
+                    model.vocab_size
+                )));
+            }
+            if ids.len() as u64 > max_prompt {
+                return Err(invalid(format!(
+                    "the prompt is longer than the maximum of {max_prompt} tokens"
+                )));
+            }
+            spool.write(ids)?;
         }
         let n = spool.tokens();
         if n == 0 {

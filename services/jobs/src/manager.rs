@@ -49,6 +49,7 @@ struct Inner {
     to_engine: SyncSender<Arc<LiveJob>>,
     limits: Limits,
     model: ModelConfig,
+    tokenizer: Option<Arc<tokenizers::Tokenizer>>,
 }
 
 /// Cheap to clone.
@@ -65,6 +66,7 @@ impl JobManager {
         store: JobStore,
         limits: Limits,
         engine: EngineConfig,
+        tokenizer: Option<tokenizers::Tokenizer>,
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let store = Arc::new(store);
@@ -89,6 +91,7 @@ impl JobManager {
                 to_engine,
                 limits,
                 model: model_cfg,
+                tokenizer: tokenizer.map(Arc::new),
             }),
         };
         tokio::spawn(mgr.clone().completions(done_rx));
@@ -117,6 +120,11 @@ impl JobManager {
 
     pub fn model(&self) -> &ModelConfig {
         &self.inner.model
+    }
+
+    /// The tokenizer for text prompts, when one is configured.
+    pub fn tokenizer(&self) -> Option<&tokenizers::Tokenizer> {
+        self.inner.tokenizer.as_deref()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveJob>>> {

@@ -84,6 +84,7 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             result_ttl_secs: 3600,
             max_batch,
             prefill_chunk: 4096,
+            tokenizer: None,
         };
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());

@@ -67,6 +67,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         result_ttl_secs: 3600,
         max_batch: 8,
         prefill_chunk: 4096,
+        tokenizer: None,
     };
     let token = CancellationToken::new();
     let t_load = Instant::now();

@@ -38,6 +38,9 @@ pub struct StandaloneArgs {
     /// Prompt tokens per prefill step.
     #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096)]
     pub prefill_chunk: usize,
+    /// A Hugging Face `tokenizer.json` for text prompts (default: the checkpoint's, if any).
+    #[arg(long, env = "RINGBOLT_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Loads the model, recovers the job store and starts the engine; returns the manager.
@@ -55,7 +58,20 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
         max_batch: a.max_batch.max(1),
         prefill_chunk: a.prefill_chunk.max(1),
     };
-    Ok(JobManager::start(model, store, limits, engine, shutdown)?)
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .or_else(|| Some(a.checkpoint.join("tokenizer.json")).filter(|p| p.exists()));
+    let tokenizer = match tok_path {
+        Some(p) => Some(
+            tokenizers::Tokenizer::from_file(&p)
+                .map_err(|e| anyhow::anyhow!("loading the tokenizer {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(JobManager::start(
+        model, store, limits, engine, tokenizer, shutdown,
+    )?)
 }
 
 pub async fn shutdown_signal(token: CancellationToken) {
