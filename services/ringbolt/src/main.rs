@@ -7,6 +7,7 @@ mod bench;
 mod client;
 mod demo;
 mod model_cli;
+mod plan_cli;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,8 @@ enum Command {
     Jobs(client::JobsArgs),
     /// The cluster's members and placement.
     Status(client::StatusArgs),
+    /// What the model needs on a GPU cluster: placement, memory, time.
+    Plan(plan_cli::PlanArgs),
     /// Benchmarks of the model engine (prints JSON with ratios against in-run baselines).
     Bench(bench::BenchArgs),
 }
@@ -81,6 +84,7 @@ fn main() {
         Command::Submit(a) => run_async(client::submit(a)),
         Command::Jobs(a) => run_async(client::jobs(a)),
         Command::Status(a) => run_async(client::status(a)),
+        Command::Plan(a) => plan_cli::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

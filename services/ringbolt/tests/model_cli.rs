@@ -264,3 +264,74 @@ fn bad_input_is_a_clear_error() {
         "head_dim",
     );
 }
+
+#[test]
+fn plan_prints_one_json_line_and_says_what_is_short() {
+    let line = ok(&[
+        "plan",
+        "--model",
+        "text-01",
+        "--gpu",
+        "h800",
+        "--nodes",
+        "1",
+        "--context",
+        "1000000",
+        "--weights",
+        "int8",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["fits"], true);
+    assert!(v["prefill_seconds"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(v["per_gpu"]["total"].as_u64().unwrap() <= v["per_gpu"]["usable"].as_u64().unwrap());
+    let line = ok(&[
+        "plan",
+        "--model",
+        "text-01",
+        "--gpu",
+        "h800",
+        "--nodes",
+        "1",
+        "--context",
+        "4000000",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["fits"], false);
+    assert!(v["shortfall"][0].as_str().unwrap().contains("GB short"));
+    let table = ok(&[
+        "plan",
+        "--model",
+        "text-01",
+        "--gpu",
+        "h800",
+        "--nodes",
+        "4",
+        "--context",
+        "4000000",
+    ]);
+    assert!(
+        table.contains("FITS") && table.contains("prefill:"),
+        "{table}"
+    );
+    fails(
+        &[
+            "plan",
+            "--model",
+            "text-01",
+            "--gpu",
+            "a100",
+            "--nodes",
+            "1",
+            "--context",
+            "10",
+        ],
+        "unknown GPU",
+    );
+    fails(
+        &["plan", "--gpu", "h800", "--nodes", "1", "--context", "10"],
+        "--model",
+    );
+}

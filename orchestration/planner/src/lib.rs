@@ -1,0 +1,11 @@
+//! The planner: given a model config, a cluster, a weight format and a context length, where
+//! attention and experts go, what each GPU holds, what each layer moves, and how fast prefill
+//! and decode should be (a roofline over compute, memory and links).
+
+pub mod counts;
+pub mod plan;
+pub mod profiles;
+
+pub use counts::ModelCounts;
+pub use plan::{Plan, PlanRequest, WeightFormat, plan};
+pub use profiles::{GpuProfile, gpu, text01};
