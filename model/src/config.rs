@@ -409,6 +409,64 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// MiniMax-Text-01 as released (minimax-01.md §1.1): 80 layers, every 8th softmax.
+    pub fn text01() -> Self {
+        let mut c = Self::text01_shape(200_064, 6144, 9216, 80, 64, 8, 128, 64, 32);
+        c.max_position_embeddings = 10_240_000;
+        c
+    }
+
+    /// The MiniMax-Text-01 architecture (every 8th layer softmax, RoPE θ 1e7, the released
+    /// residual factors, top-2 routing, post-norm, block 256) at another size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn text01_shape(
+        vocab: usize,
+        hidden: usize,
+        inter: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+        experts: usize,
+    ) -> Self {
+        const ALPHA: f32 = 3.556_558_8; // (2·80)^(1/4), the released checkpoint's value
+        ModelConfig {
+            dialect: Dialect::Original,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            rotary_dim,
+            rope_theta: 1e7,
+            rms_norm_eps: 1e-5,
+            num_experts: experts,
+            experts_per_tok: 2,
+            layers: (0..layers)
+                .map(|i| {
+                    if (i + 1) % 8 == 0 {
+                        LayerKind::Softmax
+                    } else {
+                        LayerKind::Lightning
+                    }
+                })
+                .collect(),
+            lightning_alpha: ALPHA,
+            lightning_beta: 1.0,
+            softmax_alpha: ALPHA,
+            softmax_beta: 1.0,
+            mlp_alpha: ALPHA,
+            mlp_beta: 1.0,
+            postnorm: true,
+            block_size: 256,
+            max_position_embeddings: 1 << 20,
+            tie_word_embeddings: false,
+            eos_token_ids: vec![],
+        }
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -557,6 +615,12 @@ mod tests {
         assert!((l0[7] - 0.5 * (1.0 + 1e-5) as f32).abs() < 1e-7);
         let l78 = c.lightning_decay(78);
         assert!((l78[63] as f64 - 2f64.powi(-8) * (1.0 - 78.0 / 79.0 + 1e-5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_built_in_text01_equals_the_released_config() {
+        let from_json = ModelConfig::from_json(&original_text01()).unwrap();
+        assert_eq!(ModelConfig::text01(), from_json);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Writes random Hugging Face-format checkpoints (`ringbolt init-checkpoint`).
 
 use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
-use crate::config::{LayerKind, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::{Init, TensorSpec, tensor_specs};
 use half::bf16;
@@ -50,49 +50,18 @@ pub enum Preset {
     Small,
 }
 
-const ALPHA: f32 = 3.556_558_8; // (2·80)^(1/4), the released checkpoint's value
-
 impl Preset {
     pub fn config(self) -> ModelConfig {
-        let (vocab, hidden, inter, layers, heads, kv, hd, rot, experts, block, maxpos) = match self
-        {
-            Preset::Tiny => (512, 64, 128, 8, 4, 2, 16, 8, 4, 16, 65_536),
-            Preset::Small => (32_000, 512, 1024, 8, 8, 2, 64, 32, 8, 256, 1_048_576),
+        let mut c = match self {
+            Preset::Tiny => ModelConfig::text01_shape(512, 64, 128, 8, 4, 2, 16, 8, 4),
+            Preset::Small => ModelConfig::text01_shape(32_000, 512, 1024, 8, 8, 2, 64, 32, 8),
         };
-        ModelConfig {
-            dialect: crate::config::Dialect::Transformers,
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: inter,
-            num_heads: heads,
-            num_kv_heads: kv,
-            head_dim: hd,
-            rotary_dim: rot,
-            rope_theta: 1e7,
-            rms_norm_eps: 1e-5,
-            num_experts: experts,
-            experts_per_tok: 2,
-            layers: (0..layers)
-                .map(|i| {
-                    if (i + 1) % 8 == 0 {
-                        LayerKind::Softmax
-                    } else {
-                        LayerKind::Lightning
-                    }
-                })
-                .collect(),
-            lightning_alpha: ALPHA,
-            lightning_beta: 1.0,
-            softmax_alpha: ALPHA,
-            softmax_beta: 1.0,
-            mlp_alpha: ALPHA,
-            mlp_beta: 1.0,
-            postnorm: true,
-            block_size: block,
-            max_position_embeddings: maxpos,
-            tie_word_embeddings: false,
-            eos_token_ids: vec![],
-        }
+        c.dialect = crate::config::Dialect::Transformers;
+        (c.block_size, c.max_position_embeddings) = match self {
+            Preset::Tiny => (16, 65_536),
+            Preset::Small => (256, 1_048_576),
+        };
+        c
     }
 }
 

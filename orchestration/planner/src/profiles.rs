@@ -1,6 +1,6 @@
 //! Built-in GPU and model profiles.
 
-use ringbolt_model::{Dialect, LayerKind, ModelConfig};
+use ringbolt_model::ModelConfig;
 use serde::Serialize;
 
 /// What the planner needs to know about one GPU. Bandwidths are per GPU, per direction.
@@ -80,41 +80,7 @@ pub fn gpu(name: &str) -> Option<GpuProfile> {
 
 pub const GPU_NAMES: [&str; 4] = ["h800", "h100", "h200", "h20"];
 
-/// MiniMax-Text-01 as released (minimax-01.md §1.1): 80 layers, every 8th softmax.
+/// MiniMax-Text-01 as released (minimax-01.md §1.1).
 pub fn text01() -> ModelConfig {
-    let alpha = 3.556_558_8_f32;
-    ModelConfig {
-        dialect: Dialect::Original,
-        vocab_size: 200_064,
-        hidden_size: 6144,
-        intermediate_size: 9216,
-        num_heads: 64,
-        num_kv_heads: 8,
-        head_dim: 128,
-        rotary_dim: 64,
-        rope_theta: 1e7,
-        rms_norm_eps: 1e-5,
-        num_experts: 32,
-        experts_per_tok: 2,
-        layers: (0..80)
-            .map(|i| {
-                if (i + 1) % 8 == 0 {
-                    LayerKind::Softmax
-                } else {
-                    LayerKind::Lightning
-                }
-            })
-            .collect(),
-        lightning_alpha: alpha,
-        lightning_beta: 1.0,
-        softmax_alpha: alpha,
-        softmax_beta: 1.0,
-        mlp_alpha: alpha,
-        mlp_beta: 1.0,
-        postnorm: true,
-        block_size: 256,
-        max_position_embeddings: 10_240_000,
-        tie_word_embeddings: false,
-        eos_token_ids: vec![],
-    }
+    ModelConfig::text01()
 }
