@@ -9,7 +9,7 @@ use crate::store::{JobStore, SpoolWriter};
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_model::{Model, ModelConfig};
 use std::collections::HashMap;
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -46,7 +46,7 @@ pub enum WatchSource {
 struct Inner {
     store: Arc<JobStore>,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
-    to_engine: SyncSender<Arc<LiveJob>>,
+    to_engine: Sender<Arc<LiveJob>>,
     limits: Limits,
     model: ModelConfig,
     tokenizer: Option<Arc<tokenizers::Tokenizer>>,
@@ -71,7 +71,9 @@ impl JobManager {
     ) -> Result<Self> {
         let store = Arc::new(store);
         let model_cfg = model.config().clone();
-        let (to_engine, jobs) = std::sync::mpsc::sync_channel(limits.max_jobs.max(1) * 2);
+        // Admission bounds what is queued or running (`max_jobs`); recovery after a restart
+        // re-queues every unfinished job whatever the limit, so this channel is not bounded again.
+        let (to_engine, jobs) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel(limits.max_jobs.max(1) * 2);
         let eng = Engine {
             model,
@@ -186,17 +188,10 @@ impl JobManager {
     fn enqueue(&self, record: JobRecord) -> Result<()> {
         let job = LiveJob::new(record);
         self.live().insert(job.id.clone(), job.clone());
-        match self.inner.to_engine.try_send(job.clone()) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                // Durable already: it runs after a restart at the latest. Admission keeps
-                // this from happening in practice.
-                Err(JobError::ResourceExhausted(
-                    "the engine queue is full".into(),
-                ))
-            }
-            Err(TrySendError::Disconnected(_)) => Err(JobError::ShuttingDown),
-        }
+        self.inner
+            .to_engine
+            .send(job)
+            .map_err(|_| JobError::ShuttingDown)
     }
 
     pub fn get(&self, id: &str) -> Result<JobRecord> {
