@@ -180,6 +180,33 @@ fn submit_json(endpoint: &str, ids: &[u32], n: u32, extra: &[&str]) -> Value {
     ok_json(&args)
 }
 
+/// `submit --detach` of `ids` (through a tokens file in `dir`); returns the job id.
+fn submit_detached(
+    endpoint: &str,
+    dir: &Path,
+    ids: &[u32],
+    max_new: u32,
+    extra: &[&str],
+) -> String {
+    let file = dir.join(format!("prompt-{}.txt", ids.len()));
+    std::fs::write(&file, csv(ids)).unwrap();
+    let n = max_new.to_string();
+    let mut args = vec![
+        "submit",
+        "--endpoint",
+        endpoint,
+        "--tokens-file",
+        file.to_str().unwrap(),
+        "--max-new-tokens",
+        &n,
+        "--detach",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{err}");
+    out.trim().to_string()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -285,20 +312,7 @@ fn upload_larger_than_the_message_limit_streams_in_chunks() {
     );
     // 2.5M tokens = 10 MB of ids, above the server's 8 MiB message limit.
     let ids = prompt(2_500_000, 3);
-    let file = dir.path().join("big.txt");
-    std::fs::write(&file, csv(&ids)).unwrap();
-    let (ok, out, err) = run(&[
-        "submit",
-        "--endpoint",
-        &server.endpoint,
-        "--tokens-file",
-        file.to_str().unwrap(),
-        "--max-new-tokens",
-        "2",
-        "--detach",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.trim().to_string();
+    let id = submit_detached(&server.endpoint, dir.path(), &ids, 2, &[]);
     let get = ok_json(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
     assert_eq!(get["prompt_tokens"], 2_500_000);
     // The spooled prompt is exactly what was sent.
@@ -551,40 +565,16 @@ fn kill_9_after_acceptance_loses_nothing() {
     let mut server = Server::start(&ckpt, &data, &slow);
     let ids = prompt(6000, 5);
     let want = generate(&ckpt, &ids, 10);
-    let file = dir.path().join("p.txt");
-    std::fs::write(&file, csv(&ids)).unwrap();
-    let (ok, out, err) = run(&[
-        "submit",
-        "--endpoint",
-        &server.endpoint,
-        "--tokens-file",
-        file.to_str().unwrap(),
-        "--max-new-tokens",
-        "10",
-        "--idempotency-key",
-        "k1",
-        "--detach",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.trim().to_string();
+    let key = ["--idempotency-key", "k1"];
+    let id = submit_detached(&server.endpoint, dir.path(), &ids, 10, &key);
     server.kill9();
 
     let server = Server::start(&ckpt, &data, &slow);
     // The same key after the restart: the same job.
-    let (ok, again, err) = run(&[
-        "submit",
-        "--endpoint",
-        &server.endpoint,
-        "--tokens-file",
-        file.to_str().unwrap(),
-        "--max-new-tokens",
-        "10",
-        "--idempotency-key",
-        "k1",
-        "--detach",
-    ]);
-    assert!(ok, "{err}");
-    assert_eq!(again.trim(), id);
+    assert_eq!(
+        submit_detached(&server.endpoint, dir.path(), &ids, 10, &key),
+        id
+    );
     // The watcher checks indices: each token exactly once, in order.
     let done = ok_json(&[
         "jobs",
@@ -614,20 +604,7 @@ fn cancel_stops_a_running_job_and_admission_is_bounded() {
         &["--prefill-chunk", "128", "--max-jobs", "1"],
     );
     let ids = prompt(20_000, 2);
-    let file = dir.path().join("p.txt");
-    std::fs::write(&file, csv(&ids)).unwrap();
-    let (ok, out, err) = run(&[
-        "submit",
-        "--endpoint",
-        &server.endpoint,
-        "--tokens-file",
-        file.to_str().unwrap(),
-        "--max-new-tokens",
-        "50",
-        "--detach",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.trim().to_string();
+    let id = submit_detached(&server.endpoint, dir.path(), &ids, 50, &[]);
     // The one admission slot is taken.
     let (ok, _, err) = run(&[
         "submit",

@@ -18,6 +18,14 @@ fn logits(dir: &Path) -> Vec<f32> {
         .unwrap()
 }
 
+/// The error of loading the whole model from `dir`.
+fn load_error(dir: &Path) -> String {
+    match Model::load(&Checkpoint::open(dir).unwrap(), Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
 fn write(dir: &Path, dtype: WeightDtype, shard: Option<u64>) -> usize {
     write_random_checkpoint(&Preset::Tiny.config(), 3, dtype, dir, shard).unwrap()
 }
@@ -106,10 +114,7 @@ fn missing_tensor_names_the_tensor_and_the_index() {
         .unwrap()
         .remove("model.layers.3.self_attn.output_gate.weight");
     std::fs::write(&path, v.to_string()).unwrap();
-    let err = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(dir.path());
     assert!(
         err.contains("`model.layers.3.self_attn.output_gate.weight`"),
         "{err}"
@@ -129,10 +134,7 @@ fn wrong_shape_names_the_tensor_file_and_shapes() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     v["intermediate_size"] = 100.into();
     std::fs::write(&path, v.to_string()).unwrap();
-    let err = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(dir.path());
     assert!(
         err.contains("`model.layers.0.block_sparse_moe.experts.0.w1.weight`"),
         "{err}"
@@ -159,10 +161,7 @@ fn truncated_shard_names_the_tensor_and_the_file() {
         .expect("a second shard");
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
-    let err = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(dir.path());
     let name = shard.file_name().unwrap().to_string_lossy().into_owned();
     assert!(err.contains(&name) && err.contains("tensor `"), "{err}");
 }
@@ -181,10 +180,7 @@ fn non_finite_weights_are_rejected() {
         .unwrap() as usize;
     bytes[8 + n + start..8 + n + start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&file, bytes).unwrap();
-    let err = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(dir.path());
     assert!(
         err.contains("model.embed_tokens.weight") && err.contains("non-finite"),
         "{err}"
