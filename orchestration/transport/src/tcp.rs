@@ -1,0 +1,197 @@
+//! TCP transport: one connection per (sender, receiver) pair, opened on first send; frames are
+//! a 28-byte header (sender rank u32, epoch u64, tag u64, length u64, little-endian) followed by
+//! the payload, written straight from the caller's buffer.
+
+use crate::{Mailbox, Result, Transport, TransportError};
+use bytes::{Bytes, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+const HEADER: usize = 28;
+/// Largest frame accepted: a bound on what a corrupt or hostile peer can make us allocate.
+pub const MAX_FRAME: u64 = 1 << 32;
+
+pub struct TcpTransport {
+    rank: usize,
+    epoch: u64,
+    addrs: Vec<SocketAddr>,
+    timeout: Duration,
+    mailbox: Arc<Mailbox>,
+    conns: Vec<Mutex<Option<TcpStream>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn read_frames(mut s: TcpStream, mailbox: Arc<Mailbox>) {
+    let mut h = [0u8; HEADER];
+    loop {
+        if s.read_exact(&mut h).await.is_err() {
+            return; // the peer closed the connection
+        }
+        let from = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let epoch = u64::from_le_bytes(h[4..12].try_into().unwrap_or_default());
+        let tag = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(h[20..28].try_into().unwrap_or_default());
+        if len > MAX_FRAME {
+            mailbox.fail(TransportError::Peer {
+                peer: from,
+                msg: format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+            });
+            return;
+        }
+        let mut buf = BytesMut::zeroed(len as usize);
+        if let Err(e) = s.read_exact(&mut buf).await {
+            mailbox.fail(TransportError::Peer {
+                peer: from,
+                msg: format!("connection lost mid-frame: {e}"),
+            });
+            return;
+        }
+        mailbox.deliver(from, epoch, tag, buf.freeze());
+    }
+}
+
+impl TcpTransport {
+    /// Starts rank `rank` of the group whose data-plane addresses are `addrs` (its own is
+    /// where `listener` listens). Waits for nobody: peers are connected on first send.
+    pub fn start(
+        rank: usize,
+        epoch: u64,
+        listener: TcpListener,
+        addrs: Vec<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        if rank >= addrs.len() {
+            return Err(TransportError::BadRank {
+                rank,
+                size: addrs.len(),
+            });
+        }
+        let mailbox = Arc::new(Mailbox::new(epoch, timeout));
+        let mb = mailbox.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(read_frames(s, mb.clone()));
+            }
+        });
+        Ok(TcpTransport {
+            rank,
+            epoch,
+            conns: addrs.iter().map(|_| Mutex::new(None)).collect(),
+            addrs,
+            timeout,
+            mailbox,
+            accept,
+        })
+    }
+
+    async fn connect(&self, to: usize) -> Result<TcpStream> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match tokio::time::timeout_at(deadline, TcpStream::connect(self.addrs[to])).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(e)) if tokio::time::Instant::now() + backoff >= deadline => {
+                    return Err(TransportError::Peer {
+                        peer: to,
+                        msg: format!("cannot connect to {}: {e}", self.addrs[to]),
+                    });
+                }
+                Ok(Err(_)) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(_) => {
+                    return Err(TransportError::Peer {
+                        peer: to,
+                        msg: format!(
+                            "no connection to {} within {:?}",
+                            self.addrs[to], self.timeout
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.addrs.len()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    async fn send(&self, to: usize, tag: u64, data: Bytes) -> Result<()> {
+        if to >= self.addrs.len() {
+            return Err(TransportError::BadRank {
+                rank: to,
+                size: self.addrs.len(),
+            });
+        }
+        if to == self.rank {
+            self.mailbox.deliver(self.rank, self.epoch, tag, data);
+            return Ok(());
+        }
+        let mut conn = self.conns[to].lock().await;
+        if conn.is_none() {
+            *conn = Some(self.connect(to).await?);
+        }
+        let mut h = [0u8; HEADER];
+        h[0..4].copy_from_slice(&(self.rank as u32).to_le_bytes());
+        h[4..12].copy_from_slice(&self.epoch.to_le_bytes());
+        h[12..20].copy_from_slice(&tag.to_le_bytes());
+        h[20..28].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        let s = conn.as_mut().ok_or(TransportError::Closed)?;
+        let write = async {
+            s.write_all(&h).await?;
+            s.write_all(&data).await
+        };
+        match tokio::time::timeout(self.timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                *conn = None;
+                Err(TransportError::Peer {
+                    peer: to,
+                    msg: format!("send failed: {e}"),
+                })
+            }
+            Err(_) => {
+                *conn = None;
+                Err(TransportError::Peer {
+                    peer: to,
+                    msg: format!("send did not finish within {:?}", self.timeout),
+                })
+            }
+        }
+    }
+
+    async fn recv(&self, from: usize, tag: u64) -> Result<Bytes> {
+        if from >= self.addrs.len() {
+            return Err(TransportError::BadRank {
+                rank: from,
+                size: self.addrs.len(),
+            });
+        }
+        self.mailbox.take(from, tag).await
+    }
+}

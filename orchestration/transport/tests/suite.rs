@@ -1,0 +1,187 @@
+//! One suite for every transport: in-process, and TCP on 127.0.0.1.
+
+use bytes::Bytes;
+use ringbolt_transport::local::LocalGroup;
+use ringbolt_transport::tcp::TcpTransport;
+use ringbolt_transport::{Transport, TransportError};
+use std::sync::Arc;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn tcp_group(size: usize, epoch: u64) -> Vec<TcpTransport> {
+    tcp_group_at(size, epoch).await.0
+}
+
+async fn tcp_group_at(size: usize, epoch: u64) -> (Vec<TcpTransport>, Vec<std::net::SocketAddr>) {
+    let mut listeners = Vec::new();
+    for _ in 0..size {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let g = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| TcpTransport::start(r, epoch, l, addrs.clone(), TIMEOUT).unwrap())
+        .collect();
+    (g, addrs)
+}
+
+/// Runs `f` on every rank at once; returns their results in rank order.
+async fn on_all<T, R, F, Fut>(group: Vec<T>, f: F) -> Vec<R>
+where
+    T: Transport + 'static,
+    R: Send + 'static,
+    F: Fn(Arc<T>) -> Fut,
+    Fut: std::future::Future<Output = R> + Send + 'static,
+{
+    let hs: Vec<_> = group
+        .into_iter()
+        .map(|t| tokio::spawn(f(Arc::new(t))))
+        .collect();
+    let mut out = Vec::new();
+    for h in hs {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+fn payload(from: usize, to: usize) -> Bytes {
+    // Sizes differ per pair, one pair sends nothing, one sends 3 MB.
+    let n = match (from, to) {
+        (0, 1) => 0,
+        (1, 2) => 3 << 20,
+        _ => 10 * from + to + 1,
+    };
+    Bytes::from(
+        (0..n)
+            .map(|i| (i + 7 * from + 13 * to) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn point_to_point_keeps_order_per_tag<T: Transport + 'static>(g: Vec<T>) {
+    on_all(g, |t| async move {
+        let (me, n) = (t.rank(), t.size());
+        let next = (me + 1) % n;
+        let prev = (me + n - 1) % n;
+        for i in 0..5u8 {
+            t.send(next, 1, Bytes::from(vec![me as u8, i]))
+                .await
+                .unwrap();
+        }
+        t.send(next, 2, Bytes::from_static(b"other tag"))
+            .await
+            .unwrap();
+        // Tag 2 can be received first; tag 1 arrives in send order.
+        assert_eq!(&t.recv(prev, 2).await.unwrap()[..], b"other tag");
+        for i in 0..5u8 {
+            assert_eq!(&t.recv(prev, 1).await.unwrap()[..], &[prev as u8, i]);
+        }
+    })
+    .await;
+}
+
+async fn all_to_all_v_and_all_gather<T: Transport + 'static>(g: Vec<T>) {
+    on_all(g, |t| async move {
+        let (me, n) = (t.rank(), t.size());
+        let got = t
+            .all_to_all_v(7, (0..n).map(|to| payload(me, to)).collect())
+            .await
+            .unwrap();
+        for (from, b) in got.iter().enumerate() {
+            assert_eq!(b, &payload(from, me), "rank {me} from {from}");
+        }
+        let all = t
+            .all_gather(8, Bytes::from(format!("rank {me}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            all,
+            (0..n)
+                .map(|r| Bytes::from(format!("rank {r}")))
+                .collect::<Vec<_>>()
+        );
+        assert!(matches!(
+            t.all_to_all_v(9, vec![Bytes::new()]).await,
+            Err(TransportError::Parts { .. })
+        ));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn local_point_to_point() {
+    point_to_point_keeps_order_per_tag(LocalGroup::ranks(3, 1, TIMEOUT)).await;
+}
+
+#[tokio::test]
+async fn local_collectives() {
+    all_to_all_v_and_all_gather(LocalGroup::ranks(3, 1, TIMEOUT)).await;
+}
+
+#[tokio::test]
+async fn tcp_point_to_point() {
+    point_to_point_keeps_order_per_tag(tcp_group(3, 1).await).await;
+}
+
+#[tokio::test]
+async fn tcp_collectives() {
+    all_to_all_v_and_all_gather(tcp_group(3, 1).await).await;
+}
+
+#[tokio::test]
+async fn stale_epoch_messages_are_refused() {
+    let g = LocalGroup::ranks(2, 5, TIMEOUT);
+    let stale = g[0].stamped(4);
+    stale.send(1, 1, Bytes::from_static(b"old")).await.unwrap();
+    let err = g[1].recv(0, 1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::StaleEpoch {
+                from: 0,
+                got: 4,
+                want: 5
+            }
+        ),
+        "{err}"
+    );
+    // Over TCP too: a rank still on epoch 4 talking to a group of epoch 5.
+    let (new, addrs) = tcp_group_at(2, 5).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let own = l.local_addr().unwrap();
+    let old = TcpTransport::start(0, 4, l, vec![own, addrs[1]], TIMEOUT).unwrap();
+    old.send(1, 3, Bytes::from_static(b"old")).await.unwrap();
+    let err = new[1].recv(0, 3).await.unwrap_err();
+    assert!(err.to_string().contains("epoch 4"), "{err}");
+}
+
+#[tokio::test]
+async fn nothing_to_receive_is_a_bounded_wait_and_a_dead_peer_an_error() {
+    let g = LocalGroup::ranks(2, 1, Duration::from_millis(200));
+    assert!(matches!(
+        g[0].recv(1, 1).await,
+        Err(TransportError::Timeout { .. })
+    ));
+    assert!(matches!(
+        g[0].send(5, 1, Bytes::new()).await,
+        Err(TransportError::BadRank { .. })
+    ));
+    // A TCP peer that is not there: the send fails within the timeout.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = {
+        let d = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        d.local_addr().unwrap()
+    };
+    let t = TcpTransport::start(
+        0,
+        1,
+        l,
+        vec!["127.0.0.1:1".parse().unwrap(), dead],
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let err = t.send(1, 1, Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(err, TransportError::Peer { peer: 1, .. }), "{err}");
+}
