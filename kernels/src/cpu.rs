@@ -417,6 +417,41 @@ fn exp_sum(x: &mut [f32], m: f32) -> f32 {
     s
 }
 
+/// Query rows up to which attention is computed with dot products instead of GEMM tiles
+/// (decode: one query per head, where packing K/V for a GEMM costs more than the product).
+const ATTN_DOT_ROWS: usize = 8;
+
+/// [`flash_attention`] for a few rows: scores by dot products, softmax, weighted sum of V.
+fn dot_attention(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    visible: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    let mut o = vec![0f32; rows * d];
+    let mut s = Vec::new();
+    for r in 0..rows {
+        let vis = visible(r);
+        let qr = &q[r * d..(r + 1) * d];
+        s.clear();
+        s.extend((0..vis).map(|j| dot(qr, &k[j * stride..j * stride + d])));
+        let m = max_lanes(&s);
+        let inv = 1.0 / exp_sum(&mut s, m);
+        let or = &mut o[r * d..(r + 1) * d];
+        for (j, &p) in s.iter().enumerate() {
+            let vj = &v[j * stride..j * stride + d];
+            for c in 0..d {
+                or[c] += p * vj[c];
+            }
+        }
+        or.iter_mut().for_each(|x| *x *= inv);
+    }
+    o
+}
+
 /// Softmax attention of `rows` (pre-scaled) queries `q` (`[rows, d]`) over the first `nk` keys
 /// and values (row stride `stride`), row `r` seeing keys `0..visible(r)`. Keys go in tiles with
 /// an online softmax (running max and sum per row), so memory stays O(rows × tile) whatever
@@ -432,6 +467,9 @@ fn flash_attention(
     nk: usize,
     visible: impl Fn(usize) -> usize,
 ) -> Vec<f32> {
+    if rows <= ATTN_DOT_ROWS {
+        return dot_attention(q, rows, d, k, v, stride, visible);
+    }
     let mut o = vec![0f32; rows * d];
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
@@ -1053,8 +1091,9 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_softmax_with_gqa_and_offset() {
-        // (pos0, t): one key tile; several key tiles and query blocks.
-        for (pos0, t) in [(70, 9), (1100, 70)] {
+        // (pos0, t): one key tile; several key tiles and query blocks; decode-sized (the
+        // dot-product path).
+        for (pos0, t) in [(70, 9), (1100, 70), (1100, 1), (0, 1), (70, 3)] {
             attention_case(pos0, t);
         }
     }
