@@ -118,17 +118,24 @@ fn dst_rows(dst: &mut [f32], rs: usize, m: usize, n: usize) -> impl Iterator<Ite
 
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_as(a, b, |v| v)
+}
+
+/// `Σ a[i]·f(b[i])` with 16 independent accumulators (so the loop vectorises); `f` widens the
+/// weight's storage type to f32.
+#[inline(always)]
+fn dot_as<T: Copy>(a: &[f32], b: &[T], f: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = a.len() / 16;
     for c in 0..chunks {
         let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * f(y[i]);
         }
     }
     let mut s: f32 = acc.iter().sum();
     for i in chunks * 16..a.len() {
-        s += a[i] * b[i];
+        s += a[i] * f(b[i]);
     }
     s
 }
@@ -233,19 +240,7 @@ fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
 
 #[inline]
 fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
-        for i in 0..16 {
-            acc[i] += x[i] * bf16_to_f32(y[i]);
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 16..a.len() {
-        s += a[i] * bf16_to_f32(b[i]);
-    }
-    s
+    dot_as(a, b, bf16_to_f32)
 }
 
 /// Largest lightning block the CPU backend uses: the intra-block product costs O(B) per token
