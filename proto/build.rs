@@ -1,5 +1,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["ringbolt/v1/jobs.proto"];
+    let protos = [
+        "ringbolt/v1/jobs.proto",
+        "ringbolt/internal/v1/cluster.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -5,7 +5,16 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LIGHTNING_NORM_EPS, LayerKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::weights::{expert_name, layer_prefix};
-use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams};
+use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
+
+/// Computes the routed experts of one MoE layer somewhere else (a cluster's expert workers).
+/// A model loaded without its experts runs its MoE layers through one of these.
+pub trait ExpertExecutor<B: Backend> {
+    /// The weighted sum over each row's routed experts (`[rows, H]`) for `x` (`[rows, H]`,
+    /// the post-attention-normed hidden states). An error aborts the forward step; an executor
+    /// that can recover (re-send after a plan change) does so before returning.
+    fn experts(&self, layer: usize, x: &B::Buf, rows: usize, routing: &Routing) -> Result<B::Buf>;
+}
 
 /// Weights of one expert (SwiGLU): gate `w1` and up `w3` fused as `w13` (`[2I, H]`, w1 rows
 /// first) so one GEMM computes both, and down `w2` (`[H, I]`).
@@ -109,6 +118,12 @@ pub struct Model<B: Backend> {
 impl<B: Backend> Model<B> {
     /// Loads every tensor of the model from `ckpt` onto `backend`.
     pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
+        Self::load_parts(ckpt, backend, true)
+    }
+
+    /// Loads the model; without `experts`, everything but the experts' weights (an attention
+    /// worker's share: its MoE layers then run through an [`ExpertExecutor`]).
+    pub fn load_parts(ckpt: &Checkpoint, backend: B, experts: bool) -> Result<Self> {
         let cfg = ckpt.config().clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -137,9 +152,13 @@ impl<B: Backend> Model<B> {
                     o: upw(&format!("{p}.self_attn.o_proj.weight"), h, nh * d)?,
                 },
             };
-            let experts = (0..cfg.num_experts)
-                .map(|e| Expert::load(ckpt, &backend, l, e))
-                .collect::<Result<Vec<_>>>()?;
+            let experts = if experts {
+                (0..cfg.num_experts)
+                    .map(|e| Expert::load(ckpt, &backend, l, e))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
             layers.push(Layer {
                 input_norm: up(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: up(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -242,6 +261,27 @@ impl<B: Backend> Model<B> {
         seqs: &mut [(&mut SequenceState<B>, &[u32])],
         logits: Logits,
     ) -> Result<Vec<Vec<f32>>> {
+        self.forward_batch_with(seqs, logits, None)
+    }
+
+    /// Whether the experts' weights are loaded here.
+    pub fn has_experts(&self) -> bool {
+        self.layers.iter().all(|l| !l.experts.is_empty())
+    }
+
+    /// [`forward_batch`](Self::forward_batch) with the MoE experts computed by `remote`
+    /// (required when the model was loaded without experts).
+    pub fn forward_batch_with(
+        &self,
+        seqs: &mut [(&mut SequenceState<B>, &[u32])],
+        logits: Logits,
+        remote: Option<&dyn ExpertExecutor<B>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        if remote.is_none() && !self.has_experts() {
+            return Err(ModelError::Invalid(
+                "this model was loaded without experts and no expert executor was given".into(),
+            ));
+        }
         for (st, toks) in seqs.iter() {
             if toks.is_empty() {
                 return Err(ModelError::Invalid(
@@ -276,7 +316,7 @@ impl<B: Backend> Model<B> {
             let (alpha, beta) = cfg.attn_factors(l);
             let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { &h }, beta, &mix);
             let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
-            let moe = self.moe(layer, &n2, rows);
+            let moe = self.moe(l, layer, &n2, rows, remote)?;
             h = b.axpby(
                 cfg.mlp_alpha,
                 if cfg.postnorm { &n2 } else { &h1 },
@@ -418,12 +458,22 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    fn moe(&self, layer: &Layer<B>, x: &B::Buf, rows: usize) -> B::Buf {
+    fn moe(
+        &self,
+        l: usize,
+        layer: &Layer<B>,
+        x: &B::Buf,
+        rows: usize,
+        remote: Option<&dyn ExpertExecutor<B>>,
+    ) -> Result<B::Buf> {
         let b = &self.backend;
         let cfg = &self.cfg;
         let (hsz, e, i) = (cfg.hidden_size, cfg.num_experts, cfg.intermediate_size);
         let logits = b.linear(x, &layer.router, rows, hsz, e);
         let routing = b.route(&logits, rows, e, cfg.experts_per_tok);
+        if let Some(r) = remote {
+            return r.experts(l, x, rows, &routing);
+        }
         let buckets = routing.by_expert(e);
         let groups: Vec<ExpertGroup<'_, B>> = layer
             .experts
@@ -437,6 +487,6 @@ impl<B: Backend> Model<B> {
                 w2: &ex.w2,
             })
             .collect();
-        b.moe_experts(x, rows, hsz, i, &groups)
+        Ok(b.moe_experts(x, rows, hsz, i, &groups))
     }
 }

@@ -5,6 +5,12 @@ pub mod v1 {
     tonic::include_proto!("ringbolt.v1");
 }
 
+/// The internal control plane between the coordinator and workers (never tensors).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod internal {
+    tonic::include_proto!("ringbolt.internal.v1");
+}
+
 /// Packs token ids as little-endian u32 (the `PromptChunk.tokens` encoding).
 pub fn pack_tokens(ids: &[u32]) -> Vec<u8> {
     ids.iter().flat_map(|t| t.to_le_bytes()).collect()

@@ -6,7 +6,11 @@
 //! Implementations: [`local::LocalGroup`] (in-process channels: standalone and tests) and
 //! [`tcp::TcpTransport`] (length-prefixed frames over tokio TCP: CPU clusters). NCCL joins them
 //! behind the `cuda` feature with the CUDA backend.
+//!
+//! [`exchange`] is the request/response form of the same TCP data plane: an attention worker
+//! sends a layer's routed rows to the expert workers that hold those experts.
 
+pub mod exchange;
 pub mod local;
 pub mod tcp;
 

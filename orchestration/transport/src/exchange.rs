@@ -1,0 +1,344 @@
+//! Request/response exchange over the TCP data plane: how an attention worker hands a layer's
+//! routed rows to an expert worker and gets the experts' outputs back. Every message carries
+//! the sender's plan epoch; a server refuses one from an epoch older than its own (the sender
+//! then learns the new plan and re-sends), so a worker that missed a plan change never gets an
+//! answer computed under another placement.
+//!
+//! Frames: a 32-byte header (magic u32, kind u32, epoch u64, request id u64, length u64,
+//! little-endian) and the payload, written straight from the caller's buffer. Connections are
+//! pooled per peer; one request at a time per connection, so concurrency is by connections.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"RBX1");
+const HEADER: usize = 32;
+/// Largest payload accepted: a bound on what a corrupt or hostile peer can make us allocate.
+pub const MAX_PAYLOAD: u64 = 1 << 32;
+
+const REQUEST: u32 = 0;
+const OK: u32 = 1;
+const STALE: u32 = 2;
+const FAILED: u32 = 3;
+
+/// Why a server did not answer a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request's epoch is older than the server's (`current`).
+    StaleEpoch { current: u64 },
+    /// The request could not be served (message says why).
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("peer {peer}: {msg}")]
+    Peer { peer: SocketAddr, msg: String },
+    #[error("peer {peer} refused plan epoch {sent}: it is at epoch {current}")]
+    StaleEpoch {
+        peer: SocketAddr,
+        sent: u64,
+        current: u64,
+    },
+    #[error("peer {peer} could not serve the request: {msg}")]
+    Remote { peer: SocketAddr, msg: String },
+    #[error("peer {peer}: no answer within {timeout:?}")]
+    Timeout { peer: SocketAddr, timeout: Duration },
+}
+
+impl ExchangeError {
+    /// The peer is unreachable or broke the connection (it may have died).
+    pub fn is_peer_lost(&self) -> bool {
+        matches!(
+            self,
+            ExchangeError::Peer { .. } | ExchangeError::Timeout { .. }
+        )
+    }
+}
+
+fn header(kind: u32, epoch: u64, id: u64, len: usize) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&epoch.to_le_bytes());
+    h[16..24].copy_from_slice(&id.to_le_bytes());
+    h[24..32].copy_from_slice(&(len as u64).to_le_bytes());
+    h
+}
+
+struct Frame {
+    kind: u32,
+    epoch: u64,
+    id: u64,
+    payload: Bytes,
+}
+
+async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
+    let mut h = [0u8; HEADER];
+    s.read_exact(&mut h).await?;
+    let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().unwrap_or_default());
+    let magic = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    if magic != MAGIC {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a Ringbolt exchange frame (magic {magic:#x})"),
+        ));
+    }
+    let len = word(24);
+    if len > MAX_PAYLOAD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"),
+        ));
+    }
+    let mut buf = BytesMut::zeroed(len as usize);
+    s.read_exact(&mut buf).await?;
+    Ok(Frame {
+        kind: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
+        epoch: word(8),
+        id: word(16),
+        payload: buf.freeze(),
+    })
+}
+
+async fn write_frame(
+    s: &mut TcpStream,
+    kind: u32,
+    epoch: u64,
+    id: u64,
+    data: &[u8],
+) -> std::io::Result<()> {
+    s.write_all(&header(kind, epoch, id, data.len())).await?;
+    s.write_all(data).await
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, Refusal>> + Send>>;
+/// Serves one request: (the sender's epoch, the payload) → the answer or a refusal.
+pub type Handler = Arc<dyn Fn(u64, Bytes) -> HandlerFuture + Send + Sync>;
+
+/// Answers requests on `listener` until the returned task is aborted.
+pub fn serve(listener: TcpListener, handler: Handler) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                loop {
+                    let f = match read_frame(&mut s).await {
+                        Ok(f) => f,
+                        Err(e) => {
+                            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                                tracing::warn!(%peer, error = %e, "dropping a data-plane connection");
+                            }
+                            return;
+                        }
+                    };
+                    if f.kind != REQUEST {
+                        tracing::warn!(%peer, kind = f.kind, "unexpected frame kind; closing");
+                        return;
+                    }
+                    let (kind, epoch, body) = match handler(f.epoch, f.payload).await {
+                        Ok(b) => (OK, f.epoch, b),
+                        Err(Refusal::StaleEpoch { current }) => (STALE, current, Bytes::new()),
+                        Err(Refusal::Failed(msg)) => (FAILED, f.epoch, Bytes::from(msg)),
+                    };
+                    if write_frame(&mut s, kind, epoch, f.id, &body).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// Sends requests to servers, reusing idle connections.
+pub struct ExchangeClient {
+    timeout: Duration,
+    idle: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
+    next_id: AtomicU64,
+}
+
+impl ExchangeClient {
+    /// Every request (connect, send, answer) is bounded by `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        ExchangeClient {
+            timeout,
+            idle: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn take_idle(&self, peer: SocketAddr) -> Option<TcpStream> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&peer)
+            .and_then(|v| v.pop())
+    }
+
+    fn put_idle(&self, peer: SocketAddr, s: TcpStream) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer)
+            .or_default()
+            .push(s);
+    }
+
+    /// Forgets pooled connections to `peer` (after it left the plan).
+    pub fn forget(&self, peer: SocketAddr) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
+    }
+
+    /// Sends `data` stamped with `epoch` to `peer` and waits for its answer.
+    pub async fn call(
+        &self,
+        peer: SocketAddr,
+        epoch: u64,
+        data: &[u8],
+    ) -> Result<Bytes, ExchangeError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let lost = |msg: String| ExchangeError::Peer { peer, msg };
+        let attempt = async {
+            // A pooled connection may have been closed by the peer since: one retry on a
+            // fresh connection when a reused one fails before any answer.
+            let mut reused = self.take_idle(peer);
+            loop {
+                let fresh = reused.is_none();
+                let mut s = match reused.take() {
+                    Some(s) => s,
+                    None => {
+                        let s = TcpStream::connect(peer)
+                            .await
+                            .map_err(|e| lost(format!("cannot connect: {e}")))?;
+                        let _ = s.set_nodelay(true);
+                        s
+                    }
+                };
+                let sent = write_frame(&mut s, REQUEST, epoch, id, data).await;
+                let answer = match sent {
+                    Ok(()) => read_frame(&mut s).await,
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok(f) => return Ok((s, f)),
+                    Err(e) if fresh => return Err(lost(format!("connection lost: {e}"))),
+                    Err(_) => continue,
+                }
+            }
+        };
+        let (s, f) = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| ExchangeError::Timeout {
+                peer,
+                timeout: self.timeout,
+            })??;
+        if f.id != id {
+            return Err(lost(format!("answer to request {} for request {id}", f.id)));
+        }
+        self.put_idle(peer, s);
+        match f.kind {
+            OK => Ok(f.payload),
+            STALE => Err(ExchangeError::StaleEpoch {
+                peer,
+                sent: epoch,
+                current: f.epoch,
+            }),
+            FAILED => Err(ExchangeError::Remote {
+                peer,
+                msg: String::from_utf8_lossy(&f.payload).into_owned(),
+            }),
+            k => Err(lost(format!("unknown answer kind {k}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    async fn server(epoch: Arc<AtomicU64>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let handler: Handler = Arc::new(move |e, data: Bytes| {
+            let current = epoch.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if e < current {
+                    return Err(Refusal::StaleEpoch { current });
+                }
+                if data.is_empty() {
+                    return Err(Refusal::Failed("empty request".into()));
+                }
+                let mut v = data.to_vec();
+                v.reverse();
+                Ok(Bytes::from(v))
+            })
+        });
+        serve(l, handler);
+        addr
+    }
+
+    #[tokio::test]
+    async fn answers_refuses_stale_epochs_and_reports_failures() {
+        let epoch = Arc::new(AtomicU64::new(2));
+        let addr = server(epoch.clone()).await;
+        let c = ExchangeClient::new(Duration::from_secs(5));
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let mut want = big.clone();
+        want.reverse();
+        for _ in 0..3 {
+            assert_eq!(c.call(addr, 2, &big).await.unwrap(), want);
+        }
+        match c.call(addr, 1, b"x").await {
+            Err(ExchangeError::StaleEpoch {
+                sent: 1,
+                current: 2,
+                ..
+            }) => {}
+            other => panic!("want a stale-epoch refusal, got {other:?}"),
+        }
+        let err = c.call(addr, 3, b"").await.unwrap_err();
+        assert!(err.to_string().contains("empty request"), "{err}");
+        assert!(!err.is_peer_lost());
+        // Concurrent calls use several connections.
+        let futs = (0..8u8).map(|i| {
+            let c = &c;
+            async move { c.call(addr, 2, &[i, 0]).await.unwrap() }
+        });
+        let out = futures::future::join_all(futs).await;
+        for (i, o) in out.iter().enumerate() {
+            assert_eq!(&o[..], &[0, i as u8]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_peer_is_reported_as_lost() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let c = ExchangeClient::new(Duration::from_secs(2));
+        let err = c.call(addr, 1, b"x").await.unwrap_err();
+        assert!(err.is_peer_lost(), "{err}");
+        // A server that accepts and then dies mid-request.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            drop(s);
+        });
+        let err = c.call(addr, 1, b"x").await.unwrap_err();
+        assert!(err.is_peer_lost(), "{err}");
+    }
+}
