@@ -34,6 +34,9 @@ pub enum ModelError {
 
     #[error("invalid request: {0}")]
     Invalid(String),
+
+    #[error("expert step failed: {0}")]
+    Experts(String),
 }
 
 impl ModelError {

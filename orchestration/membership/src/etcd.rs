@@ -45,6 +45,15 @@ impl EtcdMembership {
             cluster: cluster.to_string(),
         })
     }
+
+    /// The etcd client (for the cluster's other keys: plan, jobs, leadership).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
 }
 
 impl Membership for EtcdMembership {

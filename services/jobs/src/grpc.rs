@@ -18,11 +18,18 @@ use tonic::{Request, Response, Status, Streaming};
 /// Largest gRPC message accepted (a prompt chunk of up to 1M tokens fits).
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
+/// Fills `Status` in cluster mode: mode, plan epoch and members (the service adds the model
+/// and job counts).
+pub trait StatusSource: Send + Sync + 'static {
+    fn status(&self) -> pb::ClusterStatus;
+}
+
 #[derive(Clone)]
 pub struct JobsService {
     mgr: JobManager,
     /// Address clients reach this server at (for `Status`).
     address: String,
+    cluster: Option<std::sync::Arc<dyn StatusSource>>,
 }
 
 fn invalid(msg: impl Into<String>) -> JobError {
@@ -31,7 +38,17 @@ fn invalid(msg: impl Into<String>) -> JobError {
 
 impl JobsService {
     pub fn new(mgr: JobManager, address: String) -> Self {
-        JobsService { mgr, address }
+        JobsService {
+            mgr,
+            address,
+            cluster: None,
+        }
+    }
+
+    /// A service whose `Status` reports a cluster's plan and members.
+    pub fn with_status(mut self, source: std::sync::Arc<dyn StatusSource>) -> Self {
+        self.cluster = Some(source);
+        self
     }
 
     fn validate_header(&self, h: &pb::JobHeader) -> Result<Sampling, JobError> {
@@ -344,6 +361,22 @@ impl Cluster for JobsService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let m = self.mgr.model();
+        let (running, queued) = self.mgr.counts();
+        let model = format!(
+            "{} layers, hidden {}, {} experts top-{}, vocab {}",
+            m.num_layers(),
+            m.hidden_size,
+            m.num_experts,
+            m.experts_per_tok,
+            m.vocab_size
+        );
+        if let Some(c) = &self.cluster {
+            let mut st = c.status();
+            st.model = model;
+            st.running_jobs = running;
+            st.queued_jobs = queued;
+            return Ok(Response::new(st));
+        }
         let experts = (0..m.num_layers() as u32)
             .flat_map(|l| {
                 (0..m.num_experts as u32).map(move |e| pb::ExpertSlot {
@@ -352,7 +385,6 @@ impl Cluster for JobsService {
                 })
             })
             .collect();
-        let (running, queued) = self.mgr.counts();
         Ok(Response::new(pb::ClusterStatus {
             mode: "standalone".into(),
             epoch: 1,
@@ -362,14 +394,7 @@ impl Cluster for JobsService {
                 address: self.address.clone(),
                 experts,
             }],
-            model: format!(
-                "{} layers, hidden {}, {} experts top-{}, vocab {}",
-                m.num_layers(),
-                m.hidden_size,
-                m.num_experts,
-                m.experts_per_tok,
-                m.vocab_size
-            ),
+            model,
             running_jobs: running,
             queued_jobs: queued,
         }))
@@ -386,7 +411,15 @@ pub async fn serve(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let svc = JobsService::new(mgr, address);
+    serve_service(JobsService::new(mgr, address), listener, shutdown).await
+}
+
+/// Serves `svc` (the public API) on `listener` until `shutdown` resolves.
+pub async fn serve_service(
+    svc: JobsService,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobsServer<JobsService>>().await;
     tonic::transport::Server::builder()

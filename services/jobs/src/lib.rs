@@ -12,6 +12,8 @@ pub mod record;
 pub mod store;
 
 pub use error::JobError;
-pub use executor::EngineConfig;
-pub use manager::{JobManager, Limits};
-pub use store::JobStore;
+pub use executor::{Completion, EngineConfig, Outcome};
+pub use live::LiveJob;
+pub use manager::{Executor, JobManager, Limits};
+pub use record::{FinishReason, JobRecord, JobState, Timings};
+pub use store::{JobStore, RecordBackend};

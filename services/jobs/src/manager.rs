@@ -9,6 +9,7 @@ use crate::store::{JobStore, SpoolWriter};
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_model::{Model, ModelConfig};
 use std::collections::HashMap;
+use std::sync::mpsc::Receiver;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +35,42 @@ impl Default for Limits {
             max_prompt_tokens: 4 << 20,
             result_ttl: Duration::from_secs(24 * 3600),
         }
+    }
+}
+
+/// Runs queued jobs on its own thread until `jobs` closes, and reports each job's end on
+/// `done` (the manager makes it durable). The standalone engine is one; a cluster's
+/// coordinator has another that drives workers.
+pub trait Executor: Send + 'static {
+    fn run(
+        self: Box<Self>,
+        jobs: Receiver<Arc<LiveJob>>,
+        done: mpsc::Sender<Completion>,
+        store: Arc<JobStore>,
+    );
+}
+
+/// The in-process engine (standalone).
+struct LocalEngine {
+    model: Model<Cpu>,
+    cfg: EngineConfig,
+}
+
+impl Executor for LocalEngine {
+    fn run(
+        self: Box<Self>,
+        jobs: Receiver<Arc<LiveJob>>,
+        done: mpsc::Sender<Completion>,
+        store: Arc<JobStore>,
+    ) {
+        Engine {
+            model: self.model,
+            store,
+            jobs,
+            done,
+            cfg: self.cfg,
+        }
+        .run()
     }
 }
 
@@ -69,22 +106,29 @@ impl JobManager {
         tokenizer: Option<tokenizers::Tokenizer>,
         shutdown: CancellationToken,
     ) -> Result<Self> {
-        let store = Arc::new(store);
         let model_cfg = model.config().clone();
+        let exec: Box<dyn Executor> = Box::new(LocalEngine { model, cfg: engine });
+        Self::start_with(exec, model_cfg, store, limits, tokenizer, shutdown)
+    }
+
+    /// Like [`start`](Self::start), with jobs run by `executor` (a cluster's, say).
+    pub fn start_with(
+        executor: Box<dyn Executor>,
+        model_cfg: ModelConfig,
+        store: JobStore,
+        limits: Limits,
+        tokenizer: Option<tokenizers::Tokenizer>,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        let store = Arc::new(store);
         // Admission bounds what is queued or running (`max_jobs`); recovery after a restart
         // re-queues every unfinished job whatever the limit, so this channel is not bounded again.
         let (to_engine, jobs) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel(limits.max_jobs.max(1) * 2);
-        let eng = Engine {
-            model,
-            store: store.clone(),
-            jobs,
-            done: done_tx,
-            cfg: engine,
-        };
+        let st = store.clone();
         std::thread::Builder::new()
             .name("ringbolt-engine".into())
-            .spawn(move || eng.run())
+            .spawn(move || executor.run(jobs, done_tx, st))
             .map_err(|e| JobError::Store(format!("cannot start the engine thread: {e}")))?;
         let mgr = JobManager {
             inner: Arc::new(Inner {

@@ -1,6 +1,7 @@
-//! Durable state under `--data-dir`: job records in an embedded database (redb) and prompts in a
-//! spool directory. A prompt is on disk (fsynced, renamed into place) before its record is
-//! committed, and the record is committed before the client hears the job id.
+//! Durable state: job records (in an embedded database under `--data-dir`, or in a cluster's
+//! etcd through a [`RecordBackend`]) and prompts in a spool directory under `--data-dir`. A
+//! prompt is on disk (fsynced, renamed into place) before its record is committed, and the
+//! record is committed before the client hears the job id.
 
 use crate::error::{JobError, Result};
 use crate::record::JobRecord;
@@ -11,8 +12,29 @@ use std::path::{Path, PathBuf};
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 
-pub struct JobStore {
+/// Where job records and idempotency keys live. Calls block; the manager makes them from
+/// blocking threads (`commit`, `put`, `delete`) or expects them to be cheap (`get`, `all`,
+/// `lookup_key`: a remote backend serves those from memory).
+pub trait RecordBackend: Send + Sync {
+    /// Commits `record` and its idempotency key, unless the key already names a job (then
+    /// returns that job's id and commits nothing).
+    fn commit(&self, record: &JobRecord) -> Result<Result<(), String>>;
+    fn lookup_key(&self, key: &str) -> Result<Option<String>>;
+    fn put(&self, record: &JobRecord) -> Result<()>;
+    fn get(&self, id: &str) -> Result<Option<JobRecord>>;
+    /// Every record, oldest first (ids are time-ordered).
+    fn all(&self) -> Result<Vec<JobRecord>>;
+    /// Removes a record and its idempotency key.
+    fn delete(&self, record: &JobRecord) -> Result<()>;
+}
+
+/// Records in an embedded database (redb): standalone.
+pub struct RedbRecords {
     db: Database,
+}
+
+pub struct JobStore {
+    records: Box<dyn RecordBackend>,
     spool: PathBuf,
 }
 
@@ -66,8 +88,27 @@ impl Drop for SpoolWriter {
     }
 }
 
+impl RedbRecords {
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(JOBS)?;
+        tx.open_table(IDEMPOTENCY)?;
+        tx.commit()?;
+        Ok(RedbRecords { db })
+    }
+}
+
 impl JobStore {
+    /// Records in `data_dir/jobs.redb`, prompts in `data_dir/spool`.
     pub fn open(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let records = RedbRecords::open(&data_dir.join("jobs.redb"))?;
+        Self::with_records(data_dir, Box::new(records))
+    }
+
+    /// Records in `records`, prompts in `data_dir/spool`.
+    pub fn with_records(data_dir: &Path, records: Box<dyn RecordBackend>) -> Result<Self> {
         let spool = data_dir.join("spool");
         std::fs::create_dir_all(&spool)?;
         // Uploads that never committed (a crash mid-upload) leave .part files: no job owns them.
@@ -77,12 +118,7 @@ impl JobStore {
                 let _ = std::fs::remove_file(p);
             }
         }
-        let db = Database::create(data_dir.join("jobs.redb"))?;
-        let tx = db.begin_write()?;
-        tx.open_table(JOBS)?;
-        tx.open_table(IDEMPOTENCY)?;
-        tx.commit()?;
-        Ok(JobStore { db, spool })
+        Ok(JobStore { records, spool })
     }
 
     fn prompt_path(&self, id: &str) -> PathBuf {
@@ -105,11 +141,57 @@ impl JobStore {
     /// job's id is returned instead.
     pub fn commit(&self, record: &JobRecord, mut spool: SpoolWriter) -> Result<Result<(), String>> {
         if let Some(key) = &record.idempotency_key
-            && let Some(existing) = self.lookup_key(key)?
+            && let Some(existing) = self.records.lookup_key(key)?
         {
             return Ok(Err(existing));
         }
         spool.finish()?;
+        let done = self.records.commit(record);
+        if !matches!(done, Ok(Ok(()))) {
+            let _ = std::fs::remove_file(self.prompt_path(&record.id));
+        }
+        done
+    }
+
+    pub fn lookup_key(&self, key: &str) -> Result<Option<String>> {
+        self.records.lookup_key(key)
+    }
+
+    pub fn put(&self, record: &JobRecord) -> Result<()> {
+        self.records.put(record)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<JobRecord>> {
+        self.records.get(id)
+    }
+
+    /// Every record, oldest first (ids are time-ordered).
+    pub fn all(&self) -> Result<Vec<JobRecord>> {
+        self.records.all()
+    }
+
+    /// The spooled prompt of job `id`.
+    pub fn read_prompt(&self, id: &str) -> Result<Vec<u32>> {
+        let mut bytes = Vec::new();
+        std::fs::File::open(self.prompt_path(id))
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| JobError::Store(format!("prompt of job {id}: {e}")))?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Removes a finished job's record, key and prompt.
+    pub fn delete(&self, record: &JobRecord) -> Result<()> {
+        self.records.delete(record)?;
+        let _ = std::fs::remove_file(self.prompt_path(&record.id));
+        Ok(())
+    }
+}
+
+impl RecordBackend for RedbRecords {
+    fn commit(&self, record: &JobRecord) -> Result<Result<(), String>> {
         let tx = self.db.begin_write()?;
         let existing = match &record.idempotency_key {
             Some(key) => {
@@ -124,7 +206,6 @@ impl JobStore {
         };
         if let Some(existing) = existing {
             tx.abort()?;
-            let _ = std::fs::remove_file(self.prompt_path(&record.id));
             return Ok(Err(existing));
         }
         {
@@ -135,13 +216,13 @@ impl JobStore {
         Ok(Ok(()))
     }
 
-    pub fn lookup_key(&self, key: &str) -> Result<Option<String>> {
+    fn lookup_key(&self, key: &str) -> Result<Option<String>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(IDEMPOTENCY)?;
         Ok(t.get(key)?.map(|v| v.value().to_string()))
     }
 
-    pub fn put(&self, record: &JobRecord) -> Result<()> {
+    fn put(&self, record: &JobRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut jobs = tx.open_table(JOBS)?;
@@ -151,7 +232,7 @@ impl JobStore {
         Ok(())
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<JobRecord>> {
+    fn get(&self, id: &str) -> Result<Option<JobRecord>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(JOBS)?;
         match t.get(id)? {
@@ -160,8 +241,7 @@ impl JobStore {
         }
     }
 
-    /// Every record, oldest first (ids are time-ordered).
-    pub fn all(&self) -> Result<Vec<JobRecord>> {
+    fn all(&self) -> Result<Vec<JobRecord>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(JOBS)?;
         let mut out = Vec::new();
@@ -172,19 +252,7 @@ impl JobStore {
         Ok(out)
     }
 
-    pub fn read_prompt(&self, id: &str) -> Result<Vec<u32>> {
-        let mut bytes = Vec::new();
-        std::fs::File::open(self.prompt_path(id))
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| JobError::Store(format!("prompt of job {id}: {e}")))?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    }
-
-    /// Removes a finished job's record, key and prompt.
-    pub fn delete(&self, record: &JobRecord) -> Result<()> {
+    fn delete(&self, record: &JobRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             tx.open_table(JOBS)?.remove(record.id.as_str())?;
@@ -193,7 +261,6 @@ impl JobStore {
             }
         }
         tx.commit()?;
-        let _ = std::fs::remove_file(self.prompt_path(&record.id));
         Ok(())
     }
 }

@@ -38,6 +38,12 @@ enum Command {
     Generate(model_cli::GenerateArgs),
     /// Every role in one process: the public API, the job store and the engine.
     Standalone(server::StandaloneArgs),
+    /// The cluster's coordinator: public API, job records in etcd, placement plan, job driving.
+    Coordinator(ringbolt_cluster::coordinator::CoordinatorArgs),
+    /// A cluster attention worker: attention weights; MoE layers through the expert workers.
+    AttentionWorker(ringbolt_cluster::attention::AttentionWorkerArgs),
+    /// A cluster expert worker: holds the experts the plan gives it.
+    ExpertWorker(ringbolt_cluster::expert::ExpertWorkerArgs),
     /// Submit a job (streams the prompt, then follows the job).
     Submit(client::SubmitArgs),
     /// List, inspect, follow or cancel jobs.
@@ -81,6 +87,15 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => run_async(demo::run(a)),
         Command::Standalone(a) => run_async(server::standalone(a)),
+        Command::Coordinator(a) => {
+            run_async(async { Ok(ringbolt_cluster::coordinator::run(a).await?) })
+        }
+        Command::AttentionWorker(a) => {
+            run_async(async { Ok(ringbolt_cluster::attention::run(a).await?) })
+        }
+        Command::ExpertWorker(a) => {
+            run_async(async { Ok(ringbolt_cluster::expert::run(a).await?) })
+        }
         Command::Submit(a) => run_async(client::submit(a)),
         Command::Jobs(a) => run_async(client::jobs(a)),
         Command::Status(a) => run_async(client::status(a)),

@@ -1,0 +1,826 @@
+//! The coordinator: wins the etcd election (a standby waits in it), serves the public job API
+//! with job records in etcd and prompts in its spool, places experts in plan epochs as expert
+//! workers come and go, and drives each job on an attention worker by control messages —
+//! re-running it elsewhere when that worker is lost, so the client sees every token once.
+
+use crate::attention::MAX_CONTROL_MESSAGE;
+use crate::etcd::{EtcdRecords, PlanView, drain_prefix, etcd_err, leader_key, store_plan};
+use crate::expert::expert_bytes;
+use crate::plan::{Candidate, Plan, Slot, WorkerPlace, assign};
+use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
+use clap::Args;
+use etcd_client::{Client, GetOptions, WatchOptions};
+use ringbolt_jobs::grpc::{JobsService, StatusSource, serve_service};
+use ringbolt_jobs::{
+    Completion, Executor, FinishReason, JobManager, JobStore, Limits, LiveJob, Outcome, Timings,
+};
+use ringbolt_membership::{EtcdMembership, Member, MemberEvent, Membership, Role};
+use ringbolt_model::{Checkpoint, ModelConfig};
+use ringbolt_proto::internal as ipb;
+use ringbolt_proto::internal::attention_worker_client::AttentionWorkerClient;
+use ringbolt_proto::internal::expert_worker_client::ExpertWorkerClient;
+use ringbolt_proto::v1 as pb;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args, Clone, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Where spooled prompts are kept (shared storage when a standby coordinator runs).
+    #[arg(long, env = "RINGBOLT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Jobs queued or running at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RINGBOLT_MAX_JOBS", default_value_t = 64)]
+    pub max_jobs: usize,
+    /// Largest max_new_tokens a job may ask for.
+    #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_new_tokens_limit: u32,
+    /// Longest prompt accepted (also bounded by the model's positions).
+    #[arg(long, env = "RINGBOLT_MAX_PROMPT_TOKENS", default_value_t = 4 << 20)]
+    pub max_prompt_tokens: u64,
+    /// Seconds finished results are kept.
+    #[arg(long, env = "RINGBOLT_RESULT_TTL_SECS", default_value_t = 86_400)]
+    pub result_ttl_secs: u64,
+    /// Prompt tokens per prefill chunk on the attention workers.
+    #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096)]
+    pub prefill_chunk: u32,
+    /// Times a job is re-run on another attention worker before it fails.
+    #[arg(long, env = "RINGBOLT_JOB_ATTEMPTS", default_value_t = 5)]
+    pub job_attempts: u32,
+    /// How long a job waits for an attention worker to exist.
+    #[arg(long, env = "RINGBOLT_WORKER_WAIT_SECS", default_value_t = 120)]
+    pub worker_wait_secs: u64,
+}
+
+/// What the coordinator knows of the cluster: members and the plan (for `Status` and for
+/// choosing attention workers).
+pub struct ClusterView {
+    members: RwLock<Vec<Member>>,
+    plan: PlanView,
+    /// Jobs running per attention worker.
+    running: Mutex<HashMap<String, usize>>,
+}
+
+impl ClusterView {
+    fn set_members(&self, m: Vec<Member>) {
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = m;
+    }
+
+    fn members(&self) -> Vec<Member> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn apply(&self, ev: &MemberEvent) {
+        let mut m = self.members.write().unwrap_or_else(|p| p.into_inner());
+        match ev {
+            MemberEvent::Joined(x) => {
+                m.retain(|y| !(y.id == x.id && y.role == x.role));
+                m.push(x.clone());
+            }
+            MemberEvent::Left { role, id } => m.retain(|y| !(y.id == *id && y.role == *role)),
+        }
+    }
+
+    /// The attention worker with the fewest running jobs, avoiding `avoid` when possible.
+    fn pick_attention(&self, avoid: &HashSet<String>) -> Option<Member> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let all: Vec<Member> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.role == Role::AttentionWorker)
+            .collect();
+        let fresh: Vec<&Member> = all.iter().filter(|m| !avoid.contains(&m.id)).collect();
+        let pool = if fresh.is_empty() {
+            all.iter().collect()
+        } else {
+            fresh
+        };
+        pool.into_iter()
+            .min_by_key(|m| (running.get(&m.id).copied().unwrap_or(0), m.id.clone()))
+            .cloned()
+    }
+}
+
+impl StatusSource for ClusterView {
+    fn status(&self) -> pb::ClusterStatus {
+        let plan = self.plan.current();
+        let mut members: Vec<pb::Member> = self
+            .members()
+            .into_iter()
+            .map(|m| {
+                let experts = if m.role == Role::ExpertWorker {
+                    plan.workers
+                        .get(&m.id)
+                        .map(|w| {
+                            w.experts
+                                .iter()
+                                .map(|&(layer, expert)| pb::ExpertSlot { layer, expert })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                pb::Member {
+                    id: m.id,
+                    role: m.role.as_str().into(),
+                    address: m.address,
+                    experts,
+                }
+            })
+            .collect();
+        members.sort_by(|a, b| (&a.role, &a.id).cmp(&(&b.role, &b.id)));
+        pb::ClusterStatus {
+            mode: "cluster".into(),
+            epoch: plan.epoch,
+            members,
+            ..Default::default()
+        }
+    }
+}
+
+/// Places experts whenever expert workers join, leave or ask to drain.
+struct Planner {
+    client: Client,
+    cluster: String,
+    membership: EtcdMembership,
+    view: Arc<ClusterView>,
+    layers: u32,
+    experts: u32,
+    expert_bytes: u64,
+}
+
+impl Planner {
+    async fn run(self, stop: CancellationToken) {
+        let (snapshot, mut events) = loop {
+            match self.membership.watch().await {
+                Ok(x) => break x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch membership; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        self.view.set_members(snapshot);
+        let mut c = self.client.clone();
+        let mut drains = c
+            .watch(
+                drain_prefix(&self.cluster),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .ok();
+        loop {
+            if let Err(e) = self.replan().await {
+                tracing::warn!(error = %e, "placement not updated; will retry");
+            }
+            let mut pending = false;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = events.recv() => match ev {
+                    Some(ev) => { self.view.apply(&ev); pending = true; }
+                    None => return,
+                },
+                m = async {
+                    match drains.as_mut() {
+                        Some(d) => d.message().await.ok().flatten().is_some(),
+                        None => std::future::pending().await,
+                    }
+                } => { pending = m; if !m { drains = None; } }
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            if pending {
+                // Let a burst of changes settle into one epoch.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while let Ok(ev) = events.try_recv() {
+                    self.view.apply(&ev);
+                }
+            }
+        }
+    }
+
+    async fn measured_load(&self, workers: &[Member]) -> HashMap<Slot, u64> {
+        let mut load = HashMap::new();
+        for w in workers {
+            let r = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut c = ExpertWorkerClient::connect(format!("http://{}", w.address)).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    c.expert_load(ipb::ExpertLoadRequest {}).await?.into_inner(),
+                )
+            })
+            .await;
+            if let Ok(Ok(r)) = r {
+                for x in r.experts {
+                    *load.entry((x.layer, x.expert)).or_default() += x.rows;
+                }
+            }
+        }
+        load
+    }
+
+    async fn replan(&self) -> Result<(), ClusterError> {
+        let members = self
+            .membership
+            .members()
+            .await
+            .map_err(|e| ClusterError::Etcd(e.to_string()))?;
+        self.view.set_members(members.clone());
+        let draining: HashSet<String> = {
+            let mut c = self.client.clone();
+            let r = c
+                .get(
+                    drain_prefix(&self.cluster),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+                .map_err(etcd_err)?;
+            let p = drain_prefix(&self.cluster);
+            r.kvs()
+                .iter()
+                .filter_map(|kv| {
+                    String::from_utf8_lossy(kv.key())
+                        .strip_prefix(&p)
+                        .map(String::from)
+                })
+                .collect()
+        };
+        let mut workers: Vec<Member> = members
+            .into_iter()
+            .filter(|m| m.role == Role::ExpertWorker && !draining.contains(&m.id))
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        let prev = self.view.plan.current();
+        let same_workers = prev.workers.len() == workers.len()
+            && workers.iter().all(|w| {
+                prev.workers
+                    .get(&w.id)
+                    .is_some_and(|p| p.data_address == w.data_address && p.address == w.address)
+            });
+        if same_workers && prev.complete(self.layers, self.experts) {
+            return Ok(());
+        }
+        if workers.is_empty() {
+            return Err(ClusterError::Unavailable(
+                "no expert worker to place the experts on".into(),
+            ));
+        }
+        let load = self.measured_load(&workers).await;
+        let cands: Vec<Candidate> = workers
+            .iter()
+            .map(|w| Candidate {
+                id: w.id.clone(),
+                capacity_bytes: w.capacity_bytes,
+            })
+            .collect();
+        // Only workers still present count as previous holders.
+        let previous: BTreeMap<String, Vec<Slot>> = prev
+            .assignment()
+            .into_iter()
+            .filter(|(id, _)| workers.iter().any(|w| &w.id == id))
+            .collect();
+        let a = assign(
+            self.layers,
+            self.experts,
+            self.expert_bytes,
+            &cands,
+            &load,
+            &previous,
+        )
+        .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let epoch = prev.epoch + 1;
+        // Phase 1: every worker loads its shards for the new epoch (keeping the old ones).
+        let loads = workers.iter().map(|w| {
+            let slots = a.get(&w.id).cloned().unwrap_or_default();
+            let addr = w.address.clone();
+            async move {
+                let req = ipb::LoadShardsRequest {
+                    epoch,
+                    experts: slots
+                        .iter()
+                        .map(|&(layer, expert)| ipb::ExpertSlot { layer, expert })
+                        .collect(),
+                };
+                let r = tokio::time::timeout(Duration::from_secs(600), async {
+                    let mut c = ExpertWorkerClient::connect(format!("http://{addr}"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    c.load_shards(req)
+                        .await
+                        .map_err(|e| e.message().to_string())
+                })
+                .await
+                .map_err(|_| "no answer within 600 s".to_string())
+                .and_then(|r| r);
+                r.map_err(|e| ClusterError::Unavailable(format!("loading shards on {addr}: {e}")))
+            }
+        });
+        for r in futures::future::join_all(loads).await {
+            r?;
+        }
+        // Phase 2: publish; workers switch when they see it.
+        let plan = Plan {
+            epoch,
+            workers: workers
+                .iter()
+                .map(|w| {
+                    (
+                        w.id.clone(),
+                        WorkerPlace {
+                            address: w.address.clone(),
+                            data_address: w.data_address.clone(),
+                            experts: a.get(&w.id).cloned().unwrap_or_default(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        store_plan(&self.client, &self.cluster, &plan).await?;
+        tracing::info!(
+            epoch,
+            workers = plan.workers.len(),
+            replicas = plan
+                .workers
+                .values()
+                .map(|w| w.experts.len())
+                .sum::<usize>(),
+            "placement plan published"
+        );
+        // Wait (bounded) for the view to show it, so the next round starts from it.
+        let _ = self
+            .view
+            .plan
+            .newer_than(epoch - 1, Duration::from_secs(5))
+            .await;
+        Ok(())
+    }
+}
+
+/// Runs jobs on attention workers.
+struct ClusterExecutor {
+    rt: tokio::runtime::Handle,
+    view: Arc<ClusterView>,
+    prefill_chunk: u32,
+    attempts: u32,
+    worker_wait: Duration,
+}
+
+impl Executor for ClusterExecutor {
+    fn run(
+        self: Box<Self>,
+        jobs: std::sync::mpsc::Receiver<Arc<LiveJob>>,
+        done: mpsc::Sender<Completion>,
+        store: Arc<JobStore>,
+    ) {
+        let me = Arc::new(*self);
+        while let Ok(job) = jobs.recv() {
+            let (me2, done, store) = (me.clone(), done.clone(), store.clone());
+            me.rt.spawn(async move {
+                let c = me2.drive(job, store).await;
+                let _ = done.send(c).await;
+            });
+        }
+    }
+}
+
+fn retryable(code: tonic::Code) -> bool {
+    !matches!(
+        code,
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::OutOfRange
+            | tonic::Code::Unimplemented
+            | tonic::Code::PermissionDenied
+    )
+}
+
+impl ClusterExecutor {
+    async fn drive(&self, job: Arc<LiveJob>, store: Arc<JobStore>) -> Completion {
+        let rec = job.record();
+        let span = tracing::info_span!("job", job = %rec.id);
+        let _e = span.enter();
+        let fail = |job: Arc<LiveJob>, code: tonic::Code, msg: String, t: Timings| Completion {
+            job,
+            outcome: Outcome::Failed(code as i32, msg),
+            timings: t,
+        };
+        let id = rec.id.clone();
+        let prompt = match tokio::task::spawn_blocking(move || store.read_prompt(&id)).await {
+            Ok(Ok(p)) if p.len() as u64 == rec.prompt_tokens => p,
+            Ok(Ok(p)) => {
+                let msg = format!(
+                    "spooled prompt has {} tokens, the record says {}",
+                    p.len(),
+                    rec.prompt_tokens
+                );
+                return fail(job, tonic::Code::DataLoss, msg, Timings::default());
+            }
+            Ok(Err(e)) => {
+                return fail(
+                    job,
+                    tonic::Code::DataLoss,
+                    e.to_string(),
+                    Timings::default(),
+                );
+            }
+            Err(e) => {
+                return fail(
+                    job,
+                    tonic::Code::Internal,
+                    e.to_string(),
+                    Timings::default(),
+                );
+            }
+        };
+        let packed = ringbolt_proto::pack_tokens(&prompt);
+        let created = rec.created_unix_ms;
+        let queued = ringbolt_jobs::record::now_unix_ms().saturating_sub(created) as f64 / 1e3;
+        let mut avoid = HashSet::new();
+        let mut failures = 0u32;
+        let mut ttft = 0.0;
+        loop {
+            if job.is_cancelled() {
+                return Completion {
+                    job,
+                    outcome: Outcome::Finished(FinishReason::Cancelled),
+                    timings: Timings::default(),
+                };
+            }
+            let waited = Instant::now();
+            let worker = loop {
+                if let Some(w) = self.view.pick_attention(&avoid) {
+                    break Some(w);
+                }
+                if waited.elapsed() > self.worker_wait || job.is_cancelled() {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let Some(worker) = worker else {
+                if job.is_cancelled() {
+                    continue;
+                }
+                return fail(
+                    job,
+                    tonic::Code::Unavailable,
+                    format!(
+                        "no attention worker registered within {:?}",
+                        self.worker_wait
+                    ),
+                    Timings::default(),
+                );
+            };
+            job.set_running();
+            let guard = RunningGuard::new(&self.view, &worker.id);
+            tracing::info!(worker = %worker.id, attempt = failures + 1, "job sent to attention worker");
+            let req = ipb::RunJobRequest {
+                job_id: rec.id.clone(),
+                epoch: self.view.plan.current().epoch,
+                segment: Some(ipb::Segment {
+                    start: 0,
+                    end: prompt.len() as u64,
+                }),
+                prompt: packed.clone(),
+                max_new_tokens: rec.max_new_tokens,
+                temperature: rec.sampling.temperature,
+                top_p: rec.sampling.top_p,
+                seed: rec.sampling.seed,
+                stop_tokens: rec.sampling.stop_tokens.clone(),
+                prefill_chunk: self.prefill_chunk,
+            };
+            let outcome = self.attempt(&job, &worker, req, &mut ttft).await;
+            drop(guard);
+            match outcome {
+                Ok(done) => {
+                    let reason = if done.finish_reason == "stop" {
+                        FinishReason::Stop
+                    } else {
+                        FinishReason::Length
+                    };
+                    tracing::info!(
+                        layer_steps = done.layer_steps,
+                        resent = done.layer_steps_resent,
+                        "job finished on the cluster"
+                    );
+                    return Completion {
+                        job,
+                        outcome: Outcome::Finished(reason),
+                        timings: Timings {
+                            queued_seconds: queued,
+                            prefill_seconds: done.prefill_seconds,
+                            decode_seconds: done.decode_seconds,
+                            time_to_first_token_seconds: ttft,
+                        },
+                    };
+                }
+                Err(Attempt::Cancelled) => continue,
+                Err(Attempt::Fatal(code, msg)) => {
+                    return fail(job, code, msg, Timings::default());
+                }
+                Err(Attempt::Lost(msg)) => {
+                    failures += 1;
+                    tracing::warn!(worker = %worker.id, error = %msg, failures, "attention worker lost the job; re-running it");
+                    avoid.insert(worker.id.clone());
+                    if failures >= self.attempts {
+                        return fail(
+                            job,
+                            tonic::Code::Unavailable,
+                            format!("job failed on {failures} attention workers; last: {msg}"),
+                            Timings::default(),
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * failures as u64)).await;
+                }
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        job: &Arc<LiveJob>,
+        worker: &Member,
+        req: ipb::RunJobRequest,
+        ttft: &mut f64,
+    ) -> Result<ipb::StepDone, Attempt> {
+        let lost = |e: String| Attempt::Lost(format!("{}: {e}", worker.address));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
+            .map_err(|e| lost(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let mut client = AttentionWorkerClient::new(channel)
+            .max_decoding_message_size(MAX_CONTROL_MESSAGE)
+            .max_encoding_message_size(MAX_CONTROL_MESSAGE);
+        let mut stream = client
+            .run_job(req)
+            .await
+            .map_err(|s| status_outcome(s, &worker.address))?
+            .into_inner();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tick.tick() => {
+                    if job.is_cancelled() {
+                        return Err(Attempt::Cancelled);
+                    }
+                    continue;
+                }
+            };
+            let step = match msg {
+                Ok(Some(s)) => s,
+                Ok(None) => return Err(lost("the job stream ended without a result".into())),
+                Err(s) => return Err(status_outcome(s, &worker.address)),
+            };
+            match step.event {
+                Some(ipb::job_step::Event::Progress(p)) => {
+                    let phase = if p.phase == 2 {
+                        pb::Phase::Decode
+                    } else {
+                        pb::Phase::Prefill
+                    };
+                    job.progress(phase, p.tokens_done, p.tokens_per_second);
+                }
+                Some(ipb::job_step::Event::Token(t)) => {
+                    let have = job.lock().record.tokens.len() as u32;
+                    if t.index < have {
+                        // A re-run repeats tokens the client already has: skip them.
+                        let old = job.lock().record.tokens[t.index as usize];
+                        if old != t.token {
+                            tracing::warn!(
+                                index = t.index,
+                                old,
+                                new = t.token,
+                                "a re-run produced a different token; keeping the first"
+                            );
+                        }
+                    } else if t.index == have {
+                        if have == 0 {
+                            *ttft = ringbolt_jobs::record::now_unix_ms()
+                                .saturating_sub(job.lock().record.created_unix_ms)
+                                as f64
+                                / 1e3;
+                        }
+                        job.token(t.token);
+                    } else {
+                        return Err(lost(format!(
+                            "token {} arrived before token {have}",
+                            t.index
+                        )));
+                    }
+                }
+                Some(ipb::job_step::Event::Done(d)) => return Ok(d),
+                None => {}
+            }
+        }
+    }
+}
+
+enum Attempt {
+    Cancelled,
+    Lost(String),
+    Fatal(tonic::Code, String),
+}
+
+fn status_outcome(s: tonic::Status, addr: &str) -> Attempt {
+    if retryable(s.code()) {
+        Attempt::Lost(format!("{addr}: {}", s.message()))
+    } else {
+        Attempt::Fatal(s.code(), s.message().to_string())
+    }
+}
+
+struct RunningGuard<'a> {
+    view: &'a ClusterView,
+    id: String,
+}
+
+impl<'a> RunningGuard<'a> {
+    fn new(view: &'a ClusterView, id: &str) -> Self {
+        *view
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default() += 1;
+        RunningGuard {
+            view,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self
+            .view
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&self.id)
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// An etcd lease kept alive until cancelled; `lost` fires when it cannot be.
+async fn keep_lease(
+    client: Client,
+    ttl: Duration,
+    stop: CancellationToken,
+) -> Result<(i64, CancellationToken), ClusterError> {
+    let mut c = client.clone();
+    let ttl_s = ttl.as_secs().max(2) as i64;
+    let lease = c.lease_grant(ttl_s, None).await.map_err(etcd_err)?.id();
+    let lost = CancellationToken::new();
+    let lost2 = lost.clone();
+    tokio::spawn(async move {
+        let period = Duration::from_secs(ttl_s as u64) / 3;
+        let mut last_ok = Instant::now();
+        let mut keeper = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            if keeper.is_none() {
+                keeper = c.lease_keep_alive(lease).await.ok();
+            }
+            let ok = match keeper.as_mut() {
+                Some((k, s)) => match k.keep_alive().await {
+                    Ok(()) => matches!(s.message().await, Ok(Some(r)) if r.ttl() > 0),
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            if ok {
+                last_ok = Instant::now();
+            } else {
+                keeper = None;
+                if last_ok.elapsed() >= Duration::from_secs(ttl_s as u64) {
+                    lost2.cancel();
+                    return;
+                }
+            }
+        }
+    });
+    Ok((lease, lost))
+}
+
+/// `ringbolt coordinator`.
+pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
+    let c = &a.common;
+    let membership = connect_membership(c).await?;
+    let client = membership.client();
+    let cfg: ModelConfig = Checkpoint::open(&c.checkpoint)
+        .map_err(|e| ClusterError::Model(e.to_string()))?
+        .config()
+        .clone();
+    let id = c.member_id(
+        "coordinator",
+        &c.advertise.clone().unwrap_or(c.listen.to_string()),
+    );
+    let stop = CancellationToken::new();
+
+    // Leadership: a standby waits here until the leader's lease ends.
+    let (lease, lease_lost) = keep_lease(client.clone(), c.lease_ttl(), stop.clone()).await?;
+    eprintln!(
+        "ringbolt coordinator {id}: campaigning for leadership of cluster `{}`",
+        c.cluster
+    );
+    let mut ec = client.clone();
+    tokio::select! {
+        r = ec.campaign(leader_key(&c.cluster), id.clone(), lease) => { r.map_err(etcd_err)?; }
+        _ = lease_lost.cancelled() => {
+            return Err(ClusterError::Etcd("lost the election lease while standing by".into()));
+        }
+        _ = wait_for_signal() => { stop.cancel(); return Ok(()); }
+    }
+    tracing::info!(%id, "elected leader");
+
+    let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
+    let reg = membership
+        .register(
+            Member {
+                id: id.clone(),
+                role: Role::Coordinator,
+                address: address.clone(),
+                data_address: String::new(),
+                capacity_bytes: 0,
+            },
+            c.lease_ttl(),
+        )
+        .await
+        .map_err(|e| ClusterError::Etcd(e.to_string()))?;
+    let plan = PlanView::follow(client.clone(), &c.cluster, stop.clone()).await?;
+    let view = Arc::new(ClusterView {
+        members: RwLock::new(Vec::new()),
+        plan,
+        running: Mutex::new(HashMap::new()),
+    });
+    let planner = Planner {
+        client: client.clone(),
+        cluster: c.cluster.clone(),
+        membership: membership.clone(),
+        view: view.clone(),
+        layers: cfg.num_layers() as u32,
+        experts: cfg.num_experts as u32,
+        expert_bytes: expert_bytes(&cfg),
+    };
+    tokio::spawn(planner.run(stop.clone()));
+
+    let records = EtcdRecords::load(client.clone(), &c.cluster).await?;
+    std::fs::create_dir_all(&a.data_dir)
+        .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
+    let store = JobStore::with_records(&a.data_dir, Box::new(records))
+        .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
+    let limits = Limits {
+        max_jobs: a.max_jobs.max(1),
+        max_new_tokens: a.max_new_tokens_limit,
+        max_prompt_tokens: a.max_prompt_tokens,
+        result_ttl: Duration::from_secs(a.result_ttl_secs),
+    };
+    let exec = ClusterExecutor {
+        rt: tokio::runtime::Handle::current(),
+        view: view.clone(),
+        prefill_chunk: a.prefill_chunk,
+        attempts: a.job_attempts.max(1),
+        worker_wait: Duration::from_secs(a.worker_wait_secs),
+    };
+    let mgr = JobManager::start_with(Box::new(exec), cfg, store, limits, None, stop.clone())
+        .map_err(|e| ClusterError::Io(e.to_string()))?;
+    let svc = JobsService::new(mgr, address.clone()).with_status(view.clone());
+    eprintln!("ringbolt coordinator {id} listening on {address}");
+    let mut lost = reg.lost();
+    let stop2 = stop.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            _ = lease_lost.cancelled() => {
+                tracing::error!("leadership lease lost (etcd unreachable): stepping down");
+            }
+            _ = lost.wait_for(|l| *l) => {}
+        }
+        stop2.cancel();
+    };
+    serve_service(svc, listener, shutdown)
+        .await
+        .map_err(|e| ClusterError::Io(e.to_string()))?;
+    let _ = reg.leave().await;
+    let _ = client.clone().lease_revoke(lease).await;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Ringbolt's cluster roles (design.md §2-6): the coordinator (public API, job records in etcd,
+//! placement plan in epochs, leader election, job driving), attention workers (attention weights
+//! and a job's context segment; MoE layers through the expert workers) and expert workers
+//! (experts placed by the plan). Control goes over gRPC (`ringbolt.internal.v1`), tensors over
+//! the data plane ([`ringbolt_transport::exchange`]), membership and the plan through etcd.
+
+pub mod attention;
+pub mod coordinator;
+pub mod etcd;
+pub mod expert;
+pub mod plan;
+pub mod remote;
+pub mod wire;
+
+use clap::Args;
+use ringbolt_membership::EtcdMembership;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<ClusterError> for tonic::Status {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Invalid(m) => tonic::Status::invalid_argument(m),
+            ClusterError::Unavailable(m) => tonic::Status::unavailable(m),
+            ClusterError::Etcd(m) => tonic::Status::unavailable(format!("etcd: {m}")),
+            ClusterError::Model(m) => tonic::Status::failed_precondition(m),
+            ClusterError::Io(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+/// Flags every cluster role takes.
+#[derive(Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// Checkpoint directory (shared storage: each process loads only its part).
+    #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// Address the gRPC server listens on (port 0: any free port).
+    #[arg(long, env = "RINGBOLT_LISTEN")]
+    pub listen: SocketAddr,
+    /// etcd endpoint(s), comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "RINGBOLT_ETCD", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    /// Cluster name: the etcd key prefix `/{cluster}/`.
+    #[arg(long, env = "RINGBOLT_CLUSTER", default_value = "ringbolt")]
+    pub cluster: String,
+    /// Address others reach this process at, when not the --listen one (host:port).
+    #[arg(long, env = "RINGBOLT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Member id (default: role, host and port).
+    #[arg(long, env = "RINGBOLT_ID")]
+    pub id: Option<String>,
+    /// Membership lease TTL: a crashed process is noticed this long after its last keep-alive.
+    #[arg(long, env = "RINGBOLT_LEASE_TTL_SECS", default_value_t = 5)]
+    pub lease_ttl_secs: u64,
+    /// Bound on every etcd request and on connecting to etcd at start.
+    #[arg(long, env = "RINGBOLT_ETCD_TIMEOUT_SECS", default_value_t = 5)]
+    pub etcd_timeout_secs: u64,
+}
+
+impl CommonArgs {
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_secs.max(2))
+    }
+
+    pub fn member_id(&self, role: &str, address: &str) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("{role}-{}", address.replace([':', '.', '[', ']'], "-")))
+    }
+}
+
+pub async fn connect_membership(c: &CommonArgs) -> Result<EtcdMembership, ClusterError> {
+    let timeout = Duration::from_secs(c.etcd_timeout_secs.max(1));
+    let m = EtcdMembership::connect(&c.etcd, &c.cluster, timeout)
+        .await
+        .map_err(|e| {
+            ClusterError::Etcd(format!(
+                "cannot reach etcd at {} within {timeout:?}: {e}",
+                c.etcd.join(",")
+            ))
+        })?;
+    // The connection is lazy: prove etcd answers before going on.
+    let mut client = m.client();
+    tokio::time::timeout(timeout, client.status())
+        .await
+        .map_err(|_| {
+            ClusterError::Etcd(format!(
+                "cannot reach etcd at {}: no answer within {timeout:?}",
+                c.etcd.join(",")
+            ))
+        })?
+        .map_err(|e| {
+            ClusterError::Etcd(format!("cannot reach etcd at {}: {e}", c.etcd.join(",")))
+        })?;
+    Ok(m)
+}
+
+/// Binds `addr`; returns the listener and the address to advertise.
+pub async fn bind(
+    addr: SocketAddr,
+    advertise: Option<&str>,
+) -> Result<(TcpListener, String), ClusterError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| ClusterError::Io(format!("binding {addr}: {e}")))?;
+    let local = l
+        .local_addr()
+        .map_err(|e| ClusterError::Io(e.to_string()))?;
+    let adv = match advertise {
+        Some(a) => a.to_string(),
+        None => local.to_string(),
+    };
+    Ok((l, adv))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    let term = async {
+        #[cfg(unix)]
+        {
+            if let Ok(mut s) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                s.recv().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
