@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 #[derive(Args, Clone, Debug)]
 pub struct CoordinatorArgs {
@@ -385,10 +386,14 @@ impl Executor for ClusterExecutor {
         let me = Arc::new(*self);
         while let Ok(job) = jobs.recv() {
             let (me2, done, store) = (me.clone(), done.clone(), store.clone());
-            me.rt.spawn(async move {
-                let c = me2.drive(job, store).await;
-                let _ = done.send(c).await;
-            });
+            let span = tracing::info_span!("job", job = %job.id);
+            me.rt.spawn(
+                async move {
+                    let c = me2.drive(job, store).await;
+                    let _ = done.send(c).await;
+                }
+                .instrument(span),
+            );
         }
     }
 }
@@ -407,8 +412,6 @@ fn retryable(code: tonic::Code) -> bool {
 impl ClusterExecutor {
     async fn drive(&self, job: Arc<LiveJob>, store: Arc<JobStore>) -> Completion {
         let rec = job.record();
-        let span = tracing::info_span!("job", job = %rec.id);
-        let _e = span.enter();
         let fail = |job: Arc<LiveJob>, code: tonic::Code, msg: String, t: Timings| Completion {
             job,
             outcome: Outcome::Failed(code as i32, msg),
@@ -730,10 +733,18 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         .map_err(|e| ClusterError::Model(e.to_string()))?
         .config()
         .clone();
-    let id = c.member_id(
-        "coordinator",
-        &c.advertise.clone().unwrap_or(c.listen.to_string()),
-    );
+    // The listener is bound only once elected: with port 0 the id cannot name the port.
+    let id = match (&c.id, &c.advertise) {
+        (Some(id), _) => id.clone(),
+        (None, Some(adv)) => c.member_id("coordinator", adv),
+        (None, None) if c.listen.port() == 0 => {
+            format!(
+                "coordinator-{}",
+                &uuid::Uuid::now_v7().simple().to_string()[20..]
+            )
+        }
+        (None, None) => c.member_id("coordinator", &c.listen.to_string()),
+    };
     let stop = CancellationToken::new();
 
     // Leadership: a standby waits here until the leader's lease ends.
@@ -743,8 +754,21 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         c.cluster
     );
     let mut ec = client.clone();
+    let campaign = async {
+        // Each request is bounded by the etcd timeout; campaigning again with the same lease
+        // resumes the same candidacy.
+        loop {
+            match ec.campaign(leader_key(&c.cluster), id.clone(), lease).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "still standing by");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    };
     tokio::select! {
-        r = ec.campaign(leader_key(&c.cluster), id.clone(), lease) => { r.map_err(etcd_err)?; }
+        _ = campaign => {}
         _ = lease_lost.cancelled() => {
             return Err(ClusterError::Etcd("lost the election lease while standing by".into()));
         }

@@ -25,19 +25,90 @@ impl From<tonic::Status> for RpcError {
     }
 }
 
-pub async fn connect(endpoint: &str) -> Result<JobsClient<Channel>> {
-    let ch = Channel::from_shared(endpoint.to_string())?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))?;
-    Ok(JobsClient::new(ch)
-        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES))
+/// How long the client keeps trying to reach a server (a standby coordinator takes over
+/// within its lease TTL).
+fn connect_window() -> std::time::Duration {
+    let secs = std::env::var("RINGBOLT_CONNECT_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Connects to the first of `endpoints` (comma-separated: a coordinator and its standby)
+/// that answers, trying them in turn for up to `RINGBOLT_CONNECT_TIMEOUT_SECS` (10 s).
+pub async fn connect(endpoints: &str) -> Result<JobsClient<Channel>> {
+    let list: Vec<&str> = endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if list.is_empty() {
+        bail!("no endpoint given");
+    }
+    let deadline = std::time::Instant::now() + connect_window();
+    let mut last = String::new();
+    loop {
+        for e in &list {
+            let ch = Channel::from_shared(e.to_string())?
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .connect()
+                .await;
+            match ch {
+                Ok(ch) => {
+                    return Ok(JobsClient::new(ch)
+                        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES));
+                }
+                Err(err) => last = format!("{e}: {err}"),
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("cannot connect to {endpoints} (last error: {last})");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether a failed watch may succeed on another try (server gone or taking over).
+fn transient(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) || (s.code() == tonic::Code::Internal && s.message().contains("h2"))
+}
+
+/// Follows a job to its end like [`watch`], reconnecting (to any of `endpoints`) when the
+/// server goes away; tokens already received are not repeated.
+pub async fn follow(endpoints: &str, id: &str, live: bool) -> Result<Outcome> {
+    let mut out = Outcome {
+        job_id: id.to_string(),
+        tokens: Vec::new(),
+        finished: None,
+    };
+    let mut client = connect(endpoints).await?;
+    loop {
+        let before = out.tokens.len();
+        match watch_into(&mut client, id, live, &mut out).await {
+            Ok(()) => return Ok(out),
+            Err(RpcError(s)) if transient(&s) => {
+                if live {
+                    eprintln!(
+                        "\nconnection lost ({}); reconnecting after {} tokens",
+                        s.message(),
+                        out.tokens.len().max(before)
+                    );
+                }
+                client = connect(endpoints).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[derive(Args)]
 pub struct SubmitArgs {
-    /// Server address, e.g. http://127.0.0.1:7070.
+    /// Server address, e.g. http://127.0.0.1:7070 (comma-separate a coordinator and its standby).
     #[arg(long, env = "RINGBOLT_ENDPOINT")]
     pub endpoint: String,
     #[command(flatten)]
@@ -193,6 +264,23 @@ pub async fn watch(
     id: &str,
     live: bool,
 ) -> Result<Outcome, RpcError> {
+    let mut out = Outcome {
+        job_id: id.to_string(),
+        tokens: Vec::new(),
+        finished: None,
+    };
+    watch_into(client, id, live, &mut out).await?;
+    Ok(out)
+}
+
+/// Follows a job into `out`; tokens `out` already has are checked and skipped (a watch
+/// replays the job from its start).
+async fn watch_into(
+    client: &mut JobsClient<Channel>,
+    id: &str,
+    live: bool,
+    out: &mut Outcome,
+) -> Result<(), RpcError> {
     use pb::job_event::Event;
     let mut stream = client
         .watch_job(pb::WatchJobRequest {
@@ -210,11 +298,6 @@ pub async fn watch(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("queued ");
-    let mut out = Outcome {
-        job_id: id.to_string(),
-        tokens: Vec::new(),
-        finished: None,
-    };
     while let Some(ev) = stream.message().await? {
         match ev.event {
             Some(Event::Accepted(a)) => bar.set_length(a.prompt_tokens),
@@ -223,6 +306,17 @@ pub async fn watch(
                 bar.set_position(p.prompt_tokens_done);
             }
             Some(Event::Progress(_)) => {}
+            Some(Event::Token(t))
+                if (t.index as usize) < out.tokens.len()
+                    && out.tokens[t.index as usize] != t.token =>
+            {
+                return Err(RpcError(tonic::Status::data_loss(format!(
+                    "token {} changed from {} to {} on reconnect",
+                    t.index, out.tokens[t.index as usize], t.token
+                ))));
+            }
+            // Replayed after a reconnect: the client has it already.
+            Some(Event::Token(t)) if (t.index as usize) < out.tokens.len() => {}
             Some(Event::Token(t)) => {
                 if t.index as usize != out.tokens.len() {
                     return Err(RpcError(tonic::Status::data_loss(format!(
@@ -247,7 +341,7 @@ pub async fn watch(
                     println!();
                 }
                 out.finished = Some(f);
-                return Ok(out);
+                return Ok(());
             }
             Some(Event::Failed(f)) => {
                 bar.finish_and_clear();
@@ -334,7 +428,8 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
             resp.job_id, resp.prompt_tokens
         );
     }
-    let out = watch(&mut client, &resp.job_id, live).await?;
+    drop(client);
+    let out = follow(&a.endpoint, &resp.job_id, live).await?;
     if a.json {
         println!("{}", outcome_json(&out));
     } else {
@@ -424,8 +519,7 @@ pub async fn jobs(a: JobsArgs) -> Result<()> {
             }
         }
         JobsCmd::Wait { id, endpoint, json } => {
-            let mut c = connect(&endpoint).await?;
-            let out = watch(&mut c, &id, !json).await?;
+            let out = follow(&endpoint, &id, !json).await?;
             if json {
                 println!("{}", outcome_json(&out));
             } else {
