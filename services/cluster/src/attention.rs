@@ -99,14 +99,14 @@ impl AttentionHost {
         } else {
             self.prefill_chunk
         };
-        let start_counts = self.experts.counts();
+        let experts = self.experts.for_job();
         let forward = |state: &mut ringbolt_model::SequenceState<Cpu>,
                        toks: &[u32],
                        logits: Logits|
          -> Result<Vec<f32>, Status> {
             let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 self.model
-                    .forward_batch_with(&mut [(state, toks)], logits, Some(&self.experts))
+                    .forward_batch_with(&mut [(state, toks)], logits, Some(&experts))
             }));
             match r {
                 Ok(Ok(mut v)) => Ok(v.pop().unwrap_or_default()),
@@ -156,13 +156,13 @@ impl AttentionHost {
             }
             logits = forward(&mut state, &[t], Logits::Last)?;
         };
-        let c = self.experts.counts();
+        let c = experts.counts();
         Ok(Some(ipb::StepDone {
             finish_reason: reason.into(),
             prefill_seconds,
             decode_seconds: t1.elapsed().as_secs_f64(),
-            layer_steps: c.steps - start_counts.steps,
-            layer_steps_resent: c.resent - start_counts.resent,
+            layer_steps: c.steps,
+            layer_steps_resent: c.resent,
         }))
     }
 }

@@ -155,6 +155,46 @@ impl RemoteExperts {
     }
 }
 
+/// One job's view of a [`RemoteExperts`]: counts that job's layer steps on their own.
+pub struct JobExperts<'a> {
+    inner: &'a RemoteExperts,
+    steps: AtomicU64,
+    resent: AtomicU64,
+}
+
+impl JobExperts<'_> {
+    pub fn counts(&self) -> StepCounts {
+        StepCounts {
+            steps: self.steps.load(Ordering::Relaxed),
+            resent: self.resent.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl ExpertExecutor<Cpu> for JobExperts<'_> {
+    fn experts(
+        &self,
+        layer: usize,
+        x: &Vec<f32>,
+        rows: usize,
+        routing: &Routing,
+    ) -> ringbolt_model::Result<Vec<f32>> {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.inner.step(layer, x, rows, routing, &self.resent)
+    }
+}
+
+impl RemoteExperts {
+    /// A counter of one job's layer steps.
+    pub fn for_job(&self) -> JobExperts<'_> {
+        JobExperts {
+            inner: self,
+            steps: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+        }
+    }
+}
+
 impl ExpertExecutor<Cpu> for RemoteExperts {
     fn experts(
         &self,
@@ -162,6 +202,21 @@ impl ExpertExecutor<Cpu> for RemoteExperts {
         x: &Vec<f32>,
         rows: usize,
         routing: &Routing,
+    ) -> ringbolt_model::Result<Vec<f32>> {
+        let none = AtomicU64::new(0);
+        self.step(layer, x, rows, routing, &none)
+    }
+}
+
+impl RemoteExperts {
+    /// One layer step, re-sent under newer plans until it succeeds or the window ends.
+    fn step(
+        &self,
+        layer: usize,
+        x: &[f32],
+        rows: usize,
+        routing: &Routing,
+        resent: &AtomicU64,
     ) -> ringbolt_model::Result<Vec<f32>> {
         self.steps.fetch_add(1, Ordering::Relaxed);
         let buckets = routing.by_expert(self.experts);
@@ -193,6 +248,7 @@ impl ExpertExecutor<Cpu> for RemoteExperts {
                         "layer step failed; re-sending it under the next plan epoch"
                     );
                     self.resent.fetch_add(1, Ordering::Relaxed);
+                    resent.fetch_add(1, Ordering::Relaxed);
                     if let ExchangeError::Peer { peer, .. } | ExchangeError::Timeout { peer, .. } =
                         &err
                     {

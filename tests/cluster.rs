@@ -1,0 +1,611 @@
+//! Cross-process tests of the cluster roles on 127.0.0.1 with a real etcd (Debian's
+//! `etcd-server`, installed by scripts/test.sh): coordinator, attention workers and expert
+//! workers as separate `ringbolt` processes, driven by the real client. Every job's tokens must
+//! equal `ringbolt generate` on the same checkpoint, whatever is killed along the way.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringbolt");
+/// Lease TTL of every member in these tests: a crash is noticed within about this long.
+const TTL: &str = "2";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn etcd() -> Etcd {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "t", "--data-dir", dir.path().to_str().unwrap()])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("t={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed (scripts/test.sh installs Debian's etcd-server)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        assert!(Instant::now() < deadline, "etcd did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Etcd {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+/// A `ringbolt` role process; its stderr is kept for the test to read.
+struct Proc {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn start(args: &[String]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start ringbolt");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, log }
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    fn lines(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits for a line containing `needle`; returns what follows it.
+    fn wait_for(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.lines(needle).first() {
+                return l[l.find(needle).unwrap() + needle.len()..].to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` within {within:?}; log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits (bounded) for the process to exit; its status.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "process still running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    etcd: Etcd,
+    ckpt: PathBuf,
+    data: PathBuf,
+    name: String,
+}
+
+impl Cluster {
+    fn common(&self) -> Vec<String> {
+        [
+            "--checkpoint",
+            self.ckpt.to_str().unwrap(),
+            "--etcd",
+            &self.etcd.url,
+            "--cluster",
+            &self.name,
+            "--lease-ttl-secs",
+            TTL,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// A coordinator on `port`; waits until it serves unless it is a standby.
+    fn coordinator(&self, port: u16, wait: bool) -> Proc {
+        let mut a = vec!["coordinator".to_string()];
+        a.extend(self.common());
+        a.extend(
+            [
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+                self.data.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        let p = Proc::start(&a);
+        if wait {
+            p.wait_for("listening on ", Duration::from_secs(60));
+        }
+        p
+    }
+
+    fn worker(&self, role: &str) -> (Proc, String) {
+        let mut a = vec![role.to_string()];
+        a.extend(self.common());
+        a.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+        let p = Proc::start(&a);
+        let rest = p.wait_for(&format!("ringbolt {role} "), Duration::from_secs(60));
+        let id = rest.split_whitespace().next().unwrap().to_string();
+        (p, id)
+    }
+}
+
+fn setup(name: &str, dir: &Path) -> Cluster {
+    let ckpt = dir.join("ckpt");
+    let (ok, _, err) = run(&[
+        "init-checkpoint",
+        "--preset",
+        "tiny",
+        "--seed",
+        "5",
+        "--dtype",
+        "f32",
+        "--out",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    Cluster {
+        etcd: etcd(),
+        ckpt,
+        data: dir.join("data"),
+        name: name.into(),
+    }
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run ringbolt");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let (ok, out, err) = run(args);
+    assert!(ok, "{args:?} failed: {err}");
+    serde_json::from_str(out.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn tokens(v: &Value) -> Vec<u64> {
+    v["tokens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tokens in {v}"))
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+fn prompt(n: usize, seed: usize) -> String {
+    (0..n)
+        .map(|i| ((i * 31 + seed * 7) % 500).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn generate(ckpt: &Path, p: &str, n: u32) -> Vec<u64> {
+    tokens(&ok_json(&[
+        "generate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--tokens",
+        p,
+        "--max-new-tokens",
+        &n.to_string(),
+    ]))
+}
+
+fn status(endpoint: &str) -> Value {
+    ok_json(&["status", "--endpoint", endpoint, "--json"])
+}
+
+/// Waits until the cluster's status satisfies `pred`; returns it.
+fn wait_status(endpoint: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(endpoint);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never reached: {what}; last {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Expert workers and how many experts each holds.
+fn expert_counts(s: &Value) -> Vec<(String, usize)> {
+    let mut v: Vec<(String, usize)> = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "expert-worker")
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["experts"].as_array().map(|a| a.len()).unwrap_or(0),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every (layer, expert) of the tiny model (8 layers × 4 experts) is held somewhere.
+fn covers_all(s: &Value) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    for m in s["members"].as_array().unwrap() {
+        for e in m["experts"].as_array().into_iter().flatten() {
+            seen.insert((e[0].as_u64().unwrap(), e[1].as_u64().unwrap()));
+        }
+    }
+    seen.len() == 32
+}
+
+fn epoch(s: &Value) -> u64 {
+    s["epoch"].as_u64().unwrap()
+}
+
+/// Submits detached; returns the job id.
+fn submit(endpoint: &str, p: &str, n: u32) -> String {
+    let v = ok_json(&[
+        "submit",
+        "--endpoint",
+        endpoint,
+        "--tokens",
+        p,
+        "--max-new-tokens",
+        &n.to_string(),
+        "--detach",
+        "--json",
+    ]);
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+/// Follows a job to its end in the background (`jobs wait`): the tokens the client saw.
+fn follow(endpoint: &str, id: &str) -> std::thread::JoinHandle<Value> {
+    let (e, id) = (endpoint.to_string(), id.to_string());
+    std::thread::spawn(move || {
+        let out = Command::new(BIN)
+            .args(["jobs", "wait", "--endpoint", &e, &id, "--json"])
+            .env("RINGBOLT_CONNECT_TIMEOUT_SECS", "60")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "jobs wait failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(text.trim().lines().last().unwrap_or("")).unwrap()
+    })
+}
+
+/// Waits until job `id` has at least `n` tokens (so a kill lands mid-job).
+fn wait_tokens(endpoint: &str, id: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = ok_json(&["jobs", "get", "--endpoint", endpoint, id, "--json"]);
+        let have = j["tokens"].as_array().map(|a| a.len()).unwrap_or(0);
+        if have >= n {
+            assert_ne!(
+                j["state"], "succeeded",
+                "the job ended before the kill: {j}"
+            );
+            return;
+        }
+        assert!(Instant::now() < deadline, "job {id} stuck at {have} tokens");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `job step finished layer_steps=N resent=M` of the attention worker's log, for every step.
+fn step_counts(p: &Proc) -> Vec<(u64, u64)> {
+    let num = |l: &str, key: &str| -> u64 {
+        let clean: String = strip_ansi(l);
+        let at = clean.find(key).unwrap() + key.len();
+        clean[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    p.lines("job step finished")
+        .iter()
+        .map(|l| (num(l, "layer_steps="), num(l, "resent=")))
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in s.chars() {
+        if esc {
+            if c.is_ascii_alphabetic() {
+                esc = false;
+            }
+        } else if c == '\u{1b}' {
+            esc = true;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+const LAYERS: u64 = 8;
+const LONG: u32 = 1500;
+
+#[test]
+fn cluster_equals_standalone_through_scale_out_drain_and_an_expert_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("scale", dir.path());
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator(port, true);
+    let (att, _) = c.worker("attention-worker");
+    let (mut e1, id1) = c.worker("expert-worker");
+    let s = wait_status(&ep, "one expert worker holds every expert", covers_all);
+    assert_eq!(expert_counts(&s), vec![(id1.clone(), 32)]);
+    let roles: Vec<&str> = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    for r in ["coordinator", "attention-worker", "expert-worker"] {
+        assert!(roles.contains(&r), "{s}");
+    }
+    for m in s["members"].as_array().unwrap() {
+        assert!(m["address"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+
+    // Same tokens as the engine in one process, for jobs at once.
+    let prompts: Vec<String> = (0..3).map(|i| prompt(100 + 50 * i, i)).collect();
+    let want: Vec<Vec<u64>> = prompts.iter().map(|p| generate(&c.ckpt, p, 24)).collect();
+    let ids: Vec<String> = prompts.iter().map(|p| submit(&ep, p, 24)).collect();
+    for (id, w) in ids.iter().zip(&want) {
+        assert_eq!(&tokens(&follow(&ep, id).join().unwrap()), w);
+    }
+    // Each prefill chunk and decode step is one layer step per layer; nothing re-sent.
+    for (steps, resent) in step_counts(&att) {
+        assert_eq!(steps, LAYERS * 24);
+        assert_eq!(resent, 0);
+    }
+
+    // Scale out: a new expert worker gets experts in a new epoch.
+    let e0 = epoch(&s);
+    let (_e2, id2) = c.worker("expert-worker");
+    let s = wait_status(&ep, "two expert workers share the experts", |s| {
+        let n = expert_counts(s);
+        epoch(s) > e0 && n.len() == 2 && n.iter().all(|(_, k)| *k > 0) && covers_all(s)
+    });
+    let e1_epoch = epoch(&s);
+
+    // Drain e1 (SIGTERM) mid-job: its experts move, it exits, the job is unaffected.
+    let p = prompt(200, 9);
+    let want = generate(&c.ckpt, &p, LONG);
+    let id = submit(&ep, &p, LONG);
+    let watcher = follow(&ep, &id);
+    wait_tokens(&ep, &id, 50);
+    e1.sigterm();
+    let st = e1.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "a drained expert worker exits cleanly: {st}");
+    assert_eq!(e1.count("drained"), 1);
+    assert_eq!(tokens(&watcher.join().unwrap()), want);
+    let s = wait_status(&ep, "the drained worker's experts moved", |s| {
+        epoch(s) > e1_epoch && expert_counts(s) == vec![(id2.clone(), 32)]
+    });
+
+    // Kill -9 of an expert worker mid-job: the survivors take its experts in a new epoch,
+    // the interrupted layer step is re-sent, no finished layer step is repeated.
+    let (_e3, _) = c.worker("expert-worker");
+    let e2_epoch = epoch(&s);
+    wait_status(&ep, "the third worker got experts", |s| {
+        epoch(s) > e2_epoch && expert_counts(s).iter().all(|(_, k)| *k > 0) && covers_all(s)
+    });
+    let mut e2 = _e2;
+    let before = step_counts(&att).len();
+    let p = prompt(300, 4);
+    let want = generate(&c.ckpt, &p, LONG);
+    let id = submit(&ep, &p, LONG);
+    let watcher = follow(&ep, &id);
+    wait_tokens(&ep, &id, 50);
+    e2.kill9();
+    assert_eq!(tokens(&watcher.join().unwrap()), want);
+    let counts = step_counts(&att);
+    assert_eq!(counts.len(), before + 1);
+    let (steps, resent) = counts[before];
+    assert_eq!(steps, LAYERS * LONG as u64, "no layer step ran twice");
+    assert!(resent >= 1, "the interrupted step was re-sent");
+    let s = status(&ep);
+    assert!(covers_all(&s), "{s}");
+    assert_eq!(expert_counts(&s).len(), 1, "{s}");
+}
+
+#[test]
+fn attention_worker_and_leader_crashes_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("crash", dir.path());
+    let (p1, p2) = (free_port(), free_port());
+    let (ep1, ep2) = (
+        format!("http://127.0.0.1:{p1}"),
+        format!("http://127.0.0.1:{p2}"),
+    );
+    let both = format!("{ep1},{ep2}");
+    let mut leader = c.coordinator(p1, true);
+    let standby = c.coordinator(p2, false);
+    let (mut a1, _) = c.worker("attention-worker");
+    let (mut a2, _) = c.worker("attention-worker");
+    let (_e, _) = c.worker("expert-worker");
+    wait_status(&ep1, "experts placed", covers_all);
+
+    // Kill -9 of the attention worker running a job: it re-runs on the other one and the
+    // client sees each token once, in order.
+    let p = prompt(250, 3);
+    let want = generate(&c.ckpt, &p, LONG);
+    let id = submit(&ep1, &p, LONG);
+    let watcher = follow(&ep1, &id);
+    wait_tokens(&ep1, &id, 100);
+    let (victim, other) = if a1.count("job step started") > 0 {
+        (&mut a1, &a2)
+    } else {
+        (&mut a2, &a1)
+    };
+    victim.kill9();
+    assert_eq!(tokens(&watcher.join().unwrap()), want);
+    assert_eq!(other.count("job step finished"), 1);
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep1, &id, "--json"]);
+    assert_eq!(job["state"], "succeeded");
+
+    // Kill -9 of the leading coordinator mid-job: the standby takes over, resumes the job from
+    // the records in etcd, and the client (given both endpoints) sees each token once.
+    let p = prompt(150, 8);
+    let want = generate(&c.ckpt, &p, LONG);
+    let id = submit(&both, &p, LONG);
+    let watcher = follow(&both, &id);
+    wait_tokens(&ep1, &id, 100);
+    leader.kill9();
+    standby.wait_for("listening on ", Duration::from_secs(60));
+    assert_eq!(tokens(&watcher.join().unwrap()), want);
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep2, &id, "--json"]);
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(tokens(&job), want);
+    // Jobs finished under the old leader are still there.
+    let list = ok_json(&["jobs", "list", "--endpoint", &ep2, "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    // New jobs run on the new leader.
+    let p = prompt(60, 1);
+    let id = submit(&ep2, &p, 16);
+    assert_eq!(
+        tokens(&follow(&ep2, &id).join().unwrap()),
+        generate(&c.ckpt, &p, 16)
+    );
+}
+
+#[test]
+fn workers_that_cannot_reach_etcd_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("noetcd", dir.path());
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for role in ["attention-worker", "expert-worker", "coordinator"] {
+        let mut args = vec![
+            role,
+            "--checkpoint",
+            c.ckpt.to_str().unwrap(),
+            "--etcd",
+            &dead,
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd-timeout-secs",
+            "2",
+        ];
+        let data = c.data.to_str().unwrap().to_string();
+        if role == "coordinator" {
+            args.extend(["--data-dir", &data]);
+        }
+        let t0 = Instant::now();
+        let (ok, _, err) = run(&args);
+        assert!(!ok, "{role} started without etcd");
+        assert!(err.contains("cannot reach etcd"), "{role}: {err}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "bounded");
+    }
+    // A running worker whose etcd goes away loses its lease and exits with an error.
+    let (mut w, _) = c.worker("expert-worker");
+    drop(c.etcd);
+    let st = w.wait_exit(Duration::from_secs(60));
+    assert!(!st.success());
+    assert!(w.count("lease lost") >= 1);
+}
