@@ -3,6 +3,7 @@
 //! and decode should be (a roofline over compute, memory and links).
 
 pub mod counts;
+pub mod placement;
 pub mod plan;
 pub mod profiles;
 

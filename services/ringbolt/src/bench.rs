@@ -51,6 +51,22 @@ enum BenchKind {
         #[arg(long, default_value_t = 64)]
         new_tokens: u32,
     },
+    /// The same prompts on a local cluster (1 coordinator, 1 attention worker, N expert
+    /// workers, child processes, real etcd) and on standalone: tokens/s and ratios.
+    Cluster {
+        #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+        checkpoint: PathBuf,
+        /// Comma-separated prompt lengths.
+        #[arg(long, default_value = "8192,32768", value_delimiter = ',')]
+        prompt_tokens: Vec<usize>,
+        #[arg(long, default_value_t = 16)]
+        new_tokens: u32,
+        #[arg(long, default_value_t = 2)]
+        expert_workers: usize,
+        /// etcd to use (default: start `etcd` from the PATH).
+        #[arg(long, env = "RINGBOLT_ETCD")]
+        etcd: Option<String>,
+    },
     /// Prefill time at several lengths (for lightning-only configs: linear scaling).
     Scaling {
         #[arg(long, env = "RINGBOLT_CHECKPOINT")]
@@ -159,6 +175,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             lengths,
             chunk,
         } => scaling(checkpoint, &lengths, chunk),
+        BenchKind::Cluster {
+            checkpoint,
+            prompt_tokens,
+            new_tokens,
+            expert_workers,
+            etcd,
+        } => crate::run_async(cluster(
+            checkpoint,
+            prompt_tokens,
+            new_tokens.max(1),
+            expert_workers.max(1),
+            etcd,
+        )),
         BenchKind::Batching {
             checkpoint,
             jobs,
@@ -372,6 +401,74 @@ fn scaling(dir: PathBuf, lengths: &[usize], chunk: usize) -> Result<()> {
             "peak_rss_bytes": peak_rss_bytes(),
         });
         println!("{line}");
+    }
+    Ok(())
+}
+
+/// One job through a server: its tokens, prefill tokens/s and decode tokens/s.
+async fn timed_job(
+    endpoint: &str,
+    prompt: &[u32],
+    new_tokens: u32,
+) -> Result<(Vec<u32>, f64, f64)> {
+    let mut c = crate::client::connect(endpoint).await?;
+    let header = ringbolt_proto::v1::JobHeader {
+        max_new_tokens: new_tokens,
+        sampling: Some(Default::default()),
+        idempotency_key: String::new(),
+        context_parallel: 0,
+        expected_prompt_tokens: prompt.len() as u64,
+    };
+    let r = crate::client::submit_tokens(&mut c, header, prompt.to_vec(), None, |_| {}).await?;
+    let out = crate::client::watch(&mut c, &r.job_id, false).await?;
+    let t = out.finished.and_then(|f| f.timings).unwrap_or_default();
+    let prefill = prompt.len() as f64 / t.prefill_seconds.max(1e-9);
+    let decode = (out.tokens.len().saturating_sub(1)) as f64 / t.decode_seconds.max(1e-9);
+    Ok((out.tokens, prefill, decode))
+}
+
+async fn cluster(
+    checkpoint: PathBuf,
+    lengths: Vec<usize>,
+    new_tokens: u32,
+    expert_workers: usize,
+    etcd: Option<String>,
+) -> Result<()> {
+    let cfg = ModelConfig::from_file(&checkpoint.join("config.json"))?;
+    let mut rng = StdRng::seed_from_u64(7);
+    let prompts: Vec<Vec<u32>> = lengths
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let mut base = Vec::new();
+    {
+        let s = crate::local_cluster::StandaloneChild::start(&checkpoint).await?;
+        for p in &prompts {
+            base.push(timed_job(&s.endpoint, p, new_tokens).await?);
+        }
+    }
+    let cl =
+        crate::local_cluster::LocalCluster::start(&checkpoint, etcd, 1, expert_workers).await?;
+    for (p, (bt, bp, bd)) in prompts.iter().zip(&base) {
+        let (ct, cp, cd) = timed_job(&cl.endpoint, p, new_tokens).await?;
+        println!(
+            "{}",
+            json!({
+                "bench": "cluster",
+                "prompt_tokens": p.len(),
+                "new_tokens": new_tokens,
+                "expert_workers": expert_workers,
+                "standalone": {"prefill_tokens_per_second": bp, "decode_tokens_per_second": bd},
+                "cluster": {"prefill_tokens_per_second": cp, "decode_tokens_per_second": cd},
+                "prefill_ratio": cp / bp,
+                "decode_ratio": cd / bd,
+                "same_tokens": &ct == bt,
+            })
+        );
     }
     Ok(())
 }

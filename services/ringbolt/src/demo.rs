@@ -4,6 +4,7 @@
 //! short report.
 
 use crate::client::{self, submit_tokens};
+use crate::local_cluster::LocalCluster;
 use crate::server::{StandaloneArgs, start_manager};
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -26,6 +27,19 @@ pub struct DemoArgs {
     /// Tokens to generate.
     #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS", default_value_t = 32)]
     max_new_tokens: u32,
+    /// Run a local cluster instead: a coordinator, attention and expert workers as child
+    /// processes, with a real etcd (from the PATH unless --etcd is given).
+    #[arg(long)]
+    cluster: bool,
+    /// etcd for --cluster (default: start `etcd` from the PATH in a temporary directory).
+    #[arg(long, env = "RINGBOLT_ETCD", requires = "cluster")]
+    etcd: Option<String>,
+    /// Attention workers of the local cluster.
+    #[arg(long, default_value_t = 1, requires = "cluster")]
+    attention_workers: usize,
+    /// Expert workers of the local cluster.
+    #[arg(long, default_value_t = 2, requires = "cluster")]
+    expert_workers: usize,
 }
 
 fn cache_dir() -> PathBuf {
@@ -56,6 +70,27 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         .with_context(|| format!("writing {}", dir.display()))?;
     }
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if a.cluster {
+        if a.attention_workers == 0 || a.expert_workers == 0 {
+            bail!("a cluster needs at least one attention worker and one expert worker");
+        }
+        eprintln!(
+            "starting a local cluster: 1 coordinator, {} attention worker(s), {} expert worker(s) ...",
+            a.attention_workers, a.expert_workers
+        );
+        let t_load = Instant::now();
+        let cl = LocalCluster::start(&dir, a.etcd.clone(), a.attention_workers, a.expert_workers)
+            .await?;
+        eprintln!(
+            "cluster ready in {:.1}s, coordinator on {}",
+            t_load.elapsed().as_secs_f64(),
+            cl.endpoint
+        );
+        cl.print_status().await?;
+        run_job(&cl.endpoint, &cfg, a.prompt_tokens, a.max_new_tokens).await?;
+        cl.print_status().await?;
+        return Ok(());
+    }
     let data = tempfile::tempdir()?;
     let args = StandaloneArgs {
         checkpoint: dir.clone(),
@@ -95,13 +130,26 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     );
 
     let endpoint = format!("http://{addr}");
-    let mut c = client::connect(&endpoint).await?;
+    run_job(&endpoint, &cfg, a.prompt_tokens, a.max_new_tokens).await?;
+    token.cancel();
+    let _ = server.await;
+    Ok(())
+}
+
+/// Submits a random prompt, shows its progress and tokens, and prints a report.
+async fn run_job(
+    endpoint: &str,
+    cfg: &ModelConfig,
+    prompt_tokens: usize,
+    max_new_tokens: u32,
+) -> Result<()> {
+    let mut c = client::connect(endpoint).await?;
     let mut rng = StdRng::seed_from_u64(42);
-    let prompt: Vec<u32> = (0..a.prompt_tokens)
+    let prompt: Vec<u32> = (0..prompt_tokens)
         .map(|_| rng.random_range(0..cfg.vocab_size as u32))
         .collect();
     let header = pb::JobHeader {
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens,
         sampling: Some(pb::SamplingParams::default()),
         idempotency_key: String::new(),
         context_parallel: 0,
@@ -140,7 +188,5 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         t.time_to_first_token_seconds
     );
     println!("generated:            {} tokens", out.tokens.len());
-    token.cancel();
-    let _ = server.await;
     Ok(())
 }

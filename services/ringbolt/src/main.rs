@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod client;
 mod demo;
+mod local_cluster;
 mod model_cli;
 mod plan_cli;
 mod server;
