@@ -17,8 +17,22 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The CUDA code (feature `cuda`) must build and lint clean without CUDA installed.
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
 fi
+
+# Every CUDA kernel compiles for sm_90 with NVRTC 13.0 (no GPU needed): the compiler and the
+# CUDA headers come from NVIDIA's PyPI wheels, installed once under target/nvrtc.
+NVRTC=target/nvrtc
+if [ ! -e "$NVRTC/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  python3 -m pip install --quiet --no-deps --target "$NVRTC" \
+    nvidia-cuda-nvrtc==13.0.88 'nvidia-cuda-runtime==13.0.*'
+fi
+cargo test -p ringbolt-kernels --features cuda --lib cuda::
+cargo build --profile test -p ringbolt --features cuda
+LD_LIBRARY_PATH="$PWD/$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  target/debug/ringbolt kernels compile --arch sm_90 --cuda-include "$NVRTC/nvidia/cu13/include"

@@ -324,13 +324,17 @@ fn expert_counts(s: &Value) -> Vec<(String, usize)> {
 
 /// Every (layer, expert) of the tiny model (8 layers × 4 experts) is held somewhere.
 fn covers_all(s: &Value) -> bool {
+    covers(s, 32)
+}
+
+fn covers(s: &Value, slots: usize) -> bool {
     let mut seen = std::collections::HashSet::new();
     for m in s["members"].as_array().unwrap() {
         for e in m["experts"].as_array().into_iter().flatten() {
             seen.insert((e[0].as_u64().unwrap(), e[1].as_u64().unwrap()));
         }
     }
-    seen.len() == 32
+    seen.len() == slots
 }
 
 fn epoch(s: &Value) -> u64 {
@@ -608,4 +612,91 @@ fn workers_that_cannot_reach_etcd_fail_clearly() {
     let st = w.wait_exit(Duration::from_secs(60));
     assert!(!st.success());
     assert!(w.count("lease lost") >= 1);
+}
+
+/// Anonymous resident memory of a process (its heap: the weights it converted and holds).
+fn rss_anon(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+#[test]
+fn planned_expert_memory_matches_what_the_workers_hold() {
+    // Experts big enough to dominate a worker's memory: 8 layers × 8 experts of 3·64·4096 f32
+    // weights (3 MiB each, 192 MiB in all), split over two workers by the planner.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let (ok, _, err) = run(&[
+        "init-checkpoint",
+        "--preset",
+        "tiny",
+        "--seed",
+        "1",
+        "--out",
+        base.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    cfg["intermediate_size"] = 4096.into();
+    cfg["num_local_experts"] = 8.into();
+    let cfg_path = dir.path().join("config.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let (ok, _, err) = run(&[
+        "init-checkpoint",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--seed",
+        "2",
+        "--dtype",
+        "f32",
+        "--out",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let c = Cluster {
+        etcd: etcd(),
+        ckpt,
+        data: dir.path().join("data"),
+        name: "memory".into(),
+    };
+    // Workers first, with nothing placed yet: their memory before any expert.
+    let workers: Vec<(Proc, String)> = (0..2).map(|_| c.worker("expert-worker")).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<u64> = workers
+        .iter()
+        .map(|(p, _)| rss_anon(p.child.id()))
+        .collect();
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator(port, true);
+    let s = wait_status(&ep, "64 experts placed on two workers", |s| {
+        covers(s, 64) && expert_counts(s).iter().all(|(_, k)| *k > 0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for ((p, id), b) in workers.iter().zip(&before) {
+        let m = s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id.as_str())
+            .unwrap();
+        let predicted = m["weight_bytes"].as_u64().unwrap();
+        let held = m["experts"].as_array().unwrap().len() as u64;
+        assert_eq!(predicted, held * 3 * 64 * 4096 * 4, "{m}");
+        let measured = rss_anon(p.child.id()).saturating_sub(*b);
+        let err = (measured as f64 - predicted as f64).abs() / predicted as f64;
+        eprintln!(
+            "{id}: predicted {predicted} bytes, measured {measured} bytes ({:.1}%)",
+            err * 100.0
+        );
+        assert!(
+            err <= 0.10,
+            "{id}: predicted {predicted} bytes, measured {measured} (off by {:.1}%)",
+            err * 100.0
+        );
+    }
 }

@@ -11,6 +11,8 @@
 //! the PyTorch `nn.Linear` layout `[out, in]`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// Lightning-attention geometry of one layer.
 #[derive(Debug, Clone, Copy)]

@@ -153,6 +153,14 @@ impl Checkpoint {
         self.locations.contains_key(name)
     }
 
+    /// The on-disk dtype of tensor `name` as safetensors names it (`F32`, `BF16`, `F16`, ...);
+    /// None when absent or unreadable.
+    pub fn dtype(&self, name: &str) -> Option<String> {
+        let shard = &self.shards[*self.locations.get(name)?];
+        let data = open_shard(shard).ok()?;
+        Some(format!("{:?}", data.meta.info(name)?.dtype))
+    }
+
     /// Reads tensor `name`, checks its shape, and converts it to f32.
     pub fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let &idx = self.locations.get(name).ok_or_else(|| {

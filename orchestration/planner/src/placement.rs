@@ -2,10 +2,18 @@
 //! each worker's memory and balanced by measured routing load. The coordinator places real
 //! shards with this; the capacity planner (`plan`) sizes clusters with the same byte counts.
 
+use crate::counts::ModelCounts;
+use ringbolt_model::ModelConfig;
 use std::collections::{BTreeMap, HashMap};
 
 /// (layer, expert).
 pub type Slot = (u32, u32);
+
+/// Bytes one expert's weights take in memory at `bytes_per_param` (the same count the capacity
+/// planner uses for GPUs).
+pub fn expert_bytes(cfg: &ModelConfig, bytes_per_param: u64) -> u64 {
+    ModelCounts::new(cfg).expert_unit_params * bytes_per_param
+}
 
 /// An expert worker the planner may give experts to.
 #[derive(Debug, Clone)]

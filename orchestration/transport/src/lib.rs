@@ -12,6 +12,8 @@
 
 pub mod exchange;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 use bytes::Bytes;

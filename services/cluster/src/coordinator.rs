@@ -65,6 +65,8 @@ pub struct ClusterView {
     plan: PlanView,
     /// Jobs running per attention worker.
     running: Mutex<HashMap<String, usize>>,
+    /// Bytes of one expert's weights in a worker's memory.
+    expert_bytes: u64,
 }
 
 impl ClusterView {
@@ -134,6 +136,7 @@ impl StatusSource for ClusterView {
                     id: m.id,
                     role: m.role.as_str().into(),
                     address: m.address,
+                    weight_bytes: experts.len() as u64 * self.expert_bytes,
                     experts,
                 }
             })
@@ -729,10 +732,9 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let c = &a.common;
     let membership = connect_membership(c).await?;
     let client = membership.client();
-    let cfg: ModelConfig = Checkpoint::open(&c.checkpoint)
-        .map_err(|e| ClusterError::Model(e.to_string()))?
-        .config()
-        .clone();
+    let ckpt = Checkpoint::open(&c.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
+    let cfg: ModelConfig = ckpt.config().clone();
+    let per_expert = expert_bytes(&ckpt);
     // The listener is bound only once elected: with port 0 the id cannot name the port.
     let id = match (&c.id, &c.advertise) {
         (Some(id), _) => id.clone(),
@@ -795,6 +797,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         members: RwLock::new(Vec::new()),
         plan,
         running: Mutex::new(HashMap::new()),
+        expert_bytes: per_expert,
     });
     let planner = Planner {
         client: client.clone(),
@@ -803,7 +806,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         view: view.clone(),
         layers: cfg.num_layers() as u32,
         experts: cfg.num_experts as u32,
-        expert_bytes: expert_bytes(&cfg),
+        expert_bytes: per_expert,
     };
     tokio::spawn(planner.run(stop.clone()));
 

@@ -37,9 +37,17 @@ pub struct ExpertWorkerArgs {
     pub drain_timeout_secs: u64,
 }
 
-/// Bytes one expert takes in memory (f32 weights: the upper bound of what the CPU backend keeps).
-pub fn expert_bytes(cfg: &ModelConfig) -> u64 {
-    3 * cfg.hidden_size as u64 * cfg.intermediate_size as u64 * 4
+/// Bytes one expert of `ckpt` takes in the CPU backend's memory: bf16 checkpoints stay bf16
+/// (2 bytes per weight), anything else becomes f32 (4).
+pub fn expert_bytes(ckpt: &Checkpoint) -> u64 {
+    let w1 = ringbolt_model::weights::expert_name(0, 0, "w1");
+    // f16 on disk is widened to f32; only bf16 is kept as is.
+    let per = if ckpt.dtype(&w1).as_deref() == Some("BF16") {
+        2
+    } else {
+        4
+    };
+    ringbolt_planner::placement::expert_bytes(ckpt.config(), per)
 }
 
 /// The experts held by one worker, and the data-plane handler.
@@ -117,7 +125,7 @@ impl ExpertHost {
             .unwrap_or_else(|p| p.into_inner())
             .insert(epoch, slots.iter().copied().collect());
         tracing::info!(epoch, loaded, wanted = slots.len(), "shards loaded");
-        Ok((loaded, loaded as u64 * expert_bytes(&self.cfg)))
+        Ok((loaded, loaded as u64 * expert_bytes(&self.ckpt)))
     }
 
     /// `plan` is now active: refuse older epochs, drop experts nobody wants any more.
@@ -242,7 +250,7 @@ impl ExpertWorker for Control {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(Status::from)?;
-        let held = self.0.held().len() as u64 * expert_bytes(&self.0.cfg);
+        let held = self.0.held().len() as u64 * expert_bytes(&self.0.ckpt);
         Ok(Response::new(ipb::LoadShardsResponse {
             loaded,
             loaded_bytes: bytes,

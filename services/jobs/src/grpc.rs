@@ -393,6 +393,7 @@ impl Cluster for JobsService {
                 role: "standalone".into(),
                 address: self.address.clone(),
                 experts,
+                ..Default::default()
             }],
             model,
             running_jobs: running,

@@ -565,6 +565,7 @@ pub async fn status(a: StatusArgs) -> Result<()> {
                         .map(|e| [e.layer, e.expert])
                         .collect::<Vec<_>>()
                 );
+                v["weight_bytes"] = json!(m.weight_bytes);
             }
             v
         })

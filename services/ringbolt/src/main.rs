@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod client;
 mod demo;
+mod kernels_cli;
 mod local_cluster;
 mod model_cli;
 mod plan_cli;
@@ -53,6 +54,8 @@ enum Command {
     Status(client::StatusArgs),
     /// What the model needs on a GPU cluster: placement, memory, time.
     Plan(plan_cli::PlanArgs),
+    /// CUDA kernels: compile every one with NVRTC (no GPU needed).
+    Kernels(kernels_cli::KernelsArgs),
     /// Benchmarks of the model engine (prints JSON with ratios against in-run baselines).
     Bench(bench::BenchArgs),
 }
@@ -101,6 +104,7 @@ fn main() {
         Command::Jobs(a) => run_async(client::jobs(a)),
         Command::Status(a) => run_async(client::status(a)),
         Command::Plan(a) => plan_cli::run(a),
+        Command::Kernels(a) => kernels_cli::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,270 @@
+//! The CUDA side of the compute interface (feature `cuda`): the kernel sources under
+//! `kernels/cuda/`, their compilation by NVRTC for a GPU architecture (cached on disk by source,
+//! architecture and compiler version), and device probing. cudarc loads the CUDA libraries at
+//! run time, so this builds, and reports "no CUDA" cleanly, on machines without them.
+
+use std::path::{Path, PathBuf};
+
+/// `(module, source)` of every kernel file; `common.cuh` is inlined where included.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("elementwise", include_str!("../cuda/elementwise.cu")),
+    ("rope", include_str!("../cuda/rope.cu")),
+    ("route", include_str!("../cuda/route.cu")),
+    ("lightning", include_str!("../cuda/lightning.cu")),
+    ("attention", include_str!("../cuda/attention.cu")),
+];
+
+const COMMON: &str = include_str!("../cuda/common.cuh");
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error(
+        "the NVRTC library (libnvrtc) was not found: put CUDA 13's lib directory on \
+         LD_LIBRARY_PATH (or `pip install nvidia-cuda-nvrtc==13.0.88`)"
+    )]
+    NoNvrtc,
+    #[error("no CUDA driver on this machine (libcuda not found)")]
+    NoDriver,
+    #[error("kernel `{kernel}` (module {module}) does not compile for {arch}:\n{log}")]
+    Compile {
+        module: String,
+        kernel: String,
+        arch: String,
+        log: String,
+    },
+    #[error("module {module}: kernel `{kernel}` is missing from the compiled PTX")]
+    Missing { module: String, kernel: String },
+    #[error("CUDA: {0}")]
+    Driver(String),
+}
+
+/// A kernel's name and the first and last source lines of its definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelDef {
+    pub name: String,
+    pub lines: (usize, usize),
+}
+
+/// The source as NVRTC sees it: `#include "common.cuh"` replaced by the header's text.
+pub fn expanded(source: &str) -> String {
+    source.replace("#include \"common.cuh\"", COMMON)
+}
+
+/// The `extern "C" __global__` kernels (written `RB_EXTERN void name(`) of an expanded source.
+pub fn kernels_of(source: &str) -> Vec<KernelDef> {
+    let lines: Vec<&str> = source.lines().collect();
+    let mut out: Vec<KernelDef> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(rest) = l.trim_start().strip_prefix("RB_EXTERN void ")
+            && let Some(name) = rest.split('(').next()
+        {
+            if let Some(prev) = out.last_mut() {
+                prev.lines.1 = i;
+            }
+            out.push(KernelDef {
+                name: name.trim().to_string(),
+                lines: (i + 1, lines.len()),
+            });
+        }
+    }
+    out
+}
+
+/// The kernel whose definition holds source line `line` (1-based), if any.
+fn kernel_at(defs: &[KernelDef], line: usize) -> Option<&KernelDef> {
+    defs.iter().find(|k| line >= k.lines.0 && line <= k.lines.1)
+}
+
+/// The first `(LINE)` an NVRTC log names (`name(LINE): error: ...`).
+fn first_error_line(log: &str) -> Option<usize> {
+    log.lines().find(|l| l.contains("error")).and_then(|l| {
+        let open = l.find('(')?;
+        let close = l[open..].find(')')? + open;
+        l[open + 1..close].parse().ok()
+    })
+}
+
+/// Include directories: `explicit` if given, else `$CUDA_HOME/include`, else
+/// `/usr/local/cuda/include` when it exists.
+pub fn include_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(p) = explicit {
+        return vec![p.to_path_buf()];
+    }
+    let mut v = Vec::new();
+    if let Some(h) = std::env::var_os("CUDA_HOME") {
+        v.push(PathBuf::from(h).join("include"));
+    }
+    let default = PathBuf::from("/usr/local/cuda/include");
+    if default.exists() {
+        v.push(default);
+    }
+    v
+}
+
+/// One compiled module: its PTX and the kernels in it.
+pub struct Compiled {
+    pub module: String,
+    pub ptx: String,
+    pub kernels: Vec<String>,
+}
+
+/// Compiles every module for `arch` (e.g. `sm_90`), checking that each kernel is in the PTX.
+pub fn compile_all(arch: &str, include: &[PathBuf]) -> Result<Vec<Compiled>, CudaError> {
+    SOURCES
+        .iter()
+        .map(|(m, s)| compile_module(m, s, arch, include))
+        .collect()
+}
+
+/// Compiles one module (cached under `$XDG_CACHE_HOME/ringbolt/kernels`).
+pub fn compile_module(
+    module: &str,
+    source: &str,
+    arch: &str,
+    include: &[PathBuf],
+) -> Result<Compiled, CudaError> {
+    use cudarc::nvrtc::{CompileError, CompileOptions};
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc);
+    }
+    let src = expanded(source);
+    let defs = kernels_of(&src);
+    let version = nvrtc_version();
+    let cache = cache_path(module, &src, arch, &version);
+    let ptx = match cache.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        Some(p) => p,
+        None => {
+            let opts = CompileOptions {
+                include_paths: include.iter().map(|p| p.display().to_string()).collect(),
+                options: vec![
+                    format!("--gpu-architecture={}", arch.replace("sm_", "compute_")),
+                    "--std=c++17".into(),
+                ],
+                name: Some(format!("{module}.cu")),
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(&src, opts).map_err(|e| {
+                let log = match &e {
+                    CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                    other => format!("{other:?}"),
+                };
+                let kernel = first_error_line(&log)
+                    .and_then(|l| kernel_at(&defs, l))
+                    .map(|k| k.name.clone())
+                    .unwrap_or_else(|| {
+                        defs.iter()
+                            .map(|k| k.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    });
+                CudaError::Compile {
+                    module: module.into(),
+                    kernel,
+                    arch: arch.into(),
+                    log,
+                }
+            })?;
+            let text = ptx.to_src();
+            if let Some(p) = &cache
+                && let Some(dir) = p.parent()
+                && std::fs::create_dir_all(dir).is_ok()
+            {
+                let _ = std::fs::write(p, &text);
+            }
+            text
+        }
+    };
+    for k in &defs {
+        if !ptx.contains(&format!(".entry {}(", k.name))
+            && !ptx.contains(&format!(".entry {}\n", k.name))
+        {
+            return Err(CudaError::Missing {
+                module: module.into(),
+                kernel: k.name.clone(),
+            });
+        }
+    }
+    Ok(Compiled {
+        module: module.into(),
+        ptx,
+        kernels: defs.into_iter().map(|k| k.name).collect(),
+    })
+}
+
+/// The NVRTC version as `major.minor` (empty when it cannot be asked).
+pub fn nvrtc_version() -> String {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked by the caller); the call writes two ints.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        format!("{major}.{minor}")
+    } else {
+        String::new()
+    }
+}
+
+fn cache_path(module: &str, src: &str, arch: &str, version: &str) -> Option<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (src, arch, version).hash(&mut h);
+    Some(
+        base.join("ringbolt")
+            .join("kernels")
+            .join(format!("{module}-{arch}-{:016x}.ptx", h.finish())),
+    )
+}
+
+/// CUDA devices on this machine (0 or an error when there is no driver).
+pub fn device_count() -> Result<usize, CudaError> {
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CudaError::NoDriver);
+    }
+    cudarc::driver::CudaContext::device_count()
+        .map(|n| n as usize)
+        .map_err(|e| CudaError::Driver(format!("{e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_lists_its_kernels() {
+        let mut all = Vec::new();
+        for (m, s) in SOURCES {
+            let defs = kernels_of(&expanded(s));
+            assert!(!defs.is_empty(), "{m} has no kernels");
+            all.extend(defs.into_iter().map(|d| d.name));
+        }
+        for k in [
+            "rms_norm",
+            "swiglu",
+            "scatter_add_rows",
+            "rope_inplace",
+            "route_topk",
+            "lightning_prefill",
+            "lightning_decode",
+            "attention",
+            "attention_merge",
+        ] {
+            assert!(all.iter().any(|a| a == k), "missing kernel {k}");
+        }
+        assert!(!expanded(SOURCES[0].1).contains("#include \"common.cuh\""));
+    }
+
+    #[test]
+    fn a_compiler_error_line_names_its_kernel() {
+        let src = expanded(SOURCES[3].1);
+        let defs = kernels_of(&src);
+        let decode = defs.iter().find(|k| k.name == "lightning_decode").unwrap();
+        let log = format!(
+            "lightning.cu({}): error: identifier \"x\" is undefined",
+            decode.lines.0 + 3
+        );
+        let line = first_error_line(&log).unwrap();
+        assert_eq!(kernel_at(&defs, line).unwrap().name, "lightning_decode");
+    }
+}
