@@ -614,12 +614,18 @@ fn workers_that_cannot_reach_etcd_fail_clearly() {
     assert!(w.count("lease lost") >= 1);
 }
 
-/// Anonymous resident memory of a process (its heap: the weights it converted and holds).
+/// Anonymous resident memory of a process (its heap: the weights it converted and holds),
+/// less pages the allocator already freed that the kernel has not taken back yet (LazyFree).
 fn rss_anon(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = s.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb * 1024
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let kb = |key: &str| -> u64 {
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (kb("Anonymous:").saturating_sub(kb("LazyFree:"))) * 1024
 }
 
 #[test]

@@ -177,21 +177,82 @@ fn bf16_to_f32(b: u16) -> f32 {
 /// A weight matrix on the CPU: bf16 when every value is exactly a bf16 (a bf16 checkpoint: half
 /// the memory traffic in decode, converted to f32 as it is used), else f32.
 pub enum CpuWeight {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
+    F32(WeightStore<f32>),
+    Bf16(WeightStore<u16>),
+}
+
+/// A weight's values in their own anonymous memory mapping: in memory they take exactly their
+/// pages, whatever the heap allocator does with large blocks (mimalloc, which the binary uses
+/// for its fast reuse of big temporaries, kept about 20% more than asked for the 1–2 MiB
+/// expert matrices), and they go back to the OS when dropped. Page-aligned.
+pub struct WeightStore<T: Copy + 'static> {
+    map: Option<memmap2::MmapMut>,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Copy + 'static> WeightStore<T> {
+    pub fn from_slice(v: &[T]) -> Self {
+        let bytes = std::mem::size_of_val(v);
+        if bytes == 0 {
+            return WeightStore {
+                map: None,
+                len: 0,
+                _t: std::marker::PhantomData,
+            };
+        }
+        let mut map = memmap2::MmapMut::map_anon(bytes)
+            .unwrap_or_else(|e| panic!("cannot map {bytes} bytes for a weight: {e}"));
+        // SAFETY: `map` is `bytes` long and page-aligned (so aligned for T); `v` is `bytes`
+        // of plain `Copy` values that do not overlap a fresh mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(v.as_ptr() as *const u8, map.as_mut_ptr(), bytes);
+        }
+        WeightStore {
+            map: Some(map),
+            len: v.len(),
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Copy + 'static> std::ops::Deref for WeightStore<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match &self.map {
+            // SAFETY: the mapping holds `len` initialised values of T, page-aligned, and lives
+            // as long as `self`.
+            Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr() as *const T, self.len) },
+            None => &[],
+        }
+    }
 }
 
 impl CpuWeight {
     pub fn new(data: &[f32]) -> Self {
-        if data.par_iter().all(|v| v.to_bits() & 0xffff == 0) {
-            CpuWeight::Bf16(
-                data.par_iter()
-                    .map(|v| (v.to_bits() >> 16) as u16)
-                    .collect(),
-            )
-        } else {
-            CpuWeight::F32(data.to_vec())
+        match Self::bf16_of(data) {
+            Some(w) => w,
+            None => CpuWeight::F32(WeightStore::from_slice(data)),
         }
+    }
+
+    /// Like [`new`](Self::new), keeping `data` itself when it stays f32.
+    pub fn from_vec(data: Vec<f32>) -> Self {
+        match Self::bf16_of(&data) {
+            Some(w) => w,
+            None => CpuWeight::F32(WeightStore::from_slice(&data)),
+        }
+    }
+
+    /// The bf16 form when it is lossless.
+    fn bf16_of(data: &[f32]) -> Option<Self> {
+        data.par_iter().all(|v| v.to_bits() & 0xffff == 0).then(|| {
+            let b: Vec<u16> = data
+                .par_iter()
+                .map(|v| (v.to_bits() >> 16) as u16)
+                .collect();
+            CpuWeight::Bf16(WeightStore::from_slice(&b))
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -208,7 +269,7 @@ impl CpuWeight {
     /// The whole matrix in f32 (borrowed when it is stored so).
     pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
-            CpuWeight::F32(v) => std::borrow::Cow::Borrowed(v),
+            CpuWeight::F32(v) => std::borrow::Cow::Borrowed(&v[..]),
             CpuWeight::Bf16(v) => {
                 std::borrow::Cow::Owned(v.par_iter().map(|&b| bf16_to_f32(b)).collect())
             }
@@ -611,6 +672,11 @@ impl Backend for Cpu {
     fn upload_weight(&self, data: &[f32], rows: usize, cols: usize) -> CpuWeight {
         assert_eq!(data.len(), rows * cols, "weight is not [rows, cols]");
         CpuWeight::new(data)
+    }
+
+    fn upload_weight_owned(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuWeight {
+        assert_eq!(data.len(), rows * cols, "weight is not [rows, cols]");
+        CpuWeight::from_vec(data)
     }
 
     fn weight_rows(&self, w: &CpuWeight, ids: &[u32], width: usize) -> Vec<f32> {

@@ -95,6 +95,11 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, data: &[f32]) -> Self::Buf;
     /// Uploads a weight matrix of `rows × cols`.
     fn upload_weight(&self, data: &[f32], rows: usize, cols: usize) -> Self::Weight;
+    /// [`upload_weight`](Self::upload_weight) of a buffer the caller gives up (a backend that
+    /// keeps f32 in host memory takes it without a copy).
+    fn upload_weight_owned(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Weight {
+        self.upload_weight(&data, rows, cols)
+    }
     /// Rows `ids` of a weight matrix with `width` columns, as activations (embedding lookup).
     fn weight_rows(&self, w: &Self::Weight, ids: &[u32], width: usize) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;

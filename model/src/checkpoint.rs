@@ -163,6 +163,14 @@ impl Checkpoint {
 
     /// Reads tensor `name`, checks its shape, and converts it to f32.
     pub fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.load_into(name, shape, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`load`](Self::load) appending to `out` (no temporary copy: fused matrices are read
+    /// straight into place).
+    pub fn load_into(&self, name: &str, shape: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let &idx = self.locations.get(name).ok_or_else(|| {
             let where_ = if self.shards.len() == 1 && !self.dir.join(INDEX_FILE).exists() {
                 self.shards[0].path.clone()
@@ -196,11 +204,20 @@ impl Checkpoint {
             .mmap
             .get(start + b..start + e)
             .ok_or_else(|| err("data lies beyond the end of the file".into()))?;
-        let out = convert(bytes, info.dtype, n).map_err(err)?;
-        if let Some(i) = out.par_iter().position_any(|x| !x.is_finite()) {
-            return Err(err(format!("non-finite value at element {i}")));
+        let at = out.len();
+        out.resize(at + n, 0.0);
+        let dst = &mut out[at..];
+        let done = convert(bytes, info.dtype, dst).and_then(|()| {
+            match dst.par_iter().position_any(|x| !x.is_finite()) {
+                Some(i) => Err(format!("non-finite value at element {i}")),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = done {
+            out.truncate(at);
+            return Err(err(e));
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -223,7 +240,8 @@ fn open_shard(shard: &Shard) -> std::result::Result<Arc<ShardData>, String> {
         .clone()
 }
 
-fn convert(bytes: &[u8], dtype: Dtype, n: usize) -> std::result::Result<Vec<f32>, String> {
+fn convert(bytes: &[u8], dtype: Dtype, out: &mut [f32]) -> std::result::Result<(), String> {
+    let n = out.len();
     let width = match dtype {
         Dtype::F32 => 4,
         Dtype::BF16 | Dtype::F16 => 2,
@@ -235,7 +253,6 @@ fn convert(bytes: &[u8], dtype: Dtype, n: usize) -> std::result::Result<Vec<f32>
             bytes.len()
         ));
     }
-    let mut out = vec![0f32; n];
     const CH: usize = 1 << 16;
     out.par_chunks_mut(CH)
         .zip(bytes.par_chunks(CH * width))
@@ -253,5 +270,5 @@ fn convert(bytes: &[u8], dtype: Dtype, n: usize) -> std::result::Result<Vec<f32>
                 .zip(b.chunks_exact(2))
                 .for_each(|(x, c)| *x = f16::from_le_bytes([c[0], c[1]]).to_f32()),
         });
-    Ok(out)
+    Ok(())
 }

@@ -27,12 +27,14 @@ impl<B: Backend> Expert<B> {
     pub fn load(ckpt: &Checkpoint, backend: &B, layer: usize, expert: usize) -> Result<Self> {
         let c = ckpt.config();
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let mut w13 = ckpt.load(&expert_name(layer, expert, "w1"), &[i, h])?;
-        w13.extend(ckpt.load(&expert_name(layer, expert, "w3"), &[i, h])?);
+        // Sized once: no reallocation of the fused matrix; the backend takes the buffers.
+        let mut w13 = Vec::with_capacity(2 * i * h);
+        ckpt.load_into(&expert_name(layer, expert, "w1"), &[i, h], &mut w13)?;
+        ckpt.load_into(&expert_name(layer, expert, "w3"), &[i, h], &mut w13)?;
         let w2 = ckpt.load(&expert_name(layer, expert, "w2"), &[h, i])?;
         Ok(Expert {
-            w13: backend.upload_weight(&w13, 2 * i, h),
-            w2: backend.upload_weight(&w2, h, i),
+            w13: backend.upload_weight_owned(w13, 2 * i, h),
+            w2: backend.upload_weight_owned(w2, h, i),
         })
     }
 
@@ -131,7 +133,7 @@ impl<B: Backend> Model<B> {
             Ok(backend.upload(&ckpt.load(name, shape)?))
         };
         let upw = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
-            Ok(backend.upload_weight(&ckpt.load(name, &[rows, cols])?, rows, cols))
+            Ok(backend.upload_weight_owned(ckpt.load(name, &[rows, cols])?, rows, cols))
         };
         let embed = upw("model.embed_tokens.weight", v, h)?;
         let mut layers = Vec::with_capacity(cfg.num_layers());
