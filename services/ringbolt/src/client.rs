@@ -87,11 +87,21 @@ pub async fn follow(endpoints: &str, id: &str, live: bool) -> Result<Outcome> {
         finished: None,
     };
     let mut client = connect(endpoints).await?;
+    // Reconnects are bounded: at most 20 in a row that bring no new token.
+    let mut idle = 0;
     loop {
         let before = out.tokens.len();
         match watch_into(&mut client, id, live, &mut out).await {
             Ok(()) => return Ok(out),
             Err(RpcError(s)) if transient(&s) => {
+                idle = if out.tokens.len() > before {
+                    0
+                } else {
+                    idle + 1
+                };
+                if idle > 20 {
+                    return Err(RpcError(s).into());
+                }
                 if live {
                     eprintln!(
                         "\nconnection lost ({}); reconnecting after {} tokens",
