@@ -13,6 +13,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_backend;
 
 /// Lightning-attention geometry of one layer.
 #[derive(Debug, Clone, Copy)]

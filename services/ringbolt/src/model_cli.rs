@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use ringbolt_kernels::Backend;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_model::{
     Checkpoint, Logits, Model, ModelConfig, Preset, Sampler, SamplingParams, WeightDtype,
@@ -87,6 +88,9 @@ pub struct LogitsArgs {
     /// Lightning prefill block size (default: the config's).
     #[arg(long, env = "RINGBOLT_BLOCK_SIZE")]
     block_size: Option<usize>,
+    /// Where to compute: `cpu` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
+    device: Device,
     /// Output safetensors file with one f32 tensor `logits` of shape [T, vocab].
     #[arg(long, env = "RINGBOLT_OUT")]
     out: PathBuf,
@@ -100,6 +104,9 @@ pub struct GenerateArgs {
     #[command(flatten)]
     prompt: PromptArgs,
     /// Number of tokens to generate.
+    /// Where to compute: `cpu` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
+    device: Device,
     #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS")]
     max_new_tokens: usize,
     /// Sampling temperature (0: greedy).
@@ -143,73 +150,131 @@ pub fn load_model(dir: &Path) -> Result<Model<Cpu>> {
     Ok(Model::load(&ckpt, Cpu)?)
 }
 
-pub fn logits(a: LogitsArgs) -> Result<()> {
-    let mut model = load_model(&a.checkpoint)?;
-    if let Some(b) = a.block_size {
-        if b == 0 {
-            bail!("--block-size must be positive");
+/// A compute device: the CPU backend or a CUDA GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device: use cpu or cuda:N")),
         }
-        model.set_block_size(b);
     }
-    let ids = a.prompt.read()?;
-    let t = ids.len();
-    let k = a.prefill_len.unwrap_or(t);
-    if k == 0 || k > t {
-        bail!("--prefill-len must be between 1 and the number of tokens ({t}), got {k}");
+}
+
+/// Work to do with a model on whatever backend the device gives.
+trait ModelTask {
+    fn run<B: Backend>(self, model: Model<B>) -> Result<()>;
+}
+
+fn on_device(dir: &Path, device: Device, task: impl ModelTask) -> Result<()> {
+    let ckpt = Checkpoint::open(dir)?;
+    match device {
+        Device::Cpu => task.run(Model::load(&ckpt, Cpu)?),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let b = ringbolt_kernels::cuda_backend::CudaBackend::new(n, None)?;
+            task.run(Model::load(&ckpt, b)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => bail!(
+            "cuda:{n} asked for, but this ringbolt was built without the `cuda` feature \
+             (cargo build --release --features cuda)"
+        ),
     }
-    model.check_tokens(0, &ids)?;
-    let vocab = model.config().vocab_size;
-    let mut state = model.new_state();
-    let mut all = model.forward(&mut state, &ids[..k], Logits::All)?;
-    for &id in &ids[k..] {
-        all.extend(model.forward(&mut state, &[id], Logits::All)?);
+}
+
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    let (dir, device) = (a.checkpoint.clone(), a.device);
+    on_device(&dir, device, a)
+}
+
+impl ModelTask for LogitsArgs {
+    fn run<B: Backend>(self, mut model: Model<B>) -> Result<()> {
+        let a = self;
+        if let Some(b) = a.block_size {
+            if b == 0 {
+                bail!("--block-size must be positive");
+            }
+            model.set_block_size(b);
+        }
+        let ids = a.prompt.read()?;
+        let t = ids.len();
+        let k = a.prefill_len.unwrap_or(t);
+        if k == 0 || k > t {
+            bail!("--prefill-len must be between 1 and the number of tokens ({t}), got {k}");
+        }
+        model.check_tokens(0, &ids)?;
+        let vocab = model.config().vocab_size;
+        let mut state = model.new_state();
+        let mut all = model.forward(&mut state, &ids[..k], Logits::All)?;
+        for &id in &ids[k..] {
+            all.extend(model.forward(&mut state, &[id], Logits::All)?);
+        }
+        let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![t, vocab], &bytes)?;
+        safetensors::serialize_to_file([("logits", view)], None, &a.out)
+            .with_context(|| format!("writing {}", a.out.display()))?;
+        Ok(())
     }
-    let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = TensorView::new(Dtype::F32, vec![t, vocab], &bytes)?;
-    safetensors::serialize_to_file([("logits", view)], None, &a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    Ok(())
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    let mut sampler = Sampler::new(params)?;
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let model = load_model(&a.checkpoint)?;
-    let ids = a.prompt.read()?;
-    model.check_tokens(0, &ids)?;
-    let mut state = model.new_state();
-    let t0 = Instant::now();
-    let logits = model.forward(&mut state, &ids, Logits::Last)?;
-    let mut next = sampler.sample(&logits);
-    let prefill = t0.elapsed();
-    let mut out = vec![next];
-    let eos = &model.config().eos_token_ids;
-    let t1 = Instant::now();
-    while out.len() < a.max_new_tokens && !eos.contains(&next) {
-        let logits = model.forward(&mut state, &[next], Logits::Last)?;
-        next = sampler.sample(&logits);
-        out.push(next);
+    let (dir, device) = (a.checkpoint.clone(), a.device);
+    on_device(&dir, device, a)
+}
+
+impl ModelTask for GenerateArgs {
+    fn run<B: Backend>(self, model: Model<B>) -> Result<()> {
+        let a = self;
+        let params = SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+        };
+        let mut sampler = Sampler::new(params)?;
+        let ids = a.prompt.read()?;
+        model.check_tokens(0, &ids)?;
+        let mut state = model.new_state();
+        let t0 = Instant::now();
+        let logits = model.forward(&mut state, &ids, Logits::Last)?;
+        let mut next = sampler.sample(&logits);
+        let prefill = t0.elapsed();
+        let mut out = vec![next];
+        let eos = &model.config().eos_token_ids;
+        let t1 = Instant::now();
+        while out.len() < a.max_new_tokens && !eos.contains(&next) {
+            let logits = model.forward(&mut state, &[next], Logits::Last)?;
+            next = sampler.sample(&logits);
+            out.push(next);
+        }
+        let decode = t1.elapsed();
+        let finish_reason = if eos.contains(&next) {
+            "stop"
+        } else {
+            "length"
+        };
+        let line = serde_json::json!({
+            "tokens": out,
+            "finish_reason": finish_reason,
+            "prompt_tokens": ids.len(),
+            "prefill_seconds": prefill.as_secs_f64(),
+            "decode_seconds": decode.as_secs_f64(),
+        });
+        println!("{line}");
+        Ok(())
     }
-    let decode = t1.elapsed();
-    let finish_reason = if eos.contains(&next) {
-        "stop"
-    } else {
-        "length"
-    };
-    let line = serde_json::json!({
-        "tokens": out,
-        "finish_reason": finish_reason,
-        "prompt_tokens": ids.len(),
-        "prefill_seconds": prefill.as_secs_f64(),
-        "decode_seconds": decode.as_secs_f64(),
-    });
-    println!("{line}");
-    Ok(())
 }

@@ -1,0 +1,638 @@
+//! The CUDA implementation of [`Backend`] (feature `cuda`): activations in f32 device buffers,
+//! weights in bf16, GEMMs through cuBLAS (bf16 inputs, f32 accumulation and output), everything
+//! else through the NVRTC-compiled kernels of `kernels/cuda/`. One stream per backend; the
+//! compute interface returns values, so a device failure panics with its message (the engine
+//! turns a panic into a failed job).
+//!
+//! Status: compiled and linted without a GPU; its results against the CPU backend are checked
+//! by `kernels/tests/cuda.rs` (kernels) and `scripts/gpu-check.sh` only on a GPU machine.
+
+use crate::cpu::rope_inv_freq;
+use crate::cuda::{self, CudaError};
+use crate::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Largest head dimension the lightning kernels take (`RB_MAX_HEAD_DIM`).
+pub const MAX_LIGHTNING_HEAD_DIM: usize = 128;
+
+/// An f32 device buffer; `len` values in use, capacity to grow (KV caches) without a copy
+/// per append.
+pub struct GpuBuf {
+    data: Option<CudaSlice<f32>>,
+    len: usize,
+}
+
+impl GpuBuf {
+    fn view(&self) -> Option<CudaView<'_, f32>> {
+        self.data.as_ref().map(|d| d.slice(0..self.len))
+    }
+}
+
+/// A bf16 weight matrix `[rows, cols]` on the device.
+pub struct GpuWeight {
+    data: CudaSlice<bf16>,
+    rows: usize,
+    cols: usize,
+}
+
+pub struct CudaBackend {
+    ordinal: usize,
+    name: String,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<String, CudaFunction>,
+}
+
+fn fail(what: &str, e: impl std::fmt::Debug) -> ! {
+    panic!("CUDA {what}: {e:?}")
+}
+
+fn grid(n: usize, per: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(per).max(1), 1, 1),
+        block_dim: (per, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for its
+    /// architecture with headers from `include` (else `$CUDA_HOME/include`).
+    pub fn new(ordinal: usize, include: Option<PathBuf>) -> Result<Self, CudaError> {
+        let n = cuda::device_count()?;
+        if ordinal >= n {
+            return Err(CudaError::Driver(format!(
+                "cuda:{ordinal} asked for, this machine has {n} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        let (maj, min) = ctx
+            .compute_capability()
+            .map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        let arch = format!("sm_{maj}{min}");
+        let dirs = cuda::include_dirs(include.as_deref());
+        let mut funcs = HashMap::new();
+        for c in cuda::compile_all(&arch, &dirs)? {
+            let module = ctx
+                .load_module(Ptx::from_src(c.ptx))
+                .map_err(|e| CudaError::Driver(format!("loading {}: {e:?}", c.module)))?;
+            for k in c.kernels {
+                let f = module
+                    .load_function(&k)
+                    .map_err(|e| CudaError::Driver(format!("kernel {k}: {e:?}")))?;
+                funcs.insert(k, f);
+            }
+        }
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        let name = format!(
+            "cuda:{ordinal} ({}, {arch})",
+            ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+        );
+        Ok(CudaBackend {
+            ordinal,
+            name,
+            stream,
+            blas,
+            funcs,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("kernel {name} is not loaded"))
+    }
+
+    fn alloc(&self, n: usize) -> GpuBuf {
+        if n == 0 {
+            return GpuBuf { data: None, len: 0 };
+        }
+        let d = self
+            .stream
+            .alloc_zeros::<f32>(n)
+            .unwrap_or_else(|e| fail("alloc", e));
+        GpuBuf {
+            data: Some(d),
+            len: n,
+        }
+    }
+
+    fn ids(&self, ids: &[u32]) -> CudaSlice<u32> {
+        self.stream
+            .clone_htod(if ids.is_empty() { &[0u32][..] } else { ids })
+            .unwrap_or_else(|e| fail("upload", e))
+    }
+
+    fn floats(&self, v: &[f32]) -> CudaSlice<f32> {
+        self.stream
+            .clone_htod(if v.is_empty() { &[0f32][..] } else { v })
+            .unwrap_or_else(|e| fail("upload", e))
+    }
+
+    /// Copies `src` into `dst` at element `at`.
+    fn copy_into(&self, dst: &mut CudaSlice<f32>, at: usize, src: &GpuBuf) {
+        if let Some(v) = src.view() {
+            let mut d = dst.slice_mut(at..at + src.len);
+            self.stream
+                .memcpy_dtod(&v, &mut d)
+                .unwrap_or_else(|e| fail("copy", e));
+        }
+    }
+
+    /// `x` rounded to bf16 (a GEMM input).
+    fn to_bf16(&self, x: &GpuBuf) -> CudaSlice<bf16> {
+        let n = x.len.max(1);
+        let mut y = self
+            .stream
+            .alloc_zeros::<bf16>(n)
+            .unwrap_or_else(|e| fail("alloc", e));
+        if let Some(v) = x.view() {
+            let nn = x.len;
+            let mut b = self.stream.launch_builder(self.f("f32_to_bf16"));
+            b.arg(&v).arg(&mut y).arg(&nn);
+            unsafe { b.launch(grid(nn, 256)) }.unwrap_or_else(|e| fail("f32_to_bf16", e));
+        }
+        y
+    }
+
+    fn elementwise(&self, x: &mut GpuBuf, name: &str) {
+        let n = x.len;
+        if let Some(d) = x.data.as_mut() {
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(d).arg(&n);
+            unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail(name, e));
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = GpuBuf;
+    type Weight = GpuWeight;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload(&self, data: &[f32]) -> GpuBuf {
+        if data.is_empty() {
+            return GpuBuf { data: None, len: 0 };
+        }
+        GpuBuf {
+            data: Some(self.floats(data)),
+            len: data.len(),
+        }
+    }
+
+    fn upload_weight(&self, data: &[f32], rows: usize, cols: usize) -> GpuWeight {
+        assert_eq!(data.len(), rows * cols, "weight is not [rows, cols]");
+        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        let d = self
+            .stream
+            .clone_htod(if host.is_empty() {
+                &[bf16::ZERO][..]
+            } else {
+                &host
+            })
+            .unwrap_or_else(|e| fail("upload", e));
+        GpuWeight {
+            data: d,
+            rows,
+            cols,
+        }
+    }
+
+    fn weight_rows(&self, w: &GpuWeight, ids: &[u32], width: usize) -> GpuBuf {
+        assert_eq!(width, w.cols);
+        let mut out = self.alloc(ids.len() * width);
+        if let Some(o) = out.data.as_mut() {
+            let idd = self.ids(ids);
+            let (c, wi) = (ids.len() as i32, width as i32);
+            let mut b = self.stream.launch_builder(self.f("gather_rows_bf16"));
+            b.arg(&w.data).arg(&idd).arg(o).arg(&c).arg(&wi);
+            unsafe { b.launch(grid(ids.len() * width, 256)) }
+                .unwrap_or_else(|e| fail("gather_rows_bf16", e));
+        }
+        out
+    }
+
+    fn download(&self, buf: &GpuBuf) -> Vec<f32> {
+        match buf.view() {
+            Some(v) => self
+                .stream
+                .clone_dtoh(&v)
+                .unwrap_or_else(|e| fail("download", e)),
+            None => Vec::new(),
+        }
+    }
+
+    fn zeros(&self, len: usize) -> GpuBuf {
+        self.alloc(len)
+    }
+
+    fn len(&self, buf: &GpuBuf) -> usize {
+        buf.len
+    }
+
+    fn rows(&self, x: &GpuBuf, start: usize, count: usize, width: usize) -> GpuBuf {
+        assert!((start + count) * width <= x.len, "rows out of range");
+        let mut out = self.alloc(count * width);
+        if let (Some(o), Some(src)) = (out.data.as_mut(), x.data.as_ref()) {
+            let v = src.slice(start * width..(start + count) * width);
+            self.stream
+                .memcpy_dtod(&v, o)
+                .unwrap_or_else(|e| fail("copy", e));
+        }
+        out
+    }
+
+    fn gather_rows(&self, x: &GpuBuf, ids: &[u32], width: usize) -> GpuBuf {
+        let mut out = self.alloc(ids.len() * width);
+        if let (Some(o), Some(src)) = (out.data.as_mut(), x.data.as_ref()) {
+            let idd = self.ids(ids);
+            let (c, wi) = (ids.len() as i32, width as i32);
+            let mut b = self.stream.launch_builder(self.f("gather_rows"));
+            b.arg(src).arg(&idd).arg(o).arg(&c).arg(&wi);
+            unsafe { b.launch(grid(ids.len() * width, 256)) }
+                .unwrap_or_else(|e| fail("gather_rows", e));
+        }
+        out
+    }
+
+    fn concat_rows(&self, parts: &[GpuBuf]) -> GpuBuf {
+        let total: usize = parts.iter().map(|p| p.len).sum();
+        let mut out = self.alloc(total);
+        if let Some(o) = out.data.as_mut() {
+            let mut at = 0;
+            for p in parts {
+                self.copy_into(o, at, p);
+                at += p.len;
+            }
+        }
+        out
+    }
+
+    fn append(&self, dst: &mut GpuBuf, src: &GpuBuf) {
+        let need = dst.len + src.len;
+        let cap = dst.data.as_ref().map(|d| d.len()).unwrap_or(0);
+        if need > cap {
+            let mut grown = self
+                .stream
+                .alloc_zeros::<f32>((need * 2).max(1024))
+                .unwrap_or_else(|e| fail("alloc", e));
+            if dst.len > 0 {
+                let old = GpuBuf {
+                    data: dst.data.take(),
+                    len: dst.len,
+                };
+                self.copy_into(&mut grown, 0, &old);
+            }
+            dst.data = Some(grown);
+        }
+        if let Some(d) = dst.data.as_mut() {
+            self.copy_into(d, dst.len, src);
+        }
+        dst.len = need;
+    }
+
+    fn linear(&self, x: &GpuBuf, w: &GpuWeight, m: usize, k: usize, n: usize) -> GpuBuf {
+        assert_eq!(x.len, m * k, "linear: x is not [m, k]");
+        assert_eq!((w.rows, w.cols), (n, k), "linear: w is not [n, k]");
+        let mut y = self.alloc(m * n);
+        let xb = self.to_bf16(x);
+        if let Some(yd) = y.data.as_mut() {
+            use cudarc::cublas::sys;
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // Row-major Y[m,n] = X[m,k]·Wᵀ is column-major Yᵀ[n,m] = W·Xᵀ: W (column-major
+            // [k,n]) transposed, X (column-major [k,m]) as is.
+            let (wp, _rw) = w.data.device_ptr(&self.stream);
+            let (xp, _rx) = xb.device_ptr(&self.stream);
+            let (yp, _ry) = yd.device_ptr_mut(&self.stream);
+            // SAFETY: the three pointers are live device buffers of the sizes the call reads
+            // and writes ([n,k] and [m,k] bf16, [m,n] f32), on this handle's stream.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *self.blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    wp as *const _,
+                    sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    xp as *const _,
+                    sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    yp as *mut _,
+                    sys::cudaDataType::CUDA_R_32F,
+                    n as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .unwrap_or_else(|e| fail("gemm", e));
+        }
+        y
+    }
+
+    fn rms_norm(&self, x: &GpuBuf, g: &GpuBuf, width: usize, eps: f32) -> GpuBuf {
+        assert_eq!(g.len, width);
+        let rows = x.len / width.max(1);
+        let mut y = self.alloc(x.len);
+        if let (Some(yd), Some(xd), Some(gd)) = (y.data.as_mut(), x.data.as_ref(), g.data.as_ref())
+        {
+            let wi = width as i32;
+            let mut b = self.stream.launch_builder(self.f("rms_norm"));
+            b.arg(xd).arg(gd).arg(yd).arg(&wi).arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("rms_norm", e));
+        }
+        y
+    }
+
+    fn silu_inplace(&self, x: &mut GpuBuf) {
+        self.elementwise(x, "silu_inplace");
+    }
+
+    fn sigmoid_gate_inplace(&self, x: &mut GpuBuf, gate: &GpuBuf) {
+        assert_eq!(x.len, gate.len);
+        let n = x.len;
+        if let (Some(xd), Some(gd)) = (x.data.as_mut(), gate.data.as_ref()) {
+            let mut b = self.stream.launch_builder(self.f("sigmoid_gate"));
+            b.arg(xd).arg(gd).arg(&n);
+            unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail("sigmoid_gate", e));
+        }
+    }
+
+    fn axpby(&self, alpha: f32, a: &GpuBuf, beta: f32, b_: &GpuBuf) -> GpuBuf {
+        assert_eq!(a.len, b_.len);
+        let n = a.len;
+        let mut y = self.alloc(n);
+        if let (Some(yd), Some(ad), Some(bd)) = (y.data.as_mut(), a.data.as_ref(), b_.data.as_ref())
+        {
+            let mut b = self.stream.launch_builder(self.f("axpby"));
+            b.arg(&alpha).arg(ad).arg(&beta).arg(bd).arg(yd).arg(&n);
+            unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail("axpby", e));
+        }
+        y
+    }
+
+    fn swiglu(&self, h: &GpuBuf, rows: usize, inter: usize) -> GpuBuf {
+        assert_eq!(h.len, rows * 2 * inter);
+        let mut y = self.alloc(rows * inter);
+        if let (Some(yd), Some(hd)) = (y.data.as_mut(), h.data.as_ref()) {
+            let (r, i) = (rows as i32, inter as i32);
+            let mut b = self.stream.launch_builder(self.f("swiglu"));
+            b.arg(hd).arg(yd).arg(&r).arg(&i);
+            unsafe { b.launch(grid(rows * inter, 256)) }.unwrap_or_else(|e| fail("swiglu", e));
+        }
+        y
+    }
+
+    fn scatter_add_rows(
+        &self,
+        out: &mut GpuBuf,
+        y: &GpuBuf,
+        ids: &[u32],
+        weights: &[f32],
+        width: usize,
+    ) {
+        assert_eq!(y.len, ids.len() * width);
+        if let (Some(od), Some(yd)) = (out.data.as_mut(), y.data.as_ref()) {
+            let idd = self.ids(ids);
+            let wd = self.floats(weights);
+            let (c, wi) = (ids.len() as i32, width as i32);
+            let mut b = self.stream.launch_builder(self.f("scatter_add_rows"));
+            b.arg(od).arg(yd).arg(&idd).arg(&wd).arg(&c).arg(&wi);
+            unsafe { b.launch(grid(ids.len() * width, 256)) }
+                .unwrap_or_else(|e| fail("scatter_add_rows", e));
+        }
+    }
+
+    fn moe_experts(
+        &self,
+        x: &GpuBuf,
+        rows: usize,
+        hidden: usize,
+        inter: usize,
+        groups: &[ExpertGroup<'_, Self>],
+    ) -> GpuBuf {
+        assert_eq!(x.len, rows * hidden);
+        let mut out = self.alloc(rows * hidden);
+        for g in groups {
+            let n = g.ids.len();
+            if n == 0 {
+                continue;
+            }
+            let xs = self.gather_rows(x, g.ids, hidden);
+            let h = self.linear(&xs, g.w13, n, hidden, 2 * inter);
+            let a = self.swiglu(&h, n, inter);
+            let y = self.linear(&a, g.w2, n, inter, hidden);
+            self.scatter_add_rows(&mut out, &y, g.ids, g.weights, hidden);
+        }
+        out
+    }
+
+    fn lightning(
+        &self,
+        qkv: &GpuBuf,
+        t: usize,
+        shape: LightningShape,
+        decay: &[f32],
+        state: &mut GpuBuf,
+    ) -> GpuBuf {
+        let LightningShape {
+            heads, head_dim: d, ..
+        } = shape;
+        assert!(
+            d <= MAX_LIGHTNING_HEAD_DIM,
+            "lightning kernels take head_dim up to {MAX_LIGHTNING_HEAD_DIM}, got {d}"
+        );
+        assert_eq!(qkv.len, t * heads * 3 * d);
+        assert_eq!(state.len, heads * d * d);
+        let lam = self.floats(decay);
+        let mut out = self.alloc(t * heads * d);
+        let (Some(od), Some(qd), Some(sd)) =
+            (out.data.as_mut(), qkv.data.as_ref(), state.data.as_mut())
+        else {
+            return out;
+        };
+        let (hi, di) = (heads as i32, d as i32);
+        if t == 1 {
+            let ptr = {
+                let (p, _r) = sd.device_ptr(&self.stream);
+                p
+            };
+            let ptrs = self
+                .stream
+                .clone_htod(&[ptr])
+                .unwrap_or_else(|e| fail("upload", e));
+            let mut b = self.stream.launch_builder(self.f("lightning_decode"));
+            b.arg(qd).arg(od).arg(&ptrs).arg(&lam).arg(&hi).arg(&di);
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, 1, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
+            // The state was written through the pointer: keep it alive until then.
+            self.stream
+                .synchronize()
+                .unwrap_or_else(|e| fail("synchronize", e));
+        } else {
+            let ti = t as i32;
+            let mut b = self.stream.launch_builder(self.f("lightning_prefill"));
+            b.arg(qd)
+                .arg(od)
+                .arg(sd)
+                .arg(&lam)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&di);
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_prefill", e));
+        }
+        out
+    }
+
+    fn rope_inplace(&self, x: &mut GpuBuf, t: usize, heads: usize, pos0: usize, rope: RopeParams) {
+        let half = rope.rotary_dim / 2;
+        if half == 0 || t == 0 {
+            return;
+        }
+        assert_eq!(x.len, t * heads * rope.head_dim);
+        let inv = self.floats(&rope_inv_freq(rope));
+        if let Some(xd) = x.data.as_mut() {
+            let (ti, hi, hd, hf, p0) = (
+                t as i32,
+                heads as i32,
+                rope.head_dim as i32,
+                half as i32,
+                pos0 as i64,
+            );
+            let mut b = self.stream.launch_builder(self.f("rope_inplace"));
+            b.arg(xd)
+                .arg(&inv)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&hd)
+                .arg(&hf)
+                .arg(&p0);
+            unsafe { b.launch(grid(t * heads * half, 256)) }
+                .unwrap_or_else(|e| fail("rope_inplace", e));
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &GpuBuf,
+        t: usize,
+        k_cache: &GpuBuf,
+        v_cache: &GpuBuf,
+        pos0: usize,
+        shape: AttentionShape,
+    ) -> GpuBuf {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
+        assert!(
+            d <= 256,
+            "attention kernel takes head_dim up to 256, got {d}"
+        );
+        assert_eq!(q.len, t * heads * d);
+        let nkeys = pos0 + t;
+        assert!(k_cache.len >= nkeys * kv_heads * d);
+        let mut out = self.alloc(t * heads * d);
+        let mut lse = self.alloc(t * heads);
+        if let (Some(od), Some(ld), Some(qd), Some(kd), Some(vd)) = (
+            out.data.as_mut(),
+            lse.data.as_mut(),
+            q.data.as_ref(),
+            k_cache.data.as_ref(),
+            v_cache.data.as_ref(),
+        ) {
+            let (ti, hi, kvi, di) = (t as i32, heads as i32, kv_heads as i32, d as i32);
+            let (p0, kp0, nk) = (pos0 as i64, 0i64, nkeys as i32);
+            let mut b = self.stream.launch_builder(self.f("attention"));
+            b.arg(qd)
+                .arg(kd)
+                .arg(vd)
+                .arg(od)
+                .arg(ld)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&kvi)
+                .arg(&di)
+                .arg(&p0)
+                .arg(&kp0)
+                .arg(&nk);
+            unsafe { b.launch(grid(t * heads * 32, 128)) }.unwrap_or_else(|e| fail("attention", e));
+        }
+        out
+    }
+
+    fn route(&self, logits: &GpuBuf, rows: usize, experts: usize, top_k: usize) -> Routing {
+        assert_eq!(logits.len, rows * experts);
+        if rows == 0 {
+            return Routing {
+                top_k,
+                experts: Vec::new(),
+                weights: Vec::new(),
+            };
+        }
+        let mut ed = self
+            .stream
+            .alloc_zeros::<u32>(rows * top_k)
+            .unwrap_or_else(|e| fail("alloc", e));
+        let mut wd = self
+            .stream
+            .alloc_zeros::<f32>(rows * top_k)
+            .unwrap_or_else(|e| fail("alloc", e));
+        if let Some(ld) = logits.data.as_ref() {
+            let (r, e, k) = (rows as i32, experts as i32, top_k as i32);
+            let mut b = self.stream.launch_builder(self.f("route_topk"));
+            b.arg(ld).arg(&mut ed).arg(&mut wd).arg(&r).arg(&e).arg(&k);
+            unsafe { b.launch(grid(rows, 128)) }.unwrap_or_else(|e| fail("route_topk", e));
+        }
+        Routing {
+            top_k,
+            experts: self
+                .stream
+                .clone_dtoh(&ed)
+                .unwrap_or_else(|e| fail("download", e)),
+            weights: self
+                .stream
+                .clone_dtoh(&wd)
+                .unwrap_or_else(|e| fail("download", e)),
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Every CUDA kernel against the CPU backend on random inputs (feature `cuda`). On a machine
+//! without a GPU (or without NVRTC) each test prints why it is skipped and passes; on a GPU
+//! (`scripts/gpu-check.sh`) they run for real.
+//!
+//! Tolerances: these kernels compute in f32 like the CPU backend; what differs is the order of
+//! summation (warp/block reductions vs sequential or GEMM-blocked sums) and the GPU's `expf`,
+//! `rsqrtf` (≤ 2 ulp). Over sums of at most a few thousand terms of O(1) values that is well
+//! under 1e-4 relative to the largest value, which is the bound used (tighter than the 1e-4
+//! of max|logit| the model is held to against transformers).
+#![cfg(feature = "cuda")]
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use ringbolt_kernels::cpu::{Cpu, rope_inv_freq};
+use ringbolt_kernels::cuda;
+use ringbolt_kernels::{AttentionShape, Backend, LightningShape, RopeParams};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+struct Gpu {
+    stream: Arc<CudaStream>,
+    funcs: HashMap<String, CudaFunction>,
+}
+
+/// The GPU with every kernel loaded, or None (and why) when this machine cannot run them.
+fn gpu() -> Option<Gpu> {
+    match cuda::device_count() {
+        Ok(n) if n > 0 => {}
+        Ok(_) => {
+            eprintln!("skipped: no CUDA device");
+            return None;
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return None;
+        }
+    }
+    let ctx = CudaContext::new(0).expect("CUDA context");
+    let arch = {
+        let (maj, min) = ctx.compute_capability().expect("compute capability");
+        format!("sm_{maj}{min}")
+    };
+    let include = cuda::include_dirs(
+        std::env::var_os("RINGBOLT_CUDA_INCLUDE")
+            .map(std::path::PathBuf::from)
+            .as_deref(),
+    );
+    let mut funcs = HashMap::new();
+    for (m, s) in cuda::SOURCES {
+        let c = match cuda::compile_module(m, s, &arch, &include) {
+            Ok(c) => c,
+            Err(cuda::CudaError::NoNvrtc) => {
+                eprintln!("skipped: no NVRTC");
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let module = ctx.load_module(Ptx::from_src(c.ptx)).expect("load PTX");
+        for k in c.kernels {
+            let f = module.load_function(&k).expect("kernel in module");
+            funcs.insert(k, f);
+        }
+    }
+    Some(Gpu {
+        stream: ctx.default_stream(),
+        funcs,
+    })
+}
+
+fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let max = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 1e-4 * max,
+        "{what}: max error {err} vs max |value| {max}"
+    );
+}
+
+fn blocks(n: usize, per: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(per) as u32, 1, 1),
+        block_dim: (per as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[test]
+fn rms_norm_swiglu_and_gates_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let mut rng = StdRng::seed_from_u64(1);
+    let (rows, width) = (7, 3072);
+    let x = rand_vec(&mut rng, rows * width, 2.0);
+    let w = rand_vec(&mut rng, width, 1.0);
+    let xd = s.clone_htod(&x).unwrap();
+    let wd = s.clone_htod(&w).unwrap();
+    let mut yd = s.alloc_zeros::<f32>(rows * width).unwrap();
+    let (wi, eps) = (width as i32, 1e-6f32);
+    let mut b = s.launch_builder(&g.funcs["rms_norm"]);
+    b.arg(&xd).arg(&wd).arg(&mut yd).arg(&wi).arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(cfg) }.unwrap();
+    assert_close(
+        &s.clone_dtoh(&yd).unwrap(),
+        &Cpu.rms_norm(&x, &w, width, eps),
+        "rms_norm",
+    );
+
+    let inter = width / 2;
+    let mut hd = s.alloc_zeros::<f32>(rows * inter).unwrap();
+    let (r, ii) = (rows as i32, inter as i32);
+    let mut b = s.launch_builder(&g.funcs["swiglu"]);
+    b.arg(&xd).arg(&mut hd).arg(&r).arg(&ii);
+    unsafe { b.launch(blocks(rows * inter, 256)) }.unwrap();
+    assert_close(
+        &s.clone_dtoh(&hd).unwrap(),
+        &Cpu.swiglu(&x, rows, inter),
+        "swiglu",
+    );
+
+    let gate = rand_vec(&mut rng, rows * width, 3.0);
+    let gd = s.clone_htod(&gate).unwrap();
+    let mut xg = s.clone_htod(&x).unwrap();
+    let n = x.len();
+    let mut b = s.launch_builder(&g.funcs["sigmoid_gate"]);
+    b.arg(&mut xg).arg(&gd).arg(&n);
+    unsafe { b.launch(blocks(n, 256)) }.unwrap();
+    let mut want = x.clone();
+    Cpu.sigmoid_gate_inplace(&mut want, &gate);
+    assert_close(&s.clone_dtoh(&xg).unwrap(), &want, "sigmoid_gate");
+}
+
+#[test]
+fn rope_and_routing_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let mut rng = StdRng::seed_from_u64(2);
+    let (t, heads, hd) = (9, 6, 128);
+    let rope = RopeParams {
+        head_dim: hd,
+        rotary_dim: 64,
+        theta: 10_000_000.0,
+    };
+    let x = rand_vec(&mut rng, t * heads * hd, 1.0);
+    let inv = s.clone_htod(&rope_inv_freq(rope)).unwrap();
+    let mut xd = s.clone_htod(&x).unwrap();
+    let pos0: i64 = 1_000_003;
+    let (ti, hi, hdi, half) = (t as i32, heads as i32, hd as i32, 32i32);
+    let mut b = s.launch_builder(&g.funcs["rope_inplace"]);
+    b.arg(&mut xd)
+        .arg(&inv)
+        .arg(&ti)
+        .arg(&hi)
+        .arg(&hdi)
+        .arg(&half)
+        .arg(&pos0);
+    unsafe { b.launch(blocks(t * heads * 32, 256)) }.unwrap();
+    let mut want = x.clone();
+    Cpu.rope_inplace(&mut want, t, heads, pos0 as usize, rope);
+    assert_close(&s.clone_dtoh(&xd).unwrap(), &want, "rope");
+
+    let (rows, experts, k) = (100, 32, 2);
+    let logits = rand_vec(&mut rng, rows * experts, 4.0);
+    let ld = s.clone_htod(&logits).unwrap();
+    let mut ed = s.alloc_zeros::<u32>(rows * k).unwrap();
+    let mut wd = s.alloc_zeros::<f32>(rows * k).unwrap();
+    let (ri, ei, ki) = (rows as i32, experts as i32, k as i32);
+    let mut b = s.launch_builder(&g.funcs["route_topk"]);
+    b.arg(&ld)
+        .arg(&mut ed)
+        .arg(&mut wd)
+        .arg(&ri)
+        .arg(&ei)
+        .arg(&ki);
+    unsafe { b.launch(blocks(rows, 128)) }.unwrap();
+    let want = Cpu.route(&logits, rows, experts, k);
+    assert_eq!(s.clone_dtoh(&ed).unwrap(), want.experts, "route: experts");
+    assert_close(&s.clone_dtoh(&wd).unwrap(), &want.weights, "route: weights");
+}
+
+#[test]
+fn lightning_prefill_and_decode_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let mut rng = StdRng::seed_from_u64(3);
+    let (heads, d) = (4, 128);
+    // 83 tokens: several blocks and a partial last one, then a decode step.
+    let t = 83;
+    let shape = LightningShape {
+        heads,
+        head_dim: d,
+        block: 64,
+    };
+    let lambda: Vec<f32> = (0..heads).map(|h| 0.05 * (h + 1) as f32).collect();
+    let qkv = rand_vec(&mut rng, t * heads * 3 * d, 0.3);
+    let state0 = rand_vec(&mut rng, heads * d * d, 0.1);
+    let mut want_state = state0.clone();
+    let want = Cpu.lightning(&qkv, t, shape, &lambda, &mut want_state);
+
+    let qd = s.clone_htod(&qkv).unwrap();
+    let ld = s.clone_htod(&lambda).unwrap();
+    let mut sd = s.clone_htod(&state0).unwrap();
+    let mut od = s.alloc_zeros::<f32>(t * heads * d).unwrap();
+    let (ti, hi, di) = (t as i32, heads as i32, d as i32);
+    let mut b = s.launch_builder(&g.funcs["lightning_prefill"]);
+    b.arg(&qd)
+        .arg(&mut od)
+        .arg(&mut sd)
+        .arg(&ld)
+        .arg(&ti)
+        .arg(&hi)
+        .arg(&di);
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(cfg) }.unwrap();
+    assert_close(
+        &s.clone_dtoh(&od).unwrap(),
+        &want,
+        "lightning prefill output",
+    );
+    assert_close(
+        &s.clone_dtoh(&sd).unwrap(),
+        &want_state,
+        "lightning prefill state",
+    );
+
+    // Decode, batched over two sequences (the second starts from state0).
+    let tok = rand_vec(&mut rng, 2 * heads * 3 * d, 0.3);
+    let mut s1 = want_state.clone();
+    let mut s2 = state0.clone();
+    let w1 = Cpu.lightning(&tok[..heads * 3 * d].to_vec(), 1, shape, &lambda, &mut s1);
+    let w2 = Cpu.lightning(&tok[heads * 3 * d..].to_vec(), 1, shape, &lambda, &mut s2);
+    let st2 = s.clone_htod(&state0).unwrap();
+    let td = s.clone_htod(&tok).unwrap();
+    let mut od = s.alloc_zeros::<f32>(2 * heads * d).unwrap();
+    let ptrs: Vec<u64> = {
+        use cudarc::driver::DevicePtr;
+        let (p1, _r1) = sd.device_ptr(s);
+        let (p2, _r2) = st2.device_ptr(s);
+        vec![p1, p2]
+    };
+    let pd = s.clone_htod(&ptrs).unwrap();
+    let mut b = s.launch_builder(&g.funcs["lightning_decode"]);
+    b.arg(&td).arg(&mut od).arg(&pd).arg(&ld).arg(&hi).arg(&di);
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, 2, 1),
+        block_dim: (d as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(cfg) }.unwrap();
+    let got = s.clone_dtoh(&od).unwrap();
+    assert_close(&got[..heads * d], &w1, "lightning decode, sequence 1");
+    assert_close(&got[heads * d..], &w2, "lightning decode, sequence 2");
+    assert_close(&s.clone_dtoh(&sd).unwrap(), &s1, "lightning decode state 1");
+    assert_close(
+        &s.clone_dtoh(&st2).unwrap(),
+        &s2,
+        "lightning decode state 2",
+    );
+}
+
+#[test]
+fn attention_and_its_merge_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let mut rng = StdRng::seed_from_u64(4);
+    let (heads, kv_heads, d) = (8, 2, 128);
+    let (pos0, t) = (300usize, 37usize);
+    let len = pos0 + t;
+    let shape = AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+    };
+    let q = rand_vec(&mut rng, t * heads * d, 1.0);
+    let k = rand_vec(&mut rng, len * kv_heads * d, 1.0);
+    let v = rand_vec(&mut rng, len * kv_heads * d, 1.0);
+    let want = Cpu.attention(&q, t, &k, &v, pos0, shape);
+
+    let qd = s.clone_htod(&q).unwrap();
+    let run = |kd: &cudarc::driver::CudaSlice<f32>,
+               vd: &cudarc::driver::CudaSlice<f32>,
+               kpos0: i64,
+               nkeys: i32| {
+        let mut od = s.alloc_zeros::<f32>(t * heads * d).unwrap();
+        let mut lse = s.alloc_zeros::<f32>(t * heads).unwrap();
+        let (ti, hi, kvi, di) = (t as i32, heads as i32, kv_heads as i32, d as i32);
+        let p0 = pos0 as i64;
+        let mut b = s.launch_builder(&g.funcs["attention"]);
+        b.arg(&qd)
+            .arg(kd)
+            .arg(vd)
+            .arg(&mut od)
+            .arg(&mut lse)
+            .arg(&ti)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&di)
+            .arg(&p0)
+            .arg(&kpos0)
+            .arg(&nkeys);
+        unsafe { b.launch(blocks(t * heads * 32, 128)) }.unwrap();
+        (od, lse)
+    };
+    let kd = s.clone_htod(&k).unwrap();
+    let vd = s.clone_htod(&v).unwrap();
+    let (od, _) = run(&kd, &vd, 0, len as i32);
+    assert_close(&s.clone_dtoh(&od).unwrap(), &want, "attention");
+
+    // Ring form: keys split in two blocks, partial results merged.
+    let split = 200;
+    let w = kv_heads * d;
+    let (ka, kb) = (
+        s.clone_htod(&k[..split * w]).unwrap(),
+        s.clone_htod(&k[split * w..]).unwrap(),
+    );
+    let (va, vb) = (
+        s.clone_htod(&v[..split * w]).unwrap(),
+        s.clone_htod(&v[split * w..]).unwrap(),
+    );
+    let (mut o1, mut l1) = run(&ka, &va, 0, split as i32);
+    let (o2, l2) = run(&kb, &vb, split as i64, (len - split) as i32);
+    let (ti, hi, di) = (t as i32, heads as i32, d as i32);
+    let mut b = s.launch_builder(&g.funcs["attention_merge"]);
+    b.arg(&mut o1)
+        .arg(&mut l1)
+        .arg(&o2)
+        .arg(&l2)
+        .arg(&ti)
+        .arg(&hi)
+        .arg(&di);
+    unsafe { b.launch(blocks(t * heads, 128)) }.unwrap();
+    assert_close(
+        &s.clone_dtoh(&o1).unwrap(),
+        &want,
+        "attention merged from two key blocks",
+    );
+}

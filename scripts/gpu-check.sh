@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU (../.library/device/): every CUDA kernel against the
+# CPU backend on random inputs, and `ringbolt kernels compile` for the device's architecture.
+#
+# The GPU machine has no Rust toolchain and no network, so this runs in two steps:
+#   scripts/gpu-check.sh build   # here: builds with --features cuda, stages stripped binaries in .gpu/
+#   scripts/gpu-check.sh run     # there (device `run` with carry [".gpu"]): results under $OUT
+#
+# Not yet covered: the kernel benchmarks (lightning TFLOP/s vs bf16 GEMM, decode bandwidth vs
+# HBM, attention vs SDPA).
+#
+# Tolerances: kernels vs CPU 1e-4 of the largest value (both f32; see kernels/tests/cuda.rs).
+# Whole-model logits cuda vs cpu on a bf16 checkpoint: 2e-2 of max|logit| — the CUDA backend
+# rounds every GEMM's activations to bf16 (relative error 2^-9 each), the CPU backend keeps
+# them f32, and 8 layers of residual sums carry that forward.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+build)
+  cargo build --release -p ringbolt --features cuda
+  test_bin=$(cargo test --release -p ringbolt-kernels --features cuda --test cuda --no-run \
+    --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])')
+  mkdir -p .gpu
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  strip -o .gpu/ringbolt target/release/ringbolt
+  strip -o .gpu/kernel-tests "$test_bin"
+  du -sh .gpu
+  ;;
+run)
+  : "${OUT:?run this on the device machine, where \$OUT is set}"
+  set -o pipefail
+  site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
+  cu="$site/nvidia/cu13"
+  export LD_LIBRARY_PATH="$cu/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export RINGBOLT_CUDA_INCLUDE="${RINGBOLT_CUDA_INCLUDE:-$cu/include}"
+  [ -e "$RINGBOLT_CUDA_INCLUDE/cuda_bf16.h" ] || export RINGBOLT_CUDA_INCLUDE=/usr/local/cuda/include
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  .gpu/ringbolt kernels compile --arch sm_90 --cuda-include "$RINGBOLT_CUDA_INCLUDE" 2>&1 | tee "$OUT/kernels-compile.txt"
+  .gpu/kernel-tests --test-threads 1 --nocapture 2>&1 | tee "$OUT/kernel-tests.txt"
+  # The whole model: prefill 200 tokens, then decode 20, on cuda and on cpu.
+  work=$(mktemp -d)
+  .gpu/ringbolt init-checkpoint --preset small --seed 1 --dtype bf16 --out "$work/small" >/dev/null
+  python3 -c 'print(",".join(str((i * 7919) % 32000) for i in range(220)))' > "$work/prompt.txt"
+  for dev in cpu cuda:0; do
+    /usr/bin/time -f "$dev: %e s" .gpu/ringbolt logits --checkpoint "$work/small" \
+      --tokens-file "$work/prompt.txt" --prefill-len 200 --device "$dev" \
+      --out "$work/${dev%%:*}.safetensors" 2>&1 | tee -a "$OUT/logits.txt"
+  done
+  python3 - "$work" <<'PY' 2>&1 | tee -a "$OUT/logits.txt"
+import sys
+from safetensors.numpy import load_file
+w = sys.argv[1]
+a = load_file(f"{w}/cpu.safetensors")["logits"]
+b = load_file(f"{w}/cuda.safetensors")["logits"]
+rel = float(abs(a - b).max() / abs(a).max())
+same = float((a.argmax(-1) == b.argmax(-1)).mean())
+print(f"logits cuda vs cpu: max error {rel:.3e} of max|logit|, argmax agreement {same:.3f}")
+print("ok" if rel <= 2e-2 else "FAILED: above 2e-2")
+PY
+  ;;
+*)
+  echo "usage: scripts/gpu-check.sh build|run" >&2
+  exit 2
+  ;;
+esac
