@@ -211,9 +211,13 @@ impl Cluster {
     }
 
     fn worker(&self, role: &str) -> (Proc, String) {
+        self.worker_at(role, &["--listen", "127.0.0.1:0"])
+    }
+
+    fn worker_at(&self, role: &str, extra: &[&str]) -> (Proc, String) {
         let mut a = vec![role.to_string()];
         a.extend(self.common());
-        a.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
         let p = Proc::start(&a);
         let rest = p.wait_for(&format!("ringbolt {role} "), Duration::from_secs(60));
         let id = rest.split_whitespace().next().unwrap().to_string();
@@ -705,4 +709,27 @@ fn planned_expert_memory_matches_what_the_workers_hold() {
             err * 100.0
         );
     }
+}
+
+#[test]
+fn an_expert_worker_restarted_in_place_gets_its_experts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("restart", dir.path());
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator(port, true);
+    let (_att, _) = c.worker("attention-worker");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let data = format!("127.0.0.1:{}", free_port());
+    let at = ["--listen", &listen, "--data-listen", &data, "--id", "steady"];
+    let (mut e, _) = c.worker_at("expert-worker", &at);
+    let s = wait_status(&ep, "experts placed", covers_all);
+    // Same id, same addresses, back before its old lease ran out: the membership looks the
+    // same, but the new process holds nothing until the coordinator re-places the experts.
+    e.kill9();
+    let (_e2, _) = c.worker_at("expert-worker", &at);
+    wait_status(&ep, "a new epoch after the restart", |x| epoch(x) > epoch(&s));
+    let p = prompt(80, 2);
+    let id = submit(&ep, &p, 24);
+    assert_eq!(tokens(&follow(&ep, &id).join().unwrap()), generate(&c.ckpt, &p, 24));
 }

@@ -185,15 +185,23 @@ impl Planner {
             )
             .await
             .ok();
+        // A worker of the plan that registers again was restarted and holds nothing: the next
+        // round re-places (and re-loads) even if the membership looks the same.
+        let mut force = false;
         loop {
-            if let Err(e) = self.replan().await {
-                tracing::warn!(error = %e, "placement not updated; will retry");
+            match self.replan(force).await {
+                Ok(()) => force = false,
+                Err(e) => tracing::warn!(error = %e, "placement not updated; will retry"),
             }
             let mut pending = false;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 ev = events.recv() => match ev {
-                    Some(ev) => { self.view.apply(&ev); pending = true; }
+                    Some(ev) => {
+                        force |= self.rejoined(&ev);
+                        self.view.apply(&ev);
+                        pending = true;
+                    }
                     None => return,
                 },
                 m = async {
@@ -208,6 +216,7 @@ impl Planner {
                 // Let a burst of changes settle into one epoch.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while let Ok(ev) = events.try_recv() {
+                    force |= self.rejoined(&ev);
                     self.view.apply(&ev);
                 }
             }
@@ -233,7 +242,18 @@ impl Planner {
         load
     }
 
-    async fn replan(&self) -> Result<(), ClusterError> {
+    /// Whether `ev` is an expert worker of the current plan registering again: a process
+    /// registers once, so that is a restart (it holds nothing, whatever the plan says).
+    fn rejoined(&self, ev: &MemberEvent) -> bool {
+        match ev {
+            MemberEvent::Joined(m) if m.role == Role::ExpertWorker => {
+                self.view.plan.current().workers.contains_key(&m.id)
+            }
+            _ => false,
+        }
+    }
+
+    async fn replan(&self, force: bool) -> Result<(), ClusterError> {
         let members = self
             .membership
             .members()
@@ -271,7 +291,7 @@ impl Planner {
                     .get(&w.id)
                     .is_some_and(|p| p.data_address == w.data_address && p.address == w.address)
             });
-        if same_workers && prev.complete(self.layers, self.experts) {
+        if !force && same_workers && prev.complete(self.layers, self.experts) {
             return Ok(());
         }
         if workers.is_empty() {
