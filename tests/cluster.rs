@@ -721,15 +721,27 @@ fn an_expert_worker_restarted_in_place_gets_its_experts_again() {
     let (_att, _) = c.worker("attention-worker");
     let listen = format!("127.0.0.1:{}", free_port());
     let data = format!("127.0.0.1:{}", free_port());
-    let at = ["--listen", &listen, "--data-listen", &data, "--id", "steady"];
+    let at = [
+        "--listen",
+        &listen,
+        "--data-listen",
+        &data,
+        "--id",
+        "steady",
+    ];
     let (mut e, _) = c.worker_at("expert-worker", &at);
     let s = wait_status(&ep, "experts placed", covers_all);
     // Same id, same addresses, back before its old lease ran out: the membership looks the
     // same, but the new process holds nothing until the coordinator re-places the experts.
     e.kill9();
     let (_e2, _) = c.worker_at("expert-worker", &at);
-    wait_status(&ep, "a new epoch after the restart", |x| epoch(x) > epoch(&s));
+    wait_status(&ep, "a new epoch after the restart", |x| {
+        epoch(x) > epoch(&s)
+    });
     let p = prompt(80, 2);
     let id = submit(&ep, &p, 24);
-    assert_eq!(tokens(&follow(&ep, &id).join().unwrap()), generate(&c.ckpt, &p, 24));
+    assert_eq!(
+        tokens(&follow(&ep, &id).join().unwrap()),
+        generate(&c.ckpt, &p, 24)
+    );
 }

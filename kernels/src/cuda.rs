@@ -108,20 +108,23 @@ pub struct Compiled {
     pub kernels: Vec<String>,
 }
 
-/// Compiles every module for `arch` (e.g. `sm_90`), checking that each kernel is in the PTX.
+/// Compiles (or loads from the cache) every module for `arch` (e.g. `sm_90`), checking that
+/// each kernel is in the PTX.
 pub fn compile_all(arch: &str, include: &[PathBuf]) -> Result<Vec<Compiled>, CudaError> {
     SOURCES
         .iter()
-        .map(|(m, s)| compile_module(m, s, arch, include))
+        .map(|(m, s)| compile_module(m, s, arch, include, true))
         .collect()
 }
 
-/// Compiles one module (cached under `$XDG_CACHE_HOME/ringbolt/kernels`).
+/// Compiles one module; with `cached`, reuses (and fills) the PTX cache under
+/// `$XDG_CACHE_HOME/ringbolt/kernels`, keyed by source, architecture and NVRTC version.
 pub fn compile_module(
     module: &str,
     source: &str,
     arch: &str,
     include: &[PathBuf],
+    cached: bool,
 ) -> Result<Compiled, CudaError> {
     use cudarc::nvrtc::{CompileError, CompileOptions};
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -130,7 +133,11 @@ pub fn compile_module(
     let src = expanded(source);
     let defs = kernels_of(&src);
     let version = nvrtc_version();
-    let cache = cache_path(module, &src, arch, &version);
+    let cache = if cached {
+        cache_path(module, &src, arch, &version)
+    } else {
+        None
+    };
     let ptx = match cache.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
         Some(p) => p,
         None => {

@@ -48,7 +48,7 @@ fn gpu() -> Option<Gpu> {
     );
     let mut funcs = HashMap::new();
     for (m, s) in cuda::SOURCES {
-        let c = match cuda::compile_module(m, s, &arch, &include) {
+        let c = match cuda::compile_module(m, s, &arch, &include, true) {
             Ok(c) => c,
             Err(cuda::CudaError::NoNvrtc) => {
                 eprintln!("skipped: no NVRTC");

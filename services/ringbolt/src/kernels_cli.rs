@@ -51,7 +51,7 @@ fn compile(arch: &str, include: Option<PathBuf>) -> Result<()> {
     }
     let mut n = 0;
     for (module, src) in cuda::SOURCES {
-        let c = cuda::compile_module(module, src, arch, &dirs)?;
+        let c = cuda::compile_module(module, src, arch, &dirs, false)?;
         for k in &c.kernels {
             println!("{k:<20} {module:<12} {arch} ok");
             n += 1;
