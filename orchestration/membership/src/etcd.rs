@@ -56,12 +56,71 @@ impl EtcdMembership {
     }
 }
 
+/// An etcd lease kept alive by a background task until `keepalive` is cancelled. `lost` turns
+/// true when the lease could not be renewed for a whole TTL (it has expired, or etcd is gone).
+pub struct KeptLease {
+    pub id: i64,
+    pub keepalive: CancellationToken,
+    pub lost: watch::Receiver<bool>,
+}
+
+/// Grants a lease of `ttl` (at least 2 s, etcd's minimum) and keeps it alive.
+pub async fn keep_lease(client: &Client, ttl: Duration) -> Result<KeptLease> {
+    let ttl_s = ttl.as_secs().max(2) as i64;
+    let lease = client
+        .clone()
+        .lease_grant(ttl_s, None)
+        .await
+        .map_err(unavailable)?
+        .id();
+    let keepalive = CancellationToken::new();
+    let (lost_tx, lost) = watch::channel(false);
+    let token = keepalive.clone();
+    let mut kc = client.clone();
+    let period = Duration::from_secs(ttl_s as u64) / 3;
+    tokio::spawn(async move {
+        let mut last_ok = Instant::now();
+        let mut keeper = None;
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            if keeper.is_none() {
+                keeper = kc.lease_keep_alive(lease).await.ok();
+            }
+            let ok = match keeper.as_mut() {
+                Some((k, stream)) => match k.keep_alive().await {
+                    Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            if ok {
+                last_ok = Instant::now();
+            } else {
+                keeper = None;
+                if last_ok.elapsed() >= Duration::from_secs(ttl_s as u64) {
+                    tracing::warn!(lease, "lease lost");
+                    let _ = lost_tx.send(true);
+                    return;
+                }
+            }
+        }
+    });
+    Ok(KeptLease {
+        id: lease,
+        keepalive,
+        lost,
+    })
+}
+
 impl Membership for EtcdMembership {
     async fn register(&self, member: Member, ttl: Duration) -> Result<Registration> {
         validate(&member, ttl)?;
+        let kept = keep_lease(&self.client, ttl).await?;
+        let lease = kept.id;
         let mut c = self.client.clone();
-        let ttl_s = ttl.as_secs().max(2) as i64;
-        let lease = c.lease_grant(ttl_s, None).await.map_err(unavailable)?.id();
         let key = member_key(&self.cluster, member.role, &member.id);
         let value =
             serde_json::to_vec(&member).map_err(|e| MembershipError::Invalid(e.to_string()))?;
@@ -72,41 +131,7 @@ impl Membership for EtcdMembership {
         )
         .await
         .map_err(unavailable)?;
-        let keepalive = CancellationToken::new();
-        let (lost_tx, lost) = watch::channel(false);
-        let token = keepalive.clone();
-        let mut kc = self.client.clone();
-        let period = Duration::from_secs(ttl_s as u64) / 3;
-        tokio::spawn(async move {
-            let mut last_ok = Instant::now();
-            let mut keeper = None;
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(period) => {}
-                }
-                if keeper.is_none() {
-                    keeper = kc.lease_keep_alive(lease).await.ok();
-                }
-                let ok = match keeper.as_mut() {
-                    Some((k, stream)) => match k.keep_alive().await {
-                        Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
-                        Err(_) => false,
-                    },
-                    None => false,
-                };
-                if ok {
-                    last_ok = Instant::now();
-                } else {
-                    keeper = None;
-                    if last_ok.elapsed() >= Duration::from_secs(ttl_s as u64) {
-                        tracing::warn!(lease, "membership lease lost");
-                        let _ = lost_tx.send(true);
-                        return;
-                    }
-                }
-            }
-        });
+        let (keepalive, lost) = (kept.keepalive, kept.lost);
         let mut rc = self.client.clone();
         Ok(Registration {
             keepalive,

@@ -6,7 +6,7 @@
 mod etcd;
 mod memory;
 
-pub use etcd::EtcdMembership;
+pub use etcd::{EtcdMembership, KeptLease, keep_lease};
 pub use memory::MemoryMembership;
 
 use serde::{Deserialize, Serialize};

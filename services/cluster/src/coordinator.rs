@@ -703,50 +703,6 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// An etcd lease kept alive until cancelled; `lost` fires when it cannot be.
-async fn keep_lease(
-    client: Client,
-    ttl: Duration,
-    stop: CancellationToken,
-) -> Result<(i64, CancellationToken), ClusterError> {
-    let mut c = client.clone();
-    let ttl_s = ttl.as_secs().max(2) as i64;
-    let lease = c.lease_grant(ttl_s, None).await.map_err(etcd_err)?.id();
-    let lost = CancellationToken::new();
-    let lost2 = lost.clone();
-    tokio::spawn(async move {
-        let period = Duration::from_secs(ttl_s as u64) / 3;
-        let mut last_ok = Instant::now();
-        let mut keeper = None;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
-            }
-            if keeper.is_none() {
-                keeper = c.lease_keep_alive(lease).await.ok();
-            }
-            let ok = match keeper.as_mut() {
-                Some((k, s)) => match k.keep_alive().await {
-                    Ok(()) => matches!(s.message().await, Ok(Some(r)) if r.ttl() > 0),
-                    Err(_) => false,
-                },
-                None => false,
-            };
-            if ok {
-                last_ok = Instant::now();
-            } else {
-                keeper = None;
-                if last_ok.elapsed() >= Duration::from_secs(ttl_s as u64) {
-                    lost2.cancel();
-                    return;
-                }
-            }
-        }
-    });
-    Ok((lease, lost))
-}
-
 /// `ringbolt coordinator`.
 pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let c = &a.common;
@@ -770,7 +726,12 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let stop = CancellationToken::new();
 
     // Leadership: a standby waits here until the leader's lease ends.
-    let (lease, lease_lost) = keep_lease(client.clone(), c.lease_ttl(), stop.clone()).await?;
+    let kept = ringbolt_membership::keep_lease(&client, c.lease_ttl())
+        .await
+        .map_err(|e| ClusterError::Etcd(e.to_string()))?;
+    let lease = kept.id;
+    let _keepalive = kept.keepalive.drop_guard();
+    let mut lease_lost = kept.lost;
     eprintln!(
         "ringbolt coordinator {id}: campaigning for leadership of cluster `{}`",
         c.cluster
@@ -791,7 +752,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     };
     tokio::select! {
         _ = campaign => {}
-        _ = lease_lost.cancelled() => {
+        _ = lease_lost.wait_for(|l| *l) => {
             return Err(ClusterError::Etcd("lost the election lease while standing by".into()));
         }
         _ = wait_for_signal() => { stop.cancel(); return Ok(()); }
@@ -857,7 +818,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let shutdown = async move {
         tokio::select! {
             _ = wait_for_signal() => {}
-            _ = lease_lost.cancelled() => {
+            _ = lease_lost.wait_for(|l| *l) => {
                 tracing::error!("leadership lease lost (etcd unreachable): stepping down");
             }
             _ = lost.wait_for(|l| *l) => {}
