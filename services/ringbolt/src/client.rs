@@ -575,7 +575,9 @@ pub async fn status(a: StatusArgs) -> Result<()> {
                         .map(|e| [e.layer, e.expert])
                         .collect::<Vec<_>>()
                 );
-                v["weight_bytes"] = json!(m.weight_bytes);
+                if m.role == "expert-worker" {
+                    v["weight_bytes"] = json!(m.weight_bytes);
+                }
             }
             v
         })
