@@ -75,23 +75,8 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
 }
 
 pub async fn shutdown_signal(token: CancellationToken) {
-    let term = async {
-        #[cfg(unix)]
-        {
-            if let Ok(mut s) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                s.recv().await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        }
-        #[cfg(not(unix))]
-        std::future::pending::<()>().await;
-    };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+        _ = ringbolt_cluster::wait_for_signal() => {}
         _ = token.cancelled() => {}
     }
     token.cancel();
