@@ -299,11 +299,6 @@ fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
     out
 }
 
-#[inline]
-fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
-    dot_as(a, b, bf16_to_f32)
-}
-
 /// Largest lightning block the CPU backend uses: the intra-block product costs O(B) per token
 /// and the state terms O(d), so a block near d is cheapest; results do not depend on it.
 pub const CPU_LIGHTNING_BLOCK: usize = 64;
@@ -598,6 +593,20 @@ fn flash_attention(
 fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "linear: input is not [m, k]");
     assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
+    if let CpuWeight::Bf16(v) = w {
+        if m == 1 {
+            const CH: usize = 64;
+            let mut y = vec![0f32; n];
+            y.par_chunks_mut(CH).enumerate().for_each(|(c, out)| {
+                let rows = &v[c * CH * k..(c * CH + out.len()) * k];
+                crate::x86::gemv_bf16(x, rows, k, out);
+            });
+            return y;
+        }
+        if m > GEMV_ROWS && crate::x86::amx_takes(k, n) {
+            return crate::x86::amx_linear_bf16(x, v, m, k, n, parallel);
+        }
+    }
     let mut y = vec![0f32; m * n];
     if m <= GEMV_ROWS {
         // Memory-bound: parallel over output features, each a dot product per input row.
@@ -609,10 +618,6 @@ fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool
                 let j = c * CH + jj;
                 let wr: &[f32] = match w {
                     CpuWeight::F32(v) => &v[j * k..(j + 1) * k],
-                    CpuWeight::Bf16(v) if m == 1 => {
-                        o[0] = dot_bf16(x, &v[j * k..(j + 1) * k]);
-                        continue;
-                    }
                     CpuWeight::Bf16(v) => {
                         row.clear();
                         row.extend(v[j * k..(j + 1) * k].iter().map(|&b| bf16_to_f32(b)));

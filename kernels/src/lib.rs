@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_backend;
+pub mod x86;
 
 /// Lightning-attention geometry of one layer.
 #[derive(Debug, Clone, Copy)]

@@ -232,6 +232,26 @@ fn gemm_gflops(m: usize, n: usize, k: usize) -> f64 {
     2.0 * (m * n * k) as f64 / best / 1e9
 }
 
+/// Throughput (GFLOP/s) of the CPU backend's `linear` with a bf16 weight (a bf16 checkpoint's
+/// layers) on the same shape: AMX with three-term activations where the CPU has it.
+fn bf16_linear_gflops(m: usize, n: usize, k: usize) -> f64 {
+    let mut rng = StdRng::seed_from_u64(2);
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|_| f32::from_bits(rng.random_range(-1.0f32..1.0).to_bits() & 0xffff_0000))
+        .collect();
+    use ringbolt_kernels::Backend;
+    let cpu = Cpu;
+    let w = cpu.upload_weight(&w, n, k);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::hint::black_box(cpu.linear(&x, &w, m, k, n));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (m * n * k) as f64 / best / 1e9
+}
+
 /// Useful (model) FLOPs of a prefill of `t` tokens from an empty context, logits for the
 /// last position only.
 pub fn prefill_flops(c: &ModelConfig, t: usize) -> f64 {
@@ -291,6 +311,11 @@ fn engine(
         c.hidden_size,
     );
     let gf_sq = gemm_gflops(1024, 1024, 1024);
+    let lf = bf16_linear_gflops(
+        prefill.min(4096),
+        c.intermediate_size.max(c.hidden_size),
+        c.hidden_size,
+    );
     let toks = random_tokens(prefill, c.vocab_size, 7);
     let mut best = f64::MAX;
     for _ in 0..repeat {
@@ -309,6 +334,8 @@ fn engine(
         "threads": rayon::current_num_threads(),
         "gemm_gflops_engine_shape": gf,
         "gemm_gflops_1024": gf_sq,
+        "bf16_linear_gflops_engine_shape": lf,
+        "cpu_amx": ringbolt_kernels::x86::has_amx(),
         "prefill_tokens": prefill,
         "prefill_seconds": best,
         "prefill_tokens_per_second": prefill as f64 / best,

@@ -116,6 +116,49 @@ fn logits_writes_every_position_and_matches_the_engine() {
     assert_eq!(lib, full);
 }
 
+/// bf16 weights on CPUs with AMX take the tile-unit GEMM (activations split into three bf16
+/// terms); it must agree with the f32 path (`RINGBOLT_CPU_AMX=0`) to f32 rounding. On a CPU
+/// without AMX both runs take the f32 path.
+#[test]
+fn amx_and_f32_gemms_give_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    init(&ckpt, &["--dtype", "bf16"]);
+    let toks: Vec<String> = (0..96).map(|i| ((i * 37 + 11) % 512).to_string()).collect();
+    let toks = toks.join(",");
+    let run = |amx: &str, name: &str| {
+        let out = dir.path().join(name);
+        let st = Command::new(env!("CARGO_BIN_EXE_ringbolt"))
+            .env("RINGBOLT_CPU_AMX", amx)
+            .args([
+                "logits",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--tokens",
+                &toks,
+            ])
+            .args(["--prefill-len", "80", "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        read_logits(&out).1
+    };
+    let (amx, f32) = (run("1", "amx.safetensors"), run("0", "f32.safetensors"));
+    let scale = f32.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = amx
+        .iter()
+        .zip(&f32)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 1e-5 * scale,
+        "AMX vs f32 GEMM: {err} (scale {scale})"
+    );
+}
+
 #[test]
 fn generate_is_greedy_by_default_and_seeded_when_sampling() {
     let dir = tempfile::tempdir().unwrap();
