@@ -14,18 +14,39 @@ cargo build --release -q -p ringbolt
 R=target/release/ringbolt
 [ -d "$work/small" ] || $R init-checkpoint --preset small --seed 1 --dtype bf16 --out "$work/small"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-ours=$($R --threads "$THREADS" bench engine --checkpoint "$work/small" --prefill 4096 --decode-context 512 --repeat 3)
-echo "$ours"
-if $PYTHON -c "import torch, transformers" 2>/dev/null; then
-  theirs=$($PYTHON scripts/reference/bench_transformers.py --checkpoint "$work/small" --threads "$THREADS" --repeat 3 2>/dev/null | tail -1)
-  echo "$theirs"
-  $PYTHON - "$ours" "$theirs" <<'PY'
+# The machine's speed swings by up to 2x within minutes (shared host), so Ringbolt and the
+# baseline run in alternating rounds and each side's best is compared.
+ROUNDS=${ROUNDS:-3}
+have_ref=0
+$PYTHON -c "import torch, transformers" 2>/dev/null && have_ref=1
+ours_all=()
+theirs_all=()
+for _ in $(seq "$ROUNDS"); do
+  o=$($R --threads "$THREADS" bench engine --checkpoint "$work/small" --prefill 4096 --decode-context 512 --repeat 2)
+  echo "$o"
+  ours_all+=("$o")
+  if [ $have_ref = 1 ]; then
+    t=$($PYTHON scripts/reference/bench_transformers.py --checkpoint "$work/small" --threads "$THREADS" --repeat 2 2>/dev/null | tail -1)
+    echo "$t"
+    theirs_all+=("$t")
+  fi
+done
+if [ $have_ref = 1 ]; then
+  $PYTHON - "${ours_all[@]}" -- "${theirs_all[@]}" <<'PY'
 import json, sys
-o, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+args = sys.argv[1:]
+cut = args.index("--")
+o = [json.loads(a) for a in args[:cut]]
+t = [json.loads(a) for a in args[cut + 1:]]
+op = min(x["prefill_seconds"] for x in o); tp = min(x["prefill_seconds"] for x in t)
+od = min(x["decode_ms_per_token"] for x in o); td = min(x["decode_ms_per_token"] for x in t)
 print(json.dumps({
-  "prefill_speedup_vs_transformers": t["prefill_seconds"] / o["prefill_seconds"],
-  "decode_speedup_vs_transformers": t["decode_ms_per_token"] / o["decode_ms_per_token"],
-  "prefill_fraction_of_gemm": o["prefill_fraction_of_gemm"],
+  "rounds": len(o),
+  "best_prefill_seconds": {"ringbolt": op, "transformers": tp},
+  "best_decode_ms_per_token": {"ringbolt": od, "transformers": td},
+  "prefill_speedup_vs_transformers": tp / op,
+  "decode_speedup_vs_transformers": td / od,
+  "prefill_fraction_of_gemm": max(x["prefill_fraction_of_gemm"] for x in o),
 }))
 PY
 else
