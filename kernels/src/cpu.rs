@@ -124,7 +124,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `Σ a[i]·f(b[i])` with 16 independent accumulators (so the loop vectorises); `f` widens the
 /// weight's storage type to f32.
 #[inline(always)]
-fn dot_as<T: Copy>(a: &[f32], b: &[T], f: impl Fn(T) -> f32) -> f32 {
+pub(crate) fn dot_as<T: Copy>(a: &[f32], b: &[T], f: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = a.len() / 16;
     for c in 0..chunks {

@@ -95,12 +95,15 @@ pub fn gemv_bf16(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
         unsafe { gemv_bf16_avx512(x, w, k, out) };
         return;
     }
+    gemv_bf16_portable(x, w, k, out);
+}
+
+/// [`gemv_bf16`] without AVX-512 (auto-vectorised dot products).
+fn gemv_bf16_portable(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
-        *o = x
-            .iter()
-            .zip(&w[j * k..(j + 1) * k])
-            .map(|(&a, &b)| a * f32::from_bits((b as u32) << 16))
-            .sum();
+        *o = crate::cpu::dot_as(x, &w[j * k..(j + 1) * k], |b| {
+            f32::from_bits((b as u32) << 16)
+        });
     }
 }
 
@@ -454,10 +457,14 @@ mod tests {
         for (k, rows) in [(512, 37), (70, 5), (16, 4)] {
             let x: Vec<f32> = (0..k).map(|_| rng.random_range(-2f32..2.0)).collect();
             let w = bf16_weights(&mut rng, rows * k);
+            let want = reference(&x, &w, 1, k, rows);
             let mut out = vec![0f32; rows];
             gemv_bf16(&x, &w, k, &mut out);
-            let e = max_err(&out, &reference(&x, &w, 1, k, rows));
+            let e = max_err(&out, &want);
             assert!(e < 1e-6, "k={k} rows={rows}: {e}");
+            gemv_bf16_portable(&x, &w, k, &mut out);
+            let e = max_err(&out, &want);
+            assert!(e < 1e-6, "portable, k={k} rows={rows}: {e}");
         }
     }
 
