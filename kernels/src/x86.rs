@@ -286,6 +286,13 @@ fn write_all<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
     }
 }
 
+/// The four accumulator tiles of a 32 × 32 f32 block at `base` with `stride`-byte rows:
+/// (tokens 0–15, features 0–15), (0–15, 16–31), (16–31, 0–15), (16–31, 16–31).
+fn c_tiles(base: *mut u8, stride: isize) -> [*mut u8; 4] {
+    let lower = base.wrapping_offset(16 * stride);
+    [base, base.wrapping_add(64), lower, lower.wrapping_add(64)]
+}
+
 /// The tile configuration: palette 1, all eight tiles 16 rows × 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
@@ -317,23 +324,21 @@ unsafe fn amx_block(xa: &[u16], k: usize, wp: &[u32], n: usize, y: &mut [MaybeUn
     let cfg = TileConfig::full();
     let sc = (n * 4) as isize; // output row stride in bytes
     let s64: isize = 64; // packed tiles: 64-byte rows
+    let s_part = (AMX_N * 4) as isize; // partial-sum blocks: 32 f32 per row
     let kh = k / 2;
     // SAFETY (whole function): every tile load reads 16 rows of 64 bytes inside `xa`, `wp` or
-    // `y`, every store writes 16 rows of 64 bytes inside `y`; the caller checked AMX support.
-    // Partial sums between k-chunks live in a contiguous buffer (64-byte tile rows): loading
-    // and storing them through y's rows, n·4 bytes apart, thrashes a few L1 sets.
+    // `acc`, every store writes 16 rows of 64 bytes inside `acc` or `y`; the caller checked
+    // AMX support.
+    // Partial sums between k-chunks live in their own buffer, 32 × 32 per feature block:
+    // loading and storing them through y's rows, n·4 bytes apart, thrashes a few L1 sets.
     let chunks = kk_steps.div_ceil(KC_STEPS);
     let mut acc = uninit::<f32>(if chunks > 1 { AMX_M * n } else { 0 });
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
         for (ci, kc) in (0..kk_steps).step_by(KC_STEPS).enumerate() {
             for jb in (0..n).step_by(AMX_N) {
-                let p0 = acc.as_mut_ptr().wrapping_add(jb * AMX_M) as *mut u8;
-                let (p1, p2, p3) = (
-                    p0.wrapping_add(1024),
-                    p0.wrapping_add(2048),
-                    p0.wrapping_add(3072),
-                );
+                // This feature block's partial sums: a 32 × 32 block with 128-byte rows.
+                let part = acc.as_mut_ptr().wrapping_add(jb * AMX_M) as *mut u8;
                 if ci == 0 {
                     asm!(
                         "tilezero tmm0",
@@ -343,13 +348,14 @@ unsafe fn amx_block(xa: &[u16], k: usize, wp: &[u32], n: usize, y: &mut [MaybeUn
                         options(nostack, nomem)
                     );
                 } else {
+                    let [c0, c1, c2, c3] = c_tiles(part, s_part);
                     asm!(
                         "tileloadd tmm0, [{c0} + {s}*1]",
                         "tileloadd tmm1, [{c1} + {s}*1]",
                         "tileloadd tmm2, [{c2} + {s}*1]",
                         "tileloadd tmm3, [{c3} + {s}*1]",
-                        c0 = in(reg) p0, c1 = in(reg) p1, c2 = in(reg) p2, c3 = in(reg) p3,
-                        s = in(reg) s64,
+                        c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                        s = in(reg) s_part,
                         options(nostack, readonly),
                     );
                 }
@@ -381,31 +387,22 @@ unsafe fn amx_block(xa: &[u16], k: usize, wp: &[u32], n: usize, y: &mut [MaybeUn
                         );
                     }
                 }
-                if ci + 1 < chunks {
-                    asm!(
-                        "tilestored [{c0} + {s}*1], tmm0",
-                        "tilestored [{c1} + {s}*1], tmm1",
-                        "tilestored [{c2} + {s}*1], tmm2",
-                        "tilestored [{c3} + {s}*1], tmm3",
-                        c0 = in(reg) p0, c1 = in(reg) p1, c2 = in(reg) p2, c3 = in(reg) p3,
-                        s = in(reg) s64,
-                        options(nostack),
-                    );
+                // Partial sums go back to the buffer; the last chunk's go to y.
+                let (base, stride) = if ci + 1 < chunks {
+                    (part, s_part)
                 } else {
-                    let c0 = y.as_mut_ptr().add(jb) as *mut u8;
-                    let c1 = c0.add(16 * 4);
-                    let c2 = c0.add(16 * n * 4);
-                    let c3 = c2.add(16 * 4);
-                    asm!(
-                        "tilestored [{c0} + {sc}*1], tmm0",
-                        "tilestored [{c1} + {sc}*1], tmm1",
-                        "tilestored [{c2} + {sc}*1], tmm2",
-                        "tilestored [{c3} + {sc}*1], tmm3",
-                        c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                        sc = in(reg) sc,
-                        options(nostack),
-                    );
-                }
+                    (y.as_mut_ptr().add(jb) as *mut u8, sc)
+                };
+                let [c0, c1, c2, c3] = c_tiles(base, stride);
+                asm!(
+                    "tilestored [{c0} + {s}*1], tmm0",
+                    "tilestored [{c1} + {s}*1], tmm1",
+                    "tilestored [{c2} + {s}*1], tmm2",
+                    "tilestored [{c3} + {s}*1], tmm3",
+                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                    s = in(reg) stride,
+                    options(nostack),
+                );
             }
         }
         asm!("tilerelease", options(nostack, nomem));
