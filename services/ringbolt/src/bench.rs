@@ -217,9 +217,7 @@ fn gemm_gflops(m: usize, n: usize, k: usize) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
     let b: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
     let mut c = vec![0f32; m * n];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
+    let best = best_secs(5, || {
         gemm(
             m,
             n,
@@ -230,10 +228,20 @@ fn gemm_gflops(m: usize, n: usize, k: usize) -> f64 {
             Mat::transposed(&b, k),
             None,
             true,
-        );
-        best = best.min(t.elapsed().as_secs_f64());
-    }
+        )
+    });
     2.0 * (m * n * k) as f64 / best / 1e9
+}
+
+/// The shortest of `runs` timings of `f`, in seconds.
+fn best_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
 }
 
 /// Throughput (GFLOP/s) of the CPU backend's `linear` with a bf16 weight (a bf16 checkpoint's
@@ -247,12 +255,9 @@ fn bf16_linear_gflops(m: usize, n: usize, k: usize) -> f64 {
     use ringbolt_kernels::Backend;
     let cpu = Cpu;
     let w = cpu.upload_weight(&w, n, k);
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
+    let best = best_secs(5, || {
         std::hint::black_box(cpu.linear(&x, &w, m, k, n));
-        best = best.min(t.elapsed().as_secs_f64());
-    }
+    });
     2.0 * (m * n * k) as f64 / best / 1e9
 }
 
@@ -399,6 +404,9 @@ fn scaling(dir: PathBuf, lengths: &[usize], chunk: usize, rounds: usize) -> Resu
     if lengths.is_empty() || lengths.contains(&0) {
         bail!("--lengths needs positive lengths");
     }
+    if rounds == 0 {
+        bail!("--rounds must be positive");
+    }
     let softmax_layers = c
         .layers
         .iter()
@@ -408,7 +416,7 @@ fn scaling(dir: PathBuf, lengths: &[usize], chunk: usize, rounds: usize) -> Resu
     // within minutes, and a ratio of two single runs moved between 6.6 and 8.4.
     let mut best = vec![f64::MAX; lengths.len()];
     let mut cache = vec![0; lengths.len()];
-    for _ in 0..rounds.max(1) {
+    for _ in 0..rounds {
         for (i, &n) in lengths.iter().enumerate() {
             let toks = random_tokens(n, c.vocab_size, 3);
             let mut st = model.new_state();
@@ -432,7 +440,7 @@ fn scaling(dir: PathBuf, lengths: &[usize], chunk: usize, rounds: usize) -> Resu
             "bench": "scaling",
             "softmax_layers": softmax_layers,
             "tokens": n,
-            "rounds": rounds.max(1),
+            "rounds": rounds,
             "seconds": best[i],
             "length_ratio": n as f64 / n0 as f64,
             "time_ratio": best[i] / s0,
