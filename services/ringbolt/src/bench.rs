@@ -81,6 +81,9 @@ enum BenchKind {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// CUDA kernel speed on the real model's shapes (lightning prefill and decode, softmax
+    /// attention, the bf16 GEMM); needs a build with `--features cuda` and a GPU.
+    Kernels(crate::bench_kernels::KernelBenchArgs),
 }
 
 /// Throughput of concurrent jobs through an in-process standalone server, with decode steps
@@ -179,6 +182,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             chunk,
             rounds,
         } => scaling(checkpoint, &lengths, chunk, rounds),
+        BenchKind::Kernels(args) => crate::bench_kernels::run(args),
         BenchKind::Cluster {
             checkpoint,
             prompt_tokens,
@@ -281,8 +285,11 @@ pub fn prefill_flops(c: &ModelConfig, t: usize) -> f64 {
             LayerKind::Lightning => {
                 per_token += 2.0 * h * (3.0 * nh * d) + 2.0 * 2.0 * h * nh * d;
                 // Block algorithm: intra (QKᵀ and PV over the block), inter (qS), state update.
-                let b = (c.block_size.min(t)) as f64;
-                per_token += nh * (2.0 * 2.0 * b * d / 2.0 + 2.0 * 2.0 * d * d);
+                per_token += nh
+                    * crate::bench_kernels::lightning_flops_per_token_head(
+                        c.block_size.min(t),
+                        c.head_dim,
+                    );
             }
             LayerKind::Softmax => {
                 per_token += 2.0 * h * (nh * d + 2.0 * nkv * d) + 2.0 * h * nh * d;
