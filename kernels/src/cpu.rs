@@ -613,6 +613,12 @@ fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool
         const CH: usize = 64;
         let mut yt = vec![0f32; n * m];
         yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
+            if let CpuWeight::Bf16(v) = w {
+                let rows = &v[c * CH * k..(c * CH + out.len() / m) * k];
+                if crate::x86::gemv_bf16_rows(x, m, rows, k, out) {
+                    return;
+                }
+            }
             let mut row = Vec::new();
             for (jj, o) in out.chunks_mut(m).enumerate() {
                 let j = c * CH + jj;
