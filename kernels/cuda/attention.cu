@@ -10,6 +10,9 @@
 
 #define RB_MAX_DIM_PER_LANE 8  // head_dim ≤ 256
 
+// Two implementations: `attention` (scalar f32, one warp per query and head, any head_dim ≤
+// 256) and `attention_tc` (tensor cores, bf16 operands with f32 accumulation; below).
+
 RB_EXTERN void attention(const float* __restrict__ q, const float* __restrict__ k,
                          const float* __restrict__ v, float* __restrict__ out,
                          float* __restrict__ lse, int t, int heads, int kv_heads, int d,
@@ -72,4 +75,151 @@ RB_EXTERN void attention_merge(float* __restrict__ o1, float* __restrict__ lse1,
     const float* y = o2 + row * d;
     for (int c = 0; c < d; ++c) x[c] = (wa * x[c] + wb * y[c]) / (wa + wb);
     lse1[row] = m + logf(wa + wb);
+}
+
+#define RB_AQ 64  // queries per thread block of attention_tc (4 warps × 16 rows)
+#define RB_AK 64  // keys per tile
+#define RB_AT (RB_AK + 8)
+#define RB_AMAX 128  // largest head_dim of attention_tc
+
+// Tensor-core form of `attention` (head_dim a multiple of 16, at most 128), same arguments and
+// results. Grid (ceil(t/64), heads), 128 threads; warp w owns query rows [16w, 16w + 16) of the
+// block. Per tile of 64 keys (staged in shared memory as bf16: K row-major, V transposed), the
+// scores come from tensor cores into registers, the online softmax runs on them in f32 (the
+// four lanes that share a row combine by shuffles), and P (bf16) · V accumulates into f32
+// registers. Dynamic shared memory: 2·64·(d+8)·2 + d·72·2 bytes.
+RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict__ k,
+                            const float* __restrict__ v, float* __restrict__ out,
+                            float* __restrict__ lse, int t, int heads, int kv_heads, int d,
+                            long long pos0, long long kpos0, int nkeys) {
+    extern __shared__ __align__(16) unsigned char rb_smem[];
+    if (d % 16 || d > RB_AMAX || blockDim.x != 128) return;
+    const int ld = d + 8;
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(rb_smem);
+    __nv_bfloat16* ks = qs + RB_AQ * ld;
+    __nv_bfloat16* vt = ks + RB_AK * ld;
+    const int q0 = blockIdx.x * RB_AQ, h = blockIdx.y;
+    const int kvh = h / (heads / kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qq = lane & 3;
+    const int i0 = warp * 16;
+    const int qa = q0 + i0 + g, qb = qa + 8;  // this lane's two query rows
+    const float scale = rsqrtf((float)d);
+
+    for (int idx = threadIdx.x; idx < RB_AQ * d; idx += blockDim.x) {
+        const int i = idx / d, c = idx % d;
+        const float x = q0 + i < t ? q[(size_t)(q0 + i) * heads * d + (size_t)h * d + c] : 0.0f;
+        qs[i * ld + c] = __float2bfloat16(x);
+    }
+    float o[RB_AMAX / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < RB_AMAX / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+    // Keys past the block's last query are invisible to all of it.
+    const long long last_q = pos0 + (long long)min(q0 + RB_AQ, t) - 1;
+    const int kend = (int)max(0LL, min((long long)nkeys, last_q - kpos0 + 1));
+
+    for (int kb = 0; kb < kend; kb += RB_AK) {
+        __syncthreads();  // the previous tile is no longer read (and qs is written)
+        for (int idx = threadIdx.x; idx < RB_AK * d; idx += blockDim.x) {
+            const int j = idx / d, c = idx % d;
+            float kx = 0.0f, vx = 0.0f;
+            if (kb + j < nkeys) {
+                const size_t at = (size_t)(kb + j) * kv_heads * d + (size_t)kvh * d + c;
+                kx = k[at];
+                vx = v[at];
+            }
+            ks[j * ld + c] = __float2bfloat16(kx);
+            vt[c * RB_AT + j] = __float2bfloat16(vx);
+        }
+        __syncthreads();
+
+        float s[RB_AK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < RB_AK / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        for (int c0 = 0; c0 < d; c0 += 16) {
+            unsigned a[4];
+            rb_frag_a(a, qs + i0 * ld + c0, ld);
+#pragma unroll
+            for (int nt = 0; nt < RB_AK / 8; ++nt) {
+                unsigned bf[2];
+                rb_frag_b(bf, ks + nt * 8 * ld + c0, ld);
+                rb_mma(s[nt], a, bf);
+            }
+        }
+        // Mask, scale, and the running max of each of this lane's two rows.
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < RB_AK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = e < 2 ? qa : qb, j = kb + nt * 8 + 2 * qq + (e & 1);
+                const bool vis = i < t && j < nkeys && kpos0 + j <= pos0 + i;
+                s[nt][e] = vis ? s[nt][e] * scale : -INFINITY;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+            }
+        }
+        float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(mrow[r], mx[r]);
+            corr[r] = mn == -INFINITY ? 1.0f : expf(mrow[r] - mn);
+            mrow[r] = mn;
+        }
+#pragma unroll
+        for (int nt = 0; nt < RB_AK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float mn = mrow[e >> 1];
+                const float p = mn == -INFINITY ? 0.0f : expf(s[nt][e] - mn);
+                s[nt][e] = p;
+                sum[e >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+            sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+            lrow[r] = lrow[r] * corr[r] + sum[r];
+        }
+#pragma unroll
+        for (int nt = 0; nt < RB_AMAX / 8; ++nt) {
+            o[nt][0] *= corr[0];
+            o[nt][1] *= corr[0];
+            o[nt][2] *= corr[1];
+            o[nt][3] *= corr[1];
+        }
+        // O += P V, P as bf16 A fragments of 16 keys.
+#pragma unroll
+        for (int kc = 0; kc < RB_AK / 16; ++kc) {
+            unsigned pa[4];
+            pa[0] = rb_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
+            pa[1] = rb_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
+            pa[2] = rb_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            pa[3] = rb_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+            for (int nt = 0; nt < RB_AMAX / 8; ++nt) {
+                if (nt * 8 >= d) break;
+                unsigned bf[2];
+                rb_frag_b(bf, vt + nt * 8 * RB_AT + kc * 16, RB_AT);
+                rb_mma(o[nt], pa, bf);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r == 0 ? qa : qb;
+        if (i >= t) continue;
+        const float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
+        float* row = out + (size_t)i * heads * d + (size_t)h * d;
+#pragma unroll
+        for (int nt = 0; nt < RB_AMAX / 8; ++nt) {
+            if (nt * 8 >= d) break;
+            row[nt * 8 + 2 * qq] = o[nt][2 * r] * inv;
+            row[nt * 8 + 2 * qq + 1] = o[nt][2 * r + 1] * inv;
+        }
+        if (qq == 0 && lse)
+            lse[(size_t)i * heads + h] = lrow[r] > 0.0f ? mrow[r] + logf(lrow[r]) : -INFINITY;
+    }
 }

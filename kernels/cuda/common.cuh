@@ -30,3 +30,41 @@ __device__ __forceinline__ float rb_block_sum(float v) {
     float s = lane < warps ? part[lane] : 0.0f;
     return rb_warp_sum(s);
 }
+
+// ---- Tensor cores: mma.sync.m16n8k16 with bf16 inputs and f32 accumulators (sm_80+) ----
+// Fragments follow the PTX ISA's layout for this shape. With g = lane / 4 and q = lane % 4:
+//   A (16×16, row-major) a[0..3]: (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
+//   B (16×8, "col")      b[0..1]: (k = 2q..2q+1, n = g), (k = 2q+8..2q+9, n = g)
+//   C (16×8, f32)        c[0..3]: (g, 2q), (g, 2q+1), (g+8, 2q), (g+8, 2q+1)
+// Each 32-bit register holds two bf16, the lower index in the low half.
+
+__device__ __forceinline__ unsigned rb_pack_bf16(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+
+// A fragment of the 16×16 tile whose top-left element is p[0] (row-major, leading dim ld).
+__device__ __forceinline__ void rb_frag_a(unsigned a[4], const __nv_bfloat16* p, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    a[0] = *reinterpret_cast<const unsigned*>(p + g * ld + 2 * q);
+    a[1] = *reinterpret_cast<const unsigned*>(p + (g + 8) * ld + 2 * q);
+    a[2] = *reinterpret_cast<const unsigned*>(p + g * ld + 2 * q + 8);
+    a[3] = *reinterpret_cast<const unsigned*>(p + (g + 8) * ld + 2 * q + 8);
+}
+
+// B fragment of the 16×8 tile (k, n) stored n-major: element (k, n) at p[n·ld + k] (a K or
+// Vᵀ row holds consecutive k). p points at element (0, 0) of the tile.
+__device__ __forceinline__ void rb_frag_b(unsigned b[2], const __nv_bfloat16* p, long long ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    b[0] = *reinterpret_cast<const unsigned*>(p + g * ld + 2 * q);
+    b[1] = *reinterpret_cast<const unsigned*>(p + g * ld + 2 * q + 8);
+}
+
+// c += a · b
+__device__ __forceinline__ void rb_mma(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}

@@ -7,12 +7,223 @@
 //   S ← exp(−λ m) S + (K ⊙ exp(−λ(m−1−j)))ᵀ V
 // The intra-block term, the inter-block term from the carried state and the state update all
 // scale by the offset within the block only, so no term grows with the position.
+//
+// Two implementations of prefill:
+// - `lightning_block_kv` + `lightning_scan` + `lightning_block_out`, on tensor cores (head_dim
+//   a multiple of 16, at most 128). Blocks of RB_LB tokens depend on each other only through
+//   the state they start from, so: every (head, block) computes its own KV sum; a scan over
+//   each head's blocks turns those into the state every block starts from (f32, element-wise,
+//   memory-bound); every (head, block) then computes its outputs. Q, K, V are rounded to bf16
+//   once; the carried state enters the products as bf16 hi + lo (~16 significant bits);
+//   products accumulate in f32 and states stay f32. States between the launches are kept
+//   transposed ([d_v, d_k]) so that every tensor-core operand is read along its k index.
+// - `lightning_prefill`: scalar f32, one thread block per head (any head_dim ≤ 128).
 #include "common.cuh"
 
 #define RB_LIGHTNING_BLOCK 16
 #define RB_MAX_HEAD_DIM 128
+#define RB_LB 64            // tokens per block of the tensor-core prefill
+#define RB_LT (RB_LB + 8)   // leading dimension of transposed [d, RB_LB] tiles (bank spread)
 
-// One thread block per head; tokens in order, one block of m tokens at a time.
+// Token rows [start, start + m) of one head's q, k or v (`part` 0, 1, 2) as bf16. Rows from m
+// to RB_LB are zeros. With `decayed`, row j is scaled by exp(−λ(m−1−j)), its decay to the end
+// of the block. `transposed`: dst[c·RB_LT + j], else dst[j·ld + c].
+__device__ __forceinline__ void rb_load_block(__nv_bfloat16* dst, int ld, bool transposed,
+                                              const float* __restrict__ qkv, int start, int m,
+                                              int h, int heads, int d, int part, bool decayed,
+                                              float lam) {
+    const size_t row = (size_t)heads * 3 * d;
+    for (int idx = threadIdx.x; idx < RB_LB * d; idx += blockDim.x) {
+        const int j = idx / d, c = idx % d;
+        float v = 0.0f;
+        if (j < m) {
+            v = qkv[(size_t)(start + j) * row + (size_t)h * 3 * d + (size_t)part * d + c];
+            if (decayed) v *= expf(-lam * (float)(m - 1 - j));
+        }
+        dst[transposed ? c * RB_LT + j : j * ld + c] = __float2bfloat16(v);
+    }
+}
+
+// Tensor-core prefill, step 1. Grid (heads, blocks), 256 threads.
+// kv[h][b] = (Σ_j exp(−λ(m−1−j)) k_jᵀ v_j)ᵀ over block b's m tokens: [d_v, d_k], f32.
+RB_EXTERN void lightning_block_kv(const float* __restrict__ qkv, float* __restrict__ kv,
+                                  const float* __restrict__ lambda, int t, int heads, int d) {
+    __shared__ __align__(16) __nv_bfloat16 kt[RB_MAX_HEAD_DIM * RB_LT];
+    __shared__ __align__(16) __nv_bfloat16 vt[RB_MAX_HEAD_DIM * RB_LT];
+    if (d > RB_MAX_HEAD_DIM || d % 16) return;
+    const int h = blockIdx.x, b = blockIdx.y, nb = gridDim.y;
+    const int start = b * RB_LB, m = min(RB_LB, t - start);
+    rb_load_block(kt, 0, true, qkv, start, m, h, heads, d, 1, true, lambda[h]);
+    rb_load_block(vt, 0, true, qkv, start, m, h, heads, d, 2, false, 0.0f);
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    float* dst = kv + ((size_t)h * nb + b) * d * d;
+    // Vᵀ Kd: A = Vᵀ (row c, k = token), B = Kd (k = token, n = r), stored as kt[r][token].
+    for (int mt = warp; mt < d / 16; mt += warps) {
+        unsigned a[RB_LB / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < RB_LB / 16; ++kc)
+            if (kc * 16 < m) rb_frag_a(a[kc], vt + mt * 16 * RB_LT + kc * 16, RB_LT);
+        for (int nt = 0; nt < d / 8; ++nt) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int kc = 0; kc < RB_LB / 16; ++kc) {
+                if (kc * 16 >= m) break;
+                unsigned bf[2];
+                rb_frag_b(bf, kt + nt * 8 * RB_LT + kc * 16, RB_LT);
+                rb_mma(acc, a[kc], bf);
+            }
+            const int c = mt * 16 + g, r = nt * 8 + 2 * q;
+            dst[(size_t)c * d + r] = acc[0];
+            dst[(size_t)c * d + r + 1] = acc[1];
+            dst[(size_t)(c + 8) * d + r] = acc[2];
+            dst[(size_t)(c + 8) * d + r + 1] = acc[3];
+        }
+    }
+}
+
+// Tensor-core prefill, step 2. Grid (ceil(d²/blockDim), heads): one thread per state element.
+// Walks a head's blocks in order: writes the state block b starts from (transposed, as bf16 hi
+// and lo) and folds the block in, S ← exp(−λ m_b) S + kv[h][b]. `state` ([heads, d_k, d_v],
+// f32) holds the starting state and receives the final one.
+RB_EXTERN void lightning_scan(const float* __restrict__ kv, __nv_bfloat16* __restrict__ p_hi,
+                              __nv_bfloat16* __restrict__ p_lo, float* __restrict__ state,
+                              const float* __restrict__ lambda, int t, int nb, int d) {
+    const int h = blockIdx.y;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;  // c·d + r (transposed)
+    if (e >= d * d) return;
+    const int c = e / d, r = e % d;
+    const float lam = lambda[h];
+    const float full = expf(-lam * (float)RB_LB);
+    float* st = state + (size_t)h * d * d + (size_t)r * d + c;
+    float s = *st;
+    for (int b = 0; b < nb; ++b) {
+        const size_t at = ((size_t)h * nb + b) * d * d + e;
+        const __nv_bfloat16 hi = __float2bfloat16(s);
+        p_hi[at] = hi;
+        p_lo[at] = __float2bfloat16(s - __bfloat162float(hi));
+        const int m = min(RB_LB, t - b * RB_LB);
+        s = (m == RB_LB ? full : expf(-lam * (float)m)) * s + kv[at];
+    }
+    *st = s;
+}
+
+// Tensor-core prefill, step 3. Grid (heads, blocks), 128 threads: warp w owns rows
+// [16w, 16w + 16) of the block. Dynamic shared memory 2·RB_LB·(d+8)·2 + d·RB_LT·2 bytes.
+// For a block starting from state P:
+//   O = (Q ⊙ exp(−λ(i+1))) P + ((Q Kᵀ) ⊙ D) V,  D[i][j] = exp(−λ(i−j)) for j ≤ i, else 0
+RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restrict__ out,
+                                   const __nv_bfloat16* __restrict__ p_hi,
+                                   const __nv_bfloat16* __restrict__ p_lo,
+                                   const float* __restrict__ lambda, int t, int heads, int d) {
+    extern __shared__ __align__(16) unsigned char rb_smem[];
+    if (d > RB_MAX_HEAD_DIM || d % 16 || blockDim.x != 128) return;
+    const int ld = d + 8;
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(rb_smem);
+    __nv_bfloat16* ks = qs + RB_LB * ld;
+    __nv_bfloat16* vt = ks + RB_LB * ld;
+    const int h = blockIdx.x, b = blockIdx.y, nb = gridDim.y;
+    const int start = b * RB_LB, m = min(RB_LB, t - start);
+    const float lam = lambda[h];
+    rb_load_block(qs, ld, false, qkv, start, m, h, heads, d, 0, false, 0.0f);
+    rb_load_block(ks, ld, false, qkv, start, m, h, heads, d, 1, false, 0.0f);
+    rb_load_block(vt, 0, true, qkv, start, m, h, heads, d, 2, false, 0.0f);
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int i0 = warp * 16, ia = i0 + g, ib = ia + 8;  // this lane's two rows
+
+    // Scores Q Kᵀ for the key tiles at or before this warp's rows.
+    float s[RB_LB / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < RB_LB / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    for (int c0 = 0; c0 < d; c0 += 16) {
+        unsigned a[4];
+        rb_frag_a(a, qs + i0 * ld + c0, ld);
+#pragma unroll
+        for (int nt = 0; nt < RB_LB / 8; ++nt) {
+            if (nt * 8 > i0 + 15) break;
+            unsigned bf[2];
+            rb_frag_b(bf, ks + nt * 8 * ld + c0, ld);
+            rb_mma(s[nt], a, bf);
+        }
+    }
+    // Causal decay mask, then the scores as bf16 A fragments (16 keys per fragment).
+    unsigned pa[RB_LB / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < RB_LB / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = e < 2 ? ia : ib, j = nt * 8 + 2 * q + (e & 1);
+            s[nt][e] = (j <= i && i < m) ? s[nt][e] * expf(-lam * (float)(i - j)) : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int kc = 0; kc < RB_LB / 16; ++kc) {
+        pa[kc][0] = rb_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
+        pa[kc][1] = rb_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
+        pa[kc][2] = rb_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        pa[kc][3] = rb_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+    }
+
+    // Inter-block term Q P, P = hi + lo read from global memory (transposed: P[r][c] at c·d + r).
+    float o[RB_MAX_HEAD_DIM / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    const __nv_bfloat16* ph = p_hi + ((size_t)h * nb + b) * d * d;
+    const __nv_bfloat16* pl = p_lo + ((size_t)h * nb + b) * d * d;
+    for (int r0 = 0; r0 < d; r0 += 16) {
+        unsigned a[4];
+        rb_frag_a(a, qs + i0 * ld + r0, ld);
+#pragma unroll
+        for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
+            if (nt * 8 >= d) break;
+            unsigned bf[2];
+            rb_frag_b(bf, ph + (size_t)nt * 8 * d + r0, d);
+            rb_mma(o[nt], a, bf);
+            rb_frag_b(bf, pl + (size_t)nt * 8 * d + r0, d);
+            rb_mma(o[nt], a, bf);
+        }
+    }
+    const float da = expf(-lam * (float)(ia + 1)), db = expf(-lam * (float)(ib + 1));
+#pragma unroll
+    for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
+        o[nt][0] *= da;
+        o[nt][1] *= da;
+        o[nt][2] *= db;
+        o[nt][3] *= db;
+    }
+
+    // Intra-block term: O += S V over the causal key chunks.
+#pragma unroll
+    for (int kc = 0; kc < RB_LB / 16; ++kc) {
+        if (kc * 16 > i0 + 15) break;
+#pragma unroll
+        for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
+            if (nt * 8 >= d) break;
+            unsigned bf[2];
+            rb_frag_b(bf, vt + nt * 8 * RB_LT + kc * 16, RB_LT);
+            rb_mma(o[nt], pa[kc], bf);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
+        if (nt * 8 >= d) break;
+        const int c = nt * 8 + 2 * q;
+        if (ia < m) {
+            float* row = out + (size_t)(start + ia) * heads * d + (size_t)h * d + c;
+            row[0] = o[nt][0];
+            row[1] = o[nt][1];
+        }
+        if (ib < m) {
+            float* row = out + (size_t)(start + ib) * heads * d + (size_t)h * d + c;
+            row[0] = o[nt][2];
+            row[1] = o[nt][3];
+        }
+    }
+}
+
+// Scalar prefill: one thread block per head; tokens in order, one block of m tokens at a time.
 RB_EXTERN void lightning_prefill(const float* __restrict__ qkv, float* __restrict__ out,
                                  float* __restrict__ state, const float* __restrict__ lambda,
                                  int t, int heads, int d) {

@@ -253,8 +253,12 @@ mod tests {
             "rope_inplace",
             "route_topk",
             "lightning_prefill",
+            "lightning_block_kv",
+            "lightning_scan",
+            "lightning_block_out",
             "lightning_decode",
             "attention",
+            "attention_tc",
             "attention_merge",
         ] {
             assert!(all.iter().any(|a| a == k), "missing kernel {k}");

@@ -1,6 +1,8 @@
 //! The CUDA implementation of [`Backend`] (feature `cuda`): activations in f32 device buffers,
 //! weights in bf16, GEMMs through cuBLAS (bf16 inputs, f32 accumulation and output), everything
-//! else through the NVRTC-compiled kernels of `kernels/cuda/`. One stream per backend; the
+//! else through the NVRTC-compiled kernels of `kernels/cuda/`. Lightning prefill and softmax
+//! attention run on tensor cores (`mma.sync` with bf16 operands and f32 accumulation) when the
+//! head dimension is a multiple of 16 up to 128, else on scalar f32 kernels. One stream per backend; the
 //! compute interface returns values, so a device failure panics with its message (the engine
 //! turns a panic into a failed job).
 //!
@@ -11,6 +13,7 @@ use crate::cpu::rope_inv_freq;
 use crate::cuda::{self, CudaError};
 use crate::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
     LaunchConfig, PushKernelArg,
@@ -23,6 +26,29 @@ use std::sync::Arc;
 
 /// Largest head dimension the lightning kernels take (`RB_MAX_HEAD_DIM`).
 pub const MAX_LIGHTNING_HEAD_DIM: usize = 128;
+
+/// Tokens per block of the tensor-core lightning prefill (`RB_LB`).
+pub const LIGHTNING_TC_BLOCK: usize = 64;
+
+/// Tokens per pass of the tensor-core lightning prefill: its scratch (per head and block, a
+/// d×d f32 KV sum and the bf16 hi/lo starting state) is 8·d² bytes per head per 64 tokens of a
+/// pass: 256 MiB at 64 heads of 128.
+pub const LIGHTNING_PASS_TOKENS: usize = 2048;
+
+/// Queries per thread block of `attention_tc` (`RB_AQ`).
+const ATTENTION_TC_QUERIES: usize = 64;
+
+/// Dynamic shared memory of `lightning_block_out` and `attention_tc`: a block of 64 query and
+/// 64 key rows in bf16 (rows padded by 8 to spread shared-memory banks) and the values
+/// transposed (`[d, 64 + 8]`).
+fn tc_smem(d: usize) -> u32 {
+    (2 * 64 * (d + 8) * 2 + d * (64 + 8) * 2) as u32
+}
+
+/// Whether the tensor-core kernels take this head dimension (`RB_AMAX`, `RB_MAX_HEAD_DIM`).
+fn tensor_core_dim(d: usize) -> bool {
+    d.is_multiple_of(16) && d <= 128
+}
 
 /// An f32 device buffer; `len` values in use, capacity to grow (KV caches) without a copy
 /// per append.
@@ -223,6 +249,100 @@ impl CudaBackend {
             unsafe { b.launch(grid(nn, 256)) }.unwrap_or_else(|e| fail("f32_to_bf16", e));
         }
         y
+    }
+
+    /// Lets kernel `name` use `bytes` of dynamic shared memory (above the 48 KiB default).
+    fn allow_smem(&self, name: &str, bytes: u32) {
+        self.f(name)
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .unwrap_or_else(|e| fail(&format!("{name}: {bytes} bytes of shared memory"), e));
+    }
+
+    /// Tensor-core lightning prefill (`lightning.cu`: block KV sums, scan over blocks, block
+    /// outputs) of `t` tokens, in passes of at most [`LIGHTNING_PASS_TOKENS`] so that the
+    /// per-block scratch stays bounded whatever the prompt length.
+    #[allow(clippy::too_many_arguments)]
+    fn lightning_prefill_tc(
+        &self,
+        qkv: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        lam: &CudaSlice<f32>,
+        t: usize,
+        heads: usize,
+        d: usize,
+    ) {
+        let max_blocks = t.min(LIGHTNING_PASS_TOKENS).div_ceil(LIGHTNING_TC_BLOCK);
+        let scratch = heads * max_blocks * d * d;
+        let mut kv = self
+            .stream
+            .alloc_zeros::<f32>(scratch)
+            .unwrap_or_else(|e| fail("alloc", e));
+        let mut p_hi = self
+            .stream
+            .alloc_zeros::<bf16>(scratch)
+            .unwrap_or_else(|e| fail("alloc", e));
+        let mut p_lo = self
+            .stream
+            .alloc_zeros::<bf16>(scratch)
+            .unwrap_or_else(|e| fail("alloc", e));
+        let smem = tc_smem(d);
+        self.allow_smem("lightning_block_out", smem);
+        let (hi, di) = (heads as i32, d as i32);
+        let (row_in, row_out) = (heads * 3 * d, heads * d);
+        let mut p0 = 0;
+        while p0 < t {
+            let tp = (t - p0).min(LIGHTNING_PASS_TOKENS);
+            let nb = tp.div_ceil(LIGHTNING_TC_BLOCK);
+            let (ti, nbi) = (tp as i32, nb as i32);
+            let qv = qkv.slice(p0 * row_in..(p0 + tp) * row_in);
+            let mut ov = out.slice_mut(p0 * row_out..(p0 + tp) * row_out);
+            let blocks = LaunchConfig {
+                grid_dim: (heads as u32, nb as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(self.f("lightning_block_kv"));
+            b.arg(&qv).arg(&mut kv).arg(lam).arg(&ti).arg(&hi).arg(&di);
+            // SAFETY: qv holds tp rows of heads·3d; kv has room for heads × nb blocks of d².
+            unsafe { b.launch(blocks) }.unwrap_or_else(|e| fail("lightning_block_kv", e));
+            let mut b = self.stream.launch_builder(self.f("lightning_scan"));
+            b.arg(&kv)
+                .arg(&mut p_hi)
+                .arg(&mut p_lo)
+                .arg(&mut *state)
+                .arg(lam)
+                .arg(&ti)
+                .arg(&nbi)
+                .arg(&di);
+            let cfg = LaunchConfig {
+                grid_dim: ((d * d).div_ceil(256) as u32, heads as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: kv, p_hi, p_lo hold heads × nb blocks of d²; state is [heads, d, d].
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_scan", e));
+            let mut b = self.stream.launch_builder(self.f("lightning_block_out"));
+            b.arg(&qv)
+                .arg(&mut ov)
+                .arg(&p_hi)
+                .arg(&p_lo)
+                .arg(lam)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&di);
+            let cfg = LaunchConfig {
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem,
+                ..blocks
+            };
+            // SAFETY: as above; ov holds tp rows of heads·d; the shared memory is allowed.
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_block_out", e));
+            p0 += tp;
+        }
     }
 
     fn elementwise(&self, x: &mut GpuBuf, name: &str) {
@@ -555,6 +675,8 @@ impl Backend for CudaBackend {
             self.stream
                 .synchronize()
                 .unwrap_or_else(|e| fail("synchronize", e));
+        } else if tensor_core_dim(d) {
+            self.lightning_prefill_tc(qd, od, sd, &lam, t, heads, d);
         } else {
             let ti = t as i32;
             let mut b = self.stream.launch_builder(self.f("lightning_prefill"));
@@ -635,7 +757,9 @@ impl Backend for CudaBackend {
         ) {
             let (ti, hi, kvi, di) = (t as i32, heads as i32, kv_heads as i32, d as i32);
             let (p0, kp0, nk) = (pos0 as i64, 0i64, nkeys as i32);
-            let mut b = self.stream.launch_builder(self.f("attention"));
+            let tc = tensor_core_dim(d);
+            let name = if tc { "attention_tc" } else { "attention" };
+            let mut b = self.stream.launch_builder(self.f(name));
             b.arg(qd)
                 .arg(kd)
                 .arg(vd)
@@ -648,7 +772,20 @@ impl Backend for CudaBackend {
                 .arg(&p0)
                 .arg(&kp0)
                 .arg(&nk);
-            unsafe { b.launch(grid(t * heads * 32, 128)) }.unwrap_or_else(|e| fail("attention", e));
+            let cfg = if tc {
+                let smem = tc_smem(d);
+                self.allow_smem(name, smem);
+                LaunchConfig {
+                    grid_dim: (t.div_ceil(ATTENTION_TC_QUERIES) as u32, heads as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem,
+                }
+            } else {
+                grid(t * heads * 32, 128)
+            };
+            // SAFETY: q is [t, heads·d], the caches hold at least nkeys rows of kv_heads·d, out
+            // and lse are [t, heads·d] and [t, heads]; the shared memory asked for is allowed.
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail(name, e));
         }
         out
     }

@@ -2,11 +2,19 @@
 //! without a GPU (or without NVRTC) each test prints why it is skipped and passes; on a GPU
 //! (`scripts/gpu-check.sh`) they run for real.
 //!
-//! Tolerances: these kernels compute in f32 like the CPU backend; what differs is the order of
-//! summation (warp/block reductions vs sequential or GEMM-blocked sums) and the GPU's `expf`,
+//! Tolerances: the scalar kernels compute in f32 like the CPU backend; what differs is the order
+//! of summation (warp/block reductions vs sequential or GEMM-blocked sums) and the GPU's `expf`,
 //! `rsqrtf` (≤ 2 ulp). Over sums of at most a few thousand terms of O(1) values that is well
 //! under 1e-4 relative to the largest value, which is the bound used (tighter than the 1e-4
 //! of max|logit| the model is held to against transformers).
+//!
+//! The tensor-core kernels (`lightning_block_*`, `attention_tc`) round Q, K, V and the softmax
+//! probabilities to bf16 (8 significant bits: relative error ≤ 2⁻⁹ each) and accumulate in f32.
+//! A product of two rounded operands is off by ≤ 2⁻⁸ relative; a sum of such products is off by
+//! at most 2⁻⁸ ≈ 3.9e-3 of the sum of their magnitudes, and with random signs the error grows
+//! like the square root of the term count while the largest output grows faster. The bound used
+//! for them is 1e-2 of the largest value: a layout or masking mistake moves outputs by O(1) of
+//! it, so it still catches any wrong index.
 #![cfg(feature = "cuda")]
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -14,6 +22,7 @@ use cudarc::nvrtc::Ptx;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use ringbolt_kernels::cpu::{Cpu, rope_inv_freq};
 use ringbolt_kernels::cuda;
+use ringbolt_kernels::cuda_backend::{CudaBackend, LIGHTNING_PASS_TOKENS};
 use ringbolt_kernels::{AttentionShape, Backend, LightningShape, RopeParams};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -73,6 +82,13 @@ fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_within(got, want, 1e-4, what);
+}
+
+/// The bound for tensor-core kernels with bf16 operands (see the module comment).
+const BF16_TOL: f32 = 1e-2;
+
+fn assert_within(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let max = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     let err = got
@@ -80,8 +96,8 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
         .zip(want)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(
-        err <= 1e-4 * max,
-        "{what}: max error {err} vs max |value| {max}"
+        err <= tol * max,
+        "{what}: max error {err} vs max |value| {max} (bound {tol} of it)"
     );
 }
 
@@ -294,7 +310,8 @@ fn attention_and_its_merge_match_the_cpu() {
     let want = Cpu.attention(&q, t, &k, &v, pos0, shape);
 
     let qd = s.clone_htod(&q).unwrap();
-    let run = |kd: &cudarc::driver::CudaSlice<f32>,
+    let run = |name: &str,
+               kd: &cudarc::driver::CudaSlice<f32>,
                vd: &cudarc::driver::CudaSlice<f32>,
                kpos0: i64,
                nkeys: i32| {
@@ -302,7 +319,24 @@ fn attention_and_its_merge_match_the_cpu() {
         let mut lse = s.alloc_zeros::<f32>(t * heads).unwrap();
         let (ti, hi, kvi, di) = (t as i32, heads as i32, kv_heads as i32, d as i32);
         let p0 = pos0 as i64;
-        let mut b = s.launch_builder(&g.funcs["attention"]);
+        let f = &g.funcs[name];
+        let cfg = if name == "attention_tc" {
+            // 64 query and key rows of bf16 padded by 8, values transposed ([d, 72]).
+            let smem = (2 * 64 * (d + 8) * 2 + d * 72 * 2) as u32;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .unwrap();
+            LaunchConfig {
+                grid_dim: (t.div_ceil(64) as u32, heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem,
+            }
+        } else {
+            blocks(t * heads * 32, 128)
+        };
+        let mut b = s.launch_builder(f);
         b.arg(&qd)
             .arg(kd)
             .arg(vd)
@@ -315,15 +349,11 @@ fn attention_and_its_merge_match_the_cpu() {
             .arg(&p0)
             .arg(&kpos0)
             .arg(&nkeys);
-        unsafe { b.launch(blocks(t * heads * 32, 128)) }.unwrap();
+        unsafe { b.launch(cfg) }.unwrap();
         (od, lse)
     };
     let kd = s.clone_htod(&k).unwrap();
     let vd = s.clone_htod(&v).unwrap();
-    let (od, _) = run(&kd, &vd, 0, len as i32);
-    assert_close(&s.clone_dtoh(&od).unwrap(), &want, "attention");
-
-    // Ring form: keys split in two blocks, partial results merged.
     let split = 200;
     let w = kv_heads * d;
     let (ka, kb) = (
@@ -334,21 +364,99 @@ fn attention_and_its_merge_match_the_cpu() {
         s.clone_htod(&v[..split * w]).unwrap(),
         s.clone_htod(&v[split * w..]).unwrap(),
     );
-    let (mut o1, mut l1) = run(&ka, &va, 0, split as i32);
-    let (o2, l2) = run(&kb, &vb, split as i64, (len - split) as i32);
-    let (ti, hi, di) = (t as i32, heads as i32, d as i32);
-    let mut b = s.launch_builder(&g.funcs["attention_merge"]);
-    b.arg(&mut o1)
-        .arg(&mut l1)
-        .arg(&o2)
-        .arg(&l2)
-        .arg(&ti)
-        .arg(&hi)
-        .arg(&di);
-    unsafe { b.launch(blocks(t * heads, 128)) }.unwrap();
-    assert_close(
-        &s.clone_dtoh(&o1).unwrap(),
-        &want,
-        "attention merged from two key blocks",
-    );
+    for (name, tol) in [("attention", 1e-4), ("attention_tc", BF16_TOL)] {
+        let (od, _) = run(name, &kd, &vd, 0, len as i32);
+        assert_within(&s.clone_dtoh(&od).unwrap(), &want, tol, name);
+
+        // Ring form: keys split in two blocks, partial results merged.
+        let (mut o1, mut l1) = run(name, &ka, &va, 0, split as i32);
+        let (o2, l2) = run(name, &kb, &vb, split as i64, (len - split) as i32);
+        let (ti, hi, di) = (t as i32, heads as i32, d as i32);
+        let mut b = s.launch_builder(&g.funcs["attention_merge"]);
+        b.arg(&mut o1)
+            .arg(&mut l1)
+            .arg(&o2)
+            .arg(&l2)
+            .arg(&ti)
+            .arg(&hi)
+            .arg(&di);
+        unsafe { b.launch(blocks(t * heads, 128)) }.unwrap();
+        assert_within(
+            &s.clone_dtoh(&o1).unwrap(),
+            &want,
+            tol,
+            &format!("{name} merged from two key blocks"),
+        );
+    }
+}
+
+/// The CUDA backend on GPU 0, or None (and why) when this machine cannot run it.
+fn backend() -> Option<CudaBackend> {
+    gpu()?;
+    let include = std::env::var_os("RINGBOLT_CUDA_INCLUDE").map(std::path::PathBuf::from);
+    Some(CudaBackend::new(0, include).expect("CUDA backend on GPU 0"))
+}
+
+#[test]
+fn tensor_core_lightning_prefill_matches_the_cpu() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(5);
+    let (heads, d) = (4, 128);
+    let shape = LightningShape {
+        heads,
+        head_dim: d,
+        block: 64,
+    };
+    // From a decay that carries the state across thousands of tokens to one that forgets it
+    // within a block.
+    let lambda = [0.001f32, 0.02, 0.1, 0.4];
+    // One full block; a full and a partial block; two passes of the prefill, the second with
+    // a partial last block.
+    for t in [64, 83, LIGHTNING_PASS_TOKENS + 300] {
+        let qkv = rand_vec(&mut rng, t * heads * 3 * d, 0.3);
+        let state0 = rand_vec(&mut rng, heads * d * d, 0.1);
+        let mut want_state = state0.clone();
+        let want = Cpu.lightning(&qkv, t, shape, &lambda, &mut want_state);
+        let mut st = b.upload(&state0);
+        let got = b.lightning(&b.upload(&qkv), t, shape, &lambda, &mut st);
+        assert_within(
+            &b.download(&got),
+            &want,
+            BF16_TOL,
+            &format!("tensor-core lightning prefill output, {t} tokens"),
+        );
+        assert_within(
+            &b.download(&st),
+            &want_state,
+            BF16_TOL,
+            &format!("tensor-core lightning prefill state, {t} tokens"),
+        );
+    }
+}
+
+#[test]
+fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(6);
+    let (heads, kv_heads, d) = (8, 2, 128);
+    let shape = AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+    };
+    // Prefill over several query blocks and key tiles; a chunk continuing a cache; one token.
+    for (pos0, t) in [(0usize, 150usize), (130, 70), (333, 1)] {
+        let len = pos0 + t;
+        let q = rand_vec(&mut rng, t * heads * d, 1.0);
+        let k = rand_vec(&mut rng, len * kv_heads * d, 1.0);
+        let v = rand_vec(&mut rng, len * kv_heads * d, 1.0);
+        let want = Cpu.attention(&q, t, &k, &v, pos0, shape);
+        let got = b.attention(&b.upload(&q), t, &b.upload(&k), &b.upload(&v), pos0, shape);
+        assert_within(
+            &b.download(&got),
+            &want,
+            BF16_TOL,
+            &format!("tensor-core attention, {t} queries after {pos0}"),
+        );
+    }
 }
