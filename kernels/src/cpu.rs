@@ -711,6 +711,14 @@ impl Backend for Cpu {
         buf.clone()
     }
 
+    fn host_view<'a>(&self, buf: &'a Vec<f32>) -> std::borrow::Cow<'a, [f32]> {
+        std::borrow::Cow::Borrowed(buf)
+    }
+
+    fn upload_owned(&self, data: Vec<f32>) -> Vec<f32> {
+        data
+    }
+
     fn zeros(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }

@@ -70,11 +70,15 @@ pub struct GpuWeight {
     cols: usize,
 }
 
+/// One GPU: its stream, cuBLAS handle and kernels. Every operation is queued on the one stream,
+/// so work from several threads (an attention worker's job threads, an expert worker's steps)
+/// is ordered there; the cuBLAS handle, which must not be used by two threads at once, is
+/// behind a lock.
 pub struct CudaBackend {
     ordinal: usize,
     name: String,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    blas: std::sync::Mutex<CudaBlas>,
     funcs: HashMap<String, CudaFunction>,
 }
 
@@ -131,7 +135,7 @@ impl CudaBackend {
             ordinal,
             name,
             stream,
-            blas,
+            blas: std::sync::Mutex::new(blas),
             funcs,
         })
     }
@@ -497,11 +501,12 @@ impl Backend for CudaBackend {
             let (wp, _rw) = w.data.device_ptr(&self.stream);
             let (xp, _rx) = xb.device_ptr(&self.stream);
             let (yp, _ry) = yd.device_ptr_mut(&self.stream);
+            let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
             // SAFETY: the three pointers are live device buffers of the sizes the call reads
             // and writes ([n,k] and [m,k] bf16, [m,n] f32), on this handle's stream.
             unsafe {
                 cudarc::cublas::result::gemm_ex(
-                    *self.blas.handle(),
+                    *blas.handle(),
                     sys::cublasOperation_t::CUBLAS_OP_T,
                     sys::cublasOperation_t::CUBLAS_OP_N,
                     n as i32,

@@ -15,7 +15,10 @@ pub mod cpu;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_backend;
+pub mod device;
 pub mod x86;
+
+pub use device::{Device, DeviceError, OnBackend};
 
 /// Lightning-attention geometry of one layer.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +109,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Rows `ids` of a weight matrix with `width` columns, as activations (embedding lookup).
     fn weight_rows(&self, w: &Self::Weight, ids: &[u32], width: usize) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// The values of `buf` on the host: borrowed when the backend keeps them there, else
+    /// downloaded.
+    fn host_view<'a>(&self, buf: &'a Self::Buf) -> std::borrow::Cow<'a, [f32]> {
+        std::borrow::Cow::Owned(self.download(buf))
+    }
+    /// [`upload`](Self::upload) of a buffer the caller gives up.
+    fn upload_owned(&self, data: Vec<f32>) -> Self::Buf {
+        self.upload(&data)
+    }
     fn zeros(&self, len: usize) -> Self::Buf;
     fn len(&self, buf: &Self::Buf) -> usize;
 

@@ -13,7 +13,14 @@ pub trait ExpertExecutor<B: Backend> {
     /// The weighted sum over each row's routed experts (`[rows, H]`) for `x` (`[rows, H]`,
     /// the post-attention-normed hidden states). An error aborts the forward step; an executor
     /// that can recover (re-send after a plan change) does so before returning.
-    fn experts(&self, layer: usize, x: &B::Buf, rows: usize, routing: &Routing) -> Result<B::Buf>;
+    fn experts(
+        &self,
+        backend: &B,
+        layer: usize,
+        x: &B::Buf,
+        rows: usize,
+        routing: &Routing,
+    ) -> Result<B::Buf>;
 }
 
 /// Weights of one expert (SwiGLU): gate `w1` and up `w3` fused as `w13` (`[2I, H]`, w1 rows
@@ -474,7 +481,7 @@ impl<B: Backend> Model<B> {
         let logits = b.linear(x, &layer.router, rows, hsz, e);
         let routing = b.route(&logits, rows, e, cfg.experts_per_tok);
         if let Some(r) = remote {
-            return r.experts(l, x, rows, &routing);
+            return r.experts(b, l, x, rows, &routing);
         }
         let buckets = routing.by_expert(e);
         let groups: Vec<ExpertGroup<'_, B>> = layer

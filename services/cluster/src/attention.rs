@@ -6,7 +6,8 @@ use crate::etcd::PlanView;
 use crate::remote::RemoteExperts;
 use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
 use clap::Args;
-use ringbolt_kernels::cpu::Cpu;
+use futures::future::BoxFuture;
+use ringbolt_kernels::{Backend, Device, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::{Checkpoint, Logits, Model, Sampler, SamplingParams};
 use ringbolt_proto::internal as ipb;
@@ -35,16 +36,19 @@ pub struct AttentionWorkerArgs {
     /// How long a layer step waits for a plan that can serve it after a failure.
     #[arg(long, env = "RINGBOLT_RESEND_WINDOW_SECS", default_value_t = 120)]
     pub resend_window_secs: u64,
+    /// Where attention computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
+    pub device: Device,
 }
 
-pub struct AttentionHost {
-    model: Model<Cpu>,
+pub struct AttentionHost<B: Backend> {
+    model: Model<B>,
     experts: RemoteExperts,
     prefill_chunk: usize,
 }
 
-impl AttentionHost {
-    pub fn new(model: Model<Cpu>, experts: RemoteExperts, prefill_chunk: usize) -> Self {
+impl<B: Backend> AttentionHost<B> {
+    pub fn new(model: Model<B>, experts: RemoteExperts, prefill_chunk: usize) -> Self {
         AttentionHost {
             model,
             experts,
@@ -100,7 +104,7 @@ impl AttentionHost {
             self.prefill_chunk
         };
         let experts = self.experts.for_job();
-        let forward = |state: &mut ringbolt_model::SequenceState<Cpu>,
+        let forward = |state: &mut ringbolt_model::SequenceState<B>,
                        toks: &[u32],
                        logits: Logits|
          -> Result<Vec<f32>, Status> {
@@ -167,11 +171,16 @@ impl AttentionHost {
     }
 }
 
-#[derive(Clone)]
-struct Service(Arc<AttentionHost>);
+struct Service<B: Backend>(Arc<AttentionHost<B>>);
+
+impl<B: Backend> Clone for Service<B> {
+    fn clone(&self) -> Self {
+        Service(self.0.clone())
+    }
+}
 
 #[tonic::async_trait]
-impl AttentionWorker for Service {
+impl<B: Backend> AttentionWorker for Service<B> {
     type RunJobStream = ReceiverStream<Result<ipb::JobStep, Status>>;
 
     async fn run_job(
@@ -212,15 +221,39 @@ impl AttentionWorker for Service {
 
 /// `ringbolt attention-worker`.
 pub async fn run(a: AttentionWorkerArgs) -> Result<(), ClusterError> {
-    let c = &a.common;
-    let membership = connect_membership(c).await?;
-    let dir = c.checkpoint.clone();
-    let model = tokio::task::spawn_blocking(move || -> Result<Model<Cpu>, ClusterError> {
-        let ckpt = Checkpoint::open(&dir).map_err(|e| ClusterError::Model(e.to_string()))?;
-        Model::load_parts(&ckpt, Cpu, false).map_err(|e| ClusterError::Model(e.to_string()))
+    let device = a.device;
+    // The device's backend is opened and the model loaded on a blocking thread; what comes back
+    // is the worker, typed by its backend, ready to serve.
+    let serve = tokio::task::spawn_blocking(move || {
+        device
+            .open(None, Load { a })
+            .map_err(|e| ClusterError::Model(e.to_string()))?
     })
     .await
     .map_err(|e| ClusterError::Model(e.to_string()))??;
+    serve.await
+}
+
+/// Loads the attention weights onto the opened backend.
+struct Load {
+    a: AttentionWorkerArgs,
+}
+
+impl OnBackend for Load {
+    type Output = Result<BoxFuture<'static, Result<(), ClusterError>>, ClusterError>;
+    fn run<B: Backend>(self, backend: B) -> Self::Output {
+        let ckpt = Checkpoint::open(&self.a.common.checkpoint)
+            .map_err(|e| ClusterError::Model(e.to_string()))?;
+        let model = Model::load_parts(&ckpt, backend, false)
+            .map_err(|e| ClusterError::Model(e.to_string()))?;
+        tracing::info!(backend = %model.backend().name(), "attention weights loaded");
+        Ok(Box::pin(serve(self.a, model)))
+    }
+}
+
+async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<(), ClusterError> {
+    let c = &a.common;
+    let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let id = c.member_id("attention", &address);
     let stop = CancellationToken::new();

@@ -8,7 +8,9 @@ use crate::wire::{ExpertRequest, f32_bytes};
 use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
 use bytes::Bytes;
 use clap::Args;
+use futures::future::BoxFuture;
 use ringbolt_kernels::cpu::Cpu;
+use ringbolt_kernels::{Backend, Device, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::{Checkpoint, Expert, ModelConfig};
 use ringbolt_proto::internal as ipb;
@@ -35,6 +37,9 @@ pub struct ExpertWorkerArgs {
     /// Longest a drain (SIGTERM) waits for the experts to move before exiting anyway.
     #[arg(long, env = "RINGBOLT_DRAIN_TIMEOUT_SECS", default_value_t = 120)]
     pub drain_timeout_secs: u64,
+    /// Where the experts compute: `cpu`, or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
+    pub device: Device,
 }
 
 /// Bytes one expert of `ckpt` takes in the CPU backend's memory: bf16 checkpoints stay bf16
@@ -51,11 +56,12 @@ pub fn expert_bytes(ckpt: &Checkpoint) -> u64 {
 }
 
 /// The experts held by one worker, and the data-plane handler.
-pub struct ExpertHost {
+pub struct ExpertHost<B: Backend = Cpu> {
+    backend: B,
     id: String,
     ckpt: Arc<Checkpoint>,
     cfg: ModelConfig,
-    held: RwLock<HashMap<Slot, Arc<Expert<Cpu>>>>,
+    held: RwLock<HashMap<Slot, Arc<Expert<B>>>>,
     /// Experts loaded for epochs not active yet.
     pending: Mutex<BTreeMap<u64, HashSet<Slot>>>,
     active: AtomicU64,
@@ -63,9 +69,18 @@ pub struct ExpertHost {
     inflight: AtomicUsize,
 }
 
-impl ExpertHost {
+impl ExpertHost<Cpu> {
+    /// A host computing on the CPU.
     pub fn new(id: String, ckpt: Checkpoint) -> Self {
+        Self::on(Cpu, id, ckpt)
+    }
+}
+
+impl<B: Backend> ExpertHost<B> {
+    /// A host whose experts live and compute on `backend`.
+    pub fn on(backend: B, id: String, ckpt: Checkpoint) -> Self {
         ExpertHost {
+            backend,
             id,
             cfg: ckpt.config().clone(),
             ckpt: Arc::new(ckpt),
@@ -112,7 +127,7 @@ impl ExpertHost {
         };
         let mut loaded = 0;
         for &(l, e) in &missing {
-            let ex = Expert::load(&self.ckpt, &Cpu, l as usize, e as usize)
+            let ex = Expert::load(&self.ckpt, &self.backend, l as usize, e as usize)
                 .map_err(|e| ClusterError::Model(e.to_string()))?;
             self.held
                 .write()
@@ -171,7 +186,7 @@ impl ExpertHost {
                 req.hidden
             )));
         }
-        let experts: Vec<Arc<Expert<Cpu>>> = {
+        let experts: Vec<Arc<Expert<B>>> = {
             let held = self.held.read().unwrap_or_else(|p| p.into_inner());
             req.groups
                 .iter()
@@ -198,7 +213,9 @@ impl ExpertHost {
             for &r in ids {
                 xs.extend_from_slice(&req.x[r as usize * h..(r as usize + 1) * h]);
             }
-            out.extend(ex.forward(&Cpu, &xs, ids.len(), h, i));
+            let b = &self.backend;
+            let y = ex.forward(b, &b.upload_owned(xs), ids.len(), h, i);
+            out.extend_from_slice(&b.host_view(&y));
         }
         Ok(f32_bytes(&out))
     }
@@ -234,10 +251,10 @@ impl ExpertHost {
     }
 }
 
-struct Control(Arc<ExpertHost>);
+struct Control<B: Backend>(Arc<ExpertHost<B>>);
 
 #[tonic::async_trait]
-impl ExpertWorker for Control {
+impl<B: Backend> ExpertWorker for Control<B> {
     async fn load_shards(
         &self,
         request: Request<ipb::LoadShardsRequest>,
@@ -270,9 +287,40 @@ impl ExpertWorker for Control {
 
 /// `ringbolt expert-worker`.
 pub async fn run(a: ExpertWorkerArgs) -> Result<(), ClusterError> {
+    let ckpt =
+        Checkpoint::open(&a.common.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
+    let device = a.device;
+    // Experts are loaded later, as plans place them; here the device's backend is opened.
+    let serve = tokio::task::spawn_blocking(move || {
+        device
+            .open(None, Open { a, ckpt })
+            .map_err(|e| ClusterError::Model(e.to_string()))
+    })
+    .await
+    .map_err(|e| ClusterError::Model(e.to_string()))??;
+    serve.await
+}
+
+struct Open {
+    a: ExpertWorkerArgs,
+    ckpt: Checkpoint,
+}
+
+impl OnBackend for Open {
+    type Output = BoxFuture<'static, Result<(), ClusterError>>;
+    fn run<B: Backend>(self, backend: B) -> Self::Output {
+        tracing::info!(backend = %backend.name(), "expert worker backend open");
+        Box::pin(serve_on(self.a, self.ckpt, backend))
+    }
+}
+
+async fn serve_on<B: Backend>(
+    a: ExpertWorkerArgs,
+    ckpt: Checkpoint,
+    backend: B,
+) -> Result<(), ClusterError> {
     let c = &a.common;
     let membership = connect_membership(c).await?;
-    let ckpt = Checkpoint::open(&c.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let data_listen = a
         .data_listen
@@ -287,7 +335,7 @@ pub async fn run(a: ExpertWorkerArgs) -> Result<(), ClusterError> {
         None => data_address,
     };
     let id = c.member_id("expert", &address);
-    let host = Arc::new(ExpertHost::new(id.clone(), ckpt));
+    let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt));
     let stop = CancellationToken::new();
     let data_task = serve(data_listener, host.handler());
 

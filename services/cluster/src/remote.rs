@@ -171,16 +171,20 @@ impl JobExperts<'_> {
     }
 }
 
-impl ExpertExecutor<Cpu> for JobExperts<'_> {
+impl<B: Backend> ExpertExecutor<B> for JobExperts<'_> {
     fn experts(
         &self,
+        backend: &B,
         layer: usize,
-        x: &Vec<f32>,
+        x: &B::Buf,
         rows: usize,
         routing: &Routing,
-    ) -> ringbolt_model::Result<Vec<f32>> {
+    ) -> ringbolt_model::Result<B::Buf> {
         self.steps.fetch_add(1, Ordering::Relaxed);
-        self.inner.step(layer, x, rows, routing, &self.resent)
+        let out = self
+            .inner
+            .step(layer, &backend.host_view(x), rows, routing, &self.resent)?;
+        Ok(backend.upload_owned(out))
     }
 }
 
@@ -195,16 +199,18 @@ impl RemoteExperts {
     }
 }
 
-impl ExpertExecutor<Cpu> for RemoteExperts {
+impl<B: Backend> ExpertExecutor<B> for RemoteExperts {
     fn experts(
         &self,
+        backend: &B,
         layer: usize,
-        x: &Vec<f32>,
+        x: &B::Buf,
         rows: usize,
         routing: &Routing,
-    ) -> ringbolt_model::Result<Vec<f32>> {
+    ) -> ringbolt_model::Result<B::Buf> {
         let none = AtomicU64::new(0);
-        self.step(layer, x, rows, routing, &none)
+        let out = self.step(layer, &backend.host_view(x), rows, routing, &none)?;
+        Ok(backend.upload_owned(out))
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::live::LiveJob;
 use crate::record::{FinishReason, Timings, now_unix_ms};
 use crate::store::JobStore;
-use ringbolt_kernels::cpu::Cpu;
+use ringbolt_kernels::Backend;
 use ringbolt_model::{Logits, Model, Sampler, SamplingParams, SequenceState};
 use ringbolt_proto::v1 as pb;
 use std::collections::VecDeque;
@@ -45,9 +45,9 @@ pub struct Completion {
     pub timings: Timings,
 }
 
-struct Active {
+struct Active<B: Backend> {
     job: Arc<LiveJob>,
-    state: SequenceState<Cpu>,
+    state: SequenceState<B>,
     prompt: Vec<u32>,
     done: usize,
     sampler: Sampler,
@@ -61,7 +61,7 @@ struct Active {
     queued: f64,
 }
 
-impl Active {
+impl<B: Backend> Active<B> {
     fn timings(&self) -> Timings {
         let now = Instant::now();
         let prefill = self.prefill_end.unwrap_or(now) - self.started;
@@ -77,8 +77,8 @@ impl Active {
     }
 }
 
-pub(crate) struct Engine {
-    pub model: Model<Cpu>,
+pub(crate) struct Engine<B: Backend> {
+    pub model: Model<B>,
     pub store: Arc<JobStore>,
     pub jobs: Receiver<Arc<LiveJob>>,
     pub done: mpsc::Sender<Completion>,
@@ -99,7 +99,7 @@ fn catch<T>(f: impl FnOnce() -> ringbolt_model::Result<T>) -> Result<T, String> 
     }
 }
 
-impl Engine {
+impl<B: Backend> Engine<B> {
     fn complete(&self, job: Arc<LiveJob>, outcome: Outcome, timings: Timings) {
         // The manager's task is gone only at shutdown; the job then reruns after restart.
         let _ = self.done.blocking_send(Completion {
@@ -109,7 +109,7 @@ impl Engine {
         });
     }
 
-    fn finished(&self, a: Active, reason: FinishReason) {
+    fn finished(&self, a: Active<B>, reason: FinishReason) {
         let t = a.timings();
         self.complete(a.job, Outcome::Finished(reason), t);
     }
@@ -117,8 +117,8 @@ impl Engine {
     /// Runs until the job channel closes.
     pub fn run(self) {
         let mut pending: VecDeque<Arc<LiveJob>> = VecDeque::new();
-        let mut prefilling: Option<Active> = None;
-        let mut decoding: Vec<Active> = Vec::new();
+        let mut prefilling: Option<Active<B>> = None;
+        let mut decoding: Vec<Active<B>> = Vec::new();
         loop {
             if pending.is_empty() && prefilling.is_none() && decoding.is_empty() {
                 match self.jobs.recv() {
@@ -179,7 +179,7 @@ impl Engine {
         }
     }
 
-    fn start(&self, job: Arc<LiveJob>) -> Option<Active> {
+    fn start(&self, job: Arc<LiveJob>) -> Option<Active<B>> {
         let rec = job.record();
         let prompt = match self.store.read_prompt(&rec.id) {
             Ok(p) if p.len() as u64 == rec.prompt_tokens => p,
@@ -242,7 +242,7 @@ impl Engine {
         })
     }
 
-    fn prefill_step(&self, mut a: Active, decoding: &mut Vec<Active>) -> Option<Active> {
+    fn prefill_step(&self, mut a: Active<B>, decoding: &mut Vec<Active<B>>) -> Option<Active<B>> {
         let end = (a.done + self.cfg.prefill_chunk).min(a.prompt.len());
         let last = end == a.prompt.len();
         let chunk = &a.prompt[a.done..end];
@@ -273,7 +273,7 @@ impl Engine {
     }
 
     /// Emits token `t` of `a`; keeps it decoding unless it is finished.
-    fn emit(&self, mut a: Active, t: u32, decoding: &mut Vec<Active>) {
+    fn emit(&self, mut a: Active<B>, t: u32, decoding: &mut Vec<Active<B>>) {
         a.job.token(t);
         a.last = t;
         let n = a.job.lock().record.tokens.len() as u32;
@@ -298,11 +298,11 @@ impl Engine {
         }
     }
 
-    fn decode_step(&self, decoding: &mut Vec<Active>) {
+    fn decode_step(&self, decoding: &mut Vec<Active<B>>) {
         let lasts: Vec<[u32; 1]> = decoding.iter().map(|a| [a.last]).collect();
         let model = &self.model;
         let result = {
-            let mut seqs: Vec<(&mut SequenceState<Cpu>, &[u32])> = decoding
+            let mut seqs: Vec<(&mut SequenceState<B>, &[u32])> = decoding
                 .iter_mut()
                 .zip(&lasts)
                 .map(|(a, l)| (&mut a.state, &l[..]))

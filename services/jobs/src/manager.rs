@@ -6,7 +6,7 @@ use crate::executor::{Completion, Engine, EngineConfig, Outcome};
 use crate::live::LiveJob;
 use crate::record::{FinishReason, JobRecord, JobState, now_unix_ms};
 use crate::store::{JobStore, SpoolWriter};
-use ringbolt_kernels::cpu::Cpu;
+use ringbolt_kernels::Backend;
 use ringbolt_model::{Model, ModelConfig};
 use std::collections::HashMap;
 use std::sync::mpsc::Receiver;
@@ -50,13 +50,14 @@ pub trait Executor: Send + 'static {
     );
 }
 
-/// The in-process engine (standalone).
-struct LocalEngine {
-    model: Model<Cpu>,
+/// The in-process engine (standalone), on any backend. Its thread is the only one that
+/// computes with the model.
+struct LocalEngine<B: Backend> {
+    model: Model<B>,
     cfg: EngineConfig,
 }
 
-impl Executor for LocalEngine {
+impl<B: Backend> Executor for LocalEngine<B> {
     fn run(
         self: Box<Self>,
         jobs: Receiver<Arc<LiveJob>>,
@@ -98,8 +99,8 @@ pub struct JobManager {
 impl JobManager {
     /// Starts the engine thread and the completion and expiry tasks, and re-queues every
     /// unfinished job found in the store. Must run inside a tokio runtime.
-    pub fn start(
-        model: Model<Cpu>,
+    pub fn start<B: Backend>(
+        model: Model<B>,
         store: JobStore,
         limits: Limits,
         engine: EngineConfig,

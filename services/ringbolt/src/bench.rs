@@ -107,6 +107,7 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             max_batch,
             prefill_chunk: 4096,
             tokenizer: None,
+            device: ringbolt_kernels::Device::Cpu,
         };
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());

@@ -103,6 +103,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         max_batch: 8,
         prefill_chunk: 4096,
         tokenizer: None,
+        device: ringbolt_kernels::Device::Cpu,
     };
     let token = CancellationToken::new();
     let t_load = Instant::now();

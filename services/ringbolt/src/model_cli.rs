@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use ringbolt_kernels::Backend;
 use ringbolt_kernels::cpu::Cpu;
+use ringbolt_kernels::{Backend, OnBackend};
 use ringbolt_model::{
     Checkpoint, Logits, Model, ModelConfig, Preset, Sampler, SamplingParams, WeightDtype,
     tokens::parse_token_list, write_random_checkpoint,
@@ -150,48 +150,29 @@ pub fn load_model(dir: &Path) -> Result<Model<Cpu>> {
     Ok(Model::load(&ckpt, Cpu)?)
 }
 
-/// A compute device: the CPU backend or a CUDA GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda(usize),
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| format!("`{s}` is not a device: use cpu or cuda:N")),
-        }
-    }
-}
+pub use ringbolt_kernels::Device;
 
 /// Work to do with a model on whatever backend the device gives.
 trait ModelTask {
     fn run<B: Backend>(self, model: Model<B>) -> Result<()>;
 }
 
+/// Loads the checkpoint onto a backend and runs the task there.
+struct Load<'a, T> {
+    ckpt: &'a Checkpoint,
+    task: T,
+}
+
+impl<T: ModelTask> OnBackend for Load<'_, T> {
+    type Output = Result<()>;
+    fn run<B: Backend>(self, backend: B) -> Result<()> {
+        self.task.run(Model::load(self.ckpt, backend)?)
+    }
+}
+
 fn on_device(dir: &Path, device: Device, task: impl ModelTask) -> Result<()> {
     let ckpt = Checkpoint::open(dir)?;
-    match device {
-        Device::Cpu => task.run(Model::load(&ckpt, Cpu)?),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(n) => {
-            let b = ringbolt_kernels::cuda_backend::CudaBackend::new(n, None)?;
-            task.run(Model::load(&ckpt, b)?)
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => bail!(
-            "cuda:{n} asked for, but this ringbolt was built without the `cuda` feature \
-             (cargo build --release --features cuda)"
-        ),
-    }
+    device.open(None, Load { ckpt: &ckpt, task })?
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {

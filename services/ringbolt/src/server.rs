@@ -1,9 +1,10 @@
 //! `ringbolt standalone`: every role in one process, the embedded default.
 
-use crate::model_cli::load_model;
 use anyhow::{Context, Result};
 use clap::Args;
 use ringbolt_jobs::{EngineConfig, JobManager, JobStore, Limits};
+use ringbolt_kernels::{Backend, Device, OnBackend};
+use ringbolt_model::{Checkpoint, Model};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,11 +42,40 @@ pub struct StandaloneArgs {
     /// A Hugging Face `tokenizer.json` for text prompts (default: the checkpoint's, if any).
     #[arg(long, env = "RINGBOLT_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+    /// Where the model computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
+    pub device: Device,
+}
+
+/// The engine's start once the device's backend is open: the model is loaded onto it and
+/// moved to the engine thread, the only thread that computes with it.
+struct StartEngine {
+    ckpt: Checkpoint,
+    store: JobStore,
+    limits: Limits,
+    engine: EngineConfig,
+    tokenizer: Option<tokenizers::Tokenizer>,
+    shutdown: CancellationToken,
+}
+
+impl OnBackend for StartEngine {
+    type Output = Result<JobManager>;
+    fn run<B: Backend>(self, backend: B) -> Result<JobManager> {
+        let model = Model::load(&self.ckpt, backend)?;
+        Ok(JobManager::start(
+            model,
+            self.store,
+            self.limits,
+            self.engine,
+            self.tokenizer,
+            self.shutdown,
+        )?)
+    }
 }
 
 /// Loads the model, recovers the job store and starts the engine; returns the manager.
 pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<JobManager> {
-    let model = load_model(&a.checkpoint)?;
+    let ckpt = Checkpoint::open(&a.checkpoint)?;
     let store =
         JobStore::open(&a.data_dir).with_context(|| format!("opening {}", a.data_dir.display()))?;
     let limits = Limits {
@@ -69,9 +99,17 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
         ),
         None => None,
     };
-    Ok(JobManager::start(
-        model, store, limits, engine, tokenizer, shutdown,
-    )?)
+    a.device.open(
+        None,
+        StartEngine {
+            ckpt,
+            store,
+            limits,
+            engine,
+            tokenizer,
+            shutdown,
+        },
+    )?
 }
 
 pub async fn shutdown_signal(token: CancellationToken) {

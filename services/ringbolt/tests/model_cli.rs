@@ -378,3 +378,75 @@ fn plan_prints_one_json_line_and_says_what_is_short() {
         "--model",
     );
 }
+
+#[test]
+fn every_compute_role_takes_a_device_and_refuses_one_it_cannot_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    init(&ckpt, &[]);
+    let (c, data) = (
+        ckpt.to_str().unwrap(),
+        dir.path().join("data").to_str().unwrap().to_string(),
+    );
+    let roles: [Vec<&str>; 3] = [
+        vec![
+            "standalone",
+            "--checkpoint",
+            c,
+            "--data-dir",
+            &data,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        vec![
+            "attention-worker",
+            "--checkpoint",
+            c,
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            "http://127.0.0.1:1",
+        ],
+        vec![
+            "expert-worker",
+            "--checkpoint",
+            c,
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            "http://127.0.0.1:1",
+        ],
+    ];
+    for role in &roles {
+        let mut args = role.clone();
+        args.extend(["--device", "gpu"]);
+        fails(&args, "use cpu or cuda:N");
+        // The device is opened before anything else (etcd included), so a build without the
+        // `cuda` feature says so at once. (A CUDA build on a GPU machine would start serving.)
+        if cfg!(not(feature = "cuda")) {
+            let mut args = role.clone();
+            args.extend(["--device", "cuda:0"]);
+            fails(
+                &args,
+                "cuda:0 asked for, but this ringbolt was built without the `cuda` feature",
+            );
+        }
+    }
+    // The one-shot tools take it too.
+    if cfg!(not(feature = "cuda")) {
+        fails(
+            &[
+                "logits",
+                "--checkpoint",
+                c,
+                "--tokens",
+                "1,2",
+                "--out",
+                &data,
+                "--device",
+                "cuda:1",
+            ],
+            "cuda:1 asked for",
+        );
+    }
+}
