@@ -94,6 +94,19 @@ RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict
                             long long pos0, long long kpos0, int nkeys) {
     extern __shared__ __align__(16) unsigned char rb_smem[];
     if (d % 16 || d > RB_AMAX || blockDim.x != 128) return;
+    // Split keys (flash-decoding): with gridDim.z = S > 1, block z takes keys
+    // [z·per, (z+1)·per) and writes its partial result and log-sum-exp at part z of out/lse
+    // (parts of t·heads·d and t·heads), which `attention_merge_splits` combines.
+    if (gridDim.z > 1) {
+        const int per = (nkeys + (int)gridDim.z - 1) / (int)gridDim.z;
+        const int beg = min(nkeys, (int)blockIdx.z * per);
+        k += (size_t)beg * kv_heads * d;
+        v += (size_t)beg * kv_heads * d;
+        kpos0 += beg;
+        nkeys = min(nkeys, beg + per) - beg;
+        out += (size_t)blockIdx.z * t * heads * d;
+        lse += (size_t)blockIdx.z * t * heads;
+    }
     const int ld = d + 8;
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(rb_smem);
     __nv_bfloat16* ks = qs + RB_AQ * ld;
@@ -222,4 +235,28 @@ RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict
         if (qq == 0 && lse)
             lse[(size_t)i * heads + h] = lrow[r] > 0.0f ? mrow[r] + logf(lrow[r]) : -INFINITY;
     }
+}
+
+// Combines `splits` partial results over disjoint key sets (parts [splits][t·heads][d] and
+// their log-sum-exps [splits][t·heads]) into out [t·heads][d]: weights e^{lse_z − max}. One
+// thread per output value.
+RB_EXTERN void attention_merge_splits(const float* __restrict__ parts,
+                                      const float* __restrict__ lses, float* __restrict__ out,
+                                      int splits, int rows, int d) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)rows * d) return;
+    const size_t row = idx / d;
+    float m = -INFINITY;
+    for (int z = 0; z < splits; ++z) m = fmaxf(m, lses[(size_t)z * rows + row]);
+    if (m == -INFINITY) {
+        out[idx] = 0.0f;
+        return;
+    }
+    float num = 0.0f, den = 0.0f;
+    for (int z = 0; z < splits; ++z) {
+        const float w = expf(lses[(size_t)z * rows + row] - m);
+        num += w * parts[(size_t)z * rows * d + idx];
+        den += w;
+    }
+    out[idx] = num / den;
 }

@@ -292,6 +292,7 @@ RB_EXTERN void lightning_decode(const float* __restrict__ qkv, float* __restrict
     const float vc = base[2 * d + c];
     float* S = reinterpret_cast<float*>(states[s]) + (size_t)h * d * d;
     float acc = 0.0f;
+#pragma unroll 8
     for (int r = 0; r < d; ++r) {
         const float v = g * S[(size_t)r * d + c] + k[r] * vc;
         S[(size_t)r * d + c] = v;

@@ -259,6 +259,7 @@ mod tests {
             "lightning_decode",
             "attention",
             "attention_tc",
+            "attention_merge_splits",
             "attention_merge",
         ] {
             assert!(all.iter().any(|a| a == k), "missing kernel {k}");

@@ -38,6 +38,12 @@ pub const LIGHTNING_PASS_TOKENS: usize = 2048;
 /// Queries per thread block of `attention_tc` (`RB_AQ`).
 const ATTENTION_TC_QUERIES: usize = 64;
 
+/// Attention of at most this many queries (decode steps) splits its keys across thread
+/// blocks: one split per this many keys, at most [`ATTENTION_MAX_SPLITS`].
+const ATTENTION_SPLIT_MAX_QUERIES: usize = 16;
+const ATTENTION_SPLIT_KEYS: usize = 1024;
+const ATTENTION_MAX_SPLITS: usize = 32;
+
 /// Dynamic shared memory of `lightning_block_out` and `attention_tc`: a block of 64 query and
 /// 64 key rows in bf16 (rows padded by 8 to spread shared-memory banks) and the values
 /// transposed (`[d, 64 + 8]`).
@@ -751,8 +757,16 @@ impl Backend for CudaBackend {
         assert_eq!(q.len, t * heads * d);
         let nkeys = pos0 + t;
         assert!(k_cache.len >= nkeys * kv_heads * d);
-        let mut out = self.alloc(t * heads * d);
-        let mut lse = self.alloc(t * heads);
+        let tc = tensor_core_dim(d);
+        // A few queries over a long cache (decode): the keys are split across thread blocks so
+        // that the GPU has heads × splits blocks to run, and the partial results merged.
+        let splits = if tc && t <= ATTENTION_SPLIT_MAX_QUERIES {
+            (nkeys / ATTENTION_SPLIT_KEYS).clamp(1, ATTENTION_MAX_SPLITS)
+        } else {
+            1
+        };
+        let mut out = self.alloc(splits * t * heads * d);
+        let mut lse = self.alloc(splits * t * heads);
         if let (Some(od), Some(ld), Some(qd), Some(kd), Some(vd)) = (
             out.data.as_mut(),
             lse.data.as_mut(),
@@ -762,14 +776,13 @@ impl Backend for CudaBackend {
         ) {
             let (ti, hi, kvi, di) = (t as i32, heads as i32, kv_heads as i32, d as i32);
             let (p0, kp0, nk) = (pos0 as i64, 0i64, nkeys as i32);
-            let tc = tensor_core_dim(d);
             let name = if tc { "attention_tc" } else { "attention" };
             let mut b = self.stream.launch_builder(self.f(name));
             b.arg(qd)
                 .arg(kd)
                 .arg(vd)
-                .arg(od)
-                .arg(ld)
+                .arg(&mut *od)
+                .arg(&mut *ld)
                 .arg(&ti)
                 .arg(&hi)
                 .arg(&kvi)
@@ -781,7 +794,11 @@ impl Backend for CudaBackend {
                 let smem = tc_smem(d);
                 self.allow_smem(name, smem);
                 LaunchConfig {
-                    grid_dim: (t.div_ceil(ATTENTION_TC_QUERIES) as u32, heads as u32, 1),
+                    grid_dim: (
+                        t.div_ceil(ATTENTION_TC_QUERIES) as u32,
+                        heads as u32,
+                        splits as u32,
+                    ),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: smem,
                 }
@@ -789,10 +806,25 @@ impl Backend for CudaBackend {
                 grid(t * heads * 32, 128)
             };
             // SAFETY: q is [t, heads·d], the caches hold at least nkeys rows of kv_heads·d, out
-            // and lse are [t, heads·d] and [t, heads]; the shared memory asked for is allowed.
+            // and lse are `splits` parts of [t, heads·d] and [t, heads]; the shared memory
+            // asked for is allowed.
             unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail(name, e));
         }
-        out
+        if splits == 1 {
+            return out;
+        }
+        let mut merged = self.alloc(t * heads * d);
+        if let (Some(md), Some(od), Some(ld)) =
+            (merged.data.as_mut(), out.data.as_ref(), lse.data.as_ref())
+        {
+            let (si, rows, di) = (splits as i32, (t * heads) as i32, d as i32);
+            let mut b = self.stream.launch_builder(self.f("attention_merge_splits"));
+            b.arg(od).arg(ld).arg(md).arg(&si).arg(&rows).arg(&di);
+            // SAFETY: out and lse hold `splits` parts; merged is [t·heads, d].
+            unsafe { b.launch(grid(t * heads * d, 256)) }
+                .unwrap_or_else(|e| fail("attention_merge_splits", e));
+        }
+        merged
     }
 
     fn route(&self, logits: &GpuBuf, rows: usize, experts: usize, top_k: usize) -> Routing {

@@ -444,8 +444,15 @@ fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
         kv_heads,
         head_dim: d,
     };
-    // Prefill over several query blocks and key tiles; a chunk continuing a cache; one token.
-    for (pos0, t) in [(0usize, 150usize), (130, 70), (333, 1)] {
+    // Prefill over several query blocks and key tiles; a chunk continuing a cache; one token;
+    // decode steps over caches long enough that their keys split across thread blocks.
+    for (pos0, t) in [
+        (0usize, 150usize),
+        (130, 70),
+        (333, 1),
+        (5000, 1),
+        (3100, 5),
+    ] {
         let len = pos0 + t;
         let q = rand_vec(&mut rng, t * heads * d, 1.0);
         let k = rand_vec(&mut rng, len * kv_heads * d, 1.0);

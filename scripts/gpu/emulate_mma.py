@@ -253,3 +253,20 @@ if __name__ == "__main__":
               "lse err %.2e" % (abs(gl[fin]-wl[fin]).max() if fin.any() else 0), "inf match", np.array_equal(np.isinf(gl), np.isinf(wl)))
         assert abs(got-want).max() <= 1e-2*max(abs(want).max(), 1e-6) and np.array_equal(np.isinf(gl), np.isinf(wl))
         assert not fin.any() or abs(gl[fin]-wl[fin]).max() <= 1e-2
+
+    # Split keys (flash-decoding): block z takes keys [z·per, (z+1)·per) as attention_tc does
+    # with gridDim.z > 1, then attention_merge_splits combines the parts by their lse.
+    pos0, t, nkeys, S = 150, 2, 152, 3
+    q = rng.uniform(-1, 1, t*heads*d); k = rng.uniform(-1, 1, nkeys*kvh_n*d); v = rng.uniform(-1, 1, nkeys*kvh_n*d)
+    per = (nkeys + S - 1) // S
+    parts, lses = [], []
+    for z in range(S):
+        beg = min(nkeys, z*per); cnt = min(nkeys, beg + per) - beg
+        o, l = attention_tc(q, k[beg*kvh_n*d:], v[beg*kvh_n*d:], t, heads, kvh_n, d, pos0, beg, cnt)
+        parts.append(o); lses.append(l)
+    lses = np.array(lses); m = lses.max(0); w = np.exp(lses - m)
+    merged = (np.array(parts).reshape(S, t*heads, d) * w[:, :, None]).sum(0) / w.sum(0)[:, None]
+    want, _ = ref(q, k, v, t, heads, kvh_n, d, pos0, 0, nkeys)
+    err = abs(merged.reshape(-1) - want).max()
+    print("split keys (%d parts) out err %.2e (max %.2e)" % (S, err, abs(want).max()))
+    assert err <= 1e-2*abs(want).max()
