@@ -35,6 +35,10 @@ pub const LIGHTNING_TC_BLOCK: usize = 64;
 /// pass: 256 MiB at 64 heads of 128.
 pub const LIGHTNING_PASS_TOKENS: usize = 2048;
 
+/// MoE steps whose experts each take at most this many rows run as batched GEMMs
+/// ([`CudaBackend::moe_batched`]); wider ones (prefill) as two GEMMs per expert.
+const MOE_BATCHED_MAX_ROWS: usize = 128;
+
 /// Queries per thread block of `attention_tc` (`RB_AQ`).
 const ATTENTION_TC_QUERIES: usize = 64;
 
@@ -257,6 +261,119 @@ impl CudaBackend {
             let mut b = self.stream.launch_builder(self.f("f32_to_bf16"));
             b.arg(&v).arg(&mut y).arg(&nn);
             unsafe { b.launch(grid(nn, 256)) }.unwrap_or_else(|e| fail("f32_to_bf16", e));
+        }
+        y
+    }
+
+    /// Experts with few rows each (decode): every expert's rows padded to the widest group's
+    /// `m` (padding repeats row 0 at weight 0, so it adds nothing), then both projections as
+    /// one batched GEMM each over all experts instead of two small GEMMs per expert.
+    fn moe_batched(
+        &self,
+        x: &GpuBuf,
+        rows: usize,
+        hidden: usize,
+        inter: usize,
+        groups: &[&ExpertGroup<'_, Self>],
+        m: usize,
+    ) -> GpuBuf {
+        let e = groups.len();
+        let mut ids = Vec::with_capacity(e * m);
+        let mut ws = Vec::with_capacity(e * m);
+        for g in groups {
+            ids.extend_from_slice(g.ids);
+            ws.extend_from_slice(g.weights);
+            ids.resize(ids.len() + m - g.ids.len(), 0);
+            ws.resize(ws.len() + m - g.ids.len(), 0.0);
+        }
+        let xs = self.gather_rows(x, &ids, hidden);
+        let h = self.batched_linear(&xs, groups.iter().map(|g| g.w13), e, m, hidden, 2 * inter);
+        let a = self.swiglu(&h, e * m, inter);
+        let y = self.batched_linear(&a, groups.iter().map(|g| g.w2), e, m, inter, hidden);
+        let mut out = self.alloc(rows * hidden);
+        self.scatter_add_rows(&mut out, &y, &ids, &ws, hidden);
+        out
+    }
+
+    /// `Y_b = X_b · W_bᵀ` for each of `batch` weights `W_b` (`[n, k]`), where `X_b` and `Y_b`
+    /// are the b-th blocks of `m` rows of `x` (`[batch·m, k]`) and of the result
+    /// (`[batch·m, n]`): one `cublasGemmBatchedEx`, bf16 inputs, f32 accumulation and output.
+    fn batched_linear<'w>(
+        &self,
+        x: &GpuBuf,
+        weights: impl Iterator<Item = &'w GpuWeight>,
+        batch: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> GpuBuf {
+        use cudarc::cublas::sys;
+        assert_eq!(
+            x.len,
+            batch * m * k,
+            "batched linear: x is not [batch·m, k]"
+        );
+        let mut y = self.alloc(batch * m * n);
+        let xb = self.to_bf16(x);
+        if let Some(yd) = y.data.as_mut() {
+            let mut guards = Vec::with_capacity(batch);
+            let mut a = Vec::with_capacity(batch);
+            for w in weights {
+                assert_eq!(
+                    (w.rows, w.cols),
+                    (n, k),
+                    "batched linear: a weight is not [n, k]"
+                );
+                let (p, g) = w.data.device_ptr(&self.stream);
+                a.push(p);
+                guards.push(g);
+            }
+            assert_eq!(a.len(), batch, "batched linear: one weight per block");
+            let (xp, _rx) = xb.device_ptr(&self.stream);
+            let (yp, _ry) = yd.device_ptr_mut(&self.stream);
+            let b: Vec<u64> = (0..batch).map(|i| xp + (i * m * k * 2) as u64).collect();
+            let c: Vec<u64> = (0..batch).map(|i| yp + (i * m * n * 4) as u64).collect();
+            let up = |v: &[u64]| {
+                self.stream
+                    .clone_htod(v)
+                    .unwrap_or_else(|e| fail("upload", e))
+            };
+            let (ad, bd, cd) = (up(&a), up(&b), up(&c));
+            let (ap, _ra) = ad.device_ptr(&self.stream);
+            let (bp, _rb) = bd.device_ptr(&self.stream);
+            let (cp, _rc) = cd.device_ptr(&self.stream);
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: as in `linear`, per block (the same column-major reading); the pointer
+            // arrays are device arrays of `batch` live pointers, kept alive with their buffers
+            // (the guards) until the call is queued.
+            let status = unsafe {
+                sys::cublasGemmBatchedEx(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    ap as *const *const _,
+                    sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    bp as *const *const _,
+                    sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    cp as *const *mut _,
+                    sys::cudaDataType::CUDA_R_32F,
+                    n as i32,
+                    batch as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                fail("batched gemm", status);
+            }
         }
         y
     }
@@ -625,12 +742,15 @@ impl Backend for CudaBackend {
         groups: &[ExpertGroup<'_, Self>],
     ) -> GpuBuf {
         assert_eq!(x.len, rows * hidden);
+        let active: Vec<&ExpertGroup<'_, Self>> =
+            groups.iter().filter(|g| !g.ids.is_empty()).collect();
+        let widest = active.iter().map(|g| g.ids.len()).max().unwrap_or(0);
+        if active.len() > 1 && widest <= MOE_BATCHED_MAX_ROWS {
+            return self.moe_batched(x, rows, hidden, inter, &active, widest);
+        }
         let mut out = self.alloc(rows * hidden);
-        for g in groups {
+        for g in active {
             let n = g.ids.len();
-            if n == 0 {
-                continue;
-            }
             let xs = self.gather_rows(x, g.ids, hidden);
             let h = self.linear(&xs, g.w13, n, hidden, 2 * inter);
             let a = self.swiglu(&h, n, inter);

@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use ringbolt_kernels::cpu::{Cpu, rope_inv_freq};
 use ringbolt_kernels::cuda;
 use ringbolt_kernels::cuda_backend::{CudaBackend, LIGHTNING_PASS_TOKENS};
-use ringbolt_kernels::{AttentionShape, Backend, LightningShape, RopeParams};
+use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -464,6 +464,77 @@ fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
             &want,
             BF16_TOL,
             &format!("tensor-core attention, {t} queries after {pos0}"),
+        );
+    }
+}
+
+#[test]
+fn moe_experts_match_the_cpu_batched_and_per_expert() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(7);
+    let (hidden, inter, experts) = (256, 384, 4);
+    // Weights exactly representable in bf16, so both backends hold the same ones.
+    let mut weights = |n: usize| -> Vec<f32> {
+        rand_vec(&mut rng, n, 0.05)
+            .into_iter()
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect()
+    };
+    let w13: Vec<Vec<f32>> = (0..experts).map(|_| weights(2 * inter * hidden)).collect();
+    let w2: Vec<Vec<f32>> = (0..experts).map(|_| weights(hidden * inter)).collect();
+    let (g13, g2): (Vec<_>, Vec<_>) = (
+        w13.iter()
+            .map(|w| b.upload_weight(w, 2 * inter, hidden))
+            .collect(),
+        w2.iter()
+            .map(|w| b.upload_weight(w, hidden, inter))
+            .collect(),
+    );
+    let (c13, c2): (Vec<_>, Vec<_>) = (
+        w13.iter()
+            .map(|w| Cpu.upload_weight(w, 2 * inter, hidden))
+            .collect(),
+        w2.iter()
+            .map(|w| Cpu.upload_weight(w, hidden, inter))
+            .collect(),
+    );
+    // 6 rows: 3 per expert, the batched GEMMs; 300 rows: 150 per expert, two GEMMs each.
+    for rows in [6usize, 300] {
+        let x = rand_vec(&mut rng, rows * hidden, 1.0);
+        let mut buckets = vec![(Vec::new(), Vec::new()); experts];
+        for r in 0..rows {
+            for (e, w) in [(r % experts, 0.7f32), ((r + 1) % experts, 0.3)] {
+                buckets[e].0.push(r as u32);
+                buckets[e].1.push(w);
+            }
+        }
+        let cpu_groups: Vec<ExpertGroup<'_, Cpu>> = buckets
+            .iter()
+            .enumerate()
+            .map(|(e, (ids, ws))| ExpertGroup {
+                ids,
+                weights: ws,
+                w13: &c13[e],
+                w2: &c2[e],
+            })
+            .collect();
+        let gpu_groups: Vec<ExpertGroup<'_, CudaBackend>> = buckets
+            .iter()
+            .enumerate()
+            .map(|(e, (ids, ws))| ExpertGroup {
+                ids,
+                weights: ws,
+                w13: &g13[e],
+                w2: &g2[e],
+            })
+            .collect();
+        let want = Cpu.moe_experts(&x, rows, hidden, inter, &cpu_groups);
+        let got = b.moe_experts(&b.upload(&x), rows, hidden, inter, &gpu_groups);
+        assert_within(
+            &b.download(&got),
+            &want,
+            BF16_TOL,
+            &format!("moe experts, {rows} rows"),
         );
     }
 }
