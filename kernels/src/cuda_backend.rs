@@ -201,9 +201,10 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         // SAFETY: qkv holds batch rows of heads·3d, out batch rows of heads·d, and each pointer
-        // is a live [heads, d, d] state borrowed mutably for this call (synchronised below).
+        // is a live [heads, d, d] state borrowed mutably for this call. No host wait is needed:
+        // all work is on this one stream and cudarc frees device memory in stream order, so
+        // neither a state nor the pointer array can be freed before the kernel has run.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
-        self.synchronize();
         out
     }
 
@@ -404,18 +405,20 @@ impl CudaBackend {
     ) {
         let max_blocks = t.min(LIGHTNING_PASS_TOKENS).div_ceil(LIGHTNING_TC_BLOCK);
         let scratch = heads * max_blocks * d * d;
-        let mut kv = self
-            .stream
-            .alloc_zeros::<f32>(scratch)
-            .unwrap_or_else(|e| fail("alloc", e));
-        let mut p_hi = self
-            .stream
-            .alloc_zeros::<bf16>(scratch)
-            .unwrap_or_else(|e| fail("alloc", e));
-        let mut p_lo = self
-            .stream
-            .alloc_zeros::<bf16>(scratch)
-            .unwrap_or_else(|e| fail("alloc", e));
+        // SAFETY: uninitialised scratch: every pass writes each (head, block) KV sum before the
+        // scan reads it, and the scan writes each starting state before the outputs read it.
+        let (kv, p_hi, p_lo) = unsafe {
+            (
+                self.stream.alloc::<f32>(scratch),
+                self.stream.alloc::<bf16>(scratch),
+                self.stream.alloc::<bf16>(scratch),
+            )
+        };
+        let (mut kv, mut p_hi, mut p_lo) = (
+            kv.unwrap_or_else(|e| fail("alloc", e)),
+            p_hi.unwrap_or_else(|e| fail("alloc", e)),
+            p_lo.unwrap_or_else(|e| fail("alloc", e)),
+        );
         let smem = tc_smem(d);
         self.allow_smem("lightning_block_out", smem);
         let (hi, di) = (heads as i32, d as i32);
@@ -801,11 +804,8 @@ impl Backend for CudaBackend {
                 block_dim: (d as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
+            // SAFETY: as in `lightning_decode_batch`: one live state, stream-ordered frees.
             unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
-            // The state was written through the pointer: keep it alive until then.
-            self.stream
-                .synchronize()
-                .unwrap_or_else(|e| fail("synchronize", e));
         } else if tensor_core_dim(d) {
             self.lightning_prefill_tc(qd, od, sd, &lam, t, heads, d);
         } else {
