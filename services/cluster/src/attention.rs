@@ -82,6 +82,8 @@ struct Step<B: Backend> {
     t1: Instant,
     layer_steps: u64,
     resent: u64,
+    /// The most jobs this one shared a decode step with (itself included).
+    widest_batch: usize,
     tx: mpsc::UnboundedSender<Result<ipb::JobStep, Status>>,
 }
 
@@ -184,6 +186,7 @@ impl<B: Backend> AttentionHost<B> {
             t1: now,
             layer_steps: 0,
             resent: 0,
+            widest_batch: 1,
             tx,
         })
     }
@@ -243,6 +246,7 @@ impl<B: Backend> AttentionHost<B> {
             job = %s.job,
             layer_steps = s.layer_steps,
             resent = s.resent,
+            widest_batch = s.widest_batch,
             "job step finished"
         );
         s.send(ipb::job_step::Event::Done(ipb::StepDone {
@@ -293,6 +297,10 @@ impl<B: Backend> AttentionHost<B> {
     /// One decode step of every job in `batch` together.
     fn decode_round(&self, batch: Vec<Step<B>>) -> Vec<Step<B>> {
         let mut batch = batch;
+        let n = batch.len();
+        for s in batch.iter_mut() {
+            s.widest_batch = s.widest_batch.max(n);
+        }
         let toks: Vec<Vec<u32>> = batch.iter().map(|s| vec![s.last]).collect();
         let r = {
             let mut refs: Vec<&mut Step<B>> = batch.iter_mut().collect();
