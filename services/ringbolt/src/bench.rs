@@ -66,6 +66,10 @@ enum BenchKind {
         /// etcd to use (default: start `etcd` from the PATH).
         #[arg(long, env = "RINGBOLT_ETCD")]
         etcd: Option<String>,
+        /// Also run this many jobs (the shortest prompt length each) on the cluster all at once
+        /// and one at a time, and compare their total decode throughput (0: skip).
+        #[arg(long, default_value_t = 0)]
+        concurrent_jobs: usize,
     },
     /// Prefill time at several lengths (for lightning-only configs: linear scaling).
     Scaling {
@@ -190,12 +194,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             new_tokens,
             expert_workers,
             etcd,
+            concurrent_jobs,
         } => crate::run_async(cluster(
             checkpoint,
             prompt_tokens,
             new_tokens.max(1),
             expert_workers.max(1),
             etcd,
+            concurrent_jobs,
         )),
         BenchKind::Batching {
             checkpoint,
@@ -488,7 +494,11 @@ async fn cluster(
     new_tokens: u32,
     expert_workers: usize,
     etcd: Option<String>,
+    concurrent_jobs: usize,
 ) -> Result<()> {
+    if lengths.is_empty() || lengths.contains(&0) {
+        bail!("--prompt-tokens takes one or more positive lengths");
+    }
     let cfg = ModelConfig::from_file(&checkpoint.join("config.json"))?;
     let mut rng = StdRng::seed_from_u64(7);
     let prompts: Vec<Vec<u32>> = lengths
@@ -522,6 +532,44 @@ async fn cluster(
                 "prefill_ratio": cp / bp,
                 "decode_ratio": cd / bd,
                 "same_tokens": &ct == bt,
+            })
+        );
+    }
+    if concurrent_jobs > 0 {
+        // The attention worker batches the decode steps of running jobs: the same jobs all at
+        // once against one at a time, on the same cluster.
+        let len = *lengths.iter().min().unwrap_or(&1);
+        let ps: Vec<Vec<u32>> = (0..concurrent_jobs)
+            .map(|_| {
+                (0..len)
+                    .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                    .collect()
+            })
+            .collect();
+        let t = Instant::now();
+        let mut one = Vec::new();
+        for p in &ps {
+            one.push(timed_job(&cl.endpoint, p, new_tokens).await?.0);
+        }
+        let one_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let all = futures::future::try_join_all(
+            ps.iter().map(|p| timed_job(&cl.endpoint, p, new_tokens)),
+        )
+        .await?;
+        let all_s = t.elapsed().as_secs_f64();
+        let tokens = (concurrent_jobs * new_tokens as usize) as f64;
+        println!(
+            "{}",
+            json!({
+                "bench": "cluster_concurrent_jobs",
+                "jobs": concurrent_jobs,
+                "prompt_tokens": len,
+                "new_tokens": new_tokens,
+                "one_at_a_time": {"seconds": one_s, "generated_tokens_per_second": tokens / one_s},
+                "all_at_once": {"seconds": all_s, "generated_tokens_per_second": tokens / all_s},
+                "ratio": one_s / all_s,
+                "same_tokens": all.iter().map(|r| &r.0).eq(one.iter()),
             })
         );
     }
