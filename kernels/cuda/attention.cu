@@ -147,18 +147,7 @@ RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict
         __syncthreads();
 
         float s[RB_AK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < RB_AK / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        for (int c0 = 0; c0 < d; c0 += 16) {
-            unsigned a[4];
-            rb_frag_a(a, qs + i0 * ld + c0, ld);
-#pragma unroll
-            for (int nt = 0; nt < RB_AK / 8; ++nt) {
-                unsigned bf[2];
-                rb_frag_b(bf, ks + nt * 8 * ld + c0, ld);
-                rb_mma(s[nt], a, bf);
-            }
-        }
+        rb_scores(s, qs + i0 * ld, ks, ld, d, RB_AK / 8);
         // Mask, scale, and the running max of each of this lane's two rows.
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -207,10 +196,7 @@ RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict
 #pragma unroll
         for (int kc = 0; kc < RB_AK / 16; ++kc) {
             unsigned pa[4];
-            pa[0] = rb_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
-            pa[1] = rb_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
-            pa[2] = rb_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            pa[3] = rb_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+            rb_frag_a_from_c(pa, s[2 * kc], s[2 * kc + 1]);
 #pragma unroll
             for (int nt = 0; nt < RB_AMAX / 8; ++nt) {
                 if (nt * 8 >= d) break;

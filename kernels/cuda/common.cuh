@@ -68,3 +68,34 @@ __device__ __forceinline__ void rb_mma(float c[4], const unsigned a[4], const un
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// The A fragment of a 16×16 tile held as the C fragments of its two 16×8 halves (an mma's
+// result fed to the next one: columns 0–7 in c0, 8–15 in c1), rounded to bf16.
+__device__ __forceinline__ void rb_frag_a_from_c(unsigned a[4], const float c0[4],
+                                                 const float c1[4]) {
+    a[0] = rb_pack_bf16(c0[0], c0[1]);
+    a[1] = rb_pack_bf16(c0[2], c0[3]);
+    a[2] = rb_pack_bf16(c1[0], c1[1]);
+    a[3] = rb_pack_bf16(c1[2], c1[3]);
+}
+
+// Scores of a warp's 16 query rows against the first `tiles` (≤ NT) tiles of 8 key rows:
+// s[nt] = Q · K[8nt .. 8nt+8)ᵀ over d, with Q (`q`: the warp's first row) and K row-major bf16
+// of leading dimension ld. Tiles from `tiles` on are left at zero.
+template <int NT>
+__device__ __forceinline__ void rb_scores(float (&s)[NT][4], const __nv_bfloat16* q,
+                                          const __nv_bfloat16* k, int ld, int d, int tiles) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    for (int c0 = 0; c0 < d; c0 += 16) {
+        unsigned a[4];
+        rb_frag_a(a, q + c0, ld);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            if (nt >= tiles) break;
+            unsigned b[2];
+            rb_frag_b(b, k + nt * 8 * ld + c0, ld);
+            rb_mma(s[nt], a, b);
+        }
+    }
+}

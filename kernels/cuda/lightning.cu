@@ -135,19 +135,7 @@ RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restr
 
     // Scores Q Kᵀ for the key tiles at or before this warp's rows.
     float s[RB_LB / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < RB_LB / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-    for (int c0 = 0; c0 < d; c0 += 16) {
-        unsigned a[4];
-        rb_frag_a(a, qs + i0 * ld + c0, ld);
-#pragma unroll
-        for (int nt = 0; nt < RB_LB / 8; ++nt) {
-            if (nt * 8 > i0 + 15) break;
-            unsigned bf[2];
-            rb_frag_b(bf, ks + nt * 8 * ld + c0, ld);
-            rb_mma(s[nt], a, bf);
-        }
-    }
+    rb_scores(s, qs + i0 * ld, ks, ld, d, (i0 + 16) / 8);
     // Causal decay mask, then the scores as bf16 A fragments (16 keys per fragment).
     unsigned pa[RB_LB / 16][4];
 #pragma unroll
@@ -159,12 +147,7 @@ RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restr
         }
     }
 #pragma unroll
-    for (int kc = 0; kc < RB_LB / 16; ++kc) {
-        pa[kc][0] = rb_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
-        pa[kc][1] = rb_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
-        pa[kc][2] = rb_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-        pa[kc][3] = rb_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-    }
+    for (int kc = 0; kc < RB_LB / 16; ++kc) rb_frag_a_from_c(pa[kc], s[2 * kc], s[2 * kc + 1]);
 
     // Inter-block term Q P, P = hi + lo read from global memory (transposed: P[r][c] at c·d + r).
     float o[RB_MAX_HEAD_DIM / 8][4];
