@@ -416,6 +416,19 @@ fn step_counts(p: &Proc) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// [`step_counts`] once the attention worker has logged at least `n` finished steps: its log
+/// is read by another thread, so a step's line can trail the job's end by a moment.
+fn wait_step_counts(p: &Proc, n: usize) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = step_counts(p);
+        if c.len() >= n || Instant::now() > deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::new();
     let mut esc = false;
@@ -468,7 +481,9 @@ fn cluster_equals_standalone_through_scale_out_drain_and_an_expert_crash() {
         assert_eq!(&tokens(&follow(&ep, id).join().unwrap()), w);
     }
     // Each prefill chunk and decode step is one layer step per layer; nothing re-sent.
-    for (steps, resent) in step_counts(&att) {
+    let counts = wait_step_counts(&att, ids.len());
+    assert_eq!(counts.len(), ids.len());
+    for (steps, resent) in counts {
         assert_eq!(steps, LAYERS * 24);
         assert_eq!(resent, 0);
     }
@@ -505,7 +520,9 @@ fn cluster_equals_standalone_through_scale_out_drain_and_an_expert_crash() {
         epoch(s) > e2_epoch && expert_counts(s).iter().all(|(_, k)| *k > 0) && covers_all(s)
     });
     let mut e2 = _e2;
-    let before = step_counts(&att).len();
+    // The three jobs and the drained one.
+    let before = wait_step_counts(&att, ids.len() + 1).len();
+    assert_eq!(before, ids.len() + 1);
     let p = prompt(300, 4);
     let want = generate(&c.ckpt, &p, LONG);
     let id = submit(&ep, &p, LONG);
@@ -513,7 +530,7 @@ fn cluster_equals_standalone_through_scale_out_drain_and_an_expert_crash() {
     wait_tokens(&ep, &id, 50);
     e2.kill9();
     assert_eq!(tokens(&watcher.join().unwrap()), want);
-    let counts = step_counts(&att);
+    let counts = wait_step_counts(&att, before + 1);
     assert_eq!(counts.len(), before + 1);
     let (steps, resent) = counts[before];
     assert_eq!(steps, LAYERS * LONG as u64, "no layer step ran twice");
