@@ -295,8 +295,7 @@ impl<B: Backend> AttentionHost<B> {
     }
 
     /// One decode step of every job in `batch` together.
-    fn decode_round(&self, batch: Vec<Step<B>>) -> Vec<Step<B>> {
-        let mut batch = batch;
+    fn decode_round(&self, mut batch: Vec<Step<B>>) -> Vec<Step<B>> {
         let n = batch.len();
         for s in batch.iter_mut() {
             s.widest_batch = s.widest_batch.max(n);

@@ -208,9 +208,7 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts {
         rows: usize,
         routing: &Routing,
     ) -> ringbolt_model::Result<B::Buf> {
-        let none = AtomicU64::new(0);
-        let out = self.step(layer, &backend.host_view(x), rows, routing, &none)?;
-        Ok(backend.upload_owned(out))
+        self.for_job().experts(backend, layer, x, rows, routing)
     }
 }
 
