@@ -10,7 +10,7 @@ use bytes::Bytes;
 use clap::Args;
 use futures::future::BoxFuture;
 use ringbolt_kernels::cpu::Cpu;
-use ringbolt_kernels::{Backend, Device, OnBackend};
+use ringbolt_kernels::{Backend, Device, ExpertGroup, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::{Checkpoint, Expert, ModelConfig};
 use ringbolt_proto::internal as ipb;
@@ -53,6 +53,24 @@ pub fn expert_bytes(ckpt: &Checkpoint) -> u64 {
         4
     };
     ringbolt_planner::placement::expert_bytes(ckpt.config(), per)
+}
+
+/// Requests waiting for the engine thread; senders wait when it is full.
+const ENGINE_QUEUE: usize = 256;
+/// Most requests served as one batch.
+const MAX_BATCH: usize = 64;
+
+/// A request in the engine thread's queue.
+struct Queued {
+    epoch: u64,
+    data: Bytes,
+    reply: tokio::sync::oneshot::Sender<Result<Bytes, Refusal>>,
+}
+
+/// A request checked against the experts held: its rows and the experts it names, in order.
+struct Prepared<B: Backend> {
+    req: ExpertRequest,
+    experts: Vec<Arc<Expert<B>>>,
 }
 
 /// The experts held by one worker, and the data-plane handler.
@@ -172,8 +190,9 @@ impl<B: Backend> ExpertHost<B> {
         );
     }
 
-    /// Serves one layer step (blocking: compute).
-    fn step(&self, epoch: u64, data: &[u8]) -> Result<Bytes, Refusal> {
+    /// Checks one request against what this worker holds now: the epoch, the shape and the
+    /// experts it names.
+    fn prepare(&self, epoch: u64, data: &[u8]) -> Result<Prepared<B>, Refusal> {
         let current = self.active_epoch();
         if epoch < current {
             return Err(Refusal::StaleEpoch { current });
@@ -200,36 +219,172 @@ impl<B: Backend> ExpertHost<B> {
                 })
                 .collect::<Result<_, _>>()?
         };
-        let i = self.cfg.intermediate_size;
-        let mut out = Vec::new();
-        {
-            let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
-            for (e, ids) in &req.groups {
-                *load.entry((req.layer, *e)).or_default() += ids.len() as u64;
-            }
-        }
-        for ((_, ids), ex) in req.groups.iter().zip(&experts) {
-            let mut xs = Vec::with_capacity(ids.len() * h);
-            for &r in ids {
-                xs.extend_from_slice(&req.x[r as usize * h..(r as usize + 1) * h]);
-            }
-            let b = &self.backend;
-            let y = ex.forward(b, &b.upload_owned(xs), ids.len(), h, i);
-            out.extend_from_slice(&b.host_view(&y));
-        }
-        Ok(f32_bytes(&out))
+        Ok(Prepared { req, experts })
     }
 
+    /// Serves the layer steps that waited together: requests for the same layer (from any
+    /// attention worker) run as one MoE call, each expert once over the rows of every request
+    /// routed to it; each request then gets its own groups' outputs, in its group order.
+    fn serve_batch(&self, batch: Vec<(u64, Bytes)>) -> Vec<Result<Bytes, Refusal>> {
+        let mut answers: Vec<Option<Result<Bytes, Refusal>>> = Vec::with_capacity(batch.len());
+        let mut by_layer: BTreeMap<u32, Vec<(usize, Prepared<B>)>> = BTreeMap::new();
+        for (i, (epoch, data)) in batch.iter().enumerate() {
+            match self.prepare(*epoch, data) {
+                Ok(p) => {
+                    answers.push(None);
+                    by_layer.entry(p.req.layer).or_default().push((i, p));
+                }
+                Err(r) => answers.push(Some(Err(r))),
+            }
+        }
+        {
+            let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
+            for (layer, reqs) in &by_layer {
+                for (_, p) in reqs {
+                    for (e, ids) in &p.req.groups {
+                        *load.entry((*layer, *e)).or_default() += ids.len() as u64;
+                    }
+                }
+            }
+        }
+        for reqs in by_layer.values() {
+            for (i, out) in self.layer_step(reqs) {
+                answers[i] = Some(Ok(out));
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(Refusal::Failed("request was not served".into()))))
+            .collect()
+    }
+
+    /// One MoE call for the requests of one layer. Returns (request index, answer).
+    fn layer_step(&self, reqs: &[(usize, Prepared<B>)]) -> Vec<(usize, Bytes)> {
+        let (h, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        // Every (request, group), ordered by expert: each expert's rows are contiguous.
+        let mut parts: Vec<(u32, usize, usize)> = reqs
+            .iter()
+            .enumerate()
+            .flat_map(|(r, (_, p))| {
+                p.req
+                    .groups
+                    .iter()
+                    .enumerate()
+                    .map(move |(g, (e, _))| (*e, r, g))
+            })
+            .collect();
+        parts.sort_unstable();
+        let rows: usize = parts
+            .iter()
+            .map(|&(_, r, g)| reqs[r].1.req.groups[g].1.len())
+            .sum();
+        let mut x = Vec::with_capacity(rows * h);
+        // Where each (request, group) starts in the stacked rows.
+        let mut at: HashMap<(usize, usize), usize> = HashMap::with_capacity(parts.len());
+        // (expert, its weights, first row, row count), one per expert.
+        let mut spans: Vec<(u32, &Expert<B>, usize, usize)> = Vec::new();
+        for &(e, r, g) in &parts {
+            let p = &reqs[r].1;
+            let ids = &p.req.groups[g].1;
+            let start = x.len() / h;
+            at.insert((r, g), start);
+            for &row in ids {
+                x.extend_from_slice(&p.req.x[row as usize * h..(row as usize + 1) * h]);
+            }
+            match spans.last_mut() {
+                Some((last, _, _, n)) if *last == e => *n += ids.len(),
+                _ => spans.push((e, &p.experts[g], start, ids.len())),
+            }
+        }
+        let ids: Vec<u32> = (0..rows as u32).collect();
+        let ones = vec![1f32; rows];
+        let groups: Vec<ExpertGroup<'_, B>> = spans
+            .iter()
+            .filter(|(_, _, _, n)| *n > 0)
+            .map(|(_, ex, s, n)| ExpertGroup {
+                ids: &ids[*s..s + n],
+                weights: &ones[*s..s + n],
+                w13: &ex.w13,
+                w2: &ex.w2,
+            })
+            .collect();
+        let b = &self.backend;
+        let y = b.moe_experts(&b.upload_owned(x), rows, h, inter, &groups);
+        let y = b.host_view(&y);
+        reqs.iter()
+            .enumerate()
+            .map(|(r, (i, p))| {
+                let mut out =
+                    Vec::with_capacity(p.req.groups.iter().map(|g| g.1.len()).sum::<usize>() * h);
+                for (g, (_, ids)) in p.req.groups.iter().enumerate() {
+                    let s = at[&(r, g)];
+                    out.extend_from_slice(&y[s * h..(s + ids.len()) * h]);
+                }
+                (*i, f32_bytes(&out))
+            })
+            .collect()
+    }
+
+    /// The data-plane handler. Starts this worker's engine thread: the one thread that computes
+    /// on the backend (a GPU's context has one owner). Requests queue to it (bounded: senders
+    /// wait); it takes everything that waits and serves it as one batch.
     pub fn handler(self: &Arc<Self>) -> Handler {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Queued>(ENGINE_QUEUE);
+        let host = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("expert-engine".into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    let mut queued = vec![first];
+                    while queued.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(q) => queued.push(q),
+                            Err(_) => break,
+                        }
+                    }
+                    let (batch, replies): (Vec<_>, Vec<_>) = queued
+                        .into_iter()
+                        .map(|q| ((q.epoch, q.data), q.reply))
+                        .unzip();
+                    let n = batch.len();
+                    let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        host.serve_batch(batch)
+                    }))
+                    .unwrap_or_else(|e| {
+                        let msg = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!(%msg, "expert step failed");
+                        (0..n)
+                            .map(|_| Err(Refusal::Failed(format!("expert step failed: {msg}"))))
+                            .collect()
+                    });
+                    if n > 1 {
+                        tracing::debug!(requests = n, "expert requests served as one batch");
+                    }
+                    for (reply, a) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(a);
+                    }
+                }
+            });
+        if let Err(e) = &spawned {
+            tracing::error!(error = %e, "cannot start the expert engine thread");
+        }
         let host = self.clone();
         Arc::new(move |epoch, data: Bytes| {
             let host = host.clone();
+            let tx = tx.clone();
             Box::pin(async move {
                 host.inflight.fetch_add(1, Ordering::SeqCst);
-                let h2 = host.clone();
-                let r = tokio::task::spawn_blocking(move || h2.step(epoch, &data))
-                    .await
-                    .unwrap_or_else(|e| Err(Refusal::Failed(format!("expert step panicked: {e}"))));
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                let r = match tx.send(Queued { epoch, data, reply }).await {
+                    Ok(()) => rx.await.unwrap_or_else(|_| {
+                        Err(Refusal::Failed("the expert engine stopped".into()))
+                    }),
+                    Err(_) => Err(Refusal::Failed("the expert engine is not running".into())),
+                };
                 host.inflight.fetch_sub(1, Ordering::SeqCst);
                 r
             })
@@ -419,4 +574,116 @@ async fn serve_on<B: Backend>(
     let _ = grpc.await;
     eprintln!("ringbolt expert-worker {id} drained");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::WorkerPlace;
+    use crate::wire::f32s;
+    use ringbolt_model::{Preset, WeightDtype, write_random_checkpoint};
+
+    fn request(
+        layer: u32,
+        h: usize,
+        groups: Vec<(u32, Vec<u32>)>,
+        rows: usize,
+        seed: u32,
+    ) -> Bytes {
+        let x = (0..rows * h)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        ExpertRequest {
+            layer,
+            hidden: h as u32,
+            groups,
+            x,
+        }
+        .encode()
+    }
+
+    /// Each group's rows through its expert alone (two GEMMs, nothing batched).
+    fn one_by_one(host: &ExpertHost, data: &[u8]) -> Vec<f32> {
+        let req = ExpertRequest::decode(data).unwrap();
+        let (h, i) = (host.cfg.hidden_size, host.cfg.intermediate_size);
+        let mut out = Vec::new();
+        for (e, ids) in &req.groups {
+            let ex = host.held.read().unwrap()[&(req.layer, *e)].clone();
+            let mut xs = Vec::new();
+            for &r in ids {
+                xs.extend_from_slice(&req.x[r as usize * h..(r as usize + 1) * h]);
+            }
+            out.extend(ex.forward(&Cpu, &xs, ids.len(), h, i));
+        }
+        out
+    }
+
+    #[test]
+    fn requests_served_together_get_the_answers_they_get_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Preset::Tiny.config();
+        write_random_checkpoint(&cfg, 5, WeightDtype::F32, dir.path(), None).unwrap();
+        let host = ExpertHost::new("w".into(), Checkpoint::open(dir.path()).unwrap());
+        let slots: Vec<Slot> = (0..2).flat_map(|l| (0..4).map(move |e| (l, e))).collect();
+        host.load_shards(1, &slots).unwrap();
+        host.activate(&Plan {
+            epoch: 1,
+            workers: [(
+                "w".to_string(),
+                WorkerPlace {
+                    address: String::new(),
+                    data_address: String::new(),
+                    experts: slots,
+                },
+            )]
+            .into(),
+        });
+        let h = cfg.hidden_size;
+        let batch = vec![
+            // Two attention workers' steps of layer 0 sharing expert 3, rows in any order.
+            (1, request(0, h, vec![(1, vec![0, 2]), (3, vec![1])], 3, 1)),
+            (
+                1,
+                request(0, h, vec![(3, vec![1, 0]), (0, vec![2, 1])], 3, 2),
+            ),
+            (1, request(1, h, vec![(2, vec![0])], 1, 3)),
+            // Not held: refused on its own.
+            (1, request(0, h, vec![(7, vec![0])], 1, 4)),
+            // An older epoch than the active one.
+            (0, request(0, h, vec![(1, vec![0])], 1, 5)),
+        ];
+        let together = host.serve_batch(batch.clone());
+        assert_eq!(together.len(), batch.len());
+        // Routing load counts the rows of the requests served (refused ones add nothing).
+        let load: HashMap<Slot, u64> = host
+            .load_stats()
+            .into_iter()
+            .map(|l| ((l.layer, l.expert), l.rows))
+            .collect();
+        assert_eq!(load[&(0, 3)], 3);
+        assert_eq!(load[&(0, 1)], 2);
+        assert_eq!(load[&(1, 2)], 1);
+        for (k, ((epoch, data), got)) in batch.iter().zip(&together).enumerate() {
+            match (k, got) {
+                (0..=2, Ok(ans)) => {
+                    let want = one_by_one(&host, data);
+                    let got = f32s(ans);
+                    assert_eq!(got.len(), want.len(), "request {k}");
+                    let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(err <= 1e-5 * max, "request {k}: error {err} of {max}");
+                    let alone = host.serve_batch(vec![(*epoch, data.clone())]);
+                    assert_eq!(f32s(alone[0].as_ref().unwrap()), got, "request {k} alone");
+                }
+                (3, Err(Refusal::Failed(msg))) => {
+                    assert!(msg.contains("expert 7 of layer 0"), "{msg}")
+                }
+                (4, Err(Refusal::StaleEpoch { current })) => assert_eq!(*current, 1),
+                _ => panic!("request {k}: unexpected answer {got:?}"),
+            }
+        }
+    }
 }

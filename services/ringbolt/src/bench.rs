@@ -51,7 +51,7 @@ enum BenchKind {
         #[arg(long, default_value_t = 64)]
         new_tokens: u32,
     },
-    /// The same prompts on a local cluster (1 coordinator, 1 attention worker, N expert
+    /// The same prompts on a local cluster (1 coordinator, M attention workers, N expert
     /// workers, child processes, real etcd) and on standalone: tokens/s and ratios.
     Cluster {
         #[arg(long, env = "RINGBOLT_CHECKPOINT")]
@@ -63,6 +63,9 @@ enum BenchKind {
         new_tokens: u32,
         #[arg(long, default_value_t = 2)]
         expert_workers: usize,
+        /// Attention workers (concurrent jobs spread over them).
+        #[arg(long, default_value_t = 1)]
+        attention_workers: usize,
         /// etcd to use (default: start `etcd` from the PATH).
         #[arg(long, env = "RINGBOLT_ETCD")]
         etcd: Option<String>,
@@ -193,13 +196,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             prompt_tokens,
             new_tokens,
             expert_workers,
+            attention_workers,
             etcd,
             concurrent_jobs,
         } => crate::run_async(cluster(
             checkpoint,
             prompt_tokens,
             new_tokens.max(1),
-            expert_workers.max(1),
+            (attention_workers.max(1), expert_workers.max(1)),
             etcd,
             concurrent_jobs,
         )),
@@ -492,7 +496,7 @@ async fn cluster(
     checkpoint: PathBuf,
     lengths: Vec<usize>,
     new_tokens: u32,
-    expert_workers: usize,
+    (attention_workers, expert_workers): (usize, usize),
     etcd: Option<String>,
     concurrent_jobs: usize,
 ) -> Result<()> {
@@ -516,8 +520,13 @@ async fn cluster(
             base.push(timed_job(&s.endpoint, p, new_tokens).await?);
         }
     }
-    let cl =
-        crate::local_cluster::LocalCluster::start(&checkpoint, etcd, 1, expert_workers).await?;
+    let cl = crate::local_cluster::LocalCluster::start(
+        &checkpoint,
+        etcd,
+        attention_workers,
+        expert_workers,
+    )
+    .await?;
     for (p, (bt, bp, bd)) in prompts.iter().zip(&base) {
         let (ct, cp, cd) = timed_job(&cl.endpoint, p, new_tokens).await?;
         println!(
@@ -526,6 +535,7 @@ async fn cluster(
                 "bench": "cluster",
                 "prompt_tokens": p.len(),
                 "new_tokens": new_tokens,
+                "attention_workers": attention_workers,
                 "expert_workers": expert_workers,
                 "standalone": {"prefill_tokens_per_second": bp, "decode_tokens_per_second": bd},
                 "cluster": {"prefill_tokens_per_second": cp, "decode_tokens_per_second": cd},
@@ -564,6 +574,8 @@ async fn cluster(
             json!({
                 "bench": "cluster_concurrent_jobs",
                 "jobs": concurrent_jobs,
+                "attention_workers": attention_workers,
+                "expert_workers": expert_workers,
                 "prompt_tokens": len,
                 "new_tokens": new_tokens,
                 "one_at_a_time": {"seconds": one_s, "generated_tokens_per_second": tokens / one_s},
