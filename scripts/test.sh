@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v g++ >/dev/null || need_apt+=(g++)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
@@ -24,6 +25,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+# Every CUDA kernel, run from its source on a CPU emulation of blocks, warps and tensor-core
+# fragments, matches a plain reference.
+scripts/emulate-kernels.sh
 
 # Every CUDA kernel compiles for sm_90 with NVRTC 13.0 (no GPU needed): the compiler and the
 # CUDA headers come from NVIDIA's PyPI wheels, installed once under target/nvrtc.

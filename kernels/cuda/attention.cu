@@ -92,7 +92,7 @@ RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict
                             const float* __restrict__ v, float* __restrict__ out,
                             float* __restrict__ lse, int t, int heads, int kv_heads, int d,
                             long long pos0, long long kpos0, int nkeys) {
-    extern __shared__ __align__(16) unsigned char rb_smem[];
+    RB_DYNAMIC_SMEM(rb_smem);
     if (d % 16 || d > RB_AMAX || blockDim.x != 128) return;
     // Split keys (flash-decoding): with gridDim.z = S > 1, block z takes keys
     // [z·per, (z+1)·per) and writes its partial result and log-sum-exp at part z of out/lse

@@ -1,8 +1,17 @@
 // Shared helpers of Ringbolt's CUDA kernels (compiled by NVRTC: no host headers).
+// `RB_HOST_EMU` is set by the CPU emulation of kernels/emu (threads and barriers for the GPU's
+// blocks and warps), which compiles these same sources with a host compiler.
 #pragma once
 #include <cuda_bf16.h>
 
 #define RB_EXTERN extern "C" __global__
+
+// A kernel's dynamic shared memory.
+#ifdef RB_HOST_EMU
+#define RB_DYNAMIC_SMEM(name) unsigned char* name = rb_emu_dynamic_smem()
+#else
+#define RB_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
@@ -62,11 +71,15 @@ __device__ __forceinline__ void rb_frag_b(unsigned b[2], const __nv_bfloat16* p,
 
 // c += a · b
 __device__ __forceinline__ void rb_mma(float c[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef RB_HOST_EMU
+    rb_emu_mma(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // The A fragment of a 16×16 tile held as the C fragments of its two 16×8 halves (an mma's

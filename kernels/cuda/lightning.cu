@@ -117,7 +117,7 @@ RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restr
                                    const __nv_bfloat16* __restrict__ p_hi,
                                    const __nv_bfloat16* __restrict__ p_lo,
                                    const float* __restrict__ lambda, int t, int heads, int d) {
-    extern __shared__ __align__(16) unsigned char rb_smem[];
+    RB_DYNAMIC_SMEM(rb_smem);
     if (d > RB_MAX_HEAD_DIM || d % 16 || blockDim.x != 128) return;
     const int ld = d + 8;
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(rb_smem);
