@@ -3,9 +3,9 @@
 // context. Scale 1/sqrt(d). Besides the output it writes the log-sum-exp of the scaled scores:
 // the partial-result form ring attention merges across key blocks (`attention_merge`).
 //
-// Queries are rows [t, heads·d] at absolute positions pos0 + i; keys/values rows
-// [nkeys, kv_heads·d] at absolute positions kpos0 + j. Key j is visible to query i when
-// kpos0 + j ≤ pos0 + i.
+// Queries are rows [t, heads·d] (f32) at absolute positions pos0 + i; keys/values rows
+// [nkeys, kv_heads·d] at absolute positions kpos0 + j, in bf16 (the KV cache's type: half the
+// memory and bandwidth of f32). Key j is visible to query i when kpos0 + j ≤ pos0 + i.
 #include "common.cuh"
 
 #define RB_MAX_DIM_PER_LANE 8  // head_dim ≤ 256
@@ -13,8 +13,8 @@
 // Two implementations: `attention` (scalar f32, one warp per query and head, any head_dim ≤
 // 256) and `attention_tc` (tensor cores, bf16 operands with f32 accumulation; below).
 
-RB_EXTERN void attention(const float* __restrict__ q, const float* __restrict__ k,
-                         const float* __restrict__ v, float* __restrict__ out,
+RB_EXTERN void attention(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                         const __nv_bfloat16* __restrict__ v, float* __restrict__ out,
                          float* __restrict__ lse, int t, int heads, int kv_heads, int d,
                          long long pos0, long long kpos0, int nkeys) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -35,20 +35,20 @@ RB_EXTERN void attention(const float* __restrict__ q, const float* __restrict__ 
     int n = (int)min((long long)nkeys, last + 1);
     float m = -INFINITY, l = 0.0f;
     for (int j = 0; j < n; ++j) {
-        const float* kr = k + (size_t)j * kv_heads * d + (size_t)kvh * d;
+        const __nv_bfloat16* kr = k + (size_t)j * kv_heads * d + (size_t)kvh * d;
         float s = 0.0f;
         for (int p = 0; p < per; ++p) {
             const int c = lane + 32 * p;
-            if (c < d) s += qv[p] * kr[c];
+            if (c < d) s += qv[p] * __bfloat162float(kr[c]);
         }
         s = rb_warp_sum(s);
         const float mn = fmaxf(m, s);
         const float corr = expf(m - mn), w = expf(s - mn);
         l = l * corr + w;
-        const float* vr = v + (size_t)j * kv_heads * d + (size_t)kvh * d;
+        const __nv_bfloat16* vr = v + (size_t)j * kv_heads * d + (size_t)kvh * d;
         for (int p = 0; p < per; ++p) {
             const int c = lane + 32 * p;
-            if (c < d) acc[p] = acc[p] * corr + w * vr[c];
+            if (c < d) acc[p] = acc[p] * corr + w * __bfloat162float(vr[c]);
         }
         m = mn;
     }
@@ -84,12 +84,12 @@ RB_EXTERN void attention_merge(float* __restrict__ o1, float* __restrict__ lse1,
 
 // Tensor-core form of `attention` (head_dim a multiple of 16, at most 128), same arguments and
 // results. Grid (ceil(t/64), heads), 128 threads; warp w owns query rows [16w, 16w + 16) of the
-// block. Per tile of 64 keys (staged in shared memory as bf16: K row-major, V transposed), the
+// block. Per tile of 64 keys (staged in shared memory: K row-major, V transposed), the
 // scores come from tensor cores into registers, the online softmax runs on them in f32 (the
 // four lanes that share a row combine by shuffles), and P (bf16) · V accumulates into f32
 // registers. Dynamic shared memory: 2·64·(d+8)·2 + d·72·2 bytes.
-RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict__ k,
-                            const float* __restrict__ v, float* __restrict__ out,
+RB_EXTERN void attention_tc(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                            const __nv_bfloat16* __restrict__ v, float* __restrict__ out,
                             float* __restrict__ lse, int t, int heads, int kv_heads, int d,
                             long long pos0, long long kpos0, int nkeys) {
     RB_DYNAMIC_SMEM(rb_smem);
@@ -135,14 +135,14 @@ RB_EXTERN void attention_tc(const float* __restrict__ q, const float* __restrict
         __syncthreads();  // the previous tile is no longer read (and qs is written)
         for (int idx = threadIdx.x; idx < RB_AK * d; idx += blockDim.x) {
             const int j = idx / d, c = idx % d;
-            float kx = 0.0f, vx = 0.0f;
+            __nv_bfloat16 kx = __float2bfloat16(0.0f), vx = kx;
             if (kb + j < nkeys) {
                 const size_t at = (size_t)(kb + j) * kv_heads * d + (size_t)kvh * d + c;
                 kx = k[at];
                 vx = v[at];
             }
-            ks[j * ld + c] = __float2bfloat16(kx);
-            vt[c * RB_AT + j] = __float2bfloat16(vx);
+            ks[j * ld + c] = kx;
+            vt[c * RB_AT + j] = vx;
         }
         __syncthreads();
 

@@ -166,13 +166,28 @@ void lightning_decode_batch(int batch, int heads, int d) {
 struct Attn {
     int t, heads, kv_heads, d;
     long long pos0;
-    std::vector<float> q, k, v;  // k, v: [pos0 + t, kv_heads·d]
+    // k, v: [pos0 + t, kv_heads·d], values that bf16 holds exactly (the KV cache is bf16), and
+    // the same as bf16 for the kernels.
+    std::vector<float> q, k, v;
+    std::vector<__nv_bfloat16> kb, vb;
 };
+
+std::vector<__nv_bfloat16> to_bf16(std::vector<float>& x) {
+    std::vector<__nv_bfloat16> b;
+    for (auto& v : x) {
+        b.push_back(__float2bfloat16(v));
+        v = __bfloat162float(b.back());
+    }
+    return b;
+}
 
 Attn attn_case(int t, int heads, int kv_heads, int d, long long pos0) {
     const size_t n = (size_t)(pos0 + t);
-    return {t, heads, kv_heads, d, pos0, random((size_t)t * heads * d, 1.0f),
-            random(n * kv_heads * d, 1.0f), random(n * kv_heads * d, 1.0f)};
+    Attn c{t, heads, kv_heads, d, pos0, random((size_t)t * heads * d, 1.0f),
+           random(n * kv_heads * d, 1.0f), random(n * kv_heads * d, 1.0f), {}, {}};
+    c.kb = to_bf16(c.k);
+    c.vb = to_bf16(c.v);
+    return c;
 }
 
 // Output and log-sum-exp over keys [k0, k1) (absolute positions), causal.
@@ -236,7 +251,7 @@ void attention_tensor_cores(const Attn& c, int splits) {
     std::vector<float> out((size_t)splits * t * heads * d, NAN), lse((size_t)splits * t * heads, NAN);
     rb_launch({(unsigned)((t + 63) / 64), (unsigned)heads, (unsigned)splits}, {128, 1, 1},
               tc_smem(d), [&] {
-                  attention_tc(c.q.data(), c.k.data(), c.v.data(), out.data(), lse.data(), t,
+                  attention_tc(c.q.data(), c.kb.data(), c.vb.data(), out.data(), lse.data(), t,
                                heads, c.kv_heads, d, c.pos0, 0, nkeys);
               });
     const std::string name = "attention_tc t=" + std::to_string(t) + " pos0=" +
@@ -278,8 +293,8 @@ void attention_scalar(const Attn& c) {
         lse.assign((size_t)t * heads, NAN);
         const unsigned warps = (unsigned)(t * heads * 32);
         rb_launch({(warps + 127) / 128, 1, 1}, {128, 1, 1}, 0, [&] {
-            attention(c.q.data(), c.k.data() + (size_t)k0 * c.kv_heads * d,
-                      c.v.data() + (size_t)k0 * c.kv_heads * d, out.data(), lse.data(), t, heads,
+            attention(c.q.data(), c.kb.data() + (size_t)k0 * c.kv_heads * d,
+                      c.vb.data() + (size_t)k0 * c.kv_heads * d, out.data(), lse.data(), t, heads,
                       c.kv_heads, d, c.pos0, k0, (int)(k1 - k0));
         });
     };

@@ -671,6 +671,7 @@ fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Weight = CpuWeight;
+    type Cache = Vec<f32>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -744,8 +745,20 @@ impl Backend for Cpu {
         parts.concat()
     }
 
-    fn append(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
-        dst.extend_from_slice(src);
+    fn new_cache(&self) -> Vec<f32> {
+        Vec::new()
+    }
+
+    fn cache_append(&self, cache: &mut Vec<f32>, src: &Vec<f32>) {
+        cache.extend_from_slice(src);
+    }
+
+    fn cache_len(&self, cache: &Vec<f32>) -> usize {
+        cache.len()
+    }
+
+    fn cache_bytes(&self, cache: &Vec<f32>) -> usize {
+        cache.len() * 4
     }
 
     fn linear(&self, x: &Vec<f32>, w: &CpuWeight, m: usize, k: usize, n: usize) -> Vec<f32> {

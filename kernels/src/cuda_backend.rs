@@ -60,8 +60,7 @@ fn tensor_core_dim(d: usize) -> bool {
     d.is_multiple_of(16) && d <= 128
 }
 
-/// An f32 device buffer; `len` values in use, capacity to grow (KV caches) without a copy
-/// per append.
+/// An f32 device buffer of `len` values.
 pub struct GpuBuf {
     data: Option<CudaSlice<f32>>,
     len: usize,
@@ -71,6 +70,13 @@ impl GpuBuf {
     fn view(&self) -> Option<CudaView<'_, f32>> {
         self.data.as_ref().map(|d| d.slice(0..self.len))
     }
+}
+
+/// A softmax layer's key or value cache on the device, in bf16: `len` values in use, capacity
+/// to grow without a copy per append.
+pub struct GpuCache {
+    data: Option<CudaSlice<bf16>>,
+    len: usize,
 }
 
 /// A bf16 weight matrix `[rows, cols]` on the device.
@@ -488,6 +494,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = GpuBuf;
     type Weight = GpuWeight;
+    type Cache = GpuCache;
 
     fn name(&self) -> String {
         self.name.clone()
@@ -591,27 +598,44 @@ impl Backend for CudaBackend {
         out
     }
 
-    fn append(&self, dst: &mut GpuBuf, src: &GpuBuf) {
-        let need = dst.len + src.len;
-        let cap = dst.data.as_ref().map(|d| d.len()).unwrap_or(0);
+    fn new_cache(&self) -> GpuCache {
+        GpuCache { data: None, len: 0 }
+    }
+
+    fn cache_append(&self, cache: &mut GpuCache, src: &GpuBuf) {
+        let need = cache.len + src.len;
+        let cap = cache.data.as_ref().map(|d| d.len()).unwrap_or(0);
         if need > cap {
+            // Doubling: appends cost amortised O(1) copies per value.
             let mut grown = self
                 .stream
-                .alloc_zeros::<f32>((need * 2).max(1024))
+                .alloc_zeros::<bf16>((need * 2).max(1024))
                 .unwrap_or_else(|e| fail("alloc", e));
-            if dst.len > 0 {
-                let old = GpuBuf {
-                    data: dst.data.take(),
-                    len: dst.len,
-                };
-                self.copy_into(&mut grown, 0, &old);
+            if let Some(old) = cache.data.take().filter(|_| cache.len > 0) {
+                let mut dst = grown.slice_mut(0..cache.len);
+                self.stream
+                    .memcpy_dtod(&old.slice(0..cache.len), &mut dst)
+                    .unwrap_or_else(|e| fail("copy", e));
             }
-            dst.data = Some(grown);
+            cache.data = Some(grown);
         }
-        if let Some(d) = dst.data.as_mut() {
-            self.copy_into(d, dst.len, src);
+        if let (Some(d), Some(v)) = (cache.data.as_mut(), src.view()) {
+            let n = src.len;
+            let mut dst = d.slice_mut(cache.len..need);
+            let mut b = self.stream.launch_builder(self.f("f32_to_bf16"));
+            b.arg(&v).arg(&mut dst).arg(&n);
+            // SAFETY: v holds n values and dst has room for n.
+            unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail("f32_to_bf16", e));
         }
-        dst.len = need;
+        cache.len = need;
+    }
+
+    fn cache_len(&self, cache: &GpuCache) -> usize {
+        cache.len
+    }
+
+    fn cache_bytes(&self, cache: &GpuCache) -> usize {
+        cache.len * 2
     }
 
     fn linear(&self, x: &GpuBuf, w: &GpuWeight, m: usize, k: usize, n: usize) -> GpuBuf {
@@ -860,8 +884,8 @@ impl Backend for CudaBackend {
         &self,
         q: &GpuBuf,
         t: usize,
-        k_cache: &GpuBuf,
-        v_cache: &GpuBuf,
+        k_cache: &GpuCache,
+        v_cache: &GpuCache,
         pos0: usize,
         shape: AttentionShape,
     ) -> GpuBuf {

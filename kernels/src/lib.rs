@@ -95,6 +95,10 @@ pub trait Backend: Send + Sync + 'static {
     /// A weight matrix (`[out, in]`), stored as the backend likes (e.g. bf16 when that is
     /// lossless) and always computed with in f32 or better.
     type Weight: Send + Sync;
+    /// A softmax layer's key or value cache: rows of `kv_heads·d` appended as a sequence
+    /// grows, stored as the backend likes (f32 on the CPU, the reference; bf16 on GPUs, half
+    /// the memory and bandwidth of the largest thing a long context holds).
+    type Cache: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -127,8 +131,14 @@ pub trait Backend: Send + Sync + 'static {
     fn gather_rows(&self, x: &Self::Buf, ids: &[u32], width: usize) -> Self::Buf;
     /// Concatenates row blocks of the same width.
     fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
-    /// Appends `src` to the end of `dst` (a growing cache).
-    fn append(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// An empty key or value cache.
+    fn new_cache(&self) -> Self::Cache;
+    /// Appends the rows of `src` to the end of `cache`.
+    fn cache_append(&self, cache: &mut Self::Cache, src: &Self::Buf);
+    /// Values held by `cache`.
+    fn cache_len(&self, cache: &Self::Cache) -> usize;
+    /// Bytes of memory `cache`'s values take.
+    fn cache_bytes(&self, cache: &Self::Cache) -> usize;
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ`.
     fn linear(&self, x: &Self::Buf, w: &Self::Weight, m: usize, k: usize, n: usize) -> Self::Buf;
@@ -194,8 +204,8 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         q: &Self::Buf,
         t: usize,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::Cache,
+        v_cache: &Self::Cache,
         pos0: usize,
         shape: AttentionShape,
     ) -> Self::Buf;

@@ -81,6 +81,16 @@ fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
+/// Random values that bf16 holds exactly (keys and values: the CUDA KV cache is bf16, so the
+/// CPU reference gets the same values), and the same as bf16.
+fn rand_bf16(rng: &mut StdRng, n: usize, scale: f32) -> (Vec<f32>, Vec<half::bf16>) {
+    let b: Vec<half::bf16> = rand_vec(rng, n, scale)
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect();
+    (b.iter().map(|v| v.to_f32()).collect(), b)
+}
+
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_within(got, want, 1e-4, what);
 }
@@ -305,14 +315,14 @@ fn attention_and_its_merge_match_the_cpu() {
         head_dim: d,
     };
     let q = rand_vec(&mut rng, t * heads * d, 1.0);
-    let k = rand_vec(&mut rng, len * kv_heads * d, 1.0);
-    let v = rand_vec(&mut rng, len * kv_heads * d, 1.0);
+    let (k, kb16) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
+    let (v, vb16) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
     let want = Cpu.attention(&q, t, &k, &v, pos0, shape);
 
     let qd = s.clone_htod(&q).unwrap();
     let run = |name: &str,
-               kd: &cudarc::driver::CudaSlice<f32>,
-               vd: &cudarc::driver::CudaSlice<f32>,
+               kd: &cudarc::driver::CudaSlice<half::bf16>,
+               vd: &cudarc::driver::CudaSlice<half::bf16>,
                kpos0: i64,
                nkeys: i32| {
         let mut od = s.alloc_zeros::<f32>(t * heads * d).unwrap();
@@ -352,17 +362,17 @@ fn attention_and_its_merge_match_the_cpu() {
         unsafe { b.launch(cfg) }.unwrap();
         (od, lse)
     };
-    let kd = s.clone_htod(&k).unwrap();
-    let vd = s.clone_htod(&v).unwrap();
+    let kd = s.clone_htod(&kb16).unwrap();
+    let vd = s.clone_htod(&vb16).unwrap();
     let split = 200;
     let w = kv_heads * d;
     let (ka, kb) = (
-        s.clone_htod(&k[..split * w]).unwrap(),
-        s.clone_htod(&k[split * w..]).unwrap(),
+        s.clone_htod(&kb16[..split * w]).unwrap(),
+        s.clone_htod(&kb16[split * w..]).unwrap(),
     );
     let (va, vb) = (
-        s.clone_htod(&v[..split * w]).unwrap(),
-        s.clone_htod(&v[split * w..]).unwrap(),
+        s.clone_htod(&vb16[..split * w]).unwrap(),
+        s.clone_htod(&vb16[split * w..]).unwrap(),
     );
     for (name, tol) in [("attention", 1e-4), ("attention_tc", BF16_TOL)] {
         let (od, _) = run(name, &kd, &vd, 0, len as i32);
@@ -455,10 +465,19 @@ fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
     ] {
         let len = pos0 + t;
         let q = rand_vec(&mut rng, t * heads * d, 1.0);
-        let k = rand_vec(&mut rng, len * kv_heads * d, 1.0);
-        let v = rand_vec(&mut rng, len * kv_heads * d, 1.0);
+        let (k, _) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
+        let (v, _) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
         let want = Cpu.attention(&q, t, &k, &v, pos0, shape);
-        let got = b.attention(&b.upload(&q), t, &b.upload(&k), &b.upload(&v), pos0, shape);
+        // The caches grow as in the engine: the earlier positions, then this step's rows.
+        let (mut kc, mut vc) = (b.new_cache(), b.new_cache());
+        let w = kv_heads * d;
+        for (c, x) in [(&mut kc, &k), (&mut vc, &v)] {
+            b.cache_append(c, &b.upload(&x[..pos0 * w]));
+            b.cache_append(c, &b.upload(&x[pos0 * w..]));
+            assert_eq!(b.cache_len(c), len * w);
+            assert_eq!(b.cache_bytes(c), len * w * 2, "a bf16 cache");
+        }
+        let got = b.attention(&b.upload(&q), t, &kc, &vc, pos0, shape);
         assert_within(
             &b.download(&got),
             &want,

@@ -82,7 +82,7 @@ pub enum LayerCache<B: Backend> {
     /// `[heads, d, d]` f32 state: constant size, whatever the context length.
     Lightning(B::Buf),
     /// Keys and values `[len, kv_heads·d]` (keys after RoPE).
-    Softmax { k: B::Buf, v: B::Buf },
+    Softmax { k: B::Cache, v: B::Cache },
 }
 
 /// Everything a sequence carries between forward calls.
@@ -93,16 +93,16 @@ pub struct SequenceState<B: Backend> {
 }
 
 impl<B: Backend> SequenceState<B> {
-    /// Bytes held by this sequence's caches (f32).
+    /// Bytes held by this sequence's caches (f32 lightning states, keys and values as the
+    /// backend stores them).
     pub fn cache_bytes(&self, backend: &B) -> usize {
         self.layers
             .iter()
             .map(|c| match c {
-                LayerCache::Lightning(s) => backend.len(s),
-                LayerCache::Softmax { k, v } => backend.len(k) + backend.len(v),
+                LayerCache::Lightning(s) => backend.len(s) * 4,
+                LayerCache::Softmax { k, v } => backend.cache_bytes(k) + backend.cache_bytes(v),
             })
             .sum::<usize>()
-            * 4
     }
 }
 
@@ -220,8 +220,8 @@ impl<B: Backend> Model<B> {
                     LayerCache::Lightning(b.zeros(self.cfg.lightning_state_len()))
                 }
                 LayerKind::Softmax => LayerCache::Softmax {
-                    k: b.zeros(0),
-                    v: b.zeros(0),
+                    k: b.new_cache(),
+                    v: b.new_cache(),
                 },
             })
             .collect();
@@ -450,10 +450,10 @@ impl<B: Backend> Model<B> {
                         per_seq(&ka, nkv * d, i).unwrap_or_else(|| b.rows(&ka, 0, n, nkv * d));
                     b.rope_inplace(&mut qs, n, nh, pos0, rope);
                     b.rope_inplace(&mut ks, n, nkv, pos0, rope);
-                    b.append(kc, &ks);
+                    b.cache_append(kc, &ks);
                     match per_seq(&va, nkv * d, i) {
-                        Some(vs) => b.append(vc, &vs),
-                        None => b.append(vc, &va),
+                        Some(vs) => b.cache_append(vc, &vs),
+                        None => b.cache_append(vc, &va),
                     }
                     parts.push(b.attention(&qs, n, kc, vc, pos0, shape));
                 }

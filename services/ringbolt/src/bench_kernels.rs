@@ -143,8 +143,9 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
 
     let t = a.attention_tokens;
     let q = b.upload(&fill(t * h * d, 5));
-    let k = b.upload(&fill(t * kvh * d, 6));
-    let v = b.upload(&fill(t * kvh * d, 7));
+    let (mut k, mut v) = (b.new_cache(), b.new_cache());
+    b.cache_append(&mut k, &b.upload(&fill(t * kvh * d, 6)));
+    b.cache_append(&mut v, &b.upload(&fill(t * kvh * d, 7)));
     let ashape = AttentionShape {
         heads: h,
         kv_heads: kvh,
