@@ -10,9 +10,23 @@ use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, Rop
 /// Computes the routed experts of one MoE layer somewhere else (a cluster's expert workers).
 /// A model loaded without its experts runs its MoE layers through one of these.
 pub trait ExpertExecutor<B: Backend> {
-    /// The weighted sum over each row's routed experts (`[rows, H]`) for `x` (`[rows, H]`,
-    /// the post-attention-normed hidden states). An error aborts the forward step; an executor
-    /// that can recover (re-send after a plan change) does so before returning.
+    /// Starts the weighted sum over each row's routed experts (`[rows, H]`) for `x` (`[rows,
+    /// H]`, the post-attention-normed hidden states) and returns without waiting for it, so the
+    /// caller can compute meanwhile; [`PendingExperts::wait`] gives the result. `part` numbers
+    /// the micro-batches one forward pass sends for `layer` (0, 1, …): a layer step is one layer
+    /// of one forward pass, however many parts carry it. An error aborts the forward step; an
+    /// executor that can recover (re-send after a plan change) does so before returning.
+    fn dispatch<'a>(
+        &'a self,
+        backend: &B,
+        layer: usize,
+        part: usize,
+        x: &B::Buf,
+        rows: usize,
+        routing: &Routing,
+    ) -> Result<Box<dyn PendingExperts<B> + 'a>>;
+
+    /// [`dispatch`](Self::dispatch) and wait.
     fn experts(
         &self,
         backend: &B,
@@ -20,7 +34,61 @@ pub trait ExpertExecutor<B: Backend> {
         x: &B::Buf,
         rows: usize,
         routing: &Routing,
-    ) -> Result<B::Buf>;
+    ) -> Result<B::Buf> {
+        self.dispatch(backend, layer, 0, x, rows, routing)?
+            .wait(backend)
+    }
+}
+
+/// A layer step started by [`ExpertExecutor::dispatch`].
+pub trait PendingExperts<B: Backend> {
+    /// The weighted expert outputs (`[rows, H]`), once they are back.
+    fn wait(self: Box<Self>, backend: &B) -> Result<B::Buf>;
+}
+
+/// Forward passes whose experts run elsewhere and that have at least this many rows are cut
+/// into [`PIPELINE_PARTS`] micro-batches, so that one micro-batch's attention computes while
+/// another's experts do (design.md §4.3).
+pub const PIPELINE_MIN_ROWS: usize = 64;
+/// Micro-batches of a pipelined forward pass.
+pub const PIPELINE_PARTS: usize = 2;
+
+/// One micro-batch's share of a sequence: (sequence index, first token, token count).
+type Piece = (usize, usize, usize);
+
+/// Splits a forward pass into micro-batches of contiguous rows: whole sequences when there are
+/// several (cut where the rows balance best), else the one sequence's tokens in halves (the
+/// second continues from the first's caches, as a later chunk would).
+fn micro_batches(lens: &[usize], parts: usize) -> Vec<Vec<Piece>> {
+    let rows: usize = lens.iter().sum();
+    if lens.len() == 1 {
+        let n = lens[0];
+        let mut out = Vec::new();
+        let mut t0 = 0;
+        for p in 0..parts {
+            let t1 = n * (p + 1) / parts;
+            if t1 > t0 {
+                out.push(vec![(0, t0, t1 - t0)]);
+            }
+            t0 = t1;
+        }
+        return out;
+    }
+    let mut out: Vec<Vec<Piece>> = vec![Vec::new()];
+    let mut done = 0;
+    for (i, &n) in lens.iter().enumerate() {
+        let target = rows * out.len() / parts;
+        // Start the next micro-batch when this sequence would carry the current one further
+        // past its share than stopping short of it does.
+        if !out.last().is_some_and(|v| v.is_empty()) && out.len() < parts && done + n / 2 > target {
+            out.push(Vec::new());
+        }
+        if let Some(v) = out.last_mut() {
+            v.push((i, 0, n));
+        }
+        done += n;
+    }
+    out
 }
 
 /// Weights of one expert (SwiGLU): gate `w1` and up `w3` fused as `w13` (`[2I, H]`, w1 rows
@@ -317,22 +385,34 @@ impl<B: Backend> Model<B> {
                 Some((s, t.len()))
             })
             .collect();
-        let mut h = b.weight_rows(&self.embed, &ids, hsz);
-
-        for (l, layer) in self.layers.iter().enumerate() {
-            let a = b.rms_norm(&h, &layer.input_norm, hsz, cfg.rms_norm_eps);
-            let mix = self.mixer(l, layer, &a, rows, seqs, &spans);
-            let (alpha, beta) = cfg.attn_factors(l);
-            let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { &h }, beta, &mix);
-            let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
-            let moe = self.moe(l, layer, &n2, rows, remote)?;
-            h = b.axpby(
-                cfg.mlp_alpha,
-                if cfg.postnorm { &n2 } else { &h1 },
-                cfg.mlp_beta,
-                &moe,
-            );
-        }
+        let h = match remote {
+            Some(r) if rows >= PIPELINE_MIN_ROWS => self.forward_pipelined(seqs, &ids, r)?,
+            _ => {
+                let mut h = b.weight_rows(&self.embed, &ids, hsz);
+                let mut views: Vec<(&mut SequenceState<B>, usize, usize)> = seqs
+                    .iter_mut()
+                    .map(|(st, toks)| {
+                        let pos = st.pos;
+                        (&mut **st, pos, toks.len())
+                    })
+                    .collect();
+                for (l, layer) in self.layers.iter().enumerate() {
+                    let a = b.rms_norm(&h, &layer.input_norm, hsz, cfg.rms_norm_eps);
+                    let mix = self.mixer(l, layer, &a, rows, &mut views);
+                    let (alpha, beta) = cfg.attn_factors(l);
+                    let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { &h }, beta, &mix);
+                    let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
+                    let moe = self.moe(l, layer, &n2, rows, remote)?;
+                    h = b.axpby(
+                        cfg.mlp_alpha,
+                        if cfg.postnorm { &n2 } else { &h1 },
+                        cfg.mlp_beta,
+                        &moe,
+                    );
+                }
+                h
+            }
+        };
 
         for ((st, toks), _) in seqs.iter_mut().zip(&spans) {
             st.pos += toks.len();
@@ -354,6 +434,73 @@ impl<B: Backend> Model<B> {
         Ok(result)
     }
 
+    /// The layers of a forward pass in micro-batches, pipelined with the remote experts: at each
+    /// layer every micro-batch (in order: a later one continues an earlier one's caches) waits
+    /// for its previous layer's experts, runs attention, and sends this layer's rows off, so one
+    /// micro-batch's attention runs while the others' experts do. Returns the hidden rows.
+    fn forward_pipelined(
+        &self,
+        seqs: &mut [(&mut SequenceState<B>, &[u32])],
+        ids: &[u32],
+        remote: &dyn ExpertExecutor<B>,
+    ) -> Result<B::Buf> {
+        let b = &self.backend;
+        let cfg = &self.cfg;
+        let hsz = cfg.hidden_size;
+        let lens: Vec<usize> = seqs.iter().map(|(_, t)| t.len()).collect();
+        let mbs = micro_batches(&lens, PIPELINE_PARTS);
+        let rows: Vec<usize> = mbs.iter().map(|v| v.iter().map(|p| p.2).sum()).collect();
+        let mut hs = Vec::with_capacity(mbs.len());
+        let mut r0 = 0;
+        for &n in &rows {
+            hs.push(b.weight_rows(&self.embed, &ids[r0..r0 + n], hsz));
+            r0 += n;
+        }
+        // Per micro-batch: the experts in flight and the residual they add to.
+        type InFlight<'a, B> = (Box<dyn PendingExperts<B> + 'a>, <B as Backend>::Buf);
+        let mut pending: Vec<Option<InFlight<'_, B>>> = mbs.iter().map(|_| None).collect();
+        let finish = |f: InFlight<'_, B>| -> Result<B::Buf> {
+            let (p, base) = f;
+            let moe = p.wait(b)?;
+            Ok(b.axpby(cfg.mlp_alpha, &base, cfg.mlp_beta, &moe))
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (m, mb) in mbs.iter().enumerate() {
+                if let Some(f) = pending[m].take() {
+                    hs[m] = finish(f)?;
+                }
+                let h = &hs[m];
+                let a = b.rms_norm(h, &layer.input_norm, hsz, cfg.rms_norm_eps);
+                let mut views: Vec<(&mut SequenceState<B>, usize, usize)> = seqs
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(i, (st, _))| {
+                        let &(_, t0, n) = mb.iter().find(|p| p.0 == i)?;
+                        let pos = st.pos + t0;
+                        Some((&mut **st, pos, n))
+                    })
+                    .collect();
+                let mix = self.mixer(l, layer, &a, rows[m], &mut views);
+                let (alpha, beta) = cfg.attn_factors(l);
+                let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { h }, beta, &mix);
+                let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
+                let routing = self.route(layer, &n2, rows[m]);
+                let p = remote.dispatch(b, l, m, &n2, rows[m], &routing)?;
+                pending[m] = Some((p, if cfg.postnorm { n2 } else { h1 }));
+            }
+        }
+        for (m, f) in pending.into_iter().enumerate() {
+            if let Some(f) = f {
+                hs[m] = finish(f)?;
+            }
+        }
+        Ok(if hs.len() == 1 {
+            hs.pop().unwrap_or_else(|| b.zeros(0))
+        } else {
+            b.concat_rows(&hs)
+        })
+    }
+
     /// Final norm and LM head over `rows` hidden rows.
     fn lm_head(&self, x: &B::Buf, rows: usize) -> Vec<f32> {
         let b = &self.backend;
@@ -369,10 +516,19 @@ impl<B: Backend> Model<B> {
         layer: &Layer<B>,
         a: &B::Buf,
         rows: usize,
-        seqs: &mut [(&mut SequenceState<B>, &[u32])],
-        spans: &[(usize, usize)],
+        seqs: &mut [(&mut SequenceState<B>, usize, usize)],
     ) -> B::Buf {
         let b = &self.backend;
+        // Each sequence's (first row in `a`, rows); `seqs` holds (state, position of its first
+        // row, rows).
+        let spans: Vec<(usize, usize)> = seqs
+            .iter()
+            .scan(0, |start, (_, _, n)| {
+                let s = *start;
+                *start += n;
+                Some((s, *n))
+            })
+            .collect();
         let cfg = &self.cfg;
         let (hsz, nh, nkv, d) = (
             cfg.hidden_size,
@@ -400,18 +556,12 @@ impl<B: Backend> Model<B> {
                     block: cfg.block_size,
                 };
                 let mut parts = Vec::with_capacity(spans.len());
-                for (i, (st, toks)) in seqs.iter_mut().enumerate() {
+                for (i, (st, _, n)) in seqs.iter_mut().enumerate() {
                     let LayerCache::Lightning(state) = &mut st.layers[l] else {
                         unreachable!("cache kinds follow the config's layer kinds")
                     };
                     let own = per_seq(&p, 3 * nh * d, i);
-                    parts.push(b.lightning(
-                        own.as_ref().unwrap_or(&p),
-                        toks.len(),
-                        shape,
-                        decay,
-                        state,
-                    ));
+                    parts.push(b.lightning(own.as_ref().unwrap_or(&p), *n, shape, decay, state));
                 }
                 let o = if parts.len() == 1 {
                     parts.pop().unwrap_or_else(|| b.zeros(0))
@@ -438,9 +588,8 @@ impl<B: Backend> Model<B> {
                     head_dim: d,
                 };
                 let mut parts = Vec::with_capacity(spans.len());
-                for (i, (st, toks)) in seqs.iter_mut().enumerate() {
-                    let n = toks.len();
-                    let pos0 = st.pos;
+                for (i, (st, pos0, n)) in seqs.iter_mut().enumerate() {
+                    let (n, pos0) = (*n, *pos0);
                     let LayerCache::Softmax { k: kc, v: vc } = &mut st.layers[l] else {
                         unreachable!("cache kinds follow the config's layer kinds")
                     };
@@ -467,6 +616,14 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The router's choice of experts for `x` (`[rows, H]`).
+    fn route(&self, layer: &Layer<B>, x: &B::Buf, rows: usize) -> Routing {
+        let b = &self.backend;
+        let cfg = &self.cfg;
+        let logits = b.linear(x, &layer.router, rows, cfg.hidden_size, cfg.num_experts);
+        b.route(&logits, rows, cfg.num_experts, cfg.experts_per_tok)
+    }
+
     fn moe(
         &self,
         l: usize,
@@ -478,8 +635,7 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let cfg = &self.cfg;
         let (hsz, e, i) = (cfg.hidden_size, cfg.num_experts, cfg.intermediate_size);
-        let logits = b.linear(x, &layer.router, rows, hsz, e);
-        let routing = b.route(&logits, rows, e, cfg.experts_per_tok);
+        let routing = self.route(layer, x, rows);
         if let Some(r) = remote {
             return r.experts(b, l, x, rows, &routing);
         }
@@ -497,5 +653,51 @@ impl<B: Backend> Model<B> {
             })
             .collect();
         Ok(b.moe_experts(x, rows, hsz, i, &groups))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::micro_batches;
+
+    #[test]
+    fn micro_batches_cover_every_row_once_in_order() {
+        // One sequence: its tokens in halves.
+        assert_eq!(
+            micro_batches(&[101], 2),
+            vec![vec![(0, 0, 50)], vec![(0, 50, 51)]]
+        );
+        // Several: whole sequences, cut where the rows balance best.
+        assert_eq!(
+            micro_batches(&[30, 25, 20], 2),
+            vec![vec![(0, 0, 30)], vec![(1, 0, 25), (2, 0, 20)]]
+        );
+        let decode = micro_batches(&[1; 64], 2);
+        assert_eq!(decode.len(), 2);
+        assert_eq!(decode[0].len() + decode[1].len(), 64);
+        assert!(decode[0].len().abs_diff(decode[1].len()) <= 2);
+        for lens in [
+            vec![7],
+            vec![100, 1],
+            vec![1, 100],
+            vec![5, 5, 5, 5, 5],
+            vec![64, 64],
+        ] {
+            for parts in 1..4 {
+                let mbs = micro_batches(&lens, parts);
+                assert!(!mbs.is_empty() && mbs.len() <= parts, "{lens:?} {parts}");
+                assert!(mbs.iter().all(|v| !v.is_empty()), "{lens:?} {parts}");
+                // Rows in order: sequence by sequence, tokens in order.
+                let flat: Vec<(usize, usize, usize)> = mbs.concat();
+                let mut next = vec![0usize; lens.len()];
+                let mut last_seq = 0;
+                for (i, t0, n) in flat {
+                    assert!(i >= last_seq && next[i] == t0 && n > 0, "{lens:?} {parts}");
+                    next[i] += n;
+                    last_seq = i;
+                }
+                assert_eq!(next, lens, "{lens:?} {parts}");
+            }
+        }
     }
 }

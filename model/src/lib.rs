@@ -14,7 +14,10 @@ pub mod writer;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Dialect, LayerKind, ModelConfig};
-pub use engine::{Expert, ExpertExecutor, Logits, Model, SequenceState};
+pub use engine::{
+    Expert, ExpertExecutor, Logits, Model, PIPELINE_MIN_ROWS, PIPELINE_PARTS, PendingExperts,
+    SequenceState,
+};
 pub use error::{ModelError, Result};
 pub use sampling::{Sampler, SamplingParams};
 pub use writer::{Preset, WeightDtype, write_random_checkpoint, write_random_checkpoint_scaled};

@@ -3,21 +3,27 @@
 //! the answers in expert order — the same arithmetic as the standalone engine, whatever the
 //! placement. When a worker is lost or refuses the step (stale epoch, expert moved), the step
 //! waits for the next plan epoch and is re-sent; only that layer step is repeated.
+//!
+//! A step is dispatched (its requests sent by the runtime's tasks) and waited for separately,
+//! so the engine computes another micro-batch's attention while the experts work.
 
 use crate::etcd::PlanView;
 use crate::wire::{ExpertRequest, f32s};
+use bytes::Bytes;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, Routing};
-use ringbolt_model::{ExpertExecutor, ModelError};
+use ringbolt_model::{ExpertExecutor, ModelError, PendingExperts};
 use ringbolt_transport::exchange::{ExchangeClient, ExchangeError};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 
 pub struct RemoteExperts {
     plan: PlanView,
-    client: ExchangeClient,
+    client: Arc<ExchangeClient>,
     rt: tokio::runtime::Handle,
     experts: usize,
     hidden: usize,
@@ -48,7 +54,7 @@ impl RemoteExperts {
     ) -> Self {
         RemoteExperts {
             plan,
-            client: ExchangeClient::new(timeout),
+            client: Arc::new(ExchangeClient::new(timeout)),
             rt,
             experts,
             hidden,
@@ -66,13 +72,15 @@ impl RemoteExperts {
         }
     }
 
-    fn try_once(
+    /// Sends one attempt of a layer step under `plan`: each expert worker's requests go out on
+    /// the runtime's tasks at once.
+    fn start(
         &self,
         plan: &crate::plan::Plan,
         layer: usize,
         x: &[f32],
         buckets: &[(Vec<u32>, Vec<f32>)],
-    ) -> Result<Vec<Vec<f32>>, ExchangeError> {
+    ) -> Result<Attempt, ExchangeError> {
         let h = self.hidden;
         let holders = plan.holders();
         // worker id -> experts it computes here.
@@ -128,14 +136,40 @@ impl RemoteExperts {
             };
             calls.push((addr, experts.clone(), req.encode()));
         }
-        let answers = self.rt.block_on(futures::future::join_all(
-            calls
-                .iter()
-                .map(|(addr, _, body)| self.client.call(*addr, plan.epoch, body)),
-        ));
+        let epoch = plan.epoch;
+        Ok(Attempt {
+            calls: calls
+                .into_iter()
+                .map(|(addr, experts, body): (SocketAddr, Vec<usize>, Bytes)| {
+                    let client = self.client.clone();
+                    let task = self
+                        .rt
+                        .spawn(async move { client.call(addr, epoch, &body).await });
+                    (addr, experts, task)
+                })
+                .collect(),
+        })
+    }
+
+    /// Waits for an attempt's answers: each expert's outputs, in expert order.
+    fn finish(
+        &self,
+        attempt: Attempt,
+        buckets: &[(Vec<u32>, Vec<f32>)],
+    ) -> Result<Vec<Vec<f32>>, ExchangeError> {
+        let h = self.hidden;
+        let (meta, tasks): (Vec<_>, Vec<_>) = attempt
+            .calls
+            .into_iter()
+            .map(|(addr, experts, task)| ((addr, experts), task))
+            .unzip();
+        let answers = self.rt.block_on(futures::future::join_all(tasks));
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); buckets.len()];
-        for ((addr, experts, _), ans) in calls.iter().zip(answers) {
-            let ans = ans?;
+        for ((addr, experts), ans) in meta.iter().zip(answers) {
+            let ans = ans.map_err(|e| ExchangeError::Peer {
+                peer: *addr,
+                msg: format!("the request task failed: {e}"),
+            })??;
             let vals = f32s(&ans);
             let want: usize = experts.iter().map(|&e| buckets[e].0.len() * h).sum();
             if vals.len() != want {
@@ -155,6 +189,16 @@ impl RemoteExperts {
     }
 }
 
+/// The requests of one attempt at a layer step, in flight: (peer, its experts, the call).
+struct Attempt {
+    #[allow(clippy::type_complexity)]
+    calls: Vec<(
+        SocketAddr,
+        Vec<usize>,
+        JoinHandle<Result<Bytes, ExchangeError>>,
+    )>,
+}
+
 /// One job's view of a [`RemoteExperts`]: counts that job's layer steps on their own.
 pub struct JobExperts<'a> {
     inner: &'a RemoteExperts,
@@ -172,19 +216,26 @@ impl JobExperts<'_> {
 }
 
 impl<B: Backend> ExpertExecutor<B> for JobExperts<'_> {
-    fn experts(
-        &self,
+    fn dispatch<'a>(
+        &'a self,
         backend: &B,
         layer: usize,
+        part: usize,
         x: &B::Buf,
         rows: usize,
         routing: &Routing,
-    ) -> ringbolt_model::Result<B::Buf> {
-        self.steps.fetch_add(1, Ordering::Relaxed);
-        let out = self
-            .inner
-            .step(layer, &backend.host_view(x), rows, routing, &self.resent)?;
-        Ok(backend.upload_owned(out))
+    ) -> ringbolt_model::Result<Box<dyn PendingExperts<B> + 'a>> {
+        if part == 0 {
+            self.steps.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Box::new(self.inner.dispatch_step(
+            layer,
+            part,
+            backend.host_view(x).into_owned(),
+            rows,
+            routing,
+            &self.resent,
+        )))
     }
 }
 
@@ -200,34 +251,94 @@ impl RemoteExperts {
 }
 
 impl<B: Backend> ExpertExecutor<B> for RemoteExperts {
-    fn experts(
-        &self,
+    fn dispatch<'a>(
+        &'a self,
         backend: &B,
         layer: usize,
+        part: usize,
         x: &B::Buf,
         rows: usize,
         routing: &Routing,
-    ) -> ringbolt_model::Result<B::Buf> {
-        self.for_job().experts(backend, layer, x, rows, routing)
+    ) -> ringbolt_model::Result<Box<dyn PendingExperts<B> + 'a>> {
+        Ok(Box::new(self.dispatch_step(
+            layer,
+            part,
+            backend.host_view(x).into_owned(),
+            rows,
+            routing,
+            &self.resent,
+        )))
+    }
+}
+
+/// A layer step in flight: its first attempt, and what a re-send needs.
+pub struct PendingStep<'a> {
+    inner: &'a RemoteExperts,
+    layer: usize,
+    rows: usize,
+    x: Vec<f32>,
+    buckets: Vec<(Vec<u32>, Vec<f32>)>,
+    epoch: u64,
+    first: Result<Attempt, ExchangeError>,
+    since: Instant,
+    /// The job's count of re-sent steps.
+    resent: &'a AtomicU64,
+}
+
+impl<B: Backend> PendingExperts<B> for PendingStep<'_> {
+    fn wait(self: Box<Self>, backend: &B) -> ringbolt_model::Result<B::Buf> {
+        Ok(backend.upload_owned(self.inner.complete(*self)?))
     }
 }
 
 impl RemoteExperts {
-    /// One layer step, re-sent under newer plans until it succeeds or the window ends.
-    fn step(
-        &self,
+    /// Sends a layer step's first attempt under the current plan and returns at once.
+    fn dispatch_step<'a>(
+        &'a self,
         layer: usize,
-        x: &[f32],
+        part: usize,
+        x: Vec<f32>,
         rows: usize,
         routing: &Routing,
-        resent: &AtomicU64,
-    ) -> ringbolt_model::Result<Vec<f32>> {
-        self.steps.fetch_add(1, Ordering::Relaxed);
+        resent: &'a AtomicU64,
+    ) -> PendingStep<'a> {
+        if part == 0 {
+            self.steps.fetch_add(1, Ordering::Relaxed);
+        }
         let buckets = routing.by_expert(self.experts);
-        let deadline = Instant::now() + self.resend_window;
+        let plan = self.plan.current();
+        let first = self.start(&plan, layer, &x, &buckets);
+        PendingStep {
+            inner: self,
+            layer,
+            rows,
+            x,
+            buckets,
+            epoch: plan.epoch,
+            first,
+            since: Instant::now(),
+            resent,
+        }
+    }
+
+    /// Waits for a step's answers and combines them; a failed attempt is re-sent under newer
+    /// plans until one succeeds or the re-send window ends.
+    fn complete(&self, p: PendingStep<'_>) -> ringbolt_model::Result<Vec<f32>> {
+        let PendingStep {
+            layer,
+            rows,
+            x,
+            buckets,
+            mut epoch,
+            first,
+            since,
+            resent,
+            ..
+        } = p;
+        let deadline = since + self.resend_window;
+        let mut result = first.and_then(|a| self.finish(a, &buckets));
         loop {
-            let plan = self.plan.current();
-            match self.try_once(&plan, layer, x, &buckets) {
+            match result {
                 Ok(ys) => {
                     let mut out = vec![0f32; rows * self.hidden];
                     for (e, (ids, ws)) in buckets.iter().enumerate() {
@@ -247,7 +358,7 @@ impl RemoteExperts {
                     }
                     tracing::warn!(
                         layer,
-                        epoch = plan.epoch,
+                        epoch,
                         error = %err,
                         "layer step failed; re-sending it under the next plan epoch"
                     );
@@ -260,13 +371,18 @@ impl RemoteExperts {
                     }
                     // A refusal for a stale epoch means a newer plan exists; anything else
                     // waits for the coordinator to publish one.
-                    let newer = self.rt.block_on(self.plan.newer_than(plan.epoch, left));
+                    let newer = self.rt.block_on(self.plan.newer_than(epoch, left));
                     if newer.is_none() {
                         return Err(ModelError::Experts(format!(
-                            "layer {layer}: {err}; no newer plan than epoch {} within {:?}",
-                            plan.epoch, self.resend_window
+                            "layer {layer}: {err}; no newer plan than epoch {epoch} within {:?}",
+                            self.resend_window
                         )));
                     }
+                    let plan = self.plan.current();
+                    epoch = plan.epoch;
+                    result = self
+                        .start(&plan, layer, &x, &buckets)
+                        .and_then(|a| self.finish(a, &buckets));
                 }
             }
         }

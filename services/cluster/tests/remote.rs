@@ -98,10 +98,13 @@ async fn remote_experts_match_the_engine_and_resend_after_a_plan_change() {
         Duration::from_secs(10),
         Duration::from_secs(20),
     );
-    let prompt: Vec<u32> = (0..70).map(|i| (i * 37 % 500) as u32).collect();
+    let prompt: Vec<u32> = (0..130).map(|i| (i * 37 % 500) as u32).collect();
     let (full, attn, remote) = (Arc::new(full), Arc::new(attn), Arc::new(remote));
 
-    // Prefill in two chunks and three decode steps: logits of every step.
+    // Prefill in two chunks and three decode steps: logits of every step. The first chunk has
+    // enough rows to run pipelined (two micro-batches, the second continuing the first's
+    // caches); the others run whole.
+    const { assert!(100 >= ringbolt_model::PIPELINE_MIN_ROWS && 30 < ringbolt_model::PIPELINE_MIN_ROWS) };
     let run = |m: Arc<Model<Cpu>>, r: Option<Arc<RemoteExperts>>, steps: Vec<Vec<u32>>| {
         tokio::task::spawn_blocking(move || {
             let mut st = m.new_state();
@@ -121,8 +124,8 @@ async fn remote_experts_match_the_engine_and_resend_after_a_plan_change() {
         })
     };
     let steps = vec![
-        prompt[..40].to_vec(),
-        prompt[40..].to_vec(),
+        prompt[..100].to_vec(),
+        prompt[100..].to_vec(),
         vec![5],
         vec![17],
         vec![3],
@@ -136,8 +139,45 @@ async fn remote_experts_match_the_engine_and_resend_after_a_plan_change() {
         assert!(e <= 1e-5, "remote logits differ from the engine's by {e}");
     }
     let c = remote.counts();
-    assert_eq!(c.steps, 5 * layers as u64);
+    assert_eq!(
+        c.steps,
+        5 * layers as u64,
+        "a layer step per layer of each forward pass"
+    );
     assert_eq!(c.resent, 0);
+
+    // Several sequences in one pass (a decode batch, or prefills together) with enough rows to
+    // be pipelined by sequence: each sequence's logits as the engine computes them.
+    let batch = |m: Arc<Model<Cpu>>, r: Option<Arc<RemoteExperts>>| {
+        tokio::task::spawn_blocking(move || {
+            let toks: Vec<Vec<u32>> = vec![
+                (0..30).map(|i| (i * 11 % 500) as u32).collect(),
+                (0..25).map(|i| (i * 13 % 500) as u32).collect(),
+                (0..20).map(|i| (i * 17 % 500) as u32).collect(),
+            ];
+            let mut states: Vec<_> = toks.iter().map(|_| m.new_state()).collect();
+            let mut seqs: Vec<(&mut ringbolt_model::SequenceState<Cpu>, &[u32])> = states
+                .iter_mut()
+                .zip(&toks)
+                .map(|(st, t)| (st, t.as_slice()))
+                .collect();
+            let ex = r
+                .as_deref()
+                .map(|x| x as &dyn ringbolt_model::ExpertExecutor<Cpu>);
+            let out = m.forward_batch_with(&mut seqs, Logits::All, ex).unwrap();
+            let pos: Vec<usize> = states.iter().map(|s| s.pos).collect();
+            (out, pos)
+        })
+    };
+    let (want_b, want_pos) = batch(full.clone(), None).await.unwrap();
+    let (got_b, got_pos) = batch(attn.clone(), Some(remote.clone())).await.unwrap();
+    assert_eq!(got_pos, want_pos);
+    for (i, (g, w)) in got_b.iter().zip(&want_b).enumerate() {
+        let e = rel_err(g, w);
+        assert!(e <= 1e-5, "sequence {i} of the batch: logits differ by {e}");
+    }
+    let c = remote.counts();
+    assert_eq!(c.steps, 6 * layers as u64);
 
     // Without experts and without an executor: a clear error, not a panic.
     let err = attn
