@@ -10,6 +10,9 @@
 # The GPU machine has no Rust toolchain and no network, so this runs in two steps:
 #   scripts/gpu-check.sh build   # here: builds with --features cuda, stages stripped binaries in .gpu/
 #   scripts/gpu-check.sh run     # there (device `run` with carry [".gpu"]): results under $OUT
+# A dry run of the plumbing without a GPU (every step but the benchmarks, with `cpu` standing in
+# for the GPU, so that a broken step is found before device time is spent on it):
+#   OUT=$(mktemp -d) GPU_CHECK_DEVICE=cpu scripts/gpu-check.sh run
 #
 # Benchmarks (targets from the CUDA issue): lightning prefill TFLOP/s at 8K/64K tokens (64 heads
 # x 128) against the bf16 GEMM (>= 50%), the lightning decode step's bandwidth against HBM
@@ -47,24 +50,28 @@ run)
   export LD_LIBRARY_PATH="$cu/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export RINGBOLT_CUDA_INCLUDE="${RINGBOLT_CUDA_INCLUDE:-$cu/include}"
   [ -e "$RINGBOLT_CUDA_INCLUDE/cuda_bf16.h" ] || export RINGBOLT_CUDA_INCLUDE=/usr/local/cuda/include
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  gpu="${GPU_CHECK_DEVICE:-cuda:0}"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  fi
   .gpu/ringbolt kernels compile --arch sm_90 --cuda-include "$RINGBOLT_CUDA_INCLUDE" 2>&1 | tee "$OUT/kernels-compile.txt"
   .gpu/kernel-tests --test-threads 1 --nocapture 2>&1 | tee "$OUT/kernel-tests.txt"
   # The whole model: prefill 200 tokens, then decode 20, on cuda and on cpu.
   work=$(mktemp -d)
   .gpu/ringbolt init-checkpoint --preset small --seed 1 --dtype bf16 --out "$work/small" >/dev/null
   python3 -c 'print(",".join(str((i * 7919) % 32000) for i in range(220)))' > "$work/prompt.txt"
-  for dev in cpu cuda:0; do
+  for d in cpu gpu; do
+    dev=$([ "$d" = cpu ] && echo cpu || echo "$gpu")
     /usr/bin/time -f "$dev: %e s" .gpu/ringbolt logits --checkpoint "$work/small" \
       --tokens-file "$work/prompt.txt" --prefill-len 200 --device "$dev" \
-      --out "$work/${dev%%:*}.safetensors" 2>&1 | tee -a "$OUT/logits.txt"
+      --out "$work/$d.safetensors" 2>&1 | tee -a "$OUT/logits.txt"
   done
   python3 - "$work" <<'PY' 2>&1 | tee -a "$OUT/logits.txt"
 import sys
 from safetensors.numpy import load_file
 w = sys.argv[1]
 a = load_file(f"{w}/cpu.safetensors")["logits"]
-b = load_file(f"{w}/cuda.safetensors")["logits"]
+b = load_file(f"{w}/gpu.safetensors")["logits"]
 rel = float(abs(a - b).max() / abs(a).max())
 same = float((a.argmax(-1) == b.argmax(-1)).mean())
 print(f"logits cuda vs cpu: max error {rel:.3e} of max|logit|, argmax agreement {same:.3f}")
@@ -72,8 +79,8 @@ print("ok" if rel <= 2e-2 else "FAILED: above 2e-2")
 PY
   # A job through the public API of `standalone` on each device: greedy tokens, cuda vs cpu.
   python3 -c 'print(",".join(str((i * 104729) % 32000) for i in range(300)))' > "$work/job.txt"
-  for dev in cpu cuda:0; do
-    d="${dev%%:*}"
+  for d in cpu gpu; do
+    dev=$([ "$d" = cpu ] && echo cpu || echo "$gpu")
     .gpu/ringbolt standalone --device "$dev" --checkpoint "$work/small" --data-dir "$work/data-$d" \
       --listen 127.0.0.1:0 2> "$work/standalone-$d.log" &
     pid=$!
@@ -96,7 +103,7 @@ def toks(d):
         return json.loads(open(f"{w}/job-{d}.json").read().strip().splitlines()[-1])["tokens"]
     except Exception as e:
         return f"no result ({e})"
-a, b = toks("cpu"), toks("cuda")
+a, b = toks("cpu"), toks("gpu")
 print("standalone cpu:", a)
 print("standalone cuda:0:", b)
 if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) > 0:
@@ -105,6 +112,10 @@ if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) > 0:
 else:
     print("FAILED: the standalone job did not finish on both devices")
 PY
+  if [ "$gpu" = cpu ]; then
+    echo "dry run on the cpu: benchmarks skipped" | tee -a "$OUT/bench.txt"
+    exit 0
+  fi
   # Benchmarks: ours, then PyTorch's on the same GPU, then the ratios.
   ours=$(.gpu/ringbolt bench kernels --device cuda:0 2>>"$OUT/bench.txt" | tail -1)
   echo "$ours" | tee -a "$OUT/bench.txt"
