@@ -758,7 +758,7 @@ impl Backend for Cpu {
     }
 
     fn cache_bytes(&self, cache: &Vec<f32>) -> usize {
-        cache.len() * 4
+        cache.capacity() * 4
     }
 
     fn linear(&self, x: &Vec<f32>, w: &CpuWeight, m: usize, k: usize, n: usize) -> Vec<f32> {

@@ -72,8 +72,8 @@ impl GpuBuf {
     }
 }
 
-/// A softmax layer's key or value cache on the device, in bf16: `len` values in use, capacity
-/// to grow without a copy per append.
+/// A softmax layer's key or value cache on the device, in bf16: `len` values in use, up to 25%
+/// more allocated so that appends do not copy each time.
 pub struct GpuCache {
     data: Option<CudaSlice<bf16>>,
     len: usize,
@@ -496,6 +496,11 @@ impl Backend for CudaBackend {
     type Weight = GpuWeight;
     type Cache = GpuCache;
 
+    /// Every weight is bf16 on the device.
+    fn bytes_per_weight(&self, _bf16: bool) -> u64 {
+        2
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -606,10 +611,16 @@ impl Backend for CudaBackend {
         let need = cache.len + src.len;
         let cap = cache.data.as_ref().map(|d| d.len()).unwrap_or(0);
         if need > cap {
-            // Doubling: appends cost amortised O(1) copies per value.
+            // The first append (a prompt's chunk) is sized exactly; later ones grow by a
+            // quarter, which keeps copies amortised O(1) per value and the slack at most 25%.
+            let new_cap = if cap == 0 {
+                need
+            } else {
+                need.max(cap + cap / 4).max(1024)
+            };
             let mut grown = self
                 .stream
-                .alloc_zeros::<bf16>((need * 2).max(1024))
+                .alloc_zeros::<bf16>(new_cap)
                 .unwrap_or_else(|e| fail("alloc", e));
             if let Some(old) = cache.data.take().filter(|_| cache.len > 0) {
                 let mut dst = grown.slice_mut(0..cache.len);
@@ -635,7 +646,7 @@ impl Backend for CudaBackend {
     }
 
     fn cache_bytes(&self, cache: &GpuCache) -> usize {
-        cache.len * 2
+        cache.data.as_ref().map(|d| d.len()).unwrap_or(0) * 2
     }
 
     fn linear(&self, x: &GpuBuf, w: &GpuWeight, m: usize, k: usize, n: usize) -> GpuBuf {
@@ -900,7 +911,7 @@ impl Backend for CudaBackend {
         );
         assert_eq!(q.len, t * heads * d);
         let nkeys = pos0 + t;
-        assert!(k_cache.len >= nkeys * kv_heads * d);
+        assert!(k_cache.len >= nkeys * kv_heads * d && v_cache.len >= nkeys * kv_heads * d);
         let tc = tensor_core_dim(d);
         // A few queries over a long cache (decode): the keys are split across thread blocks so
         // that the GPU has heads × splits blocks to run, and the partial results merged.

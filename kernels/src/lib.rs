@@ -102,6 +102,12 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> String;
 
+    /// Bytes one weight takes once uploaded, for a checkpoint stored in bf16 (`bf16`) or in a
+    /// wider type. The default keeps bf16 as is and widens the rest to f32.
+    fn bytes_per_weight(&self, bf16: bool) -> u64 {
+        if bf16 { 2 } else { 4 }
+    }
+
     fn upload(&self, data: &[f32]) -> Self::Buf;
     /// Uploads a weight matrix of `rows × cols`.
     fn upload_weight(&self, data: &[f32], rows: usize, cols: usize) -> Self::Weight;
@@ -137,7 +143,7 @@ pub trait Backend: Send + Sync + 'static {
     fn cache_append(&self, cache: &mut Self::Cache, src: &Self::Buf);
     /// Values held by `cache`.
     fn cache_len(&self, cache: &Self::Cache) -> usize;
-    /// Bytes of memory `cache`'s values take.
+    /// Bytes of memory `cache` holds (what is allocated for it, used or not).
     fn cache_bytes(&self, cache: &Self::Cache) -> usize;
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ`.

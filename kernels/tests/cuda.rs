@@ -475,7 +475,13 @@ fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
             b.cache_append(c, &b.upload(&x[..pos0 * w]));
             b.cache_append(c, &b.upload(&x[pos0 * w..]));
             assert_eq!(b.cache_len(c), len * w);
-            assert_eq!(b.cache_bytes(c), len * w * 2, "a bf16 cache");
+            // bf16, with at most a quarter (or 1,024 values) of room to grow.
+            let held = b.cache_bytes(c);
+            assert!(
+                held >= len * w * 2 && held <= len * w * 2 * 5 / 4 + 2048,
+                "a bf16 cache of {} values holds {held} bytes",
+                len * w
+            );
         }
         let got = b.attention(&b.upload(&q), t, &kc, &vc, pos0, shape);
         assert_within(

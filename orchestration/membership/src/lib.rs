@@ -44,6 +44,10 @@ pub struct Member {
     pub data_address: String,
     /// Memory it offers for weights and caches.
     pub capacity_bytes: u64,
+    /// Bytes one expert's weights take on this worker's device (expert workers; 0: not said,
+    /// the coordinator's figure from the checkpoint applies).
+    #[serde(default)]
+    pub expert_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,7 @@ fn member(id: &str, role: Role) -> Member {
         address: format!("127.0.0.1:1{}", id.len()),
         data_address: "127.0.0.1:2000".into(),
         capacity_bytes: 1 << 30,
+        expert_bytes: 0,
     }
 }
 

@@ -21,6 +21,20 @@ pub struct Candidate {
     pub id: String,
     /// Memory for experts (0: unlimited).
     pub capacity_bytes: u64,
+    /// Bytes one expert takes in this worker's memory (0: the plan's default). A GPU holds
+    /// every expert in bf16 whatever the checkpoint's type; the CPU widens f32/f16 ones.
+    pub expert_bytes: u64,
+}
+
+impl Candidate {
+    /// Bytes one expert takes here, `default` when the worker did not say.
+    pub fn bytes_per_expert(&self, default: u64) -> u64 {
+        if self.expert_bytes == 0 {
+            default
+        } else {
+            self.expert_bytes
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +51,8 @@ pub struct Shortfall {
 /// Places every (layer, expert) on the candidates: balanced by routing load (rows routed to
 /// each expert so far; experts never measured count as one unit), within each worker's memory,
 /// keeping an expert where it is while that stays near balance (fewer reloads), and replicating
-/// experts that carry over twice the mean load onto another worker when memory allows.
+/// experts that carry over twice the mean load onto another worker when memory allows. An expert
+/// takes `expert_bytes` on a worker unless the worker says otherwise ([`Candidate::expert_bytes`]).
 pub fn assign(
     layers: u32,
     experts: u32,
@@ -56,9 +71,19 @@ pub fn assign(
             c.capacity_bytes
         }
     };
+    let bytes: Vec<u64> = candidates
+        .iter()
+        .map(|c| c.bytes_per_expert(expert_bytes).max(1))
+        .collect();
     let need = slots.len() as u128 * expert_bytes as u128;
     let have: u128 = candidates.iter().map(|c| cap(c) as u128).sum();
-    if candidates.is_empty() || need > have {
+    // Whole experts each worker can hold, at its own bytes per expert.
+    let room: u128 = candidates
+        .iter()
+        .zip(&bytes)
+        .map(|(c, &b)| cap(c) as u128 / b as u128)
+        .sum();
+    if candidates.is_empty() || (slots.len() as u128) > room {
         return Err(Shortfall {
             need,
             have: if candidates.is_empty() { 0 } else { have },
@@ -87,7 +112,7 @@ pub fn assign(
         .collect();
     for s in &order {
         let w = weight(s);
-        let fits = |i: usize| used[i].saturating_add(expert_bytes) <= cap(&candidates[i]);
+        let fits = |i: usize| used[i].saturating_add(bytes[i]) <= cap(&candidates[i]);
         let sticky = prev_owner.get(s).and_then(|o| {
             candidates
                 .iter()
@@ -109,7 +134,7 @@ pub fn assign(
                 workers: candidates.len(),
             });
         };
-        used[i] += expert_bytes;
+        used[i] += bytes[i];
         wsum[i] += w;
         out.get_mut(&candidates[i].id)
             .map(|v| v.push(*s))
@@ -128,12 +153,10 @@ pub fn assign(
                 .position(|c| out[&c.id].contains(s))
                 .unwrap_or(usize::MAX);
             let other = (0..candidates.len())
-                .filter(|&i| {
-                    i != holder && used[i].saturating_add(expert_bytes) <= cap(&candidates[i])
-                })
+                .filter(|&i| i != holder && used[i].saturating_add(bytes[i]) <= cap(&candidates[i]))
                 .min_by_key(|&i| wsum[i]);
             if let Some(i) = other {
-                used[i] += expert_bytes;
+                used[i] += bytes[i];
                 wsum[i] += weight(s) / 2;
                 out.get_mut(&candidates[i].id)
                     .map(|v| v.push(*s))
@@ -155,7 +178,35 @@ mod tests {
         Candidate {
             id: id.into(),
             capacity_bytes: cap,
+            expert_bytes: 0,
         }
+    }
+
+    #[test]
+    fn each_worker_is_filled_at_its_own_bytes_per_expert() {
+        // 8 experts of 4 bytes by default (an f32 checkpoint on CPUs); the GPU worker holds
+        // them in bf16 (2 bytes). 20 bytes of CPU room hold 5, 6 bytes of GPU room hold 3:
+        // exactly enough, although 26 bytes < 8 × 4.
+        let cands = vec![
+            cand("cpu", 20),
+            Candidate {
+                expert_bytes: 2,
+                ..cand("gpu", 6)
+            },
+        ];
+        let a = assign(1, 8, 4, &cands, &HashMap::new(), &BTreeMap::new()).unwrap();
+        assert!(a["cpu"].len() <= 5 && a["gpu"].len() <= 3, "{a:?}");
+        assert_eq!(a["cpu"].len() + a["gpu"].len(), 8);
+        // One byte less on the GPU: 7 fit, a clear shortfall.
+        let short = vec![
+            cand("cpu", 20),
+            Candidate {
+                expert_bytes: 2,
+                ..cand("gpu", 5)
+            },
+        ];
+        let e = assign(1, 8, 4, &short, &HashMap::new(), &BTreeMap::new()).unwrap_err();
+        assert_eq!(e.workers, 2);
     }
 
     fn count(a: &BTreeMap<String, Vec<Slot>>, id: &str) -> usize {

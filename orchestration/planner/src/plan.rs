@@ -43,7 +43,8 @@ pub const LIGHTNING_EFFICIENCY: f64 = 0.40;
 pub const LINK_EFFICIENCY: f64 = 0.80;
 /// Memory a GPU keeps for the CUDA context, NCCL, allocator fragmentation.
 pub const RESERVED_FRACTION: f64 = 0.08;
-/// Micro-batches per layer in the expert all-to-all pipeline (design.md §4.3).
+/// Micro-batches per layer in the expert all-to-all pipeline (design.md §4.3), as a deployment
+/// would tune it; the engine's pipelined forward runs `ringbolt_model::PIPELINE_PARTS` (2) today.
 pub const MICRO_BATCHES: f64 = 4.0;
 /// Per-message latency of a cross-GPU hop in decode (NCCL send/recv, small messages).
 pub const HOP_LATENCY_S: f64 = 20e-6;

@@ -471,6 +471,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
                 address: address.clone(),
                 data_address: String::new(),
                 capacity_bytes: 0,
+                expert_bytes: 0,
             },
             c.lease_ttl(),
         )

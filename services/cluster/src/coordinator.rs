@@ -65,7 +65,7 @@ pub struct ClusterView {
     plan: PlanView,
     /// Jobs running per attention worker.
     running: Mutex<HashMap<String, usize>>,
-    /// Bytes of one expert's weights in a worker's memory.
+    /// Bytes of one expert's weights in a worker's memory, for workers that do not say.
     expert_bytes: u64,
 }
 
@@ -136,7 +136,12 @@ impl StatusSource for ClusterView {
                     id: m.id,
                     role: m.role.as_str().into(),
                     address: m.address,
-                    weight_bytes: experts.len() as u64 * self.expert_bytes,
+                    weight_bytes: experts.len() as u64
+                        * if m.expert_bytes > 0 {
+                            m.expert_bytes
+                        } else {
+                            self.expert_bytes
+                        },
                     experts,
                 }
             })
@@ -305,6 +310,7 @@ impl Planner {
             .map(|w| Candidate {
                 id: w.id.clone(),
                 capacity_bytes: w.capacity_bytes,
+                expert_bytes: w.expert_bytes,
             })
             .collect();
         // Only workers still present count as previous holders.
@@ -710,7 +716,8 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let client = membership.client();
     let ckpt = Checkpoint::open(&c.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
     let cfg: ModelConfig = ckpt.config().clone();
-    let per_expert = expert_bytes(&ckpt);
+    // For workers that do not say what an expert takes on their device: the CPU's figure.
+    let per_expert = expert_bytes(&ckpt, &ringbolt_kernels::cpu::Cpu);
     // The listener is bound only once elected: with port 0 the id cannot name the port.
     let id = match (&c.id, &c.advertise) {
         (Some(id), _) => id.clone(),
@@ -768,6 +775,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
                 address: address.clone(),
                 data_address: String::new(),
                 capacity_bytes: 0,
+                expert_bytes: 0,
             },
             c.lease_ttl(),
         )

@@ -42,17 +42,19 @@ pub struct ExpertWorkerArgs {
     pub device: Device,
 }
 
-/// Bytes one expert of `ckpt` takes in the CPU backend's memory: bf16 checkpoints stay bf16
-/// (2 bytes per weight), anything else becomes f32 (4).
-pub fn expert_bytes(ckpt: &Checkpoint) -> u64 {
+/// Bytes one expert of `ckpt` takes on `backend`: the CPU keeps bf16 checkpoints bf16 (2 bytes
+/// per weight) and widens anything else to f32 (4); a GPU holds bf16 whatever the checkpoint.
+pub fn expert_bytes<B: Backend>(ckpt: &Checkpoint, backend: &B) -> u64 {
     let w1 = ringbolt_model::weights::expert_name(0, 0, "w1");
-    // f16 on disk is widened to f32; only bf16 is kept as is.
-    let per = if ckpt.dtype(&w1).as_deref() == Some("BF16") {
-        2
-    } else {
-        4
-    };
-    ringbolt_planner::placement::expert_bytes(ckpt.config(), per)
+    let bf16 = ckpt.dtype(&w1).as_deref() == Some("BF16");
+    ringbolt_planner::placement::expert_bytes(ckpt.config(), backend.bytes_per_weight(bf16))
+}
+
+fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Requests waiting for the engine thread; senders wait when it is full.
@@ -110,6 +112,11 @@ impl<B: Backend> ExpertHost<B> {
         }
     }
 
+    /// Bytes one expert takes here.
+    pub fn expert_bytes(&self) -> u64 {
+        expert_bytes(&self.ckpt, &self.backend)
+    }
+
     pub fn active_epoch(&self) -> u64 {
         self.active.load(Ordering::SeqCst)
     }
@@ -158,7 +165,7 @@ impl<B: Backend> ExpertHost<B> {
             .unwrap_or_else(|p| p.into_inner())
             .insert(epoch, slots.iter().copied().collect());
         tracing::info!(epoch, loaded, wanted = slots.len(), "shards loaded");
-        Ok((loaded, loaded as u64 * expert_bytes(&self.ckpt)))
+        Ok((loaded, loaded as u64 * self.expert_bytes()))
     }
 
     /// `plan` is now active: refuse older epochs, drop experts nobody wants any more.
@@ -237,19 +244,31 @@ impl<B: Backend> ExpertHost<B> {
                 Err(r) => answers.push(Some(Err(r))),
             }
         }
-        {
-            let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
-            for (layer, reqs) in &by_layer {
-                for (_, p) in reqs {
-                    for (e, ids) in &p.req.groups {
-                        *load.entry((*layer, *e)).or_default() += ids.len() as u64;
+        for (layer, reqs) in &by_layer {
+            // A failure (a panic in compute) fails this layer's requests only.
+            let served =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.layer_step(reqs)));
+            match served {
+                Ok(outs) => {
+                    let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
+                    for (_, p) in reqs {
+                        for (e, ids) in &p.req.groups {
+                            *load.entry((*layer, *e)).or_default() += ids.len() as u64;
+                        }
+                    }
+                    for (i, out) in outs {
+                        answers[i] = Some(Ok(out));
                     }
                 }
-            }
-        }
-        for reqs in by_layer.values() {
-            for (i, out) in self.layer_step(reqs) {
-                answers[i] = Some(Ok(out));
+                Err(e) => {
+                    let msg = panic_message(&*e);
+                    tracing::error!(layer, %msg, "expert step failed");
+                    for (i, _) in reqs {
+                        answers[*i] = Some(Err(Refusal::Failed(format!(
+                            "expert step of layer {layer} failed: {msg}"
+                        ))));
+                    }
+                }
             }
         }
         answers
@@ -325,9 +344,9 @@ impl<B: Backend> ExpertHost<B> {
             .collect()
     }
 
-    /// The data-plane handler. Starts this worker's engine thread: the one thread that computes
-    /// on the backend (a GPU's context has one owner). Requests queue to it (bounded: senders
-    /// wait); it takes everything that waits and serves it as one batch.
+    /// The data-plane handler. Starts an engine thread: the one thread that computes on the
+    /// backend (a GPU's context has one owner), so a worker calls this once. Requests queue to
+    /// it (bounded: senders wait); it takes everything that waits and serves it as one batch.
     pub fn handler(self: &Arc<Self>) -> Handler {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Queued>(ENGINE_QUEUE);
         let host = self.clone();
@@ -351,11 +370,7 @@ impl<B: Backend> ExpertHost<B> {
                         host.serve_batch(batch)
                     }))
                     .unwrap_or_else(|e| {
-                        let msg = e
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
+                        let msg = panic_message(&*e);
                         tracing::error!(%msg, "expert step failed");
                         (0..n)
                             .map(|_| Err(Refusal::Failed(format!("expert step failed: {msg}"))))
@@ -422,7 +437,7 @@ impl<B: Backend> ExpertWorker for Control<B> {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(Status::from)?;
-        let held = self.0.held().len() as u64 * expert_bytes(&self.0.ckpt);
+        let held = self.0.held().len() as u64 * self.0.expert_bytes();
         Ok(Response::new(ipb::LoadShardsResponse {
             loaded,
             loaded_bytes: bytes,
@@ -531,6 +546,7 @@ async fn serve_on<B: Backend>(
                 address: address.clone(),
                 data_address: data_address.clone(),
                 capacity_bytes: a.memory_bytes,
+                expert_bytes: host.expert_bytes(),
             },
             c.lease_ttl(),
         )

@@ -34,7 +34,9 @@ pub struct RemoteExperts {
     resent: AtomicU64,
 }
 
-/// Counters of one executor (layer steps run, and re-sent after a failure).
+/// Counters of one executor: layer steps run (one per layer of a forward pass), and exchanges
+/// re-sent after a failure (a pipelined layer step sends one exchange per micro-batch, so one
+/// refused layer step may count more than once here).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepCounts {
     pub steps: u64,
@@ -234,7 +236,7 @@ impl<B: Backend> ExpertExecutor<B> for JobExperts<'_> {
             backend.host_view(x).into_owned(),
             rows,
             routing,
-            &self.resent,
+            Some(&self.resent),
         )))
     }
 }
@@ -266,7 +268,7 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts {
             backend.host_view(x).into_owned(),
             rows,
             routing,
-            &self.resent,
+            None,
         )))
     }
 }
@@ -280,9 +282,8 @@ pub struct PendingStep<'a> {
     buckets: Vec<(Vec<u32>, Vec<f32>)>,
     epoch: u64,
     first: Result<Attempt, ExchangeError>,
-    since: Instant,
-    /// The job's count of re-sent steps.
-    resent: &'a AtomicU64,
+    /// The job's count of re-sent exchanges, besides this executor's own.
+    resent: Option<&'a AtomicU64>,
 }
 
 impl<B: Backend> PendingExperts<B> for PendingStep<'_> {
@@ -300,7 +301,7 @@ impl RemoteExperts {
         x: Vec<f32>,
         rows: usize,
         routing: &Routing,
-        resent: &'a AtomicU64,
+        resent: Option<&'a AtomicU64>,
     ) -> PendingStep<'a> {
         if part == 0 {
             self.steps.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +317,6 @@ impl RemoteExperts {
             buckets,
             epoch: plan.epoch,
             first,
-            since: Instant::now(),
             resent,
         }
     }
@@ -331,11 +331,12 @@ impl RemoteExperts {
             buckets,
             mut epoch,
             first,
-            since,
             resent,
             ..
         } = p;
-        let deadline = since + self.resend_window;
+        // The window runs from when the step's answers are waited for (the caller computed
+        // another micro-batch in between).
+        let deadline = Instant::now() + self.resend_window;
         let mut result = first.and_then(|a| self.finish(a, &buckets));
         loop {
             match result {
@@ -363,7 +364,9 @@ impl RemoteExperts {
                         "layer step failed; re-sending it under the next plan epoch"
                     );
                     self.resent.fetch_add(1, Ordering::Relaxed);
-                    resent.fetch_add(1, Ordering::Relaxed);
+                    if let Some(r) = resent {
+                        r.fetch_add(1, Ordering::Relaxed);
+                    }
                     if let ExchangeError::Peer { peer, .. } | ExchangeError::Timeout { peer, .. } =
                         &err
                     {
