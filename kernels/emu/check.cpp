@@ -172,6 +172,7 @@ struct Attn {
     std::vector<__nv_bfloat16> kb, vb;
 };
 
+// Rounds `x` to bf16 in place and returns the bf16 copy.
 std::vector<__nv_bfloat16> to_bf16(std::vector<float>& x) {
     std::vector<__nv_bfloat16> b;
     for (auto& v : x) {
@@ -417,6 +418,57 @@ void swiglu_scatter_check(int rows, int inter) {
     check("scatter_add_rows rows=" + std::to_string(rows), out, want_out, 1e-5);
 }
 
+// The element-wise kernels, one thread per value (grid(n, 256) as the backend launches them).
+void elementwise_check() {
+    const size_t n = 1000;
+    auto grid1 = [](size_t n) { return dim3{(unsigned)((n + 255) / 256), 1, 1}; };
+    auto x = random(n, 4.0f), g = random(n, 4.0f), y0 = random(n, 1.0f);
+    std::vector<float> s = x;
+    rb_launch(grid1(n), {256, 1, 1}, 0, [&] { silu_inplace(s.data(), n); });
+    std::vector<double> want(n);
+    for (size_t i = 0; i < n; ++i) want[i] = x[i] / (1.0 + std::exp(-(double)x[i]));
+    check("silu_inplace n=1000", s, want, 1e-6);
+    s = x;
+    rb_launch(grid1(n), {256, 1, 1}, 0, [&] { sigmoid_gate(s.data(), g.data(), n); });
+    for (size_t i = 0; i < n; ++i) want[i] = x[i] / (1.0 + std::exp(-(double)g[i]));
+    check("sigmoid_gate n=1000", s, want, 1e-6);
+    std::vector<float> y(n, NAN);
+    rb_launch(grid1(n), {256, 1, 1}, 0,
+              [&] { axpby(0.75f, x.data(), -1.5f, y0.data(), y.data(), n); });
+    for (size_t i = 0; i < n; ++i) want[i] = 0.75 * x[i] - 1.5 * y0[i];
+    check("axpby n=1000", y, want, 1e-6);
+    // bf16 round trip: every value within half an ulp of bf16 (8 significant bits: 2^-8
+    // relative at most).
+    std::vector<__nv_bfloat16> b(n);
+    rb_launch(grid1(n), {256, 1, 1}, 0, [&] { f32_to_bf16(x.data(), b.data(), n); });
+    std::fill(y.begin(), y.end(), NAN);
+    rb_launch(grid1(n), {256, 1, 1}, 0, [&] { bf16_to_f32(b.data(), y.data(), n); });
+    double worst = 0.0;
+    for (size_t i = 0; i < n; ++i)
+        worst = std::max(worst, std::abs((double)y[i] - x[i]) / std::abs((double)x[i]));
+    const bool ok = worst <= std::ldexp(1.0, -8);
+    if (!ok) ++failures;
+    std::printf("%-58s %s  relative error %.2e (bound 2^-8)\n", "f32_to_bf16 + bf16_to_f32",
+                ok ? "ok  " : "FAIL", worst);
+    // Row gathers (expert permute, embedding rows from a bf16 table).
+    const int width = 40, rows = 12, count = 9;
+    auto table = random((size_t)rows * width, 1.0f);
+    std::vector<__nv_bfloat16> tb = to_bf16(table);
+    std::vector<unsigned> ids;
+    for (int i = 0; i < count; ++i) ids.push_back((unsigned)((i * 5 + 2) % rows));
+    std::vector<double> rows_want;
+    for (unsigned r : ids)
+        for (int c = 0; c < width; ++c) rows_want.push_back(table[(size_t)r * width + c]);
+    std::vector<float> got((size_t)count * width, NAN);
+    rb_launch(grid1(got.size()), {256, 1, 1}, 0,
+              [&] { gather_rows(table.data(), ids.data(), got.data(), count, width); });
+    check("gather_rows", got, rows_want, 0.0);
+    std::fill(got.begin(), got.end(), NAN);
+    rb_launch(grid1(got.size()), {256, 1, 1}, 0,
+              [&] { gather_rows_bf16(tb.data(), ids.data(), got.data(), count, width); });
+    check("gather_rows_bf16", got, rows_want, 0.0);
+}
+
 }  // namespace
 
 int main() {
@@ -442,6 +494,7 @@ int main() {
     route_check(70, 32, 2);
     rope_check(4, 2, 16, 8, 10);
     swiglu_scatter_check(9, 40);
+    elementwise_check();
     if (failures) {
         std::printf("%d check(s) failed\n", failures);
         return 1;

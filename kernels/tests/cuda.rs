@@ -9,9 +9,9 @@
 //! of max|logit| the model is held to against transformers).
 //!
 //! The tensor-core kernels (`lightning_block_*`, `attention_tc`) round Q, K, V and the softmax
-//! probabilities to bf16 (8 significant bits: relative error ≤ 2⁻⁹ each) and accumulate in f32.
-//! A product of two rounded operands is off by ≤ 2⁻⁸ relative; a sum of such products is off by
-//! at most 2⁻⁸ ≈ 3.9e-3 of the sum of their magnitudes, and with random signs the error grows
+//! probabilities to bf16 (8 significant bits: relative error ≤ 2⁻⁸ each) and accumulate in f32.
+//! A product of two rounded operands is off by ≤ 2⁻⁷ relative; a sum of such products is off by
+//! at most 2⁻⁷ ≈ 7.8e-3 of the sum of their magnitudes, and with random signs the error grows
 //! like the square root of the term count while the largest output grows faster. The bound used
 //! for them is 1e-2 of the largest value: a layout or masking mistake moves outputs by O(1) of
 //! it, so it still catches any wrong index.
