@@ -167,53 +167,6 @@ impl CudaBackend {
             .unwrap_or_else(|e| fail("synchronize", e));
     }
 
-    /// One lightning decode step for a batch of sequences in one launch: row `s` of `qkv`
-    /// (`[batch, heads·3d]`) continues from `states[s]` (`[heads, d, d]` each, updated in
-    /// place). Returns `[batch, heads·d]`.
-    pub fn lightning_decode_batch(
-        &self,
-        qkv: &GpuBuf,
-        shape: LightningShape,
-        decay: &[f32],
-        states: &mut [GpuBuf],
-    ) -> GpuBuf {
-        let (heads, d, batch) = (shape.heads, shape.head_dim, states.len());
-        assert!(d <= MAX_LIGHTNING_HEAD_DIM && d > 0 && heads > 0);
-        assert_eq!(qkv.len, batch * heads * 3 * d);
-        let mut out = self.alloc(batch * heads * d);
-        let ptrs: Vec<u64> = states
-            .iter_mut()
-            .map(|st| {
-                assert_eq!(st.len, heads * d * d);
-                let sd = st.data.as_mut().expect("a non-empty state");
-                let (p, _r) = sd.device_ptr_mut(&self.stream);
-                p
-            })
-            .collect();
-        let (Some(od), Some(qd)) = (out.data.as_mut(), qkv.data.as_ref()) else {
-            return out;
-        };
-        let ptrs = self
-            .stream
-            .clone_htod(&ptrs)
-            .unwrap_or_else(|e| fail("upload", e));
-        let lam = self.floats(decay);
-        let (hi, di) = (heads as i32, d as i32);
-        let mut b = self.stream.launch_builder(self.f("lightning_decode"));
-        b.arg(qd).arg(od).arg(&ptrs).arg(&lam).arg(&hi).arg(&di);
-        let cfg = LaunchConfig {
-            grid_dim: (heads as u32, batch as u32, 1),
-            block_dim: (d as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: qkv holds batch rows of heads·3d, out batch rows of heads·d, and each pointer
-        // is a live [heads, d, d] state borrowed mutably for this call. No host wait is needed:
-        // all work is on this one stream and cudarc frees device memory in stream order, so
-        // neither a state nor the pointer array can be freed before the kernel has run.
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
-        out
-    }
-
     fn f(&self, name: &str) -> &CudaFunction {
         self.funcs
             .get(name)
@@ -839,7 +792,7 @@ impl Backend for CudaBackend {
                 block_dim: (d as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: as in `lightning_decode_batch`: one live state, stream-ordered frees.
+            // SAFETY: as in `lightning_decode`: one live state, stream-ordered frees.
             unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
         } else if tensor_core_dim(d) {
             self.lightning_prefill_tc(qd, od, sd, &lam, t, heads, d);
@@ -860,6 +813,51 @@ impl Backend for CudaBackend {
             };
             unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_prefill", e));
         }
+        out
+    }
+
+    /// The whole batch in one launch (pointers to every sequence's state).
+    fn lightning_decode(
+        &self,
+        qkv: &GpuBuf,
+        shape: LightningShape,
+        decay: &[f32],
+        states: &mut [&mut GpuBuf],
+    ) -> GpuBuf {
+        let (heads, d, batch) = (shape.heads, shape.head_dim, states.len());
+        assert!(d <= MAX_LIGHTNING_HEAD_DIM && d > 0 && heads > 0);
+        assert_eq!(qkv.len, batch * heads * 3 * d);
+        let mut out = self.alloc(batch * heads * d);
+        let ptrs: Vec<u64> = states
+            .iter_mut()
+            .map(|st| {
+                assert_eq!(st.len, heads * d * d);
+                let sd = st.data.as_mut().expect("a non-empty state");
+                let (p, _r) = sd.device_ptr_mut(&self.stream);
+                p
+            })
+            .collect();
+        let (Some(od), Some(qd)) = (out.data.as_mut(), qkv.data.as_ref()) else {
+            return out;
+        };
+        let ptrs = self
+            .stream
+            .clone_htod(&ptrs)
+            .unwrap_or_else(|e| fail("upload", e));
+        let lam = self.floats(decay);
+        let (hi, di) = (heads as i32, d as i32);
+        let mut b = self.stream.launch_builder(self.f("lightning_decode"));
+        b.arg(qd).arg(od).arg(&ptrs).arg(&lam).arg(&hi).arg(&di);
+        let cfg = LaunchConfig {
+            grid_dim: (heads as u32, batch as u32, 1),
+            block_dim: (d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: qkv holds batch rows of heads·3d, out batch rows of heads·d, and each pointer
+        // is a live [heads, d, d] state borrowed mutably for this call. No host wait is needed:
+        // all work is on this one stream and cudarc frees device memory in stream order, so
+        // neither a state nor the pointer array can be freed before the kernel has run.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
         out
     }
 

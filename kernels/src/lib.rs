@@ -193,6 +193,26 @@ pub trait Backend: Send + Sync + 'static {
         state: &mut Self::Buf,
     ) -> Self::Buf;
 
+    /// One lightning decode step of several sequences: row `s` of `qkv` (`[batch, heads·3d]`)
+    /// is sequence `s`'s token, continuing from `states[s]` (updated). Returns `[batch,
+    /// heads·d]`. The default runs [`lightning`](Self::lightning) per sequence; a GPU does the
+    /// whole batch in one launch.
+    fn lightning_decode(
+        &self,
+        qkv: &Self::Buf,
+        shape: LightningShape,
+        decay: &[f32],
+        states: &mut [&mut Self::Buf],
+    ) -> Self::Buf {
+        let w = shape.heads * 3 * shape.head_dim;
+        let parts: Vec<Self::Buf> = states
+            .iter_mut()
+            .enumerate()
+            .map(|(s, st)| self.lightning(&self.rows(qkv, s, 1, w), 1, shape, decay, st))
+            .collect();
+        self.concat_rows(&parts)
+    }
+
     /// Applies rotary embeddings in place to `x` (`[t, heads·head_dim]`), row `i` at absolute
     /// position `pos0 + i`.
     fn rope_inplace(

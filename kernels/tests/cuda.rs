@@ -445,6 +445,38 @@ fn tensor_core_lightning_prefill_matches_the_cpu() {
 }
 
 #[test]
+fn batched_lightning_decode_matches_the_cpu() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(9);
+    let (heads, d, batch) = (4, 128, 5);
+    let shape = LightningShape {
+        heads,
+        head_dim: d,
+        block: 64,
+    };
+    let lambda = [0.001f32, 0.02, 0.1, 0.4];
+    let qkv = rand_vec(&mut rng, batch * heads * 3 * d, 0.3);
+    let states0: Vec<Vec<f32>> = (0..batch)
+        .map(|_| rand_vec(&mut rng, heads * d * d, 0.1))
+        .collect();
+    // The CPU backend's default: one sequence at a time.
+    let mut want_states = states0.clone();
+    let mut refs: Vec<&mut Vec<f32>> = want_states.iter_mut().collect();
+    let want = Cpu.lightning_decode(&qkv, shape, &lambda, &mut refs);
+    let mut states: Vec<_> = states0.iter().map(|s| b.upload(s)).collect();
+    let mut refs: Vec<&mut _> = states.iter_mut().collect();
+    let got = b.lightning_decode(&b.upload(&qkv), shape, &lambda, &mut refs);
+    assert_close(&b.download(&got), &want, "batched lightning decode output");
+    for (s, (g, w)) in states.iter().zip(&want_states).enumerate() {
+        assert_close(
+            &b.download(g),
+            w,
+            &format!("batched lightning decode state {s}"),
+        );
+    }
+}
+
+#[test]
 fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
     let Some(b) = backend() else { return };
     let mut rng = StdRng::seed_from_u64(6);

@@ -555,18 +555,38 @@ impl<B: Backend> Model<B> {
                     head_dim: d,
                     block: cfg.block_size,
                 };
-                let mut parts = Vec::with_capacity(spans.len());
-                for (i, (st, _, n)) in seqs.iter_mut().enumerate() {
-                    let LayerCache::Lightning(state) = &mut st.layers[l] else {
-                        unreachable!("cache kinds follow the config's layer kinds")
-                    };
-                    let own = per_seq(&p, 3 * nh * d, i);
-                    parts.push(b.lightning(own.as_ref().unwrap_or(&p), *n, shape, decay, state));
-                }
-                let o = if parts.len() == 1 {
-                    parts.pop().unwrap_or_else(|| b.zeros(0))
+                let o = if seqs.len() > 1 && seqs.iter().all(|(_, _, n)| *n == 1) {
+                    // A decode step of several sequences: one call for all of them.
+                    let mut states: Vec<&mut B::Buf> = seqs
+                        .iter_mut()
+                        .map(|(st, _, _)| match &mut st.layers[l] {
+                            LayerCache::Lightning(state) => state,
+                            LayerCache::Softmax { .. } => {
+                                unreachable!("cache kinds follow the config's layer kinds")
+                            }
+                        })
+                        .collect();
+                    b.lightning_decode(&p, shape, decay, &mut states)
                 } else {
-                    b.concat_rows(&parts)
+                    let mut parts = Vec::with_capacity(spans.len());
+                    for (i, (st, _, n)) in seqs.iter_mut().enumerate() {
+                        let LayerCache::Lightning(state) = &mut st.layers[l] else {
+                            unreachable!("cache kinds follow the config's layer kinds")
+                        };
+                        let own = per_seq(&p, 3 * nh * d, i);
+                        parts.push(b.lightning(
+                            own.as_ref().unwrap_or(&p),
+                            *n,
+                            shape,
+                            decay,
+                            state,
+                        ));
+                    }
+                    if parts.len() == 1 {
+                        parts.pop().unwrap_or_else(|| b.zeros(0))
+                    } else {
+                        b.concat_rows(&parts)
+                    }
                 };
                 let mut y = b.rms_norm(&o, norm, nh * d, LIGHTNING_NORM_EPS);
                 let g = b.linear(a, gate, rows, hsz, nh * d);
