@@ -56,6 +56,16 @@ run)
   fi
   .gpu/ringbolt kernels compile --arch sm_90 --cuda-include "$RINGBOLT_CUDA_INCLUDE" 2>&1 | tee "$OUT/kernels-compile.txt"
   .gpu/kernel-tests --test-threads 1 --nocapture 2>&1 | tee "$OUT/kernel-tests.txt"
+  # Out-of-bounds accesses and shared-memory races, where the runtime lets compute-sanitizer
+  # work (Firecracker machines; not gVisor): bounded, the kernel tests are small.
+  if command -v compute-sanitizer >/dev/null && [ "$gpu" != cpu ]; then
+    for tool in memcheck racecheck; do
+      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        .gpu/kernel-tests --test-threads 1 > "$OUT/sanitizer-$tool.txt" 2>&1 \
+        && echo "compute-sanitizer $tool: clean" \
+        || echo "compute-sanitizer $tool: exit $? (see sanitizer-$tool.txt)"
+    done | tee -a "$OUT/kernel-tests.txt"
+  fi
   # The whole model: prefill 200 tokens, then decode 20, on cuda and on cpu.
   work=$(mktemp -d)
   .gpu/ringbolt init-checkpoint --preset small --seed 1 --dtype bf16 --out "$work/small" >/dev/null
