@@ -82,36 +82,18 @@ RB_EXTERN void attention_merge(float* __restrict__ o1, float* __restrict__ lse1,
 #define RB_AT (RB_AK + 8)
 #define RB_AMAX 128  // largest head_dim of attention_tc
 
-// Tensor-core form of `attention` (head_dim a multiple of 16, at most 128), same arguments and
-// results. Grid (ceil(t/64), heads), 128 threads; warp w owns query rows [16w, 16w + 16) of the
-// block. Per tile of 64 keys (staged in shared memory: K row-major, V transposed), the
-// scores come from tensor cores into registers, the online softmax runs on them in f32 (the
-// four lanes that share a row combine by shuffles), and P (bf16) · V accumulates into f32
-// registers. Dynamic shared memory: 2·64·(d+8)·2 + d·72·2 bytes.
-RB_EXTERN void attention_tc(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                            const __nv_bfloat16* __restrict__ v, float* __restrict__ out,
-                            float* __restrict__ lse, int t, int heads, int kv_heads, int d,
-                            long long pos0, long long kpos0, int nkeys) {
+// One thread block of `attention_tc`: query rows [q0, q0 + 64) of head h (queries at absolute
+// positions pos0 + i, keys at kpos0 + j, as above). Shared by the prefill/chunk entry point and
+// the batched decode one.
+__device__ __forceinline__ void rb_attention_tc_block(
+    const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, float* __restrict__ out, float* __restrict__ lse, int t,
+    int heads, int kv_heads, int d, long long pos0, long long kpos0, int nkeys, int q0, int h) {
     RB_DYNAMIC_SMEM(rb_smem);
-    if (d % 16 || d > RB_AMAX || blockDim.x != 128) return;
-    // Split keys (flash-decoding): with gridDim.z = S > 1, block z takes keys
-    // [z·per, (z+1)·per) and writes its partial result and log-sum-exp at part z of out/lse
-    // (parts of t·heads·d and t·heads), which `attention_merge_splits` combines.
-    if (gridDim.z > 1) {
-        const int per = (nkeys + (int)gridDim.z - 1) / (int)gridDim.z;
-        const int beg = min(nkeys, (int)blockIdx.z * per);
-        k += (size_t)beg * kv_heads * d;
-        v += (size_t)beg * kv_heads * d;
-        kpos0 += beg;
-        nkeys = min(nkeys, beg + per) - beg;
-        out += (size_t)blockIdx.z * t * heads * d;
-        lse += (size_t)blockIdx.z * t * heads;
-    }
     const int ld = d + 8;
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(rb_smem);
     __nv_bfloat16* ks = qs + RB_AQ * ld;
     __nv_bfloat16* vt = ks + RB_AK * ld;
-    const int q0 = blockIdx.x * RB_AQ, h = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qq = lane & 3;
     const int i0 = warp * 16;
@@ -221,6 +203,62 @@ RB_EXTERN void attention_tc(const float* __restrict__ q, const __nv_bfloat16* __
         if (qq == 0 && lse)
             lse[(size_t)i * heads + h] = lrow[r] > 0.0f ? mrow[r] + logf(lrow[r]) : -INFINITY;
     }
+}
+
+// Tensor-core form of `attention` (head_dim a multiple of 16, at most 128), same arguments and
+// results. Grid (ceil(t/64), heads), 128 threads; warp w owns query rows [16w, 16w + 16) of the
+// block. Per tile of 64 keys (staged in shared memory: K row-major, V transposed), the
+// scores come from tensor cores into registers, the online softmax runs on them in f32 (the
+// four lanes that share a row combine by shuffles), and P (bf16) · V accumulates into f32
+// registers. Dynamic shared memory: 2·64·(d+8)·2 + d·72·2 bytes.
+RB_EXTERN void attention_tc(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                            const __nv_bfloat16* __restrict__ v, float* __restrict__ out,
+                            float* __restrict__ lse, int t, int heads, int kv_heads, int d,
+                            long long pos0, long long kpos0, int nkeys) {
+    if (d % 16 || d > RB_AMAX || blockDim.x != 128) return;
+    // Split keys (flash-decoding): with gridDim.z = S > 1, block z takes keys
+    // [z·per, (z+1)·per) and writes its partial result and log-sum-exp at part z of out/lse
+    // (parts of t·heads·d and t·heads), which `attention_merge_splits` combines.
+    if (gridDim.z > 1) {
+        const int per = (nkeys + (int)gridDim.z - 1) / (int)gridDim.z;
+        const int beg = min(nkeys, (int)blockIdx.z * per);
+        k += (size_t)beg * kv_heads * d;
+        v += (size_t)beg * kv_heads * d;
+        kpos0 += beg;
+        nkeys = min(nkeys, beg + per) - beg;
+        out += (size_t)blockIdx.z * t * heads * d;
+        lse += (size_t)blockIdx.z * t * heads;
+    }
+    rb_attention_tc_block(q, k, v, out, lse, t, heads, kv_heads, d, pos0, kpos0, nkeys,
+                          blockIdx.x * RB_AQ, blockIdx.y);
+}
+
+// Decode of a batch of sequences in one launch: sequence s's query is row s of q ([batch,
+// heads·d]) at position lens[s] − 1, over its own cache (kptrs[s], vptrs[s]: bf16 [lens[s],
+// kv_heads·d]). Grid (1, heads, batch·splits), 128 threads, the dynamic shared memory of
+// `attention_tc`. Block z = s·splits + p takes part p of the sequence's keys and writes its
+// partial result at out + (p·batch + s)·heads·d and its log-sum-exp at lse + (p·batch + s)·heads:
+// with splits > 1, `attention_merge_splits` over batch·heads rows combines them.
+RB_EXTERN void attention_decode_tc(const float* __restrict__ q,
+                                   const unsigned long long* __restrict__ kptrs,
+                                   const unsigned long long* __restrict__ vptrs,
+                                   const int* __restrict__ lens, float* __restrict__ out,
+                                   float* __restrict__ lse, int batch, int heads, int kv_heads,
+                                   int d, int splits) {
+    if (d % 16 || d > RB_AMAX || blockDim.x != 128) return;
+    const int s = (int)blockIdx.z / splits, p = (int)blockIdx.z % splits;
+    if (s >= batch) return;
+    const int n = lens[s];
+    const int per = (n + splits - 1) / splits;
+    const int beg = min(n, p * per);
+    const __nv_bfloat16* k = reinterpret_cast<const __nv_bfloat16*>(kptrs[s]);
+    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(vptrs[s]);
+    k += (size_t)beg * kv_heads * d;
+    v += (size_t)beg * kv_heads * d;
+    const size_t part = (size_t)p * batch + s;
+    rb_attention_tc_block(q + (size_t)s * heads * d, k, v, out + part * heads * d,
+                          lse + part * heads, 1, heads, kv_heads, d, (long long)n - 1, beg,
+                          min(n, beg + per) - beg, 0, blockIdx.y);
 }
 
 // Combines `splits` partial results over disjoint key sets (parts [splits][t·heads][d] and

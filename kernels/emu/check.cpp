@@ -284,6 +284,47 @@ void attention_tensor_cores(const Attn& c, int splits) {
     check(name + ": merged", merged, want, 1e-2);
 }
 
+// As CudaBackend::attention_decode: one query per sequence over its own cache, one launch for
+// the batch, keys split `splits` ways and merged.
+void attention_decode_batch(const std::vector<int>& lens, int heads, int kv_heads, int d,
+                            int splits) {
+    const int batch = (int)lens.size();
+    std::vector<Attn> seqs;
+    std::vector<float> q;
+    std::vector<unsigned long long> kptrs, vptrs;
+    for (int n : lens) {
+        seqs.push_back(attn_case(1, heads, kv_heads, d, n - 1));
+        q.insert(q.end(), seqs.back().q.begin(), seqs.back().q.end());
+    }
+    for (auto& c : seqs) {
+        kptrs.push_back((unsigned long long)(uintptr_t)c.kb.data());
+        vptrs.push_back((unsigned long long)(uintptr_t)c.vb.data());
+    }
+    const size_t rows = (size_t)batch * heads;
+    std::vector<float> out(splits * rows * d, NAN), lse(splits * rows, NAN);
+    rb_launch({1, (unsigned)heads, (unsigned)(batch * splits)}, {128, 1, 1}, tc_smem(d), [&] {
+        attention_decode_tc(q.data(), kptrs.data(), vptrs.data(), lens.data(), out.data(),
+                            lse.data(), batch, heads, kv_heads, d, splits);
+    });
+    std::vector<float> merged(rows * d, NAN);
+    if (splits > 1) {
+        rb_launch({(unsigned)((rows * d + 255) / 256), 1, 1}, {256, 1, 1}, 0, [&] {
+            attention_merge_splits(out.data(), lse.data(), merged.data(), splits, (int)rows, d);
+        });
+    } else {
+        merged.assign(out.begin(), out.end());
+    }
+    std::vector<double> want;
+    for (auto& c : seqs) {
+        auto [o, l] = attn_ref(c, 0, c.pos0 + 1);
+        want.insert(want.end(), o.begin(), o.end());
+    }
+    std::string name = "attention_decode_tc batch=" + std::to_string(batch) + " lens=";
+    for (int n : lens) name += std::to_string(n) + ",";
+    name += " splits=" + std::to_string(splits);
+    check(name, merged, want, 1e-2);
+}
+
 void attention_scalar(const Attn& c) {
     const int t = c.t, heads = c.heads, d = c.d;
     const int nkeys = (int)(c.pos0 + t);
@@ -488,6 +529,8 @@ int main() {
     attention_tensor_cores(attn_case(20, 2, 2, 128, 70), 1);
     attention_tensor_cores(attn_case(3, 4, 1, 128, 297), 4);
     attention_tensor_cores(attn_case(1, 2, 2, 16, 130), 3);
+    attention_decode_batch({40, 130, 300, 1}, 4, 2, 64, 3);
+    attention_decode_batch({17, 200}, 8, 1, 128, 1);
     attention_scalar(attn_case(20, 4, 2, 40, 5));
     rms_norm_check(3, 96);
     rms_norm_check(2, 1000);

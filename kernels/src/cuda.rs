@@ -259,6 +259,7 @@ mod tests {
             "lightning_decode",
             "attention",
             "attention_tc",
+            "attention_decode_tc",
             "attention_merge_splits",
             "attention_merge",
         ] {

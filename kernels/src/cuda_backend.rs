@@ -980,6 +980,106 @@ impl Backend for CudaBackend {
         merged
     }
 
+    /// One launch of `attention_decode_tc` for the whole batch (pointers to every sequence's
+    /// caches), keys split across thread blocks by the longest context and merged.
+    fn attention_decode(
+        &self,
+        q: &GpuBuf,
+        caches: &[(&GpuCache, &GpuCache)],
+        positions: &[usize],
+        shape: AttentionShape,
+    ) -> GpuBuf {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
+        let batch = caches.len();
+        assert_eq!(positions.len(), batch);
+        assert_eq!(q.len, batch * heads * d);
+        if batch == 0 || !tensor_core_dim(d) {
+            return crate::attention_decode_each(self, q, caches, positions, shape);
+        }
+        let w = kv_heads * d;
+        let mut kptrs = Vec::with_capacity(batch);
+        let mut vptrs = Vec::with_capacity(batch);
+        for ((k, v), &pos) in caches.iter().zip(positions) {
+            assert!(k.len >= (pos + 1) * w && v.len >= (pos + 1) * w);
+            let (Some(kd), Some(vd)) = (k.data.as_ref(), v.data.as_ref()) else {
+                unreachable!("a cache of at least one row has device memory")
+            };
+            kptrs.push(kd.device_ptr(&self.stream).0);
+            vptrs.push(vd.device_ptr(&self.stream).0);
+        }
+        let lens: Vec<i32> = positions.iter().map(|&p| (p + 1) as i32).collect();
+        let longest = positions.iter().max().map_or(1, |&p| p + 1);
+        let splits = (longest / ATTENTION_SPLIT_KEYS).clamp(1, ATTENTION_MAX_SPLITS);
+        let mut out = self.alloc(splits * batch * heads * d);
+        let mut lse = self.alloc(splits * batch * heads);
+        let (kp, vp, ln) = (
+            self.stream
+                .clone_htod(&kptrs)
+                .unwrap_or_else(|e| fail("upload", e)),
+            self.stream
+                .clone_htod(&vptrs)
+                .unwrap_or_else(|e| fail("upload", e)),
+            self.stream
+                .clone_htod(&lens)
+                .unwrap_or_else(|e| fail("upload", e)),
+        );
+        if let (Some(od), Some(ld), Some(qd)) =
+            (out.data.as_mut(), lse.data.as_mut(), q.data.as_ref())
+        {
+            let (bi, hi, kvi, di, si) = (
+                batch as i32,
+                heads as i32,
+                kv_heads as i32,
+                d as i32,
+                splits as i32,
+            );
+            let smem = tc_smem(d);
+            self.allow_smem("attention_decode_tc", smem);
+            let mut b = self.stream.launch_builder(self.f("attention_decode_tc"));
+            b.arg(qd)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&ln)
+                .arg(&mut *od)
+                .arg(&mut *ld)
+                .arg(&bi)
+                .arg(&hi)
+                .arg(&kvi)
+                .arg(&di)
+                .arg(&si);
+            let cfg = LaunchConfig {
+                grid_dim: (1, heads as u32, (batch * splits) as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            // SAFETY: q is [batch, heads·d]; each pointer is a live bf16 cache of at least lens[s]
+            // rows of kv_heads·d, borrowed for this call (frees are stream-ordered); out and lse
+            // hold `splits` parts of [batch·heads, d] and [batch·heads]; the shared memory asked
+            // for is allowed.
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("attention_decode_tc", e));
+        }
+        if splits == 1 {
+            return out;
+        }
+        let rows = batch * heads;
+        let mut merged = self.alloc(rows * d);
+        if let (Some(md), Some(od), Some(ld)) =
+            (merged.data.as_mut(), out.data.as_ref(), lse.data.as_ref())
+        {
+            let (si, ri, di) = (splits as i32, rows as i32, d as i32);
+            let mut b = self.stream.launch_builder(self.f("attention_merge_splits"));
+            b.arg(od).arg(ld).arg(md).arg(&si).arg(&ri).arg(&di);
+            // SAFETY: out and lse hold `splits` parts; merged is [batch·heads, d].
+            unsafe { b.launch(grid(rows * d, 256)) }
+                .unwrap_or_else(|e| fail("attention_merge_splits", e));
+        }
+        merged
+    }
+
     fn route(&self, logits: &GpuBuf, rows: usize, experts: usize, top_k: usize) -> Routing {
         assert_eq!(logits.len, rows * experts);
         if rows == 0 {

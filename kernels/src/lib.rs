@@ -236,6 +236,40 @@ pub trait Backend: Send + Sync + 'static {
         shape: AttentionShape,
     ) -> Self::Buf;
 
+    /// One decode step of causal softmax attention for several sequences: row `s` of `q`
+    /// (`[batch, heads·d]`) is sequence `s`'s query at position `positions[s]`, over the first
+    /// `positions[s] + 1` keys of its caches `caches[s]` (keys, values). Returns `[batch,
+    /// heads·d]`. The default runs [`attention`](Self::attention) per sequence; a GPU does the
+    /// batch in one launch.
+    fn attention_decode(
+        &self,
+        q: &Self::Buf,
+        caches: &[(&Self::Cache, &Self::Cache)],
+        positions: &[usize],
+        shape: AttentionShape,
+    ) -> Self::Buf {
+        attention_decode_each(self, q, caches, positions, shape)
+    }
+
     /// Softmax over `experts` router logits per row, top-k, renormalised.
     fn route(&self, logits: &Self::Buf, rows: usize, experts: usize, top_k: usize) -> Routing;
+}
+
+/// [`Backend::attention_decode`] one sequence at a time.
+pub fn attention_decode_each<B: Backend + ?Sized>(
+    b: &B,
+    q: &B::Buf,
+    caches: &[(&B::Cache, &B::Cache)],
+    positions: &[usize],
+    shape: AttentionShape,
+) -> B::Buf {
+    assert_eq!(caches.len(), positions.len());
+    let w = shape.heads * shape.head_dim;
+    let parts: Vec<B::Buf> = caches
+        .iter()
+        .zip(positions)
+        .enumerate()
+        .map(|(s, ((k, v), &pos))| b.attention(&b.rows(q, s, 1, w), 1, k, v, pos, shape))
+        .collect();
+    b.concat_rows(&parts)
 }

@@ -477,6 +477,50 @@ fn batched_lightning_decode_matches_the_cpu() {
 }
 
 #[test]
+fn batched_decode_attention_matches_the_cpu() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(10);
+    let (heads, kv_heads, d) = (8, 2, 128);
+    let shape = AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+    };
+    // Sequences of very different lengths: one key, a few tiles, enough to split the keys.
+    let positions = [0usize, 70, 2500, 333];
+    let w = kv_heads * d;
+    let q = rand_vec(&mut rng, positions.len() * heads * d, 1.0);
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = positions
+        .iter()
+        .map(|&p| {
+            (
+                rand_bf16(&mut rng, (p + 1) * w, 1.0).0,
+                rand_bf16(&mut rng, (p + 1) * w, 1.0).0,
+            )
+        })
+        .collect();
+    let cpu: Vec<(&Vec<f32>, &Vec<f32>)> = kv.iter().map(|(k, v)| (k, v)).collect();
+    let want = Cpu.attention_decode(&q, &cpu, &positions, shape);
+    let caches: Vec<_> = kv
+        .iter()
+        .map(|(k, v)| {
+            let (mut kc, mut vc) = (b.new_cache(), b.new_cache());
+            b.cache_append(&mut kc, &b.upload(k));
+            b.cache_append(&mut vc, &b.upload(v));
+            (kc, vc)
+        })
+        .collect();
+    let refs: Vec<_> = caches.iter().map(|(k, v)| (k, v)).collect();
+    let got = b.attention_decode(&b.upload(&q), &refs, &positions, shape);
+    assert_within(
+        &b.download(&got),
+        &want,
+        BF16_TOL,
+        "batched decode attention",
+    );
+}
+
+#[test]
 fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
     let Some(b) = backend() else { return };
     let mut rng = StdRng::seed_from_u64(6);

@@ -607,6 +607,7 @@ impl<B: Backend> Model<B> {
                     kv_heads: nkv,
                     head_dim: d,
                 };
+                let decode = seqs.len() > 1 && seqs.iter().all(|(_, _, n)| *n == 1);
                 let mut parts = Vec::with_capacity(spans.len());
                 for (i, (st, pos0, n)) in seqs.iter_mut().enumerate() {
                     let (n, pos0) = (*n, *pos0);
@@ -624,9 +625,27 @@ impl<B: Backend> Model<B> {
                         Some(vs) => b.cache_append(vc, &vs),
                         None => b.cache_append(vc, &va),
                     }
-                    parts.push(b.attention(&qs, n, kc, vc, pos0, shape));
+                    if decode {
+                        // The queries wait for one attention call over every sequence.
+                        parts.push(qs);
+                    } else {
+                        parts.push(b.attention(&qs, n, kc, vc, pos0, shape));
+                    }
                 }
-                let att = if parts.len() == 1 {
+                let att = if decode {
+                    let q = b.concat_rows(&parts);
+                    let positions: Vec<usize> = seqs.iter().map(|(_, pos0, _)| *pos0).collect();
+                    let caches: Vec<(&B::Cache, &B::Cache)> = seqs
+                        .iter()
+                        .map(|(st, _, _)| match &st.layers[l] {
+                            LayerCache::Softmax { k, v } => (k, v),
+                            LayerCache::Lightning(_) => {
+                                unreachable!("cache kinds follow the config's layer kinds")
+                            }
+                        })
+                        .collect();
+                    b.attention_decode(&q, &caches, &positions, shape)
+                } else if parts.len() == 1 {
                     parts.pop().unwrap_or_else(|| b.zeros(0))
                 } else {
                     b.concat_rows(&parts)
