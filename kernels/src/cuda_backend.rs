@@ -777,10 +777,8 @@ impl Backend for CudaBackend {
         };
         let (hi, di) = (heads as i32, d as i32);
         if t == 1 {
-            let ptr = {
-                let (p, _r) = sd.device_ptr(&self.stream);
-                p
-            };
+            // The guard records the state's use on the stream when dropped: after the launch.
+            let (ptr, _state_guard) = sd.device_ptr_mut(&self.stream);
             let ptrs = self
                 .stream
                 .clone_htod(&[ptr])
@@ -828,15 +826,15 @@ impl Backend for CudaBackend {
         assert!(d <= MAX_LIGHTNING_HEAD_DIM && d > 0 && heads > 0);
         assert_eq!(qkv.len, batch * heads * 3 * d);
         let mut out = self.alloc(batch * heads * d);
-        let ptrs: Vec<u64> = states
+        // The guards record each state's use on the stream when dropped: after the launch.
+        let (ptrs, _state_guards): (Vec<u64>, Vec<_>) = states
             .iter_mut()
             .map(|st| {
                 assert_eq!(st.len, heads * d * d);
                 let sd = st.data.as_mut().expect("a non-empty state");
-                let (p, _r) = sd.device_ptr_mut(&self.stream);
-                p
+                sd.device_ptr_mut(&self.stream)
             })
-            .collect();
+            .unzip();
         let (Some(od), Some(qd)) = (out.data.as_mut(), qkv.data.as_ref()) else {
             return out;
         };
@@ -1001,19 +999,33 @@ impl Backend for CudaBackend {
             return crate::attention_decode_each(self, q, caches, positions, shape);
         }
         let w = kv_heads * d;
+        assert!(
+            batch <= 65535,
+            "attention_decode: at most 65,535 sequences per call"
+        );
         let mut kptrs = Vec::with_capacity(batch);
         let mut vptrs = Vec::with_capacity(batch);
+        // The guards record each cache's use on the stream when dropped: after the launch.
+        let mut _cache_guards = Vec::with_capacity(2 * batch);
         for ((k, v), &pos) in caches.iter().zip(positions) {
             assert!(k.len >= (pos + 1) * w && v.len >= (pos + 1) * w);
             let (Some(kd), Some(vd)) = (k.data.as_ref(), v.data.as_ref()) else {
                 unreachable!("a cache of at least one row has device memory")
             };
-            kptrs.push(kd.device_ptr(&self.stream).0);
-            vptrs.push(vd.device_ptr(&self.stream).0);
+            for (ptrs, (p, g)) in [
+                (&mut kptrs, kd.device_ptr(&self.stream)),
+                (&mut vptrs, vd.device_ptr(&self.stream)),
+            ] {
+                ptrs.push(p);
+                _cache_guards.push(g);
+            }
         }
         let lens: Vec<i32> = positions.iter().map(|&p| (p + 1) as i32).collect();
         let longest = positions.iter().max().map_or(1, |&p| p + 1);
-        let splits = (longest / ATTENTION_SPLIT_KEYS).clamp(1, ATTENTION_MAX_SPLITS);
+        // gridDim.z = batch × splits stays within CUDA's 65,535.
+        let splits = (longest / ATTENTION_SPLIT_KEYS)
+            .clamp(1, ATTENTION_MAX_SPLITS)
+            .min(65535 / batch);
         let mut out = self.alloc(splits * batch * heads * d);
         let mut lse = self.alloc(splits * batch * heads);
         let (kp, vp, ln) = (

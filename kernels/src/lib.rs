@@ -240,7 +240,7 @@ pub trait Backend: Send + Sync + 'static {
     /// (`[batch, heads·d]`) is sequence `s`'s query at position `positions[s]`, over the first
     /// `positions[s] + 1` keys of its caches `caches[s]` (keys, values). Returns `[batch,
     /// heads·d]`. The default runs [`attention`](Self::attention) per sequence; a GPU does the
-    /// batch in one launch.
+    /// batch in one launch (and a merge when the keys are split).
     fn attention_decode(
         &self,
         q: &Self::Buf,
