@@ -338,6 +338,31 @@ impl CudaBackend {
         y
     }
 
+    /// Combines `splits` partial attention results over disjoint key sets (`out`: parts of
+    /// `[rows, d]`, `lse`: parts of `[rows]`) by their log-sum-exps into `[rows, d]`.
+    fn merge_splits(
+        &self,
+        out: &GpuBuf,
+        lse: &GpuBuf,
+        splits: usize,
+        rows: usize,
+        d: usize,
+    ) -> GpuBuf {
+        let mut merged = self.alloc(rows * d);
+        if let (Some(md), Some(od), Some(ld)) =
+            (merged.data.as_mut(), out.data.as_ref(), lse.data.as_ref())
+        {
+            let (si, ri, di) = (splits as i32, rows as i32, d as i32);
+            let mut b = self.stream.launch_builder(self.f("attention_merge_splits"));
+            b.arg(od).arg(ld).arg(md).arg(&si).arg(&ri).arg(&di);
+            // SAFETY: out and lse hold `splits` parts of [rows, d] and [rows]; merged is
+            // [rows, d].
+            unsafe { b.launch(grid(rows * d, 256)) }
+                .unwrap_or_else(|e| fail("attention_merge_splits", e));
+        }
+        merged
+    }
+
     /// Lets kernel `name` use `bytes` of dynamic shared memory (above the 48 KiB default).
     fn allow_smem(&self, name: &str, bytes: u32) {
         self.f(name)
@@ -964,18 +989,7 @@ impl Backend for CudaBackend {
         if splits == 1 {
             return out;
         }
-        let mut merged = self.alloc(t * heads * d);
-        if let (Some(md), Some(od), Some(ld)) =
-            (merged.data.as_mut(), out.data.as_ref(), lse.data.as_ref())
-        {
-            let (si, rows, di) = (splits as i32, (t * heads) as i32, d as i32);
-            let mut b = self.stream.launch_builder(self.f("attention_merge_splits"));
-            b.arg(od).arg(ld).arg(md).arg(&si).arg(&rows).arg(&di);
-            // SAFETY: out and lse hold `splits` parts; merged is [t·heads, d].
-            unsafe { b.launch(grid(t * heads * d, 256)) }
-                .unwrap_or_else(|e| fail("attention_merge_splits", e));
-        }
-        merged
+        self.merge_splits(&out, &lse, splits, t * heads, d)
     }
 
     /// One launch of `attention_decode_tc` for the whole batch (pointers to every sequence's
@@ -1077,19 +1091,7 @@ impl Backend for CudaBackend {
         if splits == 1 {
             return out;
         }
-        let rows = batch * heads;
-        let mut merged = self.alloc(rows * d);
-        if let (Some(md), Some(od), Some(ld)) =
-            (merged.data.as_mut(), out.data.as_ref(), lse.data.as_ref())
-        {
-            let (si, ri, di) = (splits as i32, rows as i32, d as i32);
-            let mut b = self.stream.launch_builder(self.f("attention_merge_splits"));
-            b.arg(od).arg(ld).arg(md).arg(&si).arg(&ri).arg(&di);
-            // SAFETY: out and lse hold `splits` parts; merged is [batch·heads, d].
-            unsafe { b.launch(grid(rows * d, 256)) }
-                .unwrap_or_else(|e| fail("attention_merge_splits", e));
-        }
-        merged
+        self.merge_splits(&out, &lse, splits, batch * heads, d)
     }
 
     fn route(&self, logits: &GpuBuf, rows: usize, experts: usize, top_k: usize) -> Routing {
