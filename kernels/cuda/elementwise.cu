@@ -59,15 +59,23 @@ RB_EXTERN void gather_rows_bf16(const __nv_bfloat16* __restrict__ w,
     y[i] = __bfloat162float(w[(size_t)ids[r] * width + c]);
 }
 
-// out[ids[i]] += weights[i] · y[i]: expert unpermute. Within one call `ids` has no repeats
-// (one expert's rows), so no two threads write one element.
+// Expert unpermute: out[dst[k]] += Σ weights[j] · y[src[j]] over j in [starts[k], starts[k+1]),
+// in j order. `dst` has no repeats, so no two threads write one element; a token routed to
+// several experts sums their outputs in a fixed order (the order of adding the experts one
+// after another), so results repeat exactly from run to run.
 RB_EXTERN void scatter_add_rows(float* __restrict__ out, const float* __restrict__ y,
-                                const unsigned* __restrict__ ids,
+                                const unsigned* __restrict__ dst,
+                                const unsigned* __restrict__ starts,
+                                const unsigned* __restrict__ src,
                                 const float* __restrict__ weights, int count, int width) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)count * width) return;
-    size_t r = i / width, c = i % width;
-    out[(size_t)ids[r] * width + c] += weights[r] * y[i];
+    size_t k = i / width, c = i % width;
+    float* o = out + (size_t)dst[k] * width + c;
+    float acc = *o;
+    for (unsigned j = starts[k]; j < starts[k + 1]; ++j)
+        acc += weights[j] * y[(size_t)src[j] * width + c];
+    *o = acc;
 }
 
 RB_EXTERN void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, size_t n) {

@@ -176,7 +176,12 @@ pub fn compile_module(
                 && let Some(dir) = p.parent()
                 && std::fs::create_dir_all(dir).is_ok()
             {
-                let _ = std::fs::write(p, &text);
+                // Written aside and renamed: a process starting at the same time never reads
+                // a half-written file.
+                let tmp = p.with_extension(format!("ptx.{}", std::process::id()));
+                if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, p).is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
             }
             text
         }
@@ -196,6 +201,39 @@ pub fn compile_module(
         ptx,
         kernels: defs.into_iter().map(|k| k.name).collect(),
     })
+}
+
+/// What the `scatter_add_rows` kernel takes: the rows to add, grouped by destination.
+#[derive(Debug, Default, PartialEq)]
+pub struct Unpermute {
+    /// Destination rows, each once.
+    pub dst: Vec<u32>,
+    /// `starts[k]..starts[k + 1]` index `src` and `weights` for `dst[k]`.
+    pub starts: Vec<u32>,
+    /// Rows of `y` to add.
+    pub src: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+impl Unpermute {
+    /// From `(destination row, row of y, weight)` entries; a destination's rows keep the order
+    /// of the entries, so the kernel adds them in that order (for the experts' outputs, the
+    /// order of adding the experts one after another, as the CPU does).
+    pub fn new(entries: impl IntoIterator<Item = (u32, u32, f32)>) -> Self {
+        let mut e: Vec<(u32, u32, f32)> = entries.into_iter().collect();
+        e.sort_by_key(|&(d, _, _)| d); // stable: keeps each destination's order
+        let mut u = Unpermute::default();
+        for (i, &(d, s, w)) in e.iter().enumerate() {
+            if i == 0 || e[i - 1].0 != d {
+                u.dst.push(d);
+                u.starts.push(i as u32);
+            }
+            u.src.push(s);
+            u.weights.push(w);
+        }
+        u.starts.push(e.len() as u32);
+        u
+    }
 }
 
 /// The NVRTC version as `major.minor` (empty when it cannot be asked).
@@ -266,6 +304,16 @@ mod tests {
             assert!(all.iter().any(|a| a == k), "missing kernel {k}");
         }
         assert!(!expanded(SOURCES[0].1).contains("#include \"common.cuh\""));
+    }
+
+    #[test]
+    fn unpermute_groups_rows_by_destination_in_entry_order() {
+        let u = Unpermute::new([(5, 0, 0.5), (2, 1, 0.25), (5, 2, 0.125), (2, 3, 1.0)]);
+        assert_eq!(u.dst, [2, 5]);
+        assert_eq!(u.starts, [0, 2, 4]);
+        assert_eq!(u.src, [1, 3, 0, 2]);
+        assert_eq!(u.weights, [0.25, 1.0, 0.5, 0.125]);
+        assert_eq!(Unpermute::new([]).starts, [0]);
     }
 
     #[test]

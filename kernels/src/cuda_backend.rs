@@ -10,7 +10,7 @@
 //! by `kernels/tests/cuda.rs` (kernels) and `scripts/gpu-check.sh` only on a GPU machine.
 
 use crate::cpu::rope_inv_freq;
-use crate::cuda::{self, CudaError};
+use crate::cuda::{self, CudaError, Unpermute};
 use crate::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUfunction_attribute;
@@ -38,6 +38,8 @@ pub const LIGHTNING_PASS_TOKENS: usize = 2048;
 /// MoE steps whose experts each take at most this many rows run as batched GEMMs
 /// ([`CudaBackend::moe_batched`]); wider ones (prefill) as two GEMMs per expert.
 const MOE_BATCHED_MAX_ROWS: usize = 128;
+/// `route_topk` keeps its choices in registers (`RB_MAX_TOPK` in route.cu).
+const ROUTE_MAX_TOP_K: usize = 16;
 
 /// Queries per thread block of `attention_tc` (`RB_AQ`).
 const ATTENTION_TC_QUERIES: usize = 64;
@@ -103,8 +105,10 @@ fn fail(what: &str, e: impl std::fmt::Debug) -> ! {
 }
 
 fn grid(n: usize, per: u32) -> LaunchConfig {
+    let blocks = u32::try_from(n.div_ceil(per as usize))
+        .unwrap_or_else(|_| panic!("{n} elements need more than 2^32 thread blocks"));
     LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(per).max(1), 1, 1),
+        grid_dim: (blocks.max(1), 1, 1),
         block_dim: (per, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -239,20 +243,48 @@ impl CudaBackend {
     ) -> GpuBuf {
         let e = groups.len();
         let mut ids = Vec::with_capacity(e * m);
-        let mut ws = Vec::with_capacity(e * m);
         for g in groups {
             ids.extend_from_slice(g.ids);
-            ws.extend_from_slice(g.weights);
             ids.resize(ids.len() + m - g.ids.len(), 0);
-            ws.resize(ws.len() + m - g.ids.len(), 0.0);
         }
         let xs = self.gather_rows(x, &ids, hidden);
         let h = self.batched_linear(&xs, groups.iter().map(|g| g.w13), e, m, hidden, 2 * inter);
         let a = self.swiglu(&h, e * m, inter);
         let y = self.batched_linear(&a, groups.iter().map(|g| g.w2), e, m, inter, hidden);
         let mut out = self.alloc(rows * hidden);
-        self.scatter_add_rows(&mut out, &y, &ids, &ws, hidden);
+        // Padding rows are not added back; a token's experts add in expert order.
+        let plan = Unpermute::new(groups.iter().enumerate().flat_map(|(b, g)| {
+            g.ids
+                .iter()
+                .zip(g.weights)
+                .enumerate()
+                .map(move |(i, (&d, &w))| (d, (b * m + i) as u32, w))
+        }));
+        self.unpermute(&mut out, &y, &plan, hidden);
         out
+    }
+
+    /// `out[dst[k]] += Σ weights[j] · y[src[j]]`, one thread per destination value.
+    fn unpermute(&self, out: &mut GpuBuf, y: &GpuBuf, u: &Unpermute, width: usize) {
+        if u.dst.is_empty() {
+            return;
+        }
+        if let (Some(od), Some(yd)) = (out.data.as_mut(), y.data.as_ref()) {
+            let (dd, sd, srd) = (self.ids(&u.dst), self.ids(&u.starts), self.ids(&u.src));
+            let wd = self.floats(&u.weights);
+            let (c, wi) = (u.dst.len() as i32, width as i32);
+            let mut b = self.stream.launch_builder(self.f("scatter_add_rows"));
+            b.arg(od)
+                .arg(yd)
+                .arg(&dd)
+                .arg(&sd)
+                .arg(&srd)
+                .arg(&wd)
+                .arg(&c)
+                .arg(&wi);
+            unsafe { b.launch(grid(u.dst.len() * width, 256)) }
+                .unwrap_or_else(|e| fail("scatter_add_rows", e));
+        }
     }
 
     /// `Y_b = X_b · W_bᵀ` for each of `batch` weights `W_b` (`[n, k]`), where `X_b` and `Y_b`
@@ -738,15 +770,15 @@ impl Backend for CudaBackend {
         width: usize,
     ) {
         assert_eq!(y.len, ids.len() * width);
-        if let (Some(od), Some(yd)) = (out.data.as_mut(), y.data.as_ref()) {
-            let idd = self.ids(ids);
-            let wd = self.floats(weights);
-            let (c, wi) = (ids.len() as i32, width as i32);
-            let mut b = self.stream.launch_builder(self.f("scatter_add_rows"));
-            b.arg(od).arg(yd).arg(&idd).arg(&wd).arg(&c).arg(&wi);
-            unsafe { b.launch(grid(ids.len() * width, 256)) }
-                .unwrap_or_else(|e| fail("scatter_add_rows", e));
-        }
+        assert_eq!(weights.len(), ids.len());
+        // Repeated ids add in the order given, as on the CPU.
+        let plan = Unpermute::new(
+            ids.iter()
+                .zip(weights)
+                .enumerate()
+                .map(|(j, (&d, &w))| (d, j as u32, w)),
+        );
+        self.unpermute(out, y, &plan, width);
     }
 
     fn moe_experts(
@@ -793,6 +825,7 @@ impl Backend for CudaBackend {
         );
         assert_eq!(qkv.len, t * heads * 3 * d);
         assert_eq!(state.len, heads * d * d);
+        assert_eq!(decay.len(), heads, "one decay rate per head");
         let lam = self.floats(decay);
         let mut out = self.alloc(t * heads * d);
         let (Some(od), Some(qd), Some(sd)) =
@@ -849,6 +882,7 @@ impl Backend for CudaBackend {
     ) -> GpuBuf {
         let (heads, d, batch) = (shape.heads, shape.head_dim, states.len());
         assert!(d <= MAX_LIGHTNING_HEAD_DIM && d > 0 && heads > 0);
+        assert_eq!(decay.len(), heads, "one decay rate per head");
         assert_eq!(qkv.len, batch * heads * 3 * d);
         let mut out = self.alloc(batch * heads * d);
         // The guards record each state's use on the stream when dropped: after the launch.
@@ -1096,6 +1130,10 @@ impl Backend for CudaBackend {
 
     fn route(&self, logits: &GpuBuf, rows: usize, experts: usize, top_k: usize) -> Routing {
         assert_eq!(logits.len, rows * experts);
+        assert!(
+            top_k <= ROUTE_MAX_TOP_K,
+            "route_topk takes top_k up to {ROUTE_MAX_TOP_K}, got {top_k}"
+        );
         if rows == 0 {
             return Routing {
                 top_k,

@@ -639,3 +639,21 @@ fn moe_experts_match_the_cpu_batched_and_per_expert() {
         );
     }
 }
+
+#[test]
+fn scatter_add_adds_repeated_rows_in_order() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(11);
+    // 300 rows of y onto 40 destinations: every destination gets several (as a token routed to
+    // two experts does, many times over), from thread blocks that run at the same time.
+    let (rows, width, dests) = (300usize, 96usize, 40usize);
+    let ids: Vec<u32> = (0..rows).map(|r| ((r * 7 + 3) % dests) as u32).collect();
+    let weights = rand_vec(&mut rng, rows, 1.0);
+    let y = rand_vec(&mut rng, rows * width, 1.0);
+    let base = rand_vec(&mut rng, dests * width, 1.0);
+    let mut want = Cpu.upload(&base);
+    Cpu.scatter_add_rows(&mut want, &Cpu.upload(&y), &ids, &weights, width);
+    let mut got = b.upload(&base);
+    b.scatter_add_rows(&mut got, &b.upload(&y), &ids, &weights, width);
+    assert_close(&b.download(&got), &Cpu.download(&want), "scatter_add_rows");
+}
