@@ -41,3 +41,16 @@ cargo test -p ringbolt-kernels --features cuda --lib cuda::
 cargo build --profile test -p ringbolt --features cuda
 LD_LIBRARY_PATH="$PWD/$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   target/debug/ringbolt kernels compile --arch sm_90 --cuda-include "$NVRTC/nvidia/cu13/include"
+
+# The coordinator of a `cuda` build hands GPU workers a fresh NCCL unique id every plan epoch
+# (ncclGetUniqueId needs the library, not a GPU): NCCL from NVIDIA's PyPI wheel.
+NCCL=target/nccl
+if [ ! -e "$NCCL/nvidia/nccl/lib/libnccl.so.2" ]; then
+  python3 -m pip install --quiet --no-deps --target "$NCCL" nvidia-nccl-cu13==2.30.7
+fi
+ln -sf libnccl.so.2 "$NCCL/nvidia/nccl/lib/libnccl.so"
+export RINGBOLT_REQUIRE_NCCL=1
+LD_LIBRARY_PATH="$PWD/$NCCL/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test -p ringbolt-cluster --features cuda --lib group::
+LD_LIBRARY_PATH="$PWD/$NCCL/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test -p ringbolt --features cuda --test cluster gpu_workers

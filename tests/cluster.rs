@@ -762,3 +762,114 @@ fn an_expert_worker_restarted_in_place_gets_its_experts_again() {
         generate(&c.ckpt, &p, 24)
     );
 }
+
+/// GPU workers' ranks in the epoch's data group, by member id (from `status`).
+#[cfg(feature = "cuda")]
+fn data_group(s: &Value) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| {
+            Some((
+                m["id"].as_str()?.to_string(),
+                m["data_group_rank"].as_u64()?,
+            ))
+        })
+        .collect();
+    v.sort_by_key(|(_, r)| *r);
+    v
+}
+
+/// The coordinator hands the GPU workers of every plan epoch a fresh NCCL unique id
+/// (`ncclGetUniqueId` needs libnccl, not a GPU). GPU workers cannot start without a GPU, so
+/// two stand in here as member records with `device: cuda:0`; the expert worker is a real one
+/// on the CPU and stays out of the group.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_workers_get_a_fresh_nccl_id_every_plan_epoch() {
+    use ringbolt_cluster::etcd::PlanView;
+    use ringbolt_membership::{EtcdMembership, Member, Membership, Role};
+    if ringbolt_cluster::group::nccl_ids().is_none() {
+        // scripts/test.sh installs NCCL and says so: there this must not pass by skipping.
+        assert!(
+            std::env::var_os("RINGBOLT_REQUIRE_NCCL").is_none(),
+            "libnccl.so cannot be loaded: is it on LD_LIBRARY_PATH?"
+        );
+        eprintln!("skipped: libnccl.so cannot be loaded here (scripts/test.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("group", dir.path());
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator(port, true);
+    let (_e, expert) = c.worker("expert-worker");
+    wait_status(&ep, "experts placed", covers_all);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = rt
+        .block_on(EtcdMembership::connect(
+            std::slice::from_ref(&c.etcd.url),
+            &c.name,
+            Duration::from_secs(5),
+        ))
+        .unwrap();
+    let plans = rt
+        .block_on(PlanView::follow(
+            m.client(),
+            &c.name,
+            tokio_util::sync::CancellationToken::new(),
+        ))
+        .unwrap();
+    let gpu = |id: &str| Member {
+        id: id.into(),
+        role: Role::AttentionWorker,
+        address: "127.0.0.1:9".into(),
+        data_address: String::new(),
+        capacity_bytes: 0,
+        expert_bytes: 0,
+        device: "cuda:0".into(),
+    };
+    let ttl = Duration::from_secs(2);
+    let g1 = rt.block_on(m.register(gpu("gpu-a"), ttl)).unwrap();
+    let _g2 = rt.block_on(m.register(gpu("gpu-b"), ttl)).unwrap();
+    let s1 = wait_status(&ep, "a data group of the two GPU workers", |s| {
+        data_group(s).len() == 2
+    });
+    assert_eq!(
+        data_group(&s1),
+        [("gpu-a".to_string(), 0), ("gpu-b".to_string(), 1)]
+    );
+    let e = s1["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == expert.as_str())
+        .unwrap();
+    assert_eq!(e["device"], "cpu");
+    assert!(e.get("data_group_rank").is_none(), "{e}");
+    let id1 = plans.current().data_group.clone().unwrap().nccl_id;
+    assert_eq!(id1.len(), 256, "{id1}");
+
+    // gpu-a leaves: one GPU worker is no group.
+    rt.block_on(g1.leave()).unwrap();
+    let s2 = wait_status(&ep, "no data group with one GPU worker", |s| {
+        epoch(s) > epoch(&s1) && data_group(s).is_empty()
+    });
+    // gpu-c joins: a new epoch, a new id; ranks follow member ids.
+    let _g3 = rt.block_on(m.register(gpu("gpu-c"), ttl)).unwrap();
+    let s3 = wait_status(&ep, "a data group with gpu-c", |s| {
+        epoch(s) > epoch(&s2) && data_group(s).len() == 2
+    });
+    assert_eq!(
+        data_group(&s3),
+        [("gpu-b".to_string(), 0), ("gpu-c".to_string(), 1)]
+    );
+    let p = rt
+        .block_on(plans.newer_than(epoch(&s3) - 1, Duration::from_secs(10)))
+        .unwrap();
+    let id3 = p.data_group.clone().unwrap().nccl_id;
+    assert_eq!(id3.len(), 256);
+    assert_ne!(id1, id3, "every epoch gets its own NCCL id");
+}

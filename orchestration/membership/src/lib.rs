@@ -48,6 +48,17 @@ pub struct Member {
     /// the coordinator's figure from the checkpoint applies).
     #[serde(default)]
     pub expert_bytes: u64,
+    /// The device it computes on: `cpu` or `cuda:N` (empty: `cpu`, as written before this
+    /// field existed). GPU workers of a plan epoch form its NCCL data group.
+    #[serde(default)]
+    pub device: String,
+}
+
+impl Member {
+    /// Whether it computes on a GPU (and so joins the epoch's NCCL data group).
+    pub fn on_gpu(&self) -> bool {
+        self.device.starts_with("cuda")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,6 +15,7 @@ fn member(id: &str, role: Role) -> Member {
         data_address: "127.0.0.1:2000".into(),
         capacity_bytes: 1 << 30,
         expert_bytes: 0,
+        device: String::new(),
     }
 }
 

@@ -7,7 +7,13 @@
 //! matches tags; messages for another tag wait in a stash for their `recv`. `all_to_all_v` is
 //! one NCCL group: sizes first, then every payload, so no rank waits on another's order.
 //!
-//! Not exercised on this CI machine (no GPU); `scripts/gpu-check.sh` runs it on one.
+//! NCCL runs a communicator's operations in the order they are posted, and this transport's
+//! one thread posts a `send` and waits for it: two ranks that `send` to each other at the same
+//! time wait forever. `all_to_all_v` (one group) and one-way patterns (each rank receives, then
+//! sends on) are safe; anything else must be grouped.
+//!
+//! Never run with two ranks here (no two-GPU machine); `services/cluster/src/group.rs` builds
+//! one per plan epoch from the coordinator's id.
 
 use crate::{Result, Transport, TransportError};
 use bytes::Bytes;

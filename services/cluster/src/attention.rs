@@ -440,6 +440,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
     let id = c.member_id("attention", &address);
     let stop = CancellationToken::new();
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
+    let _group = crate::group::follow_on(a.device, &id, &view, stop.clone());
     let cfg = model.config().clone();
     let experts = RemoteExperts::new(
         view,
@@ -472,6 +473,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
                 data_address: String::new(),
                 capacity_bytes: 0,
                 expert_bytes: 0,
+                device: a.device.to_string(),
             },
             c.lease_ttl(),
         )

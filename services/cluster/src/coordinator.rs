@@ -6,7 +6,8 @@
 use crate::attention::MAX_CONTROL_MESSAGE;
 use crate::etcd::{EtcdRecords, PlanView, drain_prefix, etcd_err, leader_key, store_plan};
 use crate::expert::expert_bytes;
-use crate::plan::{Candidate, Plan, Slot, WorkerPlace, assign};
+use crate::group::{IdSource, gpu_workers};
+use crate::plan::{Candidate, DataGroup, Plan, Slot, WorkerPlace, assign};
 use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
 use clap::Args;
 use etcd_client::{Client, GetOptions, WatchOptions};
@@ -132,7 +133,18 @@ impl StatusSource for ClusterView {
                 } else {
                     Vec::new()
                 };
+                let data_group_rank = plan
+                    .data_group
+                    .as_ref()
+                    .and_then(|g| g.rank_of(&m.id))
+                    .map(|r| r as u32);
                 pb::Member {
+                    data_group_rank,
+                    device: match (m.role, m.device.as_str()) {
+                        (Role::Coordinator, _) => String::new(),
+                        (_, "") => "cpu".into(),
+                        (_, d) => d.into(),
+                    },
                     id: m.id,
                     role: m.role.as_str().into(),
                     address: m.address,
@@ -165,6 +177,8 @@ struct Planner {
     layers: u32,
     experts: u32,
     expert_bytes: u64,
+    /// Makes each epoch's NCCL id for the GPU workers' data group (`None`: no NCCL here).
+    ids: Mutex<Option<IdSource>>,
 }
 
 impl Planner {
@@ -247,13 +261,23 @@ impl Planner {
         load
     }
 
-    /// Whether `ev` is an expert worker of the current plan registering again: a process
-    /// registers once, so that is a restart (it holds nothing, whatever the plan says).
+    /// Whether `ev` is a worker of the current plan (an expert holder, or a data-group member)
+    /// registering again: a process registers once, so that is a restart (it holds nothing,
+    /// whatever the plan says).
     fn rejoined(&self, ev: &MemberEvent) -> bool {
         match ev {
             MemberEvent::Joined(m) if m.role == Role::ExpertWorker => {
                 self.view.plan.current().workers.contains_key(&m.id)
             }
+            // A GPU worker of the epoch's data group that restarted holds no communicator:
+            // the group needs a new epoch (and id) to take it in again.
+            MemberEvent::Joined(m) => self
+                .view
+                .plan
+                .current()
+                .data_group
+                .as_ref()
+                .is_some_and(|g| g.rank_of(&m.id).is_some()),
             _ => false,
         }
     }
@@ -284,6 +308,12 @@ impl Planner {
                 })
                 .collect()
         };
+        // The data group a new epoch would have (none without NCCL ids or a second GPU).
+        let mut group = gpu_workers(&members, &draining);
+        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if ids.is_none() || group.len() < 2 {
+            group.clear();
+        }
         let mut workers: Vec<Member> = members
             .into_iter()
             .filter(|m| m.role == Role::ExpertWorker && !draining.contains(&m.id))
@@ -296,7 +326,11 @@ impl Planner {
                     .get(&w.id)
                     .is_some_and(|p| p.data_address == w.data_address && p.address == w.address)
             });
-        if !force && same_workers && prev.complete(self.layers, self.experts) {
+        let same_group = prev
+            .data_group
+            .as_ref()
+            .map_or(group.is_empty(), |g| g.ranks == group);
+        if !force && same_workers && same_group && prev.complete(self.layers, self.experts) {
             return Ok(());
         }
         if workers.is_empty() {
@@ -358,8 +392,22 @@ impl Planner {
         for r in futures::future::join_all(loads).await {
             r?;
         }
+        let data_group = match ids.filter(|_| !group.is_empty()).map(|make| make()) {
+            Some(Ok(nccl_id)) => Some(DataGroup {
+                nccl_id,
+                ranks: group,
+            }),
+            Some(Err(e)) => {
+                // Not again: without ids every round would publish another epoch.
+                tracing::warn!(error = %e, "cannot make an NCCL id; GPU workers get no data group");
+                *self.ids.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                None
+            }
+            None => None,
+        };
         // Phase 2: publish; workers switch when they see it.
         let plan = Plan {
+            data_group,
             epoch,
             workers: workers
                 .iter()
@@ -776,6 +824,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
                 data_address: String::new(),
                 capacity_bytes: 0,
                 expert_bytes: 0,
+                device: String::new(),
             },
             c.lease_ttl(),
         )
@@ -796,6 +845,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         layers: cfg.num_layers() as u32,
         experts: cfg.num_experts as u32,
         expert_bytes: per_expert,
+        ids: Mutex::new(crate::group::nccl_ids()),
     };
     tokio::spawn(planner.run(stop.clone()));
 

@@ -510,6 +510,7 @@ async fn serve_on<B: Backend>(
     let data_task = serve(data_listener, host.handler());
 
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
+    let _group = crate::group::follow_on(a.device, &id, &view, stop.clone());
     {
         let host = host.clone();
         let mut rx = view.subscribe();
@@ -547,6 +548,7 @@ async fn serve_on<B: Backend>(
                 data_address: data_address.clone(),
                 capacity_bytes: a.memory_bytes,
                 expert_bytes: host.expert_bytes(),
+                device: a.device.to_string(),
             },
             c.lease_ttl(),
         )
@@ -653,6 +655,7 @@ mod tests {
                 },
             )]
             .into(),
+            data_group: None,
         });
         let h = cfg.hidden_size;
         let batch = vec![

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod coordinator;
 pub mod etcd;
 pub mod expert;
+pub mod group;
 pub mod plan;
 pub mod remote;
 pub mod wire;

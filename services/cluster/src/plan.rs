@@ -19,6 +19,27 @@ pub struct Plan {
     pub epoch: u64,
     /// Expert workers by member id.
     pub workers: BTreeMap<String, WorkerPlace>,
+    /// The GPU workers' NCCL group of this epoch (absent when fewer than two workers are on
+    /// GPUs, or the coordinator cannot make NCCL ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_group: Option<DataGroup>,
+}
+
+/// One plan epoch's NCCL data group: every attention and expert worker on a GPU, in rank order,
+/// and the unique id the coordinator made for this epoch. Each member builds a communicator
+/// from it when it sees the epoch, and drops the previous epoch's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataGroup {
+    /// `ncclUniqueId`, 128 bytes as hex.
+    pub nccl_id: String,
+    /// Member ids; a member's rank is its index.
+    pub ranks: Vec<String>,
+}
+
+impl DataGroup {
+    pub fn rank_of(&self, member: &str) -> Option<usize> {
+        self.ranks.iter().position(|m| m == member)
+    }
 }
 
 impl Plan {

@@ -36,6 +36,7 @@ async fn place(hosts: &[Host], epoch: u64, assign: &BTreeMap<String, Vec<Slot>>)
     let mut plan = Plan {
         epoch,
         workers: BTreeMap::new(),
+        data_group: None,
     };
     for h in hosts {
         let slots = assign.get(&h.id).cloned().unwrap_or_default();

@@ -568,6 +568,12 @@ pub async fn status(a: StatusArgs) -> Result<()> {
         .iter()
         .map(|m| {
             let mut v = json!({"id": m.id, "role": m.role, "address": m.address});
+            if !m.device.is_empty() {
+                v["device"] = json!(m.device);
+            }
+            if let Some(r) = m.data_group_rank {
+                v["data_group_rank"] = json!(r);
+            }
             if m.role == "expert-worker" || m.role == "standalone" {
                 v["experts"] = json!(
                     m.experts
@@ -592,11 +598,16 @@ pub async fn status(a: StatusArgs) -> Result<()> {
         println!("mode {}  epoch {}  model: {}", s.mode, s.epoch, s.model);
         println!("jobs: {} running, {} queued", s.running_jobs, s.queued_jobs);
         for m in &s.members {
+            let group = m
+                .data_group_rank
+                .map(|r| format!(", data-group rank {r}"))
+                .unwrap_or_default();
             println!(
-                "  {:<16} {:<18} {}  ({} experts)",
+                "  {:<16} {:<18} {} {} ({} experts{group})",
                 m.id,
                 m.role,
                 m.address,
+                m.device,
                 m.experts.len()
             );
         }
