@@ -783,12 +783,12 @@ fn data_group(s: &Value) -> Vec<(String, u64)> {
 
 /// The coordinator hands the GPU workers of every plan epoch a fresh NCCL unique id
 /// (`ncclGetUniqueId` needs libnccl, not a GPU). GPU workers cannot start without a GPU, so
-/// two stand in here as member records with `device: cuda:0`; the expert worker is a real one
-/// on the CPU and stays out of the group.
+/// stand-ins register member records with `device: cuda:0` (on different hosts) and report a
+/// failed join as a real one does; the expert worker is a real one on the CPU and stays out.
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_workers_get_a_fresh_nccl_id_every_plan_epoch() {
-    use ringbolt_cluster::etcd::PlanView;
+    use ringbolt_cluster::etcd::{PlanView, group_failed_prefix};
     use ringbolt_membership::{EtcdMembership, Member, Membership, Role};
     if ringbolt_cluster::group::nccl_ids().is_none() {
         // scripts/test.sh installs NCCL and says so: there this must not pass by skipping.
@@ -822,18 +822,29 @@ fn gpu_workers_get_a_fresh_nccl_id_every_plan_epoch() {
             tokio_util::sync::CancellationToken::new(),
         ))
         .unwrap();
-    let gpu = |id: &str| Member {
+    // The data group's NCCL id of epoch `e`, from etcd.
+    let id_of = |e: u64| {
+        let p = rt
+            .block_on(plans.newer_than(e - 1, Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(p.epoch, e);
+        let id = p.data_group.clone().unwrap().nccl_id;
+        assert_eq!(id.len(), 256, "{id}");
+        id
+    };
+    let gpu = |id: &str, host: u8| Member {
         id: id.into(),
         role: Role::AttentionWorker,
-        address: "127.0.0.1:9".into(),
+        address: format!("10.0.0.{host}:7100"),
         data_address: String::new(),
         capacity_bytes: 0,
         expert_bytes: 0,
         device: "cuda:0".into(),
     };
-    let ttl = Duration::from_secs(2);
-    let g1 = rt.block_on(m.register(gpu("gpu-a"), ttl)).unwrap();
-    let _g2 = rt.block_on(m.register(gpu("gpu-b"), ttl)).unwrap();
+    // Leases long enough that only what the test does changes the membership.
+    let ttl = Duration::from_secs(30);
+    let g1 = rt.block_on(m.register(gpu("gpu-a", 1), ttl)).unwrap();
+    let _g2 = rt.block_on(m.register(gpu("gpu-b", 2), ttl)).unwrap();
     let s1 = wait_status(&ep, "a data group of the two GPU workers", |s| {
         data_group(s).len() == 2
     });
@@ -849,27 +860,51 @@ fn gpu_workers_get_a_fresh_nccl_id_every_plan_epoch() {
         .unwrap();
     assert_eq!(e["device"], "cpu");
     assert!(e.get("data_group_rank").is_none(), "{e}");
-    let id1 = plans.current().data_group.clone().unwrap().nccl_id;
-    assert_eq!(id1.len(), 256, "{id1}");
+    let id1 = id_of(epoch(&s1));
+
+    // A member reports that it could not join: a new epoch, same ranks, a fresh id, and the
+    // experts stay where they were.
+    let mut client = m.client();
+    let key = format!("{}gpu-b", group_failed_prefix(&c.name));
+    rt.block_on(client.put(key, epoch(&s1).to_string(), None))
+        .unwrap();
+    let s2 = wait_status(&ep, "a new epoch after a failed join", |s| {
+        epoch(s) > epoch(&s1)
+    });
+    assert_eq!(data_group(&s2), data_group(&s1));
+    assert_eq!(expert_counts(&s2), expert_counts(&s1));
+    let id2 = id_of(epoch(&s2));
+    assert_ne!(id1, id2, "every epoch gets its own NCCL id");
+
+    // Nothing changes: no new epoch (the planner looks every 5 s).
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(epoch(&status(&ep)), epoch(&s2), "epochs churn");
 
     // gpu-a leaves: one GPU worker is no group.
     rt.block_on(g1.leave()).unwrap();
-    let s2 = wait_status(&ep, "no data group with one GPU worker", |s| {
-        epoch(s) > epoch(&s1) && data_group(s).is_empty()
+    let s3 = wait_status(&ep, "no data group with one GPU worker", |s| {
+        epoch(s) > epoch(&s2) && data_group(s).is_empty()
     });
-    // gpu-c joins: a new epoch, a new id; ranks follow member ids.
-    let _g3 = rt.block_on(m.register(gpu("gpu-c"), ttl)).unwrap();
-    let s3 = wait_status(&ep, "a data group with gpu-c", |s| {
-        epoch(s) > epoch(&s2) && data_group(s).len() == 2
+    // gpu-c joins on gpu-b's host and GPU: still no group (NCCL refuses one GPU twice).
+    let _g3 = rt.block_on(m.register(gpu("gpu-c", 2), ttl)).unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(data_group(&status(&ep)).is_empty());
+    // gpu-d on its own host: a group again, ranks by member id.
+    let _g4 = rt.block_on(m.register(gpu("gpu-d", 4), ttl)).unwrap();
+    let s4 = wait_status(&ep, "a data group with gpu-d", |s| {
+        epoch(s) > epoch(&s3) && data_group(s).len() == 2
     });
     assert_eq!(
-        data_group(&s3),
-        [("gpu-b".to_string(), 0), ("gpu-c".to_string(), 1)]
+        data_group(&s4),
+        [("gpu-b".to_string(), 0), ("gpu-d".to_string(), 1)]
     );
-    let p = rt
-        .block_on(plans.newer_than(epoch(&s3) - 1, Duration::from_secs(10)))
-        .unwrap();
-    let id3 = p.data_group.clone().unwrap().nccl_id;
-    assert_eq!(id3.len(), 256);
-    assert_ne!(id1, id3, "every epoch gets its own NCCL id");
+    let id4 = id_of(epoch(&s4));
+    assert!(id4 != id1 && id4 != id2);
+    // gpu-b restarts in place (registers again): it holds no communicator, so a new epoch.
+    let _g2again = rt.block_on(m.register(gpu("gpu-b", 2), ttl)).unwrap();
+    let s5 = wait_status(&ep, "a new epoch after a GPU worker restarted", |s| {
+        epoch(s) > epoch(&s4)
+    });
+    assert_eq!(data_group(&s5), data_group(&s4));
+    assert_ne!(id_of(epoch(&s5)), id4);
 }

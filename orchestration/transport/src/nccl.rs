@@ -52,6 +52,11 @@ pub struct NcclTransport {
     stash: Mutex<HashMap<(usize, u64), VecDeque<Bytes>>>,
 }
 
+/// Whether libnccl can be loaded here (it needs no GPU).
+pub fn available() -> bool {
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
 /// A fresh NCCL unique id (rank 0 of a new epoch creates it; the coordinator hands it out).
 pub fn unique_id() -> Result<[std::ffi::c_char; 128]> {
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
@@ -228,6 +233,12 @@ impl NcclTransport {
         }
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(cuda_err(rank, "no CUDA driver on this machine"));
+        }
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(nccl_err(
+                rank,
+                "libnccl.so cannot be loaded (put it on LD_LIBRARY_PATH)",
+            ));
         }
         let (tx, rx) = std::sync::mpsc::channel::<Cmd>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -440,7 +440,14 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
     let id = c.member_id("attention", &address);
     let stop = CancellationToken::new();
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
-    let _group = crate::group::follow_on(a.device, &id, &view, stop.clone());
+    let _group = crate::group::follow_on(
+        a.device,
+        &id,
+        &view,
+        membership.client(),
+        &c.cluster,
+        stop.clone(),
+    );
     let cfg = model.config().clone();
     let experts = RemoteExperts::new(
         view,

@@ -4,7 +4,9 @@
 //! re-running it elsewhere when that worker is lost, so the client sees every token once.
 
 use crate::attention::MAX_CONTROL_MESSAGE;
-use crate::etcd::{EtcdRecords, PlanView, drain_prefix, etcd_err, leader_key, store_plan};
+use crate::etcd::{
+    EtcdRecords, PlanView, drain_prefix, etcd_err, group_failed_prefix, leader_key, store_plan,
+};
 use crate::expert::expert_bytes;
 use crate::group::{IdSource, gpu_workers};
 use crate::plan::{Candidate, DataGroup, Plan, Slot, WorkerPlace, assign};
@@ -178,8 +180,15 @@ struct Planner {
     experts: u32,
     expert_bytes: u64,
     /// Makes each epoch's NCCL id for the GPU workers' data group (`None`: no NCCL here).
-    ids: Mutex<Option<IdSource>>,
+    ids: Option<IdSource>,
+    /// Ids are not asked for before this (after one could not be made).
+    ids_paused_until: Mutex<Option<Instant>>,
 }
+
+/// Least time between two epochs made only to rebuild a data group that failed to form.
+const REGROUP_INTERVAL: Duration = Duration::from_secs(30);
+/// How long the coordinator stops asking for NCCL ids after one could not be made.
+const IDS_PAUSE: Duration = Duration::from_secs(600);
 
 impl Planner {
     async fn run(self, stop: CancellationToken) {
@@ -204,12 +213,26 @@ impl Planner {
             )
             .await
             .ok();
-        // A worker of the plan that registers again was restarted and holds nothing: the next
-        // round re-places (and re-loads) even if the membership looks the same.
-        let mut force = false;
+        let mut failures = c
+            .watch(
+                group_failed_prefix(&self.cluster),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .ok();
+        // An expert worker of the plan that registers again was restarted and holds nothing:
+        // the next round re-places (and re-loads) even if the membership looks the same. A
+        // GPU worker of the data group that restarted, or one that could not join, needs a new
+        // epoch with a fresh id (`regroup`), at most one per REGROUP_INTERVAL for failures.
+        let (mut force, mut regroup, mut retry_group) = (false, false, false);
+        let mut last_retry: Option<Instant> = None;
         loop {
-            match self.replan(force).await {
-                Ok(()) => force = false,
+            if retry_group && last_retry.is_none_or(|t| t.elapsed() >= REGROUP_INTERVAL) {
+                (regroup, retry_group) = (true, false);
+                last_retry = Some(Instant::now());
+            }
+            match self.replan(force, regroup).await {
+                Ok(()) => (force, regroup) = (false, false),
                 Err(e) => tracing::warn!(error = %e, "placement not updated; will retry"),
             }
             let mut pending = false;
@@ -218,6 +241,7 @@ impl Planner {
                 ev = events.recv() => match ev {
                     Some(ev) => {
                         force |= self.rejoined(&ev);
+                        regroup |= self.regrouped(&ev);
                         self.view.apply(&ev);
                         pending = true;
                     }
@@ -229,6 +253,31 @@ impl Planner {
                         None => std::future::pending().await,
                     }
                 } => { pending = m; if !m { drains = None; } }
+                m = async {
+                    match failures.as_mut() {
+                        Some(f) => f.message().await.ok().flatten(),
+                        None => std::future::pending().await,
+                    }
+                } => match m {
+                    Some(resp) => {
+                        // Reports of the current epoch's group only: an older one was already
+                        // replaced.
+                        let plan = self.view.plan.current();
+                        let current = resp.events().iter().filter_map(|ev| ev.kv()).any(|kv| {
+                            String::from_utf8_lossy(kv.value()).parse::<u64>().ok()
+                                == Some(plan.epoch)
+                        });
+                        if current && plan.data_group.is_some() {
+                            tracing::warn!(
+                                epoch = plan.epoch,
+                                "a GPU worker could not join the data group; a new epoch will \
+                                 carry a fresh id"
+                            );
+                            retry_group = true;
+                        }
+                    }
+                    None => failures = None,
+                },
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
             if pending {
@@ -236,6 +285,7 @@ impl Planner {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while let Ok(ev) = events.try_recv() {
                     force |= self.rejoined(&ev);
+                    regroup |= self.regrouped(&ev);
                     self.view.apply(&ev);
                 }
             }
@@ -261,16 +311,21 @@ impl Planner {
         load
     }
 
-    /// Whether `ev` is a worker of the current plan (an expert holder, or a data-group member)
-    /// registering again: a process registers once, so that is a restart (it holds nothing,
-    /// whatever the plan says).
+    /// Whether `ev` is an expert worker of the current plan registering again: a process
+    /// registers once, so that is a restart (it holds nothing, whatever the plan says).
     fn rejoined(&self, ev: &MemberEvent) -> bool {
         match ev {
             MemberEvent::Joined(m) if m.role == Role::ExpertWorker => {
                 self.view.plan.current().workers.contains_key(&m.id)
             }
-            // A GPU worker of the epoch's data group that restarted holds no communicator:
-            // the group needs a new epoch (and id) to take it in again.
+            _ => false,
+        }
+    }
+
+    /// Whether `ev` is a GPU worker of the current data group registering again: restarted,
+    /// it holds no communicator, and the group needs a new epoch (and id) to take it back.
+    fn regrouped(&self, ev: &MemberEvent) -> bool {
+        match ev {
             MemberEvent::Joined(m) => self
                 .view
                 .plan
@@ -282,7 +337,54 @@ impl Planner {
         }
     }
 
-    async fn replan(&self, force: bool) -> Result<(), ClusterError> {
+    /// The NCCL id source, unless it failed lately.
+    fn ids(&self) -> Option<&IdSource> {
+        let paused = self
+            .ids_paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match *paused {
+            Some(t) if Instant::now() < t => None,
+            _ => self.ids.as_ref(),
+        }
+    }
+
+    /// Places the experts on `workers`, from the measured load and what each held before.
+    async fn place(
+        &self,
+        workers: &[Member],
+        prev: &Plan,
+    ) -> Result<BTreeMap<String, Vec<Slot>>, ClusterError> {
+        let load = self.measured_load(workers).await;
+        let cands: Vec<Candidate> = workers
+            .iter()
+            .map(|w| Candidate {
+                id: w.id.clone(),
+                capacity_bytes: w.capacity_bytes,
+                expert_bytes: w.expert_bytes,
+            })
+            .collect();
+        // Only workers still present count as previous holders.
+        let previous: BTreeMap<String, Vec<Slot>> = prev
+            .assignment()
+            .into_iter()
+            .filter(|(id, _)| workers.iter().any(|w| &w.id == id))
+            .collect();
+        assign(
+            self.layers,
+            self.experts,
+            self.expert_bytes,
+            &cands,
+            &load,
+            &previous,
+        )
+        .map_err(|e| ClusterError::Unavailable(e.to_string()))
+    }
+
+    /// Makes a new plan epoch when the expert workers or the data group changed. `force`
+    /// re-places the experts (a holder restarted); `regroup` makes a new epoch for the data
+    /// group alone (a fresh id), keeping the placement.
+    async fn replan(&self, force: bool, regroup: bool) -> Result<(), ClusterError> {
         let members = self
             .membership
             .members()
@@ -310,7 +412,7 @@ impl Planner {
         };
         // The data group a new epoch would have (none without NCCL ids or a second GPU).
         let mut group = gpu_workers(&members, &draining);
-        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ids = self.ids().cloned();
         if ids.is_none() || group.len() < 2 {
             group.clear();
         }
@@ -330,7 +432,9 @@ impl Planner {
             .data_group
             .as_ref()
             .map_or(group.is_empty(), |g| g.ranks == group);
-        if !force && same_workers && same_group && prev.complete(self.layers, self.experts) {
+        let same_placement = same_workers && prev.complete(self.layers, self.experts);
+        let regroup = regroup && !group.is_empty();
+        if !force && !regroup && same_placement && same_group {
             return Ok(());
         }
         if workers.is_empty() {
@@ -338,30 +442,12 @@ impl Planner {
                 "no expert worker to place the experts on".into(),
             ));
         }
-        let load = self.measured_load(&workers).await;
-        let cands: Vec<Candidate> = workers
-            .iter()
-            .map(|w| Candidate {
-                id: w.id.clone(),
-                capacity_bytes: w.capacity_bytes,
-                expert_bytes: w.expert_bytes,
-            })
-            .collect();
-        // Only workers still present count as previous holders.
-        let previous: BTreeMap<String, Vec<Slot>> = prev
-            .assignment()
-            .into_iter()
-            .filter(|(id, _)| workers.iter().any(|w| &w.id == id))
-            .collect();
-        let a = assign(
-            self.layers,
-            self.experts,
-            self.expert_bytes,
-            &cands,
-            &load,
-            &previous,
-        )
-        .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let a = if !force && same_placement {
+            // Only the data group changed: the experts stay where they are.
+            prev.assignment()
+        } else {
+            self.place(&workers, &prev).await?
+        };
         let epoch = prev.epoch + 1;
         // Phase 1: every worker loads its shards for the new epoch (keeping the old ones).
         let loads = workers.iter().map(|w| {
@@ -398,9 +484,16 @@ impl Planner {
                 ranks: group,
             }),
             Some(Err(e)) => {
-                // Not again: without ids every round would publish another epoch.
-                tracing::warn!(error = %e, "cannot make an NCCL id; GPU workers get no data group");
-                *self.ids.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                // Not again for a while: without ids every round would publish another epoch.
+                tracing::warn!(
+                    error = %e,
+                    pause = ?IDS_PAUSE,
+                    "cannot make an NCCL id; GPU workers get no data group"
+                );
+                *self
+                    .ids_paused_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + IDS_PAUSE);
                 None
             }
             None => None,
@@ -845,7 +938,8 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         layers: cfg.num_layers() as u32,
         experts: cfg.num_experts as u32,
         expert_bytes: per_expert,
-        ids: Mutex::new(crate::group::nccl_ids()),
+        ids: crate::group::nccl_ids(),
+        ids_paused_until: Mutex::new(None),
     };
     tokio::spawn(planner.run(stop.clone()));
 

@@ -28,6 +28,11 @@ pub fn idempotency_key(cluster: &str, key: &str) -> String {
 pub fn drain_prefix(cluster: &str) -> String {
     format!("/{cluster}/drain/")
 }
+/// Where a GPU worker says it could not join an epoch's data group: `{prefix}{member id}`,
+/// value the epoch. The coordinator answers with a new epoch (a fresh NCCL id).
+pub fn group_failed_prefix(cluster: &str) -> String {
+    format!("/{cluster}/data-group-failed/")
+}
 pub fn leader_key(cluster: &str) -> String {
     format!("/{cluster}/leader")
 }

@@ -510,7 +510,14 @@ async fn serve_on<B: Backend>(
     let data_task = serve(data_listener, host.handler());
 
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
-    let _group = crate::group::follow_on(a.device, &id, &view, stop.clone());
+    let _group = crate::group::follow_on(
+        a.device,
+        &id,
+        &view,
+        membership.client(),
+        &c.cluster,
+        stop.clone(),
+    );
     {
         let host = host.clone();
         let mut rx = view.subscribe();

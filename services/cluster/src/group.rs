@@ -53,13 +53,19 @@ pub struct GroupMember<T> {
     rx: watch::Receiver<Option<Arc<Joined<T>>>>,
 }
 
+/// Told when this worker could not join an epoch's group: (epoch, why). The cluster's report
+/// asks the coordinator for a new epoch (a fresh id), which every member joins again.
+pub type Report = Arc<dyn Fn(u64, String) + Send + Sync>;
+
 impl<T: Transport + 'static> GroupMember<T> {
-    /// Follows `plan` as member `me` until `stop`; each join and its check may take `timeout`.
+    /// Follows `plan` as member `me` until `stop`; each join, and the check after it, may take
+    /// `timeout`. A join still running when a newer plan arrives is abandoned for it.
     pub fn follow<J: Join<T = T>>(
         me: String,
         plan: &PlanView,
         join: J,
         timeout: Duration,
+        report: Report,
         stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = watch::channel(None);
@@ -79,6 +85,14 @@ impl<T: Transport + 'static> GroupMember<T> {
                         let joining = join_epoch(&me, p.epoch, rank, g, join.clone(), timeout);
                         let r = tokio::select! {
                             _ = stop.cancelled() => return,
+                            // Peers have moved on: this epoch's group cannot form. (A NCCL
+                            // init already under way keeps its thread until its own timeout;
+                            // what it builds is dropped.)
+                            c = plans.changed() => {
+                                if c.is_err() { return }
+                                tracing::info!(epoch = p.epoch, "a newer plan came while joining");
+                                continue;
+                            }
                             r = joining => r,
                         };
                         match r {
@@ -89,14 +103,20 @@ impl<T: Transport + 'static> GroupMember<T> {
                                     size = g.ranks.len(),
                                     "joined the data group"
                                 );
-                                tx.send_replace(Some(Arc::new(j)));
+                                // Not when a newer plan came meanwhile (taken up next).
+                                if plans.borrow().epoch == p.epoch {
+                                    tx.send_replace(Some(Arc::new(j)));
+                                }
                             }
-                            Err(e) => tracing::warn!(
-                                epoch = p.epoch,
-                                rank,
-                                error = %e,
-                                "cannot join the data group this epoch; tensors go over TCP"
-                            ),
+                            Err(e) => {
+                                tracing::warn!(
+                                    epoch = p.epoch,
+                                    rank,
+                                    error = %e,
+                                    "cannot join the data group this epoch; tensors go over TCP"
+                                );
+                                report(p.epoch, e);
+                            }
                         }
                         // A newer plan that came while joining is taken up now.
                         continue;
@@ -173,15 +193,42 @@ async fn join_epoch<J: Join>(
 }
 
 /// The workers a new epoch's data group holds: attention and expert workers on a GPU that are
-/// not draining, by member id.
+/// not draining, by member id. NCCL refuses two ranks on one GPU, so of the workers that name
+/// the same device on the same host (their control address's host) only the first by id is
+/// in the group; an id registered under two roles (two processes) is left out.
 pub fn gpu_workers(members: &[Member], draining: &HashSet<String>) -> Vec<String> {
-    let mut ids: Vec<String> = members
+    let mut gpu: Vec<&Member> = members
         .iter()
         .filter(|m| m.role != Role::Coordinator && m.on_gpu() && !draining.contains(&m.id))
-        .map(|m| m.id.clone())
         .collect();
-    ids.sort();
-    ids.dedup();
+    gpu.sort_by(|a, b| a.id.cmp(&b.id));
+    let twice: HashSet<&str> = gpu
+        .windows(2)
+        .filter(|w| w[0].id == w[1].id)
+        .map(|w| w[0].id.as_str())
+        .collect();
+    for id in &twice {
+        tracing::warn!(member = %id, "one id under two roles: left out of the data group");
+    }
+    gpu.retain(|m| !twice.contains(m.id.as_str()));
+    let host = |m: &Member| {
+        m.address
+            .rsplit_once(':')
+            .map_or(m.address.clone(), |(h, _)| h.to_string())
+    };
+    let mut devices = HashSet::new();
+    let mut ids: Vec<String> = Vec::new();
+    for m in gpu {
+        if !devices.insert((host(m), m.device.clone())) {
+            tracing::warn!(
+                member = %m.id,
+                device = %m.device,
+                "another worker on this host uses this GPU: left out of the data group"
+            );
+            continue;
+        }
+        ids.push(m.id.clone());
+    }
     ids
 }
 
@@ -198,12 +245,13 @@ pub fn nccl_ids() -> Option<IdSource> {
                 .map(|id| id.iter().map(|&b| format!("{:02x}", b as u8)).collect())
                 .map_err(|e| e.to_string())
         });
-        match make() {
-            Ok(_) => Some(make),
-            Err(e) => {
-                tracing::warn!(error = %e, "no NCCL here: GPU workers get no data group");
-                None
-            }
+        // Probed without making an id: each id starts a bootstrap listener in this process
+        // that waits for its ranks.
+        if ringbolt_transport::nccl::available() {
+            Some(make)
+        } else {
+            tracing::warn!("libnccl.so cannot be loaded: GPU workers get no data group");
+            None
         }
     }
     #[cfg(not(feature = "cuda"))]
@@ -216,10 +264,13 @@ pub const GROUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Starts following the data group for a worker computing on `device`: GPU workers of a
 /// `cuda` build join each epoch's NCCL group; anything else has none. Keep what it returns for
 /// as long as the worker runs.
+/// A join that failed is reported to the coordinator through etcd (`client`, `cluster`).
 pub fn follow_on(
     device: Device,
     me: &str,
     plan: &PlanView,
+    client: etcd_client::Client,
+    cluster: &str,
     stop: CancellationToken,
 ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
     match device {
@@ -233,14 +284,29 @@ pub fn follow_on(
                 timeout: GROUP_TIMEOUT,
             },
             GROUP_TIMEOUT,
+            report_to_etcd(client, cluster, me),
             stop,
         ))),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
-            let _ = (me, plan, stop);
+            let _ = (me, plan, client, cluster, stop);
             None
         }
     }
+}
+
+/// Reports a failed join at `{group_failed_prefix}{me}` (value: the epoch).
+pub fn report_to_etcd(client: etcd_client::Client, cluster: &str, me: &str) -> Report {
+    let key = format!("{}{me}", crate::etcd::group_failed_prefix(cluster));
+    let rt = tokio::runtime::Handle::current();
+    Arc::new(move |epoch, _why| {
+        let (mut c, key) = (client.clone(), key.clone());
+        rt.spawn(async move {
+            if let Err(e) = c.put(key, epoch.to_string(), None).await {
+                tracing::warn!(error = %e, "cannot report the failed join to the coordinator");
+            }
+        });
+    })
 }
 
 /// Joins NCCL communicators on GPU `ordinal` (the worker's `--device cuda:N`).
@@ -302,7 +368,20 @@ mod tests {
     struct LocalJoin {
         groups: Arc<Mutex<HashMap<String, Vec<Option<LocalTransport>>>>>,
         skew: usize,
-        fail: bool,
+        /// While set, every join fails.
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    type Told = Arc<Mutex<Vec<(u64, String)>>>;
+
+    /// A report that keeps what it is told.
+    fn reports() -> (Report, Told) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        (
+            Arc::new(move |e, why| g.lock().unwrap().push((e, why))),
+            got,
+        )
     }
 
     impl Join for LocalJoin {
@@ -314,7 +393,7 @@ mod tests {
             size: usize,
             id: &str,
         ) -> Result<LocalTransport, TransportError> {
-            if self.fail {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(TransportError::Closed);
             }
             let mut g = self.groups.lock().unwrap();
@@ -346,9 +425,13 @@ mod tests {
         let (tx, view) = PlanView::channel(plan(1, Some(("id1", &["a", "b", "c"]))));
         let stop = CancellationToken::new();
         let join = LocalJoin::default();
+        let (report, failed) = reports();
         let m: Vec<GroupMember<LocalTransport>> = ["a", "b", "c"]
             .iter()
-            .map(|id| GroupMember::follow(id.to_string(), &view, join.clone(), WAIT, stop.clone()))
+            .map(|id| {
+                let (j, r, s) = (join.clone(), report.clone(), stop.clone());
+                GroupMember::follow(id.to_string(), &view, j, WAIT, r, s)
+            })
             .collect();
         for (r, g) in m.iter().enumerate() {
             let j = g.joined(1, WAIT).await.expect("joined epoch 1");
@@ -372,6 +455,11 @@ mod tests {
         tx.send_replace(Arc::new(plan(3, None)));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(m.iter().all(|g| g.current().is_none()));
+        assert!(
+            failed.lock().unwrap().is_empty(),
+            "{:?}",
+            failed.lock().unwrap()
+        );
         stop.cancel();
     }
 
@@ -384,40 +472,84 @@ mod tests {
             ..Default::default()
         };
         let short = Duration::from_millis(300);
+        let (report, failed) = reports();
         let m: Vec<GroupMember<LocalTransport>> = ["a", "b"]
             .iter()
-            .map(|id| GroupMember::follow(id.to_string(), &view, join.clone(), short, stop.clone()))
+            .map(|id| {
+                let (j, r, s) = (join.clone(), report.clone(), stop.clone());
+                GroupMember::follow(id.to_string(), &view, j, short, r, s)
+            })
             .collect();
         for g in &m {
             assert!(g.joined(4, Duration::from_secs(1)).await.is_none());
         }
+        // Both joined (the transports came up) and the check refused them, saying why.
+        let failed = failed.lock().unwrap().clone();
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(
+            failed
+                .iter()
+                .all(|(e, why)| *e == 4 && why.contains("the plan of epoch 4 says")),
+            "{failed:?}"
+        );
         stop.cancel();
     }
 
     #[tokio::test]
-    async fn a_failed_join_leaves_no_group_and_the_next_epoch_retries() {
+    async fn a_failed_join_is_reported_and_the_next_epoch_joins() {
         let (tx, view) = PlanView::channel(plan(1, Some(("x", &["a"]))));
         let stop = CancellationToken::new();
-        let failing = GroupMember::follow(
-            "a".into(),
-            &view,
-            LocalJoin {
-                fail: true,
-                ..Default::default()
-            },
-            WAIT,
-            stop.clone(),
-        );
-        assert!(
-            failing
-                .joined(1, Duration::from_millis(300))
-                .await
-                .is_none()
-        );
-        let ok = GroupMember::follow("a".into(), &view, LocalJoin::default(), WAIT, stop.clone());
-        assert!(ok.joined(1, WAIT).await.is_some());
+        let join = LocalJoin::default();
+        join.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (report, failed) = reports();
+        let a = GroupMember::follow("a".into(), &view, join.clone(), WAIT, report, stop.clone());
+        assert!(a.joined(1, Duration::from_millis(300)).await.is_none());
+        assert_eq!(failed.lock().unwrap().first().map(|f| f.0), Some(1));
+        // The coordinator answers a report with a new epoch (a fresh id): the same member
+        // joins it.
+        join.fail.store(false, std::sync::atomic::Ordering::SeqCst);
         tx.send_replace(Arc::new(plan(2, Some(("y", &["a"])))));
-        assert_eq!(ok.joined(2, WAIT).await.map(|j| j.epoch), Some(2));
+        assert_eq!(a.joined(2, WAIT).await.map(|j| j.epoch), Some(2));
+        stop.cancel();
+    }
+
+    /// Joins whose group never forms for id `stuck` (a rank that never comes): they return
+    /// only after 3 s. Other ids join in process.
+    struct StuckOn(&'static str, LocalJoin);
+    impl Join for StuckOn {
+        type T = LocalTransport;
+        fn join(
+            &self,
+            epoch: u64,
+            rank: usize,
+            size: usize,
+            id: &str,
+        ) -> Result<LocalTransport, TransportError> {
+            if id == self.0 {
+                std::thread::sleep(Duration::from_secs(3));
+                return Err(TransportError::Closed);
+            }
+            self.1.join(epoch, rank, size, id)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_plan_abandons_a_join_under_way() {
+        let (tx, view) = PlanView::channel(plan(1, Some(("x", &["a", "b"]))));
+        let stop = CancellationToken::new();
+        let (report, failed) = reports();
+        let join = StuckOn("x", LocalJoin::default());
+        let a = GroupMember::follow("a".into(), &view, join, WAIT, report, stop.clone());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Epoch 2 replaces epoch 1 while `a` is still in epoch 1's init: it joins epoch 2
+        // without waiting that out (3 s).
+        tx.send_replace(Arc::new(plan(2, Some(("y", &["a"])))));
+        let j = a.joined(2, Duration::from_millis(1500)).await;
+        assert_eq!(j.map(|j| j.epoch), Some(2));
+        assert!(
+            failed.lock().unwrap().is_empty(),
+            "an abandoned join is no failure"
+        );
         stop.cancel();
     }
 
@@ -442,6 +574,25 @@ mod tests {
         ];
         let draining: HashSet<String> = ["x4".to_string()].into();
         assert_eq!(gpu_workers(&members, &draining), ["a1", "x2"]);
+        // Same host, same GPU: the second by id is left out. Another host's cuda:0 is not.
+        let at = |id: &str, role, device: &str, address: &str| Member {
+            address: address.into(),
+            ..m(id, role, device)
+        };
+        let shared = [
+            at("b", Role::ExpertWorker, "cuda:0", "10.0.0.1:7200"),
+            at("a", Role::AttentionWorker, "cuda:0", "10.0.0.1:7100"),
+            at("c", Role::ExpertWorker, "cuda:0", "10.0.0.2:7200"),
+            at("d", Role::ExpertWorker, "cuda:1", "10.0.0.1:7201"),
+        ];
+        assert_eq!(gpu_workers(&shared, &HashSet::new()), ["a", "c", "d"]);
+        // One id under two roles (two processes) cannot be one rank.
+        let twice = [
+            at("x", Role::ExpertWorker, "cuda:0", "10.0.0.1:1"),
+            at("x", Role::AttentionWorker, "cuda:1", "10.0.0.1:2"),
+            at("y", Role::ExpertWorker, "cuda:0", "10.0.0.2:1"),
+        ];
+        assert_eq!(gpu_workers(&twice, &HashSet::new()), ["y"]);
     }
 
     /// The coordinator's ids, from the real NCCL where the library loads (it needs no GPU).
