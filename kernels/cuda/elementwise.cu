@@ -78,6 +78,17 @@ RB_EXTERN void scatter_add_rows(float* __restrict__ out, const float* __restrict
     *o = acc;
 }
 
+// Row r of src (`width` values) rounded to bf16 at dst[r]: a decode step's keys or values
+// appended to each sequence's cache (dst[r] points at the cache's first free row).
+RB_EXTERN void cache_append_rows(const float* __restrict__ src,
+                                 const unsigned long long* __restrict__ dst, int count,
+                                 int width) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)count * width) return;
+    const size_t r = i / width, c = i % width;
+    reinterpret_cast<__nv_bfloat16*>(dst[r])[c] = __float2bfloat16_rn(src[i]);
+}
+
 RB_EXTERN void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = __float2bfloat16_rn(x[i]);

@@ -432,6 +432,62 @@ void rope_check(int t, int heads, int head_dim, int rotary_dim, long long pos0) 
           x, want, 1e-5);
 }
 
+// A decode step's RoPE: row r at positions[r], equal to rope_inplace on that row alone.
+void rope_rows_check(int heads, int head_dim, int rotary_dim) {
+    const int half = rotary_dim / 2;
+    const std::vector<long long> positions = {0, 7, 3, 4096, 1000003};
+    const int t = (int)positions.size(), w = heads * head_dim;
+    auto x = random((size_t)t * w, 1.0f);
+    std::vector<float> inv(half);
+    for (int j = 0; j < half; ++j) inv[j] = (float)(1.0 / std::pow(10000.0, 2.0 * j / rotary_dim));
+    std::vector<float> want = x;
+    for (int r = 0; r < t; ++r) {
+        const int n = heads * half;
+        rb_launch({(unsigned)((n + 255) / 256), 1, 1}, {256, 1, 1}, 0, [&] {
+            rope_inplace(want.data() + (size_t)r * w, inv.data(), 1, heads, head_dim, half,
+                         positions[r]);
+        });
+    }
+    const int n = t * heads * half;
+    rb_launch({(unsigned)((n + 255) / 256), 1, 1}, {256, 1, 1}, 0, [&] {
+        rope_rows(x.data(), inv.data(), positions.data(), t, heads, head_dim, half);
+    });
+    std::printf("%-58s %s\n", "rope_rows (per-row positions)",
+                x == want ? "ok    exact: rope_inplace row by row" : "FAIL  differs from rope_inplace row by row");
+    if (x != want) ++failures;
+}
+
+// A decode step's keys appended to each sequence's bf16 cache through a pointer array.
+void cache_append_rows_check(int count, int width) {
+    auto src = random((size_t)count * width, 3.0f);
+    std::vector<std::vector<__nv_bfloat16>> caches;
+    std::vector<size_t> lens;
+    for (int r = 0; r < count; ++r) {
+        lens.push_back((size_t)(r * 5 % 7) * width);  // rows already held, some none
+        caches.emplace_back(lens.back() + width + 3, __float2bfloat16_rn(-7.0f));
+    }
+    std::vector<unsigned long long> dst;
+    for (int r = 0; r < count; ++r)
+        dst.push_back((unsigned long long)(uintptr_t)(caches[r].data() + lens[r]));
+    const int n = count * width;
+    rb_launch({(unsigned)((n + 255) / 256), 1, 1}, {256, 1, 1}, 0,
+              [&] { cache_append_rows(src.data(), dst.data(), count, width); });
+    bool ok = true;
+    for (int r = 0; r < count; ++r)
+        for (size_t i = 0; i < caches[r].size(); ++i) {
+            const float got = __bfloat162float(caches[r][i]);
+            const bool row = i >= lens[r] && i < lens[r] + width;
+            const float want = row ? __bfloat162float(__float2bfloat16_rn(
+                                         src[(size_t)r * width + (i - lens[r])]))
+                                   : -7.0f;
+            ok = ok && got == want;
+        }
+    std::printf("%-58s %s\n", "cache_append_rows",
+                ok ? "ok    exact: each row at its cache's end, nothing else touched"
+                   : "FAIL  a row landed wrong or something else was written");
+    if (!ok) ++failures;
+}
+
 void swiglu_scatter_check(int rows, int inter) {
     auto h = random((size_t)rows * 2 * inter, 2.0f);
     std::vector<float> y((size_t)rows * inter, NAN);
@@ -560,6 +616,8 @@ int main() {
     rms_norm_check(2, 1000);
     route_check(70, 32, 2);
     rope_check(4, 2, 16, 8, 10);
+    rope_rows_check(3, 16, 8);
+    cache_append_rows_check(6, 40);
     swiglu_scatter_check(9, 40);
     elementwise_check();
     if (failures) {

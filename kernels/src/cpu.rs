@@ -303,6 +303,42 @@ fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
 /// and the state terms O(d), so a block near d is cheapest; results do not depend on it.
 pub const CPU_LIGHTNING_BLOCK: usize = 64;
 
+/// Rotary embeddings in place on `x` (`[rows, heads·head_dim]`), row `i` at `position(i)`.
+fn rope_rows(
+    x: &mut [f32],
+    heads: usize,
+    rope: RopeParams,
+    position: impl Fn(usize) -> usize + Sync,
+) {
+    let hd = rope.head_dim;
+    let half = rope.rotary_dim / 2;
+    if half == 0 || x.is_empty() {
+        return;
+    }
+    let inv = rope_inv_freq(rope);
+    x.par_chunks_mut(heads * hd)
+        .enumerate()
+        .for_each(|(i, row)| {
+            let p = position(i) as f32;
+            let cs: Vec<(f32, f32)> = inv
+                .iter()
+                .map(|&f| {
+                    let a = p * f; // f32 angle, one rounding, as the reference
+                    ((a as f64).cos() as f32, (a as f64).sin() as f32)
+                })
+                .collect();
+            for h in 0..heads {
+                let xh = &mut row[h * hd..(h + 1) * hd];
+                for (j, &(c, s)) in cs.iter().enumerate() {
+                    let a = xh[j];
+                    let b = xh[j + half];
+                    xh[j] = a * c - b * s;
+                    xh[j + half] = b * c + a * s;
+                }
+            }
+        });
+}
+
 /// `inv_freq[i] = 1 / θ^(2i/rotary_dim)` in f32, the reference's rounding.
 pub fn rope_inv_freq(rope: RopeParams) -> Vec<f32> {
     (0..rope.rotary_dim / 2)
@@ -951,34 +987,20 @@ impl Backend for Cpu {
         pos0: usize,
         rope: RopeParams,
     ) {
-        let hd = rope.head_dim;
-        assert_eq!(x.len(), t * heads * hd);
-        let half = rope.rotary_dim / 2;
-        if half == 0 {
-            return;
+        assert_eq!(x.len(), t * heads * rope.head_dim);
+        rope_rows(x, heads, rope, |i| pos0 + i);
+    }
+
+    fn rope_at(&self, x: &mut Vec<f32>, heads: usize, positions: &[usize], rope: RopeParams) {
+        assert_eq!(x.len(), positions.len() * heads * rope.head_dim);
+        rope_rows(x, heads, rope, |i| positions[i]);
+    }
+
+    fn cache_append_rows(&self, caches: &mut [&mut Vec<f32>], src: &Vec<f32>, width: usize) {
+        assert_eq!(src.len(), caches.len() * width);
+        for (c, row) in caches.iter_mut().zip(src.chunks_exact(width.max(1))) {
+            c.extend_from_slice(row);
         }
-        let inv = rope_inv_freq(rope);
-        x.par_chunks_mut(heads * hd)
-            .enumerate()
-            .for_each(|(i, row)| {
-                let p = (pos0 + i) as f32;
-                let cs: Vec<(f32, f32)> = inv
-                    .iter()
-                    .map(|&f| {
-                        let a = p * f; // f32 angle, one rounding, as the reference
-                        ((a as f64).cos() as f32, (a as f64).sin() as f32)
-                    })
-                    .collect();
-                for h in 0..heads {
-                    let xh = &mut row[h * hd..(h + 1) * hd];
-                    for (j, &(c, s)) in cs.iter().enumerate() {
-                        let a = xh[j];
-                        let b = xh[j + half];
-                        xh[j] = a * c - b * s;
-                        xh[j + half] = b * c + a * s;
-                    }
-                }
-            });
     }
 
     fn attention(

@@ -289,6 +289,8 @@ mod tests {
             "swiglu",
             "scatter_add_rows",
             "rope_inplace",
+            "rope_rows",
+            "cache_append_rows",
             "route_topk",
             "lightning_prefill",
             "lightning_block_kv",

@@ -203,6 +203,32 @@ impl CudaBackend {
             .unwrap_or_else(|e| fail("upload", e))
     }
 
+    /// Makes room in `cache` for `need` values, keeping its contents. A prompt's first chunk
+    /// is sized exactly; later growth is by a quarter, which keeps copies amortised O(1) per
+    /// value and the slack at most 25%.
+    fn reserve(&self, cache: &mut GpuCache, need: usize) {
+        let cap = cache.data.as_ref().map(|d| d.len()).unwrap_or(0);
+        if need <= cap {
+            return;
+        }
+        let new_cap = if cap == 0 {
+            need
+        } else {
+            need.max(cap + cap / 4).max(1024)
+        };
+        let mut grown = self
+            .stream
+            .alloc_zeros::<bf16>(new_cap)
+            .unwrap_or_else(|e| fail("alloc", e));
+        if let Some(old) = cache.data.take().filter(|_| cache.len > 0) {
+            let mut dst = grown.slice_mut(0..cache.len);
+            self.stream
+                .memcpy_dtod(&old.slice(0..cache.len), &mut dst)
+                .unwrap_or_else(|e| fail("copy", e));
+        }
+        cache.data = Some(grown);
+    }
+
     /// Copies `src` into `dst` at element `at`.
     fn copy_into(&self, dst: &mut CudaSlice<f32>, at: usize, src: &GpuBuf) {
         if let Some(v) = src.view() {
@@ -619,27 +645,7 @@ impl Backend for CudaBackend {
 
     fn cache_append(&self, cache: &mut GpuCache, src: &GpuBuf) {
         let need = cache.len + src.len;
-        let cap = cache.data.as_ref().map(|d| d.len()).unwrap_or(0);
-        if need > cap {
-            // The first append (a prompt's chunk) is sized exactly; later ones grow by a
-            // quarter, which keeps copies amortised O(1) per value and the slack at most 25%.
-            let new_cap = if cap == 0 {
-                need
-            } else {
-                need.max(cap + cap / 4).max(1024)
-            };
-            let mut grown = self
-                .stream
-                .alloc_zeros::<bf16>(new_cap)
-                .unwrap_or_else(|e| fail("alloc", e));
-            if let Some(old) = cache.data.take().filter(|_| cache.len > 0) {
-                let mut dst = grown.slice_mut(0..cache.len);
-                self.stream
-                    .memcpy_dtod(&old.slice(0..cache.len), &mut dst)
-                    .unwrap_or_else(|e| fail("copy", e));
-            }
-            cache.data = Some(grown);
-        }
+        self.reserve(cache, need);
         if let (Some(d), Some(v)) = (cache.data.as_mut(), src.view()) {
             let n = src.len;
             let mut dst = d.slice_mut(cache.len..need);
@@ -649,6 +655,37 @@ impl Backend for CudaBackend {
             unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail("f32_to_bf16", e));
         }
         cache.len = need;
+    }
+
+    fn cache_append_rows(&self, caches: &mut [&mut GpuCache], src: &GpuBuf, width: usize) {
+        let count = caches.len();
+        assert_eq!(src.len, count * width);
+        let Some(sd) = src.data.as_ref().filter(|_| count > 0 && width > 0) else {
+            return;
+        };
+        // The guards record each cache's use on the stream when dropped: after the launch.
+        let mut ptrs = Vec::with_capacity(count);
+        let mut _cache_guards = Vec::with_capacity(count);
+        for c in caches.iter_mut() {
+            let at = c.len;
+            self.reserve(c, at + width);
+            c.len = at + width;
+            let d = c.data.as_mut().expect("reserved above");
+            let (p, g) = d.device_ptr_mut(&self.stream);
+            ptrs.push(p + (at * std::mem::size_of::<bf16>()) as u64);
+            _cache_guards.push(g);
+        }
+        let ptrs = self
+            .stream
+            .clone_htod(&ptrs)
+            .unwrap_or_else(|e| fail("upload", e));
+        let (ci, wi) = (count as i32, width as i32);
+        let mut b = self.stream.launch_builder(self.f("cache_append_rows"));
+        b.arg(sd).arg(&ptrs).arg(&ci).arg(&wi);
+        // SAFETY: src holds count rows of width; each pointer is a cache's first free row with
+        // room for width values (reserved above), borrowed mutably for this call.
+        unsafe { b.launch(grid(count * width, 256)) }
+            .unwrap_or_else(|e| fail("cache_append_rows", e));
     }
 
     fn cache_len(&self, cache: &GpuCache) -> usize {
@@ -943,6 +980,33 @@ impl Backend for CudaBackend {
                 .arg(&p0);
             unsafe { b.launch(grid(t * heads * half, 256)) }
                 .unwrap_or_else(|e| fail("rope_inplace", e));
+        }
+    }
+
+    fn rope_at(&self, x: &mut GpuBuf, heads: usize, positions: &[usize], rope: RopeParams) {
+        let (t, half) = (positions.len(), rope.rotary_dim / 2);
+        assert_eq!(x.len, t * heads * rope.head_dim);
+        if half == 0 || t == 0 {
+            return;
+        }
+        let inv = self.floats(&rope_inv_freq(rope));
+        let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+        let pd = self
+            .stream
+            .clone_htod(&pos)
+            .unwrap_or_else(|e| fail("upload", e));
+        if let Some(xd) = x.data.as_mut() {
+            let (ti, hi, hd, hf) = (t as i32, heads as i32, rope.head_dim as i32, half as i32);
+            let mut b = self.stream.launch_builder(self.f("rope_rows"));
+            b.arg(xd)
+                .arg(&inv)
+                .arg(&pd)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&hd)
+                .arg(&hf);
+            unsafe { b.launch(grid(t * heads * half, 256)) }
+                .unwrap_or_else(|e| fail("rope_rows", e));
         }
     }
 

@@ -224,6 +224,35 @@ pub trait Backend: Send + Sync + 'static {
         rope: RopeParams,
     );
 
+    /// Rotary embeddings in place for rows at any positions: row `i` of `x` (`[rows,
+    /// heads·head_dim]`) at absolute position `positions[i]` (a decode step: one row per
+    /// sequence). The default runs [`rope_inplace`](Self::rope_inplace) per row; a GPU does
+    /// every row in one launch.
+    fn rope_at(&self, x: &mut Self::Buf, heads: usize, positions: &[usize], rope: RopeParams) {
+        let w = heads * rope.head_dim;
+        assert_eq!(self.len(x), positions.len() * w);
+        let parts: Vec<Self::Buf> = positions
+            .iter()
+            .enumerate()
+            .map(|(i, &pos)| {
+                let mut r = self.rows(x, i, 1, w);
+                self.rope_inplace(&mut r, 1, heads, pos, rope);
+                r
+            })
+            .collect();
+        *x = self.concat_rows(&parts);
+    }
+
+    /// Appends row `i` of `src` (`[caches.len(), width]`) to `caches[i]`: a decode step's keys
+    /// or values, one row per sequence. The default appends one cache at a time; a GPU copies
+    /// every row in one launch.
+    fn cache_append_rows(&self, caches: &mut [&mut Self::Cache], src: &Self::Buf, width: usize) {
+        assert_eq!(self.len(src), caches.len() * width);
+        for (i, c) in caches.iter_mut().enumerate() {
+            self.cache_append(c, &self.rows(src, i, 1, width));
+        }
+    }
+
     /// Causal softmax attention of `t` queries at absolute positions `pos0..pos0+t` over the
     /// first `pos0 + t` keys of the caches (`[len, kv_heads·d]`). Scale `1/sqrt(d)`.
     fn attention(

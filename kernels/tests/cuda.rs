@@ -501,15 +501,35 @@ fn batched_decode_attention_matches_the_cpu() {
         .collect();
     let cpu: Vec<(&Vec<f32>, &Vec<f32>)> = kv.iter().map(|(k, v)| (k, v)).collect();
     let want = Cpu.attention_decode(&q, &cpu, &positions, shape);
-    let caches: Vec<_> = kv
+    // Every key and value but the last by cache_append (none for the one-key sequence), the
+    // last of all sequences at once by cache_append_rows, as a decode step appends them.
+    let mut caches: Vec<_> = kv
         .iter()
         .map(|(k, v)| {
             let (mut kc, mut vc) = (b.new_cache(), b.new_cache());
-            b.cache_append(&mut kc, &b.upload(k));
-            b.cache_append(&mut vc, &b.upload(v));
+            if k.len() > w {
+                b.cache_append(&mut kc, &b.upload(&k[..k.len() - w]));
+                b.cache_append(&mut vc, &b.upload(&v[..v.len() - w]));
+            }
             (kc, vc)
         })
         .collect();
+    let last = |which: usize| -> Vec<f32> {
+        kv.iter()
+            .flat_map(|kv| {
+                let x = if which == 0 { &kv.0 } else { &kv.1 };
+                x[x.len() - w..].to_vec()
+            })
+            .collect()
+    };
+    {
+        let (mut ks, mut vs): (Vec<_>, Vec<_>) = caches.iter_mut().map(|(k, v)| (k, v)).unzip();
+        b.cache_append_rows(&mut ks, &b.upload(&last(0)), w);
+        b.cache_append_rows(&mut vs, &b.upload(&last(1)), w);
+    }
+    for ((k, v), &p) in caches.iter().zip(&positions) {
+        assert_eq!((b.cache_len(k), b.cache_len(v)), ((p + 1) * w, (p + 1) * w));
+    }
     let refs: Vec<_> = caches.iter().map(|(k, v)| (k, v)).collect();
     let got = b.attention_decode(&b.upload(&q), &refs, &positions, shape);
     assert_within(
@@ -656,4 +676,22 @@ fn scatter_add_adds_repeated_rows_in_order() {
     let mut got = b.upload(&base);
     b.scatter_add_rows(&mut got, &b.upload(&y), &ids, &weights, width);
     assert_close(&b.download(&got), &Cpu.download(&want), "scatter_add_rows");
+}
+
+#[test]
+fn rope_at_per_row_positions_matches_the_cpu() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(12);
+    let rope = RopeParams {
+        head_dim: 128,
+        rotary_dim: 64,
+        theta: 10_000_000.0,
+    };
+    let (heads, positions) = (8, [0usize, 5, 4095, 1_000_000, 17]);
+    let x = rand_vec(&mut rng, positions.len() * heads * 128, 1.0);
+    let mut want = x.clone();
+    Cpu.rope_at(&mut want, heads, &positions, rope);
+    let mut got = b.upload(&x);
+    b.rope_at(&mut got, heads, &positions, rope);
+    assert_close(&b.download(&got), &want, "rope_at");
 }

@@ -607,34 +607,26 @@ impl<B: Backend> Model<B> {
                     kv_heads: nkv,
                     head_dim: d,
                 };
-                let decode = seqs.len() > 1 && seqs.iter().all(|(_, _, n)| *n == 1);
-                let mut parts = Vec::with_capacity(spans.len());
-                for (i, (st, pos0, n)) in seqs.iter_mut().enumerate() {
-                    let (n, pos0) = (*n, *pos0);
-                    let LayerCache::Softmax { k: kc, v: vc } = &mut st.layers[l] else {
-                        unreachable!("cache kinds follow the config's layer kinds")
-                    };
-                    let mut qs =
-                        per_seq(&qa, nh * d, i).unwrap_or_else(|| b.rows(&qa, 0, n, nh * d));
-                    let mut ks =
-                        per_seq(&ka, nkv * d, i).unwrap_or_else(|| b.rows(&ka, 0, n, nkv * d));
-                    b.rope_inplace(&mut qs, n, nh, pos0, rope);
-                    b.rope_inplace(&mut ks, n, nkv, pos0, rope);
-                    b.cache_append(kc, &ks);
-                    match per_seq(&va, nkv * d, i) {
-                        Some(vs) => b.cache_append(vc, &vs),
-                        None => b.cache_append(vc, &va),
-                    }
-                    if decode {
-                        // The queries wait for one attention call over every sequence.
-                        parts.push(qs);
-                    } else {
-                        parts.push(b.attention(&qs, n, kc, vc, pos0, shape));
-                    }
-                }
-                let att = if decode {
-                    let q = b.concat_rows(&parts);
+                let att = if seqs.len() > 1 && seqs.iter().all(|(_, _, n)| *n == 1) {
+                    // A decode step of several sequences: row s is sequence s's token; RoPE,
+                    // the cache appends and attention each take one call for all of them.
                     let positions: Vec<usize> = seqs.iter().map(|(_, pos0, _)| *pos0).collect();
+                    let (mut qa, mut ka) = (qa, ka);
+                    b.rope_at(&mut qa, nh, &positions, rope);
+                    b.rope_at(&mut ka, nkv, &positions, rope);
+                    {
+                        let (mut kcs, mut vcs): (Vec<&mut B::Cache>, Vec<&mut B::Cache>) = seqs
+                            .iter_mut()
+                            .map(|(st, _, _)| match &mut st.layers[l] {
+                                LayerCache::Softmax { k, v } => (k, v),
+                                LayerCache::Lightning(_) => {
+                                    unreachable!("cache kinds follow the config's layer kinds")
+                                }
+                            })
+                            .unzip();
+                        b.cache_append_rows(&mut kcs, &ka, nkv * d);
+                        b.cache_append_rows(&mut vcs, &va, nkv * d);
+                    }
                     let caches: Vec<(&B::Cache, &B::Cache)> = seqs
                         .iter()
                         .map(|(st, _, _)| match &st.layers[l] {
@@ -644,11 +636,32 @@ impl<B: Backend> Model<B> {
                             }
                         })
                         .collect();
-                    b.attention_decode(&q, &caches, &positions, shape)
-                } else if parts.len() == 1 {
-                    parts.pop().unwrap_or_else(|| b.zeros(0))
+                    b.attention_decode(&qa, &caches, &positions, shape)
                 } else {
-                    b.concat_rows(&parts)
+                    let mut parts = Vec::with_capacity(spans.len());
+                    for (i, (st, pos0, n)) in seqs.iter_mut().enumerate() {
+                        let (n, pos0) = (*n, *pos0);
+                        let LayerCache::Softmax { k: kc, v: vc } = &mut st.layers[l] else {
+                            unreachable!("cache kinds follow the config's layer kinds")
+                        };
+                        let mut qs =
+                            per_seq(&qa, nh * d, i).unwrap_or_else(|| b.rows(&qa, 0, n, nh * d));
+                        let mut ks =
+                            per_seq(&ka, nkv * d, i).unwrap_or_else(|| b.rows(&ka, 0, n, nkv * d));
+                        b.rope_inplace(&mut qs, n, nh, pos0, rope);
+                        b.rope_inplace(&mut ks, n, nkv, pos0, rope);
+                        b.cache_append(kc, &ks);
+                        match per_seq(&va, nkv * d, i) {
+                            Some(vs) => b.cache_append(vc, &vs),
+                            None => b.cache_append(vc, &va),
+                        }
+                        parts.push(b.attention(&qs, n, kc, vc, pos0, shape));
+                    }
+                    if parts.len() == 1 {
+                        parts.pop().unwrap_or_else(|| b.zeros(0))
+                    } else {
+                        b.concat_rows(&parts)
+                    }
                 };
                 b.linear(&att, o, rows, nh * d, hsz)
             }
