@@ -19,7 +19,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const MAGIC: u32 = u32::from_le_bytes(*b"RBX1");
+/// Changes with the payloads' layout (RBX2: expert requests say their value type), so peers
+/// of two versions refuse each other's frames instead of misreading them.
+const MAGIC: u32 = u32::from_le_bytes(*b"RBX2");
 const HEADER: usize = 32;
 /// Largest payload accepted: a bound on what a corrupt or hostile peer can make us allocate.
 pub const MAX_PAYLOAD: u64 = 1 << 32;
@@ -89,7 +91,10 @@ async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
     if magic != MAGIC {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("not a Ringbolt exchange frame (magic {magic:#x})"),
+            format!(
+                "not a Ringbolt exchange frame of this version (magic {magic:#x}, want {MAGIC:#x}: \
+                 are the workers of one release?)"
+            ),
         ));
     }
     let len = word(24);

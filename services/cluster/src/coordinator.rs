@@ -511,6 +511,7 @@ impl Planner {
                             address: w.address.clone(),
                             data_address: w.data_address.clone(),
                             experts: a.get(&w.id).cloned().unwrap_or_default(),
+                            device: w.device.clone(),
                         },
                     )
                 })

@@ -4,7 +4,7 @@
 
 use crate::etcd::{PlanView, drain_prefix};
 use crate::plan::{Plan, Slot};
-use crate::wire::{ExpertRequest, f32_bytes};
+use crate::wire::{ExpertRequest, value_bytes};
 use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
 use bytes::Bytes;
 use clap::Args;
@@ -339,7 +339,7 @@ impl<B: Backend> ExpertHost<B> {
                     let s = at[&(r, g)];
                     out.extend_from_slice(&y[s * h..(s + ids.len()) * h]);
                 }
-                (*i, f32_bytes(&out))
+                (*i, value_bytes(&out, p.req.dtype))
             })
             .collect()
     }
@@ -623,6 +623,7 @@ mod tests {
             hidden: h as u32,
             groups,
             x,
+            dtype: crate::wire::Dtype::F32,
         }
         .encode()
     }
@@ -659,6 +660,7 @@ mod tests {
                     address: String::new(),
                     data_address: String::new(),
                     experts: slots,
+                    device: String::new(),
                 },
             )]
             .into(),

@@ -12,6 +12,10 @@ pub struct WorkerPlace {
     pub data_address: String,
     /// Experts this worker holds in this epoch.
     pub experts: Vec<Slot>,
+    /// The device it computes on (`cpu`, `cuda:N`; empty: cpu): requests to a GPU worker
+    /// carry bf16 rows.
+    #[serde(default)]
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +90,7 @@ mod tests {
                 address: "x".into(),
                 data_address: "y".into(),
                 experts: vec![(0, 0), (0, 1)],
+                device: String::new(),
             },
         );
         assert!(p.complete(1, 2));

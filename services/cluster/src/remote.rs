@@ -8,7 +8,7 @@
 //! so the engine computes another micro-batch's attention while the experts work.
 
 use crate::etcd::PlanView;
-use crate::wire::{ExpertRequest, f32s};
+use crate::wire::{Dtype, ExpertRequest, values};
 use bytes::Bytes;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, Routing};
@@ -135,20 +135,23 @@ impl RemoteExperts {
                 hidden: h as u32,
                 groups,
                 x: xs,
+                dtype: Dtype::for_device(&place.device),
             };
-            calls.push((addr, experts.clone(), req.encode()));
+            calls.push((addr, experts.clone(), req.dtype, req.encode()));
         }
         let epoch = plan.epoch;
         Ok(Attempt {
             calls: calls
                 .into_iter()
-                .map(|(addr, experts, body): (SocketAddr, Vec<usize>, Bytes)| {
-                    let client = self.client.clone();
-                    let task = self
-                        .rt
-                        .spawn(async move { client.call(addr, epoch, &body).await });
-                    (addr, experts, task)
-                })
+                .map(
+                    |(addr, experts, dtype, body): (SocketAddr, Vec<usize>, Dtype, Bytes)| {
+                        let client = self.client.clone();
+                        let task = self
+                            .rt
+                            .spawn(async move { client.call(addr, epoch, &body).await });
+                        (addr, experts, dtype, task)
+                    },
+                )
                 .collect(),
         })
     }
@@ -163,23 +166,26 @@ impl RemoteExperts {
         let (meta, tasks): (Vec<_>, Vec<_>) = attempt
             .calls
             .into_iter()
-            .map(|(addr, experts, task)| ((addr, experts), task))
+            .map(|(addr, experts, dtype, task)| ((addr, experts, dtype), task))
             .unzip();
         let answers = self.rt.block_on(futures::future::join_all(tasks));
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); buckets.len()];
-        for ((addr, experts), ans) in meta.iter().zip(answers) {
+        for ((addr, experts, dtype), ans) in meta.iter().zip(answers) {
             let ans = ans.map_err(|e| ExchangeError::Peer {
                 peer: *addr,
                 msg: format!("the request task failed: {e}"),
             })??;
-            let vals = f32s(&ans);
             let want: usize = experts.iter().map(|&e| buckets[e].0.len() * h).sum();
-            if vals.len() != want {
+            if ans.len() != want * dtype.size() {
                 return Err(ExchangeError::Peer {
                     peer: *addr,
-                    msg: format!("answered {} values, expected {want}", vals.len()),
+                    msg: format!(
+                        "answered {} bytes, expected {want} {dtype:?} values",
+                        ans.len()
+                    ),
                 });
             }
+            let vals = values(&ans, *dtype);
             let mut at = 0;
             for &e in experts {
                 let n = buckets[e].0.len() * h;
@@ -191,12 +197,14 @@ impl RemoteExperts {
     }
 }
 
-/// The requests of one attempt at a layer step, in flight: (peer, its experts, the call).
+/// The requests of one attempt at a layer step, in flight: (peer, its experts, how the values
+/// travel, the call).
 struct Attempt {
     #[allow(clippy::type_complexity)]
     calls: Vec<(
         SocketAddr,
         Vec<usize>,
+        Dtype,
         JoinHandle<Result<Bytes, ExchangeError>>,
     )>,
 }

@@ -50,6 +50,7 @@ async fn place(hosts: &[Host], epoch: u64, assign: &BTreeMap<String, Vec<Slot>>)
                 address: String::new(),
                 data_address: h.data.clone(),
                 experts: slots,
+                device: String::new(),
             },
         );
     }
@@ -237,4 +238,66 @@ async fn remote_experts_match_the_engine_and_resend_after_a_plan_change() {
         "the refused step was re-sent once per micro-batch, counted once: {resent}"
     );
     drop(plan1);
+}
+
+/// Expert workers on a GPU get bf16 rows and answer in bf16 (they round GEMM inputs to bf16
+/// anyway). Stood in for here by a CPU host that the plan says is on `cuda:0`: the logits then
+/// differ from the f32 engine by the bf16 rounding of the experts' inputs and outputs, where
+/// the f32 exchange matches it exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_expert_workers_exchange_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Preset::Tiny.config();
+    write_random_checkpoint(&cfg, 12, WeightDtype::F32, dir.path(), None).unwrap();
+    let (layers, experts) = (cfg.num_layers() as u32, cfg.num_experts as u32);
+    let hosts = vec![start_host(dir.path(), "g").await];
+    let all: BTreeMap<String, Vec<Slot>> = [(
+        "g".to_string(),
+        (0..layers)
+            .flat_map(|l| (0..experts).map(move |e| (l, e)))
+            .collect(),
+    )]
+    .into();
+    let f32_plan = place(&hosts, 1, &all).await;
+    let mut plan = f32_plan.clone();
+    for w in plan.workers.values_mut() {
+        w.device = "cuda:0".into();
+    }
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let full = Arc::new(Model::load(&ckpt, Cpu).unwrap());
+    let attn = Arc::new(Model::load_parts(&ckpt, Cpu, false).unwrap());
+    let executor = |p: Plan| {
+        Arc::new(RemoteExperts::new(
+            PlanView::fixed(p),
+            tokio::runtime::Handle::current(),
+            cfg.num_experts,
+            cfg.hidden_size,
+            Duration::from_secs(10),
+            Duration::from_secs(20),
+        ))
+    };
+    let (remote, remote_f32) = (executor(plan), executor(f32_plan));
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 29 % 500) as u32).collect();
+    let run = |m: Arc<Model<Cpu>>, r: Option<Arc<RemoteExperts>>, p: Vec<u32>| {
+        tokio::task::spawn_blocking(move || {
+            let ex = r
+                .as_deref()
+                .map(|x| x as &dyn ringbolt_model::ExpertExecutor<Cpu>);
+            m.forward_batch_with(&mut [(&mut m.new_state(), &p[..])], Logits::All, ex)
+                .unwrap()
+                .pop()
+                .unwrap()
+        })
+    };
+    let want = run(full, None, prompt.clone()).await.unwrap();
+    let f32s = run(attn.clone(), Some(remote_f32), prompt.clone()).await.unwrap();
+    let got = run(attn, Some(remote.clone()), prompt).await.unwrap();
+    // The f32 exchange computes exactly what the engine does; bf16 differs (it ran), a little.
+    assert_eq!(rel_err(&f32s, &want), 0.0);
+    let e = rel_err(&got, &want);
+    assert!(
+        e > 0.0 && e <= 3e-2,
+        "bf16 exchange: logits differ from the engine's by {e}"
+    );
+    assert_eq!(remote.counts().steps, layers as u64);
 }
