@@ -42,6 +42,9 @@ cargo build --profile test -p ringbolt --features cuda
 LD_LIBRARY_PATH="$PWD/$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   target/debug/ringbolt kernels compile --arch sm_90 --cuda-include "$NVRTC/nvidia/cu13/include"
 
+# The Helm chart renders, and every manifest runs a real role with settings it accepts.
+scripts/check-helm.sh target/debug/ringbolt
+
 # The coordinator of a `cuda` build hands GPU workers a fresh NCCL unique id every plan epoch
 # (ncclGetUniqueId needs the library, not a GPU): NCCL from NVIDIA's PyPI wheel.
 NCCL=target/nccl

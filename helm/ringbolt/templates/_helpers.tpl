@@ -1,0 +1,91 @@
+{{/* Names and labels. */}}
+{{- define "ringbolt.fullname" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ringbolt.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "ringbolt.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "ringbolt.image" -}}
+{{- $repo := required "image.repository is required: an image with `ringbolt` built with --features cuda (docs/DEPLOY.md)" .Values.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "ringbolt.etcdEndpoints" -}}
+{{- if .Values.etcd.endpoints -}}
+{{- .Values.etcd.endpoints -}}
+{{- else -}}
+{{- printf "http://%s-etcd:2379" (include "ringbolt.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment every Ringbolt role shares: where the checkpoint and etcd are, the cluster name,
+the member id (the pod's name: a pod restarted in place is the same member) and the address
+the others reach it at (the pod's IP).
+*/}}
+{{- define "ringbolt.commonEnv" -}}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: POD_IP
+  valueFrom: {fieldRef: {fieldPath: status.podIP}}
+- name: RINGBOLT_ID
+  value: $(POD_NAME)
+- name: RINGBOLT_CHECKPOINT
+  value: {{ .Values.checkpoint.mountPath | quote }}
+- name: RINGBOLT_ETCD
+  value: {{ include "ringbolt.etcdEndpoints" . | quote }}
+- name: RINGBOLT_CLUSTER
+  value: {{ .Values.cluster | quote }}
+- name: RINGBOLT_LEASE_TTL_SECS
+  value: {{ .Values.leaseTtlSecs | quote }}
+{{- range $k, $v := .Values.env }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- range $k, $v := .Values.nccl.env }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "ringbolt.checkpointVolume" -}}
+- name: checkpoint
+{{- if .Values.checkpoint.claimName }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.checkpoint.claimName }}
+    readOnly: true
+{{- else if .Values.checkpoint.hostPath }}
+  hostPath:
+    path: {{ .Values.checkpoint.hostPath }}
+    type: Directory
+{{- else }}
+{{- fail "set checkpoint.claimName (a PVC readable from many nodes) or checkpoint.hostPath: every pod reads the checkpoint" }}
+{{- end }}
+{{- end -}}
+
+{{- define "ringbolt.checkpointMount" -}}
+- name: checkpoint
+  mountPath: {{ .Values.checkpoint.mountPath }}
+  readOnly: true
+{{- end -}}
+
+{{/* A GPU worker's resources: its requests, and its GPUs as limits. */}}
+{{- define "ringbolt.workerResources" -}}
+{{- $r := deepCopy .w.resources -}}
+{{- if and (hasPrefix "cuda" .w.device) (gt (int .w.gpus) 0) -}}
+{{- $_ := set $r "limits" (merge (default dict $r.limits) (dict "nvidia.com/gpu" .w.gpus)) -}}
+{{- end -}}
+{{- toYaml $r -}}
+{{- end -}}
