@@ -84,11 +84,14 @@ fn first_error_line(log: &str) -> Option<usize> {
     })
 }
 
-/// Include directories: `explicit` if given, else `$CUDA_HOME/include`, else
-/// `/usr/local/cuda/include` when it exists.
+/// Include directories: `explicit` if given, else `$RINGBOLT_CUDA_INCLUDE`, else
+/// `$CUDA_HOME/include`, else `/usr/local/cuda/include` when it exists.
 pub fn include_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
     if let Some(p) = explicit {
         return vec![p.to_path_buf()];
+    }
+    if let Some(p) = std::env::var_os("RINGBOLT_CUDA_INCLUDE").filter(|p| !p.is_empty()) {
+        return vec![PathBuf::from(p)];
     }
     let mut v = Vec::new();
     if let Some(h) = std::env::var_os("CUDA_HOME") {

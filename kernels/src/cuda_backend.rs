@@ -104,6 +104,37 @@ fn fail(what: &str, e: impl std::fmt::Debug) -> ! {
     panic!("CUDA {what}: {e:?}")
 }
 
+/// Device memory freed back to the device's default pool stays there for the next allocation
+/// instead of going back to the driver at every synchronisation (the pool's default release
+/// threshold is 0): each decode step, which ends in one, would otherwise map its buffers anew.
+/// Best effort: a failure costs speed, not correctness.
+fn keep_pool_memory(ordinal: usize) {
+    use cudarc::driver::sys;
+    let r = unsafe {
+        let mut dev: sys::CUdevice = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut keep: u64 = u64::MAX;
+        let a = sys::cuDeviceGet(&mut dev, ordinal as i32);
+        if a != sys::CUresult::CUDA_SUCCESS {
+            a
+        } else {
+            let b = sys::cuDeviceGetDefaultMemPool(&mut pool, dev);
+            if b != sys::CUresult::CUDA_SUCCESS {
+                b
+            } else {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut std::ffi::c_void,
+                )
+            }
+        }
+    };
+    if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        tracing::warn!(ordinal, result = ?r, "could not keep freed memory in the device's pool");
+    }
+}
+
 fn grid(n: usize, per: u32) -> LaunchConfig {
     let blocks = u32::try_from(n.div_ceil(per as usize))
         .unwrap_or_else(|_| panic!("{n} elements need more than 2^32 thread blocks"));
@@ -142,6 +173,7 @@ impl CudaBackend {
                 funcs.insert(k, f);
             }
         }
+        keep_pool_memory(ordinal);
         let stream = ctx
             .new_stream()
             .map_err(|e| CudaError::Driver(format!("{e:?}")))?;

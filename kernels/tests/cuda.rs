@@ -32,16 +32,27 @@ struct Gpu {
     funcs: HashMap<String, CudaFunction>,
 }
 
+/// Skips a test on a machine without a GPU (or NVRTC), saying why; with `RINGBOLT_REQUIRE_GPU`
+/// set (scripts/gpu-check.sh on the GPU machine) that is a failure instead, so a test run there
+/// cannot pass by skipping.
+fn skip(why: &str) {
+    assert!(
+        std::env::var_os("RINGBOLT_REQUIRE_GPU").is_none(),
+        "RINGBOLT_REQUIRE_GPU is set but this test cannot run: {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
 /// The GPU with every kernel loaded, or None (and why) when this machine cannot run them.
 fn gpu() -> Option<Gpu> {
     match cuda::device_count() {
         Ok(n) if n > 0 => {}
         Ok(_) => {
-            eprintln!("skipped: no CUDA device");
+            skip("no CUDA device");
             return None;
         }
         Err(e) => {
-            eprintln!("skipped: {e}");
+            skip(&e.to_string());
             return None;
         }
     }
@@ -60,7 +71,7 @@ fn gpu() -> Option<Gpu> {
         let c = match cuda::compile_module(m, s, &arch, &include, true) {
             Ok(c) => c,
             Err(cuda::CudaError::NoNvrtc) => {
-                eprintln!("skipped: no NVRTC");
+                skip("no NVRTC");
                 return None;
             }
             Err(e) => panic!("{e}"),

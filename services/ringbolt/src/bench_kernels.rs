@@ -81,17 +81,27 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
         });
         v
     };
-    // Seconds per call: one warm-up call, then `iters` calls between stream synchronisations.
-    let time = |iters: usize, f: &mut dyn FnMut()| -> f64 {
+    // Seconds per call, (median, min) over `reps` timings of `iters` calls each between stream
+    // synchronisations, after two warm-up calls (module loads, the memory pool's first growth).
+    let time = |iters: usize, reps: usize, f: &mut dyn FnMut()| -> (f64, f64) {
+        f();
         f();
         b.synchronize();
-        let t = Instant::now();
-        for _ in 0..iters {
-            f();
-        }
-        b.synchronize();
-        t.elapsed().as_secs_f64() / iters as f64
+        let mut v: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    f();
+                }
+                b.synchronize();
+                t.elapsed().as_secs_f64() / iters as f64
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0])
     };
+    // Each measurement as it is made (stderr), so a crash later keeps the earlier ones.
+    let said = |what: &str, v: &serde_json::Value| eprintln!("bench kernels: {what} {v}");
 
     let g = a.gemm;
     let x = b.upload(&fill(g * g, 1));
@@ -101,46 +111,60 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
         .collect();
     let w = b.upload_weight(&wv, g, g);
     drop(wv);
-    let gemm_s = time(10, &mut || {
+    let (gemm_s, gemm_min) = time(5, 5, &mut || {
         black_box(b.linear(&x, &w, g, g, g));
     });
     let gemm_tflops = 2.0 * (g as f64).powi(3) / gemm_s / 1e12;
     drop((x, w));
+    let gemm = json!({"m": g, "n": g, "k": g, "seconds": gemm_s, "min_seconds": gemm_min,
+        "tflops": gemm_tflops,
+        "what": "backend linear: cuBLAS bf16 GEMM, f32 out, with the f32->bf16 activation conversion"});
+    said("gemm", &gemm);
 
     let decay: Vec<f32> = (0..h)
         .map(|i| 2f32.powf(-8.0 * (i + 1) as f32 / h as f32))
         .collect();
+    // The tensor-core kernels work in blocks of LIGHTNING_TC_BLOCK tokens whatever the
+    // config's block size; FLOPs are counted for the blocks they compute.
+    let block = ringbolt_kernels::cuda_backend::LIGHTNING_TC_BLOCK;
     let shape = LightningShape {
         heads: h,
         head_dim: d,
-        block: 256,
+        block,
     };
     let mut prefill = Vec::new();
     for &t in &a.tokens {
         let qkv = b.upload(&fill(t * h * 3 * d, 3));
-        let s = time(3, &mut || {
+        let (s, min) = time(1, 7, &mut || {
             let mut st = b.zeros(h * d * d);
             black_box(b.lightning(&qkv, t, shape, &decay, &mut st));
         });
-        let flops = t as f64 * h as f64 * lightning_flops_per_token_head(shape.block, d);
-        prefill.push(json!({
+        let flops = t as f64 * h as f64 * lightning_flops_per_token_head(block, d);
+        let r = json!({
             "tokens": t,
+            "block": block,
             "seconds": s,
+            "min_seconds": min,
             "tflops": flops / s / 1e12,
             "fraction_of_gemm": flops / s / 1e12 / gemm_tflops,
-        }));
+        });
+        said("lightning prefill", &r);
+        prefill.push(r);
     }
 
     let batch = a.decode_batch;
     let qkv = b.upload(&fill(batch * h * 3 * d, 4));
     let mut states: Vec<_> = (0..batch).map(|_| b.zeros(h * d * d)).collect();
-    let decode_s = time(20, &mut || {
+    let (decode_s, decode_min) = time(20, 5, &mut || {
         let mut refs: Vec<&mut _> = states.iter_mut().collect();
         black_box(b.lightning_decode(&qkv, shape, &decay, &mut refs));
     });
     // Each state is read and written once; q, k, v in and the output out.
     let bytes = (batch * h * d * d * 4 * 2 + batch * h * 4 * d * 4) as f64;
     drop((qkv, states));
+    let decode = json!({"batch": batch, "seconds": decode_s, "min_seconds": decode_min,
+        "bytes": bytes, "gb_per_s": bytes / decode_s / 1e9});
+    said("lightning decode", &decode);
 
     let t = a.attention_tokens;
     let q = b.upload(&fill(t * h * d, 5));
@@ -152,11 +176,14 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
         kv_heads: kvh,
         head_dim: d,
     };
-    let sa = time(3, &mut || {
+    let (sa, sa_min) = time(1, 7, &mut || {
         black_box(b.attention(&q, t, &k, &v, 0, ashape));
     });
     // Causal: query i sees i + 1 keys; QKᵀ and PV, 2 FLOPs per multiply-add.
     let attn_flops = 4.0 * d as f64 * h as f64 * t as f64 * (t as f64 + 1.0) / 2.0;
+    let attention = json!({"tokens": t, "seconds": sa, "min_seconds": sa_min,
+        "tflops": attn_flops / sa / 1e12, "causal": true});
+    said("attention", &attention);
 
     println!(
         "{}",
@@ -166,11 +193,11 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
             "heads": h,
             "kv_heads": kvh,
             "head_dim": d,
-            "gemm": {"m": g, "n": g, "k": g, "seconds": gemm_s, "tflops": gemm_tflops,
-                     "what": "backend linear: cuBLAS bf16 GEMM, f32 out, with the f32->bf16 activation conversion"},
+            "timing": "median (and min) over repeated timings between stream synchronisations, after two warm-up calls",
+            "gemm": gemm,
             "lightning_prefill": prefill,
-            "lightning_decode": {"batch": batch, "seconds": decode_s, "bytes": bytes, "gb_per_s": bytes / decode_s / 1e9},
-            "attention": {"tokens": t, "seconds": sa, "tflops": attn_flops / sa / 1e12, "causal": true},
+            "lightning_decode": decode,
+            "attention": attention,
         })
     );
     Ok(())
