@@ -8,7 +8,7 @@
 //! little-endian) and the payload, written straight from the caller's buffer. Connections are
 //! pooled per peer; one request at a time per connection, so concurrency is by connections.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -104,13 +104,12 @@ async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
             format!("frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"),
         ));
     }
-    let mut buf = BytesMut::zeroed(len as usize);
-    s.read_exact(&mut buf).await?;
+    let payload = crate::read_payload(s, len).await?;
     Ok(Frame {
         kind: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
         epoch: word(8),
         id: word(16),
-        payload: buf.freeze(),
+        payload,
     })
 }
 

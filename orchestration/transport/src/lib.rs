@@ -45,6 +45,24 @@ pub enum TransportError {
 
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;
 
+/// Reads exactly `len` bytes, growing the buffer as they arrive (from at most 1 MiB up front), so
+/// a header that promises gigabytes costs memory only as the bytes come.
+pub(crate) async fn read_payload<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    len: u64,
+) -> std::io::Result<Bytes> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(len.min(1 << 20) as usize);
+    let got = r.take(len).read_to_end(&mut buf).await?;
+    if (got as u64) < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the peer closed the connection after {got} of {len} bytes"),
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
 /// One rank's view of a group.
 pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
@@ -197,5 +215,22 @@ impl Mailbox {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    #[tokio::test]
+    async fn a_header_promising_a_terabyte_costs_only_what_arrives() {
+        // Allocating what the header says up front would abort the process here.
+        let mut r: &[u8] = b"ten bytes!";
+        let e = super::read_payload(&mut r, 1 << 40).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("after 10 of"), "{e}");
+        let mut r: &[u8] = b"exactly this, and more";
+        assert_eq!(
+            &super::read_payload(&mut r, 7).await.unwrap()[..],
+            b"exactly"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! the payload, written straight from the caller's buffer.
 
 use crate::{Mailbox, Result, Transport, TransportError};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,15 +48,17 @@ async fn read_frames(mut s: TcpStream, mailbox: Arc<Mailbox>) {
             });
             return;
         }
-        let mut buf = BytesMut::zeroed(len as usize);
-        if let Err(e) = s.read_exact(&mut buf).await {
-            mailbox.fail(TransportError::Peer {
-                peer: from,
-                msg: format!("connection lost mid-frame: {e}"),
-            });
-            return;
-        }
-        mailbox.deliver(from, epoch, tag, buf.freeze());
+        let buf = match crate::read_payload(&mut s, len).await {
+            Ok(b) => b,
+            Err(e) => {
+                mailbox.fail(TransportError::Peer {
+                    peer: from,
+                    msg: format!("connection lost mid-frame: {e}"),
+                });
+                return;
+            }
+        };
+        mailbox.deliver(from, epoch, tag, buf);
     }
 }
 

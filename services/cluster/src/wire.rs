@@ -101,6 +101,9 @@ impl ExpertRequest {
         for _ in 0..n {
             let e = r.u32()?;
             let k = r.u32()? as usize;
+            if k == 0 {
+                return Err(format!("expert {e} is sent no rows"));
+            }
             let mut ids = Vec::with_capacity(k.min(data.len() / 4));
             for _ in 0..k {
                 let id = r.u32()?;
@@ -210,6 +213,15 @@ mod tests {
         let mut bad = b.to_vec();
         bad[28..32].copy_from_slice(&9u32.to_le_bytes()); // row 9 of 3
         assert!(ExpertRequest::decode(&bad).unwrap_err().contains("row 9"));
+        let empty = ExpertRequest {
+            groups: vec![(1, vec![])],
+            ..r.clone()
+        };
+        assert!(
+            ExpertRequest::decode(&empty.encode())
+                .unwrap_err()
+                .contains("no rows")
+        );
         let mut bad = b.to_vec();
         bad[16..20].copy_from_slice(&7u32.to_le_bytes());
         assert!(
