@@ -18,6 +18,10 @@ RUN cargo build --release --locked -p ringbolt --features cuda \
 FROM nvidia/cuda:13.0.0-devel-ubuntu24.04
 ENV CUDA_HOME=/usr/local/cuda \
     RUST_LOG=info
+# The libraries loaded at run time must be here (the build fails early if one is not).
+RUN for l in libnvrtc.so libcublas.so libnccl.so; do \
+      ldconfig -p | grep -q "$l" || { echo "missing $l"; exit 1; }; \
+    done
 COPY --from=build /usr/local/bin/ringbolt /usr/local/bin/ringbolt
 # Every kernel must compile against this image's NVRTC and headers (H800/H100/H200: sm_90);
 # a pod compiles them for its GPU at start and caches them under $HOME/.cache/ringbolt.

@@ -53,6 +53,10 @@ def main():
                 continue
             role = cmd[1]
             known = role_env(binary, role)
+            names = [e["name"] for e in c.get("env", [])]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                fail(f"{name}: environment variables set twice: {dup}")
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             for var in env:
                 if var.startswith("RINGBOLT_") and var not in known:

@@ -54,6 +54,8 @@ run)
   summary="$OUT/summary.txt"
   site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
   cu="$site/nvidia/cu13"
+  # Here (the dry run): the NVRTC wheel scripts/test.sh installs.
+  [ -e "$cu/include/cuda_bf16.h" ] || [ ! -e target/nvrtc/nvidia/cu13/include/cuda_bf16.h ] || cu="$PWD/target/nvrtc/nvidia/cu13"
   export LD_LIBRARY_PATH="$cu/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export RINGBOLT_CUDA_INCLUDE="${RINGBOLT_CUDA_INCLUDE:-$cu/include}"
   [ -e "$RINGBOLT_CUDA_INCLUDE/cuda_bf16.h" ] || export RINGBOLT_CUDA_INCLUDE=/usr/local/cuda/include
@@ -61,12 +63,16 @@ run)
   # On the GPU machine a kernel test that skips (no GPU, no NVRTC) fails instead.
   [ "$gpu" != cpu ] && export RINGBOLT_REQUIRE_GPU=1
   {
-    echo "binaries: $(tr '\n' ' ' < .gpu/REV 2>/dev/null || echo 'no .gpu/REV: run build first')"
+    echo "binaries: $( [ -e .gpu/REV ] && tr '\n' ' ' < .gpu/REV || echo 'no .gpu/REV: run build first')"
     echo "run at: $(date -u +%FT%TZ)  device: $gpu  include: $RINGBOLT_CUDA_INCLUDE"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null
   } > "$summary" 2>&1
   cat "$summary"
+  steps="compile kernel-tests bench logits standalone sanitizers"
+  for s in ${GPU_CHECK_STEPS:-}; do
+    [[ " $steps " == *" $s "* ]] || { echo "GPU_CHECK_STEPS: no step \`$s\` (steps: $steps)" >&2; exit 2; }
+  done
   # step NAME CMD...: runs one step, records its exit status and seconds, never stops the run.
   step() {
     local name=$1
@@ -106,7 +112,7 @@ run)
     fi
     clocks before
     local ours theirs
-    ours=$(.gpu/ringbolt bench kernels --device cuda:0 2>>"$OUT/bench.txt" | tail -1)
+    ours=$(timeout 240 .gpu/ringbolt bench kernels --device cuda:0 2>>"$OUT/bench.txt" | tail -1)
     echo "$ours" | tee -a "$OUT/bench.txt"
     theirs=$(timeout 300 python3 scripts/gpu/bench_torch.py 2>>"$OUT/bench.txt" | tail -1)
     echo "$theirs" | tee -a "$OUT/bench.txt"

@@ -104,16 +104,20 @@ fn fail(what: &str, e: impl std::fmt::Debug) -> ! {
     panic!("CUDA {what}: {e:?}")
 }
 
-/// Device memory freed back to the device's default pool stays there for the next allocation
-/// instead of going back to the driver at every synchronisation (the pool's default release
-/// threshold is 0): each decode step, which ends in one, would otherwise map its buffers anew.
-/// Best effort: a failure costs speed, not correctness.
+/// What the device's memory pool keeps of freed memory (see [`keep_pool_memory`]).
+const POOL_KEEP_BYTES: u64 = 4 << 30;
+
+/// Up to POOL_KEEP_BYTES of device memory freed back to the device's default pool stays there
+/// for the next allocation instead of going back to the driver at every synchronisation (the
+/// pool's default release threshold is 0): each decode step, which ends in one, would otherwise
+/// map its buffers anew. Bounded, so a long prefill's peak is returned for allocations outside
+/// the pool (cuBLAS workspaces, NCCL buffers). Best effort: a failure costs speed only.
 fn keep_pool_memory(ordinal: usize) {
     use cudarc::driver::sys;
     let r = unsafe {
         let mut dev: sys::CUdevice = 0;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut keep: u64 = u64::MAX;
+        let mut keep: u64 = POOL_KEEP_BYTES;
         let a = sys::cuDeviceGet(&mut dev, ordinal as i32);
         if a != sys::CUresult::CUDA_SUCCESS {
             a

@@ -1,6 +1,8 @@
 {{/* Names and labels. */}}
 {{- define "ringbolt.fullname" -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 52 | trimSuffix "-" -}}
+{{- /* 40: room for the longest suffix ("-coordinator") within Kubernetes' 63, and for the
+StatefulSets' pod revision labels. */ -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "ringbolt.labels" -}}

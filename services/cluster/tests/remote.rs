@@ -290,7 +290,9 @@ async fn gpu_expert_workers_exchange_bf16() {
         })
     };
     let want = run(full, None, prompt.clone()).await.unwrap();
-    let f32s = run(attn.clone(), Some(remote_f32), prompt.clone()).await.unwrap();
+    let f32s = run(attn.clone(), Some(remote_f32), prompt.clone())
+        .await
+        .unwrap();
     let got = run(attn, Some(remote.clone()), prompt).await.unwrap();
     // The f32 exchange computes exactly what the engine does; bf16 differs (it ran), a little.
     assert_eq!(rel_err(&f32s, &want), 0.0);
