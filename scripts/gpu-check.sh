@@ -136,6 +136,11 @@ r = {"bench": "kernels vs torch (PyTorch's figures are the targets' baselines)",
      "same_shapes": same,
      "lightning_prefill_fraction_of_bf16_matmul": {
          str(p["tokens"]): p["tflops"] / t["bf16_matmul_tflops"] for p in o["lightning_prefill"]},
+     "lightning_prefill_kernel": o["lightning_prefill"][0]["kernel"],
+     # The other implementation (RINGBOLT_LIGHTNING chooses): the faster one should be the default.
+     "lightning_prefill_other_kernel_fraction_of_bf16_matmul": {
+         f'{p["kernel"]} {p["tokens"]}': p["tflops"] / t["bf16_matmul_tflops"]
+         for p in o.get("lightning_prefill_other_kernel", [])},
      "lightning_decode_fraction_of_copy_bandwidth": o["lightning_decode"]["gb_per_s"] / t["copy_gb_per_s"],
      "attention_vs_sdpa_bf16": o["attention"]["tflops"] / t["sdpa_causal_bf16_tflops"]}
 targets = {"lightning prefill >= 50% of bf16 GEMM":

@@ -8,7 +8,8 @@
 // The intra-block term, the inter-block term from the carried state and the state update all
 // scale by the offset within the block only, so no term grows with the position.
 //
-// Two implementations of prefill:
+// Three implementations of prefill (`lightning_fused` below is the third: one launch, the state
+// kept on chip):
 // - `lightning_block_kv` + `lightning_scan` + `lightning_block_out`, on tensor cores (head_dim
 //   a multiple of 16, at most 128). Blocks of RB_LB tokens depend on each other only through
 //   the state they start from, so: every (head, block) computes its own KV sum; a scan over
@@ -204,6 +205,193 @@ RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restr
             row[1] = o[nt][3];
         }
     }
+}
+
+// Fused tensor-core prefill: one pass, the state kept on chip. Grid (heads, ceil(d / RB_FV)),
+// 128 threads. Each thread block owns one head and RB_FV of its value columns, and walks the
+// head's blocks of RB_LB tokens in order with its slice of the state S [d_k, cols] in registers
+// (f32, the C fragments of Kᵀ V) and, as bf16 hi + lo, in shared memory for the next block's
+// Q S. Per block: O = ((Q Kᵀ) ⊙ D) V + (Q ⊙ exp(−λ(i+1))) S, then S ← exp(−λm) S + Kdᵀ V.
+// Q, K, V are read once per (block, column slice); nothing else goes through global memory, so
+// unlike the three-launch form it is bound by the tensor cores, not by moving states (the
+// price: a head's blocks run one after another, d/RB_FV thread blocks per head).
+// `state` ([heads, d_k, d_v], f32) holds the starting state and receives the final one.
+// Dynamic shared memory: rb_fused_smem(d) bytes.
+#define RB_FV 64
+// The fused prefill's state slice (C fragments, see lightning_fused) as bf16 hi + lo,
+// transposed (element (r, c) at c·ld + r): the B operand of Q S.
+__device__ __forceinline__ void rb_fused_publish(const float (&st)[2][RB_FV / 8][4],
+                                                 __nv_bfloat16* ph, __nv_bfloat16* pl, int ld,
+                                                 int d, int cv) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int nt = 0; nt < RB_FV / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int mt = warp + 4 * u;
+                const int r = mt * 16 + g + (e >> 1) * 8, c = nt * 8 + 2 * q + (e & 1);
+                if (mt * 16 < d && c < cv) {
+                    const __nv_bfloat16 hi = __float2bfloat16(st[u][nt][e]);
+                    ph[c * ld + r] = hi;
+                    pl[c * ld + r] = __float2bfloat16(st[u][nt][e] - __bfloat162float(hi));
+                }
+            }
+}
+
+RB_EXTERN void lightning_fused(const float* __restrict__ qkv, float* __restrict__ out,
+                               float* __restrict__ state, const float* __restrict__ lambda,
+                               int t, int heads, int d) {
+    RB_DYNAMIC_SMEM(rb_smem);
+    if (d > RB_MAX_HEAD_DIM || d % 16 || blockDim.x != 128) return;
+    const int ld = d + 8;
+    const int h = blockIdx.x, c0 = blockIdx.y * RB_FV, cv = min(RB_FV, d - c0);
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(rb_smem);  // [RB_LB][ld]
+    __nv_bfloat16* ks = qs + RB_LB * ld;                             // [RB_LB][ld]
+    __nv_bfloat16* kdt = ks + RB_LB * ld;                            // [d][RB_LT], decayed
+    __nv_bfloat16* vt = kdt + d * RB_LT;                             // [RB_FV][RB_LT]
+    __nv_bfloat16* ph = vt + RB_FV * RB_LT;                          // [RB_FV][ld]: S hi, transposed
+    __nv_bfloat16* pl = ph + RB_FV * ld;                             // S lo
+    const float lam = lambda[h];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int i0 = warp * 16, ia = i0 + g, ib = ia + 8;
+    const size_t row = (size_t)heads * 3 * d;
+    float* S = state + (size_t)h * d * d;
+
+    // The state slice: warp w holds rows (d_k) of m-tiles w and w + 4, all cv columns.
+    float st[2][RB_FV / 8][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int nt = 0; nt < RB_FV / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int mt = warp + 4 * u;
+                const int r = mt * 16 + g + (e >> 1) * 8, c = nt * 8 + 2 * q + (e & 1);
+                st[u][nt][e] = (mt * 16 < d && c < cv) ? S[(size_t)r * d + c0 + c] : 0.0f;
+            }
+    rb_fused_publish(st, ph, pl, ld, d, cv);
+
+    for (int start = 0; start < t; start += RB_LB) {
+        const int m = min(RB_LB, t - start);
+        __syncthreads();  // the previous block's tiles are done with; S published
+        rb_load_block(qs, ld, false, qkv, start, m, h, heads, d, 0, false, 0.0f);
+        rb_load_block(ks, ld, false, qkv, start, m, h, heads, d, 1, false, 0.0f);
+        rb_load_block(kdt, 0, true, qkv, start, m, h, heads, d, 1, true, lam);
+        for (int idx = threadIdx.x; idx < RB_LB * cv; idx += blockDim.x) {
+            const int j = idx / cv, c = idx % cv;
+            const float v = j < m ? qkv[(size_t)(start + j) * row + (size_t)h * 3 * d + 2 * d + c0 + c]
+                                  : 0.0f;
+            vt[c * RB_LT + j] = __float2bfloat16(v);
+        }
+        __syncthreads();
+
+        // Intra-block scores with the causal decay mask, as A fragments.
+        float sc[RB_LB / 8][4];
+        rb_scores(sc, qs + i0 * ld, ks, ld, d, (i0 + 16) / 8);
+        unsigned pa[RB_LB / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < RB_LB / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = e < 2 ? ia : ib, j = nt * 8 + 2 * q + (e & 1);
+                sc[nt][e] = (j <= i && i < m) ? sc[nt][e] * expf(-lam * (float)(i - j)) : 0.0f;
+            }
+#pragma unroll
+        for (int kc = 0; kc < RB_LB / 16; ++kc) rb_frag_a_from_c(pa[kc], sc[2 * kc], sc[2 * kc + 1]);
+
+        // Inter-block term Q S (S = hi + lo), scaled by each row's decay.
+        float o[RB_FV / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < RB_FV / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+        for (int r0 = 0; r0 < d; r0 += 16) {
+            unsigned a[4];
+            rb_frag_a(a, qs + i0 * ld + r0, ld);
+#pragma unroll
+            for (int nt = 0; nt < RB_FV / 8; ++nt) {
+                if (nt * 8 >= cv) break;
+                unsigned bf[2];
+                rb_frag_b(bf, ph + nt * 8 * ld + r0, ld);
+                rb_mma(o[nt], a, bf);
+                rb_frag_b(bf, pl + nt * 8 * ld + r0, ld);
+                rb_mma(o[nt], a, bf);
+            }
+        }
+        const float da = expf(-lam * (float)(ia + 1)), db = expf(-lam * (float)(ib + 1));
+#pragma unroll
+        for (int nt = 0; nt < RB_FV / 8; ++nt) {
+            o[nt][0] *= da;
+            o[nt][1] *= da;
+            o[nt][2] *= db;
+            o[nt][3] *= db;
+        }
+        // Intra-block term over the causal key chunks.
+#pragma unroll
+        for (int kc = 0; kc < RB_LB / 16; ++kc) {
+            if (kc * 16 > i0 + 15) break;
+#pragma unroll
+            for (int nt = 0; nt < RB_FV / 8; ++nt) {
+                if (nt * 8 >= cv) break;
+                unsigned bf[2];
+                rb_frag_b(bf, vt + nt * 8 * RB_LT + kc * 16, RB_LT);
+                rb_mma(o[nt], pa[kc], bf);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < RB_FV / 8; ++nt) {
+            if (nt * 8 >= cv) break;
+            const int c = c0 + nt * 8 + 2 * q;
+            if (ia < m) {
+                float* r = out + (size_t)(start + ia) * heads * d + (size_t)h * d + c;
+                r[0] = o[nt][0];
+                r[1] = o[nt][1];
+            }
+            if (ib < m) {
+                float* r = out + (size_t)(start + ib) * heads * d + (size_t)h * d + c;
+                r[0] = o[nt][2];
+                r[1] = o[nt][3];
+            }
+        }
+
+        // State update S ← exp(−λm) S + Kdᵀ V, in registers.
+        const float full = expf(-lam * (float)m);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int mt = warp + 4 * u;
+            if (mt * 16 >= d) break;
+            unsigned a[RB_LB / 16][4];
+#pragma unroll
+            for (int kc = 0; kc < RB_LB / 16; ++kc)
+                if (kc * 16 < m) rb_frag_a(a[kc], kdt + mt * 16 * RB_LT + kc * 16, RB_LT);
+#pragma unroll
+            for (int nt = 0; nt < RB_FV / 8; ++nt) {
+                if (nt * 8 >= cv) break;
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int kc = 0; kc < RB_LB / 16; ++kc) {
+                    if (kc * 16 >= m) break;
+                    unsigned bf[2];
+                    rb_frag_b(bf, vt + nt * 8 * RB_LT + kc * 16, RB_LT);
+                    rb_mma(acc, a[kc], bf);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[u][nt][e] = full * st[u][nt][e] + acc[e];
+            }
+        }
+        __syncthreads();  // every warp is done reading this block's S
+        rb_fused_publish(st, ph, pl, ld, d, cv);
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int nt = 0; nt < RB_FV / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int mt = warp + 4 * u;
+                const int r = mt * 16 + g + (e >> 1) * 8, c = nt * 8 + 2 * q + (e & 1);
+                if (mt * 16 < d && c < cv) S[(size_t)r * d + c0 + c] = st[u][nt][e];
+            }
 }
 
 // Scalar prefill: one thread block per head; tokens in order, one block of m tokens at a time.

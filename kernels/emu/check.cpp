@@ -120,6 +120,25 @@ void lightning_tc(const Lightning& c, size_t pass) {
     check(name + ": state", state, want_state, 1e-2);
 }
 
+// As CudaBackend launches lightning_fused: one pass, grid (heads, ceil(d / 64)).
+unsigned fused_smem(int d) {
+    return (2 * 64 * (d + 8) + d * (64 + 8) + 64 * (64 + 8) + 2 * 64 * (d + 8)) * 2;
+}
+
+void lightning_fused_check(const Lightning& c) {
+    std::vector<float> out((size_t)c.t * c.heads * c.d, NAN), state = c.state;
+    rb_launch({(unsigned)c.heads, (unsigned)((c.d + 63) / 64), 1}, {128, 1, 1}, fused_smem(c.d),
+              [&] {
+                  lightning_fused(c.qkv.data(), out.data(), state.data(), c.lam.data(), c.t,
+                                  c.heads, c.d);
+              });
+    auto [want_out, want_state] = lightning_ref(c);
+    const std::string name = "lightning_fused t=" + std::to_string(c.t) +
+                             " heads=" + std::to_string(c.heads) + " d=" + std::to_string(c.d);
+    check(name + ": out", out, want_out, 1e-2);
+    check(name + ": state", state, want_state, 1e-2);
+}
+
 void lightning_scalar(const Lightning& c) {
     std::vector<float> out((size_t)c.t * c.heads * c.d, NAN), state = c.state;
     rb_launch({(unsigned)c.heads, 1, 1}, {256, 1, 1}, 0, [&] {
@@ -600,6 +619,10 @@ int main() {
     lightning_tc(lightning_case(150, 2, 32), PASS_TOKENS);
     lightning_tc(lightning_case(70, 1, 128), PASS_TOKENS);
     lightning_tc(lightning_case(37, 3, 16), PASS_TOKENS);
+    lightning_fused_check(lightning_case(150, 2, 32));
+    lightning_fused_check(lightning_case(70, 1, 128));
+    lightning_fused_check(lightning_case(37, 3, 16));
+    lightning_fused_check(lightning_case(200, 1, 96));
     lightning_scalar(lightning_case(45, 2, 24));
     lightning_decode_batch(3, 2, 24);
     // Tensor-core attention: prefill with GQA, a later chunk (queries after cached keys),

@@ -299,6 +299,7 @@ mod tests {
             "lightning_block_kv",
             "lightning_scan",
             "lightning_block_out",
+            "lightning_fused",
             "lightning_decode",
             "attention",
             "attention_tc",

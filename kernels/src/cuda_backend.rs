@@ -98,6 +98,38 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: std::sync::Mutex<CudaBlas>,
     funcs: HashMap<String, CudaFunction>,
+    /// A [`LightningKernel`] (0 blocks, 1 fused).
+    lightning: std::sync::atomic::AtomicU8,
+}
+
+/// Which tensor-core kernels compute lightning prefill (head dims that are multiples of 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum LightningKernel {
+    /// Three launches: every block's KV sum, a scan of the states, every block's outputs.
+    /// Parallel over blocks; moves each block's state through device memory.
+    #[default]
+    Blocks = 0,
+    /// One launch (`lightning_fused`): a head's blocks in order, the state kept on chip.
+    Fused = 1,
+}
+
+impl std::str::FromStr for LightningKernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "blocks" => Ok(LightningKernel::Blocks),
+            "fused" => Ok(LightningKernel::Fused),
+            _ => Err(format!("lightning kernel `{s}`: blocks or fused")),
+        }
+    }
+}
+
+/// Bytes of dynamic shared memory of `lightning_fused` (lightning.cu: Q and K row-major,
+/// decayed Kᵀ, a slice of Vᵀ, the state slice as hi and lo).
+fn fused_smem(d: usize) -> u32 {
+    let (lb, lt, fv) = (LIGHTNING_TC_BLOCK, LIGHTNING_TC_BLOCK + 8, 64);
+    ((2 * lb * (d + 8) + d * lt + fv * lt + 2 * fv * (d + 8)) * 2) as u32
 }
 
 fn fail(what: &str, e: impl std::fmt::Debug) -> ! {
@@ -187,17 +219,42 @@ impl CudaBackend {
             "cuda:{ordinal} ({}, {arch})",
             ctx.name().unwrap_or_else(|_| "unknown GPU".into())
         );
+        // RINGBOLT_LIGHTNING=fused|blocks picks the prefill kernels (default blocks).
+        let lightning = match std::env::var("RINGBOLT_LIGHTNING") {
+            Ok(v) if !v.is_empty() => v.parse().map_err(CudaError::Driver)?,
+            _ => LightningKernel::default(),
+        };
         Ok(CudaBackend {
             ordinal,
             name,
             stream,
             blas: std::sync::Mutex::new(blas),
             funcs,
+            lightning: std::sync::atomic::AtomicU8::new(lightning as u8),
         })
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// The same backend computing lightning prefill with `k`.
+    pub fn with_lightning(self, k: LightningKernel) -> Self {
+        self.set_lightning(k);
+        self
+    }
+
+    /// Computes lightning prefill with `k` from now on.
+    pub fn set_lightning(&self, k: LightningKernel) {
+        self.lightning
+            .store(k as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn lightning_kernel(&self) -> LightningKernel {
+        match self.lightning.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => LightningKernel::Fused,
+            _ => LightningKernel::Blocks,
+        }
     }
 
     /// Waits for every operation queued on this backend's stream (for timing).
@@ -923,6 +980,25 @@ impl Backend for CudaBackend {
             };
             // SAFETY: as in `lightning_decode`: one live state, stream-ordered frees.
             unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
+        } else if tensor_core_dim(d) && self.lightning_kernel() == LightningKernel::Fused {
+            let smem = fused_smem(d);
+            self.allow_smem("lightning_fused", smem);
+            let ti = t as i32;
+            let mut b = self.stream.launch_builder(self.f("lightning_fused"));
+            b.arg(qd)
+                .arg(od)
+                .arg(sd)
+                .arg(&lam)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&di);
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, d.div_ceil(64) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            // SAFETY: qkv holds t rows of heads·3d, out t rows of heads·d, state heads·d·d.
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_fused", e));
         } else if tensor_core_dim(d) {
             self.lightning_prefill_tc(qd, od, sd, &lam, t, heads, d);
         } else {

@@ -22,7 +22,7 @@ use cudarc::nvrtc::Ptx;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use ringbolt_kernels::cpu::{Cpu, rope_inv_freq};
 use ringbolt_kernels::cuda;
-use ringbolt_kernels::cuda_backend::{CudaBackend, LIGHTNING_PASS_TOKENS};
+use ringbolt_kernels::cuda_backend::{CudaBackend, LIGHTNING_PASS_TOKENS, LightningKernel};
 use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -421,6 +421,17 @@ fn backend() -> Option<CudaBackend> {
 #[test]
 fn tensor_core_lightning_prefill_matches_the_cpu() {
     let Some(b) = backend() else { return };
+    tensor_core_lightning_against_the_cpu(b.with_lightning(LightningKernel::Blocks));
+}
+
+#[test]
+fn tensor_core_lightning_fused_prefill_matches_the_cpu() {
+    let Some(b) = backend() else { return };
+    tensor_core_lightning_against_the_cpu(b.with_lightning(LightningKernel::Fused));
+}
+
+fn tensor_core_lightning_against_the_cpu(b: CudaBackend) {
+    let kernel = b.lightning_kernel();
     let mut rng = StdRng::seed_from_u64(5);
     let (heads, d) = (4, 128);
     let shape = LightningShape {
@@ -444,13 +455,13 @@ fn tensor_core_lightning_prefill_matches_the_cpu() {
             &b.download(&got),
             &want,
             BF16_TOL,
-            &format!("tensor-core lightning prefill output, {t} tokens"),
+            &format!("tensor-core lightning prefill ({kernel:?}) output, {t} tokens"),
         );
         assert_within(
             &b.download(&st),
             &want_state,
             BF16_TOL,
-            &format!("tensor-core lightning prefill state, {t} tokens"),
+            &format!("tensor-core lightning prefill ({kernel:?}) state, {t} tokens"),
         );
     }
 }

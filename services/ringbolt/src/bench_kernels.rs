@@ -51,7 +51,7 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
 #[cfg(feature = "cuda")]
 pub fn run(a: KernelBenchArgs) -> Result<()> {
     use rayon::prelude::*;
-    use ringbolt_kernels::cuda_backend::CudaBackend;
+    use ringbolt_kernels::cuda_backend::{CudaBackend, LightningKernel};
     use ringbolt_kernels::{AttentionShape, Backend, LightningShape};
     use serde_json::json;
     use std::hint::black_box;
@@ -132,25 +132,38 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
         head_dim: d,
         block,
     };
+    // Both prefill implementations: the engine's (RINGBOLT_LIGHTNING, default blocks) is the
+    // one `lightning_prefill` reports; the other is beside it to choose by.
     let mut prefill = Vec::new();
-    for &t in &a.tokens {
-        let qkv = b.upload(&fill(t * h * 3 * d, 3));
-        let (s, min) = time(1, 7, &mut || {
-            let mut st = b.zeros(h * d * d);
-            black_box(b.lightning(&qkv, t, shape, &decay, &mut st));
-        });
-        let flops = t as f64 * h as f64 * lightning_flops_per_token_head(block, d);
-        let r = json!({
-            "tokens": t,
-            "block": block,
-            "seconds": s,
-            "min_seconds": min,
-            "tflops": flops / s / 1e12,
-            "fraction_of_gemm": flops / s / 1e12 / gemm_tflops,
-        });
-        said("lightning prefill", &r);
-        prefill.push(r);
+    let mut prefill_other = Vec::new();
+    let engine = b.lightning_kernel();
+    let other = match engine {
+        LightningKernel::Blocks => LightningKernel::Fused,
+        LightningKernel::Fused => LightningKernel::Blocks,
+    };
+    for (kernel, into) in [(engine, &mut prefill), (other, &mut prefill_other)] {
+        b.set_lightning(kernel);
+        for &t in &a.tokens {
+            let qkv = b.upload(&fill(t * h * 3 * d, 3));
+            let (s, min) = time(1, 7, &mut || {
+                let mut st = b.zeros(h * d * d);
+                black_box(b.lightning(&qkv, t, shape, &decay, &mut st));
+            });
+            let flops = t as f64 * h as f64 * lightning_flops_per_token_head(block, d);
+            let r = json!({
+                "kernel": format!("{kernel:?}").to_lowercase(),
+                "tokens": t,
+                "block": block,
+                "seconds": s,
+                "min_seconds": min,
+                "tflops": flops / s / 1e12,
+                "fraction_of_gemm": flops / s / 1e12 / gemm_tflops,
+            });
+            said("lightning prefill", &r);
+            into.push(r);
+        }
     }
+    b.set_lightning(engine);
 
     let batch = a.decode_batch;
     let qkv = b.upload(&fill(batch * h * 3 * d, 4));
@@ -196,6 +209,7 @@ pub fn run(a: KernelBenchArgs) -> Result<()> {
             "timing": "median (and min) over repeated timings between stream synchronisations, after two warm-up calls",
             "gemm": gemm,
             "lightning_prefill": prefill,
+            "lightning_prefill_other_kernel": prefill_other,
             "lightning_decode": decode,
             "attention": attention,
         })
