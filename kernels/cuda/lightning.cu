@@ -8,8 +8,7 @@
 // The intra-block term, the inter-block term from the carried state and the state update all
 // scale by the offset within the block only, so no term grows with the position.
 //
-// Three implementations of prefill (`lightning_fused` below is the third: one launch, the state
-// kept on chip):
+// Three implementations of prefill:
 // - `lightning_block_kv` + `lightning_scan` + `lightning_block_out`, on tensor cores (head_dim
 //   a multiple of 16, at most 128). Blocks of RB_LB tokens depend on each other only through
 //   the state they start from, so: every (head, block) computes its own KV sum; a scan over
@@ -18,6 +17,8 @@
 //   once; the carried state enters the products as bf16 hi + lo (~16 significant bits);
 //   products accumulate in f32 and states stay f32. States between the launches are kept
 //   transposed ([d_v, d_k]) so that every tensor-core operand is read along its k index.
+// - `lightning_fused`, on tensor cores too: one launch, each head's blocks in order with the
+//   state kept on chip (see there for when each tensor-core form wins).
 // - `lightning_prefill`: scalar f32, one thread block per head (any head_dim ≤ 128).
 #include "common.cuh"
 
@@ -216,7 +217,9 @@ RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restr
 // unlike the three-launch form it is bound by the tensor cores, not by moving states (the
 // price: a head's blocks run one after another, d/RB_FV thread blocks per head).
 // `state` ([heads, d_k, d_v], f32) holds the starting state and receives the final one.
-// Dynamic shared memory: rb_fused_smem(d) bytes.
+// Dynamic shared memory, bf16: qs and ks RB_LB·(d+8) each, kdt d·RB_LT, vt RB_FV·RB_LT, ph and
+// pl RB_FV·(d+8) each: (4·RB_LB·(d+8) + d·RB_LT + RB_FV·RB_LT)·2 bytes when RB_FV = RB_LB (as
+// `fused_smem` in cuda_backend.rs and kernels/emu/check.cpp compute it).
 #define RB_FV 64
 // The fused prefill's state slice (C fragments, see lightning_fused) as bf16 hi + lo,
 // transposed (element (r, c) at c·ld + r): the B operand of Q S.
@@ -240,9 +243,9 @@ __device__ __forceinline__ void rb_fused_publish(const float (&st)[2][RB_FV / 8]
             }
 }
 
-RB_EXTERN void lightning_fused(const float* __restrict__ qkv, float* __restrict__ out,
-                               float* __restrict__ state, const float* __restrict__ lambda,
-                               int t, int heads, int d) {
+RB_EXTERN void __launch_bounds__(128)
+lightning_fused(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ state,
+                const float* __restrict__ lambda, int t, int heads, int d) {
     RB_DYNAMIC_SMEM(rb_smem);
     if (d > RB_MAX_HEAD_DIM || d % 16 || blockDim.x != 128) return;
     const int ld = d + 8;
@@ -277,8 +280,13 @@ RB_EXTERN void lightning_fused(const float* __restrict__ qkv, float* __restrict_
         const int m = min(RB_LB, t - start);
         __syncthreads();  // the previous block's tiles are done with; S published
         rb_load_block(qs, ld, false, qkv, start, m, h, heads, d, 0, false, 0.0f);
-        rb_load_block(ks, ld, false, qkv, start, m, h, heads, d, 1, false, 0.0f);
-        rb_load_block(kdt, 0, true, qkv, start, m, h, heads, d, 1, true, lam);
+        // K once: row-major for the scores, transposed and decayed for the state update.
+        for (int idx = threadIdx.x; idx < RB_LB * d; idx += blockDim.x) {
+            const int j = idx / d, c = idx % d;
+            const float k = j < m ? qkv[(size_t)(start + j) * row + (size_t)h * 3 * d + d + c] : 0.0f;
+            ks[j * ld + c] = __float2bfloat16(k);
+            kdt[c * RB_LT + j] = __float2bfloat16(k * expf(-lam * (float)(m - 1 - j)));
+        }
         for (int idx = threadIdx.x; idx < RB_LB * cv; idx += blockDim.x) {
             const int j = idx / cv, c = idx % cv;
             const float v = j < m ? qkv[(size_t)(start + j) * row + (size_t)h * 3 * d + 2 * d + c0 + c]
@@ -379,8 +387,10 @@ RB_EXTERN void lightning_fused(const float* __restrict__ qkv, float* __restrict_
                 for (int e = 0; e < 4; ++e) st[u][nt][e] = full * st[u][nt][e] + acc[e];
             }
         }
-        __syncthreads();  // every warp is done reading this block's S
-        rb_fused_publish(st, ph, pl, ld, d, cv);
+        if (start + RB_LB < t) {  // the same for every thread: the barrier is safe
+            __syncthreads();  // every warp is done reading this block's S
+            rb_fused_publish(st, ph, pl, ld, d, cv);
+        }
     }
 #pragma unroll
     for (int u = 0; u < 2; ++u)

@@ -623,6 +623,8 @@ int main() {
     lightning_fused_check(lightning_case(70, 1, 128));
     lightning_fused_check(lightning_case(37, 3, 16));
     lightning_fused_check(lightning_case(200, 1, 96));
+    lightning_fused_check(lightning_case(70, 2, 80));
+    lightning_fused_check(lightning_case(100, 2, 112));
     lightning_scalar(lightning_case(45, 2, 24));
     lightning_decode_batch(3, 2, 24);
     // Tensor-core attention: prefill with GQA, a later chunk (queries after cached keys),

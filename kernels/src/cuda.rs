@@ -55,8 +55,26 @@ pub fn kernels_of(source: &str) -> Vec<KernelDef> {
     let lines: Vec<&str> = source.lines().collect();
     let mut out: Vec<KernelDef> = Vec::new();
     for (i, l) in lines.iter().enumerate() {
-        if let Some(rest) = l.trim_start().strip_prefix("RB_EXTERN void ")
-            && let Some(name) = rest.split('(').next()
+        // `RB_EXTERN void name(`, or with launch bounds: `RB_EXTERN void __launch_bounds__(..)`
+        // and the name opening the next line.
+        let Some(rest) = l.trim_start().strip_prefix("RB_EXTERN void ") else {
+            continue;
+        };
+        let rest = match rest.strip_prefix("__launch_bounds__(") {
+            Some(b) => match b.split_once(')') {
+                Some((_, after)) if after.trim().is_empty() => {
+                    lines.get(i + 1).copied().unwrap_or("")
+                }
+                Some((_, after)) => after,
+                None => continue,
+            },
+            None => rest,
+        };
+        if let Some(name) = rest
+            .trim_start()
+            .split('(')
+            .next()
+            .filter(|n| !n.is_empty())
         {
             if let Some(prev) = out.last_mut() {
                 prev.lines.1 = i;
@@ -310,6 +328,15 @@ mod tests {
             assert!(all.iter().any(|a| a == k), "missing kernel {k}");
         }
         assert!(!expanded(SOURCES[0].1).contains("#include \"common.cuh\""));
+    }
+
+    #[test]
+    fn kernels_are_found_with_and_without_launch_bounds() {
+        let src = "RB_EXTERN void __launch_bounds__(128)\nfoo(int x) {\n}\n\
+                   RB_EXTERN void __launch_bounds__(256, 2) baz(int y) {}\n\
+                   RB_EXTERN void bar(int y) {}\n";
+        let names: Vec<String> = kernels_of(src).into_iter().map(|k| k.name).collect();
+        assert_eq!(names, ["foo", "baz", "bar"]);
     }
 
     #[test]
