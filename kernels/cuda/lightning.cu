@@ -111,6 +111,91 @@ RB_EXTERN void lightning_scan(const float* __restrict__ kv, __nv_bfloat16* __res
     *st = s;
 }
 
+// One block's outputs for one warp's 16 rows (warp w: rows 16w..16w+15), `cols` value columns
+// starting at c0 (NC ≥ cols / 8 tiles of 8):
+//   O = ((Q Kᵀ) ⊙ D) V + (Q ⊙ exp(−λ(i+1))) P,  D[i][j] = exp(−λ(i−j)) for j ≤ i, else 0
+// qs, ks: the block's Q and K, [RB_LB][ld] bf16; vt: its Vᵀ for these columns, [cols][RB_LT];
+// P = ph + pl, the state it starts from as bf16 hi + lo, transposed (element (r, c) at
+// c·pld + r). Rows i < m go to out rows start + i, columns h·d + c0 + c.
+template <int NC>
+__device__ __forceinline__ void rb_lightning_block_rows(
+    float* __restrict__ out, const __nv_bfloat16* qs, const __nv_bfloat16* ks, int ld,
+    const __nv_bfloat16* vt, const __nv_bfloat16* ph, const __nv_bfloat16* pl, long long pld,
+    float lam, int m, int d, int cols, int start, int heads, int h, int c0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int i0 = warp * 16, ia = i0 + g, ib = ia + 8;  // this lane's two rows
+
+    // Scores Q Kᵀ for the key tiles at or before this warp's rows, the causal decay mask, then
+    // the scores as bf16 A fragments (16 keys per fragment).
+    float s[RB_LB / 8][4];
+    rb_scores(s, qs + i0 * ld, ks, ld, d, (i0 + 16) / 8);
+    unsigned pa[RB_LB / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < RB_LB / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = e < 2 ? ia : ib, j = nt * 8 + 2 * q + (e & 1);
+            s[nt][e] = (j <= i && i < m) ? s[nt][e] * expf(-lam * (float)(i - j)) : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int kc = 0; kc < RB_LB / 16; ++kc) rb_frag_a_from_c(pa[kc], s[2 * kc], s[2 * kc + 1]);
+
+    // Inter-block term Q P, scaled by each row's decay.
+    float o[NC][4];
+#pragma unroll
+    for (int nt = 0; nt < NC; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    for (int r0 = 0; r0 < d; r0 += 16) {
+        unsigned a[4];
+        rb_frag_a(a, qs + i0 * ld + r0, ld);
+#pragma unroll
+        for (int nt = 0; nt < NC; ++nt) {
+            if (nt * 8 >= cols) break;
+            unsigned bf[2];
+            rb_frag_b(bf, ph + (size_t)nt * 8 * pld + r0, pld);
+            rb_mma(o[nt], a, bf);
+            rb_frag_b(bf, pl + (size_t)nt * 8 * pld + r0, pld);
+            rb_mma(o[nt], a, bf);
+        }
+    }
+    const float da = expf(-lam * (float)(ia + 1)), db = expf(-lam * (float)(ib + 1));
+#pragma unroll
+    for (int nt = 0; nt < NC; ++nt) {
+        o[nt][0] *= da;
+        o[nt][1] *= da;
+        o[nt][2] *= db;
+        o[nt][3] *= db;
+    }
+
+    // Intra-block term: O += S V over the causal key chunks.
+#pragma unroll
+    for (int kc = 0; kc < RB_LB / 16; ++kc) {
+        if (kc * 16 > i0 + 15) break;
+#pragma unroll
+        for (int nt = 0; nt < NC; ++nt) {
+            if (nt * 8 >= cols) break;
+            unsigned bf[2];
+            rb_frag_b(bf, vt + nt * 8 * RB_LT + kc * 16, RB_LT);
+            rb_mma(o[nt], pa[kc], bf);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NC; ++nt) {
+        if (nt * 8 >= cols) break;
+        const int c = c0 + nt * 8 + 2 * q;
+        if (ia < m) {
+            float* row = out + (size_t)(start + ia) * heads * d + (size_t)h * d + c;
+            row[0] = o[nt][0];
+            row[1] = o[nt][1];
+        }
+        if (ib < m) {
+            float* row = out + (size_t)(start + ib) * heads * d + (size_t)h * d + c;
+            row[0] = o[nt][2];
+            row[1] = o[nt][3];
+        }
+    }
+}
+
 // Tensor-core prefill, step 3. Grid (heads, blocks), 128 threads: warp w owns rows
 // [16w, 16w + 16) of the block. Dynamic shared memory 2·RB_LB·(d+8)·2 + d·RB_LT·2 bytes.
 // For a block starting from state P:
@@ -132,80 +217,10 @@ RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restr
     rb_load_block(ks, ld, false, qkv, start, m, h, heads, d, 1, false, 0.0f);
     rb_load_block(vt, 0, true, qkv, start, m, h, heads, d, 2, false, 0.0f);
     __syncthreads();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int i0 = warp * 16, ia = i0 + g, ib = ia + 8;  // this lane's two rows
-
-    // Scores Q Kᵀ for the key tiles at or before this warp's rows.
-    float s[RB_LB / 8][4];
-    rb_scores(s, qs + i0 * ld, ks, ld, d, (i0 + 16) / 8);
-    // Causal decay mask, then the scores as bf16 A fragments (16 keys per fragment).
-    unsigned pa[RB_LB / 16][4];
-#pragma unroll
-    for (int nt = 0; nt < RB_LB / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int i = e < 2 ? ia : ib, j = nt * 8 + 2 * q + (e & 1);
-            s[nt][e] = (j <= i && i < m) ? s[nt][e] * expf(-lam * (float)(i - j)) : 0.0f;
-        }
-    }
-#pragma unroll
-    for (int kc = 0; kc < RB_LB / 16; ++kc) rb_frag_a_from_c(pa[kc], s[2 * kc], s[2 * kc + 1]);
-
-    // Inter-block term Q P, P = hi + lo read from global memory (transposed: P[r][c] at c·d + r).
-    float o[RB_MAX_HEAD_DIM / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
-    const __nv_bfloat16* ph = p_hi + ((size_t)h * nb + b) * d * d;
-    const __nv_bfloat16* pl = p_lo + ((size_t)h * nb + b) * d * d;
-    for (int r0 = 0; r0 < d; r0 += 16) {
-        unsigned a[4];
-        rb_frag_a(a, qs + i0 * ld + r0, ld);
-#pragma unroll
-        for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
-            if (nt * 8 >= d) break;
-            unsigned bf[2];
-            rb_frag_b(bf, ph + (size_t)nt * 8 * d + r0, d);
-            rb_mma(o[nt], a, bf);
-            rb_frag_b(bf, pl + (size_t)nt * 8 * d + r0, d);
-            rb_mma(o[nt], a, bf);
-        }
-    }
-    const float da = expf(-lam * (float)(ia + 1)), db = expf(-lam * (float)(ib + 1));
-#pragma unroll
-    for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
-        o[nt][0] *= da;
-        o[nt][1] *= da;
-        o[nt][2] *= db;
-        o[nt][3] *= db;
-    }
-
-    // Intra-block term: O += S V over the causal key chunks.
-#pragma unroll
-    for (int kc = 0; kc < RB_LB / 16; ++kc) {
-        if (kc * 16 > i0 + 15) break;
-#pragma unroll
-        for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
-            if (nt * 8 >= d) break;
-            unsigned bf[2];
-            rb_frag_b(bf, vt + nt * 8 * RB_LT + kc * 16, RB_LT);
-            rb_mma(o[nt], pa[kc], bf);
-        }
-    }
-#pragma unroll
-    for (int nt = 0; nt < RB_MAX_HEAD_DIM / 8; ++nt) {
-        if (nt * 8 >= d) break;
-        const int c = nt * 8 + 2 * q;
-        if (ia < m) {
-            float* row = out + (size_t)(start + ia) * heads * d + (size_t)h * d + c;
-            row[0] = o[nt][0];
-            row[1] = o[nt][1];
-        }
-        if (ib < m) {
-            float* row = out + (size_t)(start + ib) * heads * d + (size_t)h * d + c;
-            row[0] = o[nt][2];
-            row[1] = o[nt][3];
-        }
-    }
+    rb_lightning_block_rows<RB_MAX_HEAD_DIM / 8>(out, qs, ks, ld, vt,
+                                                 p_hi + ((size_t)h * nb + b) * d * d,
+                                                 p_lo + ((size_t)h * nb + b) * d * d, d, lam, m, d,
+                                                 d, start, heads, h, 0);
 }
 
 // Fused tensor-core prefill: one pass, the state kept on chip. Grid (heads, ceil(d / RB_FV)),
@@ -258,7 +273,6 @@ lightning_fused(const float* __restrict__ qkv, float* __restrict__ out, float* _
     __nv_bfloat16* pl = ph + RB_FV * ld;                             // S lo
     const float lam = lambda[h];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int i0 = warp * 16, ia = i0 + g, ib = ia + 8;
     const size_t row = (size_t)heads * 3 * d;
     float* S = state + (size_t)h * d * d;
 
@@ -295,72 +309,8 @@ lightning_fused(const float* __restrict__ qkv, float* __restrict__ out, float* _
         }
         __syncthreads();
 
-        // Intra-block scores with the causal decay mask, as A fragments.
-        float sc[RB_LB / 8][4];
-        rb_scores(sc, qs + i0 * ld, ks, ld, d, (i0 + 16) / 8);
-        unsigned pa[RB_LB / 16][4];
-#pragma unroll
-        for (int nt = 0; nt < RB_LB / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = e < 2 ? ia : ib, j = nt * 8 + 2 * q + (e & 1);
-                sc[nt][e] = (j <= i && i < m) ? sc[nt][e] * expf(-lam * (float)(i - j)) : 0.0f;
-            }
-#pragma unroll
-        for (int kc = 0; kc < RB_LB / 16; ++kc) rb_frag_a_from_c(pa[kc], sc[2 * kc], sc[2 * kc + 1]);
-
-        // Inter-block term Q S (S = hi + lo), scaled by each row's decay.
-        float o[RB_FV / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < RB_FV / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
-        for (int r0 = 0; r0 < d; r0 += 16) {
-            unsigned a[4];
-            rb_frag_a(a, qs + i0 * ld + r0, ld);
-#pragma unroll
-            for (int nt = 0; nt < RB_FV / 8; ++nt) {
-                if (nt * 8 >= cv) break;
-                unsigned bf[2];
-                rb_frag_b(bf, ph + nt * 8 * ld + r0, ld);
-                rb_mma(o[nt], a, bf);
-                rb_frag_b(bf, pl + nt * 8 * ld + r0, ld);
-                rb_mma(o[nt], a, bf);
-            }
-        }
-        const float da = expf(-lam * (float)(ia + 1)), db = expf(-lam * (float)(ib + 1));
-#pragma unroll
-        for (int nt = 0; nt < RB_FV / 8; ++nt) {
-            o[nt][0] *= da;
-            o[nt][1] *= da;
-            o[nt][2] *= db;
-            o[nt][3] *= db;
-        }
-        // Intra-block term over the causal key chunks.
-#pragma unroll
-        for (int kc = 0; kc < RB_LB / 16; ++kc) {
-            if (kc * 16 > i0 + 15) break;
-#pragma unroll
-            for (int nt = 0; nt < RB_FV / 8; ++nt) {
-                if (nt * 8 >= cv) break;
-                unsigned bf[2];
-                rb_frag_b(bf, vt + nt * 8 * RB_LT + kc * 16, RB_LT);
-                rb_mma(o[nt], pa[kc], bf);
-            }
-        }
-#pragma unroll
-        for (int nt = 0; nt < RB_FV / 8; ++nt) {
-            if (nt * 8 >= cv) break;
-            const int c = c0 + nt * 8 + 2 * q;
-            if (ia < m) {
-                float* r = out + (size_t)(start + ia) * heads * d + (size_t)h * d + c;
-                r[0] = o[nt][0];
-                r[1] = o[nt][1];
-            }
-            if (ib < m) {
-                float* r = out + (size_t)(start + ib) * heads * d + (size_t)h * d + c;
-                r[0] = o[nt][2];
-                r[1] = o[nt][3];
-            }
-        }
+        rb_lightning_block_rows<RB_FV / 8>(out, qs, ks, ld, vt, ph, pl, ld, lam, m, d, cv, start,
+                                           heads, h, c0);
 
         // State update S ← exp(−λm) S + Kdᵀ V, in registers.
         const float full = expf(-lam * (float)m);

@@ -980,30 +980,30 @@ impl Backend for CudaBackend {
             };
             // SAFETY: as in `lightning_decode`: one live state, stream-ordered frees.
             unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_decode", e));
-        } else if tensor_core_dim(d) && self.lightning_kernel() == LightningKernel::Fused {
-            let smem = fused_smem(d);
-            self.allow_smem("lightning_fused", smem);
-            let ti = t as i32;
-            let mut b = self.stream.launch_builder(self.f("lightning_fused"));
-            b.arg(qd)
-                .arg(od)
-                .arg(sd)
-                .arg(&lam)
-                .arg(&ti)
-                .arg(&hi)
-                .arg(&di);
-            let cfg = LaunchConfig {
-                grid_dim: (heads as u32, d.div_ceil(64) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem,
-            };
-            // SAFETY: qkv holds t rows of heads·3d, out t rows of heads·d, state heads·d·d.
-            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_fused", e));
-        } else if tensor_core_dim(d) {
+        } else if tensor_core_dim(d) && self.lightning_kernel() == LightningKernel::Blocks {
             self.lightning_prefill_tc(qd, od, sd, &lam, t, heads, d);
         } else {
+            // One launch over the whole prompt: the fused tensor-core kernel, or the scalar one
+            // for head dims the tensor-core kernels do not take.
+            let (name, cfg) = if tensor_core_dim(d) {
+                let smem = fused_smem(d);
+                self.allow_smem("lightning_fused", smem);
+                let cfg = LaunchConfig {
+                    grid_dim: (heads as u32, d.div_ceil(64) as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem,
+                };
+                ("lightning_fused", cfg)
+            } else {
+                let cfg = LaunchConfig {
+                    grid_dim: (heads as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                ("lightning_prefill", cfg)
+            };
             let ti = t as i32;
-            let mut b = self.stream.launch_builder(self.f("lightning_prefill"));
+            let mut b = self.stream.launch_builder(self.f(name));
             b.arg(qd)
                 .arg(od)
                 .arg(sd)
@@ -1011,12 +1011,9 @@ impl Backend for CudaBackend {
                 .arg(&ti)
                 .arg(&hi)
                 .arg(&di);
-            let cfg = LaunchConfig {
-                grid_dim: (heads as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("lightning_prefill", e));
+            // SAFETY: qkv holds t rows of heads·3d, out t rows of heads·d, state heads·d·d;
+            // both kernels take (qkv, out, state, λ, t, heads, d).
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail(name, e));
         }
         out
     }
