@@ -14,12 +14,23 @@ const BIN: &str = env!("CARGO_BIN_EXE_ringbolt");
 /// Lease TTL of every member in these tests: a crash is noticed within about this long.
 const TTL: &str = "2";
 
+/// A port free now, for a process started later (etcd, a coordinator that binds only once
+/// elected). Chosen below the kernel's ephemeral range: a port from that range can be taken
+/// meanwhile by any outgoing connection's local end (seen: a coordinator that lost its port to
+/// one while campaigning).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, ephemeral_low.clamp(10_001, 32768));
+    for _ in 0..1000 {
+        let p = rand::random_range(lo..hi);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port in {lo}..{hi}")
 }
 
 struct Etcd {
