@@ -236,11 +236,10 @@ RB_EXTERN void lightning_block_out(const float* __restrict__ qkv, float* __restr
 // pl RB_FV·(d+8) each: (4·RB_LB·(d+8) + d·RB_LT + RB_FV·RB_LT)·2 bytes when RB_FV = RB_LB (as
 // `fused_smem` in cuda_backend.rs and kernels/emu/check.cpp compute it).
 #define RB_FV 64
-// The fused prefill's state slice (C fragments, see lightning_fused) as bf16 hi + lo,
-// transposed (element (r, c) at c·ld + r): the B operand of Q S.
-__device__ __forceinline__ void rb_fused_publish(const float (&st)[2][RB_FV / 8][4],
-                                                 __nv_bfloat16* ph, __nv_bfloat16* pl, int ld,
-                                                 int d, int cv) {
+// Calls f(v, r, c) on each element v of the fused prefill's state slice this thread holds (the
+// C fragments of its m-tiles warp and warp + 4): state row r (d_k) < d, slice column c < cv.
+template <typename F>
+__device__ __forceinline__ void rb_fused_each(float (&st)[2][RB_FV / 8][4], int d, int cv, F f) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
 #pragma unroll
     for (int u = 0; u < 2; ++u)
@@ -250,12 +249,18 @@ __device__ __forceinline__ void rb_fused_publish(const float (&st)[2][RB_FV / 8]
             for (int e = 0; e < 4; ++e) {
                 const int mt = warp + 4 * u;
                 const int r = mt * 16 + g + (e >> 1) * 8, c = nt * 8 + 2 * q + (e & 1);
-                if (mt * 16 < d && c < cv) {
-                    const __nv_bfloat16 hi = __float2bfloat16(st[u][nt][e]);
-                    ph[c * ld + r] = hi;
-                    pl[c * ld + r] = __float2bfloat16(st[u][nt][e] - __bfloat162float(hi));
-                }
+                if (mt * 16 < d && c < cv) f(st[u][nt][e], r, c);
             }
+}
+
+// The state slice as bf16 hi + lo, transposed (element (r, c) at c·ld + r): the B operand of Q S.
+__device__ __forceinline__ void rb_fused_publish(float (&st)[2][RB_FV / 8][4], __nv_bfloat16* ph,
+                                                 __nv_bfloat16* pl, int ld, int d, int cv) {
+    rb_fused_each(st, d, cv, [&](float& v, int r, int c) {
+        const __nv_bfloat16 hi = __float2bfloat16(v);
+        ph[c * ld + r] = hi;
+        pl[c * ld + r] = __float2bfloat16(v - __bfloat162float(hi));
+    });
 }
 
 RB_EXTERN void __launch_bounds__(128)
@@ -272,22 +277,13 @@ lightning_fused(const float* __restrict__ qkv, float* __restrict__ out, float* _
     __nv_bfloat16* ph = vt + RB_FV * RB_LT;                          // [RB_FV][ld]: S hi, transposed
     __nv_bfloat16* pl = ph + RB_FV * ld;                             // S lo
     const float lam = lambda[h];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int warp = threadIdx.x >> 5;
     const size_t row = (size_t)heads * 3 * d;
     float* S = state + (size_t)h * d * d;
 
     // The state slice: warp w holds rows (d_k) of m-tiles w and w + 4, all cv columns.
-    float st[2][RB_FV / 8][4];
-#pragma unroll
-    for (int u = 0; u < 2; ++u)
-#pragma unroll
-        for (int nt = 0; nt < RB_FV / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int mt = warp + 4 * u;
-                const int r = mt * 16 + g + (e >> 1) * 8, c = nt * 8 + 2 * q + (e & 1);
-                st[u][nt][e] = (mt * 16 < d && c < cv) ? S[(size_t)r * d + c0 + c] : 0.0f;
-            }
+    float st[2][RB_FV / 8][4] = {};
+    rb_fused_each(st, d, cv, [&](float& v, int r, int c) { v = S[(size_t)r * d + c0 + c]; });
     rb_fused_publish(st, ph, pl, ld, d, cv);
 
     for (int start = 0; start < t; start += RB_LB) {
@@ -342,16 +338,7 @@ lightning_fused(const float* __restrict__ qkv, float* __restrict__ out, float* _
             rb_fused_publish(st, ph, pl, ld, d, cv);
         }
     }
-#pragma unroll
-    for (int u = 0; u < 2; ++u)
-#pragma unroll
-        for (int nt = 0; nt < RB_FV / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int mt = warp + 4 * u;
-                const int r = mt * 16 + g + (e >> 1) * 8, c = nt * 8 + 2 * q + (e & 1);
-                if (mt * 16 < d && c < cv) S[(size_t)r * d + c0 + c] = st[u][nt][e];
-            }
+    rb_fused_each(st, d, cv, [&](float& v, int r, int c) { S[(size_t)r * d + c0 + c] = v; });
 }
 
 // Scalar prefill: one thread block per head; tokens in order, one block of m tokens at a time.
