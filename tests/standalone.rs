@@ -258,12 +258,15 @@ async fn submit_raw(
 
 async fn job_count(endpoint: &str) -> usize {
     let mut c = client(endpoint).await;
-    c.list_jobs(pb::ListJobsRequest { limit: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
-        .len()
+    c.list_jobs(pb::ListJobsRequest {
+        limit: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .jobs
+    .len()
 }
 
 #[test]

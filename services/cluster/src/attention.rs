@@ -9,6 +9,7 @@ use crate::remote::RemoteExperts;
 use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
 use clap::Args;
 use futures::future::BoxFuture;
+use ringbolt_jobs::bounds::{MAX_NEW_TOKENS_CEILING, MAX_STOP_TOKENS, check_job_id, echo};
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, Device, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
@@ -122,6 +123,7 @@ impl<B: Backend> AttentionHost<B> {
 
     /// Checks a job step's request: its prompt, sampler and prefill chunk.
     fn check(&self, req: &ipb::RunJobRequest) -> Result<(Vec<u32>, Sampler, usize), Status> {
+        check_job_id(&req.job_id).map_err(Status::invalid_argument)?;
         let prompt = ringbolt_proto::unpack_tokens(&req.prompt)
             .ok_or_else(|| Status::invalid_argument("prompt bytes are not a multiple of 4"))?;
         if prompt.is_empty() {
@@ -137,8 +139,38 @@ impl<B: Backend> AttentionHost<B> {
                 prompt.len()
             )));
         }
-        if req.max_new_tokens == 0 {
-            return Err(Status::invalid_argument("max_new_tokens must be positive"));
+        // The coordinator checked all of this against the public limits; a worker checks it
+        // again against the model, whoever sent it.
+        let cfg = self.model.config();
+        let positions = cfg.max_position_embeddings as u64;
+        if req.max_new_tokens == 0 || req.max_new_tokens > MAX_NEW_TOKENS_CEILING {
+            return Err(Status::invalid_argument(format!(
+                "max_new_tokens must be between 1 and {MAX_NEW_TOKENS_CEILING}, got {}",
+                req.max_new_tokens
+            )));
+        }
+        if prompt.len() as u64 + req.max_new_tokens as u64 > positions {
+            return Err(Status::invalid_argument(format!(
+                "{} prompt tokens + {} new tokens exceed the model's {positions} positions",
+                prompt.len(),
+                req.max_new_tokens
+            )));
+        }
+        if req.stop_tokens.len() > MAX_STOP_TOKENS {
+            return Err(Status::invalid_argument(format!(
+                "{} stop tokens; at most {MAX_STOP_TOKENS} are allowed",
+                req.stop_tokens.len()
+            )));
+        }
+        if let Some(&t) = req
+            .stop_tokens
+            .iter()
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            return Err(Status::invalid_argument(format!(
+                "stop token {t} is outside the vocabulary (size {})",
+                cfg.vocab_size
+            )));
         }
         self.model
             .check_tokens(0, &prompt)
@@ -163,7 +195,7 @@ impl<B: Backend> AttentionHost<B> {
         let (prompt, sampler, chunk) = match self.check(&req) {
             Ok(c) => c,
             Err(status) => {
-                tracing::warn!(job = %req.job_id, status = %status, "job step refused");
+                tracing::warn!(job = %echo(&req.job_id), status = %status, "job step refused");
                 let _ = tx.send(Err(status));
                 return None;
             }
@@ -374,7 +406,7 @@ impl AttentionWorker for Service {
     ) -> Result<Response<Self::RunJobStream>, Status> {
         let req = request.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
-        let job = req.job_id.clone();
+        let job = echo(&req.job_id);
         match self.jobs.try_send(Incoming { req, tx }) {
             Ok(()) => Ok(Response::new(UnboundedReceiverStream::new(rx))),
             Err(std::sync::mpsc::TrySendError::Full(_)) => Err(Status::resource_exhausted(

@@ -1,5 +1,6 @@
 //! Job records to and from the wire types.
 
+use crate::bounds::{MAX_ERROR_BYTES, MAX_IDEMPOTENCY_KEY_BYTES, MAX_STOP_TOKENS, clip};
 use crate::record::{FinishReason, JobRecord, JobState, Sampling, Timings};
 use ringbolt_proto::v1 as pb;
 
@@ -35,10 +36,12 @@ pub fn sampling(s: &Sampling) -> pb::SamplingParams {
         temperature: s.temperature,
         top_p: s.top_p,
         seed: s.seed,
-        stop_tokens: s.stop_tokens.clone(),
+        stop_tokens: s.stop_tokens[..s.stop_tokens.len().min(MAX_STOP_TOKENS)].to_vec(),
     }
 }
 
+/// A record on the wire. Stored fields are bounded when accepted; records written before those
+/// bounds existed are clipped here, so one job can never make a message too large.
 pub fn job(r: &JobRecord) -> pb::Job {
     pb::Job {
         job_id: r.id.clone(),
@@ -47,14 +50,23 @@ pub fn job(r: &JobRecord) -> pb::Job {
         max_new_tokens: r.max_new_tokens,
         sampling: Some(sampling(&r.sampling)),
         tokens: r.tokens.clone(),
+        generated_tokens: r.tokens.len() as u32,
         context_parallel: r.context_parallel,
         finish_reason: r
             .finish_reason
             .map(finish_reason)
             .unwrap_or(pb::FinishReason::Unspecified) as i32,
-        error: r.error.as_ref().map(|e| e.1.clone()).unwrap_or_default(),
+        error: r
+            .error
+            .as_ref()
+            .map(|e| clip(&e.1, MAX_ERROR_BYTES).to_string())
+            .unwrap_or_default(),
         created_unix_ms: r.created_unix_ms,
         timings: Some(timings(&r.timings)),
-        idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+        idempotency_key: r
+            .idempotency_key
+            .as_deref()
+            .map(|k| clip(k, MAX_IDEMPOTENCY_KEY_BYTES).to_string())
+            .unwrap_or_default(),
     }
 }

@@ -9,8 +9,14 @@ pub enum JobError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
-    #[error("no job with id `{0}`")]
+    /// An unknown job id (quoted clipped: see [`crate::bounds::echo`]).
+    #[error("no job with id `{}`", crate::bounds::echo(.0))]
     NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Accepted data that is damaged or gone (a spooled prompt, a job record).
+    #[error("{0}")]
+    DataLoss(String),
     #[error("upload interrupted: {0}; no job was created")]
     UploadInterrupted(String),
     #[error("job store: {0}")]
@@ -28,6 +34,8 @@ impl JobError {
             JobError::FailedPrecondition(_) => Code::FailedPrecondition,
             JobError::ResourceExhausted(_) => Code::ResourceExhausted,
             JobError::NotFound(_) => Code::NotFound,
+            JobError::AlreadyExists(_) => Code::AlreadyExists,
+            JobError::DataLoss(_) => Code::DataLoss,
             JobError::UploadInterrupted(_) => Code::Cancelled,
             JobError::Store(_) => Code::Internal,
             JobError::Model(_) => Code::Internal,

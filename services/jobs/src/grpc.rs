@@ -1,6 +1,7 @@
 //! The public gRPC service (`ringbolt.v1.Jobs`, `ringbolt.v1.Cluster`, health) over a
 //! [`JobManager`].
 
+use crate::bounds::{self, MAX_IDEMPOTENCY_KEY_BYTES, MAX_STOP_TOKENS, echo};
 use crate::convert;
 use crate::error::JobError;
 use crate::live;
@@ -36,6 +37,28 @@ fn invalid(msg: impl Into<String>) -> JobError {
     JobError::InvalidArgument(msg.into())
 }
 
+fn job_id(id: &str) -> Result<&str, JobError> {
+    bounds::check_job_id(id).map_err(JobError::InvalidArgument)?;
+    Ok(id)
+}
+
+/// What a submission asks for, as one hash: its parameters and its prompt's token ids. A retry
+/// under the same idempotency key must ask the same.
+fn fingerprint(h: &pb::JobHeader, s: &Sampling, prompt_hash: u64) -> u64 {
+    let mut x = xxhash_rust::xxh3::Xxh3::new();
+    x.update(&h.max_new_tokens.to_le_bytes());
+    x.update(&s.temperature.to_bits().to_le_bytes());
+    x.update(&s.top_p.to_bits().to_le_bytes());
+    x.update(&s.seed.to_le_bytes());
+    x.update(&(s.stop_tokens.len() as u64).to_le_bytes());
+    for t in &s.stop_tokens {
+        x.update(&t.to_le_bytes());
+    }
+    x.update(&h.context_parallel.to_le_bytes());
+    x.update(&prompt_hash.to_le_bytes());
+    x.digest()
+}
+
 impl JobsService {
     pub fn new(mgr: JobManager, address: String) -> Self {
         JobsService {
@@ -69,6 +92,18 @@ impl JobsService {
             .validate()
             .map_err(|e| invalid(e.to_string().replace("invalid request: ", "")))?;
         let vocab = self.mgr.model().vocab_size;
+        if s.stop_tokens.len() > MAX_STOP_TOKENS {
+            return Err(invalid(format!(
+                "{} stop tokens were given; at most {MAX_STOP_TOKENS} are allowed",
+                s.stop_tokens.len()
+            )));
+        }
+        if h.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(invalid(format!(
+                "the idempotency key is {} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES} are allowed",
+                h.idempotency_key.len()
+            )));
+        }
         if let Some(&t) = s.stop_tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(invalid(format!(
                 "stop token {t} is outside the vocabulary (size {vocab})"
@@ -119,17 +154,12 @@ impl JobsService {
         };
         let sampling = self.validate_header(&header)?;
         let key = (!header.idempotency_key.is_empty()).then(|| header.idempotency_key.clone());
-        if let Some(k) = &key
-            && let Some(existing) = self.mgr.lookup_idempotency_key(k)?
-        {
-            let rec = self.mgr.get(&existing)?;
-            return Ok(pb::SubmitJobResponse {
-                job_id: existing,
-                prompt_tokens: rec.prompt_tokens,
-                existing: true,
-            });
-        }
-        self.mgr.check_admission()?;
+        // A retry of a known key takes no place among the admitted jobs; anything else takes
+        // one before its upload starts, so admission is exact under concurrency.
+        let mut permit = match &key {
+            Some(k) if self.mgr.lookup_idempotency_key(k)?.is_some() => None,
+            _ => Some(self.mgr.admit()?),
+        };
         let model = self.mgr.model().clone();
         let max_prompt = self
             .mgr
@@ -239,13 +269,24 @@ impl JobsService {
                 header.max_new_tokens, model.max_position_embeddings
             )));
         }
+        let fp = fingerprint(&header, &sampling, spool.prompt_hash());
+        if let Some(k) = &key
+            && let Some(existing) = self.mgr.lookup_idempotency_key(k)?
+        {
+            return self.existing(k, existing, fp);
+        }
+        let permit = match permit.take() {
+            Some(p) => p,
+            // The key's job expired meanwhile: this is a new job after all.
+            None => self.mgr.admit()?,
+        };
         let record = JobRecord {
             id,
             state: JobState::Queued,
             prompt_tokens: n,
             max_new_tokens: header.max_new_tokens,
             sampling,
-            idempotency_key: key,
+            idempotency_key: key.clone(),
             context_parallel: 0,
             created_unix_ms: now_unix_ms(),
             finished_unix_ms: None,
@@ -253,12 +294,34 @@ impl JobsService {
             finish_reason: None,
             error: None,
             timings: Timings::default(),
+            fingerprint: Some(fp),
         };
-        let (job_id, existing) = self.mgr.accept(record, spool).await?;
+        let (job_id, existing) = self.mgr.accept(record, spool, permit).await?;
+        if existing && let Some(k) = &key {
+            return self.existing(k, job_id, fp);
+        }
         Ok(pb::SubmitJobResponse {
             job_id,
             prompt_tokens: n,
             existing,
+        })
+    }
+
+    /// The answer to a submission whose idempotency key names job `id`: that job, if it was
+    /// asked with the same prompt and parameters; ALREADY_EXISTS if not.
+    fn existing(&self, key: &str, id: String, fp: u64) -> Result<pb::SubmitJobResponse, JobError> {
+        let rec = self.mgr.get(&id)?;
+        if rec.fingerprint.is_some_and(|f| f != fp) {
+            return Err(JobError::AlreadyExists(format!(
+                "idempotency key `{}` already names job {id}, which was submitted with a \
+                 different prompt or parameters; use a new key for a new job",
+                echo(key)
+            )));
+        }
+        Ok(pb::SubmitJobResponse {
+            job_id: id,
+            prompt_tokens: rec.prompt_tokens,
+            existing: true,
         })
     }
 }
@@ -279,12 +342,12 @@ impl Jobs for JobsService {
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
 
-    #[tracing::instrument(skip_all, fields(job = %request.get_ref().job_id))]
+    #[tracing::instrument(skip_all, fields(job = %echo(&request.get_ref().job_id)))]
     async fn watch_job(
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let src = self.mgr.watch(&request.into_inner().job_id)?;
+        let src = self.mgr.watch(job_id(&request.into_inner().job_id)?)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             match src {
@@ -322,34 +385,70 @@ impl Jobs for JobsService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    #[tracing::instrument(skip_all, fields(job = %request.get_ref().job_id))]
+    #[tracing::instrument(skip_all, fields(job = %echo(&request.get_ref().job_id)))]
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let r = request.into_inner();
         Ok(Response::new(convert::job(
-            &self.mgr.get(&request.into_inner().job_id)?,
+            &self.mgr.get(job_id(&r.job_id)?)?,
         )))
     }
 
-    #[tracing::instrument(skip_all, fields(job = %request.get_ref().job_id))]
+    #[tracing::instrument(skip_all, fields(job = %echo(&request.get_ref().job_id)))]
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let r = request.into_inner();
         Ok(Response::new(convert::job(
-            &self.mgr.cancel(&request.into_inner().job_id)?,
+            &self.mgr.cancel(job_id(&r.job_id)?)?,
         )))
     }
 
+    /// One page of jobs, newest first: at most `limit` (default 100, at most 1000) and at most
+    /// 4 MiB of them, so no job, however large, can keep the others from being listed.
     #[tracing::instrument(skip_all)]
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = self.mgr.list(request.into_inner().limit as usize)?;
+        use prost::Message;
+        let r = request.into_inner();
+        let before = match r.page_token.as_str() {
+            "" => None,
+            t => Some(job_id(t).map_err(|_| {
+                invalid(format!(
+                    "page token `{}` is not one this server gave",
+                    echo(t)
+                ))
+            })?),
+        };
+        let limit = match r.limit as usize {
+            0 => bounds::DEFAULT_PAGE,
+            n => n.min(bounds::MAX_PAGE),
+        };
+        let (records, mut more) = self.mgr.list(limit, before)?;
+        let mut jobs = Vec::with_capacity(records.len());
+        let mut bytes = 0;
+        for rec in &records {
+            let j = convert::job(rec);
+            let len = j.encoded_len() + 8;
+            if !jobs.is_empty() && bytes + len > bounds::PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += len;
+            jobs.push(j);
+        }
+        let next_page_token = match (more, jobs.last()) {
+            (true, Some(j)) => j.job_id.clone(),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(convert::job).collect(),
+            jobs,
+            next_page_token,
         }))
     }
 }
@@ -422,7 +521,13 @@ pub async fn serve_service(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    // This process serves both public services once it listens (a standby coordinator does
+    // not listen until it leads); "" is the server as a whole.
     health.set_serving::<JobsServer<JobsService>>().await;
+    health.set_serving::<ClusterServer<JobsService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(

@@ -9,6 +9,7 @@ use crate::store::{JobStore, SpoolWriter};
 use ringbolt_kernels::Backend;
 use ringbolt_model::{Model, ModelConfig};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -81,9 +82,27 @@ pub enum WatchSource {
     Finished(Box<JobRecord>),
 }
 
+/// A place among the `max_jobs` jobs admitted (being uploaded, queued or running): taken before
+/// an upload starts, so admission is exact however many clients submit at once, and given back
+/// when dropped (the upload failed, or the job left the live table).
+pub struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A live job and its place among the admitted.
+struct Entry {
+    job: Arc<LiveJob>,
+    _permit: Permit,
+}
+
 struct Inner {
     store: Arc<JobStore>,
-    live: Mutex<HashMap<String, Arc<LiveJob>>>,
+    live: Mutex<HashMap<String, Entry>>,
+    admitted: Arc<AtomicUsize>,
     to_engine: Sender<Arc<LiveJob>>,
     limits: Limits,
     model: ModelConfig,
@@ -121,6 +140,14 @@ impl JobManager {
         tokenizer: Option<tokenizers::Tokenizer>,
         shutdown: CancellationToken,
     ) -> Result<Self> {
+        let ceiling = crate::bounds::MAX_NEW_TOKENS_CEILING;
+        if limits.max_new_tokens > ceiling {
+            return Err(JobError::InvalidArgument(format!(
+                "the max_new_tokens limit {} is above the most a job's result can carry ({ceiling})",
+                limits.max_new_tokens
+            )));
+        }
+        store.recovery().log();
         let store = Arc::new(store);
         // Admission bounds what is queued or running (`max_jobs`); recovery after a restart
         // re-queues every unfinished job whatever the limit, so this channel is not bounded again.
@@ -135,6 +162,7 @@ impl JobManager {
             inner: Arc::new(Inner {
                 store,
                 live: Mutex::new(HashMap::new()),
+                admitted: Arc::new(AtomicUsize::new(0)),
                 to_engine,
                 limits,
                 model: model_cfg,
@@ -151,7 +179,10 @@ impl JobManager {
                     tokens: Vec::new(),
                     ..rec
                 };
-                mgr.enqueue(rec)?;
+                // Recovered jobs were admitted before the restart: they count, whatever the limit.
+                mgr.inner.admitted.fetch_add(1, Ordering::SeqCst);
+                let permit = Permit(mgr.inner.admitted.clone());
+                mgr.enqueue(rec, permit)?;
                 recovered += 1;
             }
         }
@@ -174,8 +205,12 @@ impl JobManager {
         self.inner.tokenizer.as_deref()
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveJob>>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live_job(&self, id: &str) -> Option<Arc<LiveJob>> {
+        self.live().get(id).map(|e| e.job.clone())
     }
 
     /// (running, queued) jobs.
@@ -183,20 +218,25 @@ impl JobManager {
         let live = self.live();
         let running = live
             .values()
-            .filter(|j| j.lock().record.state == JobState::Running)
+            .filter(|e| e.job.lock().record.state == JobState::Running)
             .count() as u32;
         (running, live.len() as u32 - running)
     }
 
-    pub fn check_admission(&self) -> Result<()> {
-        let n = self.live().len();
-        if n >= self.inner.limits.max_jobs {
-            return Err(JobError::ResourceExhausted(format!(
-                "{n} jobs are queued or running (limit {}); retry later",
-                self.inner.limits.max_jobs
-            )));
+    /// Takes a place among the admitted jobs, or says the server is full.
+    pub fn admit(&self) -> Result<Permit> {
+        let max = self.inner.limits.max_jobs;
+        match self
+            .inner
+            .admitted
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            }) {
+            Ok(_) => Ok(Permit(self.inner.admitted.clone())),
+            Err(n) => Err(JobError::ResourceExhausted(format!(
+                "{n} jobs are being uploaded, queued or running (limit {max}); retry later"
+            ))),
         }
-        Ok(())
     }
 
     pub fn lookup_idempotency_key(&self, key: &str) -> Result<Option<String>> {
@@ -210,10 +250,14 @@ impl JobManager {
         Ok((id, w))
     }
 
-    /// Makes an uploaded prompt a durable job and queues it. Returns the job id, and whether
-    /// an existing job with the same idempotency key was returned instead.
-    pub async fn accept(&self, record: JobRecord, spool: SpoolWriter) -> Result<(String, bool)> {
-        self.check_admission()?;
+    /// Makes an uploaded prompt a durable job and queues it under `permit`. Returns the job
+    /// id, and whether an existing job with the same idempotency key was returned instead.
+    pub async fn accept(
+        &self,
+        record: JobRecord,
+        spool: SpoolWriter,
+        permit: Permit,
+    ) -> Result<(String, bool)> {
         let store = self.inner.store.clone();
         let rec = record.clone();
         let committed = tokio::task::spawn_blocking(move || store.commit(&rec, spool))
@@ -223,16 +267,22 @@ impl JobManager {
             Err(existing) => Ok((existing, true)),
             Ok(()) => {
                 let id = record.id.clone();
-                self.enqueue(record)?;
+                self.enqueue(record, permit)?;
                 tracing::info!(job = %id, "job accepted");
                 Ok((id, false))
             }
         }
     }
 
-    fn enqueue(&self, record: JobRecord) -> Result<()> {
+    fn enqueue(&self, record: JobRecord, permit: Permit) -> Result<()> {
         let job = LiveJob::new(record);
-        self.live().insert(job.id.clone(), job.clone());
+        self.live().insert(
+            job.id.clone(),
+            Entry {
+                job: job.clone(),
+                _permit: permit,
+            },
+        );
         self.inner
             .to_engine
             .send(job)
@@ -240,7 +290,7 @@ impl JobManager {
     }
 
     pub fn get(&self, id: &str) -> Result<JobRecord> {
-        if let Some(j) = self.live().get(id) {
+        if let Some(j) = self.live_job(id) {
             return Ok(j.record());
         }
         self.inner
@@ -250,50 +300,60 @@ impl JobManager {
     }
 
     pub fn watch(&self, id: &str) -> Result<WatchSource> {
-        if let Some(j) = self.live().get(id) {
-            return Ok(WatchSource::Live(j.clone()));
+        if let Some(j) = self.live_job(id) {
+            return Ok(WatchSource::Live(j));
         }
         match self.inner.store.get(id)? {
             Some(r) if r.state.is_finished() => Ok(WatchSource::Finished(Box::new(r))),
             // Between commit and the live table (or at shutdown): look again.
             Some(_) => self
-                .live()
-                .get(id)
-                .cloned()
+                .live_job(id)
                 .map(WatchSource::Live)
                 .ok_or(JobError::ShuttingDown),
             None => Err(JobError::NotFound(id.to_string())),
         }
     }
 
+    /// Asks a queued or running job to stop. A finished job cannot be cancelled: that is
+    /// FAILED_PRECONDITION, saying how it ended.
     pub fn cancel(&self, id: &str) -> Result<JobRecord> {
-        if let Some(j) = self.live().get(id) {
+        if let Some(j) = self.live_job(id) {
             j.cancel();
             tracing::info!(job = %id, "cancel requested");
             return Ok(j.record());
         }
-        self.inner
+        let rec = self
+            .inner
             .store
             .get(id)?
-            .ok_or_else(|| JobError::NotFound(id.to_string()))
+            .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+        Err(JobError::FailedPrecondition(format!(
+            "job {id} has already finished ({}): nothing to cancel",
+            crate::convert::state(rec.state)
+                .as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase()
+        )))
     }
 
-    /// The newest `limit` jobs (0 = all), newest first.
-    pub fn list(&self, limit: usize) -> Result<Vec<JobRecord>> {
+    /// Up to `limit` jobs older than job `before` (all jobs when None), newest first, and
+    /// whether older ones remain.
+    pub fn list(&self, limit: usize, before: Option<&str>) -> Result<(Vec<JobRecord>, bool)> {
         let mut all = self.inner.store.all()?;
+        if let Some(b) = before {
+            all.retain(|r| r.id.as_str() < b);
+        }
+        let more = all.len() > limit;
+        let mut page: Vec<JobRecord> = all.into_iter().rev().take(limit).collect();
         {
             let live = self.live();
-            for r in all.iter_mut() {
-                if let Some(j) = live.get(&r.id) {
-                    *r = j.record();
+            for r in page.iter_mut() {
+                if let Some(e) = live.get(&r.id) {
+                    *r = e.job.record();
                 }
             }
         }
-        all.reverse();
-        if limit > 0 {
-            all.truncate(limit);
-        }
-        Ok(all)
+        Ok((page, more))
     }
 
     /// Makes each finished job durable, then closes its event log.
@@ -313,6 +373,7 @@ impl JobManager {
                 }
                 Outcome::Failed(code, msg) => {
                     rec.state = JobState::Failed;
+                    let msg = crate::bounds::clip(&msg, crate::bounds::MAX_ERROR_BYTES).to_string();
                     rec.error = Some((code, msg));
                 }
             }

@@ -61,6 +61,10 @@ pub struct JobRecord {
     /// gRPC code and message of a failure.
     pub error: Option<(i32, String)>,
     pub timings: Timings,
+    /// Hash of what was asked (prompt and parameters): a retry with the same idempotency key
+    /// must ask the same (absent in records of older releases).
+    #[serde(default)]
+    pub fingerprint: Option<u64>,
 }
 
 pub fn now_unix_ms() -> u64 {

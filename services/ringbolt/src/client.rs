@@ -35,14 +35,40 @@ fn connect_window() -> std::time::Duration {
     std::time::Duration::from_secs(secs)
 }
 
+/// One server address as the client dials it: `http://host:port`, or `host:port` (plain
+/// text is assumed). `https://` is refused: this release has no TLS, and a client must never
+/// speak plain text to an address that asks for encryption.
+pub fn endpoint(e: &str) -> Result<tonic::transport::Endpoint> {
+    let e = e.trim();
+    let uri = match e.split_once("://") {
+        None => format!("http://{e}"),
+        Some(("http", _)) => e.to_string(),
+        Some(("https", _)) => bail!(
+            "endpoint `{e}` asks for TLS, which this release does not support yet; use \
+             http://{} for plain text",
+            &e["https://".len()..]
+        ),
+        Some((scheme, _)) => {
+            bail!("endpoint `{e}` has the scheme `{scheme}`; use http://HOST:PORT (or HOST:PORT)")
+        }
+    };
+    let ep = Channel::from_shared(uri.clone()).map_err(|err| {
+        anyhow::anyhow!("endpoint `{e}` is not an address of the form http://HOST:PORT ({err})")
+    })?;
+    match ep.uri().host() {
+        Some(h) if !h.is_empty() => Ok(ep),
+        _ => bail!("endpoint `{e}` has no host; use http://HOST:PORT (or HOST:PORT)"),
+    }
+}
+
 /// Connects to the first of `endpoints` (comma-separated: a coordinator and its standby)
 /// that answers, trying them in turn for up to `RINGBOLT_CONNECT_TIMEOUT_SECS` (10 s).
-pub async fn connect(endpoints: &str) -> Result<JobsClient<Channel>> {
-    let list: Vec<&str> = endpoints
+pub async fn connect_channel(endpoints: &str) -> Result<Channel> {
+    let list: Vec<tonic::transport::Endpoint> = endpoints
         .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+        .filter(|s| !s.trim().is_empty())
+        .map(endpoint)
+        .collect::<Result<_>>()?;
     if list.is_empty() {
         bail!("no endpoint given");
     }
@@ -50,17 +76,14 @@ pub async fn connect(endpoints: &str) -> Result<JobsClient<Channel>> {
     let mut last = String::new();
     loop {
         for e in &list {
-            let ch = Channel::from_shared(e.to_string())?
+            let ch = e
+                .clone()
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .connect()
                 .await;
             match ch {
-                Ok(ch) => {
-                    return Ok(JobsClient::new(ch)
-                        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES));
-                }
-                Err(err) => last = format!("{e}: {err}"),
+                Ok(ch) => return Ok(ch),
+                Err(err) => last = format!("{}: {err}", e.uri()),
             }
         }
         if std::time::Instant::now() >= deadline {
@@ -68,6 +91,13 @@ pub async fn connect(endpoints: &str) -> Result<JobsClient<Channel>> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+}
+
+/// [`connect_channel`] as a client of the job API.
+pub async fn connect(endpoints: &str) -> Result<JobsClient<Channel>> {
+    Ok(JobsClient::new(connect_channel(endpoints).await?)
+        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES))
 }
 
 /// Whether a failed watch may succeed on another try (server gone or taking over).
@@ -164,6 +194,7 @@ pub enum JobsCmd {
     List {
         #[arg(long, env = "RINGBOLT_ENDPOINT")]
         endpoint: String,
+        /// How many (0: all).
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long, env = "RINGBOLT_JSON")]
@@ -490,12 +521,29 @@ pub async fn jobs(a: JobsArgs) -> Result<()> {
             json,
         } => {
             let mut c = connect(&endpoint).await?;
-            let jobs = c
-                .list_jobs(pb::ListJobsRequest { limit })
-                .await
-                .map_err(RpcError)?
-                .into_inner()
-                .jobs;
+            // Pages until `limit` jobs (0: all of them) are listed.
+            let mut jobs = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let want = if limit == 0 {
+                    0
+                } else {
+                    limit - jobs.len() as u32
+                };
+                let page = c
+                    .list_jobs(pb::ListJobsRequest {
+                        limit: want,
+                        page_token,
+                    })
+                    .await
+                    .map_err(RpcError)?
+                    .into_inner();
+                jobs.extend(page.jobs);
+                page_token = page.next_page_token;
+                if page_token.is_empty() || (limit > 0 && jobs.len() as u32 >= limit) {
+                    break;
+                }
+            }
             if json {
                 println!(
                     "{}",
@@ -509,7 +557,7 @@ pub async fn jobs(a: JobsArgs) -> Result<()> {
                         j.job_id,
                         v["state"].as_str().unwrap_or(""),
                         j.prompt_tokens,
-                        j.tokens.len()
+                        j.generated_tokens
                     );
                 }
             }
@@ -554,10 +602,7 @@ pub async fn jobs(a: JobsArgs) -> Result<()> {
 }
 
 pub async fn status(a: StatusArgs) -> Result<()> {
-    let ch = Channel::from_shared(a.endpoint.clone())?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", a.endpoint))?;
+    let ch = connect_channel(&a.endpoint).await?;
     let s = ClusterClient::new(ch)
         .status(pb::StatusRequest {})
         .await

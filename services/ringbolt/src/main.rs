@@ -71,7 +71,10 @@ fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow
 
 fn main() {
     let cli = Cli::parse();
+    // Colour only for a person at a terminal: log files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
+        .with_ansi(ansi)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )

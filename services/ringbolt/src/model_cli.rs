@@ -103,10 +103,10 @@ pub struct GenerateArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// Number of tokens to generate.
     /// Where to compute: `cpu` or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
     device: Device,
+    /// Number of tokens to generate.
     #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS")]
     max_new_tokens: usize,
     /// Sampling temperature (0: greedy).
