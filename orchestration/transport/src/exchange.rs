@@ -8,6 +8,7 @@
 //! little-endian) and the payload, written straight from the caller's buffer. Connections are
 //! pooled per peer; one request at a time per connection, so concurrency is by connections.
 
+use crate::listen::ConnLimits;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,8 +17,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
 
 /// Changes with the payloads' layout (RBX2: expert requests say their value type), so peers
 /// of two versions refuse each other's frames instead of misreading them.
@@ -83,7 +86,7 @@ struct Frame {
     payload: Bytes,
 }
 
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Frame> {
     let mut h = [0u8; HEADER];
     s.read_exact(&mut h).await?;
     let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().unwrap_or_default());
@@ -104,7 +107,16 @@ async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
             format!("frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"),
         ));
     }
-    let payload = crate::read_payload(s, len).await?;
+    // Once a header is in, its payload must follow at a bounded pace.
+    let within = crate::frame_time(len);
+    let payload = tokio::time::timeout(within, crate::read_payload(s, len))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("a frame of {len} bytes did not arrive within {within:?}"),
+            )
+        })??;
     Ok(Frame {
         kind: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
         epoch: word(8),
@@ -113,8 +125,8 @@ async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
     })
 }
 
-async fn write_frame(
-    s: &mut TcpStream,
+async fn write_frame<S: AsyncWrite + Unpin>(
+    s: &mut S,
     kind: u32,
     epoch: u64,
     id: u64,
@@ -128,13 +140,51 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, Refusal>> + S
 /// Serves one request: (the sender's epoch, the payload) → the answer or a refusal.
 pub type Handler = Arc<dyn Fn(u64, Bytes) -> HandlerFuture + Send + Sync>;
 
-/// Answers requests on `listener` until the returned task is aborted.
-pub fn serve(listener: TcpListener, handler: Handler) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Ok((mut s, peer)) = listener.accept().await {
-            let _ = s.set_nodelay(true);
+/// A running data-plane server.
+pub struct Served {
+    task: tokio::task::JoinHandle<()>,
+    healthy: watch::Receiver<bool>,
+}
+
+impl Served {
+    /// Stops accepting (connections already open finish their request).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Whether the server is accepting connections (see [`crate::listen::incoming`]); it
+    /// reads false for good if the server stopped.
+    pub fn healthy(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
+    }
+}
+
+/// Answers requests on `listener` with the default connection limits.
+pub fn serve(listener: TcpListener, handler: Handler) -> Served {
+    serve_with(listener, handler, ConnLimits::default())
+}
+
+/// Answers requests on `listener` until aborted. Accept errors never stop it (they are backed
+/// off and reported through [`Served::healthy`]); each connection is bounded by `limits`, and
+/// each frame's payload by its size.
+pub fn serve_with(listener: TcpListener, handler: Handler, limits: ConnLimits) -> Served {
+    let (mut conns, accepting) = crate::listen::incoming(listener, limits);
+    let (health_tx, healthy) = watch::channel(true);
+    let task = tokio::spawn(async move {
+        let mut accepting = accepting;
+        loop {
+            let next = tokio::select! {
+                c = conns.next() => c,
+                r = accepting.changed() => {
+                    if r.is_err() { break; }
+                    health_tx.send_replace(*accepting.borrow());
+                    continue;
+                }
+            };
+            let Some(Ok(mut s)) = next else { break };
             let handler = handler.clone();
             tokio::spawn(async move {
+                let peer = s.peer();
                 loop {
                     let f = match read_frame(&mut s).await {
                         Ok(f) => f,
@@ -160,7 +210,9 @@ pub fn serve(listener: TcpListener, handler: Handler) -> tokio::task::JoinHandle
                 }
             });
         }
-    })
+        health_tx.send_replace(false);
+    });
+    Served { task, healthy }
 }
 
 /// Sends requests to servers, reusing idle connections.
@@ -344,5 +396,46 @@ mod tests {
         });
         let err = c.call(addr, 1, b"x").await.unwrap_err();
         assert!(err.is_peer_lost(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_frame_or_a_silent_peer_loses_its_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let handler: Handler = Arc::new(|_, data: Bytes| Box::pin(async move { Ok(data) }));
+        let limits = ConnLimits {
+            handshake: Duration::from_millis(500),
+            idle: Some(Duration::from_secs(30)),
+        };
+        let served = serve_with(l, handler, limits);
+        let closed = |mut s: TcpStream, within: Duration| async move {
+            let mut b = [0u8; 64];
+            match tokio::time::timeout(within, s.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {}
+                other => panic!("connection still open: {other:?}"),
+            }
+        };
+        // Connects and says nothing: closed after the handshake time.
+        closed(
+            TcpStream::connect(addr).await.unwrap(),
+            Duration::from_secs(5),
+        )
+        .await;
+        // A header promising 2 MiB, then ten bytes and silence: closed once the frame's time
+        // (10 s + 2 s) is up, although the idle time (30 s) is not.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&header(REQUEST, 1, 1, 2 << 20)).await.unwrap();
+        s.write_all(&[0u8; 10]).await.unwrap();
+        let t0 = std::time::Instant::now();
+        closed(s, Duration::from_secs(20)).await;
+        assert!(
+            t0.elapsed() >= Duration::from_secs(11),
+            "{:?}",
+            t0.elapsed()
+        );
+        // Still serving.
+        let c = ExchangeClient::new(Duration::from_secs(5));
+        assert_eq!(&c.call(addr, 1, b"ok").await.unwrap()[..], b"ok");
+        assert!(*served.healthy().borrow());
     }
 }

@@ -11,6 +11,7 @@
 //! sends a layer's routed rows to the expert workers that hold those experts.
 
 pub mod exchange;
+pub mod listen;
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -61,6 +62,12 @@ pub(crate) async fn read_payload<R: tokio::io::AsyncRead + Unpin>(
         ));
     }
     Ok(Bytes::from(buf))
+}
+
+/// How long a frame's payload of `len` bytes may take to arrive once its header has: ten
+/// seconds, plus a second per MiB (a peer slower than that is stuck or hostile).
+pub(crate) fn frame_time(len: u64) -> Duration {
+    Duration::from_secs(10) + Duration::from_secs(len >> 20)
 }
 
 /// One rank's view of a group.

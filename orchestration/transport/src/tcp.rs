@@ -2,6 +2,7 @@
 //! a 28-byte header (sender rank u32, epoch u64, tag u64, length u64, little-endian) followed by
 //! the payload, written straight from the caller's buffer.
 
+use crate::listen::{ConnLimits, TimedStream};
 use crate::{Mailbox, Result, Transport, TransportError};
 use bytes::Bytes;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
 
 const HEADER: usize = 28;
 /// Largest frame accepted: a bound on what a corrupt or hostile peer can make us allocate.
@@ -31,7 +33,7 @@ impl Drop for TcpTransport {
     }
 }
 
-async fn read_frames(mut s: TcpStream, mailbox: Arc<Mailbox>) {
+async fn read_frames(mut s: TimedStream, mailbox: Arc<Mailbox>) {
     let mut h = [0u8; HEADER];
     loop {
         if s.read_exact(&mut h).await.is_err() {
@@ -48,9 +50,18 @@ async fn read_frames(mut s: TcpStream, mailbox: Arc<Mailbox>) {
             });
             return;
         }
-        let buf = match crate::read_payload(&mut s, len).await {
-            Ok(b) => b,
-            Err(e) => {
+        let within = crate::frame_time(len);
+        let payload = tokio::time::timeout(within, crate::read_payload(&mut s, len)).await;
+        let buf = match payload {
+            Ok(Ok(b)) => b,
+            Err(_) => {
+                mailbox.fail(TransportError::Peer {
+                    peer: from,
+                    msg: format!("a frame of {len} bytes did not arrive within {within:?}"),
+                });
+                return;
+            }
+            Ok(Err(e)) => {
                 mailbox.fail(TransportError::Peer {
                     peer: from,
                     msg: format!("connection lost mid-frame: {e}"),
@@ -80,9 +91,15 @@ impl TcpTransport {
         }
         let mailbox = Arc::new(Mailbox::new(epoch, timeout));
         let mb = mailbox.clone();
+        // Peers keep their connections for the whole epoch, idle between steps: only the
+        // handshake is bounded (and each frame, by its size).
+        let limits = ConnLimits {
+            handshake: timeout,
+            idle: None,
+        };
+        let (mut conns, _accepting) = crate::listen::incoming(listener, limits);
         let accept = tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let _ = s.set_nodelay(true);
+            while let Some(Ok(s)) = conns.next().await {
                 tokio::spawn(read_frames(s, mb.clone()));
             }
         });

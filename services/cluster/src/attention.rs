@@ -6,7 +6,7 @@
 
 use crate::etcd::PlanView;
 use crate::remote::RemoteExperts;
-use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
+use crate::{ClusterError, CommonArgs, Health, bind, connect_membership, wait_for_signal};
 use clap::Args;
 use futures::future::BoxFuture;
 use ringbolt_jobs::bounds::{MAX_NEW_TOKENS_CEILING, MAX_STOP_TOKENS, check_job_id, echo};
@@ -16,6 +16,7 @@ use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::{Checkpoint, Logits, Model, Sampler, SamplingParams, SequenceState};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::attention_worker_server::{AttentionWorker, AttentionWorkerServer};
+use ringbolt_transport::listen::{grpc_server, incoming};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -420,17 +421,35 @@ impl AttentionWorker for Service {
 }
 
 /// Starts the engine thread of `host`; job steps go to the returned sender (at most `queue`
-/// waiting).
+/// waiting). The receiver turns true when the thread has ended (it should not, while the
+/// sender lives).
 fn start_engine<B: Backend>(
     host: AttentionHost<B>,
     queue: usize,
-) -> Result<std::sync::mpsc::SyncSender<Incoming>, ClusterError> {
+) -> Result<
+    (
+        std::sync::mpsc::SyncSender<Incoming>,
+        tokio::sync::watch::Receiver<bool>,
+    ),
+    ClusterError,
+> {
     let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
+    let (ended_tx, ended) = tokio::sync::watch::channel(false);
+    /// Says the engine ended however it ends (a panic included).
+    struct Ended(tokio::sync::watch::Sender<bool>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.send_replace(true);
+        }
+    }
     std::thread::Builder::new()
         .name("attention-engine".into())
-        .spawn(move || host.run(rx))
+        .spawn(move || {
+            let _ended = Ended(ended_tx);
+            host.run(rx)
+        })
         .map_err(|e| ClusterError::Model(format!("cannot start the engine thread: {e}")))?;
-    Ok(tx)
+    Ok((tx, ended))
 }
 
 /// `ringbolt attention-worker`.
@@ -490,18 +509,18 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         Duration::from_secs(a.resend_window_secs.max(1)),
     );
     let host = AttentionHost::new(model, experts, a.prefill_chunk);
-    let svc = AttentionWorkerServer::new(Service {
-        jobs: start_engine(host, ENGINE_QUEUE)?,
-    })
-    .max_decoding_message_size(MAX_CONTROL_MESSAGE)
-    .max_encoding_message_size(MAX_CONTROL_MESSAGE);
+    let (jobs, mut engine_ended) = start_engine(host, ENGINE_QUEUE)?;
+    let svc = AttentionWorkerServer::new(Service { jobs })
+        .max_decoding_message_size(MAX_CONTROL_MESSAGE)
+        .max_encoding_message_size(MAX_CONTROL_MESSAGE);
+    let health = Health::start::<AttentionWorkerServer<Service>>().await;
+    let limits = c.conn.limits();
+    let (incoming, _) = incoming(listener, limits);
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
+        grpc_server(&limits)
+            .add_service(health.service())
             .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                stop.clone().cancelled_owned(),
-            ),
+            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
     );
     let reg = membership
         .register(
@@ -518,14 +537,19 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         )
         .await
         .map_err(|e| ClusterError::Etcd(e.to_string()))?;
+    health.set(true).await;
     eprintln!("ringbolt attention-worker {id} listening on {address}");
     let mut lost = reg.lost();
     let result = tokio::select! {
         _ = lost.wait_for(|l| *l) => {
             Err(ClusterError::Etcd("membership lease lost: etcd unreachable".into()))
         }
+        _ = engine_ended.wait_for(|e| *e) => {
+            Err(ClusterError::Model("the engine thread stopped: no job can run here".into()))
+        }
         _ = wait_for_signal() => Ok(()),
     };
+    health.set(false).await;
     let _ = reg.leave().await;
     stop.cancel();
     let _ = grpc.await;

@@ -978,7 +978,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         }
         stop2.cancel();
     };
-    serve_service(svc, listener, shutdown)
+    serve_service(svc, listener, c.conn.limits(), shutdown)
         .await
         .map_err(|e| ClusterError::Io(e.to_string()))?;
     let _ = reg.leave().await;

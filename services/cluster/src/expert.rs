@@ -2,6 +2,7 @@
 //! plane, loads shards ahead of an epoch (keeping the old ones until the epoch is active), and
 //! drains on SIGTERM (asks the coordinator to move its experts, then exits).
 
+use crate::Health;
 use crate::etcd::{PlanView, drain_prefix};
 use crate::plan::{Plan, Slot};
 use crate::wire::{ExpertRequest, value_bytes};
@@ -15,7 +16,8 @@ use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::{Checkpoint, Expert, ModelConfig};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
-use ringbolt_transport::exchange::{Handler, Refusal, serve};
+use ringbolt_transport::exchange::{Handler, Refusal, serve_with};
+use ringbolt_transport::listen::{grpc_server, incoming};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -507,7 +509,8 @@ async fn serve_on<B: Backend>(
     let id = c.member_id("expert", &address);
     let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt));
     let stop = CancellationToken::new();
-    let data_task = serve(data_listener, host.handler());
+    let limits = c.conn.limits();
+    let data = serve_with(data_listener, host.handler(), limits);
 
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
     let _group = crate::group::follow_on(
@@ -535,40 +538,70 @@ async fn serve_on<B: Backend>(
         });
     }
 
-    let server_stop = stop.clone();
+    let health = Health::start::<ExpertWorkerServer<Control<B>>>().await;
     let svc = ExpertWorkerServer::new(Control(host.clone()));
+    let (incoming, _) = incoming(listener, limits);
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
+        grpc_server(&limits)
+            .add_service(health.service())
             .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                server_stop.cancelled_owned(),
-            ),
+            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
     );
 
-    let reg = membership
-        .register(
-            Member {
-                id: id.clone(),
-                role: Role::ExpertWorker,
-                address: address.clone(),
-                data_address: data_address.clone(),
-                capacity_bytes: a.memory_bytes,
-                expert_bytes: host.expert_bytes(),
-                device: a.device.to_string(),
-            },
-            c.lease_ttl(),
-        )
-        .await
-        .map_err(|e| ClusterError::Etcd(e.to_string()))?;
+    let me = Member {
+        id: id.clone(),
+        role: Role::ExpertWorker,
+        address: address.clone(),
+        data_address: data_address.clone(),
+        capacity_bytes: a.memory_bytes,
+        expert_bytes: host.expert_bytes(),
+        device: a.device.to_string(),
+    };
+    let register = || async {
+        membership
+            .register(me.clone(), c.lease_ttl())
+            .await
+            .map_err(|e| ClusterError::Etcd(e.to_string()))
+    };
+    let mut reg = Some(register().await?);
+    health.set(true).await;
     eprintln!("ringbolt expert-worker {id} listening on {address} (data plane {data_address})");
-    let mut lost = reg.lost();
-    tokio::select! {
-        _ = lost.wait_for(|l| *l) => {
-            stop.cancel();
-            return Err(ClusterError::Etcd("membership lease lost: etcd unreachable".into()));
+    // Serving while the data plane accepts: a worker that cannot take expert steps leaves the
+    // plan (its experts move to others) and says it is not ready, until it accepts again.
+    let mut accepting = data.healthy();
+    loop {
+        let mut lost = reg.as_ref().map(|r| r.lost());
+        let lease_lost = async {
+            match lost.as_mut() {
+                Some(l) => {
+                    let _ = l.wait_for(|l| *l).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = lease_lost => {
+                stop.cancel();
+                return Err(ClusterError::Etcd("membership lease lost: etcd unreachable".into()));
+            }
+            r = accepting.changed() => {
+                let up = r.is_ok() && *accepting.borrow_and_update();
+                if !up && let Some(r) = reg.take() {
+                    tracing::error!("the data plane is not accepting connections: leaving the plan until it does");
+                    health.set(false).await;
+                    let _ = r.leave().await;
+                } else if up && reg.is_none() {
+                    reg = Some(register().await?);
+                    health.set(true).await;
+                    tracing::warn!("the data plane accepts again: rejoined");
+                }
+                if r.is_err() {
+                    stop.cancel();
+                    return Err(ClusterError::Io("the data-plane server stopped".into()));
+                }
+            }
+            _ = wait_for_signal() => break,
         }
-        _ = wait_for_signal() => {}
     }
 
     // Drain: ask for a plan without this worker, wait until it is active, then leave.
@@ -592,10 +625,13 @@ async fn serve_on<B: Backend>(
     while host.inflight.load(Ordering::SeqCst) > 0 && t0.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = reg.leave().await;
+    health.set(false).await;
+    if let Some(reg) = reg {
+        let _ = reg.leave().await;
+    }
     let _ = client.delete(drain_key, None).await;
     stop.cancel();
-    data_task.abort();
+    data.abort();
     let _ = grpc.await;
     eprintln!("ringbolt expert-worker {id} drained");
     Ok(())

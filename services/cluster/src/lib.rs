@@ -15,6 +15,7 @@ pub mod wire;
 
 use clap::Args;
 use ringbolt_membership::EtcdMembership;
+use ringbolt_transport::listen::ConnLimits;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,6 +47,76 @@ impl From<ClusterError> for tonic::Status {
     }
 }
 
+/// A role's gRPC health service: its own service and the server as a whole ("") are SERVING
+/// or NOT_SERVING together, as the role says.
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    name: &'static str,
+}
+
+impl Health {
+    /// Starts NOT_SERVING for `S`, until [`Health::set`].
+    pub async fn start<S: tonic::server::NamedService>() -> Self {
+        let h = Health {
+            reporter: tonic_health::server::HealthReporter::new(),
+            name: S::NAME,
+        };
+        h.set(false).await;
+        h
+    }
+
+    pub fn service(
+        &self,
+    ) -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> {
+        tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
+        )
+    }
+
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for name in [self.name, ""] {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// Time bounds of the connections a server accepts (gRPC and data plane).
+#[derive(Args, Clone, Debug)]
+pub struct ConnArgs {
+    /// A connection's first bytes must arrive within this many seconds.
+    #[arg(long, env = "RINGBOLT_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+    /// A connection from which nothing arrives (or to which nothing can be written) for this
+    /// many seconds is closed; gRPC clients are pinged at a third of it.
+    #[arg(long, env = "RINGBOLT_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ConnArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        let d = ConnLimits::default();
+        ConnArgs {
+            handshake_timeout_secs: d.handshake.as_secs(),
+            idle_timeout_secs: d.idle.map_or(60, |i| i.as_secs()),
+        }
+    }
+}
+
+impl ConnArgs {
+    pub fn limits(&self) -> ConnLimits {
+        ConnLimits {
+            handshake: Duration::from_secs(self.handshake_timeout_secs.max(1)),
+            idle: Some(Duration::from_secs(self.idle_timeout_secs.max(1))),
+        }
+    }
+}
+
 /// Flags every cluster role takes.
 #[derive(Args, Clone, Debug)]
 pub struct CommonArgs {
@@ -73,6 +144,8 @@ pub struct CommonArgs {
     /// Bound on every etcd request and on connecting to etcd at start.
     #[arg(long, env = "RINGBOLT_ETCD_TIMEOUT_SECS", default_value_t = 5)]
     pub etcd_timeout_secs: u64,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 impl CommonArgs {

@@ -11,9 +11,10 @@ use ringbolt_model::SamplingParams;
 use ringbolt_proto::v1 as pb;
 use ringbolt_proto::v1::cluster_server::{Cluster, ClusterServer};
 use ringbolt_proto::v1::jobs_server::{Jobs, JobsServer};
+use ringbolt_transport::listen::{self, ConnLimits};
 use std::future::Future;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Largest gRPC message accepted (a prompt chunk of up to 1M tokens fits).
@@ -505,19 +506,22 @@ impl Cluster for JobsService {
 pub async fn serve(
     mgr: JobManager,
     listener: TcpListener,
+    limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let address = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    serve_service(JobsService::new(mgr, address), listener, shutdown).await
+    serve_service(JobsService::new(mgr, address), listener, limits, shutdown).await
 }
 
-/// Serves `svc` (the public API) on `listener` until `shutdown` resolves.
+/// Serves `svc` (the public API) on `listener` until `shutdown` resolves, with each connection
+/// bounded by `limits`.
 pub async fn serve_service(
     svc: JobsService,
     listener: TcpListener,
+    limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -528,7 +532,8 @@ pub async fn serve_service(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tonic::transport::Server::builder()
+    let (incoming, _accepting) = listen::incoming(listener, limits);
+    listen::grpc_server(&limits)
         .add_service(health_service)
         .add_service(
             JobsServer::new(svc.clone())
@@ -536,6 +541,6 @@ pub async fn serve_service(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(ClusterServer::new(svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

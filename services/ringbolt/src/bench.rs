@@ -115,6 +115,7 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             prefill_chunk: 4096,
             tokenizer: None,
             device: ringbolt_kernels::Device::Cpu,
+            conn: Default::default(),
         };
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());
@@ -122,9 +123,12 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         let stop = token.clone();
-        let server = tokio::spawn(ringbolt_jobs::grpc::serve(mgr, listener, async move {
-            stop.cancelled().await
-        }));
+        let server = tokio::spawn(ringbolt_jobs::grpc::serve(
+            mgr,
+            listener,
+            args.conn.limits(),
+            async move { stop.cancelled().await },
+        ));
         let t = Instant::now();
         let mut tasks = Vec::new();
         for j in 0..jobs {

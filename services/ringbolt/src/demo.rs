@@ -104,6 +104,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         prefill_chunk: 4096,
         tokenizer: None,
         device: ringbolt_kernels::Device::Cpu,
+        conn: Default::default(),
     };
     let token = CancellationToken::new();
     let t_load = Instant::now();
@@ -113,9 +114,12 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let stop = token.clone();
-    let server = tokio::spawn(ringbolt_jobs::grpc::serve(mgr, listener, async move {
-        stop.cancelled().await
-    }));
+    let server = tokio::spawn(ringbolt_jobs::grpc::serve(
+        mgr,
+        listener,
+        args.conn.limits(),
+        async move { stop.cancelled().await },
+    ));
     eprintln!(
         "standalone server on {addr} ({:.1}s to load {}): {} layers ({} lightning), hidden {}, {} experts top-{}",
         t_load.elapsed().as_secs_f64(),

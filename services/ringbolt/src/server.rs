@@ -45,6 +45,8 @@ pub struct StandaloneArgs {
     /// Where the model computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
     #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
     pub device: Device,
+    #[command(flatten)]
+    pub conn: ringbolt_cluster::ConnArgs,
 }
 
 /// The engine's start once the device's backend is open: the model is loaded onto it and
@@ -128,6 +130,6 @@ pub async fn standalone(a: StandaloneArgs) -> Result<()> {
         .with_context(|| format!("binding {}", a.listen))?;
     let addr = listener.local_addr()?;
     eprintln!("ringbolt standalone listening on {addr}");
-    ringbolt_jobs::grpc::serve(mgr, listener, shutdown_signal(token)).await?;
+    ringbolt_jobs::grpc::serve(mgr, listener, a.conn.limits(), shutdown_signal(token)).await?;
     Ok(())
 }
