@@ -705,3 +705,299 @@ fn text_prompts_use_the_tokenizer_and_results_expire() {
             .exists()
     );
 }
+
+/// The gRPC health status of `service` ("" for the server as a whole).
+async fn health(endpoint: &str, service: &str) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let ch = tonic::transport::Channel::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(ch);
+    h.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("health of `{service}`: {e}"))
+    .into_inner()
+    .status
+}
+
+#[test]
+fn hostile_input_is_bounded_and_admission_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--max-jobs", "4", "--prefill-chunk", "128"],
+    );
+    let ep = server.endpoint.clone();
+    let rt = rt();
+    rt.block_on(async {
+        // Every public service says it serves.
+        for s in ["", "ringbolt.v1.Jobs", "ringbolt.v1.Cluster"] {
+            assert_eq!(health(&ep, s).await, 1, "`{s}` is SERVING");
+        }
+        // 16 clients at once against --max-jobs 4: exactly 4 accepted, whatever the timing
+        // (the jobs run for a long time: 20K-token prompts in 128-token chunks).
+        let ids = prompt(20_000, 3);
+        let subs = (0..16).map(|_| submit_raw(&ep, vec![header(64), chunk(&ids), end()]));
+        let results = futures::future::join_all(subs).await;
+        let accepted: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|r| r.job_id.clone()))
+            .collect();
+        for r in &results {
+            if let Err(e) = r {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            }
+        }
+        assert_eq!(accepted.len(), 4, "admission is exact: {results:?}");
+        let mut c = client(&ep).await;
+        for id in &accepted {
+            c.cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+                .await
+                .unwrap();
+        }
+        // Their places are free once they have stopped.
+        for id in &accepted {
+            let mut w = c
+                .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            while w.message().await.unwrap().is_some() {}
+        }
+
+        // Oversized fields are refused before anything is stored.
+        let with = |f: &dyn Fn(&mut pb::JobHeader)| {
+            let mut h = pb::JobHeader {
+                max_new_tokens: 2,
+                ..Default::default()
+            };
+            f(&mut h);
+            vec![
+                pb::SubmitJobRequest {
+                    item: Some(pb::submit_job_request::Item::Header(h)),
+                },
+                chunk(&[1, 2]),
+                end(),
+            ]
+        };
+        let big_key = "k".repeat(3 << 20);
+        let e = submit_raw(&ep, with(&|h| h.idempotency_key = big_key.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("idempotency key") && e.message().len() < 300);
+        let e = submit_raw(
+            &ep,
+            with(&|h| {
+                h.sampling = Some(pb::SamplingParams {
+                    stop_tokens: vec![3; 100_000],
+                    ..Default::default()
+                })
+            }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("stop tokens"), "{}", e.message());
+
+        // Unknown ids are quoted clipped; ids no server could have made are refused as such.
+        let long = "x".repeat(10_000);
+        let e = c
+            .get_job(pb::GetJobRequest { job_id: long })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().len() < 300, "{}", e.message());
+        let e = c
+            .watch_job(pb::WatchJobRequest {
+                job_id: "y".repeat(60),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.message().contains(&"y".repeat(60)));
+
+        // The same key with another prompt is refused; with the same, it is the same job.
+        let key = |h: &mut pb::JobHeader| h.idempotency_key = "same-key".into();
+        let first = submit_raw(&ep, with(&key)).await.unwrap();
+        let again = submit_raw(&ep, with(&key)).await.unwrap();
+        assert_eq!(
+            (again.job_id.as_str(), again.existing),
+            (first.job_id.as_str(), true)
+        );
+        let mut other = with(&key);
+        other[1] = chunk(&[1, 3]);
+        let e = submit_raw(&ep, other).await.unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        assert!(e.message().contains(&first.job_id), "{}", e.message());
+    });
+
+    // Cancelling a finished job says so and fails.
+    let done = submit_json(&ep, &[4, 5], 2, &[]);
+    let id = done["job_id"].as_str().unwrap().to_string();
+    let (ok, out, err) = run(&["jobs", "cancel", &id, "--endpoint", &ep]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("already finished (succeeded)"),
+        "{err}"
+    );
+
+    // Listing pages: every job once, newest first, through pages of two.
+    rt.block_on(async {
+        let mut c = client(&ep).await;
+        let (mut seen, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = c
+                .list_jobs(pb::ListJobsRequest {
+                    limit: 2,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.jobs.len() <= 2);
+            seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort_by(|a, b| b.cmp(a));
+        sorted.dedup();
+        assert_eq!(seen, sorted, "newest first, each once");
+        assert_eq!(seen.len(), 4 + 1 + 1);
+    });
+    let all = ok_json(&["jobs", "list", "--endpoint", &ep, "--limit", "0", "--json"]);
+    assert_eq!(all.as_array().unwrap().len(), 6);
+    // The server's log is plain text when it is not a terminal.
+    assert!(
+        !server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains('\x1b')),
+        "colour escapes in a log file"
+    );
+}
+
+#[test]
+fn the_client_refuses_tls_endpoints_and_accepts_bare_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let server = Server::start(&ckpt, &dir.path().join("data"), &[]);
+    let bare = server.endpoint.trim_start_matches("http://").to_string();
+    let v = submit_json(&bare, &[1, 2, 3], 2, &[]);
+    assert_eq!(tokens(&v).len(), 2);
+    let https = format!("https://{bare}");
+    let (ok, _, err) = run(&["status", "--endpoint", &https]);
+    assert!(
+        !ok && err.contains("TLS") && err.contains(&format!("http://{bare}")),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["jobs", "list", "--endpoint", "ftp://x:1"]);
+    assert!(!ok && err.contains("scheme"), "{err}");
+    // `generate --help` describes each flag under its own name.
+    let (_, help, _) = run(&["generate", "--help"]);
+    let text_of = |flag: &str| {
+        let lines: Vec<&str> = help.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_else(|| panic!("no {flag} in {help}"));
+        lines.get(at + 1).copied().unwrap_or_default().to_string()
+    };
+    assert!(text_of("--max-new-tokens").contains("Number of tokens"), "{help}");
+    assert!(text_of("--device").contains("Where to compute"), "{help}");
+}
+
+#[test]
+fn damaged_data_directories_lose_no_accepted_job_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let long = prompt(300, 1);
+    let short = [prompt(400, 2), prompt(500, 3)];
+    let want_long = generate(&ckpt, &long, 300);
+    let want_short: Vec<Vec<u64>> = short.iter().map(|p| generate(&ckpt, p, 6)).collect();
+    for damage in [
+        "empty job database",
+        "truncated job database",
+        "corrupted job database",
+        "deleted job database",
+        "damaged spool file",
+    ] {
+        let data = dir.path().join(damage.replace(' ', "-"));
+        // One decoding job at a time: the long one holds the engine, the short ones wait.
+        let flags = ["--max-batch", "1"];
+        let mut server = Server::start(&ckpt, &data, &flags);
+        let ep = server.endpoint.clone();
+        let id_long = submit_detached(&ep, dir.path(), &long, 300, &[]);
+        let ids: Vec<String> = short
+            .iter()
+            .map(|p| submit_detached(&ep, dir.path(), p, 6, &[]))
+            .collect();
+        server.kill9();
+        let db = data.join("jobs.redb");
+        let len = std::fs::metadata(&db).unwrap().len() as usize;
+        match damage {
+            "empty job database" => std::fs::write(&db, b"").unwrap(),
+            "truncated job database" => {
+                let bytes = std::fs::read(&db).unwrap();
+                std::fs::write(&db, &bytes[..len / 3]).unwrap();
+            }
+            "corrupted job database" => {
+                let mut bytes = std::fs::read(&db).unwrap();
+                for (i, b) in bytes[len / 4..len * 3 / 4].iter_mut().enumerate() {
+                    *b = (i * 131) as u8;
+                }
+                std::fs::write(&db, bytes).unwrap();
+            }
+            "deleted job database" => std::fs::remove_file(&db).unwrap(),
+            _ => {
+                // Tokens zeroed in the middle of the last job's spooled prompt.
+                let f = data.join("spool").join(format!("{}.tokens", ids[1]));
+                let mut bytes = std::fs::read(&f).unwrap();
+                for b in &mut bytes[100..140] {
+                    *b = 0;
+                }
+                std::fs::write(&f, bytes).unwrap();
+            }
+        }
+        let server = Server::start(&ckpt, &data, &flags);
+        let ep = server.endpoint.clone();
+        let wait = |id: &str| run(&["jobs", "wait", id, "--endpoint", &ep, "--json"]);
+        let (ok, out, err) = wait(&id_long);
+        assert!(ok, "{damage}: {err}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(tokens(&v), want_long, "{damage}");
+        for (i, id) in ids.iter().enumerate() {
+            let (ok, out, err) = wait(id);
+            if damage == "damaged spool file" && i == 1 {
+                assert!(!ok, "{damage}: a damaged prompt ran: {out}");
+                assert!(
+                    err.contains("DataLoss") && err.contains("checksum"),
+                    "{err}"
+                );
+                continue;
+            }
+            assert!(ok, "{damage}: job {i}: {err}");
+            let v: Value = serde_json::from_str(out.trim()).unwrap();
+            assert_eq!(tokens(&v), want_short[i], "{damage}: job {i}");
+        }
+        if damage.ends_with("job database") {
+            assert!(
+                server.logged("re-created from their spooled prompts")
+                    || server.logged("moved aside"),
+                "{damage}: the server must say what happened"
+            );
+        }
+    }
+}
