@@ -90,8 +90,13 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[String]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        Proc::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -918,4 +923,106 @@ fn gpu_workers_get_a_fresh_nccl_id_every_plan_epoch() {
     });
     assert_eq!(data_group(&s5), data_group(&s4));
     assert_ne!(id_of(epoch(&s5)), id4);
+}
+
+/// The gRPC health status of `service` at `address` (host:port).
+fn health(address: &str, service: &str) -> Option<i32> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?;
+        Some(r.into_inner().status)
+    })
+}
+
+#[test]
+fn an_expert_worker_out_of_file_descriptors_leaves_the_plan_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("fds", dir.path());
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator(port, true);
+    let (att, _) = c.worker("attention-worker");
+    let att_addr = att.wait_for("listening on ", Duration::from_secs(5));
+    // An expert worker allowed 128 file descriptors.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=128:128", "--", BIN, "expert-worker"])
+        .args(c.common())
+        .args(["--listen", "127.0.0.1:0"]);
+    let ex = Proc::spawn(cmd);
+    let rest = ex.wait_for("listening on ", Duration::from_secs(60));
+    let (addr, data) = rest.split_once(" (data plane ").unwrap();
+    let data: std::net::SocketAddr = data.trim_end_matches(')').parse().unwrap();
+    wait_status(&ep, "experts placed", covers_all);
+    assert_eq!(health(addr, "ringbolt.internal.v1.ExpertWorker"), Some(1));
+    assert_eq!(
+        health(&att_addr, "ringbolt.internal.v1.AttentionWorker"),
+        Some(1)
+    );
+    assert_eq!(health(&att_addr, ""), Some(1));
+
+    // A burst of connections takes every descriptor the worker has, and they stay open.
+    let held: Vec<std::net::TcpStream> = (0..400)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&data, Duration::from_secs(1)).ok())
+        .collect();
+    assert!(held.len() > 128, "only {} connections", held.len());
+    // It cannot take expert steps: it leaves the plan rather than hold experts it cannot serve.
+    wait_status(&ep, "the worker left the plan", |s| {
+        expert_counts(s).is_empty()
+    });
+    assert!(ex.count("not accepting connections") > 0);
+    drop(held);
+    // Once it accepts again, it comes back and gets experts; jobs run and are right.
+    wait_status(&ep, "the worker came back", covers_all);
+    let p = prompt(120, 4);
+    let id = submit(&ep, &p, 16);
+    assert_eq!(
+        tokens(&follow(&ep, &id).join().unwrap()),
+        generate(&c.ckpt, &p, 16)
+    );
+    assert_eq!(health(addr, "ringbolt.internal.v1.ExpertWorker"), Some(1));
+
+    // An attention worker checks what it is sent, whoever sends it.
+    use ringbolt_proto::internal as ipb;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt.block_on(async {
+        let mut w = ipb::attention_worker_client::AttentionWorkerClient::connect(format!(
+            "http://{att_addr}"
+        ))
+        .await
+        .unwrap();
+        let ids: Vec<u32> = vec![1, 2, 3];
+        let req = ipb::RunJobRequest {
+            job_id: "direct".into(),
+            segment: Some(ipb::Segment { start: 0, end: 3 }),
+            prompt: ringbolt_proto::pack_tokens(&ids),
+            max_new_tokens: u32::MAX,
+            top_p: 1.0,
+            ..Default::default()
+        };
+        match w.run_job(req).await {
+            Err(e) => e,
+            Ok(s) => s.into_inner().message().await.expect_err("refused"),
+        }
+    });
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("max_new_tokens"), "{err:?}");
 }
