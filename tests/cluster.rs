@@ -1026,3 +1026,179 @@ fn an_expert_worker_out_of_file_descriptors_leaves_the_plan_and_comes_back() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("max_new_tokens"), "{err:?}");
 }
+
+/// `ringbolt ARGS` with a long reconnect window (a client rides out a coordinator's failover).
+fn client_run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RINGBOLT_CONNECT_TIMEOUT_SECS", "60")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Chaos: a steady stream of jobs from three clients into two coordinators, two attention
+/// workers and three expert workers, while a driver `kill -9`s a random role every 15–30 s and
+/// restarts it. In the end every accepted job finished exactly once, each client saw each
+/// token once (the client checks indices), and every job's tokens equal `generate`. It runs for
+/// `RINGBOLT_CHAOS_SECS` (60 here; `scripts/chaos.sh` runs it longer) and prints a summary.
+#[test]
+fn chaos_kill_9_of_random_roles_loses_and_repeats_nothing() {
+    let secs: u64 = std::env::var("RINGBOLT_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("chaos", dir.path());
+    let ports = [free_port(), free_port()];
+    let eps: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let both = eps.join(",");
+    // Roles by slot: 0-1 coordinators, 2-3 attention workers, 4-6 expert workers.
+    let mut roles: Vec<Proc> = vec![
+        c.coordinator(ports[0], true),
+        c.coordinator(ports[1], false),
+    ];
+    for r in ["attention-worker", "attention-worker"] {
+        roles.push(c.worker(r).0);
+    }
+    for _ in 0..3 {
+        roles.push(c.worker("expert-worker").0);
+    }
+    wait_status(&eps[0], "experts placed", covers_all);
+
+    let prompts: Vec<String> = (0..4).map(|k| prompt(60 + 50 * k, k + 20)).collect();
+    let new_tokens = 48;
+    let want: Vec<Vec<u64>> = prompts
+        .iter()
+        .map(|p| generate(&c.ckpt, p, new_tokens))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+
+    // Clients: each submits under its own idempotency keys and follows the job; a submission
+    // or watch that fails (its coordinator died) is retried with the same key.
+    let clients: Vec<_> = (0..3)
+        .map(|client| {
+            let (both, prompts) = (both.clone(), prompts.clone());
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                let mut seq = 0;
+                while Instant::now() < deadline {
+                    let k = (client + seq) % prompts.len();
+                    let key = format!("client{client}-{seq}");
+                    let n = new_tokens.to_string();
+                    let mut tries = 0;
+                    loop {
+                        let (ok, out, err) = client_run(&[
+                            "submit",
+                            "--endpoint",
+                            &both,
+                            "--tokens",
+                            &prompts[k],
+                            "--max-new-tokens",
+                            &n,
+                            "--idempotency-key",
+                            &key,
+                            "--json",
+                        ]);
+                        if ok {
+                            let v: Value = serde_json::from_str(out.trim()).unwrap();
+                            done.push((key.clone(), k, v));
+                            break;
+                        }
+                        tries += 1;
+                        assert!(
+                            !err.contains("DataLoss") && !err.contains("changed"),
+                            "client {client}: {err}"
+                        );
+                        assert!(tries < 20, "client {client} gave up on {key}: {err}");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    seq += 1;
+                }
+                done
+            })
+        })
+        .collect();
+
+    // The driver.
+    let mut kills = Vec::new();
+    while Instant::now() + Duration::from_secs(15) < deadline {
+        std::thread::sleep(
+            Duration::from_secs(rand::random_range(15..=30))
+                .min(deadline.saturating_duration_since(Instant::now())),
+        );
+        let slot = rand::random_range(0..roles.len());
+        roles[slot].kill9();
+        let name = match slot {
+            0 | 1 => "coordinator",
+            2 | 3 => "attention-worker",
+            _ => "expert-worker",
+        };
+        kills.push(name);
+        std::thread::sleep(Duration::from_millis(500));
+        roles[slot] = match slot {
+            0 | 1 => c.coordinator(ports[slot], false),
+            _ => c.worker(name).0,
+        };
+    }
+    let results: Vec<(String, usize, Value)> = clients
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+
+    // Every job a client saw finish has the right tokens, and the cluster holds each accepted
+    // job exactly once, finished, with those tokens.
+    let live = eps
+        .iter()
+        .find(|e| client_run(&["status", "--endpoint", e, "--json"]).0)
+        .unwrap()
+        .clone();
+    let (ok, out, err) = client_run(&[
+        "jobs",
+        "list",
+        "--endpoint",
+        &live,
+        "--limit",
+        "0",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let listed: Vec<Value> = serde_json::from_str::<Value>(out.trim())
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut jobs_by_id = std::collections::HashMap::new();
+    for j in &listed {
+        assert!(
+            jobs_by_id
+                .insert(j["job_id"].as_str().unwrap().to_string(), j.clone())
+                .is_none(),
+            "job listed twice"
+        );
+    }
+    let mut ids = std::collections::HashSet::new();
+    for (key, k, v) in &results {
+        assert_eq!(tokens(v), want[*k], "{key}: the client's tokens");
+        let id = v["job_id"].as_str().unwrap();
+        assert!(ids.insert(id.to_string()), "{key}: two keys, one job");
+        let j = &jobs_by_id[id];
+        assert_eq!(j["state"], "succeeded", "{key}: {j}");
+        assert_eq!(tokens(j), want[*k], "{key}: the stored tokens");
+    }
+    // Nothing accepted beyond what the clients saw: one job per key.
+    assert_eq!(listed.len(), results.len(), "{listed:?}");
+    assert!(results.len() >= 3, "only {} jobs ran", results.len());
+    eprintln!(
+        "chaos: {secs} s, {} jobs finished exactly once with the right tokens, {} kills: {kills:?}",
+        results.len(),
+        kills.len()
+    );
+}
