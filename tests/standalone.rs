@@ -1012,3 +1012,32 @@ fn damaged_data_directories_lose_no_accepted_job_silently() {
         }
     }
 }
+
+#[test]
+fn jobs_and_generate_stop_at_the_models_eos_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = checkpoint(dir.path(), 65_536, false);
+    let ids = prompt(40, 4);
+    let want = generate(&plain, &ids, 10);
+    // The same weights, with the third greedy token as the end-of-sequence token.
+    let eos = want[2];
+    let ckpt = dir.path().join("eos");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for e in std::fs::read_dir(&plain).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, ckpt.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    cfg["eos_token_id"] = eos.into();
+    std::fs::write(ckpt.join("config.json"), cfg.to_string()).unwrap();
+
+    assert_eq!(generate(&ckpt, &ids, 10), want[..3]);
+    let server = Server::start(&ckpt, &dir.path().join("data"), &[]);
+    let v = submit_json(&server.endpoint, &ids, 10, &[]);
+    assert_eq!(tokens(&v), want[..3]);
+    assert_eq!(v["finish_reason"], "stop");
+    let v = submit_json(&server.endpoint, &ids, 10, &["--ignore-eos"]);
+    assert_eq!(tokens(&v), want);
+    assert_eq!(v["finish_reason"], "length");
+}

@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokens;
 pub mod weights;
 pub mod writer;
@@ -20,4 +21,8 @@ pub use engine::{
 };
 pub use error::{ModelError, Result};
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{
+    Event, FailKind, FinishReason, Forward, ForwardCounts, LocalForward, Phase, Request, Scheduler,
+    SchedulerConfig, SeqError, SeqStats, Sink,
+};
 pub use writer::{Preset, WeightDtype, write_random_checkpoint, write_random_checkpoint_scaled};

@@ -10,15 +10,18 @@ use crate::{ClusterError, CommonArgs, Health, bind, connect_membership, wait_for
 use clap::Args;
 use futures::future::BoxFuture;
 use ringbolt_jobs::bounds::{MAX_NEW_TOKENS_CEILING, MAX_STOP_TOKENS, check_job_id, echo};
+use ringbolt_jobs::executor::fail_code;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, Device, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
-use ringbolt_model::{Checkpoint, Logits, Model, Sampler, SamplingParams, SequenceState};
+use ringbolt_model::scheduler::{
+    self, Event, FinishReason, Forward, ForwardCounts, Phase, Scheduler, SchedulerConfig, Sink,
+};
+use ringbolt_model::{Checkpoint, Logits, Model, SamplingParams, SequenceState};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::attention_worker_server::{AttentionWorker, AttentionWorkerServer};
 use ringbolt_transport::listen::{grpc_server, incoming};
-use std::panic::AssertUnwindSafe;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -55,9 +58,9 @@ struct Incoming {
 }
 
 /// The attention worker's model and its engine thread. The engine thread is the only thread
-/// that computes with the model (one per backend, so one per GPU): job steps queue to it, and
-/// each round it runs one prefill chunk of the oldest prefilling job, then one decode step for
-/// every decoding job together (their rows share each layer's step to the expert workers).
+/// that computes with the model (one per backend, so one per GPU): job steps queue to it and
+/// run through the scheduler core (one prefill chunk at a time, the decode steps of all
+/// running jobs batched, so their rows share each layer's step to the expert workers).
 pub struct AttentionHost<B: Backend = Cpu> {
     model: Model<B>,
     experts: RemoteExperts,
@@ -65,47 +68,92 @@ pub struct AttentionHost<B: Backend = Cpu> {
     max_batch: usize,
 }
 
-/// One job step in the engine.
-struct Step<B: Backend> {
+/// A job step's events, as the coordinator reads them on its stream. A closed stream (the
+/// coordinator went away or gave up) cancels the step.
+struct StepSink {
     job: String,
-    prompt: Vec<u32>,
-    /// Prompt tokens prefilled so far.
-    done: usize,
-    chunk: usize,
-    state: SequenceState<B>,
-    sampler: Sampler,
-    max_new: u32,
-    stop: Vec<u32>,
-    /// Tokens emitted so far, and the last one (the next decode step's input).
-    emitted: u32,
-    last: u32,
-    t0: Instant,
-    prefill_seconds: f64,
-    t1: Instant,
-    layer_steps: u64,
-    resent: u64,
-    /// The most jobs this one shared a decode step with (itself included).
-    widest_batch: usize,
     tx: mpsc::UnboundedSender<Result<ipb::JobStep, Status>>,
 }
 
-impl<B: Backend> Step<B> {
-    /// Sends an event; false when the coordinator dropped the stream (the step is aborted).
-    fn send(&self, ev: ipb::job_step::Event) -> bool {
+impl Sink for StepSink {
+    fn send(&mut self, event: Event<'_>) -> bool {
+        use ipb::job_step::Event as E;
+        let ev = match event {
+            Event::Progress {
+                phase,
+                done,
+                tokens_per_second,
+            } => E::Progress(ipb::StepProgress {
+                phase: match phase {
+                    Phase::Prefill => 1,
+                    Phase::Decode => 2,
+                },
+                tokens_done: done,
+                tokens_per_second,
+            }),
+            Event::Token { index, token } => E::Token(ipb::StepToken { index, token }),
+            Event::Finished {
+                reason: FinishReason::Cancelled,
+                ..
+            } => {
+                tracing::info!(job = %self.job, "job step aborted: the coordinator went away");
+                return false;
+            }
+            Event::Finished { reason, stats } => {
+                tracing::info!(
+                    job = %self.job,
+                    layer_steps = stats.layer_steps,
+                    resent = stats.resent,
+                    widest_batch = stats.widest_batch,
+                    "job step finished"
+                );
+                E::Done(ipb::StepDone {
+                    finish_reason: if reason == FinishReason::Stop {
+                        "stop"
+                    } else {
+                        "length"
+                    }
+                    .into(),
+                    prefill_seconds: stats.prefill_seconds,
+                    decode_seconds: stats.decode_seconds,
+                    layer_steps: stats.layer_steps,
+                    layer_steps_resent: stats.resent,
+                })
+            }
+            Event::Failed(e) => {
+                let status = Status::new(fail_code(e.kind), e.message);
+                tracing::warn!(job = %self.job, status = %status, "job step failed");
+                let _ = self.tx.send(Err(status));
+                return false;
+            }
+        };
         self.tx.send(Ok(ipb::JobStep { event: Some(ev) })).is_ok()
     }
 
-    fn fail(self, status: Status) {
-        tracing::warn!(job = %self.job, status = %status, "job step failed");
-        let _ = self.tx.send(Err(status));
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 
-/// What a job step does after a round.
-enum Next<B: Backend> {
-    Prefill(Step<B>),
-    Decode(Step<B>),
-    Gone,
+/// Forward passes whose experts are the cluster's expert workers.
+impl<B: Backend> Forward<B> for RemoteExperts {
+    fn forward(
+        &self,
+        model: &Model<B>,
+        seqs: &mut [(&mut SequenceState<B>, &[u32])],
+        logits: Logits,
+    ) -> (ringbolt_model::Result<Vec<Vec<f32>>>, ForwardCounts) {
+        let experts = self.for_job();
+        let r = model.forward_batch_with(seqs, logits, Some(&experts));
+        let c = experts.counts();
+        (
+            r,
+            ForwardCounts {
+                layer_steps: c.steps,
+                resent: c.resent,
+            },
+        )
+    }
 }
 
 impl<B: Backend> AttentionHost<B> {
@@ -122,14 +170,12 @@ impl<B: Backend> AttentionHost<B> {
         &self.experts
     }
 
-    /// Checks a job step's request: its prompt, sampler and prefill chunk.
-    fn check(&self, req: &ipb::RunJobRequest) -> Result<(Vec<u32>, Sampler, usize), Status> {
+    /// Checks what only a job step has (its id, its segment, the bounds every server keeps);
+    /// the scheduler checks the rest against the model, whoever sent the step.
+    fn check(req: &ipb::RunJobRequest) -> Result<scheduler::Request, Status> {
         check_job_id(&req.job_id).map_err(Status::invalid_argument)?;
         let prompt = ringbolt_proto::unpack_tokens(&req.prompt)
             .ok_or_else(|| Status::invalid_argument("prompt bytes are not a multiple of 4"))?;
-        if prompt.is_empty() {
-            return Err(Status::invalid_argument("the prompt is empty"));
-        }
         let seg = req.segment.unwrap_or_default();
         if seg.start != 0 || seg.end != prompt.len() as u64 {
             return Err(Status::unimplemented(format!(
@@ -140,20 +186,9 @@ impl<B: Backend> AttentionHost<B> {
                 prompt.len()
             )));
         }
-        // The coordinator checked all of this against the public limits; a worker checks it
-        // again against the model, whoever sent it.
-        let cfg = self.model.config();
-        let positions = cfg.max_position_embeddings as u64;
-        if req.max_new_tokens == 0 || req.max_new_tokens > MAX_NEW_TOKENS_CEILING {
+        if req.max_new_tokens > MAX_NEW_TOKENS_CEILING {
             return Err(Status::invalid_argument(format!(
                 "max_new_tokens must be between 1 and {MAX_NEW_TOKENS_CEILING}, got {}",
-                req.max_new_tokens
-            )));
-        }
-        if prompt.len() as u64 + req.max_new_tokens as u64 > positions {
-            return Err(Status::invalid_argument(format!(
-                "{} prompt tokens + {} new tokens exceed the model's {positions} positions",
-                prompt.len(),
                 req.max_new_tokens
             )));
         }
@@ -163,231 +198,55 @@ impl<B: Backend> AttentionHost<B> {
                 req.stop_tokens.len()
             )));
         }
-        if let Some(&t) = req
-            .stop_tokens
-            .iter()
-            .find(|&&t| t as usize >= cfg.vocab_size)
-        {
-            return Err(Status::invalid_argument(format!(
-                "stop token {t} is outside the vocabulary (size {})",
-                cfg.vocab_size
-            )));
-        }
-        self.model
-            .check_tokens(0, &prompt)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let sampler = Sampler::new(SamplingParams {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            seed: req.seed,
-        })
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let chunk = if req.prefill_chunk > 0 {
-            req.prefill_chunk as usize
-        } else {
-            self.prefill_chunk
-        };
-        Ok((prompt, sampler, chunk))
-    }
-
-    /// Sets a job step up, or refuses it on its stream with the status that says why.
-    fn admit(&self, inc: Incoming) -> Option<Step<B>> {
-        let Incoming { req, tx } = inc;
-        let (prompt, sampler, chunk) = match self.check(&req) {
-            Ok(c) => c,
-            Err(status) => {
-                tracing::warn!(job = %echo(&req.job_id), status = %status, "job step refused");
-                let _ = tx.send(Err(status));
-                return None;
-            }
-        };
-        tracing::info!(job = %req.job_id, tokens = prompt.len(), "job step started");
-        let now = Instant::now();
-        Some(Step {
-            job: req.job_id,
+        Ok(scheduler::Request {
             prompt,
-            done: 0,
-            chunk,
-            state: self.model.new_state(),
-            sampler,
-            max_new: req.max_new_tokens,
-            stop: req.stop_tokens,
-            emitted: 0,
-            last: 0,
-            t0: now,
-            prefill_seconds: 0.0,
-            t1: now,
-            layer_steps: 0,
-            resent: 0,
-            widest_batch: 1,
-            tx,
+            max_new_tokens: req.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                seed: req.seed,
+            },
+            stop_tokens: req.stop_tokens.clone(),
+            ignore_eos: req.ignore_eos,
+            prefill_chunk: (req.prefill_chunk > 0).then_some(req.prefill_chunk as usize),
         })
     }
 
-    /// One forward pass of `seqs` (their new tokens) through the model and the expert
-    /// workers; the layer steps it took count for every sequence in it.
-    fn forward(
-        &self,
-        steps: &mut [&mut Step<B>],
-        toks: &[Vec<u32>],
-        logits: Logits,
-    ) -> Result<Vec<Vec<f32>>, Status> {
-        let experts = self.experts.for_job();
-        let r = {
-            let mut seqs: Vec<(&mut SequenceState<B>, &[u32])> = steps
-                .iter_mut()
-                .zip(toks)
-                .map(|(s, t)| (&mut s.state, t.as_slice()))
-                .collect();
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.model
-                    .forward_batch_with(&mut seqs, logits, Some(&experts))
-            }))
-        };
-        let c = experts.counts();
-        for s in steps.iter_mut() {
-            s.layer_steps += c.steps;
-            s.resent += c.resent;
-        }
-        match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
-            Err(_) => Err(Status::internal("the forward pass panicked")),
-        }
-    }
-
-    /// Emits a sampled token; the step ends on a stop token or at its length.
-    fn emit(&self, mut s: Step<B>, logits: &[f32]) -> Next<B> {
-        let t = s.sampler.sample(logits);
-        if !s.send(ipb::job_step::Event::Token(ipb::StepToken {
-            index: s.emitted,
-            token: t,
-        })) {
-            tracing::info!(job = %s.job, "job step aborted: the coordinator went away");
-            return Next::Gone;
-        }
-        s.emitted += 1;
-        s.last = t;
-        let reason = if s.stop.contains(&t) {
-            "stop"
-        } else if s.emitted >= s.max_new {
-            "length"
-        } else {
-            return Next::Decode(s);
-        };
-        tracing::info!(
-            job = %s.job,
-            layer_steps = s.layer_steps,
-            resent = s.resent,
-            widest_batch = s.widest_batch,
-            "job step finished"
-        );
-        s.send(ipb::job_step::Event::Done(ipb::StepDone {
-            finish_reason: reason.into(),
-            prefill_seconds: s.prefill_seconds,
-            decode_seconds: s.t1.elapsed().as_secs_f64(),
-            layer_steps: s.layer_steps,
-            layer_steps_resent: s.resent,
-        }));
-        Next::Gone
-    }
-
-    /// One prefill chunk of `s`; after the last one, its first token.
-    fn prefill_round(&self, mut s: Step<B>) -> Next<B> {
-        let end = (s.done + s.chunk).min(s.prompt.len());
-        let last = end == s.prompt.len();
-        let toks = vec![s.prompt[s.done..end].to_vec()];
-        let r = self.forward(
-            &mut [&mut s],
-            &toks,
-            if last { Logits::Last } else { Logits::None },
-        );
-        let logits = match r {
-            Ok(mut v) => v.pop().unwrap_or_default(),
-            Err(status) => {
-                s.fail(status);
-                return Next::Gone;
+    /// Hands a job step to the scheduler, or refuses it on its stream with the status that
+    /// says why.
+    fn admit(&self, sched: &mut Scheduler<B, StepSink>, inc: Incoming) {
+        let Incoming { req, tx } = inc;
+        let job = echo(&req.job_id);
+        match Self::check(&req) {
+            Ok(r) => {
+                tracing::info!(%job, tokens = r.prompt.len(), "job step started");
+                sched.admit(&self.model, r, StepSink { job, tx });
             }
-        };
-        s.done = end;
-        let tps = s.done as f64 / s.t0.elapsed().as_secs_f64().max(1e-9);
-        if !s.send(ipb::job_step::Event::Progress(ipb::StepProgress {
-            phase: 1,
-            tokens_done: s.done as u64,
-            tokens_per_second: tps,
-        })) {
-            tracing::info!(job = %s.job, "job step aborted: the coordinator went away");
-            return Next::Gone;
-        }
-        if !last {
-            return Next::Prefill(s);
-        }
-        s.prefill_seconds = s.t0.elapsed().as_secs_f64();
-        s.t1 = Instant::now();
-        self.emit(s, &logits)
-    }
-
-    /// One decode step of every job in `batch` together.
-    fn decode_round(&self, mut batch: Vec<Step<B>>) -> Vec<Step<B>> {
-        let n = batch.len();
-        for s in batch.iter_mut() {
-            s.widest_batch = s.widest_batch.max(n);
-        }
-        let toks: Vec<Vec<u32>> = batch.iter().map(|s| vec![s.last]).collect();
-        let r = {
-            let mut refs: Vec<&mut Step<B>> = batch.iter_mut().collect();
-            self.forward(&mut refs, &toks, Logits::Last)
-        };
-        match r {
-            Ok(logits) => batch
-                .into_iter()
-                .zip(logits)
-                .filter_map(|(s, l)| match self.emit(s, &l) {
-                    Next::Decode(s) => Some(s),
-                    _ => None,
-                })
-                .collect(),
             Err(status) => {
-                for s in batch {
-                    s.fail(status.clone());
-                }
-                Vec::new()
+                tracing::warn!(%job, status = %status, "job step refused");
+                let _ = tx.send(Err(status));
             }
         }
     }
 
     /// The engine thread: runs until every sender of `jobs` is gone and no job is left.
     fn run(&self, jobs: std::sync::mpsc::Receiver<Incoming>) {
-        let mut prefilling: std::collections::VecDeque<Step<B>> = Default::default();
-        let mut decoding: Vec<Step<B>> = Vec::new();
+        let mut sched = Scheduler::new(SchedulerConfig {
+            max_batch: self.max_batch,
+            prefill_chunk: self.prefill_chunk,
+        });
         loop {
-            if prefilling.is_empty() && decoding.is_empty() {
+            if sched.is_idle() {
                 match jobs.recv() {
-                    Ok(inc) => prefilling.extend(self.admit(inc)),
+                    Ok(inc) => self.admit(&mut sched, inc),
                     Err(_) => return,
                 }
             }
             while let Ok(inc) = jobs.try_recv() {
-                prefilling.extend(self.admit(inc));
+                self.admit(&mut sched, inc);
             }
-            // Steps whose coordinator went away stop here (their tokens would go nowhere).
-            prefilling.retain(|s| !s.tx.is_closed());
-            decoding.retain(|s| !s.tx.is_closed());
-            if let Some(s) = prefilling.pop_front() {
-                let _span = tracing::info_span!("prefill", job = %s.job).entered();
-                match self.prefill_round(s) {
-                    Next::Prefill(s) => prefilling.push_front(s),
-                    Next::Decode(s) => decoding.push(s),
-                    Next::Gone => {}
-                }
-            }
-            if !decoding.is_empty() {
-                let _span = tracing::info_span!("decode", batch = decoding.len()).entered();
-                let mut rest = decoding.split_off(decoding.len().min(self.max_batch));
-                let mut kept = self.decode_round(std::mem::take(&mut decoding));
-                kept.append(&mut rest);
-                decoding = kept;
-            }
+            let _span = tracing::info_span!("step", sequences = sched.len()).entered();
+            sched.step(&self.model, &self.experts);
         }
     }
 }

@@ -671,6 +671,7 @@ impl ClusterExecutor {
                 seed: rec.sampling.seed,
                 stop_tokens: rec.sampling.stop_tokens.clone(),
                 prefill_chunk: self.prefill_chunk,
+                ignore_eos: rec.ignore_eos,
             };
             let outcome = self.attempt(&job, &worker, req, &mut ttft).await;
             drop(guard);

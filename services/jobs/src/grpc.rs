@@ -56,6 +56,7 @@ fn fingerprint(h: &pb::JobHeader, s: &Sampling, prompt_hash: u64) -> u64 {
         x.update(&t.to_le_bytes());
     }
     x.update(&h.context_parallel.to_le_bytes());
+    x.update(&[h.ignore_eos as u8]);
     x.update(&prompt_hash.to_le_bytes());
     x.digest()
 }
@@ -296,6 +297,7 @@ impl JobsService {
             error: None,
             timings: Timings::default(),
             fingerprint: Some(fp),
+            ignore_eos: header.ignore_eos,
         };
         let (job_id, existing) = self.mgr.accept(record, spool, permit).await?;
         if existing && let Some(k) = &key {

@@ -65,6 +65,9 @@ pub struct JobRecord {
     /// must ask the same (absent in records of older releases).
     #[serde(default)]
     pub fingerprint: Option<u64>,
+    /// Generation does not stop at the model's end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 pub fn now_unix_ms() -> u64 {

@@ -400,6 +400,7 @@ impl JobStore {
             error: Some((tonic::Code::DataLoss as i32, msg.clone())),
             timings: Default::default(),
             fingerprint: None,
+            ignore_eos: false,
         };
         self.records.put(&lost)?;
         // Kept for inspection, out of the spool's way.
@@ -608,6 +609,7 @@ mod tests {
             error: None,
             timings: Timings::default(),
             fingerprint: Some(42),
+            ignore_eos: false,
         }
     }
 

@@ -168,6 +168,9 @@ pub struct SubmitArgs {
     /// Token ids that end generation (comma-separated).
     #[arg(long, env = "RINGBOLT_STOP_TOKENS", value_delimiter = ',')]
     pub stop_tokens: Vec<u32>,
+    /// Keep generating past the model's end-of-sequence tokens (by default they end a job).
+    #[arg(long, env = "RINGBOLT_IGNORE_EOS")]
+    pub ignore_eos: bool,
     /// Same key, same job: retries return the first job.
     #[arg(long, env = "RINGBOLT_IDEMPOTENCY_KEY")]
     pub idempotency_key: Option<String>,
@@ -438,6 +441,7 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         idempotency_key: a.idempotency_key.clone().unwrap_or_default(),
         context_parallel: a.context_parallel,
         expected_prompt_tokens: ids.len() as u64,
+        ignore_eos: a.ignore_eos,
     };
     let live = !a.json && !a.detach;
     let up = if live {

@@ -159,6 +159,7 @@ async fn run_job(
         idempotency_key: String::new(),
         context_parallel: 0,
         expected_prompt_tokens: prompt.len() as u64,
+        ignore_eos: false,
     };
     let up = ProgressBar::new(prompt.len() as u64).with_style(
         ProgressStyle::with_template("upload  {bar:40} {pos}/{len} tokens ({per_sec})")

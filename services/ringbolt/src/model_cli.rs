@@ -4,13 +4,16 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, OnBackend};
+use ringbolt_model::scheduler::{
+    Event, FinishReason, LocalForward, Request, Scheduler, SchedulerConfig, SeqError, SeqStats,
+    Sink,
+};
 use ringbolt_model::{
-    Checkpoint, Logits, Model, ModelConfig, Preset, Sampler, SamplingParams, WeightDtype,
+    Checkpoint, Logits, Model, ModelConfig, Preset, SamplingParams, WeightDtype,
     tokens::parse_token_list, write_random_checkpoint,
 };
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum PresetArg {
@@ -106,9 +109,12 @@ pub struct GenerateArgs {
     /// Where to compute: `cpu` or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
     device: Device,
-    /// Number of tokens to generate.
+    /// Number of tokens to generate (at most; the model's end-of-sequence tokens stop it).
     #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS")]
     max_new_tokens: usize,
+    /// Keep generating past the model's end-of-sequence tokens.
+    #[arg(long, env = "RINGBOLT_IGNORE_EOS")]
+    ignore_eos: bool,
     /// Sampling temperature (0: greedy).
     #[arg(long, env = "RINGBOLT_TEMPERATURE", default_value_t = 0.0)]
     temperature: f32,
@@ -221,41 +227,68 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 impl ModelTask for GenerateArgs {
     fn run<B: Backend>(self, model: Model<B>) -> Result<()> {
         let a = self;
-        let params = SamplingParams {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            seed: a.seed,
-        };
-        let mut sampler = Sampler::new(params)?;
         let ids = a.prompt.read()?;
-        model.check_tokens(0, &ids)?;
-        let mut state = model.new_state();
-        let t0 = Instant::now();
-        let logits = model.forward(&mut state, &ids, Logits::Last)?;
-        let mut next = sampler.sample(&logits);
-        let prefill = t0.elapsed();
-        let mut out = vec![next];
-        let eos = &model.config().eos_token_ids;
-        let t1 = Instant::now();
-        while out.len() < a.max_new_tokens && !eos.contains(&next) {
-            let logits = model.forward(&mut state, &[next], Logits::Last)?;
-            next = sampler.sample(&logits);
-            out.push(next);
+        let n = ids.len();
+        let max_new_tokens = u32::try_from(a.max_new_tokens)
+            .map_err(|_| anyhow::anyhow!("--max-new-tokens {} is too large", a.max_new_tokens))?;
+        // One sequence through the same scheduler core the servers use: the same stop rules,
+        // the same checks.
+        let mut sched = Scheduler::new(SchedulerConfig {
+            max_batch: 1,
+            prefill_chunk: n.max(1),
+        });
+        let mut out = Collect::default();
+        sched.admit(
+            &model,
+            Request {
+                prompt: ids,
+                max_new_tokens,
+                sampling: SamplingParams {
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    seed: a.seed,
+                },
+                stop_tokens: Vec::new(),
+                ignore_eos: a.ignore_eos,
+                prefill_chunk: None,
+            },
+            &mut out,
+        );
+        while !sched.is_idle() {
+            sched.step(&model, &LocalForward);
         }
-        let decode = t1.elapsed();
-        let finish_reason = if eos.contains(&next) {
-            "stop"
-        } else {
-            "length"
+        let (reason, stats) = match out.end {
+            Some(Ok(end)) => end,
+            Some(Err(e)) => bail!("{e}"),
+            None => bail!("the sequence ended without a result"),
         };
         let line = serde_json::json!({
-            "tokens": out,
-            "finish_reason": finish_reason,
-            "prompt_tokens": ids.len(),
-            "prefill_seconds": prefill.as_secs_f64(),
-            "decode_seconds": decode.as_secs_f64(),
+            "tokens": out.tokens,
+            "finish_reason": if reason == FinishReason::Stop { "stop" } else { "length" },
+            "prompt_tokens": n,
+            "prefill_seconds": stats.prefill_seconds,
+            "decode_seconds": stats.decode_seconds,
         });
         println!("{line}");
         Ok(())
+    }
+}
+
+/// A sequence's tokens and end, as `generate` prints them.
+#[derive(Default)]
+struct Collect {
+    tokens: Vec<u32>,
+    end: Option<std::result::Result<(FinishReason, SeqStats), SeqError>>,
+}
+
+impl Sink for &mut Collect {
+    fn send(&mut self, event: Event<'_>) -> bool {
+        match event {
+            Event::Token { token, .. } => self.tokens.push(token),
+            Event::Finished { reason, stats } => self.end = Some(Ok((reason, stats.clone()))),
+            Event::Failed(e) => self.end = Some(Err(e)),
+            Event::Progress { .. } => {}
+        }
+        true
     }
 }

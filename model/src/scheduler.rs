@@ -1,0 +1,711 @@
+//! The scheduler core: every engine loop in Ringbolt (the standalone job engine, an attention
+//! worker's job steps, `ringbolt generate`) runs its sequences through this one. It owns the
+//! sequences and their states and applies one set of rules to them:
+//! - admission checks a request against the model (prompt, positions, stop tokens, sampling);
+//! - chunked prefill: each step runs one chunk of the oldest prefilling sequence, so decode
+//!   steps of running sequences interleave with a long prompt's prefill;
+//! - continuous batching: every decoding sequence takes one decode step together, and a new
+//!   prefill starts only while fewer than `max_batch` sequences decode;
+//! - stop rules: a stop token, the model's end-of-sequence tokens (unless `ignore_eos`), or
+//!   `max_new_tokens`;
+//! - one error policy: a forward pass that fails or panics fails exactly the sequences in it,
+//!   with a [`FailKind`] that callers map to their status codes;
+//! - cancellation between steps.
+//!
+//! What a sequence produces goes to its [`Sink`]; what a forward pass is (local experts, or an
+//! expert exchange) is the caller's [`Forward`].
+
+use crate::engine::{Logits, Model, SequenceState};
+use crate::error::{ModelError, Result};
+use crate::sampling::{Sampler, SamplingParams};
+use ringbolt_kernels::Backend;
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+/// Scheduling limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Prompt tokens per prefill step (a request may ask for its own).
+    pub prefill_chunk: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch: 32,
+            prefill_chunk: 4096,
+        }
+    }
+}
+
+/// What a sequence asks for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: u32,
+    pub sampling: SamplingParams,
+    /// Generation stops after any of these (included in the output).
+    pub stop_tokens: Vec<u32>,
+    /// Do not stop at the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Prompt tokens per prefill step for this sequence (None: the scheduler's).
+    pub prefill_chunk: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Prefill,
+    Decode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or an end-of-sequence token.
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// The sink asked for it ([`Sink::cancelled`]).
+    Cancelled,
+}
+
+/// Why a sequence failed, for callers to map to their status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    /// The request cannot run on this model.
+    InvalidArgument,
+    /// A remote part (the expert exchange) failed: another try may succeed.
+    Unavailable,
+    /// The engine failed (an error or a panic in the forward pass).
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SeqError {
+    pub kind: FailKind,
+    pub message: String,
+}
+
+/// What a sequence did, as of its end.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeqStats {
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Layer steps its forward passes took, and how many were re-sent (remote experts).
+    pub layer_steps: u64,
+    pub resent: u64,
+    /// The most sequences it shared a decode step with (itself included).
+    pub widest_batch: usize,
+}
+
+/// What a sequence tells its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event<'a> {
+    Progress {
+        phase: Phase,
+        /// Prefill: prompt tokens done; decode: the sequence's position.
+        done: u64,
+        tokens_per_second: f64,
+    },
+    Token {
+        index: u32,
+        token: u32,
+    },
+    Finished {
+        reason: FinishReason,
+        stats: &'a SeqStats,
+    },
+    Failed(SeqError),
+}
+
+/// Where a sequence's events go.
+pub trait Sink {
+    /// Takes an event; false when nobody listens any more (the sequence is then dropped).
+    fn send(&mut self, event: Event<'_>) -> bool;
+    /// Whether the sequence should stop (checked between steps; it then finishes Cancelled).
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Layer steps a forward pass took and re-sent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardCounts {
+    pub layer_steps: u64,
+    pub resent: u64,
+}
+
+/// One forward pass of several sequences: on the model's own experts, or through an exchange.
+pub trait Forward<B: Backend> {
+    fn forward(
+        &self,
+        model: &Model<B>,
+        seqs: &mut [(&mut SequenceState<B>, &[u32])],
+        logits: Logits,
+    ) -> (Result<Vec<Vec<f32>>>, ForwardCounts);
+}
+
+/// The model's own experts.
+pub struct LocalForward;
+
+impl<B: Backend> Forward<B> for LocalForward {
+    fn forward(
+        &self,
+        model: &Model<B>,
+        seqs: &mut [(&mut SequenceState<B>, &[u32])],
+        logits: Logits,
+    ) -> (Result<Vec<Vec<f32>>>, ForwardCounts) {
+        (model.forward_batch(seqs, logits), ForwardCounts::default())
+    }
+}
+
+struct Seq<B: Backend, S: Sink> {
+    sink: S,
+    state: SequenceState<B>,
+    prompt: Vec<u32>,
+    /// Prompt tokens prefilled so far.
+    done: usize,
+    chunk: usize,
+    sampler: Sampler,
+    max_new: u32,
+    /// Stop tokens, the model's end-of-sequence tokens among them unless ignored.
+    stop: Vec<u32>,
+    emitted: u32,
+    last: u32,
+    started: Instant,
+    prefill_end: Option<Instant>,
+    stats: SeqStats,
+}
+
+impl<B: Backend, S: Sink> Seq<B, S> {
+    fn stats(&mut self) -> &SeqStats {
+        let now = Instant::now();
+        self.stats.prefill_seconds = (self.prefill_end.unwrap_or(now) - self.started).as_secs_f64();
+        self.stats.decode_seconds = self
+            .prefill_end
+            .map(|p| (now - p).as_secs_f64())
+            .unwrap_or(0.0);
+        &self.stats
+    }
+
+    fn finish(mut self, reason: FinishReason) {
+        self.stats();
+        let stats = std::mem::take(&mut self.stats);
+        self.sink.send(Event::Finished {
+            reason,
+            stats: &stats,
+        });
+    }
+
+    fn fail(mut self, e: SeqError) {
+        self.sink.send(Event::Failed(e));
+    }
+}
+
+/// The sequences of one engine and the rules they run by. Lives on the engine's thread.
+pub struct Scheduler<B: Backend, S: Sink> {
+    cfg: SchedulerConfig,
+    prefilling: VecDeque<Seq<B, S>>,
+    decoding: Vec<Seq<B, S>>,
+}
+
+fn invalid(e: impl std::fmt::Display) -> SeqError {
+    SeqError {
+        kind: FailKind::InvalidArgument,
+        message: e.to_string().replace("invalid request: ", ""),
+    }
+}
+
+/// A forward error as a sequence failure: a failed expert exchange may succeed elsewhere.
+fn failure(e: ModelError) -> SeqError {
+    let kind = match e {
+        ModelError::Experts(_) => FailKind::Unavailable,
+        _ => FailKind::Internal,
+    };
+    SeqError {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+impl<B: Backend, S: Sink> Scheduler<B, S> {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Scheduler {
+            cfg: SchedulerConfig {
+                max_batch: cfg.max_batch.max(1),
+                prefill_chunk: cfg.prefill_chunk.max(1),
+            },
+            prefilling: VecDeque::new(),
+            decoding: Vec::new(),
+        }
+    }
+
+    /// No sequence left.
+    pub fn is_idle(&self) -> bool {
+        self.prefilling.is_empty() && self.decoding.is_empty()
+    }
+
+    /// Whether a new sequence would start prefilling at the next step (none prefills, and fewer
+    /// than `max_batch` decode): an owner that holds requests back admits them then.
+    pub fn has_room(&self) -> bool {
+        self.prefilling.is_empty() && self.decoding.len() < self.cfg.max_batch
+    }
+
+    /// Sequences prefilling and decoding.
+    pub fn len(&self) -> usize {
+        self.prefilling.len() + self.decoding.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.is_idle()
+    }
+
+    /// Checks `req` against `model`; a request that cannot run fails on its sink at once.
+    pub fn admit(&mut self, model: &Model<B>, req: Request, mut sink: S) {
+        match Self::check(model, &req) {
+            Ok(sampler) => {
+                let cfg = model.config();
+                let mut stop = req.stop_tokens;
+                if !req.ignore_eos {
+                    stop.extend(cfg.eos_token_ids.iter().copied());
+                }
+                let now = Instant::now();
+                self.prefilling.push_back(Seq {
+                    sink,
+                    state: model.new_state(),
+                    chunk: req.prefill_chunk.unwrap_or(self.cfg.prefill_chunk).max(1),
+                    prompt: req.prompt,
+                    done: 0,
+                    sampler,
+                    max_new: req.max_new_tokens,
+                    stop,
+                    emitted: 0,
+                    last: 0,
+                    started: now,
+                    prefill_end: None,
+                    stats: SeqStats {
+                        widest_batch: 1,
+                        ..Default::default()
+                    },
+                });
+            }
+            Err(e) => {
+                sink.send(Event::Failed(e));
+            }
+        }
+    }
+
+    fn check(model: &Model<B>, req: &Request) -> std::result::Result<Sampler, SeqError> {
+        let cfg = model.config();
+        if req.prompt.is_empty() {
+            return Err(invalid("the prompt is empty"));
+        }
+        if req.max_new_tokens == 0 {
+            return Err(invalid("max_new_tokens must be at least 1"));
+        }
+        let positions = cfg.max_position_embeddings as u64;
+        if req.prompt.len() as u64 + req.max_new_tokens as u64 > positions {
+            return Err(invalid(format!(
+                "{} prompt tokens + {} new tokens exceed the model's {positions} positions",
+                req.prompt.len(),
+                req.max_new_tokens
+            )));
+        }
+        model.check_tokens(0, &req.prompt).map_err(invalid)?;
+        if let Some(&t) = req
+            .stop_tokens
+            .iter()
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            return Err(invalid(format!(
+                "stop token {t} is outside the vocabulary (size {})",
+                cfg.vocab_size
+            )));
+        }
+        Sampler::new(req.sampling).map_err(invalid)
+    }
+
+    /// One round: cancelled or abandoned sequences leave, the oldest prefilling sequence runs
+    /// one chunk (while fewer than `max_batch` decode), and every decoding sequence takes one
+    /// decode step together.
+    pub fn step(&mut self, model: &Model<B>, fwd: &impl Forward<B>) {
+        for s in std::mem::take(&mut self.prefilling) {
+            if s.sink.cancelled() {
+                s.finish(FinishReason::Cancelled);
+            } else {
+                self.prefilling.push_back(s);
+            }
+        }
+        for s in std::mem::take(&mut self.decoding) {
+            if s.sink.cancelled() {
+                s.finish(FinishReason::Cancelled);
+            } else {
+                self.decoding.push(s);
+            }
+        }
+        if self.decoding.len() < self.cfg.max_batch
+            && let Some(s) = self.prefilling.pop_front()
+            && let Some(s) = self.prefill(model, fwd, s)
+        {
+            self.prefilling.push_front(s);
+        }
+        if !self.decoding.is_empty() {
+            self.decode(model, fwd);
+        }
+    }
+
+    /// Runs a forward pass of `seqs`; counts its layer steps for each of them. A panic is
+    /// caught: it fails the pass like an error.
+    fn run(
+        model: &Model<B>,
+        fwd: &impl Forward<B>,
+        seqs: &mut [&mut Seq<B, S>],
+        toks: &[Vec<u32>],
+        logits: Logits,
+    ) -> std::result::Result<Vec<Vec<f32>>, SeqError> {
+        let (r, counts) = {
+            let mut refs: Vec<(&mut SequenceState<B>, &[u32])> = seqs
+                .iter_mut()
+                .zip(toks)
+                .map(|(s, t)| (&mut s.state, t.as_slice()))
+                .collect();
+            match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                fwd.forward(model, &mut refs, logits)
+            })) {
+                Ok(r) => r,
+                Err(p) => {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    let e = SeqError {
+                        kind: FailKind::Internal,
+                        message: format!("the forward pass panicked: {what}"),
+                    };
+                    return Err(e);
+                }
+            }
+        };
+        for s in seqs.iter_mut() {
+            s.stats.layer_steps += counts.layer_steps;
+            s.stats.resent += counts.resent;
+        }
+        r.map_err(failure)
+    }
+
+    /// One prefill chunk of `s`; after the last, its first token. Returns it while it still
+    /// prefills.
+    fn prefill(
+        &mut self,
+        model: &Model<B>,
+        fwd: &impl Forward<B>,
+        mut s: Seq<B, S>,
+    ) -> Option<Seq<B, S>> {
+        let end = (s.done + s.chunk).min(s.prompt.len());
+        let last = end == s.prompt.len();
+        let toks = vec![s.prompt[s.done..end].to_vec()];
+        let logits = if last { Logits::Last } else { Logits::None };
+        let logits = match Self::run(model, fwd, &mut [&mut s], &toks, logits) {
+            Ok(mut v) => v.pop().unwrap_or_default(),
+            Err(e) => {
+                s.fail(e);
+                return None;
+            }
+        };
+        s.done = end;
+        let tps = s.done as f64 / s.started.elapsed().as_secs_f64().max(1e-9);
+        let progress = Event::Progress {
+            phase: Phase::Prefill,
+            done: s.done as u64,
+            tokens_per_second: tps,
+        };
+        if !s.sink.send(progress) {
+            return None;
+        }
+        if !last {
+            return Some(s);
+        }
+        s.prefill_end = Some(Instant::now());
+        s.prompt = Vec::new();
+        self.emit(s, &logits);
+        None
+    }
+
+    /// One decode step of every decoding sequence together.
+    fn decode(&mut self, model: &Model<B>, fwd: &impl Forward<B>) {
+        let mut batch = std::mem::take(&mut self.decoding);
+        let n = batch.len();
+        let toks: Vec<Vec<u32>> = batch.iter().map(|s| vec![s.last]).collect();
+        for s in batch.iter_mut() {
+            s.stats.widest_batch = s.stats.widest_batch.max(n);
+        }
+        let r = {
+            let mut refs: Vec<&mut Seq<B, S>> = batch.iter_mut().collect();
+            Self::run(model, fwd, &mut refs, &toks, Logits::Last)
+        };
+        match r {
+            Ok(logits) => {
+                for (s, l) in batch.into_iter().zip(logits) {
+                    self.emit(s, &l);
+                }
+            }
+            Err(e) => {
+                for s in batch {
+                    s.fail(e.clone());
+                }
+            }
+        }
+    }
+
+    /// Samples the next token of `s` from `logits` and emits it; `s` keeps decoding unless it
+    /// is finished.
+    fn emit(&mut self, mut s: Seq<B, S>, logits: &[f32]) {
+        let t = s.sampler.sample(logits);
+        let index = s.emitted;
+        if !s.sink.send(Event::Token { index, token: t }) {
+            return;
+        }
+        s.emitted += 1;
+        s.last = t;
+        if s.stop.contains(&t) {
+            return s.finish(FinishReason::Stop);
+        }
+        if s.emitted >= s.max_new {
+            return s.finish(FinishReason::Length);
+        }
+        let n = s.emitted;
+        if n == 1 || n.is_multiple_of(16) {
+            let secs = s
+                .prefill_end
+                .map(|p| p.elapsed().as_secs_f64())
+                .unwrap_or(0.0);
+            let tps = if secs > 0.0 {
+                (n - 1) as f64 / secs
+            } else {
+                0.0
+            };
+            let progress = Event::Progress {
+                phase: Phase::Decode,
+                done: s.state.pos as u64,
+                tokens_per_second: tps,
+            };
+            if !s.sink.send(progress) {
+                return;
+            }
+        }
+        self.decoding.push(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use crate::writer::{Preset, WeightDtype, write_random_checkpoint};
+    use ringbolt_kernels::cpu::Cpu;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    #[derive(Default)]
+    struct Log {
+        tokens: Vec<u32>,
+        end: Option<std::result::Result<FinishReason, SeqError>>,
+        progress: Vec<(Phase, u64)>,
+    }
+
+    #[derive(Clone)]
+    struct Collect(Rc<RefCell<Log>>, Rc<RefCell<bool>>);
+
+    impl Sink for Collect {
+        fn send(&mut self, ev: Event<'_>) -> bool {
+            let mut l = self.0.borrow_mut();
+            match ev {
+                Event::Token { index, token } => {
+                    assert_eq!(index as usize, l.tokens.len(), "indices in order");
+                    l.tokens.push(token);
+                }
+                Event::Progress { phase, done, .. } => l.progress.push((phase, done)),
+                Event::Finished { reason, .. } => l.end = Some(Ok(reason)),
+                Event::Failed(e) => l.end = Some(Err(e)),
+            }
+            true
+        }
+        fn cancelled(&self) -> bool {
+            *self.1.borrow()
+        }
+    }
+
+    fn model(eos: Option<u32>) -> (tempfile::TempDir, Model<Cpu>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Preset::Tiny.config();
+        cfg.eos_token_ids = eos.into_iter().collect();
+        write_random_checkpoint(&cfg, 3, WeightDtype::F32, dir.path(), None).unwrap();
+        let m = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu).unwrap();
+        (dir, m)
+    }
+
+    fn request(prompt: Vec<u32>, n: u32) -> Request {
+        Request {
+            prompt,
+            max_new_tokens: n,
+            sampling: SamplingParams::default(),
+            stop_tokens: Vec::new(),
+            ignore_eos: false,
+            prefill_chunk: None,
+        }
+    }
+
+    /// Greedy tokens of `prompt`, one sequence alone, the plain way.
+    fn alone(m: &Model<Cpu>, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut st = m.new_state();
+        let mut l = m.forward(&mut st, prompt, Logits::Last).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t = crate::sampling::argmax(&l);
+            out.push(t);
+            l = m.forward(&mut st, &[t], Logits::Last).unwrap();
+        }
+        out
+    }
+
+    fn sink() -> (Collect, Rc<RefCell<Log>>, Rc<RefCell<bool>>) {
+        let log = Rc::new(RefCell::new(Log::default()));
+        let cancel = Rc::new(RefCell::new(false));
+        (Collect(log.clone(), cancel.clone()), log, cancel)
+    }
+
+    #[test]
+    fn chunked_prefill_and_batched_decode_equal_each_sequence_alone() {
+        let (_d, m) = model(None);
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_batch: 2,
+            prefill_chunk: 7,
+        });
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|k| {
+                (0..20 + 9 * k)
+                    .map(|i| (i * 13 + k * 5) % 400 + 1)
+                    .collect()
+            })
+            .collect();
+        let logs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (sk, log, _) = sink();
+                s.admit(&m, request(p.clone(), 12), sk);
+                log
+            })
+            .collect();
+        let mut steps = 0;
+        while !s.is_idle() {
+            s.step(&m, &LocalForward);
+            steps += 1;
+            assert!(steps < 1000);
+        }
+        for (p, log) in prompts.iter().zip(&logs) {
+            let l = log.borrow();
+            assert_eq!(l.tokens, alone(&m, p, 12));
+            assert_eq!(l.end, Some(Ok(FinishReason::Length)));
+            // Prefill progress per chunk of 7, then decode progress.
+            let chunks = p.len().div_ceil(7);
+            assert_eq!(
+                l.progress.iter().filter(|x| x.0 == Phase::Prefill).count(),
+                chunks
+            );
+            assert!(l.progress.iter().any(|x| x.0 == Phase::Decode));
+        }
+    }
+
+    #[test]
+    fn eos_stops_unless_ignored_and_bad_requests_fail_at_admission() {
+        let prompt: Vec<u32> = (1..30).collect();
+        let (_d, plain) = model(None);
+        let want = alone(&plain, &prompt, 8);
+        // The third greedy token is the model's end-of-sequence token.
+        let (_d2, m) = model(Some(want[2]));
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, la, _) = sink();
+        let (b, lb, _) = sink();
+        s.admit(&m, request(prompt.clone(), 8), a);
+        let mut r = request(prompt.clone(), 8);
+        r.ignore_eos = true;
+        s.admit(&m, r, b);
+        while !s.is_idle() {
+            s.step(&m, &LocalForward);
+        }
+        assert_eq!(la.borrow().tokens, want[..3]);
+        assert_eq!(la.borrow().end, Some(Ok(FinishReason::Stop)));
+        assert_eq!(lb.borrow().tokens, want);
+        assert_eq!(lb.borrow().end, Some(Ok(FinishReason::Length)));
+
+        let positions = m.config().max_position_embeddings as u32;
+        let vocab = m.config().vocab_size as u32;
+        for (what, r) in [
+            ("empty", request(vec![], 1)),
+            ("zero new", request(vec![1], 0)),
+            ("positions", request(vec![1], positions)),
+            ("vocab", request(vec![vocab], 1)),
+            ("stop token", {
+                let mut r = request(vec![1], 1);
+                r.stop_tokens = vec![vocab];
+                r
+            }),
+            ("temperature", {
+                let mut r = request(vec![1], 1);
+                r.sampling.temperature = -1.0;
+                r
+            }),
+        ] {
+            let (k, log, _) = sink();
+            s.admit(&m, r, k);
+            match &log.borrow().end {
+                Some(Err(e)) => assert_eq!(e.kind, FailKind::InvalidArgument, "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        assert!(s.is_idle());
+    }
+
+    struct Panics;
+    impl Forward<Cpu> for Panics {
+        fn forward(
+            &self,
+            _: &Model<Cpu>,
+            _: &mut [(&mut SequenceState<Cpu>, &[u32])],
+            _: Logits,
+        ) -> (Result<Vec<Vec<f32>>>, ForwardCounts) {
+            panic!("boom")
+        }
+    }
+
+    #[test]
+    fn a_panic_fails_the_pass_and_cancellation_ends_a_sequence() {
+        let (_d, m) = model(None);
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (k, log, _) = sink();
+        s.admit(&m, request(vec![1, 2, 3], 4), k);
+        s.step(&m, &Panics);
+        match &log.borrow().end {
+            Some(Err(e)) => {
+                assert_eq!(e.kind, FailKind::Internal);
+                assert!(e.message.contains("boom"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.is_idle());
+        let (k, log, cancel) = sink();
+        s.admit(&m, request(vec![1, 2, 3], 100), k);
+        s.step(&m, &LocalForward);
+        s.step(&m, &LocalForward);
+        *cancel.borrow_mut() = true;
+        s.step(&m, &LocalForward);
+        assert!(s.is_idle());
+        let l = log.borrow();
+        assert_eq!(l.end, Some(Ok(FinishReason::Cancelled)));
+        assert!(l.tokens.len() < 100);
+    }
+}
