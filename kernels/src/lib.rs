@@ -282,6 +282,219 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Softmax over `experts` router logits per row, top-k, renormalised.
     fn route(&self, logits: &Self::Buf, rows: usize, experts: usize, top_k: usize) -> Routing;
+
+    /// One part of ring attention: `t` queries at absolute positions `q_pos0..` over `k_len`
+    /// keys and values (`[k_len, kv_heads·d]`, keys after RoPE) at absolute positions
+    /// `k_pos0..`, causal by absolute position (a key after a query's position is masked).
+    /// Returns the output normalised over these keys alone (`[t, heads·d]`) and the log-sum-exp
+    /// of each (query, head)'s scaled scores (`[t, heads]`, −∞ where no key is visible): what
+    /// [`attention_merge`](Self::attention_merge) combines. The default computes on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_partial(
+        &self,
+        q: &Self::Buf,
+        t: usize,
+        q_pos0: usize,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        k_len: usize,
+        k_pos0: usize,
+        shape: AttentionShape,
+    ) -> (Self::Buf, Vec<f32>) {
+        let (o, lse) = partial::attention(
+            &self.host_view(q),
+            t,
+            q_pos0,
+            &self.host_view(k),
+            &self.host_view(v),
+            k_len,
+            k_pos0,
+            shape,
+        );
+        (self.upload_owned(o), lse)
+    }
+
+    /// Merges partial attentions of the same queries over disjoint keys by log-sum-exp: the
+    /// attention over all their keys, and its log-sum-exp. The default computes on the host.
+    fn attention_merge(
+        &self,
+        parts: &[(Self::Buf, Vec<f32>)],
+        t: usize,
+        shape: AttentionShape,
+    ) -> (Self::Buf, Vec<f32>) {
+        let host: Vec<(std::borrow::Cow<'_, [f32]>, &[f32])> = parts
+            .iter()
+            .map(|(o, l)| (self.host_view(o), l.as_slice()))
+            .collect();
+        let views: Vec<(&[f32], &[f32])> = host.iter().map(|(o, l)| (&o[..], *l)).collect();
+        let (o, lse) = partial::merge(&views, t, shape);
+        (self.upload_owned(o), lse)
+    }
+
+    /// The part of lightning attention that an earlier context contributes (LASP): for `t`
+    /// tokens whose `qkv` is laid out as for [`lightning`](Self::lightning) and a state
+    /// `prefix` (`[heads, d, d]`, the decayed sum of k^T v of everything before the first
+    /// token), `o_i = exp(−λ(i+1)) · q_i · prefix` per head (`[t, heads·d]`). Added to the
+    /// output of [`lightning`](Self::lightning) from a zero state, it gives the output from
+    /// `prefix`. The default computes on the host.
+    fn lightning_prefix(
+        &self,
+        qkv: &Self::Buf,
+        t: usize,
+        shape: LightningShape,
+        decay: &[f32],
+        prefix: &[f32],
+    ) -> Self::Buf {
+        let o = partial::lightning_prefix(&self.host_view(qkv), t, shape, decay, prefix);
+        self.upload_owned(o)
+    }
+}
+
+/// Host implementations of the context-parallel pieces (the reference; the defaults of the
+/// [`Backend`] methods that use them).
+pub mod partial {
+    use super::{AttentionShape, LightningShape};
+
+    /// See [`super::Backend::attention_partial`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        q: &[f32],
+        t: usize,
+        q_pos0: usize,
+        k: &[f32],
+        v: &[f32],
+        k_len: usize,
+        k_pos0: usize,
+        shape: AttentionShape,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
+        let kvw = kv_heads * d;
+        assert_eq!(q.len(), t * heads * d, "attention_partial: q is not [t, heads*d]");
+        assert!(k.len() >= k_len * kvw && v.len() >= k_len * kvw);
+        let group = heads / kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; t * heads * d];
+        let mut lse = vec![f32::NEG_INFINITY; t * heads];
+        let mut scores = vec![0f32; k_len];
+        for i in 0..t {
+            let qpos = q_pos0 + i;
+            // Keys at positions <= qpos: the first `visible` of this part.
+            let visible = (qpos + 1).saturating_sub(k_pos0).min(k_len);
+            if visible == 0 {
+                continue;
+            }
+            for h in 0..heads {
+                let g = h / group;
+                let qv = &q[(i * heads + h) * d..][..d];
+                let mut m = f32::NEG_INFINITY;
+                for j in 0..visible {
+                    let kv = &k[j * kvw + g * d..][..d];
+                    let s = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    scores[j] = s;
+                    m = m.max(s);
+                }
+                let mut sum = 0f32;
+                let o = &mut out[(i * heads + h) * d..][..d];
+                for j in 0..visible {
+                    let w = (scores[j] - m).exp();
+                    sum += w;
+                    let vv = &v[j * kvw + g * d..][..d];
+                    for c in 0..d {
+                        o[c] += w * vv[c];
+                    }
+                }
+                for x in o.iter_mut() {
+                    *x /= sum;
+                }
+                lse[i * heads + h] = m + sum.ln();
+            }
+        }
+        (out, lse)
+    }
+
+    /// See [`super::Backend::attention_merge`].
+    pub fn merge(
+        parts: &[(&[f32], &[f32])],
+        t: usize,
+        shape: AttentionShape,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (heads, d) = (shape.heads, shape.head_dim);
+        let mut out = vec![0f32; t * heads * d];
+        let mut lse = vec![f32::NEG_INFINITY; t * heads];
+        for r in 0..t * heads {
+            let m = parts
+                .iter()
+                .map(|(_, l)| l[r])
+                .fold(f32::NEG_INFINITY, f32::max);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let total: f32 = parts.iter().map(|(_, l)| (l[r] - m).exp()).sum();
+            let o = &mut out[r * d..][..d];
+            for (po, l) in parts {
+                let w = (l[r] - m).exp() / total;
+                if w == 0.0 {
+                    continue;
+                }
+                for (x, y) in o.iter_mut().zip(&po[r * d..][..d]) {
+                    *x += w * y;
+                }
+            }
+            lse[r] = m + total.ln();
+        }
+        (out, lse)
+    }
+
+    /// See [`super::Backend::lightning_prefix`].
+    pub fn lightning_prefix(
+        qkv: &[f32],
+        t: usize,
+        shape: LightningShape,
+        decay: &[f32],
+        prefix: &[f32],
+    ) -> Vec<f32> {
+        let (heads, d) = (shape.heads, shape.head_dim);
+        assert_eq!(qkv.len(), t * heads * 3 * d);
+        assert_eq!(prefix.len(), heads * d * d);
+        let mut out = vec![0f32; t * heads * d];
+        for i in 0..t {
+            for h in 0..heads {
+                let f = (-decay[h] * (i + 1) as f32).exp();
+                let q = &qkv[i * heads * 3 * d + h * 3 * d..][..d];
+                let s = &prefix[h * d * d..][..d * d];
+                let o = &mut out[(i * heads + h) * d..][..d];
+                for (a, &qa) in q.iter().enumerate() {
+                    if qa == 0.0 {
+                        continue;
+                    }
+                    let row = &s[a * d..][..d];
+                    for c in 0..d {
+                        o[c] += f * qa * row[c];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The state a context of `len` tokens hands on, decayed over the `n` tokens that follow:
+    /// `state ← exp(−λ n) · state + next` per head, in place (the LASP fold).
+    pub fn fold_state(state: &mut [f32], n: usize, next: &[f32], decay: &[f32], d: usize) {
+        for (h, (s, x)) in state
+            .chunks_mut(d * d)
+            .zip(next.chunks(d * d))
+            .enumerate()
+        {
+            let f = (-decay[h] * n as f32).exp();
+            for (a, b) in s.iter_mut().zip(x) {
+                *a = f * *a + b;
+            }
+        }
+    }
 }
 
 /// [`Backend::attention_decode`] one sequence at a time.
