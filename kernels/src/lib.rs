@@ -373,7 +373,11 @@ pub mod partial {
             head_dim: d,
         } = shape;
         let kvw = kv_heads * d;
-        assert_eq!(q.len(), t * heads * d, "attention_partial: q is not [t, heads*d]");
+        assert_eq!(
+            q.len(),
+            t * heads * d,
+            "attention_partial: q is not [t, heads*d]"
+        );
         assert!(k.len() >= k_len * kvw && v.len() >= k_len * kvw);
         let group = heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
@@ -484,11 +488,7 @@ pub mod partial {
     /// The state a context of `len` tokens hands on, decayed over the `n` tokens that follow:
     /// `state ← exp(−λ n) · state + next` per head, in place (the LASP fold).
     pub fn fold_state(state: &mut [f32], n: usize, next: &[f32], decay: &[f32], d: usize) {
-        for (h, (s, x)) in state
-            .chunks_mut(d * d)
-            .zip(next.chunks(d * d))
-            .enumerate()
-        {
+        for (h, (s, x)) in state.chunks_mut(d * d).zip(next.chunks(d * d)).enumerate() {
             let f = (-decay[h] * n as f32).exp();
             for (a, b) in s.iter_mut().zip(x) {
                 *a = f * *a + b;

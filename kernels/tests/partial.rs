@@ -64,7 +64,13 @@ fn attention_over_all_keys_is_the_merge_of_partials_over_any_split() {
     let kall = values(keys * kvw, 2);
     let vall = values(keys * kvw, 3);
     let want = b.attention(&q, t, &kall, &vall, pos0, shape);
-    for cuts in [vec![], vec![10], vec![5, 20, 27], vec![20], vec![1, 2, 3, 30]] {
+    for cuts in [
+        vec![],
+        vec![10],
+        vec![5, 20, 27],
+        vec![20],
+        vec![1, 2, 3, 30],
+    ] {
         let mut bounds = vec![0];
         bounds.extend(cuts.iter().copied());
         bounds.push(keys);

@@ -7,6 +7,8 @@ use crate::error::{ModelError, Result};
 use crate::weights::{expert_name, layer_prefix};
 use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
 
+pub mod context;
+
 /// Computes the routed experts of one MoE layer somewhere else (a cluster's expert workers).
 /// A model loaded without its experts runs its MoE layers through one of these.
 pub trait ExpertExecutor<B: Backend> {

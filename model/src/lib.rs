@@ -15,6 +15,7 @@ pub mod writer;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Dialect, LayerKind, ModelConfig};
+pub use engine::context;
 pub use engine::{
     Expert, ExpertExecutor, Logits, Model, PIPELINE_MIN_ROWS, PIPELINE_PARTS, PendingExperts,
     SequenceState,
