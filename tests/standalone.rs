@@ -1041,3 +1041,62 @@ fn jobs_and_generate_stop_at_the_models_eos_unless_told_not_to() {
     assert_eq!(tokens(&v), want);
     assert_eq!(v["finish_reason"], "length");
 }
+
+#[test]
+fn standalone_context_parallel_jobs_equal_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--context-parallel", "4"],
+    );
+    let ep = server.endpoint.clone();
+    for (n, extra) in [
+        (3000, vec![]),
+        (301, vec!["--context-parallel", "2"]),
+        (5, vec![]),
+    ] {
+        let ids = prompt(n, 7);
+        let want = generate(&ckpt, &ids, 12);
+        let v = submit_json(&ep, &ids, 12, &extra);
+        assert_eq!(tokens(&v), want, "{n} tokens {extra:?}");
+        let id = v["job_id"].as_str().unwrap();
+        let get = ok_json(&["jobs", "get", id, "--endpoint", &ep, "--json"]);
+        let degree = if extra.is_empty() { 4 } else { 2 };
+        assert_eq!(get["context_parallel"], degree, "{get}");
+        let per_rank: Vec<u64> = get["cache_bytes_per_rank"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect();
+        assert_eq!(per_rank.len(), degree as usize, "{get}");
+        if n == 3000 {
+            // One softmax layer of the tiny model: K and V of 750 tokens per rank, f32.
+            let total: u64 = per_rank.iter().sum();
+            for b in &per_rank {
+                assert!(
+                    (*b as f64 / total as f64 - 0.25).abs() < 0.01,
+                    "{per_rank:?}"
+                );
+            }
+        }
+    }
+    // More ranks than the server has: refused, saying how many it has.
+    let (ok, _, err) = run(&[
+        "submit",
+        "--endpoint",
+        &ep,
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+        "--context-parallel",
+        "8",
+    ]);
+    assert!(
+        !ok && err.contains("FailedPrecondition") && err.contains("at most 4"),
+        "{err}"
+    );
+}

@@ -23,7 +23,7 @@ pub use engine::{
 pub use error::{ModelError, Result};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{
-    Event, FailKind, FinishReason, Forward, ForwardCounts, LocalForward, Phase, Request, Scheduler,
-    SchedulerConfig, SeqError, SeqStats, Sink,
+    ContextPrefill, Event, FailKind, FinishReason, Forward, ForwardCounts, LocalForward, Phase,
+    Request, Scheduler, SchedulerConfig, SeqError, SeqStats, Sink,
 };
 pub use writer::{Preset, WeightDtype, write_random_checkpoint, write_random_checkpoint_scaled};

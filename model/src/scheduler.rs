@@ -53,6 +53,9 @@ pub struct Request {
     pub ignore_eos: bool,
     /// Prompt tokens per prefill step for this sequence (None: the scheduler's).
     pub prefill_chunk: Option<usize>,
+    /// Ranks its prefill is split among (0 or 1: this engine alone; see
+    /// [`Forward::prefill_context`]).
+    pub context_parallel: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +117,12 @@ pub enum Event<'a> {
         index: u32,
         token: u32,
     },
+    /// A context-parallel prefill is done: its degree and the softmax key and value bytes each
+    /// rank held.
+    ContextParallel {
+        degree: usize,
+        cache_bytes_per_rank: &'a [u64],
+    },
     Finished {
         reason: FinishReason,
         stats: &'a SeqStats,
@@ -138,6 +147,15 @@ pub struct ForwardCounts {
     pub resent: u64,
 }
 
+/// A whole prompt prefilled by several ranks.
+pub struct ContextPrefill<B: Backend> {
+    /// The last position's logits.
+    pub logits: Vec<f32>,
+    /// The state decode continues from.
+    pub state: SequenceState<B>,
+    pub cache_bytes_per_rank: Vec<u64>,
+}
+
 /// One forward pass of several sequences: on the model's own experts, or through an exchange.
 pub trait Forward<B: Backend> {
     fn forward(
@@ -146,6 +164,18 @@ pub trait Forward<B: Backend> {
         seqs: &mut [(&mut SequenceState<B>, &[u32])],
         logits: Logits,
     ) -> (Result<Vec<Vec<f32>>>, ForwardCounts);
+
+    /// The prefill of a whole prompt split among `ranks` ranks (context parallelism), where
+    /// this engine has them; None where it does not.
+    fn prefill_context(
+        &self,
+        model: &Model<B>,
+        prompt: &[u32],
+        ranks: usize,
+    ) -> Option<Result<ContextPrefill<B>>> {
+        let _ = (model, prompt, ranks);
+        None
+    }
 }
 
 /// The model's own experts.
@@ -178,6 +208,7 @@ struct Seq<B: Backend, S: Sink> {
     started: Instant,
     prefill_end: Option<Instant>,
     stats: SeqStats,
+    context_parallel: usize,
 }
 
 impl<B: Backend, S: Sink> Seq<B, S> {
@@ -290,6 +321,7 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                         widest_batch: 1,
                         ..Default::default()
                     },
+                    context_parallel: req.context_parallel,
                 });
             }
             Err(e) => {
@@ -405,6 +437,9 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         fwd: &impl Forward<B>,
         mut s: Seq<B, S>,
     ) -> Option<Seq<B, S>> {
+        if s.context_parallel > 1 {
+            return self.prefill_context(model, fwd, s);
+        }
         let end = (s.done + s.chunk).min(s.prompt.len());
         let last = end == s.prompt.len();
         let toks = vec![s.prompt[s.done..end].to_vec()];
@@ -432,6 +467,63 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         s.prefill_end = Some(Instant::now());
         s.prompt = Vec::new();
         self.emit(s, &logits);
+        None
+    }
+
+    /// The whole prompt of `s` prefilled by its ranks; then its first token.
+    fn prefill_context(
+        &mut self,
+        model: &Model<B>,
+        fwd: &impl Forward<B>,
+        mut s: Seq<B, S>,
+    ) -> Option<Seq<B, S>> {
+        let ranks = s.context_parallel;
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            fwd.prefill_context(model, &s.prompt, ranks)
+        }));
+        let done = match r {
+            Ok(Some(Ok(done))) => done,
+            Ok(Some(Err(e))) => {
+                s.fail(failure(e));
+                return None;
+            }
+            Ok(None) => {
+                s.fail(invalid(format!(
+                    "context-parallel degree {ranks} was requested, but this engine runs \
+                     every prefill alone"
+                )));
+                return None;
+            }
+            Err(_) => {
+                s.fail(SeqError {
+                    kind: FailKind::Internal,
+                    message: "the context-parallel prefill panicked".into(),
+                });
+                return None;
+            }
+        };
+        s.state = done.state;
+        s.done = s.prompt.len();
+        let tps = s.done as f64 / s.started.elapsed().as_secs_f64().max(1e-9);
+        let events = [
+            Event::ContextParallel {
+                degree: ranks,
+                cache_bytes_per_rank: &done.cache_bytes_per_rank,
+            },
+            Event::Progress {
+                phase: Phase::Prefill,
+                done: s.done as u64,
+                tokens_per_second: tps,
+            },
+        ];
+        for ev in events {
+            if !s.sink.send(ev) {
+                return None;
+            }
+        }
+        s.prefill_end = Some(Instant::now());
+        s.prompt = Vec::new();
+        self.emit(s, &done.logits);
         None
     }
 
@@ -529,6 +621,7 @@ mod tests {
                     l.tokens.push(token);
                 }
                 Event::Progress { phase, done, .. } => l.progress.push((phase, done)),
+                Event::ContextParallel { .. } => {}
                 Event::Finished { reason, .. } => l.end = Some(Ok(reason)),
                 Event::Failed(e) => l.end = Some(Err(e)),
             }
@@ -556,6 +649,7 @@ mod tests {
             stop_tokens: Vec::new(),
             ignore_eos: false,
             prefill_chunk: None,
+            context_parallel: 0,
         }
     }
 

@@ -654,7 +654,7 @@ impl ClusterExecutor {
                     Timings::default(),
                 );
             };
-            job.set_running();
+            job.set_running(1);
             let guard = RunningGuard::new(&self.view, &worker.id);
             tracing::info!(worker = %worker.id, attempt = failures + 1, "job sent to attention worker");
             let req = ipb::RunJobRequest {
@@ -955,6 +955,8 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         max_new_tokens: a.max_new_tokens_limit,
         max_prompt_tokens: a.max_prompt_tokens,
         result_ttl: Duration::from_secs(a.result_ttl_secs),
+        // Context parallelism across attention workers is not driven yet.
+        context_parallel: 1,
     };
     let exec = ClusterExecutor {
         rt: tokio::runtime::Handle::current(),

@@ -51,6 +51,7 @@ pub fn job(r: &JobRecord) -> pb::Job {
         sampling: Some(sampling(&r.sampling)),
         tokens: r.tokens.clone(),
         generated_tokens: r.tokens.len() as u32,
+        cache_bytes_per_rank: r.cache_bytes_per_rank.clone(),
         context_parallel: r.context_parallel,
         finish_reason: r
             .finish_reason

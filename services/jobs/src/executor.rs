@@ -22,6 +22,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Prompt tokens per prefill step (decode steps of running jobs interleave between chunks).
     pub prefill_chunk: usize,
+    /// Ranks (threads) a job's prefill is split among when it asks for the server's default.
+    pub context_parallel: usize,
 }
 
 impl Default for EngineConfig {
@@ -29,6 +31,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_batch: 32,
             prefill_chunk: 4096,
+            context_parallel: 1,
         }
     }
 }
@@ -51,6 +54,44 @@ pub(crate) struct Engine<B: Backend> {
     pub jobs: Receiver<Arc<LiveJob>>,
     pub done: mpsc::Sender<Completion>,
     pub cfg: EngineConfig,
+    /// Runs the transfers of context-parallel prefills.
+    pub rt: tokio::runtime::Handle,
+}
+
+/// This process's forward passes: the model's own experts; a context-parallel prefill by
+/// rank threads over the in-process transport.
+struct Standalone<'a> {
+    rt: &'a tokio::runtime::Handle,
+}
+
+impl<B: Backend> sched::Forward<B> for Standalone<'_> {
+    fn forward(
+        &self,
+        model: &Model<B>,
+        seqs: &mut [(&mut ringbolt_model::SequenceState<B>, &[u32])],
+        logits: ringbolt_model::Logits,
+    ) -> (ringbolt_model::Result<Vec<Vec<f32>>>, sched::ForwardCounts) {
+        LocalForward.forward(model, seqs, logits)
+    }
+
+    fn prefill_context(
+        &self,
+        model: &Model<B>,
+        prompt: &[u32],
+        ranks: usize,
+    ) -> Option<ringbolt_model::Result<sched::ContextPrefill<B>>> {
+        let r = ringbolt_context::prefill_local(self.rt, model, prompt, ranks)
+            .map(|p| sched::ContextPrefill {
+                logits: p.logits,
+                state: p.state,
+                cache_bytes_per_rank: p.cache_bytes_per_rank,
+            })
+            .map_err(|e| match e {
+                ringbolt_context::ContextError::Model(m) => m,
+                other => ringbolt_model::ModelError::Invalid(other.to_string()),
+            });
+        Some(r)
+    }
 }
 
 /// The gRPC code of a sequence failure.
@@ -95,6 +136,10 @@ impl sched::Sink for JobSink {
                 };
                 self.job.progress(phase, done, tokens_per_second);
             }
+            Event::ContextParallel {
+                cache_bytes_per_rank,
+                ..
+            } => self.job.set_cache_bytes(cache_bytes_per_rank),
             Event::Token { index, token } => {
                 if index == 0 {
                     let created = self.job.lock().record.created_unix_ms;
@@ -161,7 +206,7 @@ impl<B: Backend> Engine<B> {
             {
                 self.start(&mut sched, job);
             }
-            sched.step(&self.model, &LocalForward);
+            sched.step(&self.model, &Standalone { rt: &self.rt });
         }
     }
 
@@ -204,7 +249,11 @@ impl<B: Backend> Engine<B> {
                 return;
             }
         };
-        job.set_running();
+        let degree = match rec.context_parallel {
+            0 => self.cfg.context_parallel.max(1),
+            n => n as usize,
+        };
+        job.set_running(degree as u32);
         job.progress(pb::Phase::Prefill, 0, 0.0);
         tracing::info!(job = %rec.id, prompt_tokens = rec.prompt_tokens, "prefill started");
         let req = sched::Request {
@@ -218,6 +267,7 @@ impl<B: Backend> Engine<B> {
             stop_tokens: rec.sampling.stop_tokens.clone(),
             ignore_eos: rec.ignore_eos,
             prefill_chunk: None,
+            context_parallel: degree,
         };
         sched.admit(&self.model, req, sink);
     }

@@ -111,10 +111,11 @@ impl JobsService {
                 "stop token {t} is outside the vocabulary (size {vocab})"
             )));
         }
-        if h.context_parallel > 1 {
+        let most = self.mgr.limits().context_parallel.max(1);
+        if h.context_parallel > most {
             return Err(JobError::FailedPrecondition(format!(
-                "context-parallel degree {} was requested, but this server runs every job on one \
-                 attention worker (context parallelism needs a cluster)",
+                "context-parallel degree {} was requested, but this server splits a context \
+                 among at most {most} rank(s) (standalone --context-parallel)",
                 h.context_parallel
             )));
         }
@@ -289,7 +290,7 @@ impl JobsService {
             max_new_tokens: header.max_new_tokens,
             sampling,
             idempotency_key: key.clone(),
-            context_parallel: 0,
+            context_parallel: header.context_parallel,
             created_unix_ms: now_unix_ms(),
             finished_unix_ms: None,
             tokens: Vec::new(),
@@ -298,6 +299,7 @@ impl JobsService {
             timings: Timings::default(),
             fingerprint: Some(fp),
             ignore_eos: header.ignore_eos,
+            cache_bytes_per_rank: Vec::new(),
         };
         let (job_id, existing) = self.mgr.accept(record, spool, permit).await?;
         if existing && let Some(k) = &key {

@@ -112,10 +112,19 @@ impl LiveJob {
         self.changed.send_replace(n);
     }
 
-    pub fn set_running(&self) {
+    /// The job runs, its prefill split among `context_parallel` ranks.
+    pub fn set_running(&self, context_parallel: u32) {
         self.push(|s| {
             s.record.state = JobState::Running;
-            s.record.context_parallel = 1;
+            s.record.context_parallel = context_parallel;
+            None
+        });
+    }
+
+    /// The softmax key and value bytes each rank held after a context-parallel prefill.
+    pub fn set_cache_bytes(&self, per_rank: &[u64]) {
+        self.push(|s| {
+            s.record.cache_bytes_per_rank = per_rank.to_vec();
             None
         });
     }

@@ -26,6 +26,8 @@ pub struct Limits {
     pub max_prompt_tokens: u64,
     /// How long finished jobs' results are kept.
     pub result_ttl: Duration,
+    /// Most ranks a job's prefill may be split among (a job asking 0 gets this many).
+    pub context_parallel: u32,
 }
 
 impl Default for Limits {
@@ -35,6 +37,7 @@ impl Default for Limits {
             max_new_tokens: 4096,
             max_prompt_tokens: 4 << 20,
             result_ttl: Duration::from_secs(24 * 3600),
+            context_parallel: 1,
         }
     }
 }
@@ -56,6 +59,7 @@ pub trait Executor: Send + 'static {
 struct LocalEngine<B: Backend> {
     model: Model<B>,
     cfg: EngineConfig,
+    rt: tokio::runtime::Handle,
 }
 
 impl<B: Backend> Executor for LocalEngine<B> {
@@ -71,6 +75,7 @@ impl<B: Backend> Executor for LocalEngine<B> {
             jobs,
             done,
             cfg: self.cfg,
+            rt: self.rt,
         }
         .run()
     }
@@ -127,7 +132,11 @@ impl JobManager {
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let model_cfg = model.config().clone();
-        let exec: Box<dyn Executor> = Box::new(LocalEngine { model, cfg: engine });
+        let exec: Box<dyn Executor> = Box::new(LocalEngine {
+            model,
+            cfg: engine,
+            rt: tokio::runtime::Handle::current(),
+        });
         Self::start_with(exec, model_cfg, store, limits, tokenizer, shutdown)
     }
 

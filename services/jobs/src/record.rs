@@ -68,6 +68,9 @@ pub struct JobRecord {
     /// Generation does not stop at the model's end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Softmax key and value bytes each rank of a context-parallel prefill held.
+    #[serde(default)]
+    pub cache_bytes_per_rank: Vec<u64>,
 }
 
 pub fn now_unix_ms() -> u64 {

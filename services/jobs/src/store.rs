@@ -401,6 +401,7 @@ impl JobStore {
             timings: Default::default(),
             fingerprint: None,
             ignore_eos: false,
+            cache_bytes_per_rank: Vec::new(),
         };
         self.records.put(&lost)?;
         // Kept for inspection, out of the spool's way.
@@ -610,6 +611,7 @@ mod tests {
             timings: Timings::default(),
             fingerprint: Some(42),
             ignore_eos: false,
+            cache_bytes_per_rank: Vec::new(),
         }
     }
 

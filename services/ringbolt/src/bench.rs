@@ -113,6 +113,7 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             result_ttl_secs: 3600,
             max_batch,
             prefill_chunk: 4096,
+            context_parallel: 1,
             tokenizer: None,
             device: ringbolt_kernels::Device::Cpu,
             conn: Default::default(),

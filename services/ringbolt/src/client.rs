@@ -502,6 +502,9 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
     if j.context_parallel > 0 {
         v["context_parallel"] = json!(j.context_parallel);
     }
+    if !j.cache_bytes_per_rank.is_empty() {
+        v["cache_bytes_per_rank"] = json!(j.cache_bytes_per_rank);
+    }
     if !j.error.is_empty() {
         v["error"] = json!(j.error);
     }

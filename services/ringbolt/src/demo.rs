@@ -102,6 +102,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         result_ttl_secs: 3600,
         max_batch: 8,
         prefill_chunk: 4096,
+        context_parallel: 1,
         tokenizer: None,
         device: ringbolt_kernels::Device::Cpu,
         conn: Default::default(),

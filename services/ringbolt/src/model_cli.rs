@@ -251,6 +251,7 @@ impl ModelTask for GenerateArgs {
                 stop_tokens: Vec::new(),
                 ignore_eos: a.ignore_eos,
                 prefill_chunk: None,
+                context_parallel: 1,
             },
             &mut out,
         );
@@ -287,7 +288,7 @@ impl Sink for &mut Collect {
             Event::Token { token, .. } => self.tokens.push(token),
             Event::Finished { reason, stats } => self.end = Some(Ok((reason, stats.clone()))),
             Event::Failed(e) => self.end = Some(Err(e)),
-            Event::Progress { .. } => {}
+            Event::Progress { .. } | Event::ContextParallel { .. } => {}
         }
         true
     }

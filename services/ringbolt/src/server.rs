@@ -39,6 +39,10 @@ pub struct StandaloneArgs {
     /// Prompt tokens per prefill step.
     #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096)]
     pub prefill_chunk: usize,
+    /// Ranks (threads) a job's prefill is split among by default (a job may ask for fewer):
+    /// context parallelism within this process.
+    #[arg(long, env = "RINGBOLT_CONTEXT_PARALLEL", default_value_t = 1)]
+    pub context_parallel: u32,
     /// A Hugging Face `tokenizer.json` for text prompts (default: the checkpoint's, if any).
     #[arg(long, env = "RINGBOLT_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
@@ -85,10 +89,12 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
         max_new_tokens: a.max_new_tokens_limit,
         max_prompt_tokens: a.max_prompt_tokens,
         result_ttl: Duration::from_secs(a.result_ttl_secs),
+        context_parallel: a.context_parallel.max(1),
     };
     let engine = EngineConfig {
         max_batch: a.max_batch.max(1),
         prefill_chunk: a.prefill_chunk.max(1),
+        context_parallel: a.context_parallel.max(1) as usize,
     };
     let tok_path = a
         .tokenizer
