@@ -517,16 +517,22 @@ fn dot_attention(
     v: &[f32],
     stride: usize,
     visible: impl Fn(usize) -> usize,
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<f32>) {
     let mut o = vec![0f32; rows * d];
+    let mut lse = vec![f32::NEG_INFINITY; rows];
     let mut s = Vec::new();
     for r in 0..rows {
         let vis = visible(r);
+        if vis == 0 {
+            continue;
+        }
         let qr = &q[r * d..(r + 1) * d];
         s.clear();
         s.extend((0..vis).map(|j| dot(qr, &k[j * stride..j * stride + d])));
         let m = max_lanes(&s);
-        let inv = 1.0 / exp_sum(&mut s, m);
+        let sum = exp_sum(&mut s, m);
+        let inv = 1.0 / sum;
+        lse[r] = m + sum.ln();
         let or = &mut o[r * d..(r + 1) * d];
         for (j, &p) in s.iter().enumerate() {
             let vj = &v[j * stride..j * stride + d];
@@ -536,13 +542,81 @@ fn dot_attention(
         }
         or.iter_mut().for_each(|x| *x *= inv);
     }
-    o
+    (o, lse)
+}
+
+/// Causal softmax attention with GQA of `t` queries (`[t, heads·d]`) over keys and values
+/// (`[n, kv_heads·d]`), query `i` seeing keys `0..visible(i)` (non-decreasing in `i`). One work
+/// item per (KV head, query block): the group's query heads share each K/V tile, so it is
+/// packed once for `group × block` rows. Returns the output and the log-sum-exp per (query,
+/// head) (`[t, heads]`).
+fn grouped_attention(
+    q: &[f32],
+    t: usize,
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    visible: impl Fn(usize) -> usize + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = shape;
+    assert_eq!(q.len(), t * heads * d);
+    let kvw = kv_heads * d;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let qblocks = t.div_ceil(ATTN_Q_BLOCK);
+    let items: Vec<(usize, usize)> = (0..kv_heads)
+        .flat_map(|g| (0..qblocks).map(move |b| (g, b)))
+        .collect();
+    let results: Vec<(Vec<f32>, Vec<f32>)> = items
+        .par_iter()
+        .map(|&(g, b)| {
+            let r0 = b * ATTN_Q_BLOCK;
+            let mb = ATTN_Q_BLOCK.min(t - r0);
+            let rows = group * mb; // row hh·mb + i: head g·group + hh, query r0 + i
+            let mut qg = vec![0f32; rows * d];
+            for hh in 0..group {
+                let h = g * group + hh;
+                for i in 0..mb {
+                    let src = &q[(r0 + i) * heads * d + h * d..][..d];
+                    let dst = &mut qg[(hh * mb + i) * d..][..d];
+                    for c in 0..d {
+                        dst[c] = src[c] * scale;
+                    }
+                }
+            }
+            let nk = visible(r0 + mb - 1);
+            if nk == 0 {
+                return (vec![0f32; rows * d], vec![f32::NEG_INFINITY; rows]);
+            }
+            flash_attention(&qg, rows, d, &k[g * d..], &v[g * d..], kvw, nk, |r| {
+                visible(r0 + r % mb)
+            })
+        })
+        .collect();
+    let mut out = vec![0f32; t * heads * d];
+    let mut lse = vec![f32::NEG_INFINITY; t * heads];
+    for (&(g, b), (o, l)) in items.iter().zip(&results) {
+        let r0 = b * ATTN_Q_BLOCK;
+        let mb = ATTN_Q_BLOCK.min(t - r0);
+        for (r, orow) in o.chunks(d).enumerate() {
+            let (hh, i) = (r / mb, r % mb);
+            let h = g * group + hh;
+            out[(r0 + i) * heads * d + h * d..][..d].copy_from_slice(orow);
+            lse[(r0 + i) * heads + h] = l[r];
+        }
+    }
+    (out, lse)
 }
 
 /// Softmax attention of `rows` (pre-scaled) queries `q` (`[rows, d]`) over the first `nk` keys
 /// and values (row stride `stride`), row `r` seeing keys `0..visible(r)`. Keys go in tiles with
 /// an online softmax (running max and sum per row), so memory stays O(rows × tile) whatever
-/// the context length.
+/// the context length. Returns the output and each row's log-sum-exp (−∞, with a zero output,
+/// for a row that sees no key).
 #[allow(clippy::too_many_arguments)]
 fn flash_attention(
     q: &[f32],
@@ -553,7 +627,7 @@ fn flash_attention(
     stride: usize,
     nk: usize,
     visible: impl Fn(usize) -> usize,
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<f32>) {
     if rows <= ATTN_DOT_ROWS {
         return dot_attention(q, rows, d, k, v, stride, visible);
     }
@@ -618,11 +692,16 @@ fn flash_attention(
         );
         kt += kn;
     }
+    let mut lse = vec![f32::NEG_INFINITY; rows];
     for r in 0..rows {
+        if l[r] == 0.0 {
+            continue;
+        }
         let inv = 1.0 / l[r];
         o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+        lse[r] = m[r] + l[r].ln();
     }
-    o
+    (o, lse)
 }
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`; `parallel` lets the GEMM fork across threads.
@@ -1012,66 +1091,31 @@ impl Backend for Cpu {
         pos0: usize,
         shape: AttentionShape,
     ) -> Vec<f32> {
-        let AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: d,
-        } = shape;
-        assert_eq!(q.len(), t * heads * d);
-        let kvw = kv_heads * d;
+        let kvw = shape.kv_heads * shape.head_dim;
         assert!(
             k_cache.len() >= (pos0 + t) * kvw,
             "attention: cache shorter than positions"
         );
         assert_eq!(k_cache.len(), v_cache.len());
-        let group = heads / kv_heads;
-        let scale = 1.0 / (d as f32).sqrt();
-        let qblocks = t.div_ceil(ATTN_Q_BLOCK);
-        // One work item per (KV head, query block): the group's query heads share each K/V
-        // tile, so it is packed once for `group × block` rows.
-        let items: Vec<(usize, usize)> = (0..kv_heads)
-            .flat_map(|g| (0..qblocks).map(move |b| (g, b)))
-            .collect();
-        let results: Vec<Vec<f32>> = items
-            .par_iter()
-            .map(|&(g, b)| {
-                let r0 = b * ATTN_Q_BLOCK;
-                let mb = ATTN_Q_BLOCK.min(t - r0);
-                let rows = group * mb; // row hh·mb + i: head g·group + hh, query r0 + i
-                let mut qg = vec![0f32; rows * d];
-                for hh in 0..group {
-                    let h = g * group + hh;
-                    for i in 0..mb {
-                        let src = &q[(r0 + i) * heads * d + h * d..][..d];
-                        let dst = &mut qg[(hh * mb + i) * d..][..d];
-                        for c in 0..d {
-                            dst[c] = src[c] * scale;
-                        }
-                    }
-                }
-                let visible = |r: usize| pos0 + r0 + r % mb + 1;
-                flash_attention(
-                    &qg,
-                    rows,
-                    d,
-                    &k_cache[g * d..],
-                    &v_cache[g * d..],
-                    kvw,
-                    pos0 + r0 + mb,
-                    visible,
-                )
-            })
-            .collect();
-        let mut out = vec![0f32; t * heads * d];
-        for (&(g, b), o) in items.iter().zip(&results) {
-            let r0 = b * ATTN_Q_BLOCK;
-            let mb = ATTN_Q_BLOCK.min(t - r0);
-            for (r, orow) in o.chunks(d).enumerate() {
-                let (hh, i) = (r / mb, r % mb);
-                out[(r0 + i) * heads * d + (g * group + hh) * d..][..d].copy_from_slice(orow);
-            }
-        }
-        out
+        grouped_attention(q, t, k_cache, v_cache, shape, |i| pos0 + i + 1).0
+    }
+
+    fn attention_partial(
+        &self,
+        q: &Vec<f32>,
+        t: usize,
+        q_pos0: usize,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        k_len: usize,
+        k_pos0: usize,
+        shape: AttentionShape,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let kvw = shape.kv_heads * shape.head_dim;
+        assert!(k.len() >= k_len * kvw && v.len() >= k_len * kvw);
+        grouped_attention(q, t, k, v, shape, |i| {
+            (q_pos0 + i + 1).saturating_sub(k_pos0).min(k_len)
+        })
     }
 
     fn route(&self, logits: &Vec<f32>, rows: usize, experts: usize, top_k: usize) -> Routing {

@@ -85,6 +85,30 @@ fn attention_over_all_keys_is_the_merge_of_partials_over_any_split() {
         let (got, _) = b.attention_merge(&parts, t, shape);
         close(&got, &want, &format!("cuts {cuts:?}"));
     }
+    // The CPU backend's tiled partial equals the host reference, log-sum-exp included.
+    let (k0, n) = (7, 20);
+    let (o, lse) = b.attention_partial(
+        &q,
+        t,
+        pos0,
+        &kall[k0 * kvw..(k0 + n) * kvw].to_vec(),
+        &vall[k0 * kvw..(k0 + n) * kvw].to_vec(),
+        n,
+        k0,
+        shape,
+    );
+    let (ro, rlse) = ringbolt_kernels::partial::attention(
+        &q,
+        t,
+        pos0,
+        &kall[k0 * kvw..(k0 + n) * kvw],
+        &vall[k0 * kvw..(k0 + n) * kvw],
+        n,
+        k0,
+        shape,
+    );
+    close(&o, &ro, "tiled vs reference output");
+    close(&lse, &rlse, "tiled vs reference log-sum-exp");
     // Keys entirely after the queries contribute nothing (an empty partial).
     let k = b.upload(&kall[..kvw]);
     let (o, lse) = b.attention_partial(&q, t, 0, &k, &k, 1, t, shape);
