@@ -88,6 +88,21 @@ enum BenchKind {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Context-parallel prefill: P ranks as threads of this process (the in-process transport)
+    /// against one rank, each rank on one compute thread (run as `ringbolt --threads P bench
+    /// context --ranks P`): speed-up, time waiting for lightning states and for ring hops, and
+    /// the balance of softmax work and memory.
+    Context {
+        #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 65_536)]
+        tokens: usize,
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        /// Rounds (each side reports its best).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// CUDA kernel speed on the real model's shapes (lightning prefill and decode, softmax
     /// attention, the bf16 GEMM); needs a build with `--features cuda` and a GPU.
     Kernels(crate::bench_kernels::KernelBenchArgs),
@@ -196,6 +211,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rounds,
         } => scaling(checkpoint, &lengths, chunk, rounds),
         BenchKind::Kernels(args) => crate::bench_kernels::run(args),
+        BenchKind::Context {
+            checkpoint,
+            tokens,
+            ranks,
+            rounds,
+        } => context(checkpoint, tokens.max(1), ranks.max(1), rounds.max(1)),
         BenchKind::Cluster {
             checkpoint,
             prompt_tokens,
@@ -419,6 +440,83 @@ fn decode_time(
         bytes = states[0].cache_bytes(model.backend());
     }
     Ok((best, bytes))
+}
+
+/// See [`BenchKind::Context`].
+fn context(dir: PathBuf, tokens: usize, ranks: usize, rounds: usize) -> Result<()> {
+    let model = load_model(&dir)?;
+    let c = model.config().clone();
+    let toks = random_tokens(tokens, c.vocab_size, 5);
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (mut base, mut cp) = (f64::MAX, f64::MAX);
+    let mut best_times = Vec::new();
+    let mut cache = Vec::new();
+    let mut err = 0f32;
+    for _ in 0..rounds {
+        // One rank, one thread: the engine's own prefill, in chunks of 4096.
+        let t = Instant::now();
+        let want = one.install(|| -> Result<Vec<f32>> {
+            let mut st = model.new_state();
+            let mut last = Vec::new();
+            for (i, part) in toks.chunks(4096).enumerate() {
+                let end = (i + 1) * 4096 >= tokens;
+                last = model.forward(&mut st, part, if end { Logits::Last } else { Logits::None })?;
+            }
+            Ok(last)
+        })?;
+        base = base.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let got = ringbolt_context::prefill_local(rt.handle(), &model, &toks, ranks)?;
+        let secs = t.elapsed().as_secs_f64();
+        if secs < cp {
+            cp = secs;
+            best_times = got.times.clone();
+            cache = got.cache_bytes_per_rank.clone();
+        }
+        let max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        err = err.max(
+            want.iter()
+                .zip(&got.logits)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / max,
+        );
+    }
+    let layout = ringbolt_model::context::Layout::zigzag(tokens, ranks);
+    let work: Vec<u64> = (0..ranks).map(|r| layout.softmax_work(r)).collect();
+    let mean = work.iter().sum::<u64>() as f64 / ranks as f64;
+    let total = |t: &ringbolt_context::RankTimes| {
+        (t.compute + t.state_wait + t.ring_wait).as_secs_f64().max(1e-9)
+    };
+    let state_wait = best_times
+        .iter()
+        .map(|t| t.state_wait.as_secs_f64() / total(t))
+        .fold(0f64, f64::max);
+    let ring_wait = best_times
+        .iter()
+        .map(|t| t.ring_wait.as_secs_f64() / total(t))
+        .fold(0f64, f64::max);
+    let line = json!({
+        "bench": "context",
+        "tokens": tokens,
+        "ranks": ranks,
+        "softmax_layers": c.layers.iter().filter(|k| **k == LayerKind::Softmax).count(),
+        "threads": rayon::current_num_threads(),
+        "one_rank_seconds": base,
+        "context_parallel_seconds": cp,
+        "speedup": base / cp,
+        "max_state_wait_fraction": state_wait,
+        "max_ring_wait_fraction": ring_wait,
+        "softmax_work_max_over_mean": *work.iter().max().unwrap_or(&0) as f64 / mean.max(1.0),
+        "cache_bytes_per_rank": cache,
+        "bytes_sent_per_rank": best_times.iter().map(|t| t.sent).collect::<Vec<_>>(),
+        "logits_max_relative_error": err,
+    });
+    println!("{line}");
+    Ok(())
 }
 
 fn scaling(dir: PathBuf, lengths: &[usize], chunk: usize, rounds: usize) -> Result<()> {
