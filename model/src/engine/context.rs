@@ -15,7 +15,7 @@
 //!   log-sum-exp.
 //!
 //! The result equals the single-worker forward pass up to float rounding (tests below). A
-//! driver decides how shares travel: [`prefill`] runs the ranks in turn in one thread.
+//! driver decides how shares travel (`ringbolt-context`: over a transport).
 
 use super::{LayerCache, Mixer, Model, SequenceState};
 use crate::config::{LIGHTNING_NORM_EPS, LayerKind};
@@ -482,57 +482,6 @@ fn concat<B: Backend>(b: &B, mut parts: Vec<B::Buf>) -> B::Buf {
     }
 }
 
-/// A context-parallel prefill of `prompt` over `ranks` ranks run in turn in this thread (every
-/// share goes to every rank, as an all-gather would carry it). Returns the last position's
-/// logits and each rank's prefill (its kept caches).
-pub fn prefill<'m, B: Backend>(
-    model: &'m Model<B>,
-    prompt: &[u32],
-    ranks: usize,
-) -> Result<(Vec<f32>, Vec<RankPrefill<'m, B>>)> {
-    let layout = Layout::zigzag(prompt.len(), ranks);
-    let mut rs: Vec<RankPrefill<'m, B>> = (0..layout.ranks)
-        .map(|r| model.rank_prefill(&layout, r, prompt))
-        .collect::<Result<_>>()?;
-    for l in 0..model.layers.len() {
-        let shares: Vec<Share> = rs.iter_mut().map(|r| r.begin_layer()).collect();
-        match model.cfg.layers[l] {
-            LayerKind::Lightning => {
-                let mut states = vec![None; layout.chunks.len()];
-                for s in shares {
-                    if let Share::States(v) = s {
-                        for (i, st) in v {
-                            states[i] = Some(st);
-                        }
-                    }
-                }
-                for r in rs.iter_mut() {
-                    r.finish_layer(&states)?;
-                }
-            }
-            LayerKind::Softmax => {
-                for s in &shares {
-                    if let Share::KeysValues(v) = s {
-                        for (c, k, vv) in v {
-                            for r in rs.iter_mut() {
-                                r.attend(*c, k, vv);
-                            }
-                        }
-                    }
-                }
-                for r in rs.iter_mut() {
-                    r.finish_layer(&[])?;
-                }
-            }
-        }
-    }
-    let logits = rs
-        .iter()
-        .find_map(|r| r.last_logits())
-        .ok_or_else(|| ModelError::Invalid("no rank holds the last position".into()))?;
-    Ok((logits, rs))
-}
-
 /// A sequence state for single-worker decode from a context-parallel prefill: the whole
 /// context's lightning states and every rank's keys and values in position order (what one
 /// worker would hold after prefilling the whole prompt).
@@ -579,6 +528,58 @@ mod tests {
     use crate::engine::Logits;
     use crate::writer::{Preset, WeightDtype, write_random_checkpoint};
     use ringbolt_kernels::cpu::Cpu;
+
+    /// A context-parallel prefill of `prompt` over `ranks` ranks run in turn in this thread (every
+    /// share goes to every rank, as an all-gather would carry it): the reference for the math;
+    /// `ringbolt-context` drives ranks over a transport. Returns the last position's
+    /// logits and each rank's prefill (its kept caches).
+    fn prefill<'m, B: Backend>(
+        model: &'m Model<B>,
+        prompt: &[u32],
+        ranks: usize,
+    ) -> Result<(Vec<f32>, Vec<RankPrefill<'m, B>>)> {
+        let layout = Layout::zigzag(prompt.len(), ranks);
+        let mut rs: Vec<RankPrefill<'m, B>> = (0..layout.ranks)
+            .map(|r| model.rank_prefill(&layout, r, prompt))
+            .collect::<Result<_>>()?;
+        for l in 0..model.layers.len() {
+            let shares: Vec<Share> = rs.iter_mut().map(|r| r.begin_layer()).collect();
+            match model.cfg.layers[l] {
+                LayerKind::Lightning => {
+                    let mut states = vec![None; layout.chunks.len()];
+                    for s in shares {
+                        if let Share::States(v) = s {
+                            for (i, st) in v {
+                                states[i] = Some(st);
+                            }
+                        }
+                    }
+                    for r in rs.iter_mut() {
+                        r.finish_layer(&states)?;
+                    }
+                }
+                LayerKind::Softmax => {
+                    for s in &shares {
+                        if let Share::KeysValues(v) = s {
+                            for (c, k, vv) in v {
+                                for r in rs.iter_mut() {
+                                    r.attend(*c, k, vv);
+                                }
+                            }
+                        }
+                    }
+                    for r in rs.iter_mut() {
+                        r.finish_layer(&[])?;
+                    }
+                }
+            }
+        }
+        let logits = rs
+            .iter()
+            .find_map(|r| r.last_logits())
+            .ok_or_else(|| ModelError::Invalid("no rank holds the last position".into()))?;
+        Ok((logits, rs))
+    }
 
     #[test]
     fn zigzag_covers_every_token_once_and_balances_causal_work() {

@@ -464,7 +464,8 @@ fn context(dir: PathBuf, tokens: usize, ranks: usize, rounds: usize) -> Result<(
             let mut last = Vec::new();
             for (i, part) in toks.chunks(4096).enumerate() {
                 let end = (i + 1) * 4096 >= tokens;
-                last = model.forward(&mut st, part, if end { Logits::Last } else { Logits::None })?;
+                last =
+                    model.forward(&mut st, part, if end { Logits::Last } else { Logits::None })?;
             }
             Ok(last)
         })?;
@@ -489,7 +490,9 @@ fn context(dir: PathBuf, tokens: usize, ranks: usize, rounds: usize) -> Result<(
     let work: Vec<u64> = (0..ranks).map(|r| layout.softmax_work(r)).collect();
     let mean = work.iter().sum::<u64>() as f64 / ranks as f64;
     let total = |t: &ringbolt_context::RankTimes| {
-        (t.compute + t.state_wait + t.ring_wait).as_secs_f64().max(1e-9)
+        (t.compute + t.state_wait + t.ring_wait)
+            .as_secs_f64()
+            .max(1e-9)
     };
     let state_wait = best_times
         .iter()
