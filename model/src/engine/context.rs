@@ -18,7 +18,7 @@
 //! driver decides how shares travel (`ringbolt-context`: over a transport).
 
 use super::{LayerCache, Mixer, Model, SequenceState};
-use crate::config::{LIGHTNING_NORM_EPS, LayerKind};
+use crate::config::LIGHTNING_NORM_EPS;
 use crate::error::{ModelError, Result};
 use ringbolt_kernels::partial::fold_state;
 use ringbolt_kernels::{AttentionShape, Backend, LightningShape, RopeParams};
@@ -525,6 +525,7 @@ pub fn gather_state<B: Backend>(
 mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
+    use crate::config::LayerKind;
     use crate::engine::Logits;
     use crate::writer::{Preset, WeightDtype, write_random_checkpoint};
     use ringbolt_kernels::cpu::Cpu;
