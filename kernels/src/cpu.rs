@@ -1100,6 +1100,56 @@ impl Backend for Cpu {
         grouped_attention(q, t, k_cache, v_cache, shape, |i| pos0 + i + 1).0
     }
 
+    fn lightning_prefix(
+        &self,
+        qkv: &Vec<f32>,
+        t: usize,
+        shape: LightningShape,
+        decay: &[f32],
+        prefix: &[f32],
+    ) -> Vec<f32> {
+        let (heads, d) = (shape.heads, shape.head_dim);
+        assert_eq!(qkv.len(), t * heads * 3 * d);
+        assert_eq!(prefix.len(), heads * d * d);
+        // Per head one GEMM, q_h [t, d] · prefix_h [d, d], into its columns of the output;
+        // then each row scaled by its decay.
+        let mut out = vec![0f32; t * heads * d];
+        let per_head: Vec<Vec<f32>> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let mut o = vec![0f32; t * d];
+                gemm(
+                    t,
+                    d,
+                    d,
+                    &mut o,
+                    d,
+                    Mat {
+                        data: &qkv[h * 3 * d..],
+                        rs: heads * 3 * d,
+                        cs: 1,
+                    },
+                    Mat::rows(&prefix[h * d * d..(h + 1) * d * d], d),
+                    None,
+                    false,
+                );
+                for (i, row) in o.chunks_mut(d).enumerate() {
+                    let scale = (-decay[h] * (i + 1) as f32).exp();
+                    row.iter_mut().for_each(|x| *x *= scale);
+                }
+                o
+            })
+            .collect();
+        out.par_chunks_mut(heads * d)
+            .enumerate()
+            .for_each(|(i, orow)| {
+                for (h, o) in per_head.iter().enumerate() {
+                    orow[h * d..(h + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
+                }
+            });
+        out
+    }
+
     fn attention_partial(
         &self,
         q: &Vec<f32>,
