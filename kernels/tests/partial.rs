@@ -41,7 +41,11 @@ fn lightning_from_a_prefix_state_is_zero_start_plus_the_prefix_term() {
         let own = b.lightning(&qkv, t, shape, &decay, &mut from_zero);
         let prefix = b.lightning_prefix(&qkv, t, shape, &decay, &g);
         let reference = ringbolt_kernels::partial::lightning_prefix(&qkv, t, shape, &decay, &g);
-        close(&prefix, &reference, &format!("t={t} prefix term: CPU vs reference"));
+        close(
+            &prefix,
+            &reference,
+            &format!("t={t} prefix term: CPU vs reference"),
+        );
         let got = b.axpby(1.0, &own, 1.0, &prefix);
         close(&got, &want, &format!("t={t} output"));
         let mut folded = g.clone();

@@ -169,6 +169,7 @@ pub fn serve(listener: TcpListener, handler: Handler) -> Served {
 /// each frame's payload by its size.
 pub fn serve_with(listener: TcpListener, handler: Handler, limits: ConnLimits) -> Served {
     let (mut conns, accepting) = crate::listen::incoming(listener, limits);
+    let link = crate::Link::from_env();
     let (health_tx, healthy) = watch::channel(true);
     let task = tokio::spawn(async move {
         let mut accepting = accepting;
@@ -204,6 +205,9 @@ pub fn serve_with(listener: TcpListener, handler: Handler, limits: ConnLimits) -
                         Err(Refusal::StaleEpoch { current }) => (STALE, current, Bytes::new()),
                         Err(Refusal::Failed(msg)) => (FAILED, f.epoch, Bytes::from(msg)),
                     };
+                    if link.is_emulated() {
+                        tokio::time::sleep(link.time(body.len() + HEADER)).await;
+                    }
                     if write_frame(&mut s, kind, epoch, f.id, &body).await.is_err() {
                         return;
                     }
@@ -218,6 +222,7 @@ pub fn serve_with(listener: TcpListener, handler: Handler, limits: ConnLimits) -
 /// Sends requests to servers, reusing idle connections.
 pub struct ExchangeClient {
     timeout: Duration,
+    link: crate::Link,
     idle: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
     next_id: AtomicU64,
 }
@@ -227,6 +232,7 @@ impl ExchangeClient {
     pub fn new(timeout: Duration) -> Self {
         ExchangeClient {
             timeout,
+            link: crate::Link::from_env(),
             idle: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
@@ -266,6 +272,9 @@ impl ExchangeClient {
     ) -> Result<Bytes, ExchangeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lost = |msg: String| ExchangeError::Peer { peer, msg };
+        if self.link.is_emulated() {
+            tokio::time::sleep(self.link.time(data.len() + HEADER)).await;
+        }
         let attempt = async {
             // A pooled connection may have been closed by the peer since: one retry on a
             // fresh connection when a reused one fails before any answer.

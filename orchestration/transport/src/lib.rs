@@ -64,6 +64,49 @@ pub(crate) async fn read_payload<R: tokio::io::AsyncRead + Unpin>(
     Ok(Bytes::from(buf))
 }
 
+/// An emulated network link, so that transfer/compute ratios of NVLink or InfiniBand can be
+/// studied on one machine: every message a rank sends to a peer first occupies that link for
+/// `latency + bytes / bandwidth` (messages to one peer queue behind each other). Set from the
+/// environment: `RINGBOLT_LINK_GBPS` (GB/s, decimal) and `RINGBOLT_LINK_LATENCY_US`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Link {
+    /// Bytes per second (None: unlimited).
+    pub bytes_per_second: Option<f64>,
+    pub latency: Duration,
+}
+
+impl Link {
+    /// The link the environment asks for (no emulation when neither variable is set).
+    pub fn from_env() -> Link {
+        let num = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Link {
+            bytes_per_second: num("RINGBOLT_LINK_GBPS")
+                .filter(|g| *g > 0.0)
+                .map(|g| g * 1e9),
+            latency: Duration::from_secs_f64(
+                num("RINGBOLT_LINK_LATENCY_US").unwrap_or(0.0).max(0.0) / 1e6,
+            ),
+        }
+    }
+
+    /// How long `bytes` occupy the link.
+    pub fn time(&self, bytes: usize) -> Duration {
+        self.latency
+            + self
+                .bytes_per_second
+                .map(|b| Duration::from_secs_f64(bytes as f64 / b))
+                .unwrap_or_default()
+    }
+
+    pub fn is_emulated(&self) -> bool {
+        self.bytes_per_second.is_some() || !self.latency.is_zero()
+    }
+}
+
 /// How long a frame's payload of `len` bytes may take to arrive once its header has: ten
 /// seconds, plus a second per MiB (a peer slower than that is stuck or hostile).
 pub(crate) fn frame_time(len: u64) -> Duration {

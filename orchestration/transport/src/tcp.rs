@@ -3,7 +3,7 @@
 //! the payload, written straight from the caller's buffer.
 
 use crate::listen::{ConnLimits, TimedStream};
-use crate::{Mailbox, Result, Transport, TransportError};
+use crate::{Link, Mailbox, Result, Transport, TransportError};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ pub struct TcpTransport {
     mailbox: Arc<Mailbox>,
     conns: Vec<Mutex<Option<TcpStream>>>,
     accept: tokio::task::JoinHandle<()>,
+    link: Link,
 }
 
 impl Drop for TcpTransport {
@@ -83,6 +84,18 @@ impl TcpTransport {
         addrs: Vec<SocketAddr>,
         timeout: Duration,
     ) -> Result<Self> {
+        Self::start_with_link(rank, epoch, listener, addrs, timeout, Link::from_env())
+    }
+
+    /// [`start`](Self::start) with every send to a peer going over an emulated `link`.
+    pub fn start_with_link(
+        rank: usize,
+        epoch: u64,
+        listener: TcpListener,
+        addrs: Vec<SocketAddr>,
+        timeout: Duration,
+        link: Link,
+    ) -> Result<Self> {
         if rank >= addrs.len() {
             return Err(TransportError::BadRank {
                 rank,
@@ -111,6 +124,7 @@ impl TcpTransport {
             timeout,
             mailbox,
             accept,
+            link,
         })
     }
 
@@ -174,6 +188,11 @@ impl Transport for TcpTransport {
         let mut conn = self.conns[to].lock().await;
         if conn.is_none() {
             *conn = Some(self.connect(to).await?);
+        }
+        if self.link.is_emulated() {
+            // The message occupies the emulated link (held under the peer's lock: messages to
+            // one peer queue behind each other).
+            tokio::time::sleep(self.link.time(data.len() + HEADER)).await;
         }
         let mut h = [0u8; HEADER];
         h[0..4].copy_from_slice(&(self.rank as u32).to_le_bytes());

@@ -185,3 +185,36 @@ async fn nothing_to_receive_is_a_bounded_wait_and_a_dead_peer_an_error() {
     let err = t.send(1, 1, Bytes::from_static(b"x")).await.unwrap_err();
     assert!(matches!(err, TransportError::Peer { peer: 1, .. }), "{err}");
 }
+
+#[tokio::test]
+async fn an_emulated_link_takes_its_time() {
+    use ringbolt_transport::Link;
+    let link = Link {
+        bytes_per_second: Some(10e6),
+        latency: Duration::from_millis(5),
+    };
+    // 1 MB at 10 MB/s: at least 100 ms (plus the latency) per message.
+    assert!(link.time(1_000_000) >= Duration::from_millis(105));
+    let mut ls = Vec::new();
+    for _ in 0..2 {
+        ls.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+    let g: Vec<TcpTransport> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| TcpTransport::start_with_link(r, 1, l, addrs.clone(), TIMEOUT, link).unwrap())
+        .collect();
+    let data = Bytes::from(vec![7u8; 1_000_000]);
+    let t0 = std::time::Instant::now();
+    g[0].send(1, 9, data.clone()).await.unwrap();
+    g[0].send(1, 9, data.clone()).await.unwrap();
+    assert_eq!(g[1].recv(0, 9).await.unwrap(), data);
+    assert_eq!(g[1].recv(0, 9).await.unwrap(), data);
+    // Two messages queue on the link: a lower bound, never an upper one.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(210),
+        "{:?}",
+        t0.elapsed()
+    );
+}

@@ -41,6 +41,8 @@ pub struct RankTimes {
     /// Waiting for a ring hop's keys and values after its own attention was done (the part
     /// of the transfer that compute did not hide).
     pub ring_wait: Duration,
+    /// How long the ring hops' transfers took (each from its start to its arrival).
+    pub ring_transfer: Duration,
     /// Bytes sent.
     pub sent: u64,
 }
@@ -190,8 +192,9 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
                         let (t, msg) = (transport.clone(), held.clone());
                         let tg = tag(l, hop + 1);
                         rt.spawn(async move {
+                            let t0 = Instant::now();
                             let (sent, got) = tokio::join!(t.send(next, tg, msg), t.recv(prev, tg));
-                            sent.and(got)
+                            sent.and(got).map(|g| (g, t0.elapsed()))
                         })
                     });
                     if transfer.is_some() {
@@ -204,10 +207,11 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
                     times.compute += t1.elapsed();
                     if let Some(h) = transfer {
                         let t2 = Instant::now();
-                        let got = rt
+                        let (got, took) = rt
                             .block_on(h)
                             .map_err(|e| ContextError::Malformed(format!("ring hop: {e}")))??;
                         times.ring_wait += t2.elapsed();
+                        times.ring_transfer += took;
                         held_kv = decode_kv(got.clone())?;
                         held = got;
                     }
@@ -240,9 +244,20 @@ pub fn prefill_local<B: Backend>(
     prompt: &[u32],
     ranks: usize,
 ) -> Result<LocalPrefill<B>> {
-    let layout = Layout::zigzag(prompt.len(), ranks);
     let group =
-        ringbolt_transport::local::LocalGroup::ranks(layout.ranks, 0, Duration::from_secs(600));
+        ringbolt_transport::local::LocalGroup::ranks(ranks.max(1), 0, Duration::from_secs(600));
+    prefill_group(rt, model, prompt, group)
+}
+
+/// A context-parallel prefill of `prompt` by one thread of this process per rank of `group`
+/// (any transport: the in-process one, or TCP with an emulated link for measurements).
+pub fn prefill_group<B: Backend, T: Transport + 'static>(
+    rt: &tokio::runtime::Handle,
+    model: &Model<B>,
+    prompt: &[u32],
+    group: Vec<T>,
+) -> Result<LocalPrefill<B>> {
+    let layout = Layout::zigzag(prompt.len(), group.len());
     let results: Vec<Result<(RankPrefill<'_, B>, RankTimes)>> = std::thread::scope(|s| {
         let hs: Vec<_> = group
             .into_iter()

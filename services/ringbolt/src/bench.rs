@@ -102,6 +102,13 @@ enum BenchKind {
         /// Rounds (each side reports its best).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// Exchange over TCP on 127.0.0.1 through an emulated link of this many GB/s
+        /// (default: the in-process transport, no link).
+        #[arg(long)]
+        link_gbps: Option<f64>,
+        /// The emulated link's latency.
+        #[arg(long, default_value_t = 0.0)]
+        link_latency_us: f64,
     },
     /// CUDA kernel speed on the real model's shapes (lightning prefill and decode, softmax
     /// attention, the bf16 GEMM); needs a build with `--features cuda` and a GPU.
@@ -216,7 +223,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             tokens,
             ranks,
             rounds,
-        } => context(checkpoint, tokens.max(1), ranks.max(1), rounds.max(1)),
+            link_gbps,
+            link_latency_us,
+        } => {
+            let link = link_gbps.map(|g| ringbolt_transport::Link {
+                bytes_per_second: Some(g * 1e9),
+                latency: std::time::Duration::from_secs_f64(link_latency_us.max(0.0) / 1e6),
+            });
+            context(checkpoint, tokens.max(1), ranks.max(1), rounds.max(1), link)
+        }
         BenchKind::Cluster {
             checkpoint,
             prompt_tokens,
@@ -443,7 +458,13 @@ fn decode_time(
 }
 
 /// See [`BenchKind::Context`].
-fn context(dir: PathBuf, tokens: usize, ranks: usize, rounds: usize) -> Result<()> {
+fn context(
+    dir: PathBuf,
+    tokens: usize,
+    ranks: usize,
+    rounds: usize,
+    link: Option<ringbolt_transport::Link>,
+) -> Result<()> {
     let model = load_model(&dir)?;
     let c = model.config().clone();
     let toks = random_tokens(tokens, c.vocab_size, 5);
@@ -470,9 +491,42 @@ fn context(dir: PathBuf, tokens: usize, ranks: usize, rounds: usize) -> Result<(
             Ok(last)
         })?;
         base = base.min(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let got = ringbolt_context::prefill_local(rt.handle(), &model, &toks, ranks)?;
-        let secs = t.elapsed().as_secs_f64();
+        let (got, secs) = match link {
+            None => {
+                let t = Instant::now();
+                let got = ringbolt_context::prefill_local(rt.handle(), &model, &toks, ranks)?;
+                (got, t.elapsed().as_secs_f64())
+            }
+            Some(link) => {
+                let group = rt.block_on(async {
+                    let mut ls = Vec::new();
+                    for _ in 0..ranks {
+                        ls.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+                    }
+                    let addrs = ls
+                        .iter()
+                        .map(|l| l.local_addr())
+                        .collect::<std::io::Result<Vec<_>>>()?;
+                    ls.into_iter()
+                        .enumerate()
+                        .map(|(r, l)| {
+                            ringbolt_transport::tcp::TcpTransport::start_with_link(
+                                r,
+                                1,
+                                l,
+                                addrs.clone(),
+                                std::time::Duration::from_secs(3600),
+                                link,
+                            )
+                            .map_err(anyhow::Error::from)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                let t = Instant::now();
+                let got = ringbolt_context::prefill_group(rt.handle(), &model, &toks, group)?;
+                (got, t.elapsed().as_secs_f64())
+            }
+        };
         if secs < cp {
             cp = secs;
             best_times = got.times.clone();
@@ -515,6 +569,23 @@ fn context(dir: PathBuf, tokens: usize, ranks: usize, rounds: usize) -> Result<(
         "max_ring_wait_fraction": ring_wait,
         "softmax_work_max_over_mean": *work.iter().max().unwrap_or(&0) as f64 / mean.max(1.0),
         "cache_bytes_per_rank": cache,
+        "link_gbps": link.and_then(|l| l.bytes_per_second).map(|b| b / 1e9),
+        // The ring hops' transfers on the link, and how much of them compute hid.
+        "ring_transfer_seconds_per_rank": best_times
+            .iter()
+            .map(|t| t.ring_transfer.as_secs_f64())
+            .collect::<Vec<_>>(),
+        "ring_hidden_fraction": best_times
+            .iter()
+            .map(|t| {
+                let x = t.ring_transfer.as_secs_f64();
+                if x > 0.0 {
+                    1.0 - (t.ring_wait.as_secs_f64() / x).min(1.0)
+                } else {
+                    1.0
+                }
+            })
+            .fold(1f64, f64::min),
         "bytes_sent_per_rank": best_times.iter().map(|t| t.sent).collect::<Vec<_>>(),
         "logits_max_relative_error": err,
     });
