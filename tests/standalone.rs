@@ -901,8 +901,32 @@ fn hostile_input_is_bounded_and_admission_is_exact() {
 fn the_client_refuses_tls_endpoints_and_accepts_bare_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(dir.path(), 65_536, false);
-    let server = Server::start(&ckpt, &dir.path().join("data"), &[]);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--handshake-timeout-secs", "1", "--idle-timeout-secs", "3"],
+    );
     let bare = server.endpoint.trim_start_matches("http://").to_string();
+    // A connection that never says anything is closed after the handshake time.
+    {
+        use std::io::Read;
+        let mut silent = std::net::TcpStream::connect(&bare).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        // The server's HTTP/2 greeting may come first; then the connection ends.
+        let closed = loop {
+            match silent.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "a silent connection stayed open");
+    }
+    // Live clients are not affected: a job through a bare host:port address.
     let v = submit_json(&bare, &[1, 2, 3], 2, &[]);
     assert_eq!(tokens(&v).len(), 2);
     let https = format!("https://{bare}");
@@ -1052,14 +1076,15 @@ fn standalone_context_parallel_jobs_equal_one_rank() {
         &["--context-parallel", "4"],
     );
     let ep = server.endpoint.clone();
-    for (n, extra) in [
-        (3000, vec![]),
-        (301, vec!["--context-parallel", "2"]),
-        (5, vec![]),
+    // Decode of 64 tokens after a P = 4 prefill equals one rank's.
+    for (n, new, extra) in [
+        (3000, 64, vec![]),
+        (301, 12, vec!["--context-parallel", "2"]),
+        (5, 12, vec![]),
     ] {
         let ids = prompt(n, 7);
-        let want = generate(&ckpt, &ids, 12);
-        let v = submit_json(&ep, &ids, 12, &extra);
+        let want = generate(&ckpt, &ids, new);
+        let v = submit_json(&ep, &ids, new, &extra);
         assert_eq!(tokens(&v), want, "{n} tokens {extra:?}");
         let id = v["job_id"].as_str().unwrap();
         let get = ok_json(&["jobs", "get", id, "--endpoint", &ep, "--json"]);

@@ -68,13 +68,34 @@ pub fn incoming(listener: TcpListener, limits: ConnLimits) -> (Incoming, watch::
     let (tx, rx) = mpsc::channel(64);
     let (health_tx, health) = watch::channel(true);
     let local = listener.local_addr().ok();
+    // While unhealthy the loop dials itself now and then: a listener whose errors dropped the
+    // connections that were waiting still sees an accept succeed once it can.
+    let probe = local.map(|mut a| {
+        if a.ip().is_unspecified() {
+            a.set_ip(match a {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        a
+    });
     tokio::spawn(async move {
+        // The current run of accept errors: when it began, and the last error.
         let mut failing_since: Option<Instant> = None;
+        let mut last_error = Instant::now();
         let mut backoff = Duration::from_millis(5);
+        let mut probe_every = tokio::time::interval(Duration::from_secs(1));
         loop {
+            let unhealthy = !*health_tx.borrow();
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
                 a = listener.accept() => a,
+                _ = probe_every.tick(), if unhealthy => {
+                    if let Some(p) = probe {
+                        tokio::spawn(async move { drop(TcpStream::connect(p).await) });
+                    }
+                    continue;
+                }
             };
             match accepted {
                 Ok((s, peer)) => {
@@ -93,6 +114,11 @@ pub fn incoming(listener: TcpListener, limits: ConnLimits) -> (Incoming, watch::
                     }
                 }
                 Err(e) => {
+                    // Errors more than a second apart are separate runs, not one long failure.
+                    if last_error.elapsed() > Duration::from_secs(1) && *health_tx.borrow() {
+                        failing_since = None;
+                    }
+                    last_error = Instant::now();
                     let since = *failing_since.get_or_insert_with(|| {
                         tracing::warn!(?local, error = %e, "cannot accept a connection; backing off and retrying");
                         Instant::now()
@@ -122,6 +148,8 @@ pub struct TimedStream {
     read_by: Option<Pin<Box<Sleep>>>,
     /// Set while a write is blocked: when it must have progressed by.
     write_by: Option<Pin<Box<Sleep>>>,
+    /// The peer has sent its first bytes (the handshake bound no longer applies).
+    greeted: bool,
 }
 
 impl TimedStream {
@@ -132,6 +160,7 @@ impl TimedStream {
             idle: limits.idle,
             read_by: Some(Box::pin(tokio::time::sleep(limits.handshake))),
             write_by: None,
+            greeted: false,
         }
     }
 
@@ -157,6 +186,7 @@ impl AsyncRead for TimedStream {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
+                    self.greeted = true;
                     match self.idle {
                         Some(idle) => match self.read_by.as_mut() {
                             Some(d) => d.as_mut().reset(Instant::now() + idle),
@@ -200,6 +230,13 @@ impl TimedStream {
             }
             ready => {
                 self.write_by = None;
+                // The peer reads: the connection is in use (an answer after a long computation
+                // must not find the read deadline already past).
+                if let (Poll::Ready(Ok(_)), Some(idle), true) = (&ready, self.idle, self.greeted)
+                    && let Some(d) = self.read_by.as_mut()
+                {
+                    d.as_mut().reset(Instant::now() + idle);
+                }
                 ready
             }
         }

@@ -588,24 +588,11 @@ impl ClusterExecutor {
             outcome: Outcome::Failed(code as i32, msg),
             timings: t,
         };
-        let id = rec.id.clone();
-        let prompt = match tokio::task::spawn_blocking(move || store.read_prompt(&id)).await {
-            Ok(Ok(p)) if p.len() as u64 == rec.prompt_tokens => p,
-            Ok(Ok(p)) => {
-                let msg = format!(
-                    "spooled prompt has {} tokens, the record says {}",
-                    p.len(),
-                    rec.prompt_tokens
-                );
-                return fail(job, tonic::Code::DataLoss, msg, Timings::default());
-            }
+        let (id, n) = (rec.id.clone(), rec.prompt_tokens);
+        let prompt = match tokio::task::spawn_blocking(move || store.read_prompt(&id, n)).await {
+            Ok(Ok(p)) => p,
             Ok(Err(e)) => {
-                return fail(
-                    job,
-                    tonic::Code::DataLoss,
-                    e.to_string(),
-                    Timings::default(),
-                );
+                return fail(job, e.status().code(), e.to_string(), Timings::default());
             }
             Err(e) => {
                 return fail(
@@ -948,8 +935,13 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let records = EtcdRecords::load(client.clone(), &c.cluster).await?;
     std::fs::create_dir_all(&a.data_dir)
         .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
-    let store = JobStore::with_records(&a.data_dir, Box::new(records))
-        .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
+    // Opening checks the spool against the records and may write to etcd: blocking calls.
+    let dir = a.data_dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || JobStore::with_records(&dir, Box::new(records)))
+            .await
+            .map_err(|e| ClusterError::Io(e.to_string()))?
+            .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
     let limits = Limits {
         max_jobs: a.max_jobs.max(1),
         max_new_tokens: a.max_new_tokens_limit,

@@ -18,6 +18,7 @@ use ringbolt_model::{Model, ModelError};
 use ringbolt_transport::{Transport, TransportError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
@@ -27,6 +28,8 @@ pub enum ContextError {
     Transport(#[from] TransportError),
     #[error("a peer sent a malformed share: {0}")]
     Malformed(String),
+    #[error("another rank failed; this one stopped")]
+    Aborted,
 }
 
 pub type Result<T, E = ContextError> = std::result::Result<T, E>;
@@ -144,13 +147,15 @@ fn decode_kv(mut b: Bytes) -> Result<KvBlock> {
 }
 
 /// Runs rank `transport.rank()`'s part of the prefill of `prompt` split by `layout`, its
-/// transfers on `rt`. Call it on every rank at once, each on its own thread.
+/// transfers on `rt`. Call it on every rank at once, each on its own thread. A wait on the
+/// other ranks ends early when `abort` is cancelled (another rank failed).
 pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
     rt: &tokio::runtime::Handle,
     model: &'m Model<B>,
     layout: &Layout,
     prompt: &[u32],
     transport: Arc<T>,
+    abort: &CancellationToken,
 ) -> Result<(RankPrefill<'m, B>, RankTimes)> {
     let (rank, p) = (transport.rank(), transport.size());
     if p != layout.ranks {
@@ -172,7 +177,12 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
                 let msg = encode_states(&own);
                 times.sent += msg.len() as u64 * (p as u64 - 1);
                 let t1 = Instant::now();
-                let all = rt.block_on(transport.all_gather(tag(l, 0), msg))?;
+                let all: Vec<Bytes> = rt.block_on(async {
+                    tokio::select! {
+                        r = transport.all_gather(tag(l, 0), msg) => r.map_err(ContextError::from),
+                        _ = abort.cancelled() => Err(ContextError::Aborted),
+                    }
+                })?;
                 times.state_wait += t1.elapsed();
                 let mut states = vec![None; layout.chunks.len()];
                 for b in all {
@@ -207,9 +217,14 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
                     times.compute += t1.elapsed();
                     if let Some(h) = transfer {
                         let t2 = Instant::now();
-                        let (got, took) = rt
-                            .block_on(h)
-                            .map_err(|e| ContextError::Malformed(format!("ring hop: {e}")))??;
+                        let (got, took) = rt.block_on(async {
+                            tokio::select! {
+                                r = h => r
+                                    .map_err(|e| ContextError::Malformed(format!("ring hop: {e}")))?
+                                    .map_err(ContextError::from),
+                                _ = abort.cancelled() => Err(ContextError::Aborted),
+                            }
+                        })?;
                         times.ring_wait += t2.elapsed();
                         times.ring_transfer += took;
                         held_kv = decode_kv(got.clone())?;
@@ -258,12 +273,21 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
     group: Vec<T>,
 ) -> Result<LocalPrefill<B>> {
     let layout = Layout::zigzag(prompt.len(), group.len());
+    let abort = CancellationToken::new();
     let results: Vec<Result<(RankPrefill<'_, B>, RankTimes)>> = std::thread::scope(|s| {
         let hs: Vec<_> = group
             .into_iter()
             .map(|t| {
-                let layout = &layout;
-                s.spawn(move || prefill_rank(rt, model, layout, prompt, Arc::new(t)))
+                let (layout, abort) = (&layout, &abort);
+                s.spawn(move || {
+                    // A rank that fails (or panics) stops the others' waits at once.
+                    let stop = abort.clone().drop_guard();
+                    let r = prefill_rank(rt, model, layout, prompt, Arc::new(t), abort);
+                    if r.is_ok() {
+                        stop.disarm();
+                    }
+                    r
+                })
             })
             .collect();
         hs.into_iter()
@@ -389,7 +413,9 @@ mod tests {
                 .map(|t| {
                     let (layout, prompt, m, h) = (&layout, &prompt, &m, rt.handle());
                     s.spawn(move || {
-                        let (rp, times) = prefill_rank(h, m, layout, prompt, Arc::new(t)).unwrap();
+                        let abort = CancellationToken::new();
+                        let (rp, times) =
+                            prefill_rank(h, m, layout, prompt, Arc::new(t), &abort).unwrap();
                         assert!(times.sent > 0);
                         rp.last_logits()
                     })

@@ -25,6 +25,8 @@ pub enum JobError {
     Model(#[from] ringbolt_model::ModelError),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl JobError {
@@ -39,7 +41,7 @@ impl JobError {
             JobError::UploadInterrupted(_) => Code::Cancelled,
             JobError::Store(_) => Code::Internal,
             JobError::Model(_) => Code::Internal,
-            JobError::ShuttingDown => Code::Unavailable,
+            JobError::ShuttingDown | JobError::Unavailable(_) => Code::Unavailable,
         };
         Status::new(code, self.to_string())
     }

@@ -226,21 +226,8 @@ impl<B: Backend> Engine<B> {
             );
             return;
         }
-        let prompt = match self.store.read_prompt(&rec.id) {
-            Ok(p) if p.len() as u64 == rec.prompt_tokens => p,
-            Ok(p) => {
-                let msg = format!(
-                    "the prompt of job {} is lost: its spool file has {} tokens, the record says {}",
-                    rec.id,
-                    p.len(),
-                    rec.prompt_tokens
-                );
-                sink.complete(
-                    Outcome::Failed(tonic::Code::DataLoss as i32, msg),
-                    Timings::default(),
-                );
-                return;
-            }
+        let prompt = match self.store.read_prompt(&rec.id, rec.prompt_tokens) {
+            Ok(p) => p,
             Err(e) => {
                 sink.complete(
                     Outcome::Failed(e.status().code() as i32, e.to_string()),

@@ -157,12 +157,9 @@ impl JobsService {
         };
         let sampling = self.validate_header(&header)?;
         let key = (!header.idempotency_key.is_empty()).then(|| header.idempotency_key.clone());
-        // A retry of a known key takes no place among the admitted jobs; anything else takes
-        // one before its upload starts, so admission is exact under concurrency.
-        let mut permit = match &key {
-            Some(k) if self.mgr.lookup_idempotency_key(k)?.is_some() => None,
-            _ => Some(self.mgr.admit()?),
-        };
+        // Every upload takes a place among the admitted jobs before it starts (a retry of a
+        // known key too, while it uploads), so admission is exact under concurrency.
+        let permit = self.mgr.admit()?;
         let model = self.mgr.model().clone();
         let max_prompt = self
             .mgr
@@ -278,11 +275,6 @@ impl JobsService {
         {
             return self.existing(k, existing, fp);
         }
-        let permit = match permit.take() {
-            Some(p) => p,
-            // The key's job expired meanwhile: this is a new job after all.
-            None => self.mgr.admit()?,
-        };
         let record = JobRecord {
             id,
             state: JobState::Queued,

@@ -267,20 +267,23 @@ impl JobManager {
         spool: SpoolWriter,
         permit: Permit,
     ) -> Result<(String, bool)> {
-        let store = self.inner.store.clone();
-        let rec = record.clone();
-        let committed = tokio::task::spawn_blocking(move || store.commit(&rec, spool))
-            .await
-            .map_err(|e| JobError::Store(e.to_string()))??;
-        match committed {
-            Err(existing) => Ok((existing, true)),
-            Ok(()) => {
-                let id = record.id.clone();
-                self.enqueue(record, permit)?;
-                tracing::info!(job = %id, "job accepted");
-                Ok((id, false))
+        // Committing and queueing run to the end together even if the client goes away
+        // meanwhile (its call is dropped): a committed job is always queued.
+        let mgr = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let committed = mgr.inner.store.commit(&record, spool)?;
+            match committed {
+                Err(existing) => Ok((existing, true)),
+                Ok(()) => {
+                    let id = record.id.clone();
+                    mgr.enqueue(record, permit)?;
+                    tracing::info!(job = %id, "job accepted");
+                    Ok((id, false))
+                }
             }
-        }
+        })
+        .await
+        .map_err(|e| JobError::Store(e.to_string()))?
     }
 
     fn enqueue(&self, record: JobRecord, permit: Permit) -> Result<()> {
@@ -336,6 +339,12 @@ impl JobManager {
             .store
             .get(id)?
             .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+        if !rec.state.is_finished() {
+            // Committed a moment ago and not queued yet: ask again.
+            return Err(JobError::Unavailable(format!(
+                "job {id} is being queued; retry the cancel"
+            )));
+        }
         Err(JobError::FailedPrecondition(format!(
             "job {id} has already finished ({}): nothing to cancel",
             crate::convert::state(rec.state)

@@ -244,11 +244,15 @@ impl RedbRecords {
     /// Opens the database and reads every entry once, so damage shows now rather than as a
     /// job that is silently missing later. Records that do not parse are left to the spool
     /// check (their jobs are recovered from the spool).
-    fn open_checked(path: &Path) -> Result<Self> {
-        unpanicked(|| {
-            let r = Self::open(path)?;
+    fn open_checked(path: &Path) -> std::result::Result<Self, OpenFailure> {
+        let scan = || -> std::result::Result<Self, redb::Error> {
+            let db = Database::create(path)?;
+            let tx = db.begin_write()?;
+            tx.open_table(JOBS)?;
+            tx.open_table(IDEMPOTENCY)?;
+            tx.commit()?;
             {
-                let tx = r.db.begin_read()?;
+                let tx = db.begin_read()?;
                 for item in tx.open_table(JOBS)?.iter()? {
                     item?;
                 }
@@ -256,8 +260,47 @@ impl RedbRecords {
                     item?;
                 }
             }
-            Ok(r)
-        })
+            Ok(RedbRecords { db })
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(scan)) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) if damaged(&e) => Err(OpenFailure::Damaged(e.to_string())),
+            // Held by another process, of another format version, unreadable for lack of
+            // permission...: not damage. Nothing may be moved or rebuilt then.
+            Ok(Err(e)) => Err(OpenFailure::Other(JobError::Store(format!(
+                "cannot open the job database {}: {e}",
+                path.display()
+            )))),
+            // redb panics on some damaged pages.
+            Err(p) => Err(OpenFailure::Damaged(format!(
+                "reading it panicked: {}",
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+}
+
+/// Why a job database did not open.
+enum OpenFailure {
+    /// Its contents are damaged: it may be moved aside and rebuilt from the spool.
+    Damaged(String),
+    /// Anything else: the store must not start.
+    Other(JobError),
+}
+
+/// Whether a redb error says the file's contents are damaged (rather than that it is in use,
+/// of another version, or unreadable for an outside reason).
+fn damaged(e: &redb::Error) -> bool {
+    match e {
+        redb::Error::Corrupted(_) => true,
+        redb::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
     }
 }
 
@@ -284,7 +327,8 @@ impl JobStore {
         let path = data_dir.join("jobs.redb");
         let (records, quarantined) = match RedbRecords::open_checked(&path) {
             Ok(r) => (r, None),
-            Err(e) => {
+            Err(OpenFailure::Other(e)) => return Err(e),
+            Err(OpenFailure::Damaged(e)) => {
                 let aside = data_dir.join(format!("jobs.redb.damaged-{}", now_unix_ms()));
                 std::fs::rename(&path, &aside).map_err(|re| {
                     JobError::Store(format!(
@@ -435,10 +479,24 @@ impl JobStore {
         {
             return Ok(Err(existing));
         }
-        spool.finish(record)?;
+        if let Err(e) = spool.finish(record) {
+            // Neither half of the upload may stay behind: no record will own it.
+            let _ = std::fs::remove_file(&spool.tmp);
+            let _ = std::fs::remove_file(&spool.dest);
+            return Err(e);
+        }
         let done = self.records.commit(record);
-        if !matches!(done, Ok(Ok(()))) {
-            let _ = std::fs::remove_file(self.prompt_path(&record.id));
+        match &done {
+            // The key names another job: this upload is not a job.
+            Ok(Err(_)) => {
+                let _ = std::fs::remove_file(self.prompt_path(&record.id));
+            }
+            Ok(Ok(())) => {}
+            // Unknown outcome (a remote store may have applied it before failing to answer):
+            // the prompt stays; the next start matches it to its record or recovers the job.
+            Err(e) => {
+                tracing::warn!(job = %record.id, error = %e, "committing a job failed; its prompt stays in the spool")
+            }
         }
         done
     }
@@ -460,16 +518,24 @@ impl JobStore {
         self.records.all()
     }
 
-    /// The spooled prompt of job `id`, verified against its checksum.
-    pub fn read_prompt(&self, id: &str) -> Result<Vec<u32>> {
-        let s = read_spool(&self.prompt_path(id))
-            .map_err(|e| JobError::DataLoss(format!("the prompt of job {id} is lost: {e}")))?;
+    /// The spooled prompt of job `id`, verified against its checksum and the `tokens` its
+    /// record says it has: DATA_LOSS, never other tokens.
+    pub fn read_prompt(&self, id: &str, tokens: u64) -> Result<Vec<u32>> {
+        let lost =
+            |why: String| JobError::DataLoss(format!("the prompt of job {id} is lost: {why}"));
+        let s = read_spool(&self.prompt_path(id)).map_err(lost)?;
         if let Some(r) = &s.record
             && (r.id != id || r.prompt_tokens != s.tokens.len() as u64)
         {
-            return Err(JobError::DataLoss(format!(
-                "the prompt of job {id} is lost: its spool file holds job {}'s {} tokens",
+            return Err(lost(format!(
+                "its spool file holds job {}'s {} tokens",
                 r.id, r.prompt_tokens
+            )));
+        }
+        if s.tokens.len() as u64 != tokens {
+            return Err(lost(format!(
+                "its spool file has {} tokens, the record says {tokens}",
+                s.tokens.len()
             )));
         }
         Ok(s.tokens)
@@ -684,7 +750,11 @@ mod tests {
                 if r.recovered.contains(&rec.id) {
                     assert_eq!(got, *rec, "{damage}");
                 }
-                assert_eq!(store.read_prompt(&rec.id).unwrap(), *prompt, "{damage}");
+                assert_eq!(
+                    store.read_prompt(&rec.id, rec.prompt_tokens).unwrap(),
+                    *prompt,
+                    "{damage}"
+                );
                 if let Some(k) = &rec.idempotency_key {
                     assert_eq!(
                         store.lookup_key(k).unwrap().as_deref(),
@@ -700,6 +770,25 @@ mod tests {
     }
 
     #[test]
+    fn a_database_held_by_another_process_is_refused_never_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = accept_jobs(dir.path());
+        let first = JobStore::open(dir.path()).unwrap();
+        // A second server on the same data directory (redb's lock says so).
+        let err = JobStore::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains("cannot open the job database"),
+            "{err}"
+        );
+        assert!(
+            !std::fs::read_dir(dir.path())
+                .unwrap()
+                .any(|e| { e.unwrap().file_name().to_string_lossy().contains("damaged") })
+        );
+        assert!(first.get(&jobs[0].0.id).unwrap().is_some());
+    }
+
+    #[test]
     fn a_damaged_spool_file_is_data_loss_never_other_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = accept_jobs(dir.path());
@@ -712,18 +801,18 @@ mod tests {
         }
         std::fs::write(&path, &bytes).unwrap();
         let store = JobStore::open(dir.path()).unwrap();
-        match store.read_prompt(&rec.id) {
+        match store.read_prompt(&rec.id, rec.prompt_tokens) {
             Err(JobError::DataLoss(m)) => assert!(m.contains("checksum"), "{m}"),
             other => panic!("want DATA_LOSS, got {other:?}"),
         }
         // Truncated, and gone: the same.
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         assert!(matches!(
-            store.read_prompt(&rec.id),
+            store.read_prompt(&rec.id, rec.prompt_tokens),
             Err(JobError::DataLoss(_))
         ));
         std::fs::remove_file(&path).unwrap();
-        match store.read_prompt(&rec.id) {
+        match store.read_prompt(&rec.id, rec.prompt_tokens) {
             Err(JobError::DataLoss(m)) => assert!(m.contains(&rec.id), "{m}"),
             other => panic!("want DATA_LOSS, got {other:?}"),
         }
