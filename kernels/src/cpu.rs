@@ -545,6 +545,20 @@ fn dot_attention(
     (o, lse)
 }
 
+/// Rows `[t, heads·d]` from each head's `[t, d]` output.
+fn interleave_heads(per_head: &[Vec<f32>], t: usize, d: usize) -> Vec<f32> {
+    let heads = per_head.len();
+    let mut out = vec![0f32; t * heads * d];
+    out.par_chunks_mut(heads * d)
+        .enumerate()
+        .for_each(|(i, orow)| {
+            for (h, o) in per_head.iter().enumerate() {
+                orow[h * d..(h + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
+            }
+        });
+    out
+}
+
 /// Causal softmax attention with GQA of `t` queries (`[t, heads·d]`) over keys and values
 /// (`[n, kv_heads·d]`), query `i` seeing keys `0..visible(i)` (non-decreasing in `i`). One work
 /// item per (KV head, query block): the group's query heads share each K/V tile, so it is
@@ -1047,15 +1061,7 @@ impl Backend for Cpu {
                 o
             })
             .collect();
-        let mut out = vec![0f32; t * heads * d];
-        out.par_chunks_mut(heads * d)
-            .enumerate()
-            .for_each(|(i, orow)| {
-                for (h, o) in per_head.iter().enumerate() {
-                    orow[h * d..(h + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
-                }
-            });
-        out
+        interleave_heads(&per_head, t, d)
     }
 
     fn rope_inplace(
@@ -1113,7 +1119,6 @@ impl Backend for Cpu {
         assert_eq!(prefix.len(), heads * d * d);
         // Per head one GEMM, q_h [t, d] · prefix_h [d, d], into its columns of the output;
         // then each row scaled by its decay.
-        let mut out = vec![0f32; t * heads * d];
         let per_head: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
             .map(|h| {
@@ -1140,14 +1145,7 @@ impl Backend for Cpu {
                 o
             })
             .collect();
-        out.par_chunks_mut(heads * d)
-            .enumerate()
-            .for_each(|(i, orow)| {
-                for (h, o) in per_head.iter().enumerate() {
-                    orow[h * d..(h + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
-                }
-            });
-        out
+        interleave_heads(&per_head, t, d)
     }
 
     fn attention_partial(

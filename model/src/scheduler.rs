@@ -243,6 +243,14 @@ pub struct Scheduler<B: Backend, S: Sink> {
     decoding: Vec<Seq<B, S>>,
 }
 
+/// What a caught panic said (its `&str` or `String` payload).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 fn invalid(e: impl std::fmt::Display) -> SeqError {
     SeqError {
         kind: FailKind::InvalidArgument,
@@ -409,16 +417,10 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             })) {
                 Ok(r) => r,
                 Err(p) => {
-                    let what = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    let e = SeqError {
+                    return Err(SeqError {
                         kind: FailKind::Internal,
-                        message: format!("the forward pass panicked: {what}"),
-                    };
-                    return Err(e);
+                        message: format!("the forward pass panicked: {}", panic_message(&*p)),
+                    });
                 }
             }
         };

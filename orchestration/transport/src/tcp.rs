@@ -128,6 +128,35 @@ impl TcpTransport {
         })
     }
 
+    /// A whole group of `size` ranks in this process on 127.0.0.1 (tests and measurements),
+    /// every send over `link`; with the ranks' data-plane addresses.
+    pub async fn loopback_group(
+        size: usize,
+        epoch: u64,
+        timeout: Duration,
+        link: Link,
+    ) -> Result<(Vec<Self>, Vec<SocketAddr>)> {
+        let io = |e: std::io::Error| TransportError::Peer {
+            peer: 0,
+            msg: format!("binding 127.0.0.1: {e}"),
+        };
+        let mut ls = Vec::new();
+        for _ in 0..size {
+            ls.push(TcpListener::bind("127.0.0.1:0").await.map_err(io)?);
+        }
+        let addrs = ls
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(io)?;
+        let group = ls
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| Self::start_with_link(r, epoch, l, addrs.clone(), timeout, link))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((group, addrs))
+    }
+
     async fn connect(&self, to: usize) -> Result<TcpStream> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut backoff = Duration::from_millis(10);

@@ -14,17 +14,9 @@ async fn tcp_group(size: usize, epoch: u64) -> Vec<TcpTransport> {
 }
 
 async fn tcp_group_at(size: usize, epoch: u64) -> (Vec<TcpTransport>, Vec<std::net::SocketAddr>) {
-    let mut listeners = Vec::new();
-    for _ in 0..size {
-        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let g = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(r, l)| TcpTransport::start(r, epoch, l, addrs.clone(), TIMEOUT).unwrap())
-        .collect();
-    (g, addrs)
+    TcpTransport::loopback_group(size, epoch, TIMEOUT, Default::default())
+        .await
+        .unwrap()
 }
 
 /// Runs `f` on every rank at once; returns their results in rank order.
@@ -195,16 +187,9 @@ async fn an_emulated_link_takes_its_time() {
     };
     // 1 MB at 10 MB/s: at least 100 ms (plus the latency) per message.
     assert!(link.time(1_000_000) >= Duration::from_millis(105));
-    let mut ls = Vec::new();
-    for _ in 0..2 {
-        ls.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-    let g: Vec<TcpTransport> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(r, l)| TcpTransport::start_with_link(r, 1, l, addrs.clone(), TIMEOUT, link).unwrap())
-        .collect();
+    let (g, _) = TcpTransport::loopback_group(2, 1, TIMEOUT, link)
+        .await
+        .unwrap();
     let data = Bytes::from(vec![7u8; 1_000_000]);
     let t0 = std::time::Instant::now();
     g[0].send(1, 9, data.clone()).await.unwrap();

@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 /// Largest control message (a 4M-token prompt is 16 MiB packed).
@@ -375,7 +376,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
     let svc = AttentionWorkerServer::new(Service { jobs })
         .max_decoding_message_size(MAX_CONTROL_MESSAGE)
         .max_encoding_message_size(MAX_CONTROL_MESSAGE);
-    let health = Health::start::<AttentionWorkerServer<Service>>().await;
+    let health = Health::start(&[<AttentionWorkerServer<Service> as NamedService>::NAME]).await;
     let limits = c.conn.limits();
     let (incoming, _) = incoming(listener, limits);
     let grpc = tokio::spawn(

@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, Device, ExpertGroup, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
+use ringbolt_model::scheduler::panic_message;
 use ringbolt_model::{Checkpoint, Expert, ModelConfig};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
@@ -24,6 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 #[derive(Args, Clone, Debug)]
@@ -50,13 +52,6 @@ pub fn expert_bytes<B: Backend>(ckpt: &Checkpoint, backend: &B) -> u64 {
     let w1 = ringbolt_model::weights::expert_name(0, 0, "w1");
     let bf16 = ckpt.dtype(&w1).as_deref() == Some("BF16");
     ringbolt_planner::placement::expert_bytes(ckpt.config(), backend.bytes_per_weight(bf16))
-}
-
-fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
-    e.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Requests waiting for the engine thread; senders wait when it is full.
@@ -538,7 +533,7 @@ async fn serve_on<B: Backend>(
         });
     }
 
-    let health = Health::start::<ExpertWorkerServer<Control<B>>>().await;
+    let health = Health::start(&[<ExpertWorkerServer<Control<B>> as NamedService>::NAME]).await;
     let svc = ExpertWorkerServer::new(Control(host.clone()));
     let (incoming, _) = incoming(listener, limits);
     let grpc = tokio::spawn(

@@ -14,6 +14,7 @@ pub mod remote;
 pub mod wire;
 
 use clap::Args;
+pub use ringbolt_jobs::grpc::Health;
 use ringbolt_membership::EtcdMembership;
 use ringbolt_transport::listen::ConnLimits;
 use std::net::SocketAddr;
@@ -43,44 +44,6 @@ impl From<ClusterError> for tonic::Status {
             ClusterError::Etcd(m) => tonic::Status::unavailable(format!("etcd: {m}")),
             ClusterError::Model(m) => tonic::Status::failed_precondition(m),
             ClusterError::Io(m) => tonic::Status::internal(m),
-        }
-    }
-}
-
-/// A role's gRPC health service: its own service and the server as a whole ("") are SERVING
-/// or NOT_SERVING together, as the role says.
-pub struct Health {
-    reporter: tonic_health::server::HealthReporter,
-    name: &'static str,
-}
-
-impl Health {
-    /// Starts NOT_SERVING for `S`, until [`Health::set`].
-    pub async fn start<S: tonic::server::NamedService>() -> Self {
-        let h = Health {
-            reporter: tonic_health::server::HealthReporter::new(),
-            name: S::NAME,
-        };
-        h.set(false).await;
-        h
-    }
-
-    pub fn service(
-        &self,
-    ) -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> {
-        tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
-        )
-    }
-
-    pub async fn set(&self, serving: bool) {
-        let status = if serving {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        for name in [self.name, ""] {
-            self.reporter.set_service_status(name, status).await;
         }
     }
 }

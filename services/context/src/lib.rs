@@ -393,19 +393,14 @@ mod tests {
             .forward(&mut m.new_state(), &prompt, Logits::Last)
             .unwrap();
         let p = 3;
-        let group: Vec<TcpTransport> = rt.block_on(async {
-            let mut ls = Vec::new();
-            for _ in 0..p {
-                ls.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-            }
-            let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-            ls.into_iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    TcpTransport::start(r, 1, l, addrs.clone(), Duration::from_secs(30)).unwrap()
-                })
-                .collect()
-        });
+        let (group, _) = rt
+            .block_on(TcpTransport::loopback_group(
+                p,
+                1,
+                Duration::from_secs(30),
+                Default::default(),
+            ))
+            .unwrap();
         let layout = Layout::zigzag(prompt.len(), p);
         let logits: Vec<Option<Vec<f32>>> = std::thread::scope(|s| {
             let hs: Vec<_> = group

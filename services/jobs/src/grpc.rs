@@ -498,6 +498,46 @@ impl Cluster for JobsService {
     }
 }
 
+/// A server's gRPC health service: the services it names and the server as a whole ("") are
+/// SERVING or NOT_SERVING together, as the server says. Every role serves one.
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    names: Vec<&'static str>,
+}
+
+impl Health {
+    /// Starts NOT_SERVING for `services`, until [`Health::set`].
+    pub async fn start(services: &[&'static str]) -> Self {
+        let mut names = services.to_vec();
+        names.push("");
+        let h = Health {
+            reporter: tonic_health::server::HealthReporter::new(),
+            names,
+        };
+        h.set(false).await;
+        h
+    }
+
+    pub fn service(
+        &self,
+    ) -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> {
+        tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
+        )
+    }
+
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for name in &self.names {
+            self.reporter.set_service_status(*name, status).await;
+        }
+    }
+}
+
 /// Serves the public API on `listener` until `shutdown` resolves.
 pub async fn serve(
     mgr: JobManager,
@@ -520,17 +560,18 @@ pub async fn serve_service(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
     // This process serves both public services once it listens (a standby coordinator does
-    // not listen until it leads); "" is the server as a whole.
-    health.set_serving::<JobsServer<JobsService>>().await;
-    health.set_serving::<ClusterServer<JobsService>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    // not listen until it leads).
+    use tonic::server::NamedService;
+    let health = Health::start(&[
+        <JobsServer<JobsService> as NamedService>::NAME,
+        <ClusterServer<JobsService> as NamedService>::NAME,
+    ])
+    .await;
+    health.set(true).await;
     let (incoming, _accepting) = listen::incoming(listener, limits);
     listen::grpc_server(&limits)
-        .add_service(health_service)
+        .add_service(health.service())
         .add_service(
             JobsServer::new(svc.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

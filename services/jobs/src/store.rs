@@ -14,6 +14,7 @@
 use crate::error::{JobError, Result};
 use crate::record::{JobRecord, JobState, now_unix_ms};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use ringbolt_model::scheduler::panic_message;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
@@ -274,10 +275,7 @@ impl RedbRecords {
             // redb panics on some damaged pages.
             Err(p) => Err(OpenFailure::Damaged(format!(
                 "reading it panicked: {}",
-                p.downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default()
+                panic_message(&*p)
             ))),
         }
     }
@@ -307,13 +305,9 @@ fn damaged(e: &redb::Error) -> bool {
 /// Runs a database call; a panic in it (redb panics on some damaged pages) becomes an error.
 fn unpanicked<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         Err(JobError::Store(format!(
-            "the job database is damaged ({what})"
+            "the job database is damaged ({})",
+            panic_message(&*p)
         )))
     })
 }

@@ -498,30 +498,13 @@ fn context(
                 (got, t.elapsed().as_secs_f64())
             }
             Some(link) => {
-                let group = rt.block_on(async {
-                    let mut ls = Vec::new();
-                    for _ in 0..ranks {
-                        ls.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
-                    }
-                    let addrs = ls
-                        .iter()
-                        .map(|l| l.local_addr())
-                        .collect::<std::io::Result<Vec<_>>>()?;
-                    ls.into_iter()
-                        .enumerate()
-                        .map(|(r, l)| {
-                            ringbolt_transport::tcp::TcpTransport::start_with_link(
-                                r,
-                                1,
-                                l,
-                                addrs.clone(),
-                                std::time::Duration::from_secs(3600),
-                                link,
-                            )
-                            .map_err(anyhow::Error::from)
-                        })
-                        .collect::<Result<Vec<_>>>()
-                })?;
+                let (group, _) =
+                    rt.block_on(ringbolt_transport::tcp::TcpTransport::loopback_group(
+                        ranks,
+                        1,
+                        std::time::Duration::from_secs(3600),
+                        link,
+                    ))?;
                 let t = Instant::now();
                 let got = ringbolt_context::prefill_group(rt.handle(), &model, &toks, group)?;
                 (got, t.elapsed().as_secs_f64())
