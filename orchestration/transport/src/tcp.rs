@@ -1,6 +1,10 @@
 //! TCP transport: one connection per (sender, receiver) pair, opened on first send; frames are
 //! a 28-byte header (sender rank u32, epoch u64, tag u64, length u64, little-endian) followed by
 //! the payload, written straight from the caller's buffer.
+//!
+//! A group either owns its listener ([`TcpTransport::start`]: the plan epoch's group) or shares
+//! a [`TcpHub`]'s with other groups: a worker in many short-lived groups at once (one per
+//! context-parallel job) listens once, and each frame goes to the group its epoch field names.
 
 use crate::listen::{ConnLimits, TimedStream};
 use crate::{Link, Mailbox, Result, Transport, TransportError};
@@ -24,17 +28,203 @@ pub struct TcpTransport {
     timeout: Duration,
     mailbox: Arc<Mailbox>,
     conns: Vec<Mutex<Option<TcpStream>>>,
-    accept: tokio::task::JoinHandle<()>,
+    /// Its own listener's accept task, or its place in a hub.
+    incoming: Incoming,
     link: Link,
 }
 
+enum Incoming {
+    Own(tokio::task::JoinHandle<()>),
+    Hub(Arc<Router>),
+}
+
 impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        match &self.incoming {
+            Incoming::Own(accept) => accept.abort(),
+            Incoming::Hub(router) => router.leave(self.epoch),
+        }
+    }
+}
+
+/// Where a connection's frames go: one group's mailbox, or the hub's group of each frame.
+#[derive(Clone)]
+enum Route {
+    One(Arc<Mailbox>),
+    Hub(Arc<Router>),
+}
+
+impl Route {
+    fn mailbox(&self, group: u64) -> Option<Arc<Mailbox>> {
+        match self {
+            Route::One(m) => Some(m.clone()),
+            Route::Hub(r) => r.arrived(group),
+        }
+    }
+}
+
+/// A hub's groups by id. Frames may arrive for a group before this process joins it (a peer
+/// started sooner): they wait in an unclaimed mailbox, and one left unclaimed for the timeout
+/// is dropped — as are frames beyond [`MAX_UNCLAIMED`] such groups.
+struct Router {
+    timeout: Duration,
+    groups: std::sync::Mutex<std::collections::HashMap<u64, Group>>,
+}
+
+struct Group {
+    mailbox: Arc<Mailbox>,
+    /// When it was created by an arriving frame; None once a transport joined it.
+    unclaimed_since: Option<std::time::Instant>,
+}
+
+/// Groups a hub holds frames for before anyone here joins them.
+pub const MAX_UNCLAIMED: usize = 256;
+
+impl Router {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Group>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn arrived(&self, group: u64) -> Option<Arc<Mailbox>> {
+        let mut groups = self.lock();
+        if let Some(g) = groups.get(&group) {
+            return Some(g.mailbox.clone());
+        }
+        let timeout = self.timeout;
+        groups.retain(|_, g| g.unclaimed_since.is_none_or(|t| t.elapsed() < timeout));
+        if groups.values().filter(|g| g.unclaimed_since.is_some()).count() >= MAX_UNCLAIMED {
+            tracing::warn!(group, "dropping frames for a group nobody here joined");
+            return None;
+        }
+        let mailbox = Arc::new(Mailbox::new(group, self.timeout));
+        groups.insert(
+            group,
+            Group {
+                mailbox: mailbox.clone(),
+                unclaimed_since: Some(std::time::Instant::now()),
+            },
+        );
+        Some(mailbox)
+    }
+
+    fn join(&self, group: u64, timeout: Duration) -> Result<Arc<Mailbox>> {
+        let mut groups = self.lock();
+        match groups.get_mut(&group) {
+            Some(g) if g.unclaimed_since.is_none() => Err(TransportError::Peer {
+                peer: 0,
+                msg: format!("group {group} is already joined here"),
+            }),
+            Some(g) => {
+                g.unclaimed_since = None;
+                Ok(g.mailbox.clone())
+            }
+            None => {
+                let mailbox = Arc::new(Mailbox::new(group, timeout));
+                groups.insert(
+                    group,
+                    Group {
+                        mailbox: mailbox.clone(),
+                        unclaimed_since: None,
+                    },
+                );
+                Ok(mailbox)
+            }
+        }
+    }
+
+    fn leave(&self, group: u64) {
+        self.lock().remove(&group);
+    }
+}
+
+/// One listener shared by many groups (see the module's docs).
+pub struct TcpHub {
+    router: Arc<Router>,
+    address: SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpHub {
     fn drop(&mut self) {
         self.accept.abort();
     }
 }
 
-async fn read_frames(mut s: TimedStream, mailbox: Arc<Mailbox>) {
+impl TcpHub {
+    /// Accepts on `listener`; `timeout` bounds handshakes, and how long frames for a group
+    /// nobody here joined are kept.
+    pub fn start(listener: TcpListener, timeout: Duration) -> Result<Self> {
+        let address = listener.local_addr().map_err(|e| TransportError::Peer {
+            peer: 0,
+            msg: format!("the hub's listener: {e}"),
+        })?;
+        let router = Arc::new(Router {
+            timeout,
+            groups: Default::default(),
+        });
+        let accept = accept_frames(listener, timeout, Route::Hub(router.clone()));
+        Ok(TcpHub {
+            router,
+            address,
+            accept,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Rank `rank` of group `group`, whose ranks' hub addresses are `addrs`; its frames carry
+    /// `group` in the epoch field. Sends go over `link`.
+    pub fn join(
+        &self,
+        group: u64,
+        rank: usize,
+        addrs: Vec<SocketAddr>,
+        timeout: Duration,
+        link: Link,
+    ) -> Result<TcpTransport> {
+        if rank >= addrs.len() {
+            return Err(TransportError::BadRank {
+                rank,
+                size: addrs.len(),
+            });
+        }
+        let mailbox = self.router.join(group, timeout)?;
+        Ok(TcpTransport {
+            rank,
+            epoch: group,
+            conns: addrs.iter().map(|_| Mutex::new(None)).collect(),
+            addrs,
+            timeout,
+            mailbox,
+            incoming: Incoming::Hub(self.router.clone()),
+            link,
+        })
+    }
+}
+
+/// Accepts connections on `listener` and reads their frames into `route`.
+fn accept_frames(
+    listener: TcpListener,
+    timeout: Duration,
+    route: Route,
+) -> tokio::task::JoinHandle<()> {
+    // Peers keep their connections for the whole epoch, idle between steps: only the
+    // handshake is bounded (and each frame, by its size).
+    let limits = ConnLimits {
+        handshake: timeout,
+        idle: None,
+    };
+    let (mut conns, _accepting) = crate::listen::incoming(listener, limits);
+    tokio::spawn(async move {
+        while let Some(Ok(s)) = conns.next().await {
+            tokio::spawn(read_frames(s, route.clone()));
+        }
+    })
+}
+
+async fn read_frames(mut s: TimedStream, route: Route) {
     let mut h = [0u8; HEADER];
     loop {
         if s.read_exact(&mut h).await.is_err() {
@@ -44,6 +234,9 @@ async fn read_frames(mut s: TimedStream, mailbox: Arc<Mailbox>) {
         let epoch = u64::from_le_bytes(h[4..12].try_into().unwrap_or_default());
         let tag = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
         let len = u64::from_le_bytes(h[20..28].try_into().unwrap_or_default());
+        let Some(mailbox) = route.mailbox(epoch) else {
+            return;
+        };
         if len > MAX_FRAME {
             mailbox.fail(TransportError::Peer {
                 peer: from,
@@ -103,19 +296,7 @@ impl TcpTransport {
             });
         }
         let mailbox = Arc::new(Mailbox::new(epoch, timeout));
-        let mb = mailbox.clone();
-        // Peers keep their connections for the whole epoch, idle between steps: only the
-        // handshake is bounded (and each frame, by its size).
-        let limits = ConnLimits {
-            handshake: timeout,
-            idle: None,
-        };
-        let (mut conns, _accepting) = crate::listen::incoming(listener, limits);
-        let accept = tokio::spawn(async move {
-            while let Some(Ok(s)) = conns.next().await {
-                tokio::spawn(read_frames(s, mb.clone()));
-            }
-        });
+        let accept = accept_frames(listener, timeout, Route::One(mailbox.clone()));
         Ok(TcpTransport {
             rank,
             epoch,
@@ -123,7 +304,7 @@ impl TcpTransport {
             addrs,
             timeout,
             mailbox,
-            accept,
+            incoming: Incoming::Own(accept),
             link,
         })
     }

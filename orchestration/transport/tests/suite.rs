@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use ringbolt_transport::local::LocalGroup;
-use ringbolt_transport::tcp::TcpTransport;
+use ringbolt_transport::tcp::{TcpHub, TcpTransport};
 use ringbolt_transport::{Transport, TransportError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,4 +202,78 @@ async fn an_emulated_link_takes_its_time() {
         "{:?}",
         t0.elapsed()
     );
+}
+
+/// Groups of three hubs: rank r of every group is on hub r.
+async fn hub_groups(hubs: &[TcpHub], groups: &[u64]) -> Vec<Vec<TcpTransport>> {
+    let addrs: Vec<_> = hubs.iter().map(|h| h.address()).collect();
+    groups
+        .iter()
+        .map(|g| {
+            hubs.iter()
+                .enumerate()
+                .map(|(r, h)| {
+                    h.join(*g, r, addrs.clone(), Duration::from_secs(5), Default::default())
+                        .unwrap()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn hubs(n: usize) -> Vec<TcpHub> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        out.push(TcpHub::start(l, Duration::from_secs(5)).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn groups_sharing_hubs_keep_their_messages_apart() {
+    let hs = hubs(3).await;
+    let mut gs = hub_groups(&hs, &[7, 8]).await;
+    let (b, a) = (gs.pop().unwrap(), gs.pop().unwrap());
+    // Both groups use the same tags at the same time: each sees only its own.
+    let (x, y) = tokio::join!(
+        all_to_all_v_and_all_gather(a),
+        point_to_point_keeps_order_per_tag(b)
+    );
+    let _ = (x, y);
+    // A group joined twice on one hub is refused.
+    let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
+    let _g = hs[0]
+        .join(9, 0, addrs.clone(), Duration::from_secs(5), Default::default())
+        .unwrap();
+    assert!(
+        hs[0]
+            .join(9, 0, addrs, Duration::from_secs(5), Default::default())
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn frames_sent_before_a_peer_joins_wait_for_it() {
+    let hs = hubs(2).await;
+    let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
+    let a = hs[0]
+        .join(3, 0, addrs.clone(), Duration::from_secs(5), Default::default())
+        .unwrap();
+    a.send(1, 5, Bytes::from_static(b"early")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = hs[1]
+        .join(3, 1, addrs, Duration::from_secs(5), Default::default())
+        .unwrap();
+    assert_eq!(&b.recv(0, 5).await.unwrap()[..], b"early");
+    // After the group is left, its rank can be joined again (a fresh mailbox).
+    drop(b);
+    let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
+    let b = hs[1]
+        .join(3, 1, addrs, Duration::from_secs(1), Default::default())
+        .unwrap();
+    assert!(matches!(
+        b.recv(0, 5).await,
+        Err(TransportError::Timeout { .. })
+    ));
 }
