@@ -17,7 +17,7 @@
 //! The result equals the single-worker forward pass up to float rounding (tests below). A
 //! driver decides how shares travel (`ringbolt-context`: over a transport).
 
-use super::{LayerCache, Mixer, Model, SequenceState};
+use super::{ExpertExecutor, LayerCache, Mixer, Model, SequenceState};
 use crate::config::LIGHTNING_NORM_EPS;
 use crate::error::{ModelError, Result};
 use ringbolt_kernels::partial::fold_state;
@@ -143,7 +143,10 @@ pub enum Kept<B: Backend> {
 /// One rank's part of a context-parallel prefill, stepped layer by layer.
 pub struct RankPrefill<'m, B: Backend> {
     model: &'m Model<B>,
+    /// Where its MoE layers run (None: the model's own experts).
+    experts: Option<&'m (dyn ExpertExecutor<B> + Sync)>,
     layout: Layout,
+    rank: usize,
     own: Vec<Chunk>,
     /// Hidden states of the own chunks' rows, in chunk order.
     h: B::Buf,
@@ -154,13 +157,15 @@ pub struct RankPrefill<'m, B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Rank `rank`'s part of the prefill of `prompt` split by `layout`.
-    pub fn rank_prefill(
-        &self,
+    /// Rank `rank`'s part of the prefill of `prompt` split by `layout`, its MoE layers on
+    /// `experts` (None: the model's own).
+    pub fn rank_prefill<'m>(
+        &'m self,
         layout: &Layout,
         rank: usize,
         prompt: &[u32],
-    ) -> Result<RankPrefill<'_, B>> {
+        experts: Option<&'m (dyn ExpertExecutor<B> + Sync)>,
+    ) -> Result<RankPrefill<'m, B>> {
         if rank >= layout.ranks || prompt.len() != layout.tokens {
             return Err(ModelError::Invalid(format!(
                 "rank {rank} of a {}-rank layout of {} tokens, for a {}-token prompt",
@@ -169,9 +174,9 @@ impl<B: Backend> Model<B> {
                 prompt.len()
             )));
         }
-        if !self.has_experts() {
+        if experts.is_none() && !self.has_experts() {
             return Err(ModelError::Invalid(
-                "a context-parallel prefill needs the model's experts".into(),
+                "this model was loaded without experts and no expert executor was given".into(),
             ));
         }
         self.check_tokens(0, prompt)?;
@@ -189,7 +194,9 @@ impl<B: Backend> Model<B> {
         };
         Ok(RankPrefill {
             model: self,
+            experts,
             layout: layout.clone(),
+            rank,
             own,
             h,
             rows,
@@ -428,7 +435,8 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
             let (alpha, beta) = cfg.attn_factors(l);
             let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { &self.h }, beta, &mix);
             let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
-            let moe = model.moe(l, layer, &n2, self.rows, None)?;
+            let experts = self.experts.map(|e| e as &dyn ExpertExecutor<B>);
+            let moe = model.moe(l, layer, &n2, self.rows, experts)?;
             self.h = b.axpby(
                 cfg.mlp_alpha,
                 if cfg.postnorm { &n2 } else { &h1 },
@@ -482,43 +490,101 @@ fn concat<B: Backend>(b: &B, mut parts: Vec<B::Buf>) -> B::Buf {
     }
 }
 
-/// A sequence state for single-worker decode from a context-parallel prefill: the whole
-/// context's lightning states and every rank's keys and values in position order (what one
-/// worker would hold after prefilling the whole prompt).
-pub fn gather_state<B: Backend>(
-    model: &Model<B>,
-    ranks: &[RankPrefill<'_, B>],
-) -> Result<SequenceState<B>> {
-    let b = &model.backend;
-    let mut st = model.new_state();
-    let tokens = ranks.first().map_or(0, |r| r.layout.tokens);
-    for (l, cache) in st.layers.iter_mut().enumerate() {
-        match cache {
-            LayerCache::Lightning(s) => {
-                let Some(Kept::Lightning(whole)) = ranks.first().and_then(|r| r.kept.get(l)) else {
-                    return Err(ModelError::Invalid(format!(
-                        "layer {l}: no lightning state"
-                    )));
-                };
-                *s = b.upload(whole);
-            }
-            LayerCache::Softmax { k, v } => {
-                let mut chunks: Vec<(Chunk, &B::Buf, &B::Buf)> = Vec::new();
-                for r in ranks {
-                    if let Some(Kept::Softmax(kv)) = r.kept.get(l) {
-                        chunks.extend(kv.iter().map(|(c, k, v)| (*c, k, v)));
-                    }
-                }
-                chunks.sort_by_key(|c| c.0.start);
-                for (_, kc, vc) in chunks {
-                    b.cache_append(k, kc);
-                    b.cache_append(v, vc);
+/// A rank's keys and values of one softmax layer's chunk, on the host (to send to the rank
+/// that decodes): (layer, chunk, keys, values).
+pub type KeptKv = (usize, Chunk, Vec<f32>, Vec<f32>);
+
+impl<B: Backend> RankPrefill<'_, B> {
+    /// Which rank this is.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// This rank's softmax keys and values, copied to the host.
+    pub fn export_kv(&self) -> Vec<KeptKv> {
+        let b = &self.model.backend;
+        let mut out = Vec::new();
+        for (l, k) in self.kept.iter().enumerate() {
+            if let Kept::Softmax(kv) = k {
+                for (c, k, v) in kv {
+                    out.push((l, *c, b.download(k), b.download(v)));
                 }
             }
         }
+        out
     }
-    st.pos = tokens;
-    Ok(st)
+
+    /// The sequence state one worker would hold after prefilling the whole prompt (for
+    /// decode on this rank): the whole context's lightning states (every rank has them) and
+    /// the keys and values of this rank and of `others` (every other rank's
+    /// [`export_kv`](Self::export_kv)), in position order.
+    pub fn into_state(self, others: Vec<KeptKv>) -> Result<SequenceState<B>> {
+        let model = self.model;
+        let b = &model.backend;
+        if !self.done() {
+            return Err(ModelError::Invalid(format!(
+                "the prefill stopped at layer {} of {}",
+                self.layer,
+                model.layers.len()
+            )));
+        }
+        let mut by_layer: Vec<Vec<(Chunk, B::Buf, B::Buf)>> =
+            (0..model.layers.len()).map(|_| Vec::new()).collect();
+        for (l, c, k, v) in others {
+            let want = c.len * model.cfg.num_kv_heads * model.cfg.head_dim;
+            if l >= by_layer.len() || k.len() != want || v.len() != want {
+                return Err(ModelError::Invalid(format!(
+                    "keys and values for layer {l}, chunk {} ({} tokens): {} and {} values, \
+                     {want} expected",
+                    c.index,
+                    c.len,
+                    k.len(),
+                    v.len()
+                )));
+            }
+            by_layer[l].push((c, b.upload(&k), b.upload(&v)));
+        }
+        let mut st = model.new_state();
+        for ((l, cache), kept) in st.layers.iter_mut().enumerate().zip(self.kept) {
+            match (cache, kept) {
+                (LayerCache::Lightning(s), Kept::Lightning(whole)) => *s = b.upload(&whole),
+                (LayerCache::Softmax { k, v }, Kept::Softmax(own)) => {
+                    let mut chunks = std::mem::take(&mut by_layer[l]);
+                    chunks.extend(own);
+                    chunks.sort_by_key(|c| c.0.start);
+                    let have: usize = chunks.iter().map(|c| c.0.len).sum();
+                    if have != self.layout.tokens {
+                        return Err(ModelError::Invalid(format!(
+                            "layer {l}: keys and values of {have} of {} positions arrived",
+                            self.layout.tokens
+                        )));
+                    }
+                    for (_, kc, vc) in chunks {
+                        b.cache_append(k, &kc);
+                        b.cache_append(v, &vc);
+                    }
+                }
+                _ => {
+                    return Err(ModelError::Invalid(format!(
+                        "layer {l}: what was kept does not match the layer's kind"
+                    )));
+                }
+            }
+        }
+        st.pos = self.layout.tokens;
+        Ok(st)
+    }
+}
+
+/// The sequence state for single-worker decode from the ranks of a context-parallel prefill
+/// run in one process (see [`RankPrefill::into_state`]).
+pub fn gather_state<B: Backend>(ranks: Vec<RankPrefill<'_, B>>) -> Result<SequenceState<B>> {
+    let mut ranks = ranks.into_iter();
+    let first = ranks
+        .next()
+        .ok_or_else(|| ModelError::Invalid("no ranks".into()))?;
+    let others = ranks.flat_map(|r| r.export_kv()).collect();
+    first.into_state(others)
 }
 
 #[cfg(test)]
@@ -541,7 +607,7 @@ mod tests {
     ) -> Result<(Vec<f32>, Vec<RankPrefill<'m, B>>)> {
         let layout = Layout::zigzag(prompt.len(), ranks);
         let mut rs: Vec<RankPrefill<'m, B>> = (0..layout.ranks)
-            .map(|r| model.rank_prefill(&layout, r, prompt))
+            .map(|r| model.rank_prefill(&layout, r, prompt, None))
             .collect::<Result<_>>()?;
         for l in 0..model.layers.len() {
             let shares: Vec<Share> = rs.iter_mut().map(|r| r.begin_layer()).collect();
@@ -647,7 +713,7 @@ mod tests {
                 let e = rel_err(&got, &want);
                 assert!(e <= 1e-5, "n={n} P={p}: relative error {e}");
                 // Decoding on from the gathered state equals decoding on from one worker's.
-                let mut cp = gather_state(&m, &ranks).unwrap();
+                let mut cp = gather_state(ranks).unwrap();
                 let mut one = m.new_state();
                 m.forward(&mut one, &prompt, Logits::None).unwrap();
                 let t = crate::sampling::argmax(&want);

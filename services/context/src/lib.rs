@@ -14,7 +14,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ringbolt_kernels::Backend;
 use ringbolt_model::context::{Chunk, Layout, RankPrefill, Share};
-use ringbolt_model::{Model, ModelError};
+use ringbolt_model::context::KeptKv;
+use ringbolt_model::{ExpertExecutor, Model, ModelError, SequenceState};
 use ringbolt_transport::{Transport, TransportError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -149,9 +150,11 @@ fn decode_kv(mut b: Bytes) -> Result<KvBlock> {
 /// Runs rank `transport.rank()`'s part of the prefill of `prompt` split by `layout`, its
 /// transfers on `rt`. Call it on every rank at once, each on its own thread. A wait on the
 /// other ranks ends early when `abort` is cancelled (another rank failed).
+#[allow(clippy::too_many_arguments)]
 pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
     rt: &tokio::runtime::Handle,
     model: &'m Model<B>,
+    experts: Option<&'m (dyn ExpertExecutor<B> + Sync)>,
     layout: &Layout,
     prompt: &[u32],
     transport: Arc<T>,
@@ -165,7 +168,7 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
         ))));
     }
     let mut times = RankTimes::default();
-    let mut rp = model.rank_prefill(layout, rank, prompt)?;
+    let mut rp = model.rank_prefill(layout, rank, prompt, experts)?;
     let (next, prev) = ((rank + 1) % p, (rank + p - 1) % p);
     while !rp.done() {
         let l = rp.layer();
@@ -177,12 +180,7 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
                 let msg = encode_states(&own);
                 times.sent += msg.len() as u64 * (p as u64 - 1);
                 let t1 = Instant::now();
-                let all: Vec<Bytes> = rt.block_on(async {
-                    tokio::select! {
-                        r = transport.all_gather(tag(l, 0), msg) => r.map_err(ContextError::from),
-                        _ = abort.cancelled() => Err(ContextError::Aborted),
-                    }
-                })?;
+                let all = until_aborted(rt, abort, transport.all_gather(tag(l, 0), msg))?;
                 times.state_wait += t1.elapsed();
                 let mut states = vec![None; layout.chunks.len()];
                 for b in all {
@@ -217,14 +215,12 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
                     times.compute += t1.elapsed();
                     if let Some(h) = transfer {
                         let t2 = Instant::now();
-                        let (got, took) = rt.block_on(async {
-                            tokio::select! {
-                                r = h => r
-                                    .map_err(|e| ContextError::Malformed(format!("ring hop: {e}")))?
-                                    .map_err(ContextError::from),
-                                _ = abort.cancelled() => Err(ContextError::Aborted),
-                            }
-                        })?;
+                        let hop = async {
+                            h.await
+                                .map_err(|e| ContextError::Malformed(format!("ring hop: {e}")))?
+                                .map_err(ContextError::from)
+                        };
+                        let (got, took) = until_aborted(rt, abort, hop)?;
                         times.ring_wait += t2.elapsed();
                         times.ring_transfer += took;
                         held_kv = decode_kv(got.clone())?;
@@ -238,6 +234,74 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
         }
     }
     Ok((rp, times))
+}
+
+/// Waits for `fut` on `rt`, or until `abort` is cancelled (another rank failed).
+fn until_aborted<T, E: Into<ContextError>>(
+    rt: &tokio::runtime::Handle,
+    abort: &CancellationToken,
+    fut: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    rt.block_on(async {
+        tokio::select! {
+            r = fut => r.map_err(Into::into),
+            _ = abort.cancelled() => Err(ContextError::Aborted),
+        }
+    })
+}
+
+/// Tag of the keys and values of `layer` sent to the decoding rank.
+fn gather_tag(layer: usize) -> u64 {
+    tag(layer, 0xffff)
+}
+
+/// After a prefill: every rank sends its softmax keys and values to rank `to`, one message per
+/// softmax layer; `to` returns the sequence state one worker would hold after the whole prompt
+/// (to decode from); the others return None.
+pub fn gather_to<B: Backend, T: Transport + 'static>(
+    rt: &tokio::runtime::Handle,
+    rp: RankPrefill<'_, B>,
+    to: usize,
+    transport: Arc<T>,
+    abort: &CancellationToken,
+) -> Result<Option<SequenceState<B>>> {
+    let (me, p) = (transport.rank(), transport.size());
+    let mut kv = rp.export_kv();
+    // Softmax layers in order: the same list on every rank (every rank kept every layer).
+    let mut layers: Vec<usize> = kv.iter().map(|x| x.0).collect();
+    layers.dedup();
+    if me != to {
+        let mut sends = Vec::new();
+        for l in layers {
+            let part: Vec<(Chunk, Vec<f32>, Vec<f32>)> = kv
+                .extract_if(.., |x| x.0 == l)
+                .map(|(_, c, k, v)| (c, k, v))
+                .collect();
+            sends.push((l, encode_kv(&part)));
+        }
+        // Empty messages for softmax layers this rank holds nothing of would be needed only
+        // if the lists differed; they do not (see above).
+        for (l, msg) in sends {
+            until_aborted(rt, abort, transport.send(to, gather_tag(l), msg))?;
+        }
+        return Ok(None);
+    }
+    let mut others: Vec<KeptKv> = Vec::new();
+    for &l in &layers {
+        for from in (0..p).filter(|r| *r != me) {
+            let got = until_aborted(rt, abort, transport.recv(from, gather_tag(l)))?;
+            for (c, k, v) in decode_kv(got)? {
+                if c.rank != from {
+                    return Err(ContextError::Malformed(format!(
+                        "rank {from} sent keys of chunk {} held by rank {}",
+                        c.index, c.rank
+                    )));
+                }
+                others.push((l, c, k, v));
+            }
+        }
+    }
+    Ok(Some(rp.into_state(others)?))
 }
 
 /// What a context-parallel prefill of P ranks in one process produced.
@@ -282,7 +346,7 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
                 s.spawn(move || {
                     // A rank that fails (or panics) stops the others' waits at once.
                     let stop = abort.clone().drop_guard();
-                    let r = prefill_rank(rt, model, layout, prompt, Arc::new(t), abort);
+                    let r = prefill_rank(rt, model, None, layout, prompt, Arc::new(t), abort);
                     if r.is_ok() {
                         stop.disarm();
                     }
@@ -312,7 +376,7 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
         .find_map(|r| r.last_logits())
         .ok_or_else(|| ModelError::Invalid("no rank holds the last position".into()))?;
     let cache_bytes_per_rank = ranks_done.iter().map(|r| r.cache_bytes() as u64).collect();
-    let state = ringbolt_model::context::gather_state(model, &ranks_done)?;
+    let state = ringbolt_model::context::gather_state(ranks_done)?;
     Ok(LocalPrefill {
         logits,
         state,
@@ -402,24 +466,40 @@ mod tests {
             ))
             .unwrap();
         let layout = Layout::zigzag(prompt.len(), p);
-        let logits: Vec<Option<Vec<f32>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = group
-                .into_iter()
-                .map(|t| {
-                    let (layout, prompt, m, h) = (&layout, &prompt, &m, rt.handle());
-                    s.spawn(move || {
-                        let abort = CancellationToken::new();
-                        let (rp, times) =
-                            prefill_rank(h, m, layout, prompt, Arc::new(t), &abort).unwrap();
-                        assert!(times.sent > 0);
-                        rp.last_logits()
+        let last = layout.last_rank();
+        let out: Vec<(Option<Vec<f32>>, Option<ringbolt_model::SequenceState<Cpu>>)> =
+            std::thread::scope(|s| {
+                let hs: Vec<_> = group
+                    .into_iter()
+                    .map(|t| {
+                        let (layout, prompt, m, h) = (&layout, &prompt, &m, rt.handle());
+                        s.spawn(move || {
+                            let abort = CancellationToken::new();
+                            let t = Arc::new(t);
+                            let (rp, times) =
+                                prefill_rank(h, m, None, layout, prompt, t.clone(), &abort)
+                                    .unwrap();
+                            assert!(times.sent > 0);
+                            let logits = rp.last_logits();
+                            // The keys and values go to the rank holding the last position.
+                            (logits, gather_to(h, rp, last, t, &abort).unwrap())
+                        })
                     })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let got: Vec<&Vec<f32>> = logits.iter().flatten().collect();
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+        let got: Vec<&Vec<f32>> = out.iter().filter_map(|o| o.0.as_ref()).collect();
         assert_eq!(got.len(), 1, "one rank holds the last position");
         assert!(rel_err(got[0], &want) <= 1e-5);
+        // Only that rank has a state to decode from, and decode from it equals one worker's.
+        let mut states: Vec<_> = out.into_iter().filter_map(|o| o.1).collect();
+        assert_eq!(states.len(), 1);
+        let mut cp = states.pop().unwrap();
+        let mut one = m.new_state();
+        m.forward(&mut one, &prompt, Logits::None).unwrap();
+        let t = ringbolt_model::sampling::argmax(&want);
+        let a = m.forward(&mut cp, &[t], Logits::Last).unwrap();
+        let b = m.forward(&mut one, &[t], Logits::Last).unwrap();
+        assert!(rel_err(&a, &b) <= 1e-5, "decode after gathering");
     }
 }
