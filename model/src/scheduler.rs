@@ -303,7 +303,14 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
     }
 
     /// Checks `req` against `model`; a request that cannot run fails on its sink at once.
-    pub fn admit(&mut self, model: &Model<B>, req: Request, mut sink: S) {
+    pub fn admit(&mut self, model: &Model<B>, req: Request, sink: S) {
+        if let Some(s) = self.new_seq(model, req, sink) {
+            self.prefilling.push_back(s);
+        }
+    }
+
+    /// A sequence for `req`, or None when it cannot run (its sink has been told why).
+    fn new_seq(&self, model: &Model<B>, req: Request, mut sink: S) -> Option<Seq<B, S>> {
         match Self::check(model, &req) {
             Ok(sampler) => {
                 let cfg = model.config();
@@ -312,7 +319,7 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                     stop.extend(cfg.eos_token_ids.iter().copied());
                 }
                 let now = Instant::now();
-                self.prefilling.push_back(Seq {
+                Some(Seq {
                     sink,
                     state: model.new_state(),
                     chunk: req.prefill_chunk.unwrap_or(self.cfg.prefill_chunk).max(1),
@@ -330,10 +337,11 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                         ..Default::default()
                     },
                     context_parallel: req.context_parallel,
-                });
+                })
             }
             Err(e) => {
                 sink.send(Event::Failed(e));
+                None
             }
         }
     }
@@ -477,7 +485,7 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         &mut self,
         model: &Model<B>,
         fwd: &impl Forward<B>,
-        mut s: Seq<B, S>,
+        s: Seq<B, S>,
     ) -> Option<Seq<B, S>> {
         let ranks = s.context_parallel;
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -504,6 +512,13 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                 return None;
             }
         };
+        self.prefilled(s, done, ranks);
+        None
+    }
+
+    /// A sequence whose whole prompt was prefilled by context-parallel ranks: its events,
+    /// then its first token.
+    fn prefilled(&mut self, mut s: Seq<B, S>, done: ContextPrefill<B>, ranks: usize) {
         s.state = done.state;
         s.done = s.prompt.len();
         let tps = s.done as f64 / s.started.elapsed().as_secs_f64().max(1e-9);
@@ -520,13 +535,36 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         ];
         for ev in events {
             if !s.sink.send(ev) {
-                return None;
+                return;
             }
         }
         s.prefill_end = Some(Instant::now());
         s.prompt = Vec::new();
         self.emit(s, &done.logits);
-        None
+    }
+
+    /// Admits `req`, whose prompt was prefilled elsewhere (context-parallel ranks driven by
+    /// the owner, from `started`): it decodes from `done` like any sequence.
+    pub fn admit_prefilled(
+        &mut self,
+        model: &Model<B>,
+        req: Request,
+        started: Instant,
+        done: ContextPrefill<B>,
+        sink: S,
+    ) {
+        let ranks = req.context_parallel;
+        let Some(mut s) = self.new_seq(model, req, sink) else {
+            return;
+        };
+        s.started = started;
+        self.prefilled(s, done, ranks);
+    }
+
+    /// Checks `req` against `model` as [`admit`](Self::admit) does, for an owner that runs
+    /// part of it elsewhere first.
+    pub fn check_request(model: &Model<B>, req: &Request) -> std::result::Result<(), SeqError> {
+        Self::check(model, req).map(|_| ())
     }
 
     /// One decode step of every decoding sequence together.

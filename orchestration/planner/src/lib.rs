@@ -8,5 +8,8 @@ pub mod plan;
 pub mod profiles;
 
 pub use counts::ModelCounts;
-pub use plan::{Plan, PlanRequest, WeightFormat, plan};
+pub use plan::{
+    ContextCost, Plan, PlanRequest, WeightFormat, context_degree, plan, plan_with_degree,
+    smallest_degree,
+};
 pub use profiles::{GpuProfile, gpu, text01};

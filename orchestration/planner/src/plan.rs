@@ -2,9 +2,10 @@
 //! prefill time and decode speed.
 //!
 //! Layout it plans (design.md §4): every node is one attention worker (tensor-parallel over the
-//! node's GPUs) holding one contiguous segment of the context, so the context-parallel degree P
-//! is the number of nodes; the (layer, expert) units are spread over every GPU (an expert worker
-//! per GPU), with replicas of units where memory is spare.
+//! node's GPUs); a job's context is split among the fewest of them whose per-rank share fits
+//! (the context-parallel degree P, at most the number of nodes); the (layer, expert) units are
+//! spread over every GPU (an expert worker per GPU), with replicas of units where memory is
+//! spare.
 
 use crate::counts::{ModelCounts, kv_bytes_per_token, lightning_state_bytes, prefill_flops};
 use crate::profiles::GpuProfile;
@@ -113,14 +114,62 @@ fn ceil_div(a: u64, b: u64) -> u64 {
     a.div_ceil(b.max(1))
 }
 
+/// The context-parallel degree for a `tokens`-token context: the smallest P in 1..=`max` for
+/// which `fits(tokens per rank, P)`; `max` when none does. The one rule for `ringbolt plan`
+/// and for the coordinator's choice.
+pub fn smallest_degree(tokens: u64, max: u64, fits: impl Fn(u64, u64) -> bool) -> u64 {
+    let max = max.max(1);
+    (1..=max)
+        .find(|&p| fits(ceil_div(tokens, p), p))
+        .unwrap_or(max)
+}
+
+/// What one job's context costs an attention worker: softmax keys and values per token, and
+/// the lightning states (one per lightning layer, whatever the length).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContextCost {
+    pub kv_bytes_per_token: u64,
+    pub state_bytes: u64,
+}
+
+impl ContextCost {
+    /// For a cache kept in `bytes_per_value`-byte values (4 on the CPU, 2 in bf16).
+    pub fn of(c: &ModelConfig, bytes_per_value: u64) -> Self {
+        ContextCost {
+            kv_bytes_per_token: kv_bytes_per_token(c, bytes_per_value),
+            state_bytes: lightning_state_bytes(c),
+        }
+    }
+
+    /// Bytes one rank holds of a `tokens`-token context split `p` ways.
+    pub fn per_rank(&self, tokens: u64, p: u64) -> u64 {
+        ceil_div(tokens, p) * self.kv_bytes_per_token + self.state_bytes
+    }
+}
+
+/// The degree for a `tokens`-token job on `workers` attention workers each offering
+/// `capacity` bytes for a context.
+pub fn context_degree(cost: &ContextCost, tokens: u64, capacity: u64, workers: usize) -> usize {
+    smallest_degree(tokens, workers as u64, |_, p| {
+        cost.per_rank(tokens, p) <= capacity
+    }) as usize
+}
+
+/// The plan with the smallest context-parallel degree that fits (see [`smallest_degree`]).
 pub fn plan(r: &PlanRequest) -> Plan {
+    let nodes = r.nodes.max(1);
+    let p = smallest_degree(r.context, nodes, |_, p| plan_with_degree(r, p).fits);
+    plan_with_degree(r, p)
+}
+
+/// The plan with the context split among `p` of the nodes' attention workers.
+pub fn plan_with_degree(r: &PlanRequest, p: u64) -> Plan {
     let c = &r.model;
     let counts = ModelCounts::new(c);
     let g = &r.gpu;
     let nodes = r.nodes.max(1);
     let tp = r.gpus_per_node.max(1);
     let gpus = nodes * tp;
-    let p = nodes; // one attention worker (segment) per node
     let h = c.hidden_size as u64;
     let k = c.experts_per_tok as u64;
     let n = r.context;
@@ -214,9 +263,12 @@ pub fn plan(r: &PlanRequest) -> Plan {
     // Prefill roofline.
     let (mm, lin, sm) = prefill_flops(c, n);
     let peak = g.bf16_flops * gpus as f64;
+    // Attention runs on the P ranks' GPUs only; the experts' GEMMs on every GPU.
+    let rank_gpus = p * tp;
+    let attention_peak = g.bf16_flops * rank_gpus as f64;
     let matmul_seconds = mm / (peak * GEMM_EFFICIENCY);
-    let lightning_seconds = lin / (peak * LIGHTNING_EFFICIENCY);
-    let softmax_attention_seconds = sm / (peak * ATTENTION_EFFICIENCY);
+    let lightning_seconds = lin / (attention_peak * LIGHTNING_EFFICIENCY);
+    let softmax_attention_seconds = sm / (attention_peak * ATTENTION_EFFICIENCY);
     let nvl = g.nvlink_bytes_per_s * LINK_EFFICIENCY;
     let net = g.network_bytes_per_s * LINK_EFFICIENCY;
     let layers = c.layers.len() as f64;
@@ -238,7 +290,7 @@ pub fn plan(r: &PlanRequest) -> Plan {
     let exposed_layer = (a2a_layer - compute_layer).max(0.0) + a2a_layer / MICRO_BATCHES;
     let exposed_all_to_all_seconds = layers * exposed_layer;
     let softmax_layers = counts.softmax_layers as f64;
-    let ring_layer = ring_kv_bytes as f64 / gpus as f64 / net;
+    let ring_layer = ring_kv_bytes as f64 / rank_gpus as f64 / net;
     let attn_layer = softmax_attention_seconds / softmax_layers.max(1.0);
     let exposed_ring_kv_seconds = softmax_layers * (ring_layer - attn_layer).max(0.0);
     let lightning_exchange_seconds = counts.lightning_layers as f64
@@ -278,7 +330,7 @@ pub fn plan(r: &PlanRequest) -> Plan {
         gpus,
         weights: r.weights,
         context: n,
-        attention_workers: p,
+        attention_workers: nodes,
         context_parallel: p,
         attention_tensor_parallel: tp,
         expert_units: counts.expert_units,

@@ -1,6 +1,6 @@
 //! The planner against hand-computed values and the published anchors (minimax-01.md §5).
 
-use ringbolt_planner::{PlanRequest, WeightFormat, gpu, plan, text01};
+use ringbolt_planner::{PlanRequest, WeightFormat, gpu, plan, plan_with_degree, text01};
 
 fn req(nodes: u64, weights: WeightFormat, context: u64) -> PlanRequest {
     PlanRequest {
@@ -76,14 +76,40 @@ fn one_node_1m_prefill_is_within_a_factor_of_two_of_the_report() {
 }
 
 #[test]
-fn more_nodes_split_the_context_and_speed_up_prefill() {
-    let mut last = f64::MAX;
+fn the_context_is_split_among_the_fewest_nodes_it_fits_and_more_ranks_prefill_faster() {
     for nodes in [2, 4, 8, 16] {
-        let p = plan(&req(nodes, WeightFormat::Bf16, 4_000_000));
+        let r = req(nodes, WeightFormat::Bf16, 4_000_000);
+        let p = plan(&r);
         assert!(p.fits, "{nodes} nodes: {:?}", p.shortfall);
-        assert_eq!(p.context_parallel, nodes);
-        assert!(p.prefill_seconds < last, "{nodes} nodes");
+        assert!(p.context_parallel <= nodes);
+        assert_eq!(p.attention_workers, nodes);
+        for q in 1..p.context_parallel {
+            assert!(!plan_with_degree(&r, q).fits, "{nodes} nodes: P = {q} fits too");
+        }
         assert!(p.decode_tokens_per_second > 0.0);
-        last = p.prefill_seconds;
+        // Splitting wider than needed costs memory per rank less and prefill time less.
+        let mut last = f64::MAX;
+        for q in p.context_parallel..=nodes {
+            let w = plan_with_degree(&r, q);
+            assert!(w.fits, "{nodes} nodes, P = {q}");
+            assert!(w.prefill_seconds < last, "{nodes} nodes, P = {q}");
+            last = w.prefill_seconds;
+        }
     }
+}
+
+#[test]
+fn a_context_goes_to_the_fewest_workers_whose_memory_holds_its_share() {
+    use ringbolt_planner::{ContextCost, context_degree};
+    let cost = ContextCost {
+        kv_bytes_per_token: 100,
+        state_bytes: 1_000,
+    };
+    // 10,000 tokens: 1,001,000 bytes on one rank, 501,000 on each of two, 334,400 of three.
+    assert_eq!(context_degree(&cost, 10_000, 2_000_000, 4), 1);
+    assert_eq!(context_degree(&cost, 10_000, 600_000, 4), 2);
+    assert_eq!(context_degree(&cost, 10_000, 400_000, 4), 3);
+    // Nothing fits: every worker takes a share (and the job may still not fit).
+    assert_eq!(context_degree(&cost, 10_000, 100_000, 4), 4);
+    assert_eq!(context_degree(&cost, 10_000, 100_000, 0), 1);
 }

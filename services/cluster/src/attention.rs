@@ -3,10 +3,19 @@
 //! of the current plan epoch. One engine thread owns the model (and so the GPU's context on a
 //! CUDA backend): job steps queue to it, and the decode steps of all running jobs are batched
 //! into one forward pass, so each layer sends their rows to the expert workers together.
+//!
+//! A job step may be one rank of a context-parallel prefill (design.md §4.1–4.2a): it runs on
+//! a thread of its own (so ranks of several jobs never wait on each other's engine), exchanges
+//! lightning states and softmax keys and values with the other ranks over this worker's
+//! context data plane (one [`TcpHub`] for every group), sends its keys and values to the rank
+//! holding the last position, and ends ("prefilled"); that rank's sequence then joins the
+//! engine's decode batch.
 
 use crate::etcd::PlanView;
 use crate::remote::RemoteExperts;
-use crate::{ClusterError, CommonArgs, Health, bind, connect_membership, wait_for_signal};
+use crate::{
+    ClusterError, CommonArgs, Health, bind, bind_data, connect_membership, wait_for_signal,
+};
 use clap::Args;
 use futures::future::BoxFuture;
 use ringbolt_jobs::bounds::{MAX_NEW_TOKENS_CEILING, MAX_STOP_TOKENS, check_job_id, echo};
@@ -17,11 +26,16 @@ use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::scheduler::{
     self, Event, FinishReason, Forward, ForwardCounts, Phase, Scheduler, SchedulerConfig, Sink,
 };
-use ringbolt_model::{Checkpoint, Logits, Model, SamplingParams, SequenceState};
+use ringbolt_model::context::Layout;
+use ringbolt_model::scheduler::ContextPrefill;
+use ringbolt_model::{Checkpoint, Logits, Model, ModelError, SamplingParams, SequenceState};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::attention_worker_server::{AttentionWorker, AttentionWorkerServer};
 use ringbolt_transport::listen::{grpc_server, incoming};
-use std::time::Duration;
+use ringbolt_transport::tcp::TcpHub;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +64,18 @@ pub struct AttentionWorkerArgs {
     /// Where attention computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
     #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
     pub device: Device,
+    /// Where the context data plane listens: context-parallel ranks exchange lightning states
+    /// and keys and values over it (default: the --listen host, any port).
+    #[arg(long, env = "RINGBOLT_DATA_LISTEN")]
+    pub data_listen: Option<SocketAddr>,
+    /// Memory offered for one job's context cache (0: unlimited). The coordinator splits a
+    /// context among enough attention workers that each one's share fits.
+    #[arg(long, env = "RINGBOLT_MEMORY_BYTES", default_value_t = 0)]
+    pub memory_bytes: u64,
 }
+
+/// Most ranks a context-parallel group may have.
+pub const MAX_CONTEXT_RANKS: usize = 256;
 
 /// A job step as the engine thread receives it, with the stream its events go to.
 struct Incoming {
@@ -63,10 +88,40 @@ struct Incoming {
 /// run through the scheduler core (one prefill chunk at a time, the decode steps of all
 /// running jobs batched, so their rows share each layer's step to the expert workers).
 pub struct AttentionHost<B: Backend = Cpu> {
-    model: Model<B>,
-    experts: RemoteExperts,
+    model: Arc<Model<B>>,
+    experts: Arc<RemoteExperts>,
     prefill_chunk: usize,
     max_batch: usize,
+    /// Where context-parallel ranks exchange (None: such steps are refused).
+    plane: Option<Arc<ContextPlane>>,
+    /// Sequences prefilled by context-parallel ranks, to decode here.
+    prefilled: (
+        std::sync::mpsc::Sender<Prefilled<B>>,
+        std::sync::mpsc::Receiver<Prefilled<B>>,
+    ),
+}
+
+/// This worker's context data plane.
+pub struct ContextPlane {
+    pub hub: TcpHub,
+    pub rt: tokio::runtime::Handle,
+    /// Bound on one wait for another rank.
+    pub timeout: Duration,
+}
+
+/// A rank's step as its group gave it.
+struct RankStep {
+    group: u64,
+    rank: usize,
+    peers: Vec<SocketAddr>,
+}
+
+/// A context-parallel prefill done, its sequence to decode on the engine thread.
+struct Prefilled<B: Backend> {
+    req: scheduler::Request,
+    started: Instant,
+    done: ContextPrefill<B>,
+    sink: StepSink,
 }
 
 /// A job step's events, as the coordinator reads them on its stream. A closed stream (the
@@ -160,12 +215,19 @@ impl<B: Backend> Forward<B> for RemoteExperts {
 }
 
 impl<B: Backend> AttentionHost<B> {
-    pub fn new(model: Model<B>, experts: RemoteExperts, prefill_chunk: usize) -> Self {
+    pub fn new(
+        model: Model<B>,
+        experts: RemoteExperts,
+        prefill_chunk: usize,
+        plane: Option<ContextPlane>,
+    ) -> Self {
         AttentionHost {
-            model,
-            experts,
+            model: Arc::new(model),
+            experts: Arc::new(experts),
             prefill_chunk: prefill_chunk.max(1),
             max_batch: 64,
+            plane: plane.map(Arc::new),
+            prefilled: std::sync::mpsc::channel(),
         }
     }
 
@@ -175,7 +237,9 @@ impl<B: Backend> AttentionHost<B> {
 
     /// Checks what only a job step has (its id, its segment, the bounds every server keeps);
     /// the scheduler checks the rest against the model, whoever sent the step.
-    fn check(req: &ipb::RunJobRequest) -> Result<scheduler::Request, Status> {
+    fn check(
+        req: &ipb::RunJobRequest,
+    ) -> Result<(scheduler::Request, Option<RankStep>), Status> {
         check_job_id(&req.job_id).map_err(Status::invalid_argument)?;
         let prompt = ringbolt_proto::unpack_tokens(&req.prompt)
             .ok_or_else(|| Status::invalid_argument("prompt bytes are not a multiple of 4"))?;
@@ -201,7 +265,10 @@ impl<B: Backend> AttentionHost<B> {
                 req.stop_tokens.len()
             )));
         }
-        Ok(scheduler::Request {
+        let rank = req.context.as_ref().map(Self::check_group).transpose()?;
+        Ok((
+            scheduler::Request {
+            context_parallel: rank.as_ref().map_or(1, |r| r.peers.len()),
             prompt,
             max_new_tokens: req.max_new_tokens,
             sampling: SamplingParams {
@@ -212,7 +279,38 @@ impl<B: Backend> AttentionHost<B> {
             stop_tokens: req.stop_tokens.clone(),
             ignore_eos: req.ignore_eos,
             prefill_chunk: (req.prefill_chunk > 0).then_some(req.prefill_chunk as usize),
-            context_parallel: 1,
+        },
+            rank,
+        ))
+    }
+
+    fn check_group(g: &ipb::ContextGroup) -> Result<RankStep, Status> {
+        if g.peers.is_empty() || g.peers.len() > MAX_CONTEXT_RANKS {
+            return Err(Status::invalid_argument(format!(
+                "a context-parallel group has 1 to {MAX_CONTEXT_RANKS} ranks, got {}",
+                g.peers.len()
+            )));
+        }
+        if g.rank as usize >= g.peers.len() {
+            return Err(Status::invalid_argument(format!(
+                "rank {} of a {}-rank group",
+                g.rank,
+                g.peers.len()
+            )));
+        }
+        let peers = g
+            .peers
+            .iter()
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|e| {
+                    Status::invalid_argument(format!("peer address `{}`: {e}", echo(a)))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RankStep {
+            group: g.group,
+            rank: g.rank as usize,
+            peers,
         })
     }
 
@@ -222,10 +320,11 @@ impl<B: Backend> AttentionHost<B> {
         let Incoming { req, tx } = inc;
         let job = echo(&req.job_id);
         match Self::check(&req) {
-            Ok(r) => {
+            Ok((r, None)) => {
                 tracing::info!(%job, tokens = r.prompt.len(), "job step started");
                 sched.admit(&self.model, r, StepSink { job, tx });
             }
+            Ok((r, Some(rank))) => self.start_rank(r, rank, StepSink { job, tx }),
             Err(status) => {
                 tracing::warn!(%job, status = %status, "job step refused");
                 let _ = tx.send(Err(status));
@@ -240,18 +339,190 @@ impl<B: Backend> AttentionHost<B> {
             prefill_chunk: self.prefill_chunk,
         });
         loop {
+            while let Ok(p) = self.prefilled.1.try_recv() {
+                tracing::info!(job = %p.sink.job, "decoding after the context-parallel prefill");
+                sched.admit_prefilled(&self.model, p.req, p.started, p.done, p.sink);
+            }
             if sched.is_idle() {
-                match jobs.recv() {
+                // Woken now and then for sequences that context-parallel ranks prefilled.
+                match jobs.recv_timeout(Duration::from_millis(20)) {
                     Ok(inc) => self.admit(&mut sched, inc),
-                    Err(_) => return,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(inc) = jobs.try_recv() {
                 self.admit(&mut sched, inc);
             }
             let _span = tracing::info_span!("step", sequences = sched.len()).entered();
-            sched.step(&self.model, &self.experts);
+            sched.step(&*self.model, &*self.experts);
         }
+    }
+
+    /// Starts rank `rank`'s part of the context-parallel prefill of `req` on a thread of its
+    /// own; the rank holding the last position hands its sequence back to the engine thread.
+    fn start_rank(&self, req: scheduler::Request, rank: RankStep, sink: StepSink) {
+        let fail = |sink: StepSink, s: Status| {
+            tracing::warn!(job = %sink.job, status = %s, "context-parallel step refused");
+            let _ = sink.tx.send(Err(s));
+        };
+        let Some(plane) = self.plane.clone() else {
+            return fail(
+                sink,
+                Status::unimplemented("this attention worker has no context data plane"),
+            );
+        };
+        if let Err(e) = Scheduler::<B, StepSink>::check_request(&self.model, &req) {
+            return fail(sink, Status::new(fail_code(e.kind), e.message));
+        }
+        let (model, experts, back) = (
+            self.model.clone(),
+            self.experts.clone(),
+            self.prefilled.0.clone(),
+        );
+        let name = format!("context-rank-{}", rank.rank);
+        let job = sink.job.clone();
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            let _span =
+                tracing::info_span!("context_rank", job = %sink.job, rank = rank.rank).entered();
+            let started = Instant::now();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_rank(&model, &experts, &plane, &req.prompt, &rank, &sink.tx)
+            }));
+            let r = r.unwrap_or_else(|p| {
+                Err(Status::internal(format!(
+                    "the context-parallel prefill panicked: {}",
+                    scheduler::panic_message(&*p)
+                )))
+            });
+            match r {
+                Ok((Some(done), _)) => {
+                    // The engine thread takes it over (it polls for these while it idles).
+                    let _ = back.send(Prefilled {
+                        req,
+                        started,
+                        done,
+                        sink,
+                    });
+                }
+                Ok((None, counts)) => {
+                    tracing::info!(seconds = started.elapsed().as_secs_f64(), "rank prefilled");
+                    let done = ipb::StepDone {
+                        finish_reason: "prefilled".into(),
+                        prefill_seconds: started.elapsed().as_secs_f64(),
+                        decode_seconds: 0.0,
+                        layer_steps: counts.steps,
+                        layer_steps_resent: counts.resent,
+                    };
+                    let _ = sink.tx.send(Ok(ipb::JobStep {
+                        event: Some(ipb::job_step::Event::Done(done)),
+                    }));
+                }
+                Err(s) => {
+                    tracing::warn!(status = %s, "context-parallel rank failed");
+                    let _ = sink.tx.send(Err(s));
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(%job, error = %e, "cannot start a context-parallel rank");
+        }
+    }
+}
+
+type StepTx = mpsc::UnboundedSender<Result<ipb::JobStep, Status>>;
+
+/// One rank's prefill over `plane`; returns what the decoding rank decodes from (None on the
+/// other ranks) and the layer steps its MoE layers took.
+fn run_rank<B: Backend>(
+    model: &Model<B>,
+    experts: &RemoteExperts,
+    plane: &ContextPlane,
+    prompt: &[u32],
+    rank: &RankStep,
+    tx: &StepTx,
+) -> Result<(Option<ContextPrefill<B>>, crate::remote::StepCounts), Status> {
+    let me = rank.rank;
+    let layout = Layout::zigzag(prompt.len(), rank.peers.len());
+    let transport = plane
+        .hub
+        .join(
+            rank.group,
+            me,
+            rank.peers.clone(),
+            plane.timeout,
+            ringbolt_transport::Link::from_env(),
+        )
+        .map_err(|e| Status::failed_precondition(format!("context group {}: {e}", rank.group)))?;
+    let transport = Arc::new(transport);
+    // The coordinator going away (it closes the stream when another rank failed) stops this
+    // rank's waits at once.
+    let abort = CancellationToken::new();
+    let _stop = abort.clone().drop_guard();
+    {
+        let (tx, abort) = (tx.clone(), abort.clone());
+        plane.rt.spawn(async move {
+            tokio::select! {
+                _ = tx.closed() => abort.cancel(),
+                _ = abort.cancelled() => {}
+            }
+        });
+    }
+    let failed = |e: ringbolt_context::ContextError| rank_status(me, e);
+    let job = experts.for_job();
+    let (rp, times) = ringbolt_context::prefill_rank(
+        &plane.rt,
+        model,
+        Some(&job),
+        &layout,
+        prompt,
+        transport.clone(),
+        &abort,
+    )
+    .map_err(failed)?;
+    tracing::info!(
+        compute_s = times.compute.as_secs_f64(),
+        state_wait_s = times.state_wait.as_secs_f64(),
+        ring_wait_s = times.ring_wait.as_secs_f64(),
+        sent_bytes = times.sent,
+        "rank's layers done"
+    );
+    let cache_bytes = rp.cache_bytes() as u64;
+    let _ = tx.send(Ok(ipb::JobStep {
+        event: Some(ipb::job_step::Event::Context(ipb::StepContext {
+            rank: me as u32,
+            cache_bytes,
+        })),
+    }));
+    let logits = rp.last_logits();
+    let state = ringbolt_context::gather_to(&plane.rt, rp, layout.last_rank(), transport, &abort)
+        .map_err(failed)?;
+    let counts = job.counts();
+    match (state, logits) {
+        (None, _) => Ok((None, counts)),
+        (Some(state), Some(logits)) => Ok((
+            Some(ContextPrefill {
+                logits,
+                state,
+                cache_bytes_per_rank: Vec::new(),
+            }),
+            counts,
+        )),
+        (Some(_), None) => Err(Status::internal(
+            "the rank holding the last position has no logits",
+        )),
+    }
+}
+
+/// The status of a failed rank: ABORTED when it stopped for another rank (a peer lost or
+/// malformed, the coordinator gone), so the coordinator blames that one, not this one.
+fn rank_status(rank: usize, e: ringbolt_context::ContextError) -> Status {
+    use ringbolt_context::ContextError as E;
+    let msg = format!("context-parallel rank {rank}: {e}");
+    match e {
+        E::Transport(_) | E::Aborted | E::Malformed(_) => Status::aborted(msg),
+        E::Model(ModelError::Experts(_)) => Status::unavailable(msg),
+        E::Model(_) => Status::internal(msg),
     }
 }
 
@@ -371,7 +642,14 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         Duration::from_secs(a.data_timeout_secs.max(1)),
         Duration::from_secs(a.resend_window_secs.max(1)),
     );
-    let host = AttentionHost::new(model, experts, a.prefill_chunk);
+    let (data_listener, data_address) = bind_data(a.data_listen, c).await?;
+    let plane = ContextPlane {
+        hub: TcpHub::start(data_listener, Duration::from_secs(a.data_timeout_secs.max(1)))
+            .map_err(|e| ClusterError::Io(e.to_string()))?,
+        rt: tokio::runtime::Handle::current(),
+        timeout: Duration::from_secs(a.data_timeout_secs.max(1)),
+    };
+    let host = AttentionHost::new(model, experts, a.prefill_chunk, Some(plane));
     let (jobs, mut engine_ended) = start_engine(host, ENGINE_QUEUE)?;
     let svc = AttentionWorkerServer::new(Service { jobs })
         .max_decoding_message_size(MAX_CONTROL_MESSAGE)
@@ -391,8 +669,8 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
                 id: id.clone(),
                 role: Role::AttentionWorker,
                 address: address.clone(),
-                data_address: String::new(),
-                capacity_bytes: 0,
+                data_address,
+                capacity_bytes: a.memory_bytes,
                 expert_bytes: 0,
                 device: a.device.to_string(),
             },

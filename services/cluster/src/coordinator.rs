@@ -70,6 +70,8 @@ pub struct ClusterView {
     running: Mutex<HashMap<String, usize>>,
     /// Bytes of one expert's weights in a worker's memory, for workers that do not say.
     expert_bytes: u64,
+    /// What one job's context costs an attention worker.
+    cache: ringbolt_planner::ContextCost,
 }
 
 impl ClusterView {
@@ -95,23 +97,56 @@ impl ClusterView {
         }
     }
 
-    /// The attention worker with the fewest running jobs, avoiding `avoid` when possible.
-    fn pick_attention(&self, avoid: &HashSet<String>) -> Option<Member> {
-        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let all: Vec<Member> = self
-            .members()
+    fn attention_workers(&self) -> Vec<Member> {
+        self.members()
             .into_iter()
             .filter(|m| m.role == Role::AttentionWorker)
+            .collect()
+    }
+
+    /// `n` distinct attention workers with the fewest running jobs, avoiding those in `avoid`
+    /// where enough others exist; None while fewer than `n` are registered. A worker that
+    /// offers no context data plane cannot be a rank of a group (n > 1).
+    fn pick_attention(&self, n: usize, avoid: &HashSet<String>) -> Option<Vec<Member>> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<Member> = self
+            .attention_workers()
+            .into_iter()
+            .filter(|m| n == 1 || !m.data_address.is_empty())
             .collect();
-        let fresh: Vec<&Member> = all.iter().filter(|m| !avoid.contains(&m.id)).collect();
-        let pool = if fresh.is_empty() {
-            all.iter().collect()
-        } else {
-            fresh
-        };
-        pool.into_iter()
-            .min_by_key(|m| (running.get(&m.id).copied().unwrap_or(0), m.id.clone()))
-            .cloned()
+        if all.len() < n {
+            return None;
+        }
+        // Fresh workers first, then the least loaded.
+        all.sort_by_key(|m| {
+            (
+                avoid.contains(&m.id),
+                running.get(&m.id).copied().unwrap_or(0),
+                m.id.clone(),
+            )
+        });
+        all.truncate(n);
+        Some(all)
+    }
+
+    /// The context-parallel degree for a job of `tokens` prompt tokens that asked for
+    /// `asked` (0: choose): the smallest degree whose per-rank context cache fits every
+    /// attention worker's offered memory, at most the number of workers (planner's rule,
+    /// [`ringbolt_planner::context_degree`]).
+    fn context_degree(&self, asked: u32, tokens: u64) -> usize {
+        if asked > 0 {
+            return asked as usize;
+        }
+        let workers = self.attention_workers();
+        let capacity = workers
+            .iter()
+            .map(|w| w.capacity_bytes)
+            .filter(|c| *c > 0)
+            .min();
+        match capacity {
+            None => 1,
+            Some(c) => ringbolt_planner::context_degree(&self.cache, tokens, c, workers.len()),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use crate::Health;
 use crate::etcd::{PlanView, drain_prefix};
 use crate::plan::{Plan, Slot};
 use crate::wire::{ExpertRequest, value_bytes};
-use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
+use crate::{ClusterError, CommonArgs, bind, bind_data, connect_membership, wait_for_signal};
 use bytes::Bytes;
 use clap::Args;
 use futures::future::BoxFuture;
@@ -489,18 +489,7 @@ async fn serve_on<B: Backend>(
     let c = &a.common;
     let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
-    let data_listen = a
-        .data_listen
-        .unwrap_or_else(|| SocketAddr::new(c.listen.ip(), 0));
-    let (data_listener, data_address) = bind(data_listen, None).await?;
-    let data_address = match &c.advertise {
-        // Same host as the advertised control address, the data port.
-        Some(adv) => match adv.rsplit_once(':') {
-            Some((host, _)) => format!("{host}:{}", data_address.rsplit(':').next().unwrap_or("0")),
-            None => data_address,
-        },
-        None => data_address,
-    };
+    let (data_listener, data_address) = bind_data(a.data_listen, c).await?;
     let id = c.member_id("expert", &address);
     let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt));
     let stop = CancellationToken::new();

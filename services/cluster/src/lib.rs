@@ -167,6 +167,21 @@ pub async fn bind(
     Ok((l, adv))
 }
 
+/// Binds a worker's data plane at `data_listen` (default: the --listen host, any port); the
+/// address it advertises is the advertised control host with the data port.
+pub async fn bind_data(
+    data_listen: Option<SocketAddr>,
+    c: &CommonArgs,
+) -> Result<(TcpListener, String), ClusterError> {
+    let data_listen = data_listen.unwrap_or_else(|| SocketAddr::new(c.listen.ip(), 0));
+    let (listener, local) = bind(data_listen, None).await?;
+    let address = match c.advertise.as_deref().and_then(|a| a.rsplit_once(':')) {
+        Some((host, _)) => format!("{host}:{}", local.rsplit(':').next().unwrap_or("0")),
+        None => local,
+    };
+    Ok((listener, address))
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn wait_for_signal() {
     let term = async {
