@@ -363,17 +363,25 @@ fn epoch(s: &Value) -> u64 {
 
 /// Submits detached; returns the job id.
 fn submit(endpoint: &str, p: &str, n: u32) -> String {
-    let v = ok_json(&[
+    submit_with(endpoint, p, n, &[])
+}
+
+/// [`submit`] with more flags.
+fn submit_with(endpoint: &str, p: &str, n: u32, extra: &[&str]) -> String {
+    let n = n.to_string();
+    let mut args = vec![
         "submit",
         "--endpoint",
         endpoint,
         "--tokens",
         p,
         "--max-new-tokens",
-        &n.to_string(),
+        &n,
         "--detach",
         "--json",
-    ]);
+    ];
+    args.extend(extra);
+    let v = ok_json(&args);
     v["job_id"].as_str().unwrap().to_string()
 }
 
@@ -1201,4 +1209,77 @@ fn chaos_kill_9_of_random_roles_loses_and_repeats_nothing() {
         results.len(),
         kills.len()
     );
+}
+
+/// Context parallelism across processes: a job's prompt split among attention workers (ranks
+/// exchanging lightning states and keys and values over their context data planes) gives the
+/// tokens of one worker; a rank killed mid-prefill re-runs the job on a new group.
+#[test]
+fn context_parallel_jobs_across_attention_workers_equal_one_worker_and_survive_a_rank_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("context", dir.path());
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator(port, true);
+    let mut workers: Vec<(Proc, String)> = (0..4).map(|_| c.worker("attention-worker")).collect();
+    let (_e, _) = c.worker("expert-worker");
+    wait_status(&ep, "experts placed", covers_all);
+
+    for (p, n) in [(2usize, 301usize), (3, 157), (4, 40)] {
+        let prompt = prompt(n, p);
+        let want = generate(&c.ckpt, &prompt, 24);
+        let id = submit_with(&ep, &prompt, 24, &["--context-parallel", &p.to_string()]);
+        assert_eq!(tokens(&follow(&ep, &id).join().unwrap()), want, "P = {p}");
+        let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
+        assert_eq!(job["context_parallel"], p as u64, "{job}");
+        let per_rank = job["cache_bytes_per_rank"].as_array().unwrap();
+        assert_eq!(per_rank.len(), p, "{job}");
+        assert!(per_rank.iter().all(|b| b.as_u64().unwrap() > 0), "{job}");
+    }
+    let ranks: usize = workers
+        .iter()
+        .map(|(w, _)| w.count("context-parallel rank started"))
+        .sum();
+    assert_eq!(ranks, 2 + 3 + 4);
+
+    // Kill -9 one rank mid-prefill: the job re-runs on a new group of the others and the
+    // client sees each token once.
+    let prompt = prompt(20_000, 9);
+    let want = generate(&c.ckpt, &prompt, 16);
+    let before: Vec<usize> = workers
+        .iter()
+        .map(|(w, _)| w.count("context-parallel rank started"))
+        .collect();
+    let id = submit_with(&ep, &prompt, 16, &["--context-parallel", "2"]);
+    let watcher = follow(&ep, &id);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        if let Some(i) = (0..workers.len())
+            .find(|&i| workers[i].0.count("context-parallel rank started") > before[i])
+        {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no rank started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
+    assert!(
+        job["tokens"].as_array().is_none_or(|t| t.is_empty()),
+        "the prefill ended before the kill: {job}"
+    );
+    workers[victim].0.kill9();
+    let done = watcher.join().unwrap();
+    assert_eq!(tokens(&done), want);
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["context_parallel"], 2, "{job}");
+    // The re-run went to a group without the killed worker.
+    let reruns: usize = workers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(i, (w, _))| w.count("context-parallel rank started") - before[i])
+        .sum();
+    assert!(reruns >= 3, "{reruns} ranks started on the survivors");
 }

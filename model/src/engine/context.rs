@@ -132,12 +132,15 @@ enum Pending<B: Backend> {
     },
 }
 
+/// A chunk's keys and values on the backend.
+type KeptChunk<B> = (Chunk, <B as Backend>::Buf, <B as Backend>::Buf);
+
 /// What a rank keeps of a layer after prefill (for decode).
 pub enum Kept<B: Backend> {
     /// The state of the whole context (every chunk folded): the same on every rank.
     Lightning(Vec<f32>),
     /// This rank's keys and values, per own chunk.
-    Softmax(Vec<(Chunk, B::Buf, B::Buf)>),
+    Softmax(Vec<KeptChunk<B>>),
 }
 
 /// One rank's part of a context-parallel prefill, stepped layer by layer.
@@ -528,7 +531,7 @@ impl<B: Backend> RankPrefill<'_, B> {
                 model.layers.len()
             )));
         }
-        let mut by_layer: Vec<Vec<(Chunk, B::Buf, B::Buf)>> =
+        let mut by_layer: Vec<Vec<KeptChunk<B>>> =
             (0..model.layers.len()).map(|_| Vec::new()).collect();
         for (l, c, k, v) in others {
             let want = c.len * model.cfg.num_kv_heads * model.cfg.head_dim;

@@ -84,7 +84,10 @@ fn the_context_is_split_among_the_fewest_nodes_it_fits_and_more_ranks_prefill_fa
         assert!(p.context_parallel <= nodes);
         assert_eq!(p.attention_workers, nodes);
         for q in 1..p.context_parallel {
-            assert!(!plan_with_degree(&r, q).fits, "{nodes} nodes: P = {q} fits too");
+            assert!(
+                !plan_with_degree(&r, q).fits,
+                "{nodes} nodes: P = {q} fits too"
+            );
         }
         assert!(p.decode_tokens_per_second > 0.0);
         // Splitting wider than needed costs memory per rank less and prefill time less.

@@ -92,7 +92,12 @@ impl Router {
         }
         let timeout = self.timeout;
         groups.retain(|_, g| g.unclaimed_since.is_none_or(|t| t.elapsed() < timeout));
-        if groups.values().filter(|g| g.unclaimed_since.is_some()).count() >= MAX_UNCLAIMED {
+        if groups
+            .values()
+            .filter(|g| g.unclaimed_since.is_some())
+            .count()
+            >= MAX_UNCLAIMED
+        {
             tracing::warn!(group, "dropping frames for a group nobody here joined");
             return None;
         }

@@ -213,8 +213,14 @@ async fn hub_groups(hubs: &[TcpHub], groups: &[u64]) -> Vec<Vec<TcpTransport>> {
             hubs.iter()
                 .enumerate()
                 .map(|(r, h)| {
-                    h.join(*g, r, addrs.clone(), Duration::from_secs(5), Default::default())
-                        .unwrap()
+                    h.join(
+                        *g,
+                        r,
+                        addrs.clone(),
+                        Duration::from_secs(5),
+                        Default::default(),
+                    )
+                    .unwrap()
                 })
                 .collect()
         })
@@ -244,7 +250,13 @@ async fn groups_sharing_hubs_keep_their_messages_apart() {
     // A group joined twice on one hub is refused.
     let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
     let _g = hs[0]
-        .join(9, 0, addrs.clone(), Duration::from_secs(5), Default::default())
+        .join(
+            9,
+            0,
+            addrs.clone(),
+            Duration::from_secs(5),
+            Default::default(),
+        )
         .unwrap();
     assert!(
         hs[0]
@@ -258,7 +270,13 @@ async fn frames_sent_before_a_peer_joins_wait_for_it() {
     let hs = hubs(2).await;
     let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
     let a = hs[0]
-        .join(3, 0, addrs.clone(), Duration::from_secs(5), Default::default())
+        .join(
+            3,
+            0,
+            addrs.clone(),
+            Duration::from_secs(5),
+            Default::default(),
+        )
         .unwrap();
     a.send(1, 5, Bytes::from_static(b"early")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -23,11 +23,11 @@ use ringbolt_jobs::executor::fail_code;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, Device, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
+use ringbolt_model::context::Layout;
+use ringbolt_model::scheduler::ContextPrefill;
 use ringbolt_model::scheduler::{
     self, Event, FinishReason, Forward, ForwardCounts, Phase, Scheduler, SchedulerConfig, Sink,
 };
-use ringbolt_model::context::Layout;
-use ringbolt_model::scheduler::ContextPrefill;
 use ringbolt_model::{Checkpoint, Logits, Model, ModelError, SamplingParams, SequenceState};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::attention_worker_server::{AttentionWorker, AttentionWorkerServer};
@@ -237,9 +237,7 @@ impl<B: Backend> AttentionHost<B> {
 
     /// Checks what only a job step has (its id, its segment, the bounds every server keeps);
     /// the scheduler checks the rest against the model, whoever sent the step.
-    fn check(
-        req: &ipb::RunJobRequest,
-    ) -> Result<(scheduler::Request, Option<RankStep>), Status> {
+    fn check(req: &ipb::RunJobRequest) -> Result<(scheduler::Request, Option<RankStep>), Status> {
         check_job_id(&req.job_id).map_err(Status::invalid_argument)?;
         let prompt = ringbolt_proto::unpack_tokens(&req.prompt)
             .ok_or_else(|| Status::invalid_argument("prompt bytes are not a multiple of 4"))?;
@@ -268,18 +266,18 @@ impl<B: Backend> AttentionHost<B> {
         let rank = req.context.as_ref().map(Self::check_group).transpose()?;
         Ok((
             scheduler::Request {
-            context_parallel: rank.as_ref().map_or(1, |r| r.peers.len()),
-            prompt,
-            max_new_tokens: req.max_new_tokens,
-            sampling: SamplingParams {
-                temperature: req.temperature,
-                top_p: req.top_p,
-                seed: req.seed,
+                context_parallel: rank.as_ref().map_or(1, |r| r.peers.len()),
+                prompt,
+                max_new_tokens: req.max_new_tokens,
+                sampling: SamplingParams {
+                    temperature: req.temperature,
+                    top_p: req.top_p,
+                    seed: req.seed,
+                },
+                stop_tokens: req.stop_tokens.clone(),
+                ignore_eos: req.ignore_eos,
+                prefill_chunk: (req.prefill_chunk > 0).then_some(req.prefill_chunk as usize),
             },
-            stop_tokens: req.stop_tokens.clone(),
-            ignore_eos: req.ignore_eos,
-            prefill_chunk: (req.prefill_chunk > 0).then_some(req.prefill_chunk as usize),
-        },
             rank,
         ))
     }
@@ -386,6 +384,11 @@ impl<B: Backend> AttentionHost<B> {
             let _span =
                 tracing::info_span!("context_rank", job = %sink.job, rank = rank.rank).entered();
             let started = Instant::now();
+            tracing::info!(
+                ranks = rank.peers.len(),
+                tokens = req.prompt.len(),
+                "context-parallel rank started"
+            );
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run_rank(&model, &experts, &plane, &req.prompt, &rank, &sink.tx)
             }));
@@ -644,8 +647,11 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
     );
     let (data_listener, data_address) = bind_data(a.data_listen, c).await?;
     let plane = ContextPlane {
-        hub: TcpHub::start(data_listener, Duration::from_secs(a.data_timeout_secs.max(1)))
-            .map_err(|e| ClusterError::Io(e.to_string()))?,
+        hub: TcpHub::start(
+            data_listener,
+            Duration::from_secs(a.data_timeout_secs.max(1)),
+        )
+        .map_err(|e| ClusterError::Io(e.to_string()))?,
         rt: tokio::runtime::Handle::current(),
         timeout: Duration::from_secs(a.data_timeout_secs.max(1)),
     };

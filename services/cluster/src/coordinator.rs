@@ -13,6 +13,7 @@ use crate::plan::{Candidate, DataGroup, Plan, Slot, WorkerPlace, assign};
 use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
 use clap::Args;
 use etcd_client::{Client, GetOptions, WatchOptions};
+use futures::StreamExt;
 use ringbolt_jobs::grpc::{JobsService, StatusSource, serve_service};
 use ringbolt_jobs::{
     Completion, Executor, FinishReason, JobManager, JobStore, Limits, LiveJob, Outcome, Timings,
@@ -59,6 +60,10 @@ pub struct CoordinatorArgs {
     /// How long a job waits for an attention worker to exist.
     #[arg(long, env = "RINGBOLT_WORKER_WAIT_SECS", default_value_t = 120)]
     pub worker_wait_secs: u64,
+    /// Most attention workers one job's context may be split among (its `context_parallel`;
+    /// more is FAILED_PRECONDITION).
+    #[arg(long, env = "RINGBOLT_MAX_CONTEXT_PARALLEL", default_value_t = 64)]
+    pub max_context_parallel: u32,
 }
 
 /// What the coordinator knows of the cluster: members and the plan (for `Status` and for
@@ -641,6 +646,9 @@ impl ClusterExecutor {
         let packed = ringbolt_proto::pack_tokens(&prompt);
         let created = rec.created_unix_ms;
         let queued = ringbolt_jobs::record::now_unix_ms().saturating_sub(created) as f64 / 1e3;
+        let degree = self
+            .view
+            .context_degree(rec.context_parallel, prompt.len() as u64);
         let mut avoid = HashSet::new();
         let mut failures = 0u32;
         let mut ttft = 0.0;
@@ -653,8 +661,8 @@ impl ClusterExecutor {
                 };
             }
             let waited = Instant::now();
-            let worker = loop {
-                if let Some(w) = self.view.pick_attention(&avoid) {
+            let workers = loop {
+                if let Some(w) = self.view.pick_attention(degree, &avoid) {
                     break Some(w);
                 }
                 if waited.elapsed() > self.worker_wait || job.is_cancelled() {
@@ -662,23 +670,28 @@ impl ClusterExecutor {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             };
-            let Some(worker) = worker else {
+            let Some(workers) = workers else {
                 if job.is_cancelled() {
                     continue;
                 }
+                let have = self.view.attention_workers().len();
                 return fail(
                     job,
                     tonic::Code::Unavailable,
                     format!(
-                        "no attention worker registered within {:?}",
+                        "the job needs {degree} attention worker(s); {have} registered within {:?}",
                         self.worker_wait
                     ),
                     Timings::default(),
                 );
             };
-            job.set_running(1);
-            let guard = RunningGuard::new(&self.view, &worker.id);
-            tracing::info!(worker = %worker.id, attempt = failures + 1, "job sent to attention worker");
+            job.set_running(degree as u32);
+            let _guards: Vec<RunningGuard> = workers
+                .iter()
+                .map(|w| RunningGuard::new(&self.view, &w.id))
+                .collect();
+            let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
+            tracing::info!(workers = ?ids, attempt = failures + 1, "job sent to attention worker(s)");
             let req = ipb::RunJobRequest {
                 job_id: rec.id.clone(),
                 epoch: self.view.plan.current().epoch,
@@ -694,9 +707,10 @@ impl ClusterExecutor {
                 stop_tokens: rec.sampling.stop_tokens.clone(),
                 prefill_chunk: self.prefill_chunk,
                 ignore_eos: rec.ignore_eos,
+                context: None,
             };
-            let outcome = self.attempt(&job, &worker, req, &mut ttft).await;
-            drop(guard);
+            let outcome = self.attempt(&job, &workers, req, &mut ttft).await;
+            drop(_guards);
             match outcome {
                 Ok(done) => {
                     let reason = if done.finish_reason == "stop" {
@@ -724,15 +738,17 @@ impl ClusterExecutor {
                 Err(Attempt::Fatal(code, msg)) => {
                     return fail(job, code, msg, Timings::default());
                 }
-                Err(Attempt::Lost(msg)) => {
+                Err(Attempt::Lost { msg, blame }) => {
                     failures += 1;
-                    tracing::warn!(worker = %worker.id, error = %msg, failures, "attention worker lost the job; re-running it");
-                    avoid.insert(worker.id.clone());
+                    tracing::warn!(blame = ?blame, error = %msg, failures, "the job's attention worker(s) lost it; re-running it");
+                    avoid.extend(blame);
                     if failures >= self.attempts {
                         return fail(
                             job,
                             tonic::Code::Unavailable,
-                            format!("job failed on {failures} attention workers; last: {msg}"),
+                            format!(
+                                "job failed {failures} times on attention workers; last: {msg}"
+                            ),
                             Timings::default(),
                         );
                     }
@@ -742,54 +758,112 @@ impl ClusterExecutor {
         }
     }
 
+    /// Runs one attempt of a job on `workers`: one job step, or with several workers one
+    /// context-parallel rank on each (a fresh group). Tokens the client already has are not
+    /// streamed again.
     async fn attempt(
         &self,
         job: &Arc<LiveJob>,
-        worker: &Member,
+        workers: &[Member],
         req: ipb::RunJobRequest,
         ttft: &mut f64,
     ) -> Result<ipb::StepDone, Attempt> {
-        let lost = |e: String| Attempt::Lost(format!("{}: {e}", worker.address));
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.address))
-            .map_err(|e| lost(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| lost(e.to_string()))?;
-        let mut client = AttentionWorkerClient::new(channel)
-            .max_decoding_message_size(MAX_CONTROL_MESSAGE)
-            .max_encoding_message_size(MAX_CONTROL_MESSAGE);
-        let mut stream = client
-            .run_job(req)
-            .await
-            .map_err(|s| status_outcome(s, &worker.address))?
-            .into_inner();
+        let p = workers.len();
+        let group = (p > 1).then(|| ipb::ContextGroup {
+            // The random half of a v7 id.
+            group: uuid::Uuid::now_v7().as_u64_pair().1,
+            rank: 0,
+            peers: workers.iter().map(|w| w.data_address.clone()).collect(),
+        });
+        // Every rank's stream, its events tagged with the rank.
+        let mut streams = futures::stream::SelectAll::new();
+        let opened = futures::future::join_all(workers.iter().enumerate().map(|(r, w)| {
+            let mut req = req.clone();
+            if let Some(g) = &group {
+                req.context = Some(ipb::ContextGroup {
+                    rank: r as u32,
+                    ..g.clone()
+                });
+            }
+            open_step(w, req)
+        }))
+        .await;
+        for (r, o) in opened.into_iter().enumerate() {
+            // Each message with its rank; the stream's end (or error) once, as a message.
+            let s = futures::stream::unfold(Some(o?), move |s| async move {
+                let mut s = s?;
+                let m = s.message().await;
+                let more = matches!(m, Ok(Some(_)));
+                Some(((r, m), more.then_some(s)))
+            });
+            streams.push(s.boxed());
+        }
+        let mut cache = vec![None; p];
+        let mut prefilled = vec![false; p];
+        // Ranks that stopped because another failed: the one to blame may still report.
+        let mut aborted: Option<(String, tokio::time::Instant)> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
-            let msg = tokio::select! {
-                m = stream.message() => m,
+            let (r, msg) = tokio::select! {
+                m = streams.next() => match m {
+                    Some(m) => m,
+                    None => {
+                        return Err(Attempt::Lost {
+                            msg: aborted.map(|a| a.0).unwrap_or_else(|| {
+                                "every rank's stream ended without a result".into()
+                            }),
+                            blame: None,
+                        });
+                    }
+                },
                 _ = tick.tick() => {
                     if job.is_cancelled() {
                         return Err(Attempt::Cancelled);
                     }
+                    if let Some((msg, since)) = &aborted
+                        && since.elapsed() > Duration::from_secs(3)
+                    {
+                        return Err(Attempt::Lost { msg: msg.clone(), blame: None });
+                    }
                     continue;
                 }
             };
+            let w = &workers[r];
+            let lost = |e: String| Attempt::Lost {
+                msg: format!("{}: {e}", w.address),
+                blame: Some(w.id.clone()),
+            };
             let step = match msg {
                 Ok(Some(s)) => s,
+                Ok(None) if prefilled[r] => continue,
                 Ok(None) => return Err(lost("the job stream ended without a result".into())),
-                Err(s) => return Err(status_outcome(s, &worker.address)),
+                Err(s) if s.code() == tonic::Code::Aborted && p > 1 => {
+                    tracing::info!(worker = %w.id, status = %s, "a rank stopped for another");
+                    aborted.get_or_insert((
+                        format!("{}: {}", w.address, s.message()),
+                        tokio::time::Instant::now(),
+                    ));
+                    continue;
+                }
+                Err(s) => return Err(status_outcome(s, w)),
             };
             match step.event {
-                Some(ipb::job_step::Event::Progress(p)) => {
-                    let phase = if p.phase == 2 {
+                Some(ipb::job_step::Event::Progress(pr)) => {
+                    let phase = if pr.phase == 2 {
                         pb::Phase::Decode
                     } else {
                         pb::Phase::Prefill
                     };
-                    job.progress(phase, p.tokens_done, p.tokens_per_second);
+                    job.progress(phase, pr.tokens_done, pr.tokens_per_second);
+                }
+                Some(ipb::job_step::Event::Context(c)) => {
+                    if let Some(slot) = cache.get_mut(c.rank as usize) {
+                        *slot = Some(c.cache_bytes);
+                    }
+                    if cache.iter().all(Option::is_some) {
+                        let per_rank: Vec<u64> = cache.iter().flatten().copied().collect();
+                        job.set_cache_bytes(&per_rank);
+                    }
                 }
                 Some(ipb::job_step::Event::Token(t)) => {
                     let have = job.lock().record.tokens.len() as u32;
@@ -819,6 +893,9 @@ impl ClusterExecutor {
                         )));
                     }
                 }
+                Some(ipb::job_step::Event::Done(d)) if d.finish_reason == "prefilled" => {
+                    prefilled[r] = true;
+                }
                 Some(ipb::job_step::Event::Done(d)) => return Ok(d),
                 None => {}
             }
@@ -826,15 +903,49 @@ impl ClusterExecutor {
     }
 }
 
+/// Opens a job step's stream on attention worker `w`.
+async fn open_step(
+    w: &Member,
+    req: ipb::RunJobRequest,
+) -> Result<tonic::Streaming<ipb::JobStep>, Attempt> {
+    let lost = |e: String| Attempt::Lost {
+        msg: format!("{}: {e}", w.address),
+        blame: Some(w.id.clone()),
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", w.address))
+        .map_err(|e| lost(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    let mut client = AttentionWorkerClient::new(channel)
+        .max_decoding_message_size(MAX_CONTROL_MESSAGE)
+        .max_encoding_message_size(MAX_CONTROL_MESSAGE);
+    Ok(client
+        .run_job(req)
+        .await
+        .map_err(|s| status_outcome(s, w))?
+        .into_inner())
+}
+
 enum Attempt {
     Cancelled,
-    Lost(String),
+    /// Another try may succeed; `blame` is the worker that failed (None: unknown).
+    Lost {
+        msg: String,
+        blame: Option<String>,
+    },
     Fatal(tonic::Code, String),
 }
 
-fn status_outcome(s: tonic::Status, addr: &str) -> Attempt {
+fn status_outcome(s: tonic::Status, w: &Member) -> Attempt {
     if retryable(s.code()) {
-        Attempt::Lost(format!("{addr}: {}", s.message()))
+        Attempt::Lost {
+            msg: format!("{}: {}", w.address, s.message()),
+            blame: Some(w.id.clone()),
+        }
     } else {
         Attempt::Fatal(s.code(), s.message().to_string())
     }
@@ -953,6 +1064,8 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         plan,
         running: Mutex::new(HashMap::new()),
         expert_bytes: per_expert,
+        // Attention workers keep keys and values in f32 (the CPU backend's cache).
+        cache: ringbolt_planner::ContextCost::of(&cfg, 4),
     });
     let planner = Planner {
         client: client.clone(),
@@ -982,8 +1095,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         max_new_tokens: a.max_new_tokens_limit,
         max_prompt_tokens: a.max_prompt_tokens,
         result_ttl: Duration::from_secs(a.result_ttl_secs),
-        // Context parallelism across attention workers is not driven yet.
-        context_parallel: 1,
+        context_parallel: a.max_context_parallel.max(1),
     };
     let exec = ClusterExecutor {
         rt: tokio::runtime::Handle::current(),

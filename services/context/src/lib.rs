@@ -13,8 +13,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ringbolt_kernels::Backend;
-use ringbolt_model::context::{Chunk, Layout, RankPrefill, Share};
 use ringbolt_model::context::KeptKv;
+use ringbolt_model::context::{Chunk, Layout, RankPrefill, Share};
 use ringbolt_model::{ExpertExecutor, Model, ModelError, SequenceState};
 use ringbolt_transport::{Transport, TransportError};
 use std::sync::Arc;
@@ -467,27 +467,26 @@ mod tests {
             .unwrap();
         let layout = Layout::zigzag(prompt.len(), p);
         let last = layout.last_rank();
-        let out: Vec<(Option<Vec<f32>>, Option<ringbolt_model::SequenceState<Cpu>>)> =
-            std::thread::scope(|s| {
-                let hs: Vec<_> = group
-                    .into_iter()
-                    .map(|t| {
-                        let (layout, prompt, m, h) = (&layout, &prompt, &m, rt.handle());
-                        s.spawn(move || {
-                            let abort = CancellationToken::new();
-                            let t = Arc::new(t);
-                            let (rp, times) =
-                                prefill_rank(h, m, None, layout, prompt, t.clone(), &abort)
-                                    .unwrap();
-                            assert!(times.sent > 0);
-                            let logits = rp.last_logits();
-                            // The keys and values go to the rank holding the last position.
-                            (logits, gather_to(h, rp, last, t, &abort).unwrap())
-                        })
+        type RankOut = (Option<Vec<f32>>, Option<ringbolt_model::SequenceState<Cpu>>);
+        let out: Vec<RankOut> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .into_iter()
+                .map(|t| {
+                    let (layout, prompt, m, h) = (&layout, &prompt, &m, rt.handle());
+                    s.spawn(move || {
+                        let abort = CancellationToken::new();
+                        let t = Arc::new(t);
+                        let (rp, times) =
+                            prefill_rank(h, m, None, layout, prompt, t.clone(), &abort).unwrap();
+                        assert!(times.sent > 0);
+                        let logits = rp.last_logits();
+                        // The keys and values go to the rank holding the last position.
+                        (logits, gather_to(h, rp, last, t, &abort).unwrap())
                     })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            });
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
         let got: Vec<&Vec<f32>> = out.iter().filter_map(|o| o.0.as_ref()).collect();
         assert_eq!(got.len(), 1, "one rank holds the last position");
         assert!(rel_err(got[0], &want) <= 1e-5);
