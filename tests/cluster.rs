@@ -1262,6 +1262,16 @@ fn context_parallel_jobs_across_attention_workers_equal_one_worker_and_survive_a
         assert!(Instant::now() < deadline, "no rank started");
         std::thread::sleep(Duration::from_millis(20));
     };
+    // `status` lists the running job with its degree.
+    let st = status(&ep);
+    assert!(
+        st["running"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["job_id"] == id.as_str() && j["context_parallel"] == 2),
+        "{st}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
     assert!(

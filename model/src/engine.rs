@@ -160,6 +160,22 @@ pub struct SequenceState<B: Backend> {
     /// Tokens processed so far (the next token's position).
     pub pos: usize,
     pub layers: Vec<LayerCache<B>>,
+    /// Where its softmax layers attend when its keys and values are split among
+    /// context-parallel ranks (None: the caches in `layers`).
+    pub split: Option<Box<dyn SplitAttention<B>>>,
+}
+
+/// Softmax attention of a sequence whose keys and values stay split among the ranks of a
+/// context-parallel prefill (distributed decode, design.md §4.2a): each decode step's query
+/// goes to every rank holding keys, and the partial results merge by log-sum-exp.
+pub trait SplitAttention<B: Backend>: Send + Sync {
+    /// The attention output (`[1, heads·d]`) of one decode token of softmax layer `layer`,
+    /// given its query, key and value (one row each, after RoPE); the key and value are kept
+    /// by one of the ranks.
+    fn attend(&mut self, b: &B, layer: usize, q: &B::Buf, k: B::Buf, v: B::Buf) -> Result<B::Buf>;
+
+    /// Keys of softmax layer `layer` each rank holds.
+    fn tokens_per_rank(&self, layer: usize) -> Vec<usize>;
 }
 
 impl<B: Backend> SequenceState<B> {
@@ -295,7 +311,11 @@ impl<B: Backend> Model<B> {
                 },
             })
             .collect();
-        SequenceState { pos: 0, layers }
+        SequenceState {
+            pos: 0,
+            layers,
+            split: None,
+        }
     }
 
     /// Runs `tokens` through the model, continuing `state`, and returns the logits asked for
@@ -400,7 +420,7 @@ impl<B: Backend> Model<B> {
                     .collect();
                 for (l, layer) in self.layers.iter().enumerate() {
                     let a = b.rms_norm(&h, &layer.input_norm, hsz, cfg.rms_norm_eps);
-                    let mix = self.mixer(l, layer, &a, rows, &mut views);
+                    let mix = self.mixer(l, layer, &a, rows, &mut views)?;
                     let (alpha, beta) = cfg.attn_factors(l);
                     let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { &h }, beta, &mix);
                     let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
@@ -482,7 +502,7 @@ impl<B: Backend> Model<B> {
                         Some((&mut **st, pos, n))
                     })
                     .collect();
-                let mix = self.mixer(l, layer, &a, rows[m], &mut views);
+                let mix = self.mixer(l, layer, &a, rows[m], &mut views)?;
                 let (alpha, beta) = cfg.attn_factors(l);
                 let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { h }, beta, &mix);
                 let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
@@ -519,7 +539,7 @@ impl<B: Backend> Model<B> {
         a: &B::Buf,
         rows: usize,
         seqs: &mut [(&mut SequenceState<B>, usize, usize)],
-    ) -> B::Buf {
+    ) -> Result<B::Buf> {
         let b = &self.backend;
         // Each sequence's (first row in `a`, rows); `seqs` holds (state, position of its first
         // row, rows).
@@ -593,7 +613,7 @@ impl<B: Backend> Model<B> {
                 let mut y = b.rms_norm(&o, norm, nh * d, LIGHTNING_NORM_EPS);
                 let g = b.linear(a, gate, rows, hsz, nh * d);
                 b.sigmoid_gate_inplace(&mut y, &g);
-                b.linear(&y, out, rows, nh * d, hsz)
+                Ok(b.linear(&y, out, rows, nh * d, hsz))
             }
             Mixer::Softmax { q, k, v, o } => {
                 let qa = b.linear(a, q, rows, hsz, nh * d);
@@ -609,7 +629,40 @@ impl<B: Backend> Model<B> {
                     kv_heads: nkv,
                     head_dim: d,
                 };
-                let att = if seqs.len() > 1 && seqs.iter().all(|(_, _, n)| *n == 1) {
+                let att = if seqs.iter().any(|(st, _, _)| st.split.is_some()) {
+                    // Some sequences attend through their split keys and values: each
+                    // sequence on its own.
+                    let mut parts = Vec::with_capacity(spans.len());
+                    for (i, (st, pos0, n)) in seqs.iter_mut().enumerate() {
+                        let (n, pos0, s0) = (*n, *pos0, spans[i].0);
+                        let mut qs = b.rows(&qa, s0, n, nh * d);
+                        let mut ks = b.rows(&ka, s0, n, nkv * d);
+                        let vs = b.rows(&va, s0, n, nkv * d);
+                        b.rope_inplace(&mut qs, n, nh, pos0, rope);
+                        b.rope_inplace(&mut ks, n, nkv, pos0, rope);
+                        if let Some(split) = st.split.as_mut() {
+                            if n != 1 {
+                                return Err(ModelError::Invalid(format!(
+                                    "{n} tokens in one step of a sequence whose keys are split \
+                                     among ranks (it decodes one token per step)"
+                                )));
+                            }
+                            parts.push(split.attend(b, l, &qs, ks, vs)?);
+                        } else {
+                            let LayerCache::Softmax { k: kc, v: vc } = &mut st.layers[l] else {
+                                unreachable!("cache kinds follow the config's layer kinds")
+                            };
+                            b.cache_append(kc, &ks);
+                            b.cache_append(vc, &vs);
+                            parts.push(b.attention(&qs, n, kc, vc, pos0, shape));
+                        }
+                    }
+                    if parts.len() == 1 {
+                        parts.pop().unwrap_or_else(|| b.zeros(0))
+                    } else {
+                        b.concat_rows(&parts)
+                    }
+                } else if seqs.len() > 1 && seqs.iter().all(|(_, _, n)| *n == 1) {
                     // A decode step of several sequences: row s is sequence s's token; RoPE,
                     // the cache appends and attention each take one call for all of them.
                     let positions: Vec<usize> = seqs.iter().map(|(_, pos0, _)| *pos0).collect();
@@ -665,7 +718,7 @@ impl<B: Backend> Model<B> {
                         b.concat_rows(&parts)
                     }
                 };
-                b.linear(&att, o, rows, nh * d, hsz)
+                Ok(b.linear(&att, o, rows, nh * d, hsz))
             }
         }
     }

@@ -37,6 +37,10 @@ pub enum ModelError {
 
     #[error("expert step failed: {0}")]
     Experts(String),
+
+    /// Another rank of a context-parallel group failed (it holds part of the sequence).
+    #[error("context-parallel peer: {0}")]
+    Peer(String),
 }
 
 impl ModelError {

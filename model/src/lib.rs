@@ -18,7 +18,7 @@ pub use config::{Dialect, LayerKind, ModelConfig};
 pub use engine::context;
 pub use engine::{
     Expert, ExpertExecutor, Logits, Model, PIPELINE_MIN_ROWS, PIPELINE_PARTS, PendingExperts,
-    SequenceState,
+    SequenceState, SplitAttention,
 };
 pub use error::{ModelError, Result};
 pub use sampling::{Sampler, SamplingParams};

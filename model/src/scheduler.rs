@@ -81,6 +81,9 @@ pub enum FailKind {
     InvalidArgument,
     /// A remote part (the expert exchange) failed: another try may succeed.
     Unavailable,
+    /// Another rank of its context-parallel group failed: another try may succeed, and the
+    /// fault is not this engine's.
+    Aborted,
     /// The engine failed (an error or a panic in the forward pass).
     Internal,
 }
@@ -262,6 +265,7 @@ fn invalid(e: impl std::fmt::Display) -> SeqError {
 fn failure(e: ModelError) -> SeqError {
     let kind = match e {
         ModelError::Experts(_) => FailKind::Unavailable,
+        ModelError::Peer(_) => FailKind::Aborted,
         _ => FailKind::Internal,
     };
     SeqError {

@@ -17,7 +17,7 @@
 //! The result equals the single-worker forward pass up to float rounding (tests below). A
 //! driver decides how shares travel (`ringbolt-context`: over a transport).
 
-use super::{ExpertExecutor, LayerCache, Mixer, Model, SequenceState};
+use super::{ExpertExecutor, LayerCache, Mixer, Model, SequenceState, SplitAttention};
 use crate::config::LIGHTNING_NORM_EPS;
 use crate::error::{ModelError, Result};
 use ringbolt_kernels::partial::fold_state;
@@ -105,6 +105,9 @@ impl Layout {
     }
 }
 
+/// Rows of a rank's MoE step at once (a rank's chunks may hold millions of rows).
+pub const MOE_BLOCK_ROWS: usize = 16_384;
+
 /// What a rank sends the others for one layer.
 #[derive(Debug, Clone)]
 pub enum Share {
@@ -157,6 +160,8 @@ pub struct RankPrefill<'m, B: Backend> {
     layer: usize,
     pending: Option<Pending<B>>,
     kept: Vec<Kept<B>>,
+    /// Rows per MoE step ([`MOE_BLOCK_ROWS`]).
+    moe_block: usize,
 }
 
 impl<B: Backend> Model<B> {
@@ -206,6 +211,7 @@ impl<B: Backend> Model<B> {
             layer: 0,
             pending: None,
             kept: Vec::new(),
+            moe_block: MOE_BLOCK_ROWS,
         })
     }
 }
@@ -350,9 +356,104 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
     }
 
     /// The current layer's second half. Lightning layers take every chunk's state (`states[i]`
-    /// for chunk i; empty chunks may be absent or empty); softmax layers merge what
-    /// [`attend`](Self::attend) gathered.
+    /// for chunk i; empty chunks may be absent or empty: the all-gather exchange) and fold each
+    /// own chunk's prefix from them; softmax layers merge what [`attend`](Self::attend)
+    /// gathered.
     pub fn finish_layer(&mut self, states: &[Option<Vec<f32>>]) -> Result<()> {
+        let lightning = match self.lightning_decay() {
+            None => None,
+            Some(decay) => {
+                let (nh, d) = (self.model.cfg.num_heads, self.model.cfg.head_dim);
+                let zero = vec![0f32; nh * d * d];
+                let state_of = |i: usize| -> &[f32] {
+                    states
+                        .get(i)
+                        .and_then(|s| s.as_deref())
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or(&zero)
+                };
+                // The prefix state of chunk i: every earlier chunk's contribution, decayed.
+                let mut prefix = vec![0f32; nh * d * d];
+                let mut next = 0;
+                let mut prefixes = Vec::new();
+                for c in &self.own {
+                    for ch in &self.layout.chunks[next..c.index] {
+                        fold_state(&mut prefix, ch.len, state_of(ch.index), decay, d);
+                    }
+                    next = c.index;
+                    prefixes.push(prefix.clone());
+                }
+                // The whole context's state, for decode.
+                let mut whole = prefix;
+                for ch in &self.layout.chunks[next..] {
+                    fold_state(&mut whole, ch.len, state_of(ch.index), decay, d);
+                }
+                Some((prefixes, whole))
+            }
+        };
+        self.finish(lightning)
+    }
+
+    /// The current lightning layer's second half given each own chunk's prefix state (in
+    /// own-chunk order) and, where this rank has it, the whole context's state (the ring
+    /// exchange: see [`fold`](Self::fold)).
+    pub fn finish_layer_prefixes(
+        &mut self,
+        prefixes: Vec<Vec<f32>>,
+        whole: Option<Vec<f32>>,
+    ) -> Result<()> {
+        let want = self.state_len();
+        if self.lightning_decay().is_none()
+            || prefixes.len() != self.own.len()
+            || prefixes.iter().any(|p| p.len() != want)
+            || whole.as_ref().is_some_and(|w| w.len() != want)
+        {
+            return Err(ModelError::Invalid(format!(
+                "layer {}: {} prefix states for {} chunks",
+                self.layer,
+                prefixes.len(),
+                self.own.len()
+            )));
+        }
+        self.finish(Some((prefixes, whole.unwrap_or_default())))
+    }
+
+    /// Values of one lightning state (`[heads, d, d]`).
+    pub fn state_len(&self) -> usize {
+        let c = &self.model.cfg;
+        c.num_heads * c.head_dim * c.head_dim
+    }
+
+    /// The state after chunk `index` (of the layout) given the state before it: `prefix` decayed
+    /// over the chunk plus the chunk's own contribution (None: an empty chunk's). The ring
+    /// exchange passes this from each chunk's rank to the next chunk's.
+    pub fn fold(&self, index: usize, prefix: &mut [f32], contribution: Option<&[f32]>) {
+        let Some(decay) = self.lightning_decay() else {
+            return;
+        };
+        let len = self.layout.chunks.get(index).map_or(0, |c| c.len);
+        let zero;
+        let contribution = match contribution {
+            Some(c) if c.len() == prefix.len() => c,
+            _ => {
+                zero = vec![0f32; prefix.len()];
+                &zero
+            }
+        };
+        fold_state(prefix, len, contribution, decay, self.model.cfg.head_dim);
+    }
+
+    /// The current layer's per-head decay rates, if it is a lightning layer.
+    fn lightning_decay(&self) -> Option<&'m [f32]> {
+        match &self.model.layers.get(self.layer)?.mixer {
+            Mixer::Lightning { decay, .. } => Some(decay),
+            _ => None,
+        }
+    }
+
+    /// The second half of the current layer; lightning layers with each own chunk's prefix
+    /// state and the whole context's (empty where this rank does not have it).
+    fn finish(&mut self, lightning: Option<(Vec<Vec<f32>>, Vec<f32>)>) -> Result<()> {
         let model = self.model;
         let (b, cfg) = (&model.backend, &model.cfg);
         let l = self.layer;
@@ -374,30 +475,13 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
                     ..
                 },
             ) => {
-                // The prefix state of chunk i: every earlier chunk's contribution, decayed.
-                let zero = vec![0f32; nh * d * d];
-                let state_of = |i: usize| -> &[f32] {
-                    states
-                        .get(i)
-                        .and_then(|s| s.as_deref())
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or(&zero)
-                };
-                let mut prefix = vec![0f32; nh * d * d];
-                let mut next = 0;
+                let (prefixes, whole) = lightning.ok_or_else(|| {
+                    ModelError::Invalid(format!("layer {l}: no lightning states"))
+                })?;
                 let mut outs = Vec::new();
-                for (c, (pc, o0)) in self.own.iter().zip(&parts) {
-                    for ch in &self.layout.chunks[next..c.index] {
-                        fold_state(&mut prefix, ch.len, state_of(ch.index), decay, d);
-                    }
-                    next = c.index;
-                    let inter = b.lightning_prefix(pc, c.len, lshape, decay, &prefix);
+                for ((c, (pc, o0)), prefix) in self.own.iter().zip(&parts).zip(&prefixes) {
+                    let inter = b.lightning_prefix(pc, c.len, lshape, decay, prefix);
                     outs.push(b.axpby(1.0, o0, 1.0, &inter));
-                }
-                // The whole context's state, for decode.
-                let mut whole = prefix;
-                for ch in &self.layout.chunks[next..] {
-                    fold_state(&mut whole, ch.len, state_of(ch.index), decay, d);
                 }
                 self.kept.push(Kept::Lightning(whole));
                 if self.rows == 0 {
@@ -439,7 +523,20 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
             let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { &self.h }, beta, &mix);
             let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
             let experts = self.experts.map(|e| e as &dyn ExpertExecutor<B>);
-            let moe = model.moe(l, layer, &n2, self.rows, experts)?;
+            // The MoE in blocks of rows: a rank may hold millions, and one block's routed rows
+            // (and, with remote experts, one exchange) stay bounded.
+            let block = self.moe_block.max(1);
+            let moe = if self.rows <= block {
+                model.moe(l, layer, &n2, self.rows, experts)?
+            } else {
+                let mut parts = Vec::with_capacity(self.rows.div_ceil(block));
+                for r0 in (0..self.rows).step_by(block) {
+                    let n = block.min(self.rows - r0);
+                    let x = b.rows(&n2, r0, n, hsz);
+                    parts.push(model.moe(l, layer, &x, n, experts)?);
+                }
+                b.concat_rows(&parts)
+            };
             self.h = b.axpby(
                 cfg.mlp_alpha,
                 if cfg.postnorm { &n2 } else { &h1 },
@@ -493,35 +590,96 @@ fn concat<B: Backend>(b: &B, mut parts: Vec<B::Buf>) -> B::Buf {
     }
 }
 
-/// A rank's keys and values of one softmax layer's chunk, on the host (to send to the rank
-/// that decodes): (layer, chunk, keys, values).
-pub type KeptKv = (usize, Chunk, Vec<f32>, Vec<f32>);
-
 impl<B: Backend> RankPrefill<'_, B> {
     /// Which rank this is.
     pub fn rank(&self) -> usize {
         self.rank
     }
 
-    /// This rank's softmax keys and values, copied to the host.
-    pub fn export_kv(&self) -> Vec<KeptKv> {
-        let b = &self.model.backend;
-        let mut out = Vec::new();
-        for (l, k) in self.kept.iter().enumerate() {
-            if let Kept::Softmax(kv) = k {
-                for (c, k, v) in kv {
-                    out.push((l, *c, b.download(k), b.download(v)));
-                }
-            }
-        }
-        out
+    /// Rows per MoE step (default [`MOE_BLOCK_ROWS`]).
+    pub fn set_moe_block_rows(&mut self, rows: usize) {
+        self.moe_block = rows.max(1);
+    }
+}
+
+/// Keys and values `[rows, kv_heads·d]` of consecutive or scattered positions (decode
+/// attends to all of them, so their order does not matter).
+struct Segment<B: Backend> {
+    k: B::Buf,
+    v: B::Buf,
+    rows: usize,
+}
+
+/// One rank's share of a sequence's softmax keys and values, kept where the prefill put it
+/// for decode: per softmax layer its chunks' keys and values, and the decode tokens appended
+/// to it since.
+pub struct KvShard<B: Backend> {
+    /// Per layer (empty for lightning layers): the prefill's chunks, then the decode tail.
+    layers: Vec<Vec<Segment<B>>>,
+    /// Per layer: whether the last segment is the decode tail.
+    tail: Vec<bool>,
+    shape: AttentionShape,
+}
+
+impl<B: Backend> KvShard<B> {
+    /// Keys of `layer` held here.
+    pub fn tokens(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .map_or(0, |s| s.iter().map(|g| g.rows).sum())
     }
 
-    /// The sequence state one worker would hold after prefilling the whole prompt (for
-    /// decode on this rank): the whole context's lightning states (every rank has them) and
-    /// the keys and values of this rank and of `others` (every other rank's
-    /// [`export_kv`](Self::export_kv)), in position order.
-    pub fn into_state(self, others: Vec<KeptKv>) -> Result<SequenceState<B>> {
+    /// Bytes of keys and values held here (f32).
+    pub fn bytes(&self) -> usize {
+        let w = self.shape.kv_heads * self.shape.head_dim;
+        (0..self.layers.len())
+            .map(|l| self.tokens(l) * w * 2 * 4)
+            .sum()
+    }
+
+    /// The partial attention (output `[1, heads·d]` and log-sum-exp `[heads]`) of the decode
+    /// query `q` (one row, after RoPE) over the keys of `layer` held here, after appending
+    /// the new token's key and value when `append` is given; None when nothing is held.
+    pub fn attend(
+        &mut self,
+        b: &B,
+        layer: usize,
+        q: &B::Buf,
+        append: Option<(B::Buf, B::Buf)>,
+    ) -> Option<(B::Buf, Vec<f32>)> {
+        let segs = self.layers.get_mut(layer)?;
+        if let Some((k, v)) = append {
+            if self.tail[layer]
+                && let Some(t) = segs.last_mut()
+            {
+                t.k = b.concat_rows(&[std::mem::replace(&mut t.k, b.zeros(0)), k]);
+                t.v = b.concat_rows(&[std::mem::replace(&mut t.v, b.zeros(0)), v]);
+                t.rows += 1;
+            } else {
+                segs.push(Segment { k, v, rows: 1 });
+                self.tail[layer] = true;
+            }
+        }
+        // A decode query sees every key: place it after all of them.
+        let parts: Vec<(B::Buf, Vec<f32>)> = segs
+            .iter()
+            .filter(|g| g.rows > 0)
+            .map(|g| b.attention_partial(q, 1, g.rows, &g.k, &g.v, g.rows, 0, self.shape))
+            .collect();
+        match parts.len() {
+            0 => None,
+            1 => parts.into_iter().next(),
+            _ => Some(b.attention_merge(&parts, 1, self.shape)),
+        }
+    }
+}
+
+impl<'m, B: Backend> RankPrefill<'m, B> {
+    /// Ends the prefill keeping this rank's keys and values where they are (distributed
+    /// decode): its share, and on the rank holding the whole context's lightning states (the
+    /// one that decodes) the sequence state to decode from, its softmax caches empty (its
+    /// softmax layers attend through a [`SplitAttention`] over every rank's share).
+    pub fn into_shard(self) -> Result<(KvShard<B>, Option<SequenceState<B>>)> {
         let model = self.model;
         let b = &model.backend;
         if !self.done() {
@@ -531,63 +689,100 @@ impl<B: Backend> RankPrefill<'_, B> {
                 model.layers.len()
             )));
         }
-        let mut by_layer: Vec<Vec<KeptChunk<B>>> =
-            (0..model.layers.len()).map(|_| Vec::new()).collect();
-        for (l, c, k, v) in others {
-            let want = c.len * model.cfg.num_kv_heads * model.cfg.head_dim;
-            if l >= by_layer.len() || k.len() != want || v.len() != want {
-                return Err(ModelError::Invalid(format!(
-                    "keys and values for layer {l}, chunk {} ({} tokens): {} and {} values, \
-                     {want} expected",
-                    c.index,
-                    c.len,
-                    k.len(),
-                    v.len()
-                )));
-            }
-            by_layer[l].push((c, b.upload(&k), b.upload(&v)));
-        }
+        let (_, shape) = self.shape();
         let mut st = model.new_state();
-        for ((l, cache), kept) in st.layers.iter_mut().enumerate().zip(self.kept) {
+        let mut whole_everywhere = true;
+        let mut layers = Vec::with_capacity(self.kept.len());
+        for (cache, kept) in st.layers.iter_mut().zip(self.kept) {
             match (cache, kept) {
-                (LayerCache::Lightning(s), Kept::Lightning(whole)) => *s = b.upload(&whole),
-                (LayerCache::Softmax { k, v }, Kept::Softmax(own)) => {
-                    let mut chunks = std::mem::take(&mut by_layer[l]);
-                    chunks.extend(own);
-                    chunks.sort_by_key(|c| c.0.start);
-                    let have: usize = chunks.iter().map(|c| c.0.len).sum();
-                    if have != self.layout.tokens {
-                        return Err(ModelError::Invalid(format!(
-                            "layer {l}: keys and values of {have} of {} positions arrived",
-                            self.layout.tokens
-                        )));
+                (LayerCache::Lightning(s), Kept::Lightning(whole)) => {
+                    if whole.is_empty() {
+                        whole_everywhere = false;
+                    } else {
+                        *s = b.upload(&whole);
                     }
-                    for (_, kc, vc) in chunks {
-                        b.cache_append(k, &kc);
-                        b.cache_append(v, &vc);
-                    }
+                    layers.push(Vec::new());
                 }
+                (LayerCache::Softmax { .. }, Kept::Softmax(own)) => layers.push(
+                    own.into_iter()
+                        .map(|(c, k, v)| Segment { k, v, rows: c.len })
+                        .collect(),
+                ),
                 _ => {
-                    return Err(ModelError::Invalid(format!(
-                        "layer {l}: what was kept does not match the layer's kind"
-                    )));
+                    return Err(ModelError::Invalid(
+                        "what was kept does not match the layers' kinds".into(),
+                    ));
                 }
             }
         }
         st.pos = self.layout.tokens;
-        Ok(st)
+        let decodes = whole_everywhere && self.layout.last_rank() == self.rank;
+        let tail = vec![false; layers.len()];
+        Ok((
+            KvShard {
+                layers,
+                tail,
+                shape,
+            },
+            decodes.then_some(st),
+        ))
     }
 }
 
-/// The sequence state for single-worker decode from the ranks of a context-parallel prefill
-/// run in one process (see [`RankPrefill::into_state`]).
-pub fn gather_state<B: Backend>(ranks: Vec<RankPrefill<'_, B>>) -> Result<SequenceState<B>> {
-    let mut ranks = ranks.into_iter();
-    let first = ranks
-        .next()
-        .ok_or_else(|| ModelError::Invalid("no ranks".into()))?;
-    let others = ranks.flat_map(|r| r.export_kv()).collect();
-    first.into_state(others)
+/// Which rank keeps a decode token's key and value: the one holding the fewest keys of the
+/// layer (the lowest such rank), so that memory stays balanced.
+pub fn holder(tokens: &[usize]) -> usize {
+    tokens
+        .iter()
+        .enumerate()
+        .min_by_key(|(r, t)| (**t, *r))
+        .map_or(0, |(r, _)| r)
+}
+
+/// A [`SplitAttention`] over shards all in this process (the ranks of an in-process group,
+/// and the reference for the remote one).
+pub struct LocalSplit<B: Backend> {
+    pub shards: Vec<KvShard<B>>,
+}
+
+impl<B: Backend> SplitAttention<B> for LocalSplit<B> {
+    fn attend(&mut self, b: &B, layer: usize, q: &B::Buf, k: B::Buf, v: B::Buf) -> Result<B::Buf> {
+        let counts: Vec<usize> = self.shards.iter().map(|s| s.tokens(layer)).collect();
+        let h = holder(&counts);
+        let mut append = Some((k, v));
+        let mut parts = Vec::new();
+        let mut shape = None;
+        for (r, s) in self.shards.iter_mut().enumerate() {
+            shape = Some(s.shape);
+            let a = if r == h { append.take() } else { None };
+            parts.extend(s.attend(b, layer, q, a));
+        }
+        let shape = shape.ok_or_else(|| ModelError::Invalid("no shards".into()))?;
+        Ok(b.attention_merge(&parts, 1, shape).0)
+    }
+
+    fn tokens_per_rank(&self, layer: usize) -> Vec<usize> {
+        self.shards.iter().map(|s| s.tokens(layer)).collect()
+    }
+}
+
+/// The sequence state to decode from after the ranks of a context-parallel prefill ran in
+/// one process: the decoding rank's, attending through a [`LocalSplit`] over every rank's
+/// share (the keys and values stay where each rank put them, as on the GPUs of one node).
+pub fn local_split_state<B: Backend + 'static>(
+    ranks: Vec<RankPrefill<'_, B>>,
+) -> Result<SequenceState<B>> {
+    let mut shards = Vec::with_capacity(ranks.len());
+    let mut decoding = None;
+    for r in ranks {
+        let (shard, st) = r.into_shard()?;
+        shards.push(shard);
+        decoding = decoding.or(st);
+    }
+    let mut st =
+        decoding.ok_or_else(|| ModelError::Invalid("no rank holds the last position".into()))?;
+    st.split = Some(Box::new(LocalSplit { shards }));
+    Ok(st)
 }
 
 #[cfg(test)]
@@ -612,6 +807,10 @@ mod tests {
         let mut rs: Vec<RankPrefill<'m, B>> = (0..layout.ranks)
             .map(|r| model.rank_prefill(&layout, r, prompt, None))
             .collect::<Result<_>>()?;
+        // MoE steps in blocks of a few rows (a rank's millions of rows in blocks).
+        for r in rs.iter_mut() {
+            r.set_moe_block_rows(13);
+        }
         for l in 0..model.layers.len() {
             let shares: Vec<Share> = rs.iter_mut().map(|r| r.begin_layer()).collect();
             match model.cfg.layers[l] {
@@ -716,7 +915,7 @@ mod tests {
                 let e = rel_err(&got, &want);
                 assert!(e <= 1e-5, "n={n} P={p}: relative error {e}");
                 // Decoding on from the gathered state equals decoding on from one worker's.
-                let mut cp = gather_state(ranks).unwrap();
+                let mut cp = local_split_state(ranks).unwrap();
                 let mut one = m.new_state();
                 m.forward(&mut one, &prompt, Logits::None).unwrap();
                 let t = crate::sampling::argmax(&want);
@@ -725,6 +924,60 @@ mod tests {
                 assert!(rel_err(&a, &b) <= 1e-5, "n={n} P={p}: decode after prefill");
             }
         }
+    }
+
+    #[test]
+    fn decode_with_the_keys_left_on_their_ranks_equals_one_worker() {
+        let (_d, m) = model(3);
+        let block = m.config().block_size;
+        for (n, p) in [(5usize, 4usize), (block * 5 + 3, 4), (301, 3), (64, 2)] {
+            let prompt: Vec<u32> = (0..n as u32).map(|i| (i * 29 + 5) % 500 + 1).collect();
+            let mut one = m.new_state();
+            let mut want = m.forward(&mut one, &prompt, Logits::Last).unwrap();
+            let (got, ranks) = prefill(&m, &prompt, p).unwrap();
+            assert!(rel_err(&got, &want) <= 1e-5);
+            let mut shards = Vec::new();
+            let mut decoding = None;
+            for r in ranks {
+                let (shard, st) = r.into_shard().unwrap();
+                shards.push(shard);
+                if let Some(st) = st {
+                    assert!(decoding.is_none(), "one rank decodes");
+                    decoding = Some(st);
+                }
+            }
+            let before: Vec<usize> = shards.iter().map(|s| s.tokens(2)).collect();
+            assert_eq!(before.iter().sum::<usize>(), n);
+            let mut cp = decoding.expect("a rank decodes");
+            cp.split = Some(Box::new(LocalSplit { shards }));
+            // 64 greedy tokens: the same logits at every step.
+            for step in 0..64 {
+                let t = crate::sampling::argmax(&want);
+                let a = m.forward(&mut cp, &[t], Logits::Last).unwrap();
+                want = m.forward(&mut one, &[t], Logits::Last).unwrap();
+                assert!(rel_err(&a, &want) <= 1e-5, "n={n} P={p} step {step}");
+            }
+            // The 64 new keys went to the ranks holding the fewest: still balanced.
+            let after = cp.split.as_ref().unwrap().tokens_per_rank(2);
+            assert_eq!(after.iter().sum::<usize>(), n + 64);
+            let (lo, hi) = (after.iter().min().unwrap(), after.iter().max().unwrap());
+            let spread = before.iter().max().unwrap() - before.iter().min().unwrap();
+            assert!(hi - lo <= spread.max(1), "{before:?} -> {after:?}");
+        }
+    }
+
+    #[test]
+    fn new_keys_go_to_the_rank_holding_the_fewest() {
+        assert_eq!(holder(&[5, 3, 3, 4]), 1);
+        assert_eq!(holder(&[0]), 0);
+        let mut counts = vec![10usize, 7, 9];
+        for _ in 0..11 {
+            let h = holder(&counts);
+            counts[h] += 1;
+        }
+        // 37 keys over three ranks: 13, 12, 12.
+        let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(hi - lo <= 1, "{counts:?}");
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! A job step may be one rank of a context-parallel prefill (design.md §4.1–4.2a): it runs on
 //! a thread of its own (so ranks of several jobs never wait on each other's engine), exchanges
 //! lightning states and softmax keys and values with the other ranks over this worker's
-//! context data plane (one [`TcpHub`] for every group), sends its keys and values to the rank
-//! holding the last position, and ends ("prefilled"); that rank's sequence then joins the
-//! engine's decode batch.
+//! context data plane (one [`TcpHub`] for every group), and keeps its keys and values: the
+//! rank holding the last position decodes in the engine's batch, asking every rank for its
+//! part of each decode step's softmax attention; the others serve those requests until the
+//! sequence ends ("prefilled").
 
 use crate::etcd::PlanView;
 use crate::remote::RemoteExperts;
@@ -421,6 +422,10 @@ impl<B: Backend> AttentionHost<B> {
                         event: Some(ipb::job_step::Event::Done(done)),
                     }));
                 }
+                Err(s) if sink.tx.is_closed() => {
+                    // The coordinator is done with the job (it finished, or another rank failed).
+                    tracing::info!(status = %s, "context-parallel rank stopped");
+                }
                 Err(s) => {
                     tracing::warn!(status = %s, "context-parallel rank failed");
                     let _ = sink.tx.send(Err(s));
@@ -461,7 +466,7 @@ fn run_rank<B: Backend>(
     // The coordinator going away (it closes the stream when another rank failed) stops this
     // rank's waits at once.
     let abort = CancellationToken::new();
-    let _stop = abort.clone().drop_guard();
+    let stop = abort.clone().drop_guard();
     {
         let (tx, abort) = (tx.clone(), abort.clone());
         plane.rt.spawn(async move {
@@ -479,6 +484,8 @@ fn run_rank<B: Backend>(
         Some(&job),
         &layout,
         prompt,
+        // All-gather: measured no slower than the ring (docs/BENCHMARKS.md).
+        ringbolt_context::StateExchange::AllGather,
         transport.clone(),
         &abort,
     )
@@ -490,27 +497,53 @@ fn run_rank<B: Backend>(
         sent_bytes = times.sent,
         "rank's layers done"
     );
-    let cache_bytes = rp.cache_bytes() as u64;
     let _ = tx.send(Ok(ipb::JobStep {
         event: Some(ipb::job_step::Event::Context(ipb::StepContext {
             rank: me as u32,
-            cache_bytes,
+            cache_bytes: rp.cache_bytes() as u64,
         })),
     }));
     let logits = rp.last_logits();
-    let state = ringbolt_context::gather_to(&plane.rt, rp, layout.last_rank(), transport, &abort)
-        .map_err(failed)?;
+    // The keys and values stay here: the rank that decodes asks every rank for its part of
+    // each decode step's attention.
+    let (shard, state) = rp
+        .into_shard()
+        .map_err(|e| failed(ringbolt_context::ContextError::Model(e)))?;
     let counts = job.counts();
     match (state, logits) {
-        (None, _) => Ok((None, counts)),
-        (Some(state), Some(logits)) => Ok((
-            Some(ContextPrefill {
-                logits,
-                state,
-                cache_bytes_per_rank: Vec::new(),
-            }),
-            counts,
-        )),
+        (None, _) => {
+            tracing::info!("rank prefilled; serving its keys and values to the decoding rank");
+            ringbolt_context::serve_shard(
+                &plane.rt,
+                model.backend(),
+                shard,
+                layout.last_rank(),
+                &*transport,
+                &abort,
+            )
+            .map_err(failed)?;
+            Ok((None, counts))
+        }
+        (Some(mut state), Some(logits)) => {
+            // The decode outlives this function: its waits end when the coordinator goes.
+            stop.disarm();
+            state.split = Some(Box::new(ringbolt_context::RemoteSplit::new(
+                plane.rt.clone(),
+                model,
+                shard,
+                &layout,
+                transport,
+                abort,
+            )));
+            Ok((
+                Some(ContextPrefill {
+                    logits,
+                    state,
+                    cache_bytes_per_rank: Vec::new(),
+                }),
+                counts,
+            ))
+        }
         (Some(_), None) => Err(Status::internal(
             "the rank holding the last position has no logits",
         )),
@@ -525,6 +558,7 @@ fn rank_status(rank: usize, e: ringbolt_context::ContextError) -> Status {
     match e {
         E::Transport(_) | E::Aborted | E::Malformed(_) => Status::aborted(msg),
         E::Model(ModelError::Experts(_)) => Status::unavailable(msg),
+        E::Model(ModelError::Peer(_)) => Status::aborted(msg),
         E::Model(_) => Status::internal(msg),
     }
 }

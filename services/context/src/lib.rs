@@ -13,9 +13,9 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ringbolt_kernels::Backend;
-use ringbolt_model::context::KeptKv;
 use ringbolt_model::context::{Chunk, Layout, RankPrefill, Share};
-use ringbolt_model::{ExpertExecutor, Model, ModelError, SequenceState};
+use ringbolt_model::context::{KvShard, holder};
+use ringbolt_model::{ExpertExecutor, Model, ModelError};
 use ringbolt_transport::{Transport, TransportError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,6 +157,7 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
     experts: Option<&'m (dyn ExpertExecutor<B> + Sync)>,
     layout: &Layout,
     prompt: &[u32],
+    exchange: StateExchange,
     transport: Arc<T>,
     abort: &CancellationToken,
 ) -> Result<(RankPrefill<'m, B>, RankTimes)> {
@@ -176,6 +177,15 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
         let share = rp.begin_layer();
         times.compute += t0.elapsed();
         match share {
+            Share::States(own) if exchange == StateExchange::Ring => {
+                let t1 = Instant::now();
+                let (prefixes, whole) =
+                    ring_states(rt, &rp, layout, own, &*transport, abort, l, &mut times)?;
+                times.state_wait += t1.elapsed();
+                let t2 = Instant::now();
+                rp.finish_layer_prefixes(prefixes, whole)?;
+                times.compute += t2.elapsed();
+            }
             Share::States(own) => {
                 let msg = encode_states(&own);
                 times.sent += msg.len() as u64 * (p as u64 - 1);
@@ -236,6 +246,101 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
     Ok((rp, times))
 }
 
+/// How lightning states travel between the ranks (the same result either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StateExchange {
+    /// LASP-2: every rank sends each of its chunks' contributions to every other rank, in one
+    /// round; each rank folds its own prefixes. P−1 messages of two states per rank per layer.
+    #[default]
+    AllGather,
+    /// LASP-1: the state after each chunk goes to the next chunk's rank, which folds in its
+    /// own chunk and passes it on: at most two states sent per rank, but 2P−1 hops in sequence.
+    Ring,
+}
+
+impl std::str::FromStr for StateExchange {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "all-gather" => Ok(StateExchange::AllGather),
+            "ring" => Ok(StateExchange::Ring),
+            _ => Err(format!(
+                "`{s}`: the state exchange is `all-gather` or `ring`"
+            )),
+        }
+    }
+}
+
+/// Each own chunk's prefix state, and the whole context's where this rank has it.
+type Prefixes = (Vec<Vec<f32>>, Option<Vec<f32>>);
+
+/// One lightning layer's states by the ring exchange: walks this rank's chunks in position
+/// order, each waiting for the state before it from the previous chunk's rank (none for the
+/// first chunk), folding its own contribution and passing the state on. Returns each own
+/// chunk's prefix state and, on the rank that decodes, the whole context's state.
+#[allow(clippy::too_many_arguments)]
+fn ring_states<B: Backend, T: Transport>(
+    rt: &tokio::runtime::Handle,
+    rp: &RankPrefill<'_, B>,
+    layout: &Layout,
+    own: Vec<(usize, Vec<f32>)>,
+    transport: &T,
+    abort: &CancellationToken,
+    l: usize,
+    times: &mut RankTimes,
+) -> Result<Prefixes> {
+    let me = transport.rank();
+    // The chain runs over the non-empty chunks in position order; the last one's rank (the
+    // one that decodes) ends with the whole context's state.
+    let chain: Vec<Chunk> = layout
+        .chunks
+        .iter()
+        .filter(|c| c.len > 0)
+        .copied()
+        .collect();
+    let mut contributions: std::collections::HashMap<usize, Vec<f32>> = own.into_iter().collect();
+    let state = |b: Bytes| -> Result<Vec<f32>> {
+        let mut b = b;
+        let v = get_f32s(&mut b)?;
+        if v.len() != rp.state_len() {
+            return Err(ContextError::Malformed(format!(
+                "a state of {} values, {} expected",
+                v.len(),
+                rp.state_len()
+            )));
+        }
+        Ok(v)
+    };
+    let mut prefixes = Vec::new();
+    let mut carry: Option<(usize, Vec<f32>)> = None;
+    let mut whole = None;
+    for (k, c) in chain.iter().enumerate().filter(|(_, c)| c.rank == me) {
+        let mut s = match carry.take() {
+            Some((j, s)) if j == k => s,
+            _ if k == 0 => vec![0f32; rp.state_len()],
+            _ => state(until_aborted(
+                rt,
+                abort,
+                transport.recv(chain[k - 1].rank, tag(l, 1 + k)),
+            )?)?,
+        };
+        prefixes.push(s.clone());
+        rp.fold(c.index, &mut s, contributions.remove(&c.index).as_deref());
+        match chain.get(k + 1) {
+            None => whole = Some(s),
+            Some(next) if next.rank == me => carry = Some((k + 1, s)),
+            Some(next) => {
+                let mut msg = BytesMut::new();
+                put_f32s(&mut msg, &s);
+                let msg = msg.freeze();
+                times.sent += msg.len() as u64;
+                until_aborted(rt, abort, transport.send(next.rank, tag(l, 2 + k), msg))?;
+            }
+        }
+    }
+    Ok((prefixes, whole))
+}
+
 /// Waits for `fut` on `rt`, or until `abort` is cancelled (another rank failed).
 fn until_aborted<T, E: Into<ContextError>>(
     rt: &tokio::runtime::Handle,
@@ -250,58 +355,239 @@ fn until_aborted<T, E: Into<ContextError>>(
     })
 }
 
-/// Tag of the keys and values of `layer` sent to the decoding rank.
-fn gather_tag(layer: usize) -> u64 {
-    tag(layer, 0xffff)
+/// Tags of distributed decode: requests from the decoding rank, replies to it, by step.
+const DECODE_REQUEST: u64 = 3 << 60;
+const DECODE_REPLY: u64 = 4 << 60;
+
+/// A decode request: `[kind u8: 0 done, 1 attend] [layer u32] [append u8] [q] ([k] [v])`.
+fn encode_request(layer: usize, q: &[f32], kv: Option<(&[f32], &[f32])>) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(1);
+    out.put_u32_le(layer as u32);
+    out.put_u8(u8::from(kv.is_some()));
+    put_f32s(&mut out, q);
+    if let Some((k, v)) = kv {
+        put_f32s(&mut out, k);
+        put_f32s(&mut out, v);
+    }
+    out.freeze()
 }
 
-/// After a prefill: every rank sends its softmax keys and values to rank `to`, one message per
-/// softmax layer; `to` returns the sequence state one worker would hold after the whole prompt
-/// (to decode from); the others return None.
-pub fn gather_to<B: Backend, T: Transport + 'static>(
-    rt: &tokio::runtime::Handle,
-    rp: RankPrefill<'_, B>,
-    to: usize,
-    transport: Arc<T>,
-    abort: &CancellationToken,
-) -> Result<Option<SequenceState<B>>> {
-    let (me, p) = (transport.rank(), transport.size());
-    let mut kv = rp.export_kv();
-    // Softmax layers in order: the same list on every rank (every rank kept every layer).
-    let mut layers: Vec<usize> = kv.iter().map(|x| x.0).collect();
-    layers.dedup();
-    if me != to {
-        let mut sends = Vec::new();
-        for l in layers {
-            let part: Vec<(Chunk, Vec<f32>, Vec<f32>)> = kv
-                .extract_if(.., |x| x.0 == l)
-                .map(|(_, c, k, v)| (c, k, v))
-                .collect();
-            sends.push((l, encode_kv(&part)));
-        }
-        // Empty messages for softmax layers this rank holds nothing of would be needed only
-        // if the lists differed; they do not (see above).
-        for (l, msg) in sends {
-            until_aborted(rt, abort, transport.send(to, gather_tag(l), msg))?;
-        }
+/// A decoded request: None for "done".
+type Request = Option<(usize, Vec<f32>, Option<(Vec<f32>, Vec<f32>)>)>;
+
+fn decode_request(mut b: Bytes) -> Result<Request> {
+    if b.remaining() < 1 {
+        return Err(ContextError::Malformed("empty decode request".into()));
+    }
+    if b.get_u8() == 0 {
         return Ok(None);
     }
-    let mut others: Vec<KeptKv> = Vec::new();
-    for &l in &layers {
-        for from in (0..p).filter(|r| *r != me) {
-            let got = until_aborted(rt, abort, transport.recv(from, gather_tag(l)))?;
-            for (c, k, v) in decode_kv(got)? {
-                if c.rank != from {
-                    return Err(ContextError::Malformed(format!(
-                        "rank {from} sent keys of chunk {} held by rank {}",
-                        c.index, c.rank
-                    )));
-                }
-                others.push((l, c, k, v));
+    if b.remaining() < 5 {
+        return Err(ContextError::Malformed("truncated decode request".into()));
+    }
+    let layer = b.get_u32_le() as usize;
+    let append = b.get_u8() == 1;
+    let q = get_f32s(&mut b)?;
+    let kv = if append {
+        Some((get_f32s(&mut b)?, get_f32s(&mut b)?))
+    } else {
+        None
+    };
+    Ok(Some((layer, q, kv)))
+}
+
+/// Serves rank `transport.rank()`'s share of a sequence's keys and values to the decoding rank
+/// `to` (distributed decode): answers each decode step's query with this share's partial
+/// attention, keeping the new key and value when asked, until `to` says the sequence is done
+/// (Ok) or `abort` is cancelled.
+pub fn serve_shard<B: Backend, T: Transport>(
+    rt: &tokio::runtime::Handle,
+    b: &B,
+    mut shard: KvShard<B>,
+    to: usize,
+    transport: &T,
+    abort: &CancellationToken,
+) -> Result<()> {
+    for step in 0u64.. {
+        let msg = loop {
+            // The decoding rank may be busy with other sequences for a while.
+            match until_aborted(rt, abort, transport.recv(to, DECODE_REQUEST | step)) {
+                Err(ContextError::Transport(TransportError::Timeout { .. })) => continue,
+                r => break r?,
+            }
+        };
+        let Some((layer, q, kv)) = decode_request(msg)? else {
+            return Ok(());
+        };
+        let kv = kv.map(|(k, v)| (b.upload(&k), b.upload(&v)));
+        let part = shard.attend(b, layer, &b.upload(&q), kv);
+        let mut out = BytesMut::new();
+        match part {
+            None => out.put_u8(0),
+            Some((o, lse)) => {
+                out.put_u8(1);
+                put_f32s(&mut out, &b.download(&o));
+                put_f32s(&mut out, &lse);
             }
         }
+        until_aborted(
+            rt,
+            abort,
+            transport.send(to, DECODE_REPLY | step, out.freeze()),
+        )?;
     }
-    Ok(Some(rp.into_state(others)?))
+    Ok(())
+}
+
+/// The decoding rank's [`SplitAttention`] over a group: its own share here, the others' on
+/// their ranks (each serving [`serve_shard`]); each decode step's query goes to every rank at
+/// once, the new key and value to the rank holding the fewest.
+pub struct RemoteSplit<B: Backend, T: Transport + 'static> {
+    rt: tokio::runtime::Handle,
+    own: KvShard<B>,
+    transport: Arc<T>,
+    abort: CancellationToken,
+    /// Keys per rank, per layer.
+    counts: Vec<Vec<usize>>,
+    step: u64,
+    shape: ringbolt_kernels::AttentionShape,
+}
+
+impl<B: Backend, T: Transport + 'static> RemoteSplit<B, T> {
+    /// `own` is this rank's share; `layout` how the prompt was split.
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        model: &Model<B>,
+        own: KvShard<B>,
+        layout: &Layout,
+        transport: Arc<T>,
+        abort: CancellationToken,
+    ) -> Self {
+        let c = model.config();
+        let per_rank: Vec<usize> = (0..layout.ranks).map(|r| layout.rank_tokens(r)).collect();
+        RemoteSplit {
+            rt,
+            own,
+            transport,
+            abort,
+            counts: vec![per_rank; c.layers.len()],
+            step: 0,
+            shape: ringbolt_kernels::AttentionShape {
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            },
+        }
+    }
+
+    fn attend_all(
+        &mut self,
+        b: &B,
+        layer: usize,
+        q: &B::Buf,
+        k: B::Buf,
+        v: B::Buf,
+    ) -> Result<B::Buf> {
+        let (me, p) = (self.transport.rank(), self.transport.size());
+        let counts = self
+            .counts
+            .get_mut(layer)
+            .ok_or_else(|| ContextError::Malformed(format!("no layer {layer}")))?;
+        let h = holder(counts);
+        counts[h] += 1;
+        let step = self.step;
+        self.step += 1;
+        let (qh, kh, vh) = (b.download(q), b.download(&k), b.download(&v));
+        // Every other rank's query goes out first; this rank's share computes meanwhile.
+        let t = self.transport.clone();
+        let requests: Vec<(usize, Bytes)> = (0..p)
+            .filter(|r| *r != me)
+            .map(|r| {
+                let kv = (r == h).then_some((&kh[..], &vh[..]));
+                (r, encode_request(layer, &qh, kv))
+            })
+            .collect();
+        let replies = self.rt.spawn(async move {
+            let sends = requests
+                .iter()
+                .map(|(r, m)| t.send(*r, DECODE_REQUEST | step, m.clone()));
+            for s in futures::future::join_all(sends).await {
+                s?;
+            }
+            let recvs = requests
+                .iter()
+                .map(|(r, _)| t.recv(*r, DECODE_REPLY | step));
+            futures::future::join_all(recvs)
+                .await
+                .into_iter()
+                .collect::<std::result::Result<Vec<Bytes>, TransportError>>()
+        });
+        let mut parts: Vec<(B::Buf, Vec<f32>)> = Vec::with_capacity(p);
+        parts.extend(self.own.attend(b, layer, q, (h == me).then_some((k, v))));
+        let replies = until_aborted(&self.rt, &self.abort, async {
+            replies
+                .await
+                .map_err(|e| ContextError::Malformed(format!("decode exchange: {e}")))?
+                .map_err(ContextError::from)
+        })?;
+        let w = self.shape.heads * self.shape.head_dim;
+        for mut r in replies {
+            if r.remaining() < 1 {
+                return Err(ContextError::Malformed("empty decode reply".into()));
+            }
+            if r.get_u8() == 0 {
+                continue;
+            }
+            let o = get_f32s(&mut r)?;
+            let lse = get_f32s(&mut r)?;
+            if o.len() != w || lse.len() != self.shape.heads {
+                return Err(ContextError::Malformed(format!(
+                    "a decode reply of {} outputs and {} log-sum-exps",
+                    o.len(),
+                    lse.len()
+                )));
+            }
+            parts.push((b.upload(&o), lse));
+        }
+        Ok(b.attention_merge(&parts, 1, self.shape).0)
+    }
+}
+
+impl<B: Backend, T: Transport + 'static> ringbolt_model::SplitAttention<B> for RemoteSplit<B, T> {
+    fn attend(
+        &mut self,
+        b: &B,
+        layer: usize,
+        q: &B::Buf,
+        k: B::Buf,
+        v: B::Buf,
+    ) -> ringbolt_model::Result<B::Buf> {
+        self.attend_all(b, layer, q, k, v).map_err(|e| match e {
+            ContextError::Model(m) => m,
+            // Another try (on a new group) may succeed.
+            other => ModelError::Peer(other.to_string()),
+        })
+    }
+
+    fn tokens_per_rank(&self, layer: usize) -> Vec<usize> {
+        self.counts.get(layer).cloned().unwrap_or_default()
+    }
+}
+
+impl<B: Backend, T: Transport + 'static> Drop for RemoteSplit<B, T> {
+    fn drop(&mut self) {
+        // The other ranks may let their shares go.
+        let (me, p, step) = (self.transport.rank(), self.transport.size(), self.step);
+        let t = self.transport.clone();
+        self.rt.spawn(async move {
+            for r in (0..p).filter(|r| *r != me) {
+                let _ = t
+                    .send(r, DECODE_REQUEST | step, Bytes::from_static(&[0]))
+                    .await;
+            }
+        });
+    }
 }
 
 /// What a context-parallel prefill of P ranks in one process produced.
@@ -325,7 +611,7 @@ pub fn prefill_local<B: Backend>(
 ) -> Result<LocalPrefill<B>> {
     let group =
         ringbolt_transport::local::LocalGroup::ranks(ranks.max(1), 0, Duration::from_secs(600));
-    prefill_group(rt, model, prompt, group)
+    prefill_group(rt, model, prompt, group, StateExchange::default())
 }
 
 /// A context-parallel prefill of `prompt` by one thread of this process per rank of `group`
@@ -335,6 +621,7 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
     model: &Model<B>,
     prompt: &[u32],
     group: Vec<T>,
+    exchange: StateExchange,
 ) -> Result<LocalPrefill<B>> {
     let layout = Layout::zigzag(prompt.len(), group.len());
     let abort = CancellationToken::new();
@@ -346,7 +633,16 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
                 s.spawn(move || {
                     // A rank that fails (or panics) stops the others' waits at once.
                     let stop = abort.clone().drop_guard();
-                    let r = prefill_rank(rt, model, None, layout, prompt, Arc::new(t), abort);
+                    let r = prefill_rank(
+                        rt,
+                        model,
+                        None,
+                        layout,
+                        prompt,
+                        exchange,
+                        Arc::new(t),
+                        abort,
+                    );
                     if r.is_ok() {
                         stop.disarm();
                     }
@@ -376,7 +672,7 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
         .find_map(|r| r.last_logits())
         .ok_or_else(|| ModelError::Invalid("no rank holds the last position".into()))?;
     let cache_bytes_per_rank = ranks_done.iter().map(|r| r.cache_bytes() as u64).collect();
-    let state = ringbolt_model::context::gather_state(ranks_done)?;
+    let state = ringbolt_model::context::local_split_state(ranks_done)?;
     Ok(LocalPrefill {
         logits,
         state,
@@ -432,9 +728,16 @@ mod tests {
             let prompt: Vec<u32> = (0..n as u32).map(|i| (i * 31 + 7) % 500 + 1).collect();
             let mut st = m.new_state();
             let want = m.forward(&mut st, &prompt, Logits::Last).unwrap();
-            for p in 1..=4 {
-                let got = prefill_local(rt.handle(), &m, &prompt, p).unwrap();
-                assert!(rel_err(&got.logits, &want) <= 1e-5, "n={n} P={p}");
+            for (p, exchange) in (1..=4)
+                .flat_map(|p| [StateExchange::AllGather, StateExchange::Ring].map(|e| (p, e)))
+            {
+                let group =
+                    ringbolt_transport::local::LocalGroup::ranks(p, 0, Duration::from_secs(60));
+                let got = prefill_group(rt.handle(), &m, &prompt, group, exchange).unwrap();
+                assert!(
+                    rel_err(&got.logits, &want) <= 1e-5,
+                    "n={n} P={p} {exchange:?}"
+                );
                 assert_eq!(got.cache_bytes_per_rank.len(), p);
                 // Decode continues from the gathered state as from one worker's.
                 let mut cp = got.state;
@@ -449,13 +752,17 @@ mod tests {
     }
 
     #[test]
-    fn ranks_over_tcp_equal_one_worker() {
+    fn ranks_over_tcp_equal_one_worker_and_decode_with_the_keys_left_on_them() {
         let (_d, m) = model();
         let rt = runtime();
         let prompt: Vec<u32> = (0..211u32).map(|i| (i * 13 + 3) % 500 + 1).collect();
-        let want = m
-            .forward(&mut m.new_state(), &prompt, Logits::Last)
-            .unwrap();
+        // One worker's logits for the prompt and 64 greedy tokens after it.
+        let mut one = m.new_state();
+        let mut want = vec![m.forward(&mut one, &prompt, Logits::Last).unwrap()];
+        for _ in 0..64 {
+            let t = ringbolt_model::sampling::argmax(want.last().unwrap());
+            want.push(m.forward(&mut one, &[t], Logits::Last).unwrap());
+        }
         let p = 3;
         let (group, _) = rt
             .block_on(TcpTransport::loopback_group(
@@ -467,8 +774,9 @@ mod tests {
             .unwrap();
         let layout = Layout::zigzag(prompt.len(), p);
         let last = layout.last_rank();
-        type RankOut = (Option<Vec<f32>>, Option<ringbolt_model::SequenceState<Cpu>>);
-        let out: Vec<RankOut> = std::thread::scope(|s| {
+        // The decoding rank's logits at every step and its keys per rank at the end.
+        type Decoded = Option<(Vec<Vec<f32>>, Vec<usize>)>;
+        let decoded: Vec<Decoded> = std::thread::scope(|s| {
             let hs: Vec<_> = group
                 .into_iter()
                 .map(|t| {
@@ -476,29 +784,53 @@ mod tests {
                     s.spawn(move || {
                         let abort = CancellationToken::new();
                         let t = Arc::new(t);
-                        let (rp, times) =
-                            prefill_rank(h, m, None, layout, prompt, t.clone(), &abort).unwrap();
+                        let (rp, times) = prefill_rank(
+                            h,
+                            m,
+                            None,
+                            layout,
+                            prompt,
+                            StateExchange::Ring,
+                            t.clone(),
+                            &abort,
+                        )
+                        .unwrap();
                         assert!(times.sent > 0);
                         let logits = rp.last_logits();
-                        // The keys and values go to the rank holding the last position.
-                        (logits, gather_to(h, rp, last, t, &abort).unwrap())
+                        let (shard, state) = rp.into_shard().unwrap();
+                        let Some(mut st) = state else {
+                            // The other ranks serve their keys until the sequence is done.
+                            serve_shard(h, m.backend(), shard, last, &*t, &abort).unwrap();
+                            return None;
+                        };
+                        let mut got = vec![logits.expect("the decoding rank has the logits")];
+                        st.split = Some(Box::new(RemoteSplit::new(
+                            h.clone(),
+                            m,
+                            shard,
+                            layout,
+                            t,
+                            abort,
+                        )));
+                        for _ in 0..64 {
+                            let tok = ringbolt_model::sampling::argmax(got.last().unwrap());
+                            got.push(m.forward(&mut st, &[tok], Logits::Last).unwrap());
+                        }
+                        let counts = st.split.as_ref().unwrap().tokens_per_rank(2);
+                        Some((got, counts))
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let got: Vec<&Vec<f32>> = out.iter().filter_map(|o| o.0.as_ref()).collect();
-        assert_eq!(got.len(), 1, "one rank holds the last position");
-        assert!(rel_err(got[0], &want) <= 1e-5);
-        // Only that rank has a state to decode from, and decode from it equals one worker's.
-        let mut states: Vec<_> = out.into_iter().filter_map(|o| o.1).collect();
-        assert_eq!(states.len(), 1);
-        let mut cp = states.pop().unwrap();
-        let mut one = m.new_state();
-        m.forward(&mut one, &prompt, Logits::None).unwrap();
-        let t = ringbolt_model::sampling::argmax(&want);
-        let a = m.forward(&mut cp, &[t], Logits::Last).unwrap();
-        let b = m.forward(&mut one, &[t], Logits::Last).unwrap();
-        assert!(rel_err(&a, &b) <= 1e-5, "decode after gathering");
+        let mut decoders: Vec<_> = decoded.into_iter().flatten().collect();
+        assert_eq!(decoders.len(), 1, "one rank decodes");
+        let (got, counts) = decoders.pop().unwrap();
+        for (step, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(rel_err(a, b) <= 1e-5, "step {step}");
+        }
+        // The keys stayed spread: 211 + 64 over three ranks.
+        assert_eq!(counts.iter().sum::<usize>(), 211 + 64);
+        assert!(counts.iter().all(|c| *c >= 91 && *c <= 92), "{counts:?}");
     }
 }

@@ -99,6 +99,7 @@ pub fn fail_code(kind: FailKind) -> tonic::Code {
     match kind {
         FailKind::InvalidArgument => tonic::Code::InvalidArgument,
         FailKind::Unavailable => tonic::Code::Unavailable,
+        FailKind::Aborted => tonic::Code::Aborted,
         FailKind::Internal => tonic::Code::Internal,
     }
 }

@@ -458,6 +458,16 @@ impl Cluster for JobsService {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let m = self.mgr.model();
         let (running, queued) = self.mgr.counts();
+        let running_list: Vec<pb::RunningJob> = self
+            .mgr
+            .running()
+            .into_iter()
+            .map(|(job_id, p, cache)| pb::RunningJob {
+                job_id,
+                context_parallel: p,
+                cache_bytes_per_rank: cache,
+            })
+            .collect();
         let model = format!(
             "{} layers, hidden {}, {} experts top-{}, vocab {}",
             m.num_layers(),
@@ -471,6 +481,7 @@ impl Cluster for JobsService {
             st.model = model;
             st.running_jobs = running;
             st.queued_jobs = queued;
+            st.running = running_list;
             return Ok(Response::new(st));
         }
         let experts = (0..m.num_layers() as u32)
@@ -494,6 +505,7 @@ impl Cluster for JobsService {
             model,
             running_jobs: running,
             queued_jobs: queued,
+            running: running_list,
         }))
     }
 }

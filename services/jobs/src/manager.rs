@@ -222,6 +222,28 @@ impl JobManager {
         self.live().get(id).map(|e| e.job.clone())
     }
 
+    /// The running jobs: id, context-parallel degree, cache bytes per rank (oldest first).
+    pub fn running(&self) -> Vec<(String, u32, Vec<u64>)> {
+        let mut out: Vec<(u64, String, u32, Vec<u64>)> = self
+            .live()
+            .values()
+            .filter_map(|e| {
+                let s = e.job.lock();
+                let r = &s.record;
+                (r.state == JobState::Running).then(|| {
+                    (
+                        r.created_unix_ms,
+                        r.id.clone(),
+                        r.context_parallel,
+                        r.cache_bytes_per_rank.clone(),
+                    )
+                })
+            })
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, id, p, c)| (id, p, c)).collect()
+    }
+
     /// (running, queued) jobs.
     pub fn counts(&self) -> (u32, u32) {
         let live = self.live();

@@ -109,6 +109,9 @@ enum BenchKind {
         /// The emulated link's latency.
         #[arg(long, default_value_t = 0.0)]
         link_latency_us: f64,
+        /// How lightning states travel: `all-gather` (LASP-2) or `ring` (LASP-1).
+        #[arg(long, default_value = "all-gather")]
+        state_exchange: ringbolt_context::StateExchange,
     },
     /// CUDA kernel speed on the real model's shapes (lightning prefill and decode, softmax
     /// attention, the bf16 GEMM); needs a build with `--features cuda` and a GPU.
@@ -225,12 +228,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rounds,
             link_gbps,
             link_latency_us,
+            state_exchange,
         } => {
             let link = link_gbps.map(|g| ringbolt_transport::Link {
                 bytes_per_second: Some(g * 1e9),
                 latency: std::time::Duration::from_secs_f64(link_latency_us.max(0.0) / 1e6),
             });
-            context(checkpoint, tokens.max(1), ranks.max(1), rounds.max(1), link)
+            context(
+                checkpoint,
+                tokens.max(1),
+                ranks.max(1),
+                rounds.max(1),
+                link,
+                state_exchange,
+            )
         }
         BenchKind::Cluster {
             checkpoint,
@@ -464,6 +475,7 @@ fn context(
     ranks: usize,
     rounds: usize,
     link: Option<ringbolt_transport::Link>,
+    exchange: ringbolt_context::StateExchange,
 ) -> Result<()> {
     let model = load_model(&dir)?;
     let c = model.config().clone();
@@ -493,8 +505,14 @@ fn context(
         base = base.min(t.elapsed().as_secs_f64());
         let (got, secs) = match link {
             None => {
+                let group = ringbolt_transport::local::LocalGroup::ranks(
+                    ranks,
+                    0,
+                    std::time::Duration::from_secs(3600),
+                );
                 let t = Instant::now();
-                let got = ringbolt_context::prefill_local(rt.handle(), &model, &toks, ranks)?;
+                let got =
+                    ringbolt_context::prefill_group(rt.handle(), &model, &toks, group, exchange)?;
                 (got, t.elapsed().as_secs_f64())
             }
             Some(link) => {
@@ -506,7 +524,8 @@ fn context(
                         link,
                     ))?;
                 let t = Instant::now();
-                let got = ringbolt_context::prefill_group(rt.handle(), &model, &toks, group)?;
+                let got =
+                    ringbolt_context::prefill_group(rt.handle(), &model, &toks, group, exchange)?;
                 (got, t.elapsed().as_secs_f64())
             }
         };
@@ -553,6 +572,7 @@ fn context(
         "softmax_work_max_over_mean": *work.iter().max().unwrap_or(&0) as f64 / mean.max(1.0),
         "cache_bytes_per_rank": cache,
         "link_gbps": link.and_then(|l| l.bytes_per_second).map(|b| b / 1e9),
+        "state_exchange": format!("{exchange:?}"),
         // The ring hops' transfers on the link, and how much of them compute hid.
         "ring_transfer_seconds_per_rank": best_times
             .iter()

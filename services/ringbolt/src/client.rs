@@ -640,15 +640,35 @@ pub async fn status(a: StatusArgs) -> Result<()> {
             v
         })
         .collect();
+    let running: Vec<serde_json::Value> = s
+        .running
+        .iter()
+        .map(|j| {
+            json!({"job_id": j.job_id, "context_parallel": j.context_parallel,
+                   "cache_bytes_per_rank": j.cache_bytes_per_rank})
+        })
+        .collect();
     if a.json {
         println!(
             "{}",
             json!({"mode": s.mode, "epoch": s.epoch, "members": members, "model": s.model,
-                   "running_jobs": s.running_jobs, "queued_jobs": s.queued_jobs})
+                   "running_jobs": s.running_jobs, "queued_jobs": s.queued_jobs,
+                   "running": running})
         );
     } else {
         println!("mode {}  epoch {}  model: {}", s.mode, s.epoch, s.model);
         println!("jobs: {} running, {} queued", s.running_jobs, s.queued_jobs);
+        for j in &s.running {
+            let cache = if j.cache_bytes_per_rank.is_empty() {
+                String::new()
+            } else {
+                format!(", cache bytes per rank {:?}", j.cache_bytes_per_rank)
+            };
+            println!(
+                "  job {}  context-parallel {}{cache}",
+                j.job_id, j.context_parallel
+            );
+        }
         for m in &s.members {
             let group = m
                 .data_group_rank
