@@ -1292,4 +1292,26 @@ fn context_parallel_jobs_across_attention_workers_equal_one_worker_and_survive_a
         .map(|(i, (w, _))| w.count("context-parallel rank started") - before[i])
         .sum();
     assert!(reruns >= 3, "{reruns} ranks started on the survivors");
+
+    // Kill -9 mid-decode of a rank that holds keys but does not decode: the decoding rank's
+    // attention needs it, so the job re-runs on a new group; the client sees each token once.
+    let prompt = prompt(3_000, 4);
+    let want = generate(&c.ckpt, &prompt, 400);
+    assert!(
+        want.len() >= 200,
+        "the reference stops early: {}",
+        want.len()
+    );
+    let serving = "serving its keys and values";
+    let before: Vec<usize> = workers.iter().map(|(w, _)| w.count(serving)).collect();
+    let id = submit_with(&ep, &prompt, 400, &["--context-parallel", "2"]);
+    let watcher = follow(&ep, &id);
+    wait_tokens(&ep, &id, 20);
+    let victim = (0..workers.len())
+        .find(|&i| i != victim && workers[i].0.count(serving) > before[i])
+        .expect("a rank serves its keys while the other decodes");
+    workers[victim].0.kill9();
+    assert_eq!(tokens(&watcher.join().unwrap()), want);
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
 }

@@ -491,6 +491,92 @@ impl CudaBackend {
 
     /// Combines `splits` partial attention results over disjoint key sets (`out`: parts of
     /// `[rows, d]`, `lse`: parts of `[rows]`) by their log-sum-exps into `[rows, d]`.
+    /// One launch of the attention kernel (`attention_tc` where the head dimension allows
+    /// tensor cores, else the scalar one): `t` queries at positions `pos0..` over `nkeys` keys
+    /// and values (bf16) at positions `kpos0..`, causal by absolute position. With `split`, a
+    /// few queries over many keys spread the keys across thread blocks and merge them (the
+    /// returned log-sum-exps are then per part, not the whole's); without, the output and the
+    /// log-sum-exp `[t, heads]` are of all the keys.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_launch(
+        &self,
+        q: &GpuBuf,
+        t: usize,
+        pos0: usize,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        kpos0: usize,
+        nkeys: usize,
+        shape: AttentionShape,
+        split: bool,
+    ) -> (GpuBuf, GpuBuf) {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
+        assert!(
+            d <= 256,
+            "attention kernel takes head_dim up to 256, got {d}"
+        );
+        assert_eq!(q.len, t * heads * d);
+        assert!(k.len() >= nkeys * kv_heads * d && v.len() >= nkeys * kv_heads * d);
+        let tc = tensor_core_dim(d);
+        // A few queries over a long cache (decode): the keys are split across thread blocks so
+        // that the GPU has heads × splits blocks to run, and the partial results merged.
+        let splits = if split && tc && t <= ATTENTION_SPLIT_MAX_QUERIES {
+            (nkeys / ATTENTION_SPLIT_KEYS).clamp(1, ATTENTION_MAX_SPLITS)
+        } else {
+            1
+        };
+        let mut out = self.alloc(splits * t * heads * d);
+        let mut lse = self.alloc(splits * t * heads);
+        if let (Some(od), Some(ld), Some(qd)) =
+            (out.data.as_mut(), lse.data.as_mut(), q.data.as_ref())
+        {
+            let (ti, hi, kvi, di) = (t as i32, heads as i32, kv_heads as i32, d as i32);
+            let (p0, kp0, nk) = (pos0 as i64, kpos0 as i64, nkeys as i32);
+            let name = if tc { "attention_tc" } else { "attention" };
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(qd)
+                .arg(k)
+                .arg(v)
+                .arg(&mut *od)
+                .arg(&mut *ld)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&kvi)
+                .arg(&di)
+                .arg(&p0)
+                .arg(&kp0)
+                .arg(&nk);
+            let cfg = if tc {
+                let smem = tc_smem(d);
+                self.allow_smem(name, smem);
+                LaunchConfig {
+                    grid_dim: (
+                        t.div_ceil(ATTENTION_TC_QUERIES) as u32,
+                        heads as u32,
+                        splits as u32,
+                    ),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem,
+                }
+            } else {
+                grid(t * heads * 32, 128)
+            };
+            // SAFETY: q is [t, heads·d], k and v hold at least nkeys rows of kv_heads·d, out
+            // and lse are `splits` parts of [t, heads·d] and [t, heads]; the shared memory
+            // asked for is allowed.
+            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail(name, e));
+        }
+        if splits == 1 {
+            return (out, lse);
+        }
+        let merged = self.merge_splits(&out, &lse, splits, t * heads, d);
+        (merged, lse)
+    }
+
     fn merge_splits(
         &self,
         out: &GpuBuf,
@@ -1128,75 +1214,76 @@ impl Backend for CudaBackend {
         pos0: usize,
         shape: AttentionShape,
     ) -> GpuBuf {
-        let AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: d,
-        } = shape;
-        assert!(
-            d <= 256,
-            "attention kernel takes head_dim up to 256, got {d}"
-        );
-        assert_eq!(q.len, t * heads * d);
         let nkeys = pos0 + t;
-        assert!(k_cache.len >= nkeys * kv_heads * d && v_cache.len >= nkeys * kv_heads * d);
-        let tc = tensor_core_dim(d);
-        // A few queries over a long cache (decode): the keys are split across thread blocks so
-        // that the GPU has heads × splits blocks to run, and the partial results merged.
-        let splits = if tc && t <= ATTENTION_SPLIT_MAX_QUERIES {
-            (nkeys / ATTENTION_SPLIT_KEYS).clamp(1, ATTENTION_MAX_SPLITS)
-        } else {
-            1
+        let w = shape.kv_heads * shape.head_dim;
+        assert!(k_cache.len >= nkeys * w && v_cache.len >= nkeys * w);
+        match (k_cache.data.as_ref(), v_cache.data.as_ref()) {
+            (Some(k), Some(v)) => {
+                let (k, v) = (k.slice(0..nkeys * w), v.slice(0..nkeys * w));
+                self.attention_launch(q, t, pos0, &k, &v, 0, nkeys, shape, true)
+                    .0
+            }
+            _ => self.alloc(t * shape.heads * shape.head_dim),
+        }
+    }
+
+    /// Ring attention's partial over a block of keys and values (f32, rounded to bf16 as the
+    /// caches are): one launch without key splits, so the log-sum-exp is the block's.
+    fn attention_partial(
+        &self,
+        q: &GpuBuf,
+        t: usize,
+        q_pos0: usize,
+        k: &GpuBuf,
+        v: &GpuBuf,
+        k_len: usize,
+        k_pos0: usize,
+        shape: AttentionShape,
+    ) -> (GpuBuf, Vec<f32>) {
+        let w = shape.kv_heads * shape.head_dim;
+        assert!(k.len >= k_len * w && v.len >= k_len * w);
+        let rows = t * shape.heads;
+        if k_len == 0 {
+            return (
+                self.alloc(rows * shape.head_dim),
+                vec![f32::NEG_INFINITY; rows],
+            );
+        }
+        let (kb, vb) = (self.to_bf16(k), self.to_bf16(v));
+        let (kb, vb) = (kb.slice(0..k_len * w), vb.slice(0..k_len * w));
+        let (out, lse) = self.attention_launch(q, t, q_pos0, &kb, &vb, k_pos0, k_len, shape, false);
+        (out, self.download(&lse))
+    }
+
+    /// The log-sum-exp merge of partials on the device (`attention_merge_splits` over the
+    /// stacked parts); the merged log-sum-exp, a value per (query, head), on the host.
+    fn attention_merge(
+        &self,
+        parts: &[(GpuBuf, Vec<f32>)],
+        t: usize,
+        shape: AttentionShape,
+    ) -> (GpuBuf, Vec<f32>) {
+        let rows = t * shape.heads;
+        let d = shape.head_dim;
+        let mut stacked = self.alloc(parts.len() * rows * d);
+        if let Some(o) = stacked.data.as_mut() {
+            for (z, (part, _)) in parts.iter().enumerate() {
+                assert_eq!(part.len, rows * d, "a partial of another shape");
+                self.copy_into(o, z * rows * d, part);
+            }
+        }
+        let lses: Vec<f32> = parts.iter().flat_map(|p| p.1.iter().copied()).collect();
+        assert_eq!(
+            lses.len(),
+            parts.len() * rows,
+            "log-sum-exps of another shape"
+        );
+        let lse = GpuBuf {
+            data: Some(self.floats(&lses)),
+            len: lses.len(),
         };
-        let mut out = self.alloc(splits * t * heads * d);
-        let mut lse = self.alloc(splits * t * heads);
-        if let (Some(od), Some(ld), Some(qd), Some(kd), Some(vd)) = (
-            out.data.as_mut(),
-            lse.data.as_mut(),
-            q.data.as_ref(),
-            k_cache.data.as_ref(),
-            v_cache.data.as_ref(),
-        ) {
-            let (ti, hi, kvi, di) = (t as i32, heads as i32, kv_heads as i32, d as i32);
-            let (p0, kp0, nk) = (pos0 as i64, 0i64, nkeys as i32);
-            let name = if tc { "attention_tc" } else { "attention" };
-            let mut b = self.stream.launch_builder(self.f(name));
-            b.arg(qd)
-                .arg(kd)
-                .arg(vd)
-                .arg(&mut *od)
-                .arg(&mut *ld)
-                .arg(&ti)
-                .arg(&hi)
-                .arg(&kvi)
-                .arg(&di)
-                .arg(&p0)
-                .arg(&kp0)
-                .arg(&nk);
-            let cfg = if tc {
-                let smem = tc_smem(d);
-                self.allow_smem(name, smem);
-                LaunchConfig {
-                    grid_dim: (
-                        t.div_ceil(ATTENTION_TC_QUERIES) as u32,
-                        heads as u32,
-                        splits as u32,
-                    ),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: smem,
-                }
-            } else {
-                grid(t * heads * 32, 128)
-            };
-            // SAFETY: q is [t, heads·d], the caches hold at least nkeys rows of kv_heads·d, out
-            // and lse are `splits` parts of [t, heads·d] and [t, heads]; the shared memory
-            // asked for is allowed.
-            unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail(name, e));
-        }
-        if splits == 1 {
-            return out;
-        }
-        self.merge_splits(&out, &lse, splits, t * heads, d)
+        let merged = self.merge_splits(&stacked, &lse, parts.len(), rows, d);
+        (merged, crate::partial::merge_lse(&lses, parts.len(), rows))
     }
 
     /// One launch of `attention_decode_tc` for the whole batch (pointers to every sequence's

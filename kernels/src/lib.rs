@@ -421,6 +421,21 @@ pub mod partial {
     }
 
     /// See [`super::Backend::attention_merge`].
+    /// The log-sum-exp over all parts of each row, from `parts` parts' log-sum-exps stacked
+    /// (`[parts][rows]`): what [`merge`] returns beside the output.
+    pub fn merge_lse(lses: &[f32], parts: usize, rows: usize) -> Vec<f32> {
+        (0..rows)
+            .map(|r| {
+                let at = |z: usize| lses[z * rows + r];
+                let m = (0..parts).map(at).fold(f32::NEG_INFINITY, f32::max);
+                if m == f32::NEG_INFINITY {
+                    return m;
+                }
+                m + (0..parts).map(|z| (at(z) - m).exp()).sum::<f32>().ln()
+            })
+            .collect()
+    }
+
     pub fn merge(
         parts: &[(&[f32], &[f32])],
         t: usize,
@@ -428,7 +443,6 @@ pub mod partial {
     ) -> (Vec<f32>, Vec<f32>) {
         let (heads, d) = (shape.heads, shape.head_dim);
         let mut out = vec![0f32; t * heads * d];
-        let mut lse = vec![f32::NEG_INFINITY; t * heads];
         for r in 0..t * heads {
             let m = parts
                 .iter()
@@ -448,9 +462,12 @@ pub mod partial {
                     *x += w * y;
                 }
             }
-            lse[r] = m + total.ln();
         }
-        (out, lse)
+        let stacked: Vec<f32> = parts
+            .iter()
+            .flat_map(|(_, l)| l[..t * heads].iter().copied())
+            .collect();
+        (out, merge_lse(&stacked, parts.len(), t * heads))
     }
 
     /// See [`super::Backend::lightning_prefix`].

@@ -717,3 +717,59 @@ fn rope_at_per_row_positions_matches_the_cpu() {
     b.rope_at(&mut got, heads, &positions, rope);
     assert_close(&b.download(&got), &want, "rope_at");
 }
+
+/// Ring attention's pieces on the GPU: each partial (absolute query and key offsets, keys in
+/// several blocks, one block entirely in a query's future) against the CPU's, and their
+/// device merge against the whole causal attention.
+#[test]
+fn partial_attention_and_its_merge_match_the_cpu() {
+    let Some(b) = backend() else { return };
+    let mut rng = StdRng::seed_from_u64(8);
+    for d in [64usize, 40] {
+        // head_dim 64: tensor cores; 40: the scalar kernel.
+        let shape = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: d,
+        };
+        let tol = if d % 16 == 0 { BF16_TOL } else { 1e-2 };
+        let (t, q_pos0) = (37usize, 300usize);
+        let q = rand_vec(&mut rng, t * 4 * d, 0.5);
+        let w = 2 * d;
+        let mut parts_gpu = Vec::new();
+        let mut parts_cpu = Vec::new();
+        // Blocks of keys at positions [0, 120), [120, 310), [310, 400): the last partly and
+        // the first wholly visible.
+        for (k_pos0, k_len) in [(0usize, 120usize), (120, 190), (310, 90)] {
+            let k = rand_vec(&mut rng, k_len * w, 0.5);
+            let v = rand_vec(&mut rng, k_len * w, 0.5);
+            let (oc, lc) = Cpu.attention_partial(&q, t, q_pos0, &k, &v, k_len, k_pos0, shape);
+            let (og, lg) = b.attention_partial(
+                &b.upload(&q),
+                t,
+                q_pos0,
+                &b.upload(&k),
+                &b.upload(&v),
+                k_len,
+                k_pos0,
+                shape,
+            );
+            let what = format!("d={d} partial over keys at {k_pos0}");
+            assert_within(&b.download(&og), &oc, tol, &what);
+            for (x, y) in lg.iter().zip(&lc) {
+                assert!(
+                    (x == y) || (x - y).abs() <= 0.05 * y.abs().max(1.0),
+                    "{what}: lse {x} vs {y}"
+                );
+            }
+            parts_gpu.push((og, lg));
+            parts_cpu.push((oc, lc));
+        }
+        let (mg, lg) = b.attention_merge(&parts_gpu, t, shape);
+        let (mc, lc) = Cpu.attention_merge(&parts_cpu, t, shape);
+        assert_within(&b.download(&mg), &mc, tol, &format!("d={d} merge"));
+        for (x, y) in lg.iter().zip(&lc) {
+            assert!((x - y).abs() <= 0.05 * y.abs().max(1.0), "d={d} merged lse");
+        }
+    }
+}
