@@ -1295,8 +1295,8 @@ fn context_parallel_jobs_across_attention_workers_equal_one_worker_and_survive_a
 
     // Kill -9 mid-decode of a rank that holds keys but does not decode: the decoding rank's
     // attention needs it, so the job re-runs on a new group; the client sees each token once.
-    let prompt = prompt(3_000, 4);
-    let want = generate(&c.ckpt, &prompt, 400);
+    let long = self::prompt(3_000, 4);
+    let want = generate(&c.ckpt, &long, 400);
     assert!(
         want.len() >= 200,
         "the reference stops early: {}",
@@ -1304,7 +1304,7 @@ fn context_parallel_jobs_across_attention_workers_equal_one_worker_and_survive_a
     );
     let serving = "serving its keys and values";
     let before: Vec<usize> = workers.iter().map(|(w, _)| w.count(serving)).collect();
-    let id = submit_with(&ep, &prompt, 400, &["--context-parallel", "2"]);
+    let id = submit_with(&ep, &long, 400, &["--context-parallel", "2"]);
     let watcher = follow(&ep, &id);
     wait_tokens(&ep, &id, 20);
     let victim = (0..workers.len())

@@ -1108,6 +1108,24 @@ fn standalone_context_parallel_jobs_equal_one_rank() {
             }
         }
     }
+    // A context-parallel prefill runs on rank threads: a job submitted after it runs to its
+    // end meanwhile, and cancelling it stops the ranks.
+    let big = prompt(40_000, 3);
+    let id = submit_detached(&ep, dir.path(), &big, 8, &[]);
+    let small = prompt(60, 9);
+    let want = generate(&ckpt, &small, 8);
+    let v = submit_json(&ep, &small, 8, &["--context-parallel", "1"]);
+    assert_eq!(tokens(&v), want);
+    let get = ok_json(&["jobs", "get", &id, "--endpoint", &ep, "--json"]);
+    assert_eq!(get["state"], "running", "{get}");
+    assert!(
+        get["tokens"].as_array().is_none_or(|t| t.is_empty()),
+        "{get}"
+    );
+    ok_json(&["jobs", "cancel", &id, "--endpoint", &ep, "--json"]);
+    let done = ok_json(&["jobs", "wait", &id, "--endpoint", &ep, "--json"]);
+    assert_eq!(done["finish_reason"], "cancelled", "{done}");
+
     // More ranks than the server has: refused, saying how many it has.
     let (ok, _, err) = run(&[
         "submit",

@@ -53,8 +53,8 @@ pub struct Request {
     pub ignore_eos: bool,
     /// Prompt tokens per prefill step for this sequence (None: the scheduler's).
     pub prefill_chunk: Option<usize>,
-    /// Ranks its prefill is split among (0 or 1: this engine alone; see
-    /// [`Forward::prefill_context`]).
+    /// Ranks its prefill is split among (0 or 1: this engine alone; more: the owner runs the
+    /// ranks and hands the result to [`Scheduler::admit_prefilled`]).
     pub context_parallel: usize,
 }
 
@@ -159,6 +159,15 @@ pub struct ContextPrefill<B: Backend> {
     pub cache_bytes_per_rank: Vec<u64>,
 }
 
+/// A request whose whole prompt context-parallel ranks prefilled (from `started`), to decode
+/// on the engine's thread ([`Scheduler::admit_prefilled`]).
+pub struct Prefilled<B: Backend, S> {
+    pub req: Request,
+    pub started: Instant,
+    pub done: ContextPrefill<B>,
+    pub sink: S,
+}
+
 /// One forward pass of several sequences: on the model's own experts, or through an exchange.
 pub trait Forward<B: Backend> {
     fn forward(
@@ -167,18 +176,6 @@ pub trait Forward<B: Backend> {
         seqs: &mut [(&mut SequenceState<B>, &[u32])],
         logits: Logits,
     ) -> (Result<Vec<Vec<f32>>>, ForwardCounts);
-
-    /// The prefill of a whole prompt split among `ranks` ranks (context parallelism), where
-    /// this engine has them; None where it does not.
-    fn prefill_context(
-        &self,
-        model: &Model<B>,
-        prompt: &[u32],
-        ranks: usize,
-    ) -> Option<Result<ContextPrefill<B>>> {
-        let _ = (model, prompt, ranks);
-        None
-    }
 }
 
 /// The model's own experts.
@@ -211,7 +208,6 @@ struct Seq<B: Backend, S: Sink> {
     started: Instant,
     prefill_end: Option<Instant>,
     stats: SeqStats,
-    context_parallel: usize,
 }
 
 impl<B: Backend, S: Sink> Seq<B, S> {
@@ -261,13 +257,19 @@ fn invalid(e: impl std::fmt::Display) -> SeqError {
     }
 }
 
-/// A forward error as a sequence failure: a failed expert exchange may succeed elsewhere.
-fn failure(e: ModelError) -> SeqError {
-    let kind = match e {
+/// The kind of failure a forward error is: a failed expert exchange may succeed elsewhere, a
+/// failed peer was another engine's fault.
+pub fn failure_kind(e: &ModelError) -> FailKind {
+    match e {
         ModelError::Experts(_) => FailKind::Unavailable,
         ModelError::Peer(_) => FailKind::Aborted,
         _ => FailKind::Internal,
-    };
+    }
+}
+
+/// A forward error as a sequence failure.
+fn failure(e: ModelError) -> SeqError {
+    let kind = failure_kind(&e);
     SeqError {
         kind,
         message: e.to_string(),
@@ -307,7 +309,15 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
     }
 
     /// Checks `req` against `model`; a request that cannot run fails on its sink at once.
-    pub fn admit(&mut self, model: &Model<B>, req: Request, sink: S) {
+    pub fn admit(&mut self, model: &Model<B>, req: Request, mut sink: S) {
+        if req.context_parallel > 1 {
+            sink.send(Event::Failed(invalid(format!(
+                "a context-parallel prefill of degree {} is run by the engine's owner \
+                 (admit_prefilled), not by the scheduler",
+                req.context_parallel
+            ))));
+            return;
+        }
         if let Some(s) = self.new_seq(model, req, sink) {
             self.prefilling.push_back(s);
         }
@@ -340,7 +350,6 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                         widest_batch: 1,
                         ..Default::default()
                     },
-                    context_parallel: req.context_parallel,
                 })
             }
             Err(e) => {
@@ -451,9 +460,6 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         fwd: &impl Forward<B>,
         mut s: Seq<B, S>,
     ) -> Option<Seq<B, S>> {
-        if s.context_parallel > 1 {
-            return self.prefill_context(model, fwd, s);
-        }
         let end = (s.done + s.chunk).min(s.prompt.len());
         let last = end == s.prompt.len();
         let toks = vec![s.prompt[s.done..end].to_vec()];
@@ -484,42 +490,6 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         None
     }
 
-    /// The whole prompt of `s` prefilled by its ranks; then its first token.
-    fn prefill_context(
-        &mut self,
-        model: &Model<B>,
-        fwd: &impl Forward<B>,
-        s: Seq<B, S>,
-    ) -> Option<Seq<B, S>> {
-        let ranks = s.context_parallel;
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            fwd.prefill_context(model, &s.prompt, ranks)
-        }));
-        let done = match r {
-            Ok(Some(Ok(done))) => done,
-            Ok(Some(Err(e))) => {
-                s.fail(failure(e));
-                return None;
-            }
-            Ok(None) => {
-                s.fail(invalid(format!(
-                    "context-parallel degree {ranks} was requested, but this engine runs \
-                     every prefill alone"
-                )));
-                return None;
-            }
-            Err(_) => {
-                s.fail(SeqError {
-                    kind: FailKind::Internal,
-                    message: "the context-parallel prefill panicked".into(),
-                });
-                return None;
-            }
-        };
-        self.prefilled(s, done, ranks);
-        None
-    }
-
     /// A sequence whose whole prompt was prefilled by context-parallel ranks: its events,
     /// then its first token.
     fn prefilled(&mut self, mut s: Seq<B, S>, done: ContextPrefill<B>, ranks: usize) {
@@ -547,16 +517,15 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         self.emit(s, &done.logits);
     }
 
-    /// Admits `req`, whose prompt was prefilled elsewhere (context-parallel ranks driven by
-    /// the owner, from `started`): it decodes from `done` like any sequence.
-    pub fn admit_prefilled(
-        &mut self,
-        model: &Model<B>,
-        req: Request,
-        started: Instant,
-        done: ContextPrefill<B>,
-        sink: S,
-    ) {
+    /// Admits a request whose prompt was prefilled elsewhere (context-parallel ranks driven
+    /// by the owner, on threads of their own): it decodes from its state like any sequence.
+    pub fn admit_prefilled(&mut self, model: &Model<B>, p: Prefilled<B, S>) {
+        let Prefilled {
+            req,
+            started,
+            done,
+            sink,
+        } = p;
         let ranks = req.context_parallel;
         let Some(mut s) = self.new_seq(model, req, sink) else {
             return;

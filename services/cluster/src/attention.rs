@@ -118,12 +118,7 @@ struct RankStep {
 }
 
 /// A context-parallel prefill done, its sequence to decode on the engine thread.
-struct Prefilled<B: Backend> {
-    req: scheduler::Request,
-    started: Instant,
-    done: ContextPrefill<B>,
-    sink: StepSink,
-}
+type Prefilled<B> = scheduler::Prefilled<B, StepSink>;
 
 /// A job step's events, as the coordinator reads them on its stream. A closed stream (the
 /// coordinator went away or gave up) cancels the step.
@@ -340,7 +335,7 @@ impl<B: Backend> AttentionHost<B> {
         loop {
             while let Ok(p) = self.prefilled.1.try_recv() {
                 tracing::info!(job = %p.sink.job, "decoding after the context-parallel prefill");
-                sched.admit_prefilled(&self.model, p.req, p.started, p.done, p.sink);
+                sched.admit_prefilled(&self.model, p);
             }
             if sched.is_idle() {
                 // Woken now and then for sequences that context-parallel ranks prefilled.

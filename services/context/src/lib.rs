@@ -29,7 +29,7 @@ pub enum ContextError {
     Transport(#[from] TransportError),
     #[error("a peer sent a malformed share: {0}")]
     Malformed(String),
-    #[error("another rank failed; this one stopped")]
+    #[error("stopped: another rank failed, or the job was cancelled or ended")]
     Aborted,
 }
 
@@ -601,19 +601,6 @@ pub struct LocalPrefill<B: Backend> {
     pub times: Vec<RankTimes>,
 }
 
-/// A context-parallel prefill of `prompt` by `ranks` threads of this process, exchanging over
-/// the in-process transport (the path of a multi-GPU node). `rt` runs the transfers.
-pub fn prefill_local<B: Backend>(
-    rt: &tokio::runtime::Handle,
-    model: &Model<B>,
-    prompt: &[u32],
-    ranks: usize,
-) -> Result<LocalPrefill<B>> {
-    let group =
-        ringbolt_transport::local::LocalGroup::ranks(ranks.max(1), 0, Duration::from_secs(600));
-    prefill_group(rt, model, prompt, group, StateExchange::default())
-}
-
 /// A context-parallel prefill of `prompt` by one thread of this process per rank of `group`
 /// (any transport: the in-process one, or TCP with an emulated link for measurements).
 pub fn prefill_group<B: Backend, T: Transport + 'static>(
@@ -622,9 +609,11 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
     prompt: &[u32],
     group: Vec<T>,
     exchange: StateExchange,
+    cancel: &CancellationToken,
 ) -> Result<LocalPrefill<B>> {
     let layout = Layout::zigzag(prompt.len(), group.len());
-    let abort = CancellationToken::new();
+    // A failed rank stops the others; so does `cancel`.
+    let abort = cancel.child_token();
     let results: Vec<Result<(RankPrefill<'_, B>, RankTimes)>> = std::thread::scope(|s| {
         let hs: Vec<_> = group
             .into_iter()
@@ -733,7 +722,15 @@ mod tests {
             {
                 let group =
                     ringbolt_transport::local::LocalGroup::ranks(p, 0, Duration::from_secs(60));
-                let got = prefill_group(rt.handle(), &m, &prompt, group, exchange).unwrap();
+                let got = prefill_group(
+                    rt.handle(),
+                    &m,
+                    &prompt,
+                    group,
+                    exchange,
+                    &CancellationToken::new(),
+                )
+                .unwrap();
                 assert!(
                     rel_err(&got.logits, &want) <= 1e-5,
                     "n={n} P={p} {exchange:?}"

@@ -49,7 +49,7 @@ pub struct Completion {
 }
 
 pub(crate) struct Engine<B: Backend> {
-    pub model: Model<B>,
+    pub model: Arc<Model<B>>,
     pub store: Arc<JobStore>,
     pub jobs: Receiver<Arc<LiveJob>>,
     pub done: mpsc::Sender<Completion>,
@@ -58,41 +58,8 @@ pub(crate) struct Engine<B: Backend> {
     pub rt: tokio::runtime::Handle,
 }
 
-/// This process's forward passes: the model's own experts; a context-parallel prefill by
-/// rank threads over the in-process transport.
-struct Standalone<'a> {
-    rt: &'a tokio::runtime::Handle,
-}
-
-impl<B: Backend> sched::Forward<B> for Standalone<'_> {
-    fn forward(
-        &self,
-        model: &Model<B>,
-        seqs: &mut [(&mut ringbolt_model::SequenceState<B>, &[u32])],
-        logits: ringbolt_model::Logits,
-    ) -> (ringbolt_model::Result<Vec<Vec<f32>>>, sched::ForwardCounts) {
-        LocalForward.forward(model, seqs, logits)
-    }
-
-    fn prefill_context(
-        &self,
-        model: &Model<B>,
-        prompt: &[u32],
-        ranks: usize,
-    ) -> Option<ringbolt_model::Result<sched::ContextPrefill<B>>> {
-        let r = ringbolt_context::prefill_local(self.rt, model, prompt, ranks)
-            .map(|p| sched::ContextPrefill {
-                logits: p.logits,
-                state: p.state,
-                cache_bytes_per_rank: p.cache_bytes_per_rank,
-            })
-            .map_err(|e| match e {
-                ringbolt_context::ContextError::Model(m) => m,
-                other => ringbolt_model::ModelError::Invalid(other.to_string()),
-            });
-        Some(r)
-    }
-}
+/// A job whose context-parallel prefill is done, to decode on the engine thread.
+type Prefilled<B> = sched::Prefilled<B, JobSink>;
 
 /// The gRPC code of a sequence failure.
 pub fn fail_code(kind: FailKind) -> tonic::Code {
@@ -183,12 +150,31 @@ impl<B: Backend> Engine<B> {
             max_batch: self.cfg.max_batch,
             prefill_chunk: self.cfg.prefill_chunk,
         });
+        // Context-parallel prefills run on rank threads of their own (the engine keeps
+        // decoding other jobs meanwhile) and come back here to decode.
+        let (back, prefilled) = std::sync::mpsc::channel::<Option<Prefilled<B>>>();
+        let mut in_flight = 0usize;
         let mut open = true;
         loop {
+            while let Ok(p) = prefilled.try_recv() {
+                in_flight -= 1;
+                if let Some(p) = p {
+                    sched.admit_prefilled(&self.model, p);
+                }
+            }
             if open && pending.is_empty() && sched.is_idle() {
-                match self.jobs.recv() {
-                    Ok(j) => pending.push_back(j),
-                    Err(_) => return,
+                if in_flight > 0 {
+                    // Woken now and then for the prefills that come back.
+                    match self.jobs.recv_timeout(std::time::Duration::from_millis(20)) {
+                        Ok(j) => pending.push_back(j),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => open = false,
+                    }
+                } else {
+                    match self.jobs.recv() {
+                        Ok(j) => pending.push_back(j),
+                        Err(_) => return,
+                    }
                 }
             }
             while open {
@@ -198,20 +184,29 @@ impl<B: Backend> Engine<B> {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            if !open && pending.is_empty() && sched.is_idle() {
+            if !open && pending.is_empty() && sched.is_idle() && in_flight == 0 {
                 return;
             }
             // Prompts are read from the spool only when their job can start.
             while sched.has_room()
                 && let Some(job) = pending.pop_front()
             {
-                self.start(&mut sched, job);
+                in_flight += usize::from(self.start(&mut sched, job, &back));
             }
-            sched.step(&self.model, &Standalone { rt: &self.rt });
+            if !sched.is_idle() {
+                sched.step(&*self.model, &LocalForward);
+            }
         }
     }
 
-    fn start(&self, sched: &mut Scheduler<B, JobSink>, job: Arc<LiveJob>) {
+    /// Starts `job`: into the scheduler, or (context-parallel) onto rank threads whose result
+    /// comes back on `back` (always exactly one message). Returns whether it went to ranks.
+    fn start(
+        &self,
+        sched: &mut Scheduler<B, JobSink>,
+        job: Arc<LiveJob>,
+        back: &std::sync::mpsc::Sender<Option<Prefilled<B>>>,
+    ) -> bool {
         let rec = job.record();
         let queued = now_unix_ms().saturating_sub(rec.created_unix_ms) as f64 / 1e3;
         let sink = JobSink {
@@ -225,7 +220,7 @@ impl<B: Backend> Engine<B> {
                 Outcome::Finished(FinishReason::Cancelled),
                 Timings::default(),
             );
-            return;
+            return false;
         }
         let prompt = match self.store.read_prompt(&rec.id, rec.prompt_tokens) {
             Ok(p) => p,
@@ -234,7 +229,7 @@ impl<B: Backend> Engine<B> {
                     Outcome::Failed(e.status().code() as i32, e.to_string()),
                     Timings::default(),
                 );
-                return;
+                return false;
             }
         };
         let degree = match rec.context_parallel {
@@ -257,6 +252,113 @@ impl<B: Backend> Engine<B> {
             prefill_chunk: None,
             context_parallel: degree,
         };
-        sched.admit(&self.model, req, sink);
+        if degree <= 1 {
+            sched.admit(&self.model, req, sink);
+            return false;
+        }
+        if let Err(e) = Scheduler::<B, JobSink>::check_request(&self.model, &req) {
+            let code = fail_code(e.kind) as i32;
+            sink.complete(Outcome::Failed(code, e.message), Timings::default());
+            return false;
+        }
+        let (model, rt, back) = (self.model.clone(), self.rt.clone(), back.clone());
+        let spawned = std::thread::Builder::new()
+            .name("context-prefill".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                // A cancelled job stops the ranks at their next wait.
+                let cancel = tokio_util::sync::CancellationToken::new();
+                let watch = {
+                    let (job, cancel) = (sink.job.clone(), cancel.clone());
+                    rt.spawn(async move {
+                        while !job.is_cancelled() {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                        cancel.cancel();
+                    })
+                };
+                let group = ringbolt_transport::local::LocalGroup::ranks(
+                    degree,
+                    0,
+                    std::time::Duration::from_secs(3600),
+                );
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ringbolt_context::prefill_group(
+                        &rt,
+                        &model,
+                        &req.prompt,
+                        group,
+                        ringbolt_context::StateExchange::AllGather,
+                        &cancel,
+                    )
+                }));
+                watch.abort();
+                let msg = match r {
+                    Ok(Ok(p)) => Some(Prefilled {
+                        done: sched::ContextPrefill {
+                            logits: p.logits,
+                            state: p.state,
+                            cache_bytes_per_rank: p.cache_bytes_per_rank,
+                        },
+                        req,
+                        started,
+                        sink,
+                    }),
+                    Ok(Err(_)) if sink.job.is_cancelled() => {
+                        sink.complete(
+                            Outcome::Finished(FinishReason::Cancelled),
+                            Timings::default(),
+                        );
+                        None
+                    }
+                    Ok(Err(e)) => {
+                        let code = match &e {
+                            ringbolt_context::ContextError::Model(m) => {
+                                fail_code(sched::failure_kind(m))
+                            }
+                            _ => tonic::Code::Internal,
+                        };
+                        sink.complete(
+                            Outcome::Failed(code as i32, e.to_string()),
+                            Timings::default(),
+                        );
+                        None
+                    }
+                    Err(p) => {
+                        sink.complete(
+                            Outcome::Failed(
+                                tonic::Code::Internal as i32,
+                                format!(
+                                    "the context-parallel prefill panicked: {}",
+                                    sched::panic_message(&*p)
+                                ),
+                            ),
+                            Timings::default(),
+                        );
+                        None
+                    }
+                };
+                let _ = back.send(msg);
+            });
+        match spawned {
+            Ok(_) => true,
+            Err(e) => {
+                // The sink went with the closure: the job ends through a new one.
+                JobSink {
+                    job,
+                    done: self.done.clone(),
+                    queued,
+                    ttft: 0.0,
+                }
+                .complete(
+                    Outcome::Failed(
+                        tonic::Code::Internal as i32,
+                        format!("cannot start the context-parallel prefill: {e}"),
+                    ),
+                    Timings::default(),
+                );
+                false
+            }
+        }
     }
 }

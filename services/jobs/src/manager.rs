@@ -70,7 +70,7 @@ impl<B: Backend> Executor for LocalEngine<B> {
         store: Arc<JobStore>,
     ) {
         Engine {
-            model: self.model,
+            model: Arc::new(self.model),
             store,
             jobs,
             done,

@@ -511,8 +511,14 @@ fn context(
                     std::time::Duration::from_secs(3600),
                 );
                 let t = Instant::now();
-                let got =
-                    ringbolt_context::prefill_group(rt.handle(), &model, &toks, group, exchange)?;
+                let got = ringbolt_context::prefill_group(
+                    rt.handle(),
+                    &model,
+                    &toks,
+                    group,
+                    exchange,
+                    &Default::default(),
+                )?;
                 (got, t.elapsed().as_secs_f64())
             }
             Some(link) => {
@@ -524,8 +530,14 @@ fn context(
                         link,
                     ))?;
                 let t = Instant::now();
-                let got =
-                    ringbolt_context::prefill_group(rt.handle(), &model, &toks, group, exchange)?;
+                let got = ringbolt_context::prefill_group(
+                    rt.handle(),
+                    &model,
+                    &toks,
+                    group,
+                    exchange,
+                    &Default::default(),
+                )?;
                 (got, t.elapsed().as_secs_f64())
             }
         };
