@@ -1143,3 +1143,104 @@ fn standalone_context_parallel_jobs_equal_one_rank() {
         "{err}"
     );
 }
+
+/// Issue 16: a server with a token file refuses requests without a valid token
+/// (UNAUTHENTICATED), serves those with one (flag or env), limits each token's jobs in flight,
+/// and keeps its health service open to probes.
+#[test]
+fn tokens_guard_the_api_and_limit_each_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let file = dir.path().join("tokens");
+    std::fs::write(
+        &file,
+        "# ops\nalpha-token-0123456789\nbeta-token-0123456789\n",
+    )
+    .unwrap();
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &[
+            "--auth-tokens-file",
+            file.to_str().unwrap(),
+            "--max-jobs-per-token",
+            "1",
+        ],
+    );
+    let ep = server.endpoint.clone();
+    let submit = |extra: &[&str]| {
+        let mut args = vec![
+            "submit",
+            "--endpoint",
+            &ep,
+            "--tokens",
+            "1,2,3",
+            "--max-new-tokens",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    for (extra, why) in [
+        (vec![], "needs a token"),
+        (vec!["--token", "wrong-token-0123456789"], "not valid"),
+    ] {
+        let (ok, _, err) = submit(&extra);
+        assert!(
+            !ok && err.contains("Unauthenticated") && err.contains(why),
+            "{err}"
+        );
+        let mut status = vec!["status", "--endpoint", &ep];
+        status.extend_from_slice(&extra);
+        let (ok, _, err) = run(&status);
+        assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    }
+    let (ok, out, err) = submit(&["--token", "alpha-token-0123456789", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        tokens(&serde_json::from_str(out.trim()).unwrap()),
+        generate(&ckpt, &[1, 2, 3], 2)
+    );
+    // The environment works as the flag does.
+    let out = Command::new(BIN)
+        .args(["status", "--endpoint", &ep, "--json"])
+        .env("RINGBOLT_TOKEN", "beta-token-0123456789")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One job in flight per token: alpha's second waits its turn, beta's runs.
+    let big = prompt(20_000, 5);
+    let id = submit_detached(
+        &ep,
+        dir.path(),
+        &big,
+        4,
+        &["--token", "alpha-token-0123456789"],
+    );
+    let (ok, _, err) = submit(&["--token", "alpha-token-0123456789"]);
+    assert!(
+        !ok && err.contains("ResourceExhausted") && err.contains("this token"),
+        "{err}"
+    );
+    let (ok, _, err) = submit(&["--token", "beta-token-0123456789"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&[
+        "jobs",
+        "wait",
+        &id,
+        "--endpoint",
+        &ep,
+        "--token",
+        "alpha-token-0123456789",
+    ]);
+    assert!(ok, "{err}");
+    // Its job done, alpha may submit again.
+    let (ok, _, err) = submit(&["--token", "alpha-token-0123456789"]);
+    assert!(ok, "{err}");
+    // Probes need no token.
+    assert_eq!(rt().block_on(health(&ep, "")), 1);
+}

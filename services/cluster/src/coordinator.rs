@@ -64,6 +64,8 @@ pub struct CoordinatorArgs {
     /// more is FAILED_PRECONDITION).
     #[arg(long, env = "RINGBOLT_MAX_CONTEXT_PARALLEL", default_value_t = 64)]
     pub max_context_parallel: u32,
+    #[command(flatten)]
+    pub auth: crate::AuthArgs,
 }
 
 /// What the coordinator knows of the cluster: members and the plan (for `Status` and for
@@ -1096,6 +1098,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         max_prompt_tokens: a.max_prompt_tokens,
         result_ttl: Duration::from_secs(a.result_ttl_secs),
         context_parallel: a.max_context_parallel.max(1),
+        max_jobs_per_token: a.auth.max_jobs_per_token,
     };
     let exec = ClusterExecutor {
         rt: tokio::runtime::Handle::current(),
@@ -1106,7 +1109,9 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     };
     let mgr = JobManager::start_with(Box::new(exec), cfg, store, limits, None, stop.clone())
         .map_err(|e| ClusterError::Io(e.to_string()))?;
-    let svc = JobsService::new(mgr, address.clone()).with_status(view.clone());
+    let svc = JobsService::new(mgr, address.clone())
+        .with_status(view.clone())
+        .with_tokens(a.auth.tokens()?);
     eprintln!("ringbolt coordinator {id} listening on {address}");
     let mut lost = reg.lost();
     let stop2 = stop.clone();

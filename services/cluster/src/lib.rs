@@ -48,6 +48,34 @@ impl From<ClusterError> for tonic::Status {
     }
 }
 
+/// Who may use the public API (standalone and coordinator).
+#[derive(Args, Clone, Debug, Default)]
+pub struct AuthArgs {
+    /// A file of bearer tokens, one a line (at least 16 characters each; `#` comments): every
+    /// job and status request must carry one (`ringbolt --token`). Re-read when it changes.
+    #[arg(long, env = "RINGBOLT_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<std::path::PathBuf>,
+    /// Jobs one token may have uploaded, queued or running at once (0: only --max-jobs).
+    #[arg(long, env = "RINGBOLT_MAX_JOBS_PER_TOKEN", default_value_t = 0)]
+    pub max_jobs_per_token: usize,
+}
+
+impl AuthArgs {
+    /// The tokens of `--auth-tokens-file`, if given.
+    pub fn tokens(
+        &self,
+    ) -> Result<Option<std::sync::Arc<ringbolt_jobs::auth::Tokens>>, ClusterError> {
+        self.auth_tokens_file
+            .as_deref()
+            .map(|p| {
+                ringbolt_jobs::auth::Tokens::load(p)
+                    .map(std::sync::Arc::new)
+                    .map_err(|e| ClusterError::Io(e.to_string()))
+            })
+            .transpose()
+    }
+}
+
 /// Time bounds of the connections a server accepts (gRPC and data plane).
 #[derive(Args, Clone, Debug)]
 pub struct ConnArgs {

@@ -1,6 +1,7 @@
 //! The public gRPC service (`ringbolt.v1.Jobs`, `ringbolt.v1.Cluster`, health) over a
 //! [`JobManager`].
 
+use crate::auth::{Authenticate, Caller, Tokens};
 use crate::bounds::{self, MAX_IDEMPOTENCY_KEY_BYTES, MAX_STOP_TOKENS, echo};
 use crate::convert;
 use crate::error::JobError;
@@ -15,6 +16,7 @@ use ringbolt_transport::listen::{self, ConnLimits};
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Largest gRPC message accepted (a prompt chunk of up to 1M tokens fits).
@@ -32,6 +34,8 @@ pub struct JobsService {
     /// Address clients reach this server at (for `Status`).
     address: String,
     cluster: Option<std::sync::Arc<dyn StatusSource>>,
+    /// The tokens requests must carry (None: any request passes).
+    auth: Authenticate,
 }
 
 fn invalid(msg: impl Into<String>) -> JobError {
@@ -67,7 +71,14 @@ impl JobsService {
             mgr,
             address,
             cluster: None,
+            auth: Authenticate::default(),
         }
+    }
+
+    /// A service whose requests must carry one of `tokens`.
+    pub fn with_tokens(mut self, tokens: Option<std::sync::Arc<Tokens>>) -> Self {
+        self.auth = Authenticate(tokens);
+        self
     }
 
     /// A service whose `Status` reports a cluster's plan and members.
@@ -130,6 +141,7 @@ impl JobsService {
     async fn submit(
         &self,
         mut stream: Streaming<pb::SubmitJobRequest>,
+        caller: Option<Caller>,
     ) -> Result<pb::SubmitJobResponse, JobError> {
         use pb::submit_job_request::Item;
         let interrupted = |s: Status| {
@@ -159,7 +171,7 @@ impl JobsService {
         let key = (!header.idempotency_key.is_empty()).then(|| header.idempotency_key.clone());
         // Every upload takes a place among the admitted jobs before it starts (a retry of a
         // known key too, while it uploads), so admission is exact under concurrency.
-        let permit = self.mgr.admit()?;
+        let permit = self.mgr.admit(caller)?;
         let model = self.mgr.model().clone();
         let max_prompt = self
             .mgr
@@ -330,7 +342,8 @@ impl Jobs for JobsService {
         &self,
         request: Request<Streaming<pb::SubmitJobRequest>>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let r = self.submit(request.into_inner()).await;
+        let caller = request.extensions().get::<Caller>().copied();
+        let r = self.submit(request.into_inner(), caller).await;
         if let Err(e) = &r {
             tracing::info!(error = %e, "submission refused");
         }
@@ -550,18 +563,21 @@ impl Health {
     }
 }
 
-/// Serves the public API on `listener` until `shutdown` resolves.
+/// Serves the public API on `listener` until `shutdown` resolves; with `tokens`, every job and
+/// status request must carry one.
 pub async fn serve(
     mgr: JobManager,
     listener: TcpListener,
     limits: ConnLimits,
+    tokens: Option<std::sync::Arc<Tokens>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let address = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    serve_service(JobsService::new(mgr, address), listener, limits, shutdown).await
+    let svc = JobsService::new(mgr, address).with_tokens(tokens);
+    serve_service(svc, listener, limits, shutdown).await
 }
 
 /// Serves `svc` (the public API) on `listener` until `shutdown` resolves, with each connection
@@ -582,14 +598,15 @@ pub async fn serve_service(
     .await;
     health.set(true).await;
     let (incoming, _accepting) = listen::incoming(listener, limits);
+    // Health stays open (probes carry no token); the job and cluster services check tokens.
+    let auth = svc.auth.clone();
+    let jobs = JobsServer::new(svc.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     listen::grpc_server(&limits)
         .add_service(health.service())
-        .add_service(
-            JobsServer::new(svc.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(ClusterServer::new(svc))
+        .add_service(InterceptedService::new(jobs, auth.clone()))
+        .add_service(InterceptedService::new(ClusterServer::new(svc), auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

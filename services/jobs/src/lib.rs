@@ -2,6 +2,7 @@
 //! (prompt in a spool, record in an embedded database) before its id is returned, the engine
 //! runs jobs with continuous batching, and watchers get every event from the start.
 
+pub mod auth;
 pub mod bounds;
 pub mod convert;
 pub mod error;

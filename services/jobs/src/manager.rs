@@ -1,6 +1,7 @@
 //! The job manager: admission, durable acceptance, the live-job table, completion and expiry.
 //! It is the handle the gRPC service (and tests) use; the engine thread does the compute.
 
+use crate::auth::Caller;
 use crate::error::{JobError, Result};
 use crate::executor::{Completion, Engine, EngineConfig, Outcome};
 use crate::live::LiveJob;
@@ -28,6 +29,8 @@ pub struct Limits {
     pub result_ttl: Duration,
     /// Most ranks a job's prefill may be split among (a job asking 0 gets this many).
     pub context_parallel: u32,
+    /// Jobs one token may have uploaded, queued or running at once (0: only `max_jobs`).
+    pub max_jobs_per_token: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +41,7 @@ impl Default for Limits {
             max_prompt_tokens: 4 << 20,
             result_ttl: Duration::from_secs(24 * 3600),
             context_parallel: 1,
+            max_jobs_per_token: 0,
         }
     }
 }
@@ -90,9 +94,33 @@ pub enum WatchSource {
 /// A place among the `max_jobs` jobs admitted (being uploaded, queued or running): taken before
 /// an upload starts, so admission is exact however many clients submit at once, and given back
 /// when dropped (the upload failed, or the job left the live table).
-pub struct Permit(Arc<AtomicUsize>);
+pub struct Permit {
+    _all: Slot,
+    /// The caller's own place, when its token has a limit.
+    _caller: Option<Slot>,
+}
 
-impl Drop for Permit {
+/// One place counted in a counter, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// A place in `counter` if fewer than `max` are taken; else how many are.
+    fn take(counter: &Arc<AtomicUsize>, max: usize) -> std::result::Result<Slot, usize> {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| Slot(counter.clone()))
+    }
+
+    /// A place taken whatever the count (a job that was admitted before a restart).
+    fn force(counter: &Arc<AtomicUsize>) -> Slot {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Slot(counter.clone())
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -108,6 +136,8 @@ struct Inner {
     store: Arc<JobStore>,
     live: Mutex<HashMap<String, Entry>>,
     admitted: Arc<AtomicUsize>,
+    /// Jobs admitted per caller (token), for `max_jobs_per_token`.
+    per_caller: Mutex<HashMap<Caller, Arc<AtomicUsize>>>,
     to_engine: Sender<Arc<LiveJob>>,
     limits: Limits,
     model: ModelConfig,
@@ -172,6 +202,7 @@ impl JobManager {
                 store,
                 live: Mutex::new(HashMap::new()),
                 admitted: Arc::new(AtomicUsize::new(0)),
+                per_caller: Mutex::new(HashMap::new()),
                 to_engine,
                 limits,
                 model: model_cfg,
@@ -189,8 +220,10 @@ impl JobManager {
                     ..rec
                 };
                 // Recovered jobs were admitted before the restart: they count, whatever the limit.
-                mgr.inner.admitted.fetch_add(1, Ordering::SeqCst);
-                let permit = Permit(mgr.inner.admitted.clone());
+                let permit = Permit {
+                    _all: Slot::force(&mgr.inner.admitted),
+                    _caller: None,
+                };
                 mgr.enqueue(rec, permit)?;
                 recovered += 1;
             }
@@ -255,19 +288,37 @@ impl JobManager {
     }
 
     /// Takes a place among the admitted jobs, or says the server is full.
-    pub fn admit(&self) -> Result<Permit> {
+    pub fn admit(&self, caller: Option<Caller>) -> Result<Permit> {
         let max = self.inner.limits.max_jobs;
-        match self
-            .inner
-            .admitted
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max).then_some(n + 1)
-            }) {
-            Ok(_) => Ok(Permit(self.inner.admitted.clone())),
-            Err(n) => Err(JobError::ResourceExhausted(format!(
+        let all = Slot::take(&self.inner.admitted, max).map_err(|n| {
+            JobError::ResourceExhausted(format!(
                 "{n} jobs are being uploaded, queued or running (limit {max}); retry later"
-            ))),
-        }
+            ))
+        })?;
+        let per = self.inner.limits.max_jobs_per_token;
+        let caller = match caller {
+            Some(c) if per > 0 => {
+                let counter = self
+                    .inner
+                    .per_caller
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(c)
+                    .or_default()
+                    .clone();
+                Some(Slot::take(&counter, per).map_err(|n| {
+                    JobError::ResourceExhausted(format!(
+                        "this token has {n} jobs being uploaded, queued or running (limit \
+                         {per}); retry later"
+                    ))
+                })?)
+            }
+            _ => None,
+        };
+        Ok(Permit {
+            _all: all,
+            _caller: caller,
+        })
     }
 
     pub fn lookup_idempotency_key(&self, key: &str) -> Result<Option<String>> {

@@ -142,6 +142,7 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             tokenizer: None,
             device: ringbolt_kernels::Device::Cpu,
             conn: Default::default(),
+            auth: Default::default(),
         };
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());
@@ -153,6 +154,7 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             mgr,
             listener,
             args.conn.limits(),
+            None,
             async move { stop.cancelled().await },
         ));
         let t = Instant::now();

@@ -9,6 +9,9 @@ use ringbolt_proto::v1::cluster_client::ClusterClient;
 use ringbolt_proto::v1::jobs_client::JobsClient;
 use serde_json::json;
 use std::io::Write;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Tokens per uploaded chunk (1 MiB of packed ids).
@@ -93,11 +96,49 @@ pub async fn connect_channel(endpoints: &str) -> Result<Channel> {
     }
 }
 
+/// The token every request of this process carries (`--token`), as `authorization` metadata.
+static TOKEN: std::sync::OnceLock<Option<MetadataValue<Ascii>>> = std::sync::OnceLock::new();
+
+/// Sets the token requests carry (once, at start).
+pub fn set_token(token: Option<&str>) -> Result<()> {
+    let value = token
+        .map(|t| {
+            format!("Bearer {}", t.trim())
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| anyhow::anyhow!("--token must be printable ASCII"))
+        })
+        .transpose()?;
+    let _ = TOKEN.set(value);
+    Ok(())
+}
+
+/// Adds the process's token to each request.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+fn bearer() -> Bearer {
+    Bearer(TOKEN.get().cloned().flatten())
+}
+
+/// A connection whose requests carry the token.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
 /// [`connect_channel`] as a client of the job API.
-pub async fn connect(endpoints: &str) -> Result<JobsClient<Channel>> {
-    Ok(JobsClient::new(connect_channel(endpoints).await?)
-        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES))
+pub async fn connect(endpoints: &str) -> Result<JobsClient<Conn>> {
+    Ok(
+        JobsClient::with_interceptor(connect_channel(endpoints).await?, bearer())
+            .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES),
+    )
 }
 
 /// Whether a failed watch may succeed on another try (server gone or taking over).
@@ -239,7 +280,7 @@ pub struct StatusArgs {
 
 /// Uploads a prompt; returns the server's answer. `on_chunk` sees each chunk's size.
 pub async fn submit_tokens(
-    client: &mut JobsClient<Channel>,
+    client: &mut JobsClient<Conn>,
     header: pb::JobHeader,
     ids: Vec<u32>,
     text: Option<String>,
@@ -304,7 +345,7 @@ pub fn outcome_json(o: &Outcome) -> serde_json::Value {
 
 /// Follows a job from its first event to its end. `live` prints progress and tokens.
 pub async fn watch(
-    client: &mut JobsClient<Channel>,
+    client: &mut JobsClient<Conn>,
     id: &str,
     live: bool,
 ) -> Result<Outcome, RpcError> {
@@ -320,7 +361,7 @@ pub async fn watch(
 /// Follows a job into `out`; tokens `out` already has are checked and skipped (a watch
 /// replays the job from its start).
 async fn watch_into(
-    client: &mut JobsClient<Channel>,
+    client: &mut JobsClient<Conn>,
     id: &str,
     live: bool,
     out: &mut Outcome,
@@ -610,7 +651,7 @@ pub async fn jobs(a: JobsArgs) -> Result<()> {
 
 pub async fn status(a: StatusArgs) -> Result<()> {
     let ch = connect_channel(&a.endpoint).await?;
-    let s = ClusterClient::new(ch)
+    let s = ClusterClient::with_interceptor(ch, bearer())
         .status(pb::StatusRequest {})
         .await
         .map_err(RpcError)?

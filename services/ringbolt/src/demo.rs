@@ -106,6 +106,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         tokenizer: None,
         device: ringbolt_kernels::Device::Cpu,
         conn: Default::default(),
+        auth: Default::default(),
     };
     let token = CancellationToken::new();
     let t_load = Instant::now();
@@ -119,6 +120,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         mgr,
         listener,
         args.conn.limits(),
+        None,
         async move { stop.cancelled().await },
     ));
     eprintln!(

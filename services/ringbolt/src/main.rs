@@ -25,6 +25,9 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, env = "RINGBOLT_THREADS", global = true)]
     threads: Option<usize>,
+    /// Bearer token for a server started with --auth-tokens-file (submit, jobs, status).
+    #[arg(long, env = "RINGBOLT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,6 +89,10 @@ fn main() {
             .build_global()
     {
         eprintln!("error: cannot start {n} compute threads: {e}");
+        std::process::exit(2);
+    }
+    if let Err(e) = client::set_token(cli.token.as_deref()) {
+        eprintln!("error: {e}");
         std::process::exit(2);
     }
     let result = match cli.command {

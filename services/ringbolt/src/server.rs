@@ -51,6 +51,8 @@ pub struct StandaloneArgs {
     pub device: Device,
     #[command(flatten)]
     pub conn: ringbolt_cluster::ConnArgs,
+    #[command(flatten)]
+    pub auth: ringbolt_cluster::AuthArgs,
 }
 
 /// The engine's start once the device's backend is open: the model is loaded onto it and
@@ -90,6 +92,7 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
         max_prompt_tokens: a.max_prompt_tokens,
         result_ttl: Duration::from_secs(a.result_ttl_secs),
         context_parallel: a.context_parallel.max(1),
+        max_jobs_per_token: a.auth.max_jobs_per_token,
     };
     let engine = EngineConfig {
         max_batch: a.max_batch.max(1),
@@ -136,6 +139,14 @@ pub async fn standalone(a: StandaloneArgs) -> Result<()> {
         .with_context(|| format!("binding {}", a.listen))?;
     let addr = listener.local_addr()?;
     eprintln!("ringbolt standalone listening on {addr}");
-    ringbolt_jobs::grpc::serve(mgr, listener, a.conn.limits(), shutdown_signal(token)).await?;
+    let tokens = a.auth.tokens()?;
+    ringbolt_jobs::grpc::serve(
+        mgr,
+        listener,
+        a.conn.limits(),
+        tokens,
+        shutdown_signal(token),
+    )
+    .await?;
     Ok(())
 }
