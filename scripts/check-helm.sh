@@ -31,6 +31,7 @@ REQUIRED=(--set image.repository=registry.example/ringbolt --set checkpoint.clai
   --set-string 'nccl.env.NCCL_SOCKET_IFNAME=eth0' >"$OUT/gpu.yaml"
 "$HELM" template rb "$CHART" "${REQUIRED[@]}" --set coordinator.replicas=1 \
   --set attentionWorker.device=cpu --set expertWorker.device=cpu \
+  --set coordinator.auth.tokensSecret=rb-tokens --set coordinator.auth.maxJobsPerToken=4 \
   --set-string 'etcd.endpoints=http://etcd-0:2379\,http://etcd-1:2379' >"$OUT/cpu.yaml"
 
 # Incomplete values are refused, saying what is missing.
