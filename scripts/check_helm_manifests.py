@@ -75,6 +75,10 @@ def main():
                 dport = int(env["RINGBOLT_DATA_LISTEN"].rsplit(":", 1)[1])
                 if declared.get("data") != dport:
                     fail(f"{name}: data plane on {dport}, declares {declared}")
+            if "RINGBOLT_METRICS_LISTEN" in env:
+                mport = int(env["RINGBOLT_METRICS_LISTEN"].rsplit(":", 1)[1])
+                if declared.get("metrics") != mport:
+                    fail(f"{name}: metrics on {mport}, declares {declared}")
             device = env.get("RINGBOLT_DEVICE", "cpu")
             gpus = (c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu", 0)
             if device.startswith("cuda") != (int(gpus) > 0):

@@ -207,6 +207,11 @@ impl Cluster {
 
     /// A coordinator on `port`; waits until it serves unless it is a standby.
     fn coordinator(&self, port: u16, wait: bool) -> Proc {
+        self.coordinator_with(port, wait, &[])
+    }
+
+    /// [`coordinator`](Self::coordinator) with more flags.
+    fn coordinator_with(&self, port: u16, wait: bool, extra: &[&str]) -> Proc {
         let mut a = vec!["coordinator".to_string()];
         a.extend(self.common());
         a.extend(
@@ -219,6 +224,7 @@ impl Cluster {
             .iter()
             .map(|s| s.to_string()),
         );
+        a.extend(extra.iter().map(|s| s.to_string()));
         let p = Proc::start(&a);
         if wait {
             p.wait_for("listening on ", Duration::from_secs(60));
@@ -1314,4 +1320,97 @@ fn context_parallel_jobs_across_attention_workers_equal_one_worker_and_survive_a
     assert_eq!(tokens(&watcher.join().unwrap()), want);
     let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
     assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+/// Prometheus text from `/metrics` on 127.0.0.1:`port`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The sum of the samples of metric `name` whose labels include each of `labels`
+/// (`key="value"`).
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 16: every cluster role serves Prometheus metrics at --metrics-listen, and a job moves
+/// the series an operator watches.
+#[test]
+fn every_role_serves_metrics_that_a_job_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("metrics", dir.path());
+    let (port, mc, ma, me) = (free_port(), free_port(), free_port(), free_port());
+    let ep = format!("http://127.0.0.1:{port}");
+    let at = |p: u16| format!("127.0.0.1:{p}");
+    let _coord = c.coordinator_with(port, true, &["--metrics-listen", &at(mc)]);
+    let (_a, _) = c.worker_at(
+        "attention-worker",
+        &["--listen", "127.0.0.1:0", "--metrics-listen", &at(ma)],
+    );
+    let (_e, _) = c.worker_at(
+        "expert-worker",
+        &["--listen", "127.0.0.1:0", "--metrics-listen", &at(me)],
+    );
+    wait_status(&ep, "experts placed", covers_all);
+    let before = scrape(mc);
+    assert_eq!(metric(&before, "ringbolt_generated_tokens_total", &[]), 0.0);
+    let p = prompt(400, 2);
+    let want = generate(&c.ckpt, &p, 24);
+    let id = submit(&ep, &p, 24);
+    assert_eq!(tokens(&follow(&ep, &id).join().unwrap()), want);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (coord, att, exp) = (scrape(mc), scrape(ma), scrape(me));
+    let moved = |text: &str, series: &str| {
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}').split(',').collect::<Vec<_>>()),
+            None => (series, Vec::new()),
+        };
+        let v = metric(text, name, &labels);
+        assert!(v > 0.0, "{series} is {v}:\n{text}");
+        v
+    };
+    assert_eq!(
+        moved(&coord, "ringbolt_generated_tokens_total"),
+        want.len() as f64
+    );
+    assert_eq!(moved(&coord, "ringbolt_prompt_tokens_total"), 400.0);
+    moved(&coord, "ringbolt_jobs_accepted_total");
+    moved(&coord, "ringbolt_jobs_finished_total{state=\"succeeded\"}");
+    moved(&coord, "ringbolt_time_to_first_token_seconds_count");
+    moved(&coord, "ringbolt_prefill_tokens_per_second_count");
+    moved(&coord, "ringbolt_plan_epoch");
+    for role in ["coordinator", "attention-worker", "expert-worker"] {
+        let label = format!("member_role=\"{role}\"");
+        assert_eq!(
+            metric(&coord, "ringbolt_members", &[&label]),
+            1.0,
+            "{coord}"
+        );
+    }
+    for text in [&coord, &att, &exp] {
+        moved(text, "ringbolt_process_resident_bytes");
+        moved(text, "ringbolt_etcd_lease_renew_seconds_count");
+    }
+    moved(&att, "ringbolt_layer_steps_total");
+    moved(&att, "ringbolt_expert_wait_seconds_count");
+    moved(&att, "ringbolt_layer_attention_seconds_count");
+    moved(&att, "ringbolt_data_plane_bytes_total");
+    moved(&exp, "ringbolt_expert_rows_total");
+    moved(&exp, "ringbolt_expert_compute_seconds_count");
+    moved(&exp, "ringbolt_data_plane_bytes_total");
 }

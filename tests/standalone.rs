@@ -1157,6 +1157,12 @@ fn tokens_guard_the_api_and_limit_each_token() {
         "# ops\nalpha-token-0123456789\nbeta-token-0123456789\n",
     )
     .unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_at = format!("127.0.0.1:{metrics_port}");
     let server = Server::start(
         &ckpt,
         &dir.path().join("data"),
@@ -1165,6 +1171,8 @@ fn tokens_guard_the_api_and_limit_each_token() {
             file.to_str().unwrap(),
             "--max-jobs-per-token",
             "1",
+            "--metrics-listen",
+            &metrics_at,
         ],
     );
     let ep = server.endpoint.clone();
@@ -1243,4 +1251,26 @@ fn tokens_guard_the_api_and_limit_each_token() {
     assert!(ok, "{err}");
     // Probes need no token.
     assert_eq!(rt().block_on(health(&ep, "")), 1);
+    // The refusals are counted: a wrong token (twice: submit and status) and the per-token
+    // limit (a missing token is refused before a token is looked at, and not counted).
+    let text = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let count = |reason: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("ringbolt_admission_rejected_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(count("token"), 2.0, "{text}");
+    assert_eq!(count("max_jobs_per_token"), 1.0, "{text}");
 }

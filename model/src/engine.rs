@@ -192,6 +192,11 @@ impl<B: Backend> SequenceState<B> {
     }
 }
 
+/// The time one layer's attention (the mixer) took, for the metrics.
+fn record_attention(t0: std::time::Instant) {
+    metrics::histogram!("ringbolt_layer_attention_seconds").record(t0.elapsed().as_secs_f64());
+}
+
 /// Which positions of a forward call get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -420,7 +425,9 @@ impl<B: Backend> Model<B> {
                     .collect();
                 for (l, layer) in self.layers.iter().enumerate() {
                     let a = b.rms_norm(&h, &layer.input_norm, hsz, cfg.rms_norm_eps);
+                    let t0 = std::time::Instant::now();
                     let mix = self.mixer(l, layer, &a, rows, &mut views)?;
+                    record_attention(t0);
                     let (alpha, beta) = cfg.attn_factors(l);
                     let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { &h }, beta, &mix);
                     let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);
@@ -493,6 +500,7 @@ impl<B: Backend> Model<B> {
                 }
                 let h = &hs[m];
                 let a = b.rms_norm(h, &layer.input_norm, hsz, cfg.rms_norm_eps);
+                let t0 = std::time::Instant::now();
                 let mut views: Vec<(&mut SequenceState<B>, usize, usize)> = seqs
                     .iter_mut()
                     .enumerate()
@@ -503,6 +511,7 @@ impl<B: Backend> Model<B> {
                     })
                     .collect();
                 let mix = self.mixer(l, layer, &a, rows[m], &mut views)?;
+                record_attention(t0);
                 let (alpha, beta) = cfg.attn_factors(l);
                 let h1 = b.axpby(alpha, if cfg.postnorm { &a } else { h }, beta, &mix);
                 let n2 = b.rms_norm(&h1, &layer.post_norm, hsz, cfg.rms_norm_eps);

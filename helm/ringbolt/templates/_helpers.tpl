@@ -52,6 +52,10 @@ the others reach it at (the pod's IP).
   value: {{ .Values.cluster | quote }}
 - name: RINGBOLT_LEASE_TTL_SECS
   value: {{ .Values.leaseTtlSecs | quote }}
+{{- if .Values.metrics.enabled }}
+- name: RINGBOLT_METRICS_LISTEN
+  value: "0.0.0.0:{{ .Values.metrics.port }}"
+{{- end }}
 {{- range $k, $v := .Values.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
@@ -90,4 +94,22 @@ the others reach it at (the pod's IP).
 {{- $_ := set $r "limits" (merge (default dict $r.limits) (dict "nvidia.com/gpu" .w.gpus)) -}}
 {{- end -}}
 {{- toYaml $r -}}
+{{- end -}}
+
+
+{{/* The metrics port of a container, when metrics are on. */}}
+{{- define "ringbolt.metricsPort" -}}
+{{- if .Values.metrics.enabled -}}
+- {name: metrics, containerPort: {{ .Values.metrics.port }}}
+{{- end }}
+{{- end -}}
+
+{{/* Pod annotations for Prometheus' annotation-based discovery, when metrics are on. */}}
+{{- define "ringbolt.metricsAnnotations" -}}
+{{- if .Values.metrics.enabled -}}
+annotations:
+  prometheus.io/scrape: "true"
+  prometheus.io/port: {{ .Values.metrics.port | quote }}
+  prometheus.io/path: /metrics
+{{- end }}
 {{- end -}}

@@ -89,6 +89,7 @@ pub async fn keep_lease(client: &Client, ttl: Duration) -> Result<KeptLease> {
             if keeper.is_none() {
                 keeper = kc.lease_keep_alive(lease).await.ok();
             }
+            let renew = Instant::now();
             let ok = match keeper.as_mut() {
                 Some((k, stream)) => match k.keep_alive().await {
                     Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
@@ -98,7 +99,10 @@ pub async fn keep_lease(client: &Client, ttl: Duration) -> Result<KeptLease> {
             };
             if ok {
                 last_ok = Instant::now();
+                metrics::histogram!("ringbolt_etcd_lease_renew_seconds")
+                    .record(renew.elapsed().as_secs_f64());
             } else {
+                metrics::counter!("ringbolt_etcd_lease_renew_failures_total").increment(1);
                 keeper = None;
                 if last_ok.elapsed() >= Duration::from_secs(ttl_s as u64) {
                     tracing::warn!(lease, "lease lost");

@@ -117,6 +117,8 @@ async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Frame> {
                 format!("a frame of {len} bytes did not arrive within {within:?}"),
             )
         })??;
+    metrics::counter!("ringbolt_data_plane_bytes_total", "plane" => "experts", "direction" => "received")
+        .increment(len);
     Ok(Frame {
         kind: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
         epoch: word(8),
@@ -133,7 +135,10 @@ async fn write_frame<S: AsyncWrite + Unpin>(
     data: &[u8],
 ) -> std::io::Result<()> {
     s.write_all(&header(kind, epoch, id, data.len())).await?;
-    s.write_all(data).await
+    s.write_all(data).await?;
+    metrics::counter!("ringbolt_data_plane_bytes_total", "plane" => "experts", "direction" => "sent")
+        .increment(data.len() as u64);
+    Ok(())
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, Refusal>> + Send>>;

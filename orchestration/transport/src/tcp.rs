@@ -268,6 +268,8 @@ async fn read_frames(mut s: TimedStream, route: Route) {
                 return;
             }
         };
+        metrics::counter!("ringbolt_data_plane_bytes_total", "plane" => "group", "direction" => "received")
+            .increment(len);
         mailbox.deliver(from, epoch, tag, buf);
     }
 }
@@ -420,7 +422,11 @@ impl Transport for TcpTransport {
             s.write_all(&data).await
         };
         match tokio::time::timeout(self.timeout, write).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                metrics::counter!("ringbolt_data_plane_bytes_total", "plane" => "group", "direction" => "sent")
+                    .increment(data.len() as u64);
+                Ok(())
+            }
             Ok(Err(e)) => {
                 *conn = None;
                 Err(TransportError::Peer {

@@ -492,6 +492,15 @@ fn run_rank<B: Backend>(
         sent_bytes = times.sent,
         "rank's layers done"
     );
+    for (part, t) in [
+        ("compute", times.compute),
+        ("state_wait", times.state_wait),
+        ("ring_wait", times.ring_wait),
+    ] {
+        metrics::histogram!("ringbolt_context_rank_seconds", "part" => part)
+            .record(t.as_secs_f64());
+    }
+    metrics::gauge!("ringbolt_context_rank_cache_bytes").set(rp.cache_bytes() as f64);
     let _ = tx.send(Ok(ipb::JobStep {
         event: Some(ipb::job_step::Event::Context(ipb::StepContext {
             rank: me as u32,
@@ -652,6 +661,7 @@ impl OnBackend for Load {
 
 async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<(), ClusterError> {
     let c = &a.common;
+    c.telemetry.start("attention-worker")?;
     let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let id = c.member_id("attention", &address);

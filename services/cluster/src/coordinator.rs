@@ -84,6 +84,16 @@ pub struct ClusterView {
 impl ClusterView {
     fn set_members(&self, m: Vec<Member>) {
         *self.members.write().unwrap_or_else(|p| p.into_inner()) = m;
+        self.count_members();
+    }
+
+    /// The members-by-role gauges.
+    fn count_members(&self) {
+        let members = self.members();
+        for role in [Role::Coordinator, Role::AttentionWorker, Role::ExpertWorker] {
+            let n = members.iter().filter(|m| m.role == role).count();
+            metrics::gauge!("ringbolt_members", "member_role" => role.as_str()).set(n as f64);
+        }
     }
 
     fn members(&self) -> Vec<Member> {
@@ -102,6 +112,8 @@ impl ClusterView {
             }
             MemberEvent::Left { role, id } => m.retain(|y| !(y.id == *id && y.role == *role)),
         }
+        drop(m);
+        self.count_members();
     }
 
     fn attention_workers(&self) -> Vec<Member> {
@@ -990,6 +1002,7 @@ impl Drop for RunningGuard<'_> {
 /// `ringbolt coordinator`.
 pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let c = &a.common;
+    c.telemetry.start("coordinator")?;
     let membership = connect_membership(c).await?;
     let client = membership.client();
     let ckpt = Checkpoint::open(&c.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;

@@ -161,6 +161,7 @@ impl PlanView {
 fn publish(tx: &watch::Sender<Arc<Plan>>, p: Plan) {
     tx.send_if_modified(|cur| {
         if p.epoch > cur.epoch {
+            metrics::gauge!("ringbolt_plan_epoch").set(p.epoch as f64);
             *cur = Arc::new(p);
             true
         } else {

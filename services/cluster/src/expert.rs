@@ -325,8 +325,20 @@ impl<B: Backend> ExpertHost<B> {
             })
             .collect();
         let b = &self.backend;
+        let t0 = std::time::Instant::now();
         let y = b.moe_experts(&b.upload_owned(x), rows, h, inter, &groups);
         let y = b.host_view(&y);
+        metrics::histogram!("ringbolt_expert_compute_seconds").record(t0.elapsed().as_secs_f64());
+        for (_, p) in reqs {
+            for (e, ids) in &p.req.groups {
+                metrics::counter!(
+                    "ringbolt_expert_rows_total",
+                    "layer" => p.req.layer.to_string(),
+                    "expert" => e.to_string()
+                )
+                .increment(ids.len() as u64);
+            }
+        }
         reqs.iter()
             .enumerate()
             .map(|(r, (i, p))| {
@@ -487,6 +499,7 @@ async fn serve_on<B: Backend>(
     backend: B,
 ) -> Result<(), ClusterError> {
     let c = &a.common;
+    c.telemetry.start("expert-worker")?;
     let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let (data_listener, data_address) = bind_data(a.data_listen, c).await?;

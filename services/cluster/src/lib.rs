@@ -48,6 +48,44 @@ impl From<ClusterError> for tonic::Status {
     }
 }
 
+/// What a serving role exports about itself.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TelemetryArgs {
+    /// Serve Prometheus metrics (text format) at http://ADDR/metrics.
+    #[arg(long, env = "RINGBOLT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl TelemetryArgs {
+    /// Starts the metrics endpoint, if asked for, with every series labelled `role`, and a
+    /// task that keeps the process's resident memory current. Call inside a tokio runtime.
+    pub fn start(&self, role: &str) -> Result<(), ClusterError> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(());
+        };
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .add_global_label("role", role)
+            .install()
+            .map_err(|e| ClusterError::Io(format!("metrics on {addr}: {e}")))?;
+        tokio::spawn(async {
+            let page = 4096u64;
+            loop {
+                // statm: size resident shared ... in pages.
+                if let Some(rss) = std::fs::read_to_string("/proc/self/statm")
+                    .ok()
+                    .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                {
+                    metrics::gauge!("ringbolt_process_resident_bytes").set((rss * page) as f64);
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        tracing::info!(%addr, "metrics at /metrics");
+        Ok(())
+    }
+}
+
 /// Who may use the public API (standalone and coordinator).
 #[derive(Args, Clone, Debug, Default)]
 pub struct AuthArgs {
@@ -137,6 +175,8 @@ pub struct CommonArgs {
     pub etcd_timeout_secs: u64,
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl CommonArgs {

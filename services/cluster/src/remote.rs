@@ -332,6 +332,15 @@ impl RemoteExperts {
     /// Waits for a step's answers and combines them; a failed attempt is re-sent under newer
     /// plans until one succeeds or the re-send window ends.
     fn complete(&self, p: PendingStep<'_>) -> ringbolt_model::Result<Vec<f32>> {
+        // The time the engine waits here is the part of the exchange its compute did not hide.
+        let waited = Instant::now();
+        let r = self.complete_step(p);
+        metrics::histogram!("ringbolt_expert_wait_seconds").record(waited.elapsed().as_secs_f64());
+        metrics::counter!("ringbolt_layer_steps_total").increment(1);
+        r
+    }
+
+    fn complete_step(&self, p: PendingStep<'_>) -> ringbolt_model::Result<Vec<f32>> {
         let PendingStep {
             layer,
             rows,
@@ -372,6 +381,7 @@ impl RemoteExperts {
                         "layer step failed; re-sending it under the next plan epoch"
                     );
                     self.resent.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("ringbolt_layer_steps_resent_total").increment(1);
                     if let Some(r) = resent {
                         r.fetch_add(1, Ordering::Relaxed);
                     }

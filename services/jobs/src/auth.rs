@@ -139,7 +139,11 @@ impl tonic::service::Interceptor for Authenticate {
                 req.extensions_mut().insert(c);
                 Ok(req)
             }
-            None => Err(Status::unauthenticated("the token is not valid here")),
+            None => {
+                metrics::counter!("ringbolt_admission_rejected_total", "reason" => "token")
+                    .increment(1);
+                Err(Status::unauthenticated("the token is not valid here"))
+            }
         }
     }
 }

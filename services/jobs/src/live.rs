@@ -123,6 +123,8 @@ impl LiveJob {
 
     /// The softmax key and value bytes each rank held after a context-parallel prefill.
     pub fn set_cache_bytes(&self, per_rank: &[u64]) {
+        metrics::gauge!("ringbolt_last_job_cache_bytes_per_rank_max")
+            .set(per_rank.iter().copied().max().unwrap_or(0) as f64);
         self.push(|s| {
             s.record.cache_bytes_per_rank = per_rank.to_vec();
             None
@@ -141,6 +143,7 @@ impl LiveJob {
     }
 
     pub fn token(&self, token: u32) {
+        metrics::counter!("ringbolt_generated_tokens_total").increment(1);
         self.push(|s| {
             let index = s.record.tokens.len() as u32;
             s.record.tokens.push(token);

@@ -126,6 +126,31 @@ impl Drop for Slot {
     }
 }
 
+/// Counts a finished job and its speeds.
+fn record_finished(rec: &JobRecord) {
+    let state = match rec.state {
+        JobState::Succeeded => "succeeded",
+        JobState::Cancelled => "cancelled",
+        _ => "failed",
+    };
+    metrics::counter!("ringbolt_jobs_finished_total", "state" => state).increment(1);
+    let t = &rec.timings;
+    if rec.state != JobState::Succeeded {
+        return;
+    }
+    metrics::histogram!("ringbolt_queue_seconds").record(t.queued_seconds);
+    metrics::histogram!("ringbolt_time_to_first_token_seconds")
+        .record(t.time_to_first_token_seconds);
+    if t.prefill_seconds > 0.0 {
+        metrics::histogram!("ringbolt_prefill_tokens_per_second")
+            .record(rec.prompt_tokens as f64 / t.prefill_seconds);
+    }
+    if t.decode_seconds > 0.0 && rec.tokens.len() > 1 {
+        metrics::histogram!("ringbolt_decode_tokens_per_second")
+            .record((rec.tokens.len() - 1) as f64 / t.decode_seconds);
+    }
+}
+
 /// A live job and its place among the admitted.
 struct Entry {
     job: Arc<LiveJob>,
@@ -210,6 +235,7 @@ impl JobManager {
             }),
         };
         tokio::spawn(mgr.clone().completions(done_rx));
+        tokio::spawn(mgr.clone().gauge_loop(shutdown.clone()));
         tokio::spawn(mgr.clone().expire_loop(shutdown));
         let mut recovered = 0;
         for rec in mgr.inner.store.all()? {
@@ -291,6 +317,8 @@ impl JobManager {
     pub fn admit(&self, caller: Option<Caller>) -> Result<Permit> {
         let max = self.inner.limits.max_jobs;
         let all = Slot::take(&self.inner.admitted, max).map_err(|n| {
+            metrics::counter!("ringbolt_admission_rejected_total", "reason" => "max_jobs")
+                .increment(1);
             JobError::ResourceExhausted(format!(
                 "{n} jobs are being uploaded, queued or running (limit {max}); retry later"
             ))
@@ -307,6 +335,11 @@ impl JobManager {
                     .or_default()
                     .clone();
                 Some(Slot::take(&counter, per).map_err(|n| {
+                    metrics::counter!(
+                        "ringbolt_admission_rejected_total",
+                        "reason" => "max_jobs_per_token"
+                    )
+                    .increment(1);
                     JobError::ResourceExhausted(format!(
                         "this token has {n} jobs being uploaded, queued or running (limit \
                          {per}); retry later"
@@ -349,6 +382,9 @@ impl JobManager {
                 Err(existing) => Ok((existing, true)),
                 Ok(()) => {
                     let id = record.id.clone();
+                    metrics::counter!("ringbolt_jobs_accepted_total").increment(1);
+                    metrics::counter!("ringbolt_prompt_tokens_total")
+                        .increment(record.prompt_tokens);
                     mgr.enqueue(record, permit)?;
                     tracing::info!(job = %id, "job accepted");
                     Ok((id, false))
@@ -478,8 +514,22 @@ impl JobManager {
                 Err(e) => tracing::error!(job = %rec.id, error = %e, "cannot persist the result"),
             }
             tracing::info!(job = %rec.id, state = ?rec.state, tokens = rec.tokens.len(), "job finished");
+            record_finished(&rec);
             c.job.finish(rec);
             self.live().remove(&c.job.id);
+        }
+    }
+
+    /// Keeps the jobs-by-state gauges current, once a second.
+    async fn gauge_loop(self, shutdown: CancellationToken) {
+        loop {
+            let (running, queued) = self.counts();
+            metrics::gauge!("ringbolt_jobs", "state" => "running").set(running as f64);
+            metrics::gauge!("ringbolt_jobs", "state" => "queued").set(queued as f64);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
 

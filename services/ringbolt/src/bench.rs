@@ -143,6 +143,7 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             device: ringbolt_kernels::Device::Cpu,
             conn: Default::default(),
             auth: Default::default(),
+            telemetry: Default::default(),
         };
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());

@@ -107,6 +107,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         device: ringbolt_kernels::Device::Cpu,
         conn: Default::default(),
         auth: Default::default(),
+        telemetry: Default::default(),
     };
     let token = CancellationToken::new();
     let t_load = Instant::now();

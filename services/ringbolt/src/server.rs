@@ -53,6 +53,8 @@ pub struct StandaloneArgs {
     pub conn: ringbolt_cluster::ConnArgs,
     #[command(flatten)]
     pub auth: ringbolt_cluster::AuthArgs,
+    #[command(flatten)]
+    pub telemetry: ringbolt_cluster::TelemetryArgs,
 }
 
 /// The engine's start once the device's backend is open: the model is loaded onto it and
@@ -132,6 +134,7 @@ pub async fn shutdown_signal(token: CancellationToken) {
 }
 
 pub async fn standalone(a: StandaloneArgs) -> Result<()> {
+    a.telemetry.start("standalone")?;
     let token = CancellationToken::new();
     let mgr = start_manager(&a, token.clone())?;
     let listener = tokio::net::TcpListener::bind(a.listen)
