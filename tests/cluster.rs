@@ -1414,3 +1414,93 @@ fn every_role_serves_metrics_that_a_job_moves() {
     moved(&exp, "ringbolt_expert_compute_seconds_count");
     moved(&exp, "ringbolt_data_plane_bytes_total");
 }
+
+/// Issue 16: a leading coordinator paused (SIGSTOP) past its lease, while the standby takes
+/// over, is fenced when it resumes (SIGCONT): its plan and record writes are conditioned on
+/// its election key, it steps down (exits), and the job finishes once with the same tokens.
+#[test]
+fn a_paused_leader_that_resumes_is_fenced_and_steps_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("fence", dir.path());
+    let (p1, p2) = (free_port(), free_port());
+    let (ep1, ep2) = (
+        format!("http://127.0.0.1:{p1}"),
+        format!("http://127.0.0.1:{p2}"),
+    );
+    let both = format!("{ep1},{ep2}");
+    let mut leader = c.coordinator(p1, true);
+    let standby = c.coordinator(p2, false);
+    let (_a, _) = c.worker("attention-worker");
+    let (_e, _) = c.worker("expert-worker");
+    wait_status(&ep1, "experts placed", covers_all);
+    let p = prompt(150, 8);
+    let want = generate(&c.ckpt, &p, LONG);
+    let id = submit(&both, &p, LONG);
+    let watcher = follow(&both, &id);
+    wait_tokens(&ep1, &id, 50);
+    let signal = |sig: &str, pid: u32| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    let pid = leader.child.id();
+    signal("-STOP", pid);
+    standby.wait_for("listening on ", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    signal("-CONT", pid);
+    // The old leader finds its lease gone or its writes refused, and steps down.
+    leader.wait_exit(Duration::from_secs(60));
+    let stepped_down = leader.count("stepping down") + leader.count("deposed");
+    assert!(
+        stepped_down > 0,
+        "{}",
+        leader.log.lock().unwrap().join("\n")
+    );
+    assert_eq!(tokens(&watcher.join().unwrap()), want);
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep2, &id, "--json"]);
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(tokens(&job), want);
+}
+
+/// The fence itself: a write under a leader's election key lands while it leads, and is
+/// refused (and marks it deposed) once another coordinator won the key — what keeps a leader
+/// that was paused past its lease from writing when it resumes.
+#[test]
+fn writes_under_a_lost_election_key_are_refused() {
+    use etcd_client::TxnOp;
+    use ringbolt_cluster::etcd::Fence;
+    let etcd = etcd();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.url.as_str()], None)
+            .await
+            .unwrap();
+        let l1 = c.lease_grant(5, None).await.unwrap().id();
+        let won = c.campaign("/t/leader", "a", l1).await.unwrap();
+        let k = won.leader().unwrap();
+        let fence = Fence::new(k.key(), k.rev());
+        fence
+            .write(&c, vec![TxnOp::put("/t/plan", "1", None)])
+            .await
+            .unwrap();
+        assert!(!fence.deposed.is_cancelled());
+        // a's lease ends (revoked here, as a pause past its TTL lets it expire); b wins.
+        c.lease_revoke(l1).await.unwrap();
+        let l2 = c.lease_grant(5, None).await.unwrap().id();
+        c.campaign("/t/leader", "b", l2).await.unwrap();
+        let refused = fence
+            .write(&c, vec![TxnOp::put("/t/plan", "2", None)])
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("no longer the leader"),
+            "{refused}"
+        );
+        assert!(fence.deposed.is_cancelled());
+        let v = c.get("/t/plan", None).await.unwrap();
+        assert_eq!(v.kvs()[0].value(), b"1");
+    });
+}

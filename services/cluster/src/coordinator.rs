@@ -237,6 +237,8 @@ struct Planner {
     ids: Option<IdSource>,
     /// Ids are not asked for before this (after one could not be made).
     ids_paused_until: Mutex<Option<Instant>>,
+    /// Plan writes hold only while this coordinator leads.
+    fence: crate::etcd::Fence,
 }
 
 /// Least time between two epochs made only to rebuild a data group that failed to form.
@@ -571,7 +573,7 @@ impl Planner {
                 })
                 .collect(),
         };
-        store_plan(&self.client, &self.cluster, &plan).await?;
+        store_plan(&self.client, &self.cluster, &self.fence, &plan).await?;
         tracing::info!(
             epoch,
             workers = plan.workers.len(),
@@ -1040,21 +1042,24 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         // resumes the same candidacy.
         loop {
             match ec.campaign(leader_key(&c.cluster), id.clone(), lease).await {
-                Ok(_) => return,
+                Ok(r) => match r.leader() {
+                    Some(k) => return crate::etcd::Fence::new(k.key(), k.rev()),
+                    None => tracing::warn!("elected without a leader key; campaigning again"),
+                },
                 Err(e) => {
                     tracing::debug!(error = %e, "still standing by");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    tokio::select! {
-        _ = campaign => {}
+    let fence = tokio::select! {
+        f = campaign => f,
         _ = lease_lost.wait_for(|l| *l) => {
             return Err(ClusterError::Etcd("lost the election lease while standing by".into()));
         }
         _ = wait_for_signal() => { stop.cancel(); return Ok(()); }
-    }
+    };
     tracing::info!(%id, "elected leader");
 
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
@@ -1092,10 +1097,11 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         expert_bytes: per_expert,
         ids: crate::group::nccl_ids(),
         ids_paused_until: Mutex::new(None),
+        fence: fence.clone(),
     };
     tokio::spawn(planner.run(stop.clone()));
 
-    let records = EtcdRecords::load(client.clone(), &c.cluster).await?;
+    let records = EtcdRecords::load(client.clone(), &c.cluster, fence.clone()).await?;
     std::fs::create_dir_all(&a.data_dir)
         .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
     // Opening checks the spool against the records and may write to etcd: blocking calls.
@@ -1128,13 +1134,19 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     eprintln!("ringbolt coordinator {id} listening on {address}");
     let mut lost = reg.lost();
     let stop2 = stop.clone();
+    let deposed = fence.deposed.clone();
     let shutdown = async move {
         tokio::select! {
             _ = wait_for_signal() => {}
             _ = lease_lost.wait_for(|l| *l) => {
                 tracing::error!("leadership lease lost (etcd unreachable): stepping down");
             }
-            _ = lost.wait_for(|l| *l) => {}
+            _ = lost.wait_for(|l| *l) => {
+                tracing::error!("membership lease lost (etcd unreachable): stepping down");
+            }
+            _ = deposed.cancelled() => {
+                tracing::error!("deposed: another coordinator leads; stepping down");
+            }
         }
         stop2.cancel();
     };
@@ -1143,5 +1155,11 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         .map_err(|e| ClusterError::Io(e.to_string()))?;
     let _ = reg.leave().await;
     let _ = client.clone().lease_revoke(lease).await;
+    if fence.deposed.is_cancelled() {
+        // Exiting non-zero: a supervisor restarts it, as a standby.
+        return Err(ClusterError::Etcd(
+            "deposed: another coordinator leads, and this one's writes were refused".into(),
+        ));
+    }
     Ok(())
 }

@@ -55,15 +55,63 @@ pub async fn load_plan(client: &Client, cluster: &str) -> Result<Plan, ClusterEr
     }
 }
 
-/// Publishes `plan` (the epoch change everyone watches).
-pub async fn store_plan(client: &Client, cluster: &str, plan: &Plan) -> Result<(), ClusterError> {
+/// The leading coordinator's election key: every plan and job-record write is a transaction
+/// conditioned on it still being the key that won (its create revision). A coordinator that
+/// was paused past its lease and resumed finds every write refused; the first refusal cancels
+/// `deposed`, and the coordinator steps down.
+#[derive(Clone)]
+pub struct Fence {
+    key: Vec<u8>,
+    rev: i64,
+    pub deposed: CancellationToken,
+}
+
+impl Fence {
+    /// The fence of the election key `key` created at revision `rev`.
+    pub fn new(key: impl Into<Vec<u8>>, rev: i64) -> Self {
+        Fence {
+            key: key.into(),
+            rev,
+            deposed: CancellationToken::new(),
+        }
+    }
+
+    fn holds(&self) -> Compare {
+        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.rev)
+    }
+
+    /// What a refused write says (and the step down it starts).
+    fn refused(&self) -> String {
+        if !self.deposed.is_cancelled() {
+            tracing::error!("a write was refused: another coordinator leads; stepping down");
+        }
+        self.deposed.cancel();
+        "this coordinator is no longer the leader: its writes are refused".into()
+    }
+
+    /// Runs `ops` if the election key is still ours.
+    pub async fn write(&self, client: &Client, ops: Vec<TxnOp>) -> Result<(), ClusterError> {
+        let txn = Txn::new().when([self.holds()]).and_then(ops);
+        let resp = client.clone().txn(txn).await.map_err(etcd_err)?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(ClusterError::Etcd(self.refused()))
+        }
+    }
+}
+
+/// Publishes `plan` (the epoch change everyone watches), if `fence` still holds.
+pub async fn store_plan(
+    client: &Client,
+    cluster: &str,
+    fence: &Fence,
+    plan: &Plan,
+) -> Result<(), ClusterError> {
     let v = serde_json::to_vec(plan).map_err(|e| ClusterError::Etcd(e.to_string()))?;
-    client
-        .clone()
-        .put(plan_key(cluster), v, None)
+    fence
+        .write(client, vec![TxnOp::put(plan_key(cluster), v, None)])
         .await
-        .map_err(etcd_err)?;
-    Ok(())
 }
 
 /// A live view of the plan: the current one, updated from an etcd watch.
@@ -175,13 +223,14 @@ fn publish(tx: &watch::Sender<Arc<Plan>>, p: Plan) {
 pub struct EtcdRecords {
     client: Client,
     cluster: String,
+    fence: Fence,
     rt: tokio::runtime::Handle,
     cache: Mutex<(BTreeMap<String, JobRecord>, HashMap<String, String>)>,
 }
 
 impl EtcdRecords {
-    /// Loads every record and idempotency key of `cluster`.
-    pub async fn load(client: Client, cluster: &str) -> Result<Self, ClusterError> {
+    /// Loads every record and idempotency key of `cluster`; writes go through `fence`.
+    pub async fn load(client: Client, cluster: &str, fence: Fence) -> Result<Self, ClusterError> {
         let mut c = client.clone();
         let jobs = c
             .get(jobs_prefix(cluster), Some(GetOptions::new().with_prefix()))
@@ -215,6 +264,7 @@ impl EtcdRecords {
         Ok(EtcdRecords {
             client,
             cluster: cluster.to_string(),
+            fence,
             rt: tokio::runtime::Handle::current(),
             cache: Mutex::new((records, idem)),
         })
@@ -228,6 +278,24 @@ impl EtcdRecords {
 
     fn job_key(&self, id: &str) -> String {
         format!("{}{id}", jobs_prefix(&self.cluster))
+    }
+
+    /// Runs `ops` under the fence (refused: this coordinator no longer leads).
+    fn fenced(&self, ops: Vec<TxnOp>) -> ringbolt_jobs::error::Result<()> {
+        let (fence, client) = (self.fence.clone(), self.client.clone());
+        let r = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(10), fence.write(&client, ops))
+                .await
+                .map_err(|_| "etcd did not answer within 10 s".to_string())?
+                .map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if self.fence.deposed.is_cancelled() => {
+                Err(ringbolt_jobs::JobError::NotLeader(e))
+            }
+            Err(e) => Err(ringbolt_jobs::JobError::Store(format!("etcd: {e}"))),
+        }
     }
 
     fn block<T>(
@@ -257,19 +325,36 @@ impl RecordBackend for EtcdRecords {
         let mut c = self.client.clone();
         match &record.idempotency_key {
             None => {
-                self.block(c.put(job_key, v, None))?;
+                self.fenced(vec![TxnOp::put(job_key, v, None)])?;
             }
             Some(key) => {
                 let ik = idempotency_key(&self.cluster, key);
                 let txn = Txn::new()
-                    .when([Compare::version(ik.clone(), CompareOp::Equal, 0)])
+                    .when([
+                        self.fence.holds(),
+                        Compare::version(ik.clone(), CompareOp::Equal, 0),
+                    ])
                     .and_then([
                         TxnOp::put(ik.clone(), record.id.clone(), None),
                         TxnOp::put(job_key, v, None),
                     ])
-                    .or_else([TxnOp::get(ik, None)]);
+                    .or_else([
+                        TxnOp::get(ik, None),
+                        TxnOp::get(self.fence.key.clone(), None),
+                    ]);
                 let resp = self.block(c.txn(txn))?;
                 if !resp.succeeded() {
+                    // Which condition failed: the fence, or the key being known.
+                    let leads = resp.op_responses().into_iter().any(|r| match r {
+                        TxnOpResponse::Get(g) => g.kvs().first().is_some_and(|kv| {
+                            kv.key() == self.fence.key.as_slice()
+                                && kv.create_revision() == self.fence.rev
+                        }),
+                        _ => false,
+                    });
+                    if !leads {
+                        return Err(ringbolt_jobs::JobError::NotLeader(self.fence.refused()));
+                    }
                     let existing = resp
                         .op_responses()
                         .into_iter()
@@ -277,6 +362,7 @@ impl RecordBackend for EtcdRecords {
                             TxnOpResponse::Get(g) => g
                                 .kvs()
                                 .first()
+                                .filter(|kv| kv.key() != self.fence.key.as_slice())
                                 .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
                             _ => None,
                         })
@@ -296,8 +382,7 @@ impl RecordBackend for EtcdRecords {
 
     fn put(&self, record: &JobRecord) -> ringbolt_jobs::error::Result<()> {
         let v = to_json(record)?;
-        let mut c = self.client.clone();
-        self.block(c.put(self.job_key(&record.id), v, None))?;
+        self.fenced(vec![TxnOp::put(self.job_key(&record.id), v, None)])?;
         self.cache().0.insert(record.id.clone(), record.clone());
         Ok(())
     }
@@ -311,10 +396,15 @@ impl RecordBackend for EtcdRecords {
     }
 
     fn delete(&self, record: &JobRecord) -> ringbolt_jobs::error::Result<()> {
-        let mut c = self.client.clone();
-        self.block(c.delete(self.job_key(&record.id), None::<DeleteOptions>))?;
+        let mut ops = vec![TxnOp::delete(
+            self.job_key(&record.id),
+            None::<DeleteOptions>,
+        )];
         if let Some(key) = &record.idempotency_key {
-            self.block(c.delete(idempotency_key(&self.cluster, key), None))?;
+            ops.push(TxnOp::delete(idempotency_key(&self.cluster, key), None));
+        }
+        self.fenced(ops)?;
+        if let Some(key) = &record.idempotency_key {
             self.cache().1.remove(key);
         }
         self.cache().0.remove(&record.id);

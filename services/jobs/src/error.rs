@@ -27,6 +27,9 @@ pub enum JobError {
     ShuttingDown,
     #[error("{0}")]
     Unavailable(String),
+    /// This server no longer leads its cluster: its writes are refused (another took over).
+    #[error("{0}")]
+    NotLeader(String),
 }
 
 impl JobError {
@@ -41,7 +44,9 @@ impl JobError {
             JobError::UploadInterrupted(_) => Code::Cancelled,
             JobError::Store(_) => Code::Internal,
             JobError::Model(_) => Code::Internal,
-            JobError::ShuttingDown | JobError::Unavailable(_) => Code::Unavailable,
+            JobError::ShuttingDown | JobError::Unavailable(_) | JobError::NotLeader(_) => {
+                Code::Unavailable
+            }
         };
         Status::new(code, self.to_string())
     }

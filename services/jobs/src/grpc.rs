@@ -359,6 +359,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let src = self.mgr.watch(job_id(&request.into_inner().job_id)?)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let mgr = self.mgr.clone();
         tokio::spawn(async move {
             match src {
                 WatchSource::Finished(rec) => {
@@ -385,8 +386,21 @@ impl Jobs for JobsService {
                         if done && sent == job.lock().events.len() {
                             return;
                         }
-                        if changed.changed().await.is_err() {
-                            return;
+                        tokio::select! {
+                            r = changed.changed() => if r.is_err() {
+                                return;
+                            },
+                            // A server that stops (or steps down) ends its watches, so that it
+                            // can stop; clients follow the job on another server.
+                            _ = mgr.stopping() => {
+                                let _ = tx
+                                    .send(Err(Status::unavailable(
+                                        "this server is stopping; the job goes on elsewhere \
+                                         or after a restart",
+                                    )))
+                                    .await;
+                                return;
+                            }
                         }
                     }
                 }

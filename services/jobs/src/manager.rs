@@ -167,6 +167,8 @@ struct Inner {
     limits: Limits,
     model: ModelConfig,
     tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    /// Cancelled when the server stops (or steps down).
+    shutdown: CancellationToken,
 }
 
 /// Cheap to clone.
@@ -232,6 +234,7 @@ impl JobManager {
                 limits,
                 model: model_cfg,
                 tokenizer: tokenizer.map(Arc::new),
+                shutdown: shutdown.clone(),
             }),
         };
         tokio::spawn(mgr.clone().completions(done_rx));
@@ -301,6 +304,11 @@ impl JobManager {
             .collect();
         out.sort();
         out.into_iter().map(|(_, id, p, c)| (id, p, c)).collect()
+    }
+
+    /// Resolves when the server stops (or, a coordinator, steps down).
+    pub async fn stopping(&self) {
+        self.inner.shutdown.cancelled().await
     }
 
     /// (running, queued) jobs.
@@ -508,6 +516,12 @@ impl JobManager {
             let r2 = rec.clone();
             match tokio::task::spawn_blocking(move || store.put(&r2)).await {
                 Ok(Ok(())) => {}
+                Ok(Err(JobError::NotLeader(e))) => {
+                    // Another server leads and runs the job: it is not finished here (watchers
+                    // of this server are told so when it stops, and follow the other).
+                    tracing::warn!(job = %rec.id, error = %e, "not finishing the job: no longer the leader");
+                    continue;
+                }
                 Ok(Err(e)) => {
                     tracing::error!(job = %rec.id, error = %e, "cannot persist the result")
                 }
