@@ -52,6 +52,10 @@ refuses() {
 refuses image.repository --set checkpoint.claimName=w --set coordinator.replicas=1
 refuses checkpoint.claimName --set image.repository=r --set coordinator.replicas=1
 refuses coordinator.dataDir.claimName "${REQUIRED[@]}"
+# values.schema.json: a wrong type or value is refused, naming the key.
+refuses coordinator.replicas "${REQUIRED[@]}" --set coordinator.replicas=two
+refuses expertWorker.device "${REQUIRED[@]}" --set expertWorker.device=gpu0
+refuses metrics.port "${REQUIRED[@]}" --set metrics.port=70000
 
 python3 scripts/check_helm_manifests.py "$BIN" "$OUT/gpu.yaml" gpu
 python3 scripts/check_helm_manifests.py "$BIN" "$OUT/cpu.yaml" cpu
