@@ -116,6 +116,32 @@ def main():
             for p in pods
         ):
             fail(f"Service {d['metadata']['name']} selects no pods: {sel}")
+    # Every NetworkPolicy and PodDisruptionBudget applies to the pods of some workload; every
+    # role's pods have a NetworkPolicy that lets the release's other pods in.
+    covered = set()
+    for d in docs:
+        if d["kind"] == "NetworkPolicy":
+            sel = d["spec"]["podSelector"]["matchLabels"]
+        elif d["kind"] == "PodDisruptionBudget":
+            sel = d["spec"]["selector"]["matchLabels"]
+        else:
+            continue
+        hit = [
+            p for p in pods
+            if all(p["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())
+        ]
+        if not hit:
+            fail(f"{d['kind']} {d['metadata']['name']} selects no pods: {sel}")
+        if d["kind"] == "NetworkPolicy":
+            peers = [f for rule in d["spec"]["ingress"] for f in rule.get("from", [])]
+            if not peers:
+                fail(f"NetworkPolicy {d['metadata']['name']} lets no pod of the release in")
+            for p in hit:
+                covered.add(p["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component"))
+    if any(d["kind"] == "NetworkPolicy" for d in docs):
+        for role in ("coordinator", "attention-worker", "expert-worker"):
+            if role not in covered:
+                fail(f"no NetworkPolicy for the {role} pods")
     print(f"{path}: {len(docs)} manifests; roles {sorted(roles)} check out against {binary}")
 
 
