@@ -189,24 +189,24 @@ impl TcpHub {
         timeout: Duration,
         link: Link,
     ) -> Result<TcpTransport> {
-        if rank >= addrs.len() {
-            return Err(TransportError::BadRank {
-                rank,
-                size: addrs.len(),
-            });
-        }
+        check_rank(rank, &addrs)?;
         let mailbox = self.router.join(group, timeout)?;
-        Ok(TcpTransport {
-            rank,
-            epoch: group,
-            conns: addrs.iter().map(|_| Mutex::new(None)).collect(),
-            addrs,
-            timeout,
-            mailbox,
-            incoming: Incoming::Hub(self.router.clone()),
-            link,
-        })
+        let incoming = Incoming::Hub(self.router.clone());
+        Ok(TcpTransport::new(
+            rank, group, addrs, timeout, mailbox, incoming, link,
+        ))
     }
+}
+
+/// Whether `rank` is one of the group of `addrs`.
+fn check_rank(rank: usize, addrs: &[SocketAddr]) -> Result<()> {
+    if rank >= addrs.len() {
+        return Err(TransportError::BadRank {
+            rank,
+            size: addrs.len(),
+        });
+    }
+    Ok(())
 }
 
 /// Accepts connections on `listener` and reads their frames into `route`.
@@ -296,24 +296,40 @@ impl TcpTransport {
         timeout: Duration,
         link: Link,
     ) -> Result<Self> {
-        if rank >= addrs.len() {
-            return Err(TransportError::BadRank {
-                rank,
-                size: addrs.len(),
-            });
-        }
+        check_rank(rank, &addrs)?;
         let mailbox = Arc::new(Mailbox::new(epoch, timeout));
         let accept = accept_frames(listener, timeout, Route::One(mailbox.clone()));
-        Ok(TcpTransport {
+        Ok(Self::new(
+            rank,
+            epoch,
+            addrs,
+            timeout,
+            mailbox,
+            Incoming::Own(accept),
+            link,
+        ))
+    }
+
+    /// Rank `rank` of the group at `addrs`, its frames arriving in `mailbox` by `incoming`.
+    fn new(
+        rank: usize,
+        epoch: u64,
+        addrs: Vec<SocketAddr>,
+        timeout: Duration,
+        mailbox: Arc<Mailbox>,
+        incoming: Incoming,
+        link: Link,
+    ) -> Self {
+        TcpTransport {
             rank,
             epoch,
             conns: addrs.iter().map(|_| Mutex::new(None)).collect(),
             addrs,
             timeout,
             mailbox,
-            incoming: Incoming::Own(accept),
+            incoming,
             link,
-        })
+        }
     }
 
     /// A whole group of `size` ranks in this process on 127.0.0.1 (tests and measurements),
@@ -392,12 +408,7 @@ impl Transport for TcpTransport {
     }
 
     async fn send(&self, to: usize, tag: u64, data: Bytes) -> Result<()> {
-        if to >= self.addrs.len() {
-            return Err(TransportError::BadRank {
-                rank: to,
-                size: self.addrs.len(),
-            });
-        }
+        check_rank(to, &self.addrs)?;
         if to == self.rank {
             self.mailbox.deliver(self.rank, self.epoch, tag, data);
             return Ok(());
@@ -445,12 +456,7 @@ impl Transport for TcpTransport {
     }
 
     async fn recv(&self, from: usize, tag: u64) -> Result<Bytes> {
-        if from >= self.addrs.len() {
-            return Err(TransportError::BadRank {
-                rank: from,
-                size: self.addrs.len(),
-            });
-        }
+        check_rank(from, &self.addrs)?;
         self.mailbox.take(from, tag).await
     }
 }
