@@ -506,6 +506,25 @@ fn context(
             Ok(last)
         })?;
         base = base.min(t.elapsed().as_secs_f64());
+        // The same prefill over either transport, timed from the ranks' start.
+        fn timed<T: ringbolt_transport::Transport + 'static>(
+            rt: &tokio::runtime::Runtime,
+            model: &Model<Cpu>,
+            toks: &[u32],
+            group: Vec<T>,
+            exchange: ringbolt_context::StateExchange,
+        ) -> Result<(ringbolt_context::LocalPrefill<Cpu>, f64)> {
+            let t = Instant::now();
+            let got = ringbolt_context::prefill_group(
+                rt.handle(),
+                model,
+                toks,
+                group,
+                exchange,
+                &Default::default(),
+            )?;
+            Ok((got, t.elapsed().as_secs_f64()))
+        }
         let (got, secs) = match link {
             None => {
                 let group = ringbolt_transport::local::LocalGroup::ranks(
@@ -513,16 +532,7 @@ fn context(
                     0,
                     std::time::Duration::from_secs(3600),
                 );
-                let t = Instant::now();
-                let got = ringbolt_context::prefill_group(
-                    rt.handle(),
-                    &model,
-                    &toks,
-                    group,
-                    exchange,
-                    &Default::default(),
-                )?;
-                (got, t.elapsed().as_secs_f64())
+                timed(&rt, &model, &toks, group, exchange)?
             }
             Some(link) => {
                 let (group, _) =
@@ -532,16 +542,7 @@ fn context(
                         std::time::Duration::from_secs(3600),
                         link,
                     ))?;
-                let t = Instant::now();
-                let got = ringbolt_context::prefill_group(
-                    rt.handle(),
-                    &model,
-                    &toks,
-                    group,
-                    exchange,
-                    &Default::default(),
-                )?;
-                (got, t.elapsed().as_secs_f64())
+                timed(&rt, &model, &toks, group, exchange)?
             }
         };
         if secs < cp {
