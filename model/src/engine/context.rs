@@ -360,36 +360,38 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
     /// own chunk's prefix from them; softmax layers merge what [`attend`](Self::attend)
     /// gathered.
     pub fn finish_layer(&mut self, states: &[Option<Vec<f32>>]) -> Result<()> {
-        let lightning = match self.lightning_decay() {
-            None => None,
-            Some(decay) => {
-                let (nh, d) = (self.model.cfg.num_heads, self.model.cfg.head_dim);
-                let zero = vec![0f32; nh * d * d];
-                let state_of = |i: usize| -> &[f32] {
-                    states
-                        .get(i)
-                        .and_then(|s| s.as_deref())
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or(&zero)
-                };
-                // The prefix state of chunk i: every earlier chunk's contribution, decayed.
-                let mut prefix = vec![0f32; nh * d * d];
-                let mut next = 0;
-                let mut prefixes = Vec::new();
-                for c in &self.own {
-                    for ch in &self.layout.chunks[next..c.index] {
-                        fold_state(&mut prefix, ch.len, state_of(ch.index), decay, d);
-                    }
-                    next = c.index;
-                    prefixes.push(prefix.clone());
+        let lightning = if self.lightning_decay().is_none() {
+            None
+        } else {
+            let want = self.state_len();
+            // States come from other ranks: one of another size is refused, not folded.
+            for (i, s) in states.iter().enumerate() {
+                let n = s.as_ref().map_or(0, Vec::len);
+                if n != 0 && n != want {
+                    return Err(ModelError::Invalid(format!(
+                        "layer {}: chunk {i}'s state has {n} values, {want} expected",
+                        self.layer
+                    )));
                 }
-                // The whole context's state, for decode.
-                let mut whole = prefix;
-                for ch in &self.layout.chunks[next..] {
-                    fold_state(&mut whole, ch.len, state_of(ch.index), decay, d);
-                }
-                Some((prefixes, whole))
             }
+            let state_of = |i: usize| states.get(i).and_then(|s| s.as_deref());
+            // The prefix state of chunk i: every earlier chunk's contribution, decayed.
+            let mut prefix = vec![0f32; want];
+            let mut next = 0;
+            let mut prefixes = Vec::new();
+            for c in &self.own {
+                for ch in &self.layout.chunks[next..c.index] {
+                    self.fold(ch.index, &mut prefix, state_of(ch.index));
+                }
+                next = c.index;
+                prefixes.push(prefix.clone());
+            }
+            // The whole context's state, for decode.
+            let mut whole = prefix;
+            for ch in &self.layout.chunks[next..] {
+                self.fold(ch.index, &mut whole, state_of(ch.index));
+            }
+            Some((prefixes, whole))
         };
         self.finish(lightning)
     }
@@ -964,6 +966,19 @@ mod tests {
             let spread = before.iter().max().unwrap() - before.iter().min().unwrap();
             assert!(hi - lo <= spread.max(1), "{before:?} -> {after:?}");
         }
+    }
+
+    #[test]
+    fn a_state_of_the_wrong_size_is_refused_not_folded() {
+        let (_d, m) = model(3);
+        let prompt: Vec<u32> = (1..=40).collect();
+        let layout = Layout::zigzag(prompt.len(), 2);
+        let mut r = m.rank_prefill(&layout, 1, &prompt, None).unwrap();
+        assert!(matches!(r.begin_layer(), Share::States(_)));
+        let mut states = vec![None; layout.chunks.len()];
+        states[0] = Some(vec![0.5f32; 7]);
+        let e = r.finish_layer(&states).unwrap_err().to_string();
+        assert!(e.contains("chunk 0's state has 7 values"), "{e}");
     }
 
     #[test]
