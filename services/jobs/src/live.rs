@@ -123,7 +123,8 @@ impl LiveJob {
 
     /// The softmax key and value bytes each rank held after a context-parallel prefill.
     pub fn set_cache_bytes(&self, per_rank: &[u64]) {
-        metrics::gauge!("ringbolt_last_job_cache_bytes_per_rank_max")
+        // The largest rank's, as an attention worker reports its own rank's.
+        metrics::gauge!("ringbolt_context_rank_cache_bytes")
             .set(per_rank.iter().copied().max().unwrap_or(0) as f64);
         self.push(|s| {
             s.record.cache_bytes_per_rank = per_rank.to_vec();
