@@ -267,16 +267,7 @@ impl<B: Backend> Engine<B> {
             .spawn(move || {
                 let started = std::time::Instant::now();
                 // A cancelled job stops the ranks at their next wait.
-                let cancel = tokio_util::sync::CancellationToken::new();
-                let watch = {
-                    let (job, cancel) = (sink.job.clone(), cancel.clone());
-                    rt.spawn(async move {
-                        while !job.is_cancelled() {
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        }
-                        cancel.cancel();
-                    })
-                };
+                let cancel = sink.job.cancellation().clone();
                 let group = ringbolt_transport::local::LocalGroup::ranks(
                     degree,
                     0,
@@ -292,7 +283,6 @@ impl<B: Backend> Engine<B> {
                         &cancel,
                     )
                 }));
-                watch.abort();
                 let msg = match r {
                     Ok(Ok(p)) => Some(Prefilled {
                         done: sched::ContextPrefill {

@@ -1,10 +1,9 @@
 //! A job in memory while it is queued or running: its record, the ordered log of its events
 //! (so a watcher that connects late gets every event from the start, exactly once, in order),
-//! and its cancellation flag.
+//! and its cancellation (a token: checked between steps, or awaited).
 
 use crate::record::{FinishReason, JobRecord, JobState};
 use ringbolt_proto::v1 as pb;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
@@ -12,7 +11,7 @@ pub struct LiveJob {
     pub id: String,
     state: Mutex<LiveState>,
     changed: watch::Sender<u64>,
-    cancel: AtomicBool,
+    cancel: tokio_util::sync::CancellationToken,
 }
 
 pub struct LiveState {
@@ -85,7 +84,7 @@ impl LiveJob {
                 done: false,
             }),
             changed: watch::channel(0).0,
-            cancel: AtomicBool::new(false),
+            cancel: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -162,10 +161,15 @@ impl LiveJob {
     }
 
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
+        self.cancel.cancel();
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.cancel.is_cancelled()
+    }
+
+    /// Cancelled when the job is (for work that waits rather than checks between steps).
+    pub fn cancellation(&self) -> &tokio_util::sync::CancellationToken {
+        &self.cancel
     }
 }
