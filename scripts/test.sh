@@ -4,15 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
-command -v etcd >/dev/null || need_apt+=(etcd-server)
-command -v g++ >/dev/null || need_apt+=(g++)
-if ((${#need_apt[@]})); then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+. scripts/apt-need.sh
+apt_need protoc:protobuf-compiler etcd:etcd-server g++:g++
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 
