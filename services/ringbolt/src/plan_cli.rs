@@ -3,7 +3,9 @@
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use ringbolt_model::ModelConfig;
-use ringbolt_planner::{PlanRequest, WeightFormat, gpu, plan, profiles::GPU_NAMES, text01};
+use ringbolt_planner::{
+    PlanRequest, WeightFormat, gpu, plan, plan_with_degree, profiles::GPU_NAMES, text01,
+};
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -42,6 +44,10 @@ pub struct PlanArgs {
     /// Prompt tokens per attention worker per prefill step.
     #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 16_384)]
     prefill_chunk: u64,
+    /// Attention workers the context is split among (0: the fewest whose share fits, as the
+    /// coordinator chooses for a job that does not say; at most --nodes).
+    #[arg(long, env = "RINGBOLT_CONTEXT_PARALLEL", default_value_t = 0)]
+    context_parallel: u64,
     #[arg(long, env = "RINGBOLT_JSON")]
     json: bool,
 }
@@ -62,7 +68,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     if a.nodes == 0 || a.gpus_per_node == 0 || a.context == 0 || a.prefill_chunk == 0 {
         bail!("--nodes, --gpus-per-node, --context and --prefill-chunk must be positive");
     }
-    let p = plan(&PlanRequest {
+    let req = PlanRequest {
         model,
         gpu: g,
         nodes: a.nodes,
@@ -73,7 +79,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
         },
         context: a.context,
         prefill_chunk: a.prefill_chunk,
-    });
+    };
+    let p = match a.context_parallel {
+        0 => plan(&req),
+        n => plan_with_degree(&req, n.min(a.nodes)),
+    };
     if a.json {
         println!("{}", serde_json::to_string(&p)?);
         return Ok(());
