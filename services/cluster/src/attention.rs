@@ -32,7 +32,6 @@ use ringbolt_model::scheduler::{
 use ringbolt_model::{Checkpoint, Logits, Model, ModelError, SamplingParams, SequenceState};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::attention_worker_server::{AttentionWorker, AttentionWorkerServer};
-use ringbolt_transport::listen::{grpc_server, incoming};
 use ringbolt_transport::tcp::TcpHub;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -661,11 +660,11 @@ impl OnBackend for Load {
 
 async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<(), ClusterError> {
     let c = &a.common;
-    c.telemetry.start("attention-worker")?;
+    let stop = CancellationToken::new();
+    let shell = c.shell("attention-worker", c.listen, stop.clone())?;
     let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let id = c.member_id("attention", &address);
-    let stop = CancellationToken::new();
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
     let _group = crate::group::follow_on(
         a.device,
@@ -700,14 +699,14 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         .max_decoding_message_size(MAX_CONTROL_MESSAGE)
         .max_encoding_message_size(MAX_CONTROL_MESSAGE);
     let health = Health::start(&[<AttentionWorkerServer<Service> as NamedService>::NAME]).await;
-    let limits = c.conn.limits();
-    let (incoming, _) = incoming(listener, limits);
-    let grpc = tokio::spawn(
-        grpc_server(&limits)
-            .add_service(health.service())
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
-    );
+    let router = shell
+        .server()
+        .add_service(health.service())
+        .add_service(svc);
+    let grpc = {
+        let stop = stop.clone();
+        tokio::spawn(async move { shell.serve(router, listener, stop.cancelled()).await })
+    };
     let reg = membership
         .register(
             Member {

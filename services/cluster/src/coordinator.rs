@@ -24,6 +24,7 @@ use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::attention_worker_client::AttentionWorkerClient;
 use ringbolt_proto::internal::expert_worker_client::ExpertWorkerClient;
 use ringbolt_proto::v1 as pb;
+use ringbolt_shell::Dial;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -239,6 +240,8 @@ struct Planner {
     ids_paused_until: Mutex<Option<Instant>>,
     /// Plan writes hold only while this coordinator leads.
     fence: crate::etcd::Fence,
+    /// How workers are dialed.
+    dial: Dial,
 }
 
 /// Least time between two epochs made only to rebuild a data group that failed to form.
@@ -352,7 +355,11 @@ impl Planner {
         let mut load = HashMap::new();
         for w in workers {
             let r = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut c = ExpertWorkerClient::connect(format!("http://{}", w.address)).await?;
+                let mut c = ExpertWorkerClient::new(
+                    self.dial
+                        .connect(&w.address, Duration::from_secs(2))
+                        .await?,
+                );
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     c.expert_load(ipb::ExpertLoadRequest {}).await?.into_inner(),
                 )
@@ -509,6 +516,7 @@ impl Planner {
         let loads = workers.iter().map(|w| {
             let slots = a.get(&w.id).cloned().unwrap_or_default();
             let addr = w.address.clone();
+            let dial = self.dial.clone();
             async move {
                 let req = ipb::LoadShardsRequest {
                     epoch,
@@ -518,9 +526,11 @@ impl Planner {
                         .collect(),
                 };
                 let r = tokio::time::timeout(Duration::from_secs(600), async {
-                    let mut c = ExpertWorkerClient::connect(format!("http://{addr}"))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let mut c = ExpertWorkerClient::new(
+                        dial.connect(&addr, Duration::from_secs(10))
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
                     c.load_shards(req)
                         .await
                         .map_err(|e| e.message().to_string())
@@ -601,6 +611,7 @@ struct ClusterExecutor {
     prefill_chunk: u32,
     attempts: u32,
     worker_wait: Duration,
+    dial: Dial,
 }
 
 impl Executor for ClusterExecutor {
@@ -801,7 +812,7 @@ impl ClusterExecutor {
                     ..g.clone()
                 });
             }
-            open_step(w, req)
+            open_step(&self.dial, w, req)
         }))
         .await;
         for (r, o) in opened.into_iter().enumerate() {
@@ -921,21 +932,17 @@ impl ClusterExecutor {
 
 /// Opens a job step's stream on attention worker `w`.
 async fn open_step(
+    dial: &Dial,
     w: &Member,
     req: ipb::RunJobRequest,
 ) -> Result<tonic::Streaming<ipb::JobStep>, Attempt> {
-    let lost = |e: String| Attempt::Lost {
-        msg: format!("{}: {e}", w.address),
-        blame: Some(w.id.clone()),
-    };
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", w.address))
-        .map_err(|e| lost(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
+    let channel = dial
+        .connect(&w.address, Duration::from_secs(5))
         .await
-        .map_err(|e| lost(e.to_string()))?;
+        .map_err(|e| Attempt::Lost {
+            msg: e.to_string(),
+            blame: Some(w.id.clone()),
+        })?;
     let mut client = AttentionWorkerClient::new(channel)
         .max_decoding_message_size(MAX_CONTROL_MESSAGE)
         .max_encoding_message_size(MAX_CONTROL_MESSAGE);
@@ -1004,7 +1011,8 @@ impl Drop for RunningGuard<'_> {
 /// `ringbolt coordinator`.
 pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let c = &a.common;
-    c.telemetry.start("coordinator")?;
+    let stop = CancellationToken::new();
+    let shell = c.shell("coordinator", c.listen, stop.clone())?;
     let membership = connect_membership(c).await?;
     let client = membership.client();
     let ckpt = Checkpoint::open(&c.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
@@ -1023,7 +1031,6 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         }
         (None, None) => c.member_id("coordinator", &c.listen.to_string()),
     };
-    let stop = CancellationToken::new();
 
     // Leadership: a standby waits here until the leader's lease ends.
     let kept = ringbolt_membership::keep_lease(&client, c.lease_ttl())
@@ -1098,6 +1105,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         ids: crate::group::nccl_ids(),
         ids_paused_until: Mutex::new(None),
         fence: fence.clone(),
+        dial: c.dial(),
     };
     tokio::spawn(planner.run(stop.clone()));
 
@@ -1125,6 +1133,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         prefill_chunk: a.prefill_chunk,
         attempts: a.job_attempts.max(1),
         worker_wait: Duration::from_secs(a.worker_wait_secs),
+        dial: c.dial(),
     };
     let mgr = JobManager::start_with(Box::new(exec), cfg, store, limits, None, stop.clone())
         .map_err(|e| ClusterError::Io(e.to_string()))?;
@@ -1150,7 +1159,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         }
         stop2.cancel();
     };
-    serve_service(svc, listener, c.conn.limits(), shutdown)
+    serve_service(svc, shell, listener, shutdown)
         .await
         .map_err(|e| ClusterError::Io(e.to_string()))?;
     let _ = reg.leave().await;

@@ -18,7 +18,6 @@ use ringbolt_model::{Checkpoint, Expert, ModelConfig};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
 use ringbolt_transport::exchange::{Handler, Refusal, serve_with};
-use ringbolt_transport::listen::{grpc_server, incoming};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -499,15 +498,14 @@ async fn serve_on<B: Backend>(
     backend: B,
 ) -> Result<(), ClusterError> {
     let c = &a.common;
-    c.telemetry.start("expert-worker")?;
+    let stop = CancellationToken::new();
+    let shell = c.shell("expert-worker", c.listen, stop.clone())?;
     let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let (data_listener, data_address) = bind_data(a.data_listen, c).await?;
     let id = c.member_id("expert", &address);
     let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt));
-    let stop = CancellationToken::new();
-    let limits = c.conn.limits();
-    let data = serve_with(data_listener, host.handler(), limits);
+    let data = serve_with(data_listener, host.handler(), shell.limits());
 
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
     let _group = crate::group::follow_on(
@@ -537,13 +535,14 @@ async fn serve_on<B: Backend>(
 
     let health = Health::start(&[<ExpertWorkerServer<Control<B>> as NamedService>::NAME]).await;
     let svc = ExpertWorkerServer::new(Control(host.clone()));
-    let (incoming, _) = incoming(listener, limits);
-    let grpc = tokio::spawn(
-        grpc_server(&limits)
-            .add_service(health.service())
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
-    );
+    let router = shell
+        .server()
+        .add_service(health.service())
+        .add_service(svc);
+    let grpc = {
+        let stop = stop.clone();
+        tokio::spawn(async move { shell.serve(router, listener, stop.cancelled()).await })
+    };
 
     let me = Member {
         id: id.clone(),

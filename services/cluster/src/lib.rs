@@ -14,13 +14,14 @@ pub mod remote;
 pub mod wire;
 
 use clap::Args;
-pub use ringbolt_jobs::grpc::Health;
 use ringbolt_membership::EtcdMembership;
-use ringbolt_transport::listen::ConnLimits;
+pub use ringbolt_shell::Health;
+use ringbolt_shell::{ClientTls, Dial, ServeArgs, Shell};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -45,44 +46,6 @@ impl From<ClusterError> for tonic::Status {
             ClusterError::Model(m) => tonic::Status::failed_precondition(m),
             ClusterError::Io(m) => tonic::Status::internal(m),
         }
-    }
-}
-
-/// What a serving role exports about itself.
-#[derive(Args, Clone, Debug, Default)]
-pub struct TelemetryArgs {
-    /// Serve Prometheus metrics (text format) at http://ADDR/metrics.
-    #[arg(long, env = "RINGBOLT_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-}
-
-impl TelemetryArgs {
-    /// Starts the metrics endpoint, if asked for, with every series labelled `role`, and a
-    /// task that keeps the process's resident memory current. Call inside a tokio runtime.
-    pub fn start(&self, role: &str) -> Result<(), ClusterError> {
-        let Some(addr) = self.metrics_listen else {
-            return Ok(());
-        };
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .add_global_label("role", role)
-            .install()
-            .map_err(|e| ClusterError::Io(format!("metrics on {addr}: {e}")))?;
-        tokio::spawn(async {
-            let page = 4096u64;
-            loop {
-                // statm: size resident shared ... in pages.
-                if let Some(rss) = std::fs::read_to_string("/proc/self/statm")
-                    .ok()
-                    .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-                {
-                    metrics::gauge!("ringbolt_process_resident_bytes").set((rss * page) as f64);
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        });
-        tracing::info!(%addr, "metrics at /metrics");
-        Ok(())
     }
 }
 
@@ -114,38 +77,6 @@ impl AuthArgs {
     }
 }
 
-/// Time bounds of the connections a server accepts (gRPC and data plane).
-#[derive(Args, Clone, Debug)]
-pub struct ConnArgs {
-    /// A connection's first bytes must arrive within this many seconds.
-    #[arg(long, env = "RINGBOLT_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
-    pub handshake_timeout_secs: u64,
-    /// A connection from which nothing arrives (or to which nothing can be written) for this
-    /// many seconds is closed; gRPC clients are pinged at a third of it.
-    #[arg(long, env = "RINGBOLT_IDLE_TIMEOUT_SECS", default_value_t = 60)]
-    pub idle_timeout_secs: u64,
-}
-
-impl Default for ConnArgs {
-    /// The flags' defaults.
-    fn default() -> Self {
-        let d = ConnLimits::default();
-        ConnArgs {
-            handshake_timeout_secs: d.handshake.as_secs(),
-            idle_timeout_secs: d.idle.map_or(60, |i| i.as_secs()),
-        }
-    }
-}
-
-impl ConnArgs {
-    pub fn limits(&self) -> ConnLimits {
-        ConnLimits {
-            handshake: Duration::from_secs(self.handshake_timeout_secs.max(1)),
-            idle: Some(Duration::from_secs(self.idle_timeout_secs.max(1))),
-        }
-    }
-}
-
 /// Flags every cluster role takes.
 #[derive(Args, Clone, Debug)]
 pub struct CommonArgs {
@@ -173,15 +104,44 @@ pub struct CommonArgs {
     /// Bound on every etcd request and on connecting to etcd at start.
     #[arg(long, env = "RINGBOLT_ETCD_TIMEOUT_SECS", default_value_t = 5)]
     pub etcd_timeout_secs: u64,
+    /// PEM CA the roles this one dials must present certificates from: given, they are
+    /// dialed over TLS, with --tls-cert/--tls-key as this role's client certificate.
+    #[arg(long, env = "RINGBOLT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
-    pub conn: ConnArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub serve: ServeArgs,
 }
 
 impl CommonArgs {
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_secs.max(2))
+    }
+
+    /// How this role dials the others.
+    pub fn dial(&self) -> Dial {
+        Dial::new(self.tls_ca.as_ref().map(|ca| {
+            ClientTls {
+                ca: Some(ca.clone()),
+                identity: self
+                    .serve
+                    .tls
+                    .tls_cert
+                    .clone()
+                    .zip(self.serve.tls.tls_key.clone()),
+            }
+        }))
+    }
+
+    /// Starts this role's service shell (telemetry, TLS) for its listener at `listen`.
+    pub fn shell(
+        &self,
+        role: &'static str,
+        listen: SocketAddr,
+        stop: CancellationToken,
+    ) -> Result<Shell, ClusterError> {
+        self.serve
+            .start(role, listen, stop)
+            .map_err(|e| ClusterError::Invalid(e.to_string()))
     }
 
     pub fn member_id(&self, role: &str, address: &str) -> String {

@@ -12,7 +12,7 @@ use ringbolt_model::SamplingParams;
 use ringbolt_proto::v1 as pb;
 use ringbolt_proto::v1::cluster_server::{Cluster, ClusterServer};
 use ringbolt_proto::v1::jobs_server::{Jobs, JobsServer};
-use ringbolt_transport::listen::{self, ConnLimits};
+use ringbolt_shell::{Health, Shell};
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -537,52 +537,12 @@ impl Cluster for JobsService {
     }
 }
 
-/// A server's gRPC health service: the services it names and the server as a whole ("") are
-/// SERVING or NOT_SERVING together, as the server says. Every role serves one.
-pub struct Health {
-    reporter: tonic_health::server::HealthReporter,
-    names: Vec<&'static str>,
-}
-
-impl Health {
-    /// Starts NOT_SERVING for `services`, until [`Health::set`].
-    pub async fn start(services: &[&'static str]) -> Self {
-        let mut names = services.to_vec();
-        names.push("");
-        let h = Health {
-            reporter: tonic_health::server::HealthReporter::new(),
-            names,
-        };
-        h.set(false).await;
-        h
-    }
-
-    pub fn service(
-        &self,
-    ) -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> {
-        tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
-        )
-    }
-
-    pub async fn set(&self, serving: bool) {
-        let status = if serving {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        for name in &self.names {
-            self.reporter.set_service_status(*name, status).await;
-        }
-    }
-}
-
-/// Serves the public API on `listener` until `shutdown` resolves; with `tokens`, every job and
-/// status request must carry one.
+/// Serves the public API on `listener` through `shell` until `shutdown` resolves; with
+/// `tokens`, every job and status request must carry one.
 pub async fn serve(
     mgr: JobManager,
+    shell: Shell,
     listener: TcpListener,
-    limits: ConnLimits,
     tokens: Option<std::sync::Arc<Tokens>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -591,15 +551,14 @@ pub async fn serve(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let svc = JobsService::new(mgr, address).with_tokens(tokens);
-    serve_service(svc, listener, limits, shutdown).await
+    serve_service(svc, shell, listener, shutdown).await
 }
 
-/// Serves `svc` (the public API) on `listener` until `shutdown` resolves, with each connection
-/// bounded by `limits`.
+/// Serves `svc` (the public API) on `listener` through `shell` until `shutdown` resolves.
 pub async fn serve_service(
     svc: JobsService,
+    shell: Shell,
     listener: TcpListener,
-    limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     // This process serves both public services once it listens (a standby coordinator does
@@ -611,16 +570,15 @@ pub async fn serve_service(
     ])
     .await;
     health.set(true).await;
-    let (incoming, _accepting) = listen::incoming(listener, limits);
     // Health stays open (probes carry no token); the job and cluster services check tokens.
     let auth = svc.auth.clone();
     let jobs = JobsServer::new(svc.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    listen::grpc_server(&limits)
+    let router = shell
+        .server()
         .add_service(health.service())
         .add_service(InterceptedService::new(jobs, auth.clone()))
-        .add_service(InterceptedService::new(ClusterServer::new(svc), auth))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .add_service(InterceptedService::new(ClusterServer::new(svc), auth));
+    shell.serve(router, listener, shutdown).await
 }

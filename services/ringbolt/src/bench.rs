@@ -141,9 +141,8 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
             context_parallel: 1,
             tokenizer: None,
             device: ringbolt_kernels::Device::Cpu,
-            conn: Default::default(),
             auth: Default::default(),
-            telemetry: Default::default(),
+            serve: Default::default(),
         };
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());
@@ -153,8 +152,8 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
         let stop = token.clone();
         let server = tokio::spawn(ringbolt_jobs::grpc::serve(
             mgr,
+            ringbolt_shell::Shell::plain(Default::default()),
             listener,
-            args.conn.limits(),
             None,
             async move { stop.cancelled().await },
         ));

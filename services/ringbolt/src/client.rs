@@ -7,12 +7,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ringbolt_proto::v1 as pb;
 use ringbolt_proto::v1::cluster_client::ClusterClient;
 use ringbolt_proto::v1::jobs_client::JobsClient;
+use ringbolt_shell::{ClientTls, Dial};
 use serde_json::json;
 use std::io::Write;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 /// Tokens per uploaded chunk (1 MiB of packed ids).
 pub const CHUNK_TOKENS: usize = 256 * 1024;
@@ -38,55 +35,48 @@ fn connect_window() -> std::time::Duration {
     std::time::Duration::from_secs(secs)
 }
 
-/// One server address as the client dials it: `http://host:port`, or `host:port` (plain
-/// text is assumed). `https://` is refused: this release has no TLS, and a client must never
-/// speak plain text to an address that asks for encryption.
-pub fn endpoint(e: &str) -> Result<tonic::transport::Endpoint> {
-    let e = e.trim();
-    let uri = match e.split_once("://") {
-        None => format!("http://{e}"),
-        Some(("http", _)) => e.to_string(),
-        Some(("https", _)) => bail!(
-            "endpoint `{e}` asks for TLS, which this release does not support yet; use \
-             http://{} for plain text",
-            &e["https://".len()..]
-        ),
-        Some((scheme, _)) => {
-            bail!("endpoint `{e}` has the scheme `{scheme}`; use http://HOST:PORT (or HOST:PORT)")
-        }
-    };
-    let ep = Channel::from_shared(uri.clone()).map_err(|err| {
-        anyhow::anyhow!("endpoint `{e}` is not an address of the form http://HOST:PORT ({err})")
-    })?;
-    match ep.uri().host() {
-        Some(h) if !h.is_empty() => Ok(ep),
-        _ => bail!("endpoint `{e}` has no host; use http://HOST:PORT (or HOST:PORT)"),
-    }
+/// How this process dials servers (`--tls-ca`, `--token`), set once at start.
+static DIAL: std::sync::OnceLock<Dial> = std::sync::OnceLock::new();
+
+/// Sets how requests are made (once, at start): the CA `https://` servers must be signed by
+/// (None: the system's roots) and the token requests carry.
+pub fn set_dial(tls_ca: Option<std::path::PathBuf>, token: Option<&str>) -> Result<()> {
+    let tls = tls_ca.map(|ca| ClientTls {
+        ca: Some(ca),
+        identity: None,
+    });
+    let _ = DIAL.set(Dial::new(tls).with_token(token)?);
+    Ok(())
+}
+
+fn dial() -> Dial {
+    DIAL.get().cloned().unwrap_or_default()
 }
 
 /// Connects to the first of `endpoints` (comma-separated: a coordinator and its standby)
-/// that answers, trying them in turn for up to `RINGBOLT_CONNECT_TIMEOUT_SECS` (10 s).
-pub async fn connect_channel(endpoints: &str) -> Result<Channel> {
-    let list: Vec<tonic::transport::Endpoint> = endpoints
+/// that answers, trying them in turn for up to `RINGBOLT_CONNECT_TIMEOUT_SECS` (10 s). An
+/// endpoint is `https://HOST:PORT` (TLS), `http://HOST:PORT` or `HOST:PORT` (plain text, or TLS
+/// with `--tls-ca`).
+pub async fn connect_channel(endpoints: &str) -> Result<Conn> {
+    let d = dial();
+    let list: Vec<&str> = endpoints
         .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(endpoint)
-        .collect::<Result<_>>()?;
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if list.is_empty() {
         bail!("no endpoint given");
+    }
+    for e in &list {
+        d.endpoint(e)?;
     }
     let deadline = std::time::Instant::now() + connect_window();
     let mut last = String::new();
     loop {
         for e in &list {
-            let ch = e
-                .clone()
-                .connect_timeout(std::time::Duration::from_secs(2))
-                .connect()
-                .await;
-            match ch {
+            match d.connect(e, std::time::Duration::from_secs(2)).await {
                 Ok(ch) => return Ok(ch),
-                Err(err) => last = format!("{}: {err}", e.uri()),
+                Err(err) => last = err.to_string(),
             }
         }
         if std::time::Instant::now() >= deadline {
@@ -96,49 +86,14 @@ pub async fn connect_channel(endpoints: &str) -> Result<Channel> {
     }
 }
 
-/// The token every request of this process carries (`--token`), as `authorization` metadata.
-static TOKEN: std::sync::OnceLock<Option<MetadataValue<Ascii>>> = std::sync::OnceLock::new();
-
-/// Sets the token requests carry (once, at start).
-pub fn set_token(token: Option<&str>) -> Result<()> {
-    let value = token
-        .map(|t| {
-            format!("Bearer {}", t.trim())
-                .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| anyhow::anyhow!("--token must be printable ASCII"))
-        })
-        .transpose()?;
-    let _ = TOKEN.set(value);
-    Ok(())
-}
-
-/// Adds the process's token to each request.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            r.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(r)
-    }
-}
-
-fn bearer() -> Bearer {
-    Bearer(TOKEN.get().cloned().flatten())
-}
-
 /// A connection whose requests carry the token.
-pub type Conn = InterceptedService<Channel, Bearer>;
+pub type Conn = ringbolt_shell::Peer;
 
 /// [`connect_channel`] as a client of the job API.
 pub async fn connect(endpoints: &str) -> Result<JobsClient<Conn>> {
-    Ok(
-        JobsClient::with_interceptor(connect_channel(endpoints).await?, bearer())
-            .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES),
-    )
+    Ok(JobsClient::new(connect_channel(endpoints).await?)
+        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES))
 }
 
 /// Whether a failed watch may succeed on another try (server gone or taking over).
@@ -189,7 +144,11 @@ pub async fn follow(endpoints: &str, id: &str, live: bool) -> Result<Outcome> {
 
 #[derive(Args)]
 pub struct SubmitArgs {
-    /// Server address, e.g. http://127.0.0.1:7070 (comma-separate a coordinator and its standby).
+    /// PEM CA the server's certificate must be signed by (`https://` endpoints; default: the
+    /// system's roots); given, endpoints without a scheme are dialed over TLS too.
+    #[arg(long, env = "RINGBOLT_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Server address, e.g. http://127.0.0.1:7070 or https://HOST:PORT (comma-separate a coordinator and its standby).
     #[arg(long, env = "RINGBOLT_ENDPOINT")]
     pub endpoint: String,
     #[command(flatten)]
@@ -228,6 +187,10 @@ pub struct SubmitArgs {
 
 #[derive(Args)]
 pub struct JobsArgs {
+    /// PEM CA the server's certificate must be signed by (`https://` endpoints; default: the
+    /// system's roots); given, endpoints without a scheme are dialed over TLS too.
+    #[arg(long, env = "RINGBOLT_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub cmd: JobsCmd,
 }
@@ -272,6 +235,10 @@ pub enum JobsCmd {
 
 #[derive(Args)]
 pub struct StatusArgs {
+    /// PEM CA the server's certificate must be signed by (`https://` endpoints; default: the
+    /// system's roots); given, endpoints without a scheme are dialed over TLS too.
+    #[arg(long, env = "RINGBOLT_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     #[arg(long, env = "RINGBOLT_ENDPOINT")]
     pub endpoint: String,
     #[arg(long, env = "RINGBOLT_JSON")]
@@ -651,7 +618,7 @@ pub async fn jobs(a: JobsArgs) -> Result<()> {
 
 pub async fn status(a: StatusArgs) -> Result<()> {
     let ch = connect_channel(&a.endpoint).await?;
-    let s = ClusterClient::with_interceptor(ch, bearer())
+    let s = ClusterClient::new(ch)
         .status(pb::StatusRequest {})
         .await
         .map_err(RpcError)?

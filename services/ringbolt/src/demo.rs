@@ -105,9 +105,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         context_parallel: 1,
         tokenizer: None,
         device: ringbolt_kernels::Device::Cpu,
-        conn: Default::default(),
         auth: Default::default(),
-        telemetry: Default::default(),
+        serve: Default::default(),
     };
     let token = CancellationToken::new();
     let t_load = Instant::now();
@@ -119,8 +118,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let stop = token.clone();
     let server = tokio::spawn(ringbolt_jobs::grpc::serve(
         mgr,
+        ringbolt_shell::Shell::plain(Default::default()),
         listener,
-        args.conn.limits(),
         None,
         async move { stop.cancelled().await },
     ));

@@ -183,8 +183,8 @@ impl LocalCluster {
     }
 
     pub async fn status(&self) -> Result<pb::ClusterStatus> {
-        let ch = tonic::transport::Channel::from_shared(self.endpoint.clone())?
-            .connect()
+        let ch = ringbolt_shell::Dial::default()
+            .connect(&self.endpoint, Duration::from_secs(5))
             .await?;
         Ok(ClusterClient::new(ch)
             .status(pb::StatusRequest {})

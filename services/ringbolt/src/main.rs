@@ -64,6 +64,18 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+impl Command {
+    /// The CA a client command dials TLS servers with (`--tls-ca`).
+    fn tls_ca(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Command::Submit(a) => a.tls_ca.clone(),
+            Command::Jobs(a) => a.tls_ca.clone(),
+            Command::Status(a) => a.tls_ca.clone(),
+            _ => None,
+        }
+    }
+}
+
 fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -100,7 +112,7 @@ fn main() {
         eprintln!("error: cannot start {n} compute threads: {e}");
         std::process::exit(2);
     }
-    if let Err(e) = client::set_token(cli.token.as_deref()) {
+    if let Err(e) = client::set_dial(cli.command.tls_ca(), cli.token.as_deref()) {
         eprintln!("error: {e}");
         std::process::exit(2);
     }

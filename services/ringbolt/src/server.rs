@@ -50,11 +50,9 @@ pub struct StandaloneArgs {
     #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
     pub device: Device,
     #[command(flatten)]
-    pub conn: ringbolt_cluster::ConnArgs,
-    #[command(flatten)]
     pub auth: ringbolt_cluster::AuthArgs,
     #[command(flatten)]
-    pub telemetry: ringbolt_cluster::TelemetryArgs,
+    pub serve: ringbolt_shell::ServeArgs,
 }
 
 /// The engine's start once the device's backend is open: the model is loaded onto it and
@@ -134,8 +132,8 @@ pub async fn shutdown_signal(token: CancellationToken) {
 }
 
 pub async fn standalone(a: StandaloneArgs) -> Result<()> {
-    a.telemetry.start("standalone")?;
     let token = CancellationToken::new();
+    let shell = a.serve.start("standalone", a.listen, token.clone())?;
     let mgr = start_manager(&a, token.clone())?;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
@@ -143,13 +141,12 @@ pub async fn standalone(a: StandaloneArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     eprintln!("ringbolt standalone listening on {addr}");
     let tokens = a.auth.tokens()?;
-    ringbolt_jobs::grpc::serve(
-        mgr,
-        listener,
-        a.conn.limits(),
-        tokens,
-        shutdown_signal(token),
-    )
-    .await?;
+    if tokens.is_none() && !ringbolt_shell::is_loopback(&addr) {
+        eprintln!(
+            "WARNING: standalone accepts jobs from anyone who can reach {addr}: give \
+             --auth-tokens-file to require a token"
+        );
+    }
+    ringbolt_jobs::grpc::serve(mgr, shell, listener, tokens, shutdown_signal(token)).await?;
     Ok(())
 }
