@@ -8,6 +8,7 @@
 //! little-endian) and the payload, written straight from the caller's buffer. Connections are
 //! pooled per peer; one request at a time per connection, so concurrency is by connections.
 
+use crate::guard::Guard;
 use crate::listen::ConnLimits;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -166,13 +167,19 @@ impl Served {
 
 /// Answers requests on `listener` with the default connection limits.
 pub fn serve(listener: TcpListener, handler: Handler) -> Served {
-    serve_with(listener, handler, ConnLimits::default())
+    serve_with(listener, handler, ConnLimits::default(), Guard::open())
 }
 
 /// Answers requests on `listener` until aborted. Accept errors never stop it (they are backed
 /// off and reported through [`Served::healthy`]); each connection is bounded by `limits`, and
-/// each frame's payload by its size.
-pub fn serve_with(listener: TcpListener, handler: Handler, limits: ConnLimits) -> Served {
+/// each frame's payload by its size. A connection `guard` does not admit is closed before
+/// its first frame is read.
+pub fn serve_with(
+    listener: TcpListener,
+    handler: Handler,
+    limits: ConnLimits,
+    guard: Guard,
+) -> Served {
     let (mut conns, accepting) = crate::listen::incoming(listener, limits);
     let link = crate::Link::from_env();
     let (health_tx, healthy) = watch::channel(true);
@@ -188,9 +195,13 @@ pub fn serve_with(listener: TcpListener, handler: Handler, limits: ConnLimits) -
                 }
             };
             let Some(Ok(mut s)) = next else { break };
-            let handler = handler.clone();
+            let (handler, guard) = (handler.clone(), guard.clone());
             tokio::spawn(async move {
                 let peer = s.peer();
+                if let Err(e) = guard.accept(&mut s, limits.handshake).await {
+                    tracing::warn!(%peer, error = %e, "data-plane peer refused");
+                    return;
+                }
                 loop {
                     let f = match read_frame(&mut s).await {
                         Ok(f) => f,
@@ -230,6 +241,7 @@ pub struct ExchangeClient {
     link: crate::Link,
     idle: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
     next_id: AtomicU64,
+    guard: Guard,
 }
 
 impl ExchangeClient {
@@ -240,7 +252,14 @@ impl ExchangeClient {
             link: crate::Link::from_env(),
             idle: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            guard: Guard::open(),
         }
+    }
+
+    /// New connections prove themselves through `guard`.
+    pub fn with_guard(mut self, guard: Guard) -> Self {
+        self.guard = guard;
+        self
     }
 
     fn take_idle(&self, peer: SocketAddr) -> Option<TcpStream> {
@@ -289,10 +308,14 @@ impl ExchangeClient {
                 let mut s = match reused.take() {
                     Some(s) => s,
                     None => {
-                        let s = TcpStream::connect(peer)
+                        let mut s = TcpStream::connect(peer)
                             .await
                             .map_err(|e| lost(format!("cannot connect: {e}")))?;
                         let _ = s.set_nodelay(true);
+                        self.guard
+                            .connect(&mut s, self.timeout)
+                            .await
+                            .map_err(|e| lost(format!("data-plane handshake: {e}")))?;
                         s
                     }
                 };
@@ -421,7 +444,7 @@ mod tests {
             handshake: Duration::from_millis(500),
             idle: Some(Duration::from_secs(30)),
         };
-        let served = serve_with(l, handler, limits);
+        let served = serve_with(l, handler, limits, Guard::open());
         let closed = |mut s: TcpStream, within: Duration| async move {
             let mut b = [0u8; 64];
             match tokio::time::timeout(within, s.read(&mut b)).await {

@@ -11,6 +11,7 @@
 //! sends a layer's routed rows to the expert workers that hold those experts.
 
 pub mod exchange;
+pub mod guard;
 pub mod listen;
 pub mod local;
 #[cfg(feature = "cuda")]

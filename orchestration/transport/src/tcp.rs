@@ -6,6 +6,7 @@
 //! a [`TcpHub`]'s with other groups: a worker in many short-lived groups at once (one per
 //! context-parallel job) listens once, and each frame goes to the group its epoch field names.
 
+use crate::guard::Guard;
 use crate::listen::{ConnLimits, TimedStream};
 use crate::{Link, Mailbox, Result, Transport, TransportError};
 use bytes::Bytes;
@@ -28,6 +29,7 @@ pub struct TcpTransport {
     timeout: Duration,
     mailbox: Arc<Mailbox>,
     conns: Vec<Mutex<Option<TcpStream>>>,
+    guard: Guard,
     /// Its own listener's accept task, or its place in a hub.
     incoming: Incoming,
     link: Link,
@@ -147,6 +149,7 @@ pub struct TcpHub {
     router: Arc<Router>,
     address: SocketAddr,
     accept: tokio::task::JoinHandle<()>,
+    guard: Guard,
 }
 
 impl Drop for TcpHub {
@@ -156,9 +159,10 @@ impl Drop for TcpHub {
 }
 
 impl TcpHub {
-    /// Accepts on `listener`; `timeout` bounds handshakes, and how long frames for a group
-    /// nobody here joined are kept.
-    pub fn start(listener: TcpListener, timeout: Duration) -> Result<Self> {
+    /// Accepts on `listener` the peers `guard` admits; `timeout` bounds handshakes, and how
+    /// long frames for a group nobody here joined are kept. Groups joined here dial their
+    /// peers through `guard` too.
+    pub fn start(listener: TcpListener, timeout: Duration, guard: Guard) -> Result<Self> {
         let address = listener.local_addr().map_err(|e| TransportError::Peer {
             peer: 0,
             msg: format!("the hub's listener: {e}"),
@@ -167,11 +171,12 @@ impl TcpHub {
             timeout,
             groups: Default::default(),
         });
-        let accept = accept_frames(listener, timeout, Route::Hub(router.clone()));
+        let accept = accept_frames(listener, timeout, Route::Hub(router.clone()), guard.clone());
         Ok(TcpHub {
             router,
             address,
             accept,
+            guard,
         })
     }
 
@@ -192,9 +197,17 @@ impl TcpHub {
         check_rank(rank, &addrs)?;
         let mailbox = self.router.join(group, timeout)?;
         let incoming = Incoming::Hub(self.router.clone());
-        Ok(TcpTransport::new(
-            rank, group, addrs, timeout, mailbox, incoming, link,
-        ))
+        Ok(TcpTransport {
+            rank,
+            epoch: group,
+            conns: addrs.iter().map(|_| Mutex::new(None)).collect(),
+            addrs,
+            timeout,
+            mailbox,
+            incoming,
+            link,
+            guard: self.guard.clone(),
+        })
     }
 }
 
@@ -214,6 +227,7 @@ fn accept_frames(
     listener: TcpListener,
     timeout: Duration,
     route: Route,
+    guard: Guard,
 ) -> tokio::task::JoinHandle<()> {
     // Peers keep their connections for the whole epoch, idle between steps: only the
     // handshake is bounded (and each frame, by its size).
@@ -223,8 +237,16 @@ fn accept_frames(
     };
     let (mut conns, _accepting) = crate::listen::incoming(listener, limits);
     tokio::spawn(async move {
-        while let Some(Ok(s)) = conns.next().await {
-            tokio::spawn(read_frames(s, route.clone()));
+        while let Some(Ok(mut s)) = conns.next().await {
+            let (route, guard) = (route.clone(), guard.clone());
+            tokio::spawn(async move {
+                match guard.accept(&mut s, timeout).await {
+                    Ok(()) => read_frames(s, route).await,
+                    Err(e) => {
+                        tracing::warn!(peer = %s.peer(), error = %e, "data-plane peer refused")
+                    }
+                }
+            });
         }
     })
 }
@@ -298,38 +320,23 @@ impl TcpTransport {
     ) -> Result<Self> {
         check_rank(rank, &addrs)?;
         let mailbox = Arc::new(Mailbox::new(epoch, timeout));
-        let accept = accept_frames(listener, timeout, Route::One(mailbox.clone()));
-        Ok(Self::new(
-            rank,
-            epoch,
-            addrs,
+        let accept = accept_frames(
+            listener,
             timeout,
-            mailbox,
-            Incoming::Own(accept),
-            link,
-        ))
-    }
-
-    /// Rank `rank` of the group at `addrs`, its frames arriving in `mailbox` by `incoming`.
-    fn new(
-        rank: usize,
-        epoch: u64,
-        addrs: Vec<SocketAddr>,
-        timeout: Duration,
-        mailbox: Arc<Mailbox>,
-        incoming: Incoming,
-        link: Link,
-    ) -> Self {
-        TcpTransport {
+            Route::One(mailbox.clone()),
+            Guard::open(),
+        );
+        Ok(TcpTransport {
             rank,
             epoch,
             conns: addrs.iter().map(|_| Mutex::new(None)).collect(),
             addrs,
             timeout,
             mailbox,
-            incoming,
+            incoming: Incoming::Own(accept),
             link,
-        }
+            guard: Guard::open(),
+        })
     }
 
     /// A whole group of `size` ranks in this process on 127.0.0.1 (tests and measurements),
@@ -366,8 +373,15 @@ impl TcpTransport {
         let mut backoff = Duration::from_millis(10);
         loop {
             match tokio::time::timeout_at(deadline, TcpStream::connect(self.addrs[to])).await {
-                Ok(Ok(s)) => {
+                Ok(Ok(mut s)) => {
                     let _ = s.set_nodelay(true);
+                    self.guard
+                        .connect(&mut s, self.timeout)
+                        .await
+                        .map_err(|e| TransportError::Peer {
+                            peer: to,
+                            msg: format!("{}: {e}", self.addrs[to]),
+                        })?;
                     return Ok(s);
                 }
                 Ok(Err(e)) if tokio::time::Instant::now() + backoff >= deadline => {

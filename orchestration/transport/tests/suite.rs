@@ -231,7 +231,7 @@ async fn hubs(n: usize) -> Vec<TcpHub> {
     let mut out = Vec::new();
     for _ in 0..n {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        out.push(TcpHub::start(l, Duration::from_secs(5)).unwrap());
+        out.push(TcpHub::start(l, Duration::from_secs(5), Default::default()).unwrap());
     }
     out
 }
@@ -294,4 +294,53 @@ async fn frames_sent_before_a_peer_joins_wait_for_it() {
         b.recv(0, 5).await,
         Err(TransportError::Timeout { .. })
     ));
+}
+
+#[tokio::test]
+async fn hubs_with_a_secret_admit_only_its_holders() {
+    use ringbolt_transport::guard::Guard;
+    use tokio::io::AsyncWriteExt;
+    let secret = || Guard::secret(b"the cluster's data-plane secret, 32+ bytes");
+    let mut hs = Vec::new();
+    for _ in 0..2 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        hs.push(TcpHub::start(l, Duration::from_secs(5), secret()).unwrap());
+    }
+    let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
+    let join = |h: &TcpHub, rank| {
+        h.join(
+            4,
+            rank,
+            addrs.clone(),
+            Duration::from_secs(1),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (join(&hs[0], 0), join(&hs[1], 1));
+    // A stranger writes a well-formed frame for rank 1 of group 4 (from "rank 0", tag 6):
+    // it is refused before the frame is read, so nothing arrives.
+    let mut s = tokio::net::TcpStream::connect(addrs[1]).await.unwrap();
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    frame.extend_from_slice(&4u64.to_le_bytes());
+    frame.extend_from_slice(&6u64.to_le_bytes());
+    frame.extend_from_slice(&5u64.to_le_bytes());
+    frame.extend_from_slice(b"forged");
+    let _ = s.write_all(&frame).await;
+    assert!(matches!(
+        b.recv(0, 6).await,
+        Err(TransportError::Timeout { .. })
+    ));
+    // A hub with another secret cannot reach the group either; holders of the secret can.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = TcpHub::start(l, Duration::from_secs(5), Guard::secret(&[9u8; 40])).unwrap();
+    let mut o_addrs = addrs.clone();
+    o_addrs[0] = other.address();
+    let o = other
+        .join(4, 0, o_addrs, Duration::from_secs(1), Default::default())
+        .unwrap();
+    assert!(o.send(1, 7, Bytes::from_static(b"x")).await.is_err());
+    a.send(1, 8, Bytes::from_static(b"welcome")).await.unwrap();
+    assert_eq!(&b.recv(0, 8).await.unwrap()[..], b"welcome");
 }

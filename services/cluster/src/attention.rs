@@ -675,6 +675,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         stop.clone(),
     );
     let cfg = model.config().clone();
+    let (data_listener, data_address, guard) = bind_data(a.data_listen, c).await?;
     let experts = RemoteExperts::new(
         view,
         tokio::runtime::Handle::current(),
@@ -682,12 +683,13 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         cfg.hidden_size,
         Duration::from_secs(a.data_timeout_secs.max(1)),
         Duration::from_secs(a.resend_window_secs.max(1)),
+        guard.clone(),
     );
-    let (data_listener, data_address) = bind_data(a.data_listen, c).await?;
     let plane = ContextPlane {
         hub: TcpHub::start(
             data_listener,
             Duration::from_secs(a.data_timeout_secs.max(1)),
+            guard,
         )
         .map_err(|e| ClusterError::Io(e.to_string()))?,
         rt: tokio::runtime::Handle::current(),

@@ -502,10 +502,10 @@ async fn serve_on<B: Backend>(
     let shell = c.shell("expert-worker", c.listen, stop.clone())?;
     let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
-    let (data_listener, data_address) = bind_data(a.data_listen, c).await?;
+    let (data_listener, data_address, guard) = bind_data(a.data_listen, c).await?;
     let id = c.member_id("expert", &address);
     let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt));
-    let data = serve_with(data_listener, host.handler(), shell.limits());
+    let data = serve_with(data_listener, host.handler(), shell.limits(), guard);
 
     let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
     let _group = crate::group::follow_on(

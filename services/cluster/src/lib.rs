@@ -17,6 +17,7 @@ use clap::Args;
 use ringbolt_membership::EtcdMembership;
 pub use ringbolt_shell::Health;
 use ringbolt_shell::{ClientTls, Dial, ServeArgs, Shell};
+use ringbolt_transport::guard::Guard;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -108,6 +109,11 @@ pub struct CommonArgs {
     /// dialed over TLS, with --tls-cert/--tls-key as this role's client certificate.
     #[arg(long, env = "RINGBOLT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// A file holding the cluster's data-plane secret (32+ bytes, e.g. `openssl rand -hex
+    /// 32`): every data-plane connection must prove it holds it before a frame is read. All
+    /// workers of a cluster need the same file.
+    #[arg(long, env = "RINGBOLT_DATA_SECRET_FILE")]
+    pub data_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -130,6 +136,23 @@ impl CommonArgs {
                     .zip(self.serve.tls.tls_key.clone()),
             }
         }))
+    }
+
+    /// The data plane's admission rule (`--data-secret-file`), warning loudly when a data
+    /// plane reachable from the network is left open.
+    pub fn data_guard(&self, data_listen: SocketAddr) -> Result<Guard, ClusterError> {
+        match &self.data_secret_file {
+            Some(p) => Guard::from_file(p).map_err(|e| ClusterError::Invalid(e.to_string())),
+            None => {
+                if !data_listen.ip().is_loopback() {
+                    eprintln!(
+                        "WARNING: the data plane on {data_listen} admits ANY peer that can \
+                         reach it: give --data-secret-file (the same file on every worker)"
+                    );
+                }
+                Ok(Guard::open())
+            }
+        }
     }
 
     /// Starts this role's service shell (telemetry, TLS) for its listener at `listen`.
@@ -200,14 +223,15 @@ pub async fn bind(
 pub async fn bind_data(
     data_listen: Option<SocketAddr>,
     c: &CommonArgs,
-) -> Result<(TcpListener, String), ClusterError> {
+) -> Result<(TcpListener, String, Guard), ClusterError> {
     let data_listen = data_listen.unwrap_or_else(|| SocketAddr::new(c.listen.ip(), 0));
+    let guard = c.data_guard(data_listen)?;
     let (listener, local) = bind(data_listen, None).await?;
     let address = match c.advertise.as_deref().and_then(|a| a.rsplit_once(':')) {
         Some((host, _)) => format!("{host}:{}", local.rsplit(':').next().unwrap_or("0")),
         None => local,
     };
-    Ok((listener, address))
+    Ok((listener, address, guard))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

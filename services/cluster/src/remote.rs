@@ -45,7 +45,8 @@ pub struct StepCounts {
 
 impl RemoteExperts {
     /// `timeout` bounds each data-plane exchange; `resend_window` bounds how long a layer step
-    /// waits for a new plan after failures.
+    /// waits for a new plan after failures. Connections to expert workers open with the
+    /// data-plane handshake `guard` asks for.
     pub fn new(
         plan: PlanView,
         rt: tokio::runtime::Handle,
@@ -53,10 +54,11 @@ impl RemoteExperts {
         hidden: usize,
         timeout: Duration,
         resend_window: Duration,
+        guard: ringbolt_transport::guard::Guard,
     ) -> Self {
         RemoteExperts {
             plan,
-            client: Arc::new(ExchangeClient::new(timeout)),
+            client: Arc::new(ExchangeClient::new(timeout).with_guard(guard)),
             rt,
             experts,
             hidden,

@@ -8,10 +8,16 @@ use ringbolt_cluster::plan::{Plan, Slot, WorkerPlace};
 use ringbolt_cluster::remote::RemoteExperts;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_model::{Checkpoint, Logits, Model, Preset, WeightDtype, write_random_checkpoint};
-use ringbolt_transport::exchange::{ExchangeClient, ExchangeError, serve};
+use ringbolt_transport::exchange::{ExchangeClient, ExchangeError, serve_with};
+use ringbolt_transport::guard::Guard;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The hosts' data plane admits only holders of this secret.
+fn guard() -> Guard {
+    Guard::secret(b"a cluster secret of at least 32 bytes")
+}
 
 struct Host {
     id: String,
@@ -23,7 +29,7 @@ async fn start_host(dir: &std::path::Path, id: &str) -> Host {
     let host = Arc::new(ExpertHost::new(id.into(), Checkpoint::open(dir).unwrap()));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let data = l.local_addr().unwrap().to_string();
-    serve(l, host.handler());
+    serve_with(l, host.handler(), Default::default(), guard());
     Host {
         id: id.into(),
         host,
@@ -99,6 +105,7 @@ async fn remote_experts_match_the_engine_and_resend_after_a_plan_change() {
         cfg.hidden_size,
         Duration::from_secs(10),
         Duration::from_secs(20),
+        guard(),
     );
     let prompt: Vec<u32> = (0..130).map(|i| (i * 37 % 500) as u32).collect();
     let (full, attn, remote) = (Arc::new(full), Arc::new(attn), Arc::new(remote));
@@ -199,9 +206,21 @@ async fn remote_experts_match_the_engine_and_resend_after_a_plan_change() {
     assert!(hosts[1].host.held().is_empty());
     assert_eq!(hosts[0].host.active_epoch(), 2);
 
-    // A message of epoch 1 is refused by a worker at epoch 2.
-    let client = ExchangeClient::new(Duration::from_secs(5));
+    // A peer without the secret is refused before its request is read; one with it is
+    // served (a message of epoch 1 is refused by a worker at epoch 2).
     let addr = hosts[0].data.parse().unwrap();
+    let stranger = ExchangeClient::new(Duration::from_secs(5));
+    match stranger.call(addr, 2, b"anything").await {
+        Err(ExchangeError::Peer { .. }) => {}
+        other => panic!("want the connection refused, got {other:?}"),
+    }
+    let wrong = ExchangeClient::new(Duration::from_secs(5))
+        .with_guard(Guard::secret(b"another secret, also 32 bytes or more"));
+    match wrong.call(addr, 2, b"anything").await {
+        Err(ExchangeError::Peer { msg, .. }) => assert!(msg.contains("handshake"), "{msg}"),
+        other => panic!("want the handshake refused, got {other:?}"),
+    }
+    let client = ExchangeClient::new(Duration::from_secs(5)).with_guard(guard());
     match client.call(addr, 1, b"anything").await {
         Err(ExchangeError::StaleEpoch {
             sent: 1,
@@ -274,6 +293,7 @@ async fn gpu_expert_workers_exchange_bf16() {
             cfg.hidden_size,
             Duration::from_secs(10),
             Duration::from_secs(20),
+            guard(),
         ))
     };
     let (remote, remote_f32) = (executor(plan), executor(f32_plan));
