@@ -1504,3 +1504,121 @@ fn writes_under_a_lost_election_key_are_refused() {
         assert_eq!(v.kvs()[0].value(), b"1");
     });
 }
+
+/// Issue 16: a cluster whose roles speak mutual TLS to each other, TLS and tokens to clients,
+/// and prove the cluster's secret on the data plane. Plain-text clients and token-less or
+/// wrong-token requests are refused; a stranger on an expert worker's data plane is refused
+/// and the worker goes on serving the attention worker that holds the secret.
+#[test]
+fn a_cluster_with_tls_tokens_and_a_data_secret_serves_only_credentialed_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("tls", dir.path());
+    let f = ringbolt_shell::testing::write_certs(dir.path());
+    let secret = dir.path().join("data-secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef-cluster\n").unwrap();
+    let tokens_file = dir.path().join("tokens");
+    let token = "a-client-token-of-some-length";
+    std::fs::write(&tokens_file, format!("{token}\n")).unwrap();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let (cert, key, ca, sec) = (p(&f.cert), p(&f.key), p(&f.ca), p(&secret));
+    let role_tls = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca,
+        "--data-secret-file",
+        &sec,
+    ];
+    // Workers require client certificates; the coordinator's public port takes tokens.
+    let mut worker_flags = vec!["--listen", "127.0.0.1:0", "--tls-client-ca", &ca];
+    worker_flags.extend(role_tls);
+    let (port, data_port, metrics_port) = (free_port(), free_port(), free_port());
+    let mut coord_flags = vec!["--auth-tokens-file", tokens_file.to_str().unwrap()];
+    coord_flags.extend(role_tls);
+    let _coord = c.coordinator_with(port, true, &coord_flags);
+    let (_a, _) = c.worker_at("attention-worker", &worker_flags);
+    let (data, metrics) = (
+        format!("127.0.0.1:{data_port}"),
+        format!("127.0.0.1:{metrics_port}"),
+    );
+    let mut expert_flags = worker_flags.clone();
+    expert_flags.extend(["--data-listen", &data, "--metrics-listen", &metrics]);
+    let (_e, _) = c.worker_at("expert-worker", &expert_flags);
+
+    let ep = format!("127.0.0.1:{port}");
+    let secure = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend([
+            "--endpoint",
+            &ep,
+            "--tls-ca",
+            &ca,
+            "--token",
+            token,
+            "--json",
+        ]);
+        run(&a)
+    };
+    // Plain text, no token, a wrong token: refused, each saying why.
+    let (ok, _, err) = run(&["status", "--endpoint", &format!("http://{ep}")]);
+    assert!(
+        !ok && err.contains("https://"),
+        "a plain-text client was served: {err}"
+    );
+    let (ok, _, err) = run(&["status", "--endpoint", &ep, "--tls-ca", &ca]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, _, err) = run(&[
+        "status",
+        "--endpoint",
+        &ep,
+        "--tls-ca",
+        &ca,
+        "--token",
+        "not-the-token-at-all",
+    ]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    // The workers' gRPC refuses a client without a certificate.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let (ok, out, err) = secure(&["status"]);
+        assert!(ok, "{err}");
+        let s: Value = serde_json::from_str(out.trim()).unwrap();
+        if covers_all(&s) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "experts never placed: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for m in status["members"].as_array().unwrap() {
+        if m["role"] != "coordinator" {
+            let addr = m["address"].as_str().unwrap();
+            assert_eq!(health(addr, ""), None, "{addr} served a plain-text client");
+        }
+    }
+
+    // A stranger on the expert's data plane sends a request frame; it is refused.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&data).unwrap();
+        let mut frame = vec![0u8; 64];
+        frame[..4].copy_from_slice(&1u32.to_le_bytes());
+        let _ = s.write_all(&frame);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let scraped = scrape(metrics_port);
+    assert_eq!(
+        metric(&scraped, "ringbolt_data_plane_refused_total", &[]),
+        1.0,
+        "{scraped}"
+    );
+    // Jobs run through every credentialed link (coordinator → attention worker over mTLS,
+    // attention ↔ expert data plane with the secret) and equal the reference.
+    let pr = prompt(300, 7);
+    let want = generate(&c.ckpt, &pr, 16);
+    let (ok, out, err) = secure(&["submit", "--tokens", &pr, "--max-new-tokens", "16"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(tokens(&v), want);
+}

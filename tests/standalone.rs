@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringbolt");
@@ -1273,4 +1273,81 @@ fn tokens_guard_the_api_and_limit_each_token() {
     };
     assert_eq!(count("token"), 2.0, "{text}");
     assert_eq!(count("max_jobs_per_token"), 1.0, "{text}");
+}
+
+/// Issue 16: a standalone server started with TLS refuses plain-text clients and clients that
+/// do not trust its CA, serves those that do (`--tls-ca`, with or without `https://`), and
+/// serves a renewed certificate without a restart.
+#[test]
+fn tls_refuses_plain_text_and_follows_a_renewed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let f = ringbolt_shell::testing::write_certs(dir.path());
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(&f.cert, &cert).unwrap();
+    std::fs::copy(&f.key, &key).unwrap();
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let addr = server
+        .endpoint
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_string();
+    let (ca, other_ca) = (f.ca.to_str().unwrap(), f.other_ca.to_str().unwrap());
+    let status = |ep: &str, ca: Option<&str>| {
+        let mut a = vec!["status", "--endpoint", ep, "--json"];
+        if let Some(ca) = ca {
+            a.extend(["--tls-ca", ca]);
+        }
+        run(&a)
+    };
+    let (ok, _, err) = status(&format!("http://{addr}"), None);
+    assert!(
+        !ok && err.contains("https://"),
+        "plain text was served: {err}"
+    );
+    let (ok, _, err) = status(&format!("https://{addr}"), Some(other_ca));
+    assert!(!ok, "a client that does not trust the CA connected: {err}");
+    let (ok, out, err) = status(&addr, Some(ca));
+    assert!(ok && out.contains("standalone"), "{err}");
+    let (ok, _, err) = status(&format!("https://{addr}"), Some(ca));
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&[
+        "submit",
+        "--endpoint",
+        &addr,
+        "--tls-ca",
+        ca,
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        tokens(&serde_json::from_str(out.trim()).unwrap()),
+        generate(&ckpt, &[1, 2, 3], 2)
+    );
+    // Renewal: the files change (signed by the other CA now); within a reload period the
+    // server presents the new certificate.
+    std::fs::copy(&f.other_key, &key).unwrap();
+    std::fs::copy(&f.other_cert, &cert).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status(&addr, Some(other_ca)).0 {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(!status(&addr, Some(ca)).0);
 }

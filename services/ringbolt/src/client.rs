@@ -16,8 +16,18 @@ pub const CHUNK_TOKENS: usize = 256 * 1024;
 
 /// A gRPC failure as the CLI reports it: `code: message` on stderr, non-zero exit.
 #[derive(Debug, thiserror::Error)]
-#[error("{:?}: {}", .0.code(), .0.message())]
+#[error("{:?}: {}{}", .0.code(), .0.message(), hint(.0))]
 pub struct RpcError(pub tonic::Status);
+
+/// What a bare transport failure most likely means.
+fn hint(s: &tonic::Status) -> &'static str {
+    if s.code() == tonic::Code::Internal && s.message().contains("h2 protocol error") {
+        " (a server that speaks TLS answers plain text so: dial https://HOST:PORT, with --tls-ca \
+         for a private CA)"
+    } else {
+        ""
+    }
+}
 
 impl From<tonic::Status> for RpcError {
     fn from(s: tonic::Status) -> Self {
