@@ -116,6 +116,9 @@ enum BenchKind {
     /// CUDA kernel speed on the real model's shapes (lightning prefill and decode, softmax
     /// attention, the bf16 GEMM); needs a build with `--features cuda` and a GPU.
     Kernels(crate::bench_kernels::KernelBenchArgs),
+    /// What TLS costs: a prompt's upload through the public API, plain and TLS, and the data
+    /// plane's message sizes over plain and TLS streams; the data-plane secret's handshake.
+    Tls(crate::bench_tls::TlsBenchArgs),
 }
 
 /// Throughput of concurrent jobs through an in-process standalone server, with decode steps
@@ -223,6 +226,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rounds,
         } => scaling(checkpoint, &lengths, chunk, rounds),
         BenchKind::Kernels(args) => crate::bench_kernels::run(args),
+        BenchKind::Tls(args) => crate::bench_tls::run(args),
         BenchKind::Context {
             checkpoint,
             tokens,
