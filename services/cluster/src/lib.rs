@@ -109,6 +109,10 @@ pub struct CommonArgs {
     /// dialed over TLS, with --tls-cert/--tls-key as this role's client certificate.
     #[arg(long, env = "RINGBOLT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// The name the other roles' certificates must carry when dialed (default: the host
+    /// dialed; roles advertise IPs, so give a name every role's certificate has).
+    #[arg(long, env = "RINGBOLT_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
     /// A file holding the cluster's data-plane secret (32+ bytes, e.g. `openssl rand -hex
     /// 32`): every data-plane connection must prove it holds it before a frame is read. All
     /// workers of a cluster need the same file.
@@ -134,6 +138,7 @@ impl CommonArgs {
                     .tls_cert
                     .clone()
                     .zip(self.serve.tls.tls_key.clone()),
+                server_name: self.tls_server_name.clone(),
             }
         }))
     }

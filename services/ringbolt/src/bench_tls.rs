@@ -84,6 +84,7 @@ async fn bench(a: TlsBenchArgs) -> Result<()> {
             "tls" => Dial::new(Some(ClientTls {
                 ca: Some(certs.ca.clone()),
                 identity: None,
+                server_name: None,
             })),
             _ => Dial::default(),
         };
@@ -135,6 +136,7 @@ async fn bench(a: TlsBenchArgs) -> Result<()> {
     let client_tls = ClientTls {
         ca: Some(certs.ca.clone()),
         identity: Some((certs.cert.clone(), certs.key.clone())),
+        server_name: None,
     }
     .rustls()?;
     let mut stream = [f64::MAX; 2];

@@ -54,6 +54,7 @@ pub fn set_dial(tls_ca: Option<std::path::PathBuf>, token: Option<&str>) -> Resu
     let tls = tls_ca.map(|ca| ClientTls {
         ca: Some(ca),
         identity: None,
+        server_name: None,
     });
     let _ = DIAL.set(Dial::new(tls).with_token(token)?);
     Ok(())

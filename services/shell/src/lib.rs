@@ -332,6 +332,7 @@ mod tests {
         Dial::new(Some(ClientTls {
             ca: Some(ca.to_path_buf()),
             identity: id.map(|(c, k)| (c.to_path_buf(), k.to_path_buf())),
+            server_name: None,
         }))
     }
 
@@ -373,6 +374,16 @@ mod tests {
         healthy(&client(&f.ca, me), &format!("https://{addr}"))
             .await
             .unwrap();
+        // The name checked can be one the certificate carries rather than the address.
+        let named = |n: &str| {
+            let mut d = client(&f.ca, me);
+            if let Some(t) = d.tls.as_mut() {
+                t.server_name = Some(n.to_string());
+            }
+            d
+        };
+        healthy(&named("localhost"), &addr).await.unwrap();
+        assert!(healthy(&named("ringbolt.internal"), &addr).await.is_err());
         // Plain text, no client certificate, a certificate of another CA, or trusting
         // another CA: refused.
         let plain = Dial::default();

@@ -206,6 +206,10 @@ pub struct ClientTls {
     pub ca: Option<PathBuf>,
     /// This process's certificate and key, for servers that require one (mutual TLS).
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name servers' certificates must carry (None: the dialed host). Roles dial each
+    /// other at pod IPs, so one cluster-internal name in every role's certificate lets one
+    /// certificate serve them all.
+    pub server_name: Option<String>,
 }
 
 impl ClientTls {
@@ -220,6 +224,9 @@ impl ClientTls {
             }
             None => c.with_native_roots(),
         };
+        if let Some(n) = &self.server_name {
+            c = c.domain_name(n.clone());
+        }
         if let Some((cert, key)) = &self.identity {
             let (cp, kp) = (read(cert)?, read(key)?);
             certificates(cert, &cp)?;
