@@ -47,11 +47,25 @@ impl Drop for Etcd {
 }
 
 fn etcd() -> Etcd {
+    etcd_with(None)
+}
+
+/// An etcd; with `tls`, its client port speaks TLS and requires client certificates its CA
+/// signed.
+fn etcd_with(tls: Option<&ringbolt_shell::testing::CertFiles>) -> Etcd {
     let dir = tempfile::tempdir().unwrap();
     let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
+    let mut cmd = Command::new("etcd");
+    if let Some(f) = tls {
+        cmd.args(["--cert-file", f.cert.to_str().unwrap()])
+            .args(["--key-file", f.key.to_str().unwrap()])
+            .args(["--trusted-ca-file", f.ca.to_str().unwrap()])
+            .arg("--client-cert-auth");
+    }
+    let child = cmd
         .args(["--name", "t", "--data-dir", dir.path().to_str().unwrap()])
         .args([
             "--listen-client-urls",
@@ -1621,4 +1635,48 @@ fn a_cluster_with_tls_tokens_and_a_data_secret_serves_only_credentialed_peers() 
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     assert_eq!(tokens(&v), want);
+}
+
+/// Issue 16: etcd with TLS and client-certificate authentication: the roles reach it with
+/// --etcd-ca/--etcd-cert/--etcd-key and a job runs; a worker without a client certificate is
+/// refused and says so.
+#[test]
+fn roles_reach_an_etcd_that_requires_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = ringbolt_shell::testing::write_certs(dir.path());
+    let mut c = setup("etcdtls", dir.path());
+    c.etcd = etcd_with(Some(&f));
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let (ca, cert, key) = (p(&f.ca), p(&f.cert), p(&f.key));
+    let etcd_tls = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
+    let port = free_port();
+    let _coord = c.coordinator_with(port, true, &etcd_tls);
+    let mut worker = vec!["--listen", "127.0.0.1:0"];
+    worker.extend(etcd_tls);
+    let (_a, _) = c.worker_at("attention-worker", &worker);
+    let (_e, _) = c.worker_at("expert-worker", &worker);
+    let ep = format!("http://127.0.0.1:{port}");
+    wait_status(&ep, "experts placed", covers_all);
+    let pr = prompt(200, 3);
+    let want = generate(&c.ckpt, &pr, 8);
+    let id = submit(&ep, &pr, 8);
+    assert_eq!(tokens(&follow(&ep, &id).join().unwrap()), want);
+    // Without a client certificate etcd refuses the connection: the worker exits, saying so.
+    let mut a = vec!["expert-worker".to_string()];
+    a.extend(c.common());
+    a.extend(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd-ca",
+            &ca,
+            "--etcd-timeout-secs",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let mut lone = Proc::start(&a);
+    assert!(!lone.wait_exit(Duration::from_secs(60)).success());
+    assert!(lone.count("cannot reach etcd") > 0, "{:?}", lone.lines(""));
 }

@@ -29,9 +29,23 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Member> {
 impl EtcdMembership {
     /// Connects to etcd (every request bounded by `timeout`).
     pub async fn connect(endpoints: &[String], cluster: &str, timeout: Duration) -> Result<Self> {
-        let opts = ConnectOptions::new()
+        Self::connect_with(endpoints, cluster, timeout, None).await
+    }
+
+    /// [`connect`](Self::connect) over TLS with `tls` (the CA etcd's certificate is checked
+    /// against, and this process's client certificate for an etcd with client-cert-auth).
+    pub async fn connect_with(
+        endpoints: &[String],
+        cluster: &str,
+        timeout: Duration,
+        tls: Option<etcd_client::TlsOptions>,
+    ) -> Result<Self> {
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout);
+        if let Some(t) = tls {
+            opts = opts.with_tls(t);
+        }
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
             .await
             .map_err(|_| {

@@ -113,6 +113,15 @@ pub struct CommonArgs {
     /// dialed; roles advertise IPs, so give a name every role's certificate has).
     #[arg(long, env = "RINGBOLT_TLS_SERVER_NAME", requires = "tls_ca")]
     pub tls_server_name: Option<String>,
+    /// PEM CA etcd's certificate must be signed by: etcd is dialed over TLS (https:// endpoints).
+    #[arg(long, env = "RINGBOLT_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for an etcd that requires one (--client-cert-auth).
+    #[arg(long, env = "RINGBOLT_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "RINGBOLT_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// A file holding the cluster's data-plane secret (32+ bytes, e.g. `openssl rand -hex
     /// 32`): every data-plane connection must prove it holds it before a frame is read. All
     /// workers of a cluster need the same file.
@@ -181,7 +190,20 @@ impl CommonArgs {
 
 pub async fn connect_membership(c: &CommonArgs) -> Result<EtcdMembership, ClusterError> {
     let timeout = Duration::from_secs(c.etcd_timeout_secs.max(1));
-    let m = EtcdMembership::connect(&c.etcd, &c.cluster, timeout)
+    let tls = c
+        .etcd_ca
+        .as_ref()
+        .map(|ca| {
+            ClientTls {
+                ca: Some(ca.clone()),
+                identity: c.etcd_cert.clone().zip(c.etcd_key.clone()),
+                server_name: None,
+            }
+            .config()
+            .map_err(|e| ClusterError::Invalid(format!("etcd TLS: {e}")))
+        })
+        .transpose()?;
+    let m = EtcdMembership::connect_with(&c.etcd, &c.cluster, timeout, tls)
         .await
         .map_err(|e| {
             ClusterError::Etcd(format!(
