@@ -57,6 +57,56 @@ refuses coordinator.replicas "${REQUIRED[@]}" --set coordinator.replicas=two
 refuses expertWorker.device "${REQUIRED[@]}" --set expertWorker.device=gpu0
 refuses metrics.port "${REQUIRED[@]}" --set metrics.port=70000
 
+refuses tls.mutual "${REQUIRED[@]}" --set tls.mutual=maybe
+refuses "autoscaling needs metrics.enabled" "${REQUIRED[@]}" --set coordinator.dataDir.claimName=s \
+  --set expertWorker.autoscaling.enabled=true --set metrics.enabled=false
+
+# Everything on: TLS, the data-plane secret, etcd TLS, ServiceMonitor, autoscaling.
+"$HELM" template rb "$CHART" "${REQUIRED[@]}" --set coordinator.dataDir.claimName=spool \
+  --set tls.secretName=rb-tls --set dataPlane.secretName=rb-data \
+  --set etcdTls.secretName=rb-etcd --set-string 'etcd.endpoints=https://etcd-0:2379' \
+  --set metrics.serviceMonitor.enabled=true --set expertWorker.autoscaling.enabled=true \
+  >"$OUT/secure.yaml"
+# The example values files.
+for f in "$CHART"/examples/*.yaml; do
+  "$HELM" lint --strict "$CHART" -f "$f" --set image.repository=registry.example/ringbolt
+  "$HELM" template rb "$CHART" -f "$f" --set image.repository=registry.example/ringbolt \
+    >"$OUT/example-$(basename "$f")"
+done
+
 python3 scripts/check_helm_manifests.py "$BIN" "$OUT/gpu.yaml" gpu
 python3 scripts/check_helm_manifests.py "$BIN" "$OUT/cpu.yaml" cpu
+python3 scripts/check_helm_manifests.py "$BIN" "$OUT/secure.yaml" external
+python3 scripts/check_helm_manifests.py "$BIN" "$OUT/example-h800-2node.yaml" gpu
+python3 scripts/check_helm_manifests.py "$BIN" "$OUT/example-h800-8node.yaml" external
+
+# Every rendered object against the Kubernetes API schemas (kubernetes-validate bundles them;
+# the ServiceMonitor is a CRD it has no schema for).
+KV_DIR=target/helm/kubernetes-validate
+if [ ! -d "$KV_DIR/kubernetes_validate" ]; then
+  python3 -m pip install --quiet --target "$KV_DIR" kubernetes-validate==1.34.0
+fi
+KV="env PYTHONPATH=$KV_DIR python3 -m kubernetes_validate"
+if ! $KV --strict --quiet -k 1.30.0 "$OUT"/*.yaml >"$OUT/validate.log" 2>&1; then
+  cat "$OUT/validate.log"
+  echo "FAIL: rendered objects do not match the Kubernetes schemas"
+  exit 1
+fi
+grep -v "Couldn't find schema for kind ServiceMonitor" "$OUT/validate.log" || true
+echo "every rendered object matches the Kubernetes 1.30 schemas"
+
+# Scaling the expert workers changes their StatefulSet and nothing else.
+"$HELM" template rb "$CHART" "${REQUIRED[@]}" --set coordinator.dataDir.claimName=spool \
+  --set-string 'nccl.env.NCCL_SOCKET_IFNAME=eth0' --set expertWorker.replicas=7 >"$OUT/gpu7.yaml"
+python3 - "$OUT/gpu.yaml" "$OUT/gpu7.yaml" <<'PY'
+import sys, yaml
+a, b = ({(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(open(p)) if d}
+        for p in sys.argv[1:3])
+changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+if changed != [("StatefulSet", "rb-ringbolt-expert")]:
+    sys.exit(f"FAIL: expertWorker.replicas=7 changed {changed}")
+if b[changed[0]]["spec"]["replicas"] != 7:
+    sys.exit("FAIL: the expert StatefulSet does not have 7 replicas")
+print("expertWorker.replicas=7 changes only the expert StatefulSet")
+PY
 echo "helm chart checks passed"

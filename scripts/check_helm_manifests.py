@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Checks manifests rendered from helm/ringbolt against the `ringbolt` binary.
 
-Usage: check_helm_manifests.py RINGBOLT_BINARY RENDERED.yaml gpu|cpu
+Usage: check_helm_manifests.py RINGBOLT_BINARY RENDERED.yaml gpu|cpu|external
+
+(external: GPU workers with an external etcd, any endpoints)
 
 Every container that runs `ringbolt ROLE` must name a real role, set only RINGBOLT_* variables
 that `ringbolt ROLE --help` lists, listen on the port it declares and advertises, and ask for
@@ -97,7 +99,10 @@ def main():
         fail(f"the roles use different etcd endpoints: {etcds}")
     etcd = etcds.pop()
     has_etcd = any(d["kind"] == "StatefulSet" and "etcd" in d["metadata"]["name"] for d in docs)
-    if kind == "cpu":
+    if kind == "external":
+        if has_etcd:
+            fail(f"an external etcd ({etcd}) and the chart's own")
+    elif kind == "cpu":
         if has_etcd or etcd != "http://etcd-0:2379,http://etcd-1:2379":
             fail(f"external etcd: endpoints {etcd}, chart's own etcd {has_etcd}")
     else:

@@ -56,6 +56,7 @@ the others reach it at (the pod's IP).
 - name: RINGBOLT_METRICS_LISTEN
   value: "0.0.0.0:{{ .Values.metrics.port }}"
 {{- end }}
+{{- include "ringbolt.securityEnv" . }}
 {{- range $k, $v := .Values.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
@@ -111,5 +112,83 @@ annotations:
   prometheus.io/scrape: "true"
   prometheus.io/port: {{ .Values.metrics.port | quote }}
   prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
+
+{{/*
+TLS, the data-plane secret and etcd's TLS, as every role takes them (files from Secrets).
+*/}}
+{{- define "ringbolt.securityEnv" -}}
+{{- if .Values.tls.secretName }}
+- name: RINGBOLT_TLS_CERT
+  value: /etc/ringbolt/tls/tls.crt
+- name: RINGBOLT_TLS_KEY
+  value: /etc/ringbolt/tls/tls.key
+- name: RINGBOLT_TLS_CA
+  value: /etc/ringbolt/tls/ca.crt
+- name: RINGBOLT_TLS_SERVER_NAME
+  value: {{ required "tls.serverName is required with tls.secretName: the DNS name every role's certificate carries" .Values.tls.serverName | quote }}
+{{- end }}
+{{- if .Values.dataPlane.secretName }}
+- name: RINGBOLT_DATA_SECRET_FILE
+  value: /etc/ringbolt/data-plane/secret
+{{- end }}
+{{- if .Values.etcdTls.secretName }}
+- name: RINGBOLT_ETCD_CA
+  value: /etc/ringbolt/etcd/ca.crt
+{{- if .Values.etcdTls.clientCertificate }}
+- name: RINGBOLT_ETCD_CERT
+  value: /etc/ringbolt/etcd/tls.crt
+- name: RINGBOLT_ETCD_KEY
+  value: /etc/ringbolt/etcd/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A worker's gRPC port requires client certificates (mutual TLS). */}}
+{{- define "ringbolt.workerTlsEnv" -}}
+{{- if and .Values.tls.secretName .Values.tls.mutual }}
+- name: RINGBOLT_TLS_CLIENT_CA
+  value: /etc/ringbolt/tls/ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* Mounts of the Secrets above (a renewed Secret reaches the files; roles re-read them). */}}
+{{- define "ringbolt.securityMounts" -}}
+{{- if .Values.tls.secretName }}
+- {name: tls, mountPath: /etc/ringbolt/tls, readOnly: true}
+{{- end }}
+{{- if .Values.dataPlane.secretName }}
+- {name: data-plane-secret, mountPath: /etc/ringbolt/data-plane, readOnly: true}
+{{- end }}
+{{- if .Values.etcdTls.secretName }}
+- {name: etcd-tls, mountPath: /etc/ringbolt/etcd, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "ringbolt.securityVolumes" -}}
+{{- if .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    items: [{key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}, {key: ca.crt, path: ca.crt}]
+{{- end }}
+{{- if .Values.dataPlane.secretName }}
+- name: data-plane-secret
+  secret:
+    secretName: {{ .Values.dataPlane.secretName }}
+    items: [{key: secret, path: secret}]
+{{- end }}
+{{- if .Values.etcdTls.secretName }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.etcdTls.secretName }}
+{{- end }}
+{{- end -}}
+
+{{/* A Service's metrics port, when metrics are on (scraped through a ServiceMonitor). */}}
+{{- define "ringbolt.metricsServicePort" -}}
+{{- if .Values.metrics.enabled -}}
+- {name: metrics, port: {{ .Values.metrics.port }}, targetPort: metrics}
 {{- end }}
 {{- end -}}
