@@ -1680,3 +1680,130 @@ fn roles_reach_an_etcd_that_requires_client_certificates() {
     assert!(!lone.wait_exit(Duration::from_secs(60)).success());
     assert!(lone.count("cannot reach etcd") > 0, "{:?}", lone.lines(""));
 }
+
+/// The spans an OTLP collector stand-in received: (service name, trace id, span name,
+/// attributes as `key=value`).
+type Received = Arc<Mutex<Vec<(String, Vec<u8>, String, Vec<String>)>>>;
+
+struct Collector(Received);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
+            Some(V::StringValue(s)) => s.clone(),
+            Some(V::IntValue(i)) => i.to_string(),
+            other => format!("{other:?}"),
+        };
+        let mut got = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .map(|a| text(&a.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for sp in ss.spans {
+                    let attrs = sp
+                        .attributes
+                        .iter()
+                        .map(|a| format!("{}={}", a.key, text(&a.value)))
+                        .collect();
+                    got.push((service.clone(), sp.trace_id.clone(), sp.name.clone(), attrs));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Issue 16: with --otlp-endpoint on every role, one job is one trace: the coordinator's job
+/// span, the attention worker's job step, engine steps and layer steps, and the expert
+/// worker's requests share the trace id (context through gRPC metadata and the data plane).
+#[test]
+fn one_job_is_one_trace_across_coordinator_attention_and_expert_workers() {
+    let received: Received = Default::default();
+    let collector_port = free_port();
+    {
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+                tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(Collector(received)))
+                    .serve(format!("127.0.0.1:{collector_port}").parse().unwrap())
+                    .await
+                    .unwrap();
+            });
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("traces", dir.path());
+    let otlp = format!("http://127.0.0.1:{collector_port}");
+    let flags = ["--listen", "127.0.0.1:0", "--otlp-endpoint", &otlp];
+    let port = free_port();
+    let _coord = c.coordinator_with(port, true, &flags[2..]);
+    let (_a, _) = c.worker_at("attention-worker", &flags);
+    let (_e, _) = c.worker_at("expert-worker", &flags);
+    let ep = format!("http://127.0.0.1:{port}");
+    wait_status(&ep, "experts placed", covers_all);
+    let pr = prompt(300, 4);
+    let want = generate(&c.ckpt, &pr, 8);
+    let id = submit(&ep, &pr, 8);
+    assert_eq!(tokens(&follow(&ep, &id).join().unwrap()), want);
+    // Spans are exported in batches (every 5 s by default).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = received.lock().unwrap().clone();
+        let job = got
+            .iter()
+            .find(|(s, _, name, attrs)| {
+                s == "ringbolt-coordinator" && name == "job" && attrs.contains(&format!("job={id}"))
+            })
+            .map(|(_, t, _, _)| t.clone());
+        if let Some(trace) = job {
+            let in_trace: Vec<(&str, &str)> = got
+                .iter()
+                .filter(|(_, t, _, _)| *t == trace)
+                .map(|(s, _, n, _)| (s.as_str(), n.as_str()))
+                .collect();
+            let has = |s: &str, n: &str| in_trace.contains(&(s, n));
+            if has("ringbolt-attention-worker", "job_step")
+                && has("ringbolt-attention-worker", "layer_step")
+                && has("ringbolt-expert-worker", "expert_request")
+            {
+                assert!(has("ringbolt-attention-worker", "step"), "{in_trace:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the job's trace never spanned every role: {in_trace:?}"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no job span for {id} among {} spans",
+            got.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

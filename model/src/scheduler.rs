@@ -308,6 +308,15 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         self.is_idle()
     }
 
+    /// The sinks of the sequences, in the order the next step serves them (the sequence being
+    /// prefilled first).
+    pub fn sinks(&self) -> impl Iterator<Item = &S> {
+        self.prefilling
+            .iter()
+            .chain(self.decoding.iter())
+            .map(|s| &s.sink)
+    }
+
     /// Checks `req` against `model`; a request that cannot run fails on its sink at once.
     pub fn admit(&mut self, model: &Model<B>, req: Request, mut sink: S) {
         if req.context_parallel > 1 {

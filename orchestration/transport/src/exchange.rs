@@ -34,6 +34,9 @@ const REQUEST: u32 = 0;
 const OK: u32 = 1;
 const STALE: u32 = 2;
 const FAILED: u32 = 3;
+/// A request whose payload starts with the caller's trace: one byte of length, then a W3C
+/// `traceparent`.
+const TRACED_REQUEST: u32 = 4;
 
 /// Why a server did not answer a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,14 +131,18 @@ async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Frame> {
     })
 }
 
+/// Writes a frame whose payload is `prefix` then `data` (the caller's buffer, not copied).
 async fn write_frame<S: AsyncWrite + Unpin>(
     s: &mut S,
     kind: u32,
     epoch: u64,
     id: u64,
+    prefix: &[u8],
     data: &[u8],
 ) -> std::io::Result<()> {
-    s.write_all(&header(kind, epoch, id, data.len())).await?;
+    s.write_all(&header(kind, epoch, id, prefix.len() + data.len()))
+        .await?;
+    s.write_all(prefix).await?;
     s.write_all(data).await?;
     metrics::counter!("ringbolt_data_plane_bytes_total", "plane" => "experts", "direction" => "sent")
         .increment(data.len() as u64);
@@ -143,8 +150,19 @@ async fn write_frame<S: AsyncWrite + Unpin>(
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, Refusal>> + Send>>;
-/// Serves one request: (the sender's epoch, the payload) → the answer or a refusal.
-pub type Handler = Arc<dyn Fn(u64, Bytes) -> HandlerFuture + Send + Sync>;
+/// Serves one request: (the sender's epoch, the payload, the sender's W3C `traceparent` if
+/// it sent one) → the answer or a refusal.
+pub type Handler = Arc<dyn Fn(u64, Bytes, Option<String>) -> HandlerFuture + Send + Sync>;
+
+/// Splits a traced request's payload into its trace and its body.
+fn untrace(p: Bytes) -> Option<(String, Bytes)> {
+    let n = *p.first()? as usize;
+    if p.len() < 1 + n {
+        return None;
+    }
+    let trace = std::str::from_utf8(&p[1..1 + n]).ok()?.to_string();
+    Some((trace, p.slice(1 + n..)))
+}
 
 /// A running data-plane server.
 pub struct Served {
@@ -212,11 +230,21 @@ pub fn serve_with(
                             return;
                         }
                     };
-                    if f.kind != REQUEST {
-                        tracing::warn!(%peer, kind = f.kind, "unexpected frame kind; closing");
-                        return;
-                    }
-                    let (kind, epoch, body) = match handler(f.epoch, f.payload).await {
+                    let (payload, trace) = match f.kind {
+                        REQUEST => (f.payload, None),
+                        TRACED_REQUEST => match untrace(f.payload) {
+                            Some((t, p)) => (p, Some(t)),
+                            None => {
+                                tracing::warn!(%peer, "malformed traced request; closing");
+                                return;
+                            }
+                        },
+                        k => {
+                            tracing::warn!(%peer, kind = k, "unexpected frame kind; closing");
+                            return;
+                        }
+                    };
+                    let (kind, epoch, body) = match handler(f.epoch, payload, trace).await {
                         Ok(b) => (OK, f.epoch, b),
                         Err(Refusal::StaleEpoch { current }) => (STALE, current, Bytes::new()),
                         Err(Refusal::Failed(msg)) => (FAILED, f.epoch, Bytes::from(msg)),
@@ -224,7 +252,10 @@ pub fn serve_with(
                     if link.is_emulated() {
                         tokio::time::sleep(link.time(body.len() + HEADER)).await;
                     }
-                    if write_frame(&mut s, kind, epoch, f.id, &body).await.is_err() {
+                    if write_frame(&mut s, kind, epoch, f.id, &[], &body)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -294,6 +325,27 @@ impl ExchangeClient {
         epoch: u64,
         data: &[u8],
     ) -> Result<Bytes, ExchangeError> {
+        self.call_traced(peer, epoch, data, None).await
+    }
+
+    /// [`call`](Self::call) carrying the caller's W3C `traceparent` (at most 255 bytes; a
+    /// longer one is not sent), so the server's work joins the caller's trace.
+    pub async fn call_traced(
+        &self,
+        peer: SocketAddr,
+        epoch: u64,
+        data: &[u8],
+        trace: Option<&str>,
+    ) -> Result<Bytes, ExchangeError> {
+        let mut prefix = Vec::new();
+        let kind = match trace.filter(|t| t.len() <= u8::MAX as usize) {
+            Some(t) => {
+                prefix.push(t.len() as u8);
+                prefix.extend_from_slice(t.as_bytes());
+                TRACED_REQUEST
+            }
+            None => REQUEST,
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lost = |msg: String| ExchangeError::Peer { peer, msg };
         if self.link.is_emulated() {
@@ -319,7 +371,7 @@ impl ExchangeClient {
                         s
                     }
                 };
-                let sent = write_frame(&mut s, REQUEST, epoch, id, data).await;
+                let sent = write_frame(&mut s, kind, epoch, id, &prefix, data).await;
                 let answer = match sent {
                     Ok(()) => read_frame(&mut s).await,
                     Err(e) => Err(e),
@@ -365,7 +417,7 @@ mod tests {
     async fn server(epoch: Arc<AtomicU64>) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let handler: Handler = Arc::new(move |e, data: Bytes| {
+        let handler: Handler = Arc::new(move |e, data: Bytes, trace: Option<String>| {
             let current = epoch.load(Ordering::SeqCst);
             Box::pin(async move {
                 if e < current {
@@ -373,6 +425,13 @@ mod tests {
                 }
                 if data.is_empty() {
                     return Err(Refusal::Failed("empty request".into()));
+                }
+                if let Some(t) = trace {
+                    // Echoes the trace it was sent, to show it arrived apart from the body.
+                    return Ok(Bytes::from(format!(
+                        "{t}|{}",
+                        String::from_utf8_lossy(&data)
+                    )));
                 }
                 let mut v = data.to_vec();
                 v.reverse();
@@ -404,6 +463,10 @@ mod tests {
         }
         let err = c.call(addr, 3, b"").await.unwrap_err();
         assert!(err.to_string().contains("empty request"), "{err}");
+        // A traced request reaches the handler with its trace apart from its body.
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let got = c.call_traced(addr, 2, b"body", Some(tp)).await.unwrap();
+        assert_eq!(&got[..], format!("{tp}|body").as_bytes());
         assert!(!err.is_peer_lost());
         // Concurrent calls use several connections.
         let futs = (0..8u8).map(|i| {
@@ -439,7 +502,7 @@ mod tests {
     async fn a_stalled_frame_or_a_silent_peer_loses_its_connection() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let handler: Handler = Arc::new(|_, data: Bytes| Box::pin(async move { Ok(data) }));
+        let handler: Handler = Arc::new(|_, data: Bytes, _| Box::pin(async move { Ok(data) }));
         let limits = ConnLimits {
             handshake: Duration::from_millis(500),
             idle: Some(Duration::from_secs(30)),

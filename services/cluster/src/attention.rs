@@ -81,6 +81,8 @@ pub const MAX_CONTEXT_RANKS: usize = 256;
 struct Incoming {
     req: ipb::RunJobRequest,
     tx: mpsc::UnboundedSender<Result<ipb::JobStep, Status>>,
+    /// The job step's span (a child of the coordinator's job span, through the request).
+    span: tracing::Span,
 }
 
 /// The attention worker's model and its engine thread. The engine thread is the only thread
@@ -124,6 +126,7 @@ type Prefilled<B> = scheduler::Prefilled<B, StepSink>;
 struct StepSink {
     job: String,
     tx: mpsc::UnboundedSender<Result<ipb::JobStep, Status>>,
+    span: tracing::Span,
 }
 
 impl Sink for StepSink {
@@ -310,14 +313,14 @@ impl<B: Backend> AttentionHost<B> {
     /// Hands a job step to the scheduler, or refuses it on its stream with the status that
     /// says why.
     fn admit(&self, sched: &mut Scheduler<B, StepSink>, inc: Incoming) {
-        let Incoming { req, tx } = inc;
+        let Incoming { req, tx, span } = inc;
         let job = echo(&req.job_id);
         match Self::check(&req) {
             Ok((r, None)) => {
                 tracing::info!(%job, tokens = r.prompt.len(), "job step started");
-                sched.admit(&self.model, r, StepSink { job, tx });
+                sched.admit(&self.model, r, StepSink { job, tx, span });
             }
-            Ok((r, Some(rank))) => self.start_rank(r, rank, StepSink { job, tx }),
+            Ok((r, Some(rank))) => self.start_rank(r, rank, StepSink { job, tx, span }),
             Err(status) => {
                 tracing::warn!(%job, status = %status, "job step refused");
                 let _ = tx.send(Err(status));
@@ -347,7 +350,15 @@ impl<B: Backend> AttentionHost<B> {
             while let Ok(inc) = jobs.try_recv() {
                 self.admit(&mut sched, inc);
             }
-            let _span = tracing::info_span!("step", sequences = sched.len()).entered();
+            // The step belongs to the trace of the sequence it serves first; the others'
+            // job steps are linked to it.
+            let mut sinks = sched.sinks();
+            let first = sinks.next().and_then(|s| s.span.id());
+            let span = tracing::info_span!(parent: first, "step", sequences = sched.len());
+            for s in sinks {
+                span.follows_from(&s.span);
+            }
+            let _span = span.entered();
             sched.step(&*self.model, &*self.experts);
         }
     }
@@ -376,8 +387,8 @@ impl<B: Backend> AttentionHost<B> {
         let name = format!("context-rank-{}", rank.rank);
         let job = sink.job.clone();
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let _span =
-                tracing::info_span!("context_rank", job = %sink.job, rank = rank.rank).entered();
+            let _span = tracing::info_span!(parent: &sink.span, "context_rank", job = %sink.job, rank = rank.rank)
+                .entered();
             let started = Instant::now();
             tracing::info!(
                 ranks = rank.peers.len(),
@@ -582,7 +593,8 @@ impl AttentionWorker for Service {
         let req = request.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         let job = echo(&req.job_id);
-        match self.jobs.try_send(Incoming { req, tx }) {
+        let span = tracing::info_span!("job_step", job = %job);
+        match self.jobs.try_send(Incoming { req, tx, span }) {
             Ok(()) => Ok(Response::new(UnboundedReceiverStream::new(rx))),
             Err(std::sync::mpsc::TrySendError::Full(_)) => Err(Status::resource_exhausted(
                 format!("job {job}: this attention worker's queue is full"),

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 #[derive(Args, Clone, Debug)]
 pub struct ExpertWorkerArgs {
@@ -396,21 +397,28 @@ impl<B: Backend> ExpertHost<B> {
             tracing::error!(error = %e, "cannot start the expert engine thread");
         }
         let host = self.clone();
-        Arc::new(move |epoch, data: Bytes| {
+        Arc::new(move |epoch, data: Bytes, trace: Option<String>| {
             let host = host.clone();
             let tx = tx.clone();
-            Box::pin(async move {
-                host.inflight.fetch_add(1, Ordering::SeqCst);
-                let (reply, rx) = tokio::sync::oneshot::channel();
-                let r = match tx.send(Queued { epoch, data, reply }).await {
-                    Ok(()) => rx.await.unwrap_or_else(|_| {
-                        Err(Refusal::Failed("the expert engine stopped".into()))
-                    }),
-                    Err(_) => Err(Refusal::Failed("the expert engine is not running".into())),
-                };
-                host.inflight.fetch_sub(1, Ordering::SeqCst);
-                r
-            })
+            let span = tracing::info_span!("expert_request", epoch, bytes = data.len());
+            if let Some(t) = &trace {
+                ringbolt_shell::telemetry::set_remote_parent(&span, t);
+            }
+            Box::pin(
+                async move {
+                    host.inflight.fetch_add(1, Ordering::SeqCst);
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    let r = match tx.send(Queued { epoch, data, reply }).await {
+                        Ok(()) => rx.await.unwrap_or_else(|_| {
+                            Err(Refusal::Failed("the expert engine stopped".into()))
+                        }),
+                        Err(_) => Err(Refusal::Failed("the expert engine is not running".into())),
+                    };
+                    host.inflight.fetch_sub(1, Ordering::SeqCst);
+                    r
+                }
+                .instrument(span),
+            )
         })
     }
 

@@ -142,19 +142,27 @@ impl RemoteExperts {
             calls.push((addr, experts.clone(), req.dtype, req.encode()));
         }
         let epoch = plan.epoch;
+        // The layer step's span lasts until its answers are in (it lives in the attempt); the
+        // expert workers' work joins its trace.
+        let span = tracing::info_span!("layer_step", layer, workers = calls.len());
+        let trace = ringbolt_shell::telemetry::traceparent(&span);
         Ok(Attempt {
             calls: calls
                 .into_iter()
                 .map(
                     |(addr, experts, dtype, body): (SocketAddr, Vec<usize>, Dtype, Bytes)| {
                         let client = self.client.clone();
-                        let task = self
-                            .rt
-                            .spawn(async move { client.call(addr, epoch, &body).await });
+                        let trace = trace.clone();
+                        let task = self.rt.spawn(async move {
+                            client
+                                .call_traced(addr, epoch, &body, trace.as_deref())
+                                .await
+                        });
                         (addr, experts, dtype, task)
                     },
                 )
                 .collect(),
+            _span: span,
         })
     }
 
@@ -202,6 +210,7 @@ impl RemoteExperts {
 /// The requests of one attempt at a layer step, in flight: (peer, its experts, how the values
 /// travel, the call).
 struct Attempt {
+    _span: tracing::Span,
     #[allow(clippy::type_complexity)]
     calls: Vec<(
         SocketAddr,

@@ -66,6 +66,18 @@ enum Command {
 }
 
 impl Command {
+    /// A serving role's name and its OTLP collector (`--otlp-endpoint`).
+    fn otlp(&self) -> Option<(&'static str, &str)> {
+        let (role, t) = match self {
+            Command::Standalone(a) => ("standalone", &a.serve.telemetry),
+            Command::Coordinator(a) => ("coordinator", &a.common.serve.telemetry),
+            Command::AttentionWorker(a) => ("attention-worker", &a.common.serve.telemetry),
+            Command::ExpertWorker(a) => ("expert-worker", &a.common.serve.telemetry),
+            _ => return None,
+        };
+        Some((role, t.otlp_endpoint.as_deref()?))
+    }
+
     /// The CA a client command dials TLS servers with (`--tls-ca`).
     fn tls_ca(&self) -> Option<std::path::PathBuf> {
         match self {
@@ -77,36 +89,36 @@ impl Command {
     }
 }
 
+/// Runs `f` on the process's runtime (entered in `main`).
 pub(crate) fn run_async(
     f: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(f)
+    tokio::runtime::Handle::current().block_on(f)
 }
 
 fn main() {
     let cli = Cli::parse();
-    // Colour only for a person at a terminal: log files and pipes get plain text; with
-    // RINGBOLT_LOG_FORMAT=json, one JSON object a line (for log collectors).
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    if std::env::var("RINGBOLT_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        tracing_subscriber::fmt()
-            .with_ansi(ansi)
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-    }
+    // One runtime for the process; entered now so that the trace exporter (if any) starts
+    // on it with the logs.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let _entered = rt.enter();
+    let _logs = match ringbolt_shell::telemetry::init_logs(cli.command.otlp()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     if let Some(n) = cli.threads
         && let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)

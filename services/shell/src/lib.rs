@@ -181,7 +181,11 @@ impl Shell {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(self.limits.keepalive())
             .http2_keepalive_timeout(self.limits.keepalive())
-            .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+            .trace_fn(|req| {
+                let span = tracing::info_span!("grpc", path = %req.uri().path());
+                telemetry::set_parent_from_headers(&span, req.headers());
+                span
+            })
     }
 
     /// Serves `router` (made from [`Shell::server`]) on `listener` until `shutdown`.
@@ -302,6 +306,12 @@ impl Interceptor for Outgoing {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
             r.metadata_mut().insert("authorization", v.clone());
+        }
+        // The caller's trace goes on with the callee.
+        if let Some(tp) = telemetry::traceparent(&tracing::Span::current())
+            && let Ok(v) = tp.parse()
+        {
+            r.metadata_mut().insert("traceparent", v);
         }
         Ok(r)
     }
