@@ -898,7 +898,7 @@ fn hostile_input_is_bounded_and_admission_is_exact() {
 }
 
 #[test]
-fn the_client_refuses_tls_endpoints_and_accepts_bare_addresses() {
+fn the_client_says_how_to_dial_and_accepts_bare_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(dir.path(), 65_536, false);
     let server = Server::start(
@@ -929,10 +929,11 @@ fn the_client_refuses_tls_endpoints_and_accepts_bare_addresses() {
     // Live clients are not affected: a job through a bare host:port address.
     let v = submit_json(&bare, &[1, 2, 3], 2, &[]);
     assert_eq!(tokens(&v).len(), 2);
+    // TLS to a plain-text server: refused, saying how to dial it.
     let https = format!("https://{bare}");
     let (ok, _, err) = run(&["status", "--endpoint", &https]);
     assert!(
-        !ok && err.contains("TLS") && err.contains(&format!("http://{bare}")),
+        !ok && err.contains("does not speak TLS") && err.contains(&format!("http://{bare}")),
         "{err}"
     );
     let (ok, _, err) = run(&["jobs", "list", "--endpoint", "ftp://x:1"]);

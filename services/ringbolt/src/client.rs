@@ -21,9 +21,13 @@ pub struct RpcError(pub tonic::Status);
 
 /// What a bare transport failure most likely means.
 fn hint(s: &tonic::Status) -> &'static str {
-    if s.code() == tonic::Code::Internal && s.message().contains("h2 protocol error") {
-        " (a server that speaks TLS answers plain text so: dial https://HOST:PORT, with --tls-ca \
-         for a private CA)"
+    let garbled = s.code() == tonic::Code::Internal && s.message().contains("h2 protocol error");
+    // A TLS server closes a plain-text connection at its first bytes; the client sees one of
+    // these, depending on how far its request got.
+    let dropped = (s.code() == tonic::Code::Unknown && s.message().contains("transport error"))
+        || (s.code() == tonic::Code::Cancelled && s.message().contains("operation was canceled"));
+    if garbled || dropped {
+        " (if the server uses TLS, dial https://HOST:PORT, with --tls-ca for a private CA)"
     } else {
         ""
     }

@@ -269,9 +269,18 @@ impl Dial {
             .keep_alive_timeout(Duration::from_secs(5))
             .connect()
             .await
-            .map_err(|e| ShellError::Connect {
-                address: address.to_string(),
-                msg: error_chain(&e),
+            .map_err(|e| {
+                let mut msg = error_chain(&e);
+                if msg.contains("InvalidContentType") {
+                    let bare = address.trim().trim_start_matches("https://");
+                    msg.push_str(&format!(
+                        " (the server does not speak TLS: dial http://{bare})"
+                    ));
+                }
+                ShellError::Connect {
+                    address: address.to_string(),
+                    msg,
+                }
             })?;
         Ok(self.wrap(ch))
     }
