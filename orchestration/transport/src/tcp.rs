@@ -19,6 +19,9 @@ use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 
 const HEADER: usize = 28;
+/// What a connection's first bytes say (after the data-plane handshake, if any): the frame
+/// layout's name and version. A peer of another release is refused, not misread.
+const PREAMBLE: [u8; 8] = *b"RBTG\x01\x00\x00\x00";
 /// Largest frame accepted: a bound on what a corrupt or hostile peer can make us allocate.
 pub const MAX_FRAME: u64 = 1 << 32;
 
@@ -252,6 +255,17 @@ fn accept_frames(
 }
 
 async fn read_frames(mut s: TimedStream, route: Route) {
+    let mut p = [0u8; PREAMBLE.len()];
+    if s.read_exact(&mut p).await.is_err() {
+        return;
+    }
+    if p != PREAMBLE {
+        tracing::warn!(
+            peer = %s.peer(),
+            "not a Ringbolt group connection of this version (are the workers of one release?); closing"
+        );
+        return;
+    }
     let mut h = [0u8; HEADER];
     loop {
         if s.read_exact(&mut h).await.is_err() {
@@ -375,13 +389,14 @@ impl TcpTransport {
             match tokio::time::timeout_at(deadline, TcpStream::connect(self.addrs[to])).await {
                 Ok(Ok(mut s)) => {
                     let _ = s.set_nodelay(true);
-                    self.guard
-                        .connect(&mut s, self.timeout)
-                        .await
-                        .map_err(|e| TransportError::Peer {
-                            peer: to,
-                            msg: format!("{}: {e}", self.addrs[to]),
-                        })?;
+                    let hello = async {
+                        self.guard.connect(&mut s, self.timeout).await?;
+                        s.write_all(&PREAMBLE).await
+                    };
+                    hello.await.map_err(|e| TransportError::Peer {
+                        peer: to,
+                        msg: format!("{}: {e}", self.addrs[to]),
+                    })?;
                     return Ok(s);
                 }
                 Ok(Err(e)) if tokio::time::Instant::now() + backoff >= deadline => {

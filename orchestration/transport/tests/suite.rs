@@ -321,7 +321,7 @@ async fn hubs_with_a_secret_admit_only_its_holders() {
     // A stranger writes a well-formed frame for rank 1 of group 4 (from "rank 0", tag 6):
     // it is refused before the frame is read, so nothing arrives.
     let mut s = tokio::net::TcpStream::connect(addrs[1]).await.unwrap();
-    let mut frame = Vec::new();
+    let mut frame = b"RBTG\x01\x00\x00\x00".to_vec();
     frame.extend_from_slice(&0u32.to_le_bytes());
     frame.extend_from_slice(&4u64.to_le_bytes());
     frame.extend_from_slice(&6u64.to_le_bytes());
@@ -343,4 +343,37 @@ async fn hubs_with_a_secret_admit_only_its_holders() {
     assert!(o.send(1, 7, Bytes::from_static(b"x")).await.is_err());
     a.send(1, 8, Bytes::from_static(b"welcome")).await.unwrap();
     assert_eq!(&b.recv(0, 8).await.unwrap()[..], b"welcome");
+}
+
+#[tokio::test]
+async fn a_peer_of_another_frame_version_is_refused_not_misread() {
+    use tokio::io::AsyncWriteExt;
+    let hs = hubs(2).await;
+    let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
+    let join = |h: &TcpHub, rank| {
+        h.join(
+            5,
+            rank,
+            addrs.clone(),
+            Duration::from_secs(1),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (join(&hs[0], 0), join(&hs[1], 1));
+    // The previous layout: a bare 28-byte header (rank 0, group 5, tag 6, 2 bytes), no preamble.
+    let mut s = tokio::net::TcpStream::connect(addrs[1]).await.unwrap();
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    frame.extend_from_slice(&5u64.to_le_bytes());
+    frame.extend_from_slice(&6u64.to_le_bytes());
+    frame.extend_from_slice(&2u64.to_le_bytes());
+    frame.extend_from_slice(b"hi");
+    let _ = s.write_all(&frame).await;
+    assert!(matches!(
+        b.recv(0, 6).await,
+        Err(TransportError::Timeout { .. })
+    ));
+    a.send(1, 6, Bytes::from_static(b"ok")).await.unwrap();
+    assert_eq!(&b.recv(0, 6).await.unwrap()[..], b"ok");
 }
