@@ -12,8 +12,8 @@
 //! part of each decode step's softmax attention; the others serve those requests until the
 //! sequence ends ("prefilled").
 
-use crate::etcd::PlanView;
 use crate::remote::RemoteExperts;
+use crate::store::{EtcdStore, Store};
 use crate::{
     ClusterError, CommonArgs, Health, bind, bind_data, connect_membership, wait_for_signal,
 };
@@ -677,15 +677,9 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
     let membership = connect_membership(c).await?;
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let id = c.member_id("attention", &address);
-    let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
-    let _group = crate::group::follow_on(
-        a.device,
-        &id,
-        &view,
-        membership.client(),
-        &c.cluster,
-        stop.clone(),
-    );
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::new(membership.client(), &c.cluster));
+    let view = store.follow_plan(stop.clone()).await?;
+    let _group = crate::group::follow_on(a.device, &id, &view, store.clone(), stop.clone());
     let cfg = model.config().clone();
     let (data_listener, data_address, guard) = bind_data(a.data_listen, c).await?;
     let experts = RemoteExperts::new(

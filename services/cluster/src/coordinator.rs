@@ -4,21 +4,19 @@
 //! re-running it elsewhere when that worker is lost, so the client sees every token once.
 
 use crate::attention::MAX_CONTROL_MESSAGE;
-use crate::etcd::{
-    EtcdRecords, PlanView, drain_prefix, etcd_err, group_failed_prefix, leader_key, store_plan,
-};
+use crate::etcd::{Fence, PlanView};
 use crate::expert::expert_bytes;
 use crate::group::{IdSource, gpu_workers};
 use crate::plan::{Candidate, DataGroup, Plan, Slot, WorkerPlace, assign};
+use crate::store::{EtcdStore, Request, Store};
 use crate::{ClusterError, CommonArgs, bind, connect_membership, wait_for_signal};
 use clap::Args;
-use etcd_client::{Client, GetOptions, WatchOptions};
 use futures::StreamExt;
 use ringbolt_jobs::grpc::{JobsService, StatusSource, serve_service};
 use ringbolt_jobs::{
     Completion, Executor, FinishReason, JobManager, JobStore, Limits, LiveJob, Outcome, Timings,
 };
-use ringbolt_membership::{EtcdMembership, Member, MemberEvent, Membership, Role};
+use ringbolt_membership::{Member, MemberEvent, Membership, Role};
 use ringbolt_model::{Checkpoint, ModelConfig};
 use ringbolt_proto::internal as ipb;
 use ringbolt_proto::internal::attention_worker_client::AttentionWorkerClient;
@@ -226,10 +224,9 @@ impl StatusSource for ClusterView {
 }
 
 /// Places experts whenever expert workers join, leave or ask to drain.
-struct Planner {
-    client: Client,
-    cluster: String,
-    membership: EtcdMembership,
+struct Planner<M: Membership> {
+    store: Arc<dyn Store>,
+    membership: M,
     view: Arc<ClusterView>,
     layers: u32,
     experts: u32,
@@ -239,7 +236,7 @@ struct Planner {
     /// Ids are not asked for before this (after one could not be made).
     ids_paused_until: Mutex<Option<Instant>>,
     /// Plan writes hold only while this coordinator leads.
-    fence: crate::etcd::Fence,
+    fence: Fence,
     /// How workers are dialed.
     dial: Dial,
 }
@@ -249,7 +246,7 @@ const REGROUP_INTERVAL: Duration = Duration::from_secs(30);
 /// How long the coordinator stops asking for NCCL ids after one could not be made.
 const IDS_PAUSE: Duration = Duration::from_secs(600);
 
-impl Planner {
+impl<M: Membership> Planner<M> {
     async fn run(self, stop: CancellationToken) {
         let (snapshot, mut events) = loop {
             match self.membership.watch().await {
@@ -264,21 +261,7 @@ impl Planner {
             }
         };
         self.view.set_members(snapshot);
-        let mut c = self.client.clone();
-        let mut drains = c
-            .watch(
-                drain_prefix(&self.cluster),
-                Some(WatchOptions::new().with_prefix()),
-            )
-            .await
-            .ok();
-        let mut failures = c
-            .watch(
-                group_failed_prefix(&self.cluster),
-                Some(WatchOptions::new().with_prefix()),
-            )
-            .await
-            .ok();
+        let mut requests = self.store.requests().await.ok();
         // An expert worker of the plan that registers again was restarted and holds nothing:
         // the next round re-places (and re-loads) even if the membership looks the same. A
         // GPU worker of the data group that restarted, or one that could not join, needs a new
@@ -306,27 +289,18 @@ impl Planner {
                     }
                     None => return,
                 },
-                m = async {
-                    match drains.as_mut() {
-                        Some(d) => d.message().await.ok().flatten().is_some(),
+                r = async {
+                    match requests.as_mut() {
+                        Some(r) => r.recv().await,
                         None => std::future::pending().await,
                     }
-                } => { pending = m; if !m { drains = None; } }
-                m = async {
-                    match failures.as_mut() {
-                        Some(f) => f.message().await.ok().flatten(),
-                        None => std::future::pending().await,
-                    }
-                } => match m {
-                    Some(resp) => {
+                } => match r {
+                    Some(Request::Drain { .. }) => pending = true,
+                    Some(Request::GroupFailed { epoch, .. }) => {
                         // Reports of the current epoch's group only: an older one was already
                         // replaced.
                         let plan = self.view.plan.current();
-                        let current = resp.events().iter().filter_map(|ev| ev.kv()).any(|kv| {
-                            String::from_utf8_lossy(kv.value()).parse::<u64>().ok()
-                                == Some(plan.epoch)
-                        });
-                        if current && plan.data_group.is_some() {
+                        if epoch == plan.epoch && plan.data_group.is_some() {
                             tracing::warn!(
                                 epoch = plan.epoch,
                                 "a GPU worker could not join the data group; a new epoch will \
@@ -335,7 +309,11 @@ impl Planner {
                             retry_group = true;
                         }
                     }
-                    None => failures = None,
+                    // The connection to the store broke: watch again, after a pause.
+                    None => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        requests = self.store.requests().await.ok();
+                    }
                 },
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
@@ -454,25 +432,7 @@ impl Planner {
             .await
             .map_err(|e| ClusterError::Etcd(e.to_string()))?;
         self.view.set_members(members.clone());
-        let draining: HashSet<String> = {
-            let mut c = self.client.clone();
-            let r = c
-                .get(
-                    drain_prefix(&self.cluster),
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                )
-                .await
-                .map_err(etcd_err)?;
-            let p = drain_prefix(&self.cluster);
-            r.kvs()
-                .iter()
-                .filter_map(|kv| {
-                    String::from_utf8_lossy(kv.key())
-                        .strip_prefix(&p)
-                        .map(String::from)
-                })
-                .collect()
-        };
+        let draining: HashSet<String> = self.store.drains().await?.into_iter().collect();
         // The data group a new epoch would have (none without NCCL ids or a second GPU).
         let mut group = gpu_workers(&members, &draining);
         let ids = self.ids().cloned();
@@ -583,7 +543,7 @@ impl Planner {
                 })
                 .collect(),
         };
-        store_plan(&self.client, &self.cluster, &self.fence, &plan).await?;
+        self.store.put_plan(&self.fence, &plan).await?;
         tracing::info!(
             epoch,
             workers = plan.workers.len(),
@@ -1043,25 +1003,10 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         "ringbolt coordinator {id}: campaigning for leadership of cluster `{}`",
         c.cluster
     );
-    let mut ec = client.clone();
-    let campaign = async {
-        // Each request is bounded by the etcd timeout; campaigning again with the same lease
-        // resumes the same candidacy.
-        loop {
-            match ec.campaign(leader_key(&c.cluster), id.clone(), lease).await {
-                Ok(r) => match r.leader() {
-                    Some(k) => return crate::etcd::Fence::new(k.key(), k.rev()),
-                    None => tracing::warn!("elected without a leader key; campaigning again"),
-                },
-                Err(e) => {
-                    tracing::debug!(error = %e, "still standing by");
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::new(client.clone(), &c.cluster));
+    let campaign = store.campaign(&id, lease);
     let fence = tokio::select! {
-        f = campaign => f,
+        f = campaign => f?,
         _ = lease_lost.wait_for(|l| *l) => {
             return Err(ClusterError::Etcd("lost the election lease while standing by".into()));
         }
@@ -1085,7 +1030,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         )
         .await
         .map_err(|e| ClusterError::Etcd(e.to_string()))?;
-    let plan = PlanView::follow(client.clone(), &c.cluster, stop.clone()).await?;
+    let plan = store.follow_plan(stop.clone()).await?;
     let view = Arc::new(ClusterView {
         members: RwLock::new(Vec::new()),
         plan,
@@ -1095,8 +1040,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         cache: ringbolt_planner::ContextCost::of(&cfg, 4),
     });
     let planner = Planner {
-        client: client.clone(),
-        cluster: c.cluster.clone(),
+        store: store.clone(),
         membership: membership.clone(),
         view: view.clone(),
         layers: cfg.num_layers() as u32,
@@ -1109,16 +1053,15 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     };
     tokio::spawn(planner.run(stop.clone()));
 
-    let records = EtcdRecords::load(client.clone(), &c.cluster, fence.clone()).await?;
+    let records = store.records(fence.clone()).await?;
     std::fs::create_dir_all(&a.data_dir)
         .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
     // Opening checks the spool against the records and may write to etcd: blocking calls.
     let dir = a.data_dir.clone();
-    let store =
-        tokio::task::spawn_blocking(move || JobStore::with_records(&dir, Box::new(records)))
-            .await
-            .map_err(|e| ClusterError::Io(e.to_string()))?
-            .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
+    let store = tokio::task::spawn_blocking(move || JobStore::with_records(&dir, records))
+        .await
+        .map_err(|e| ClusterError::Io(e.to_string()))?
+        .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
     let limits = Limits {
         max_jobs: a.max_jobs.max(1),
         max_new_tokens: a.max_new_tokens_limit,
@@ -1171,4 +1114,164 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The placement logic against the in-memory store and membership, in one process: the
+    //! expert workers are stand-ins that accept every load.
+    use super::*;
+    use crate::store::MemoryStore;
+    use ringbolt_membership::MemoryMembership;
+    use ringbolt_proto::internal::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
+    use tonic::{Request, Response, Status};
+
+    struct StandIn;
+
+    #[tonic::async_trait]
+    impl ExpertWorker for StandIn {
+        async fn load_shards(
+            &self,
+            r: Request<ipb::LoadShardsRequest>,
+        ) -> Result<Response<ipb::LoadShardsResponse>, Status> {
+            Ok(Response::new(ipb::LoadShardsResponse {
+                loaded: r.into_inner().experts.len() as u32,
+                ..Default::default()
+            }))
+        }
+        async fn expert_load(
+            &self,
+            _: Request<ipb::ExpertLoadRequest>,
+        ) -> Result<Response<ipb::ExpertLoadResponse>, Status> {
+            Ok(Response::new(Default::default()))
+        }
+    }
+
+    async fn stand_in() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ExpertWorkerServer::new(StandIn))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        addr
+    }
+
+    fn expert(id: &str, address: &str) -> Member {
+        Member {
+            id: id.into(),
+            role: Role::ExpertWorker,
+            address: address.into(),
+            data_address: "127.0.0.1:1".into(),
+            capacity_bytes: 0,
+            expert_bytes: 1,
+            device: "cpu".into(),
+        }
+    }
+
+    /// Waits for a plan that `pred` accepts.
+    async fn plan_where(view: &PlanView, what: &str, pred: impl Fn(&Plan) -> bool) -> Arc<Plan> {
+        let mut rx = view.subscribe();
+        let r = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| pred(p))).await;
+        match r {
+            Ok(Ok(p)) => p.clone(),
+            _ => panic!("never: {what}; last {:?}", view.current()),
+        }
+    }
+
+    #[tokio::test]
+    async fn places_drains_and_stops_writing_once_another_leads() {
+        let cfg = ringbolt_model::Preset::Tiny.config();
+        let (layers, experts) = (cfg.num_layers() as u32, cfg.num_experts as u32);
+        let slots = (layers * experts) as usize;
+        let store = MemoryStore::default();
+        let fence = store.elect();
+        let membership = MemoryMembership::new();
+        let stop = CancellationToken::new();
+        let view_plan = store.follow_plan(stop.clone()).await.unwrap();
+        let view = Arc::new(ClusterView {
+            members: RwLock::new(Vec::new()),
+            plan: view_plan.clone(),
+            running: Mutex::new(HashMap::new()),
+            expert_bytes: 1,
+            cache: ringbolt_planner::ContextCost::of(&cfg, 4),
+        });
+        let mut regs = Vec::new();
+        for id in ["e0", "e1"] {
+            let m = expert(id, &stand_in().await);
+            regs.push(
+                membership
+                    .register(m, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let planner = Planner {
+            store: Arc::new(store.clone()),
+            membership: membership.clone(),
+            view: view.clone(),
+            layers,
+            experts,
+            expert_bytes: 1,
+            ids: None,
+            ids_paused_until: Mutex::new(None),
+            fence: fence.clone(),
+            dial: Dial::default(),
+        };
+        tokio::spawn(planner.run(stop.clone()));
+        let held = |p: &Plan, id: &str| p.workers.get(id).map_or(0, |w| w.experts.len());
+        // Every expert placed, on both workers.
+        let p = plan_where(&view_plan, "every expert placed on e0 and e1", |p| {
+            held(p, "e0") + held(p, "e1") >= slots && held(p, "e0") > 0 && held(p, "e1") > 0
+        })
+        .await;
+        assert_eq!(p.assignment().values().map(Vec::len).sum::<usize>(), slots);
+        // e1 asks to be drained: a plan without it, e0 holding everything.
+        store.set_drain("e1", true).await.unwrap();
+        plan_where(&view_plan, "e1 drained", |p| {
+            held(p, "e1") == 0 && held(p, "e0") == slots
+        })
+        .await;
+        let epoch = view_plan.current().epoch;
+        // Job records go through the same fence.
+        let records = store.records(fence.clone()).await.unwrap();
+        let rec: ringbolt_jobs::JobRecord = serde_json::from_value(serde_json::json!({
+            "id": "j1", "state": "queued", "prompt_tokens": 3, "max_new_tokens": 2,
+            "sampling": {"temperature": 0.0, "top_p": 1.0, "seed": 0, "stop_tokens": []},
+            "idempotency_key": "k1", "context_parallel": 1, "created_unix_ms": 1,
+            "finished_unix_ms": null, "tokens": [], "finish_reason": null, "error": null,
+            "timings": {"queued_seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
+                "time_to_first_token_seconds": 0.0},
+        }))
+        .unwrap();
+        assert_eq!(records.commit(&rec).unwrap(), Ok(()));
+        assert_eq!(records.commit(&rec).unwrap(), Err("j1".to_string()));
+        // Another coordinator is elected: this one's next plan (for a new worker) and record
+        // writes are refused, and it knows it is deposed.
+        let newer = store.campaign("c2", 0).await.unwrap();
+        assert!(matches!(
+            records.put(&rec),
+            Err(ringbolt_jobs::JobError::NotLeader(_))
+        ));
+        let theirs = store.records(newer).await.unwrap();
+        assert_eq!(theirs.get("j1").unwrap().unwrap().id, "j1");
+        theirs.put(&rec).unwrap();
+        let m = expert("e2", &stand_in().await);
+        regs.push(
+            membership
+                .register(m, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+        tokio::time::timeout(Duration::from_secs(20), fence.deposed.cancelled())
+            .await
+            .expect("a deposed leader's plan write is refused");
+        assert_eq!(
+            view_plan.current().epoch,
+            epoch,
+            "a refused plan was published"
+        );
+        stop.cancel();
+    }
 }

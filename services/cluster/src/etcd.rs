@@ -1,4 +1,5 @@
-//! The cluster's state in etcd, besides membership:
+//! The cluster's state in etcd, besides membership (the plan, drains and group failures are
+//! reached through [`crate::store::Store`]):
 //! `/{cluster}/plan` (the placement plan), `/{cluster}/jobs/{id}` (job records),
 //! `/{cluster}/idempotency/{key}` (job id), `/{cluster}/drain/{id}` (an expert worker asking to
 //! be drained), `/{cluster}/leader` (the coordinators' election).
@@ -80,8 +81,13 @@ impl Fence {
         Compare::create_revision(self.key.clone(), CompareOp::Equal, self.rev)
     }
 
+    /// The election key and the revision that won it.
+    pub(crate) fn claim(&self) -> (Vec<u8>, i64) {
+        (self.key.clone(), self.rev)
+    }
+
     /// What a refused write says (and the step down it starts).
-    fn refused(&self) -> String {
+    pub(crate) fn refused(&self) -> String {
         if !self.deposed.is_cancelled() {
             tracing::error!("a write was refused: another coordinator leads; stepping down");
         }
@@ -99,19 +105,6 @@ impl Fence {
             Err(ClusterError::Etcd(self.refused()))
         }
     }
-}
-
-/// Publishes `plan` (the epoch change everyone watches), if `fence` still holds.
-pub async fn store_plan(
-    client: &Client,
-    cluster: &str,
-    fence: &Fence,
-    plan: &Plan,
-) -> Result<(), ClusterError> {
-    let v = serde_json::to_vec(plan).map_err(|e| ClusterError::Etcd(e.to_string()))?;
-    fence
-        .write(client, vec![TxnOp::put(plan_key(cluster), v, None)])
-        .await
 }
 
 /// A live view of the plan: the current one, updated from an etcd watch.
@@ -173,6 +166,11 @@ impl PlanView {
         Ok(PlanView { rx })
     }
 
+    /// A view of what `rx` receives.
+    pub fn from_receiver(rx: watch::Receiver<Arc<Plan>>) -> Self {
+        PlanView { rx }
+    }
+
     /// A view that never changes (tests, standalone-like setups).
     pub fn fixed(plan: Plan) -> Self {
         let (tx, rx) = watch::channel(Arc::new(plan));
@@ -206,7 +204,8 @@ impl PlanView {
     }
 }
 
-fn publish(tx: &watch::Sender<Arc<Plan>>, p: Plan) {
+/// Makes `p` the plan of `tx` if it is newer.
+pub(crate) fn publish(tx: &watch::Sender<Arc<Plan>>, p: Plan) {
     tx.send_if_modified(|cur| {
         if p.epoch > cur.epoch {
             metrics::gauge!("ringbolt_plan_epoch").set(p.epoch as f64);

@@ -3,8 +3,8 @@
 //! drains on SIGTERM (asks the coordinator to move its experts, then exits).
 
 use crate::Health;
-use crate::etcd::{PlanView, drain_prefix};
 use crate::plan::{Plan, Slot};
+use crate::store::{EtcdStore, Store};
 use crate::wire::{ExpertRequest, value_bytes};
 use crate::{ClusterError, CommonArgs, bind, bind_data, connect_membership, wait_for_signal};
 use bytes::Bytes;
@@ -515,15 +515,9 @@ async fn serve_on<B: Backend>(
     let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt));
     let data = serve_with(data_listener, host.handler(), shell.limits(), guard);
 
-    let view = PlanView::follow(membership.client(), &c.cluster, stop.clone()).await?;
-    let _group = crate::group::follow_on(
-        a.device,
-        &id,
-        &view,
-        membership.client(),
-        &c.cluster,
-        stop.clone(),
-    );
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::new(membership.client(), &c.cluster));
+    let view = store.follow_plan(stop.clone()).await?;
+    let _group = crate::group::follow_on(a.device, &id, &view, store.clone(), stop.clone());
     {
         let host = host.clone();
         let mut rx = view.subscribe();
@@ -610,9 +604,9 @@ async fn serve_on<B: Backend>(
 
     // Drain: ask for a plan without this worker, wait until it is active, then leave.
     tracing::info!(%id, "draining: asking the coordinator to move this worker's experts");
-    let mut client = membership.client();
-    let drain_key = format!("{}{id}", drain_prefix(&c.cluster));
-    let _ = client.put(drain_key.clone(), "draining", None).await;
+    if let Err(e) = store.set_drain(&id, true).await {
+        tracing::warn!(error = %e, "cannot ask for a drain");
+    }
     let deadline = Duration::from_secs(a.drain_timeout_secs);
     let moved = tokio::time::timeout(deadline, async {
         let mut rx = view.subscribe();
@@ -633,7 +627,7 @@ async fn serve_on<B: Backend>(
     if let Some(reg) = reg {
         let _ = reg.leave().await;
     }
-    let _ = client.delete(drain_key, None).await;
+    let _ = store.set_drain(&id, false).await;
     stop.cancel();
     data.abort();
     let _ = grpc.await;

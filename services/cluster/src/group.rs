@@ -264,13 +264,12 @@ pub const GROUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Starts following the data group for a worker computing on `device`: GPU workers of a
 /// `cuda` build join each epoch's NCCL group; anything else has none. Keep what it returns for
 /// as long as the worker runs.
-/// A join that failed is reported to the coordinator through etcd (`client`, `cluster`).
+/// A join that failed is reported to the coordinator through `store`.
 pub fn follow_on(
     device: Device,
     me: &str,
     plan: &PlanView,
-    client: etcd_client::Client,
-    cluster: &str,
+    store: Arc<dyn crate::store::Store>,
     stop: CancellationToken,
 ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
     match device {
@@ -284,25 +283,25 @@ pub fn follow_on(
                 timeout: GROUP_TIMEOUT,
             },
             GROUP_TIMEOUT,
-            report_to_etcd(client, cluster, me),
+            report_to(store, me),
             stop,
         ))),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
-            let _ = (me, plan, client, cluster, stop);
+            let _ = (me, plan, store, stop);
             None
         }
     }
 }
 
-/// Reports a failed join at `{group_failed_prefix}{me}` (value: the epoch).
-pub fn report_to_etcd(client: etcd_client::Client, cluster: &str, me: &str) -> Report {
-    let key = format!("{}{me}", crate::etcd::group_failed_prefix(cluster));
+/// Reports a failed join to the coordinator through `store`.
+pub fn report_to(store: Arc<dyn crate::store::Store>, me: &str) -> Report {
+    let me = me.to_string();
     let rt = tokio::runtime::Handle::current();
     Arc::new(move |epoch, _why| {
-        let (mut c, key) = (client.clone(), key.clone());
+        let (store, me) = (store.clone(), me.clone());
         rt.spawn(async move {
-            if let Err(e) = c.put(key, epoch.to_string(), None).await {
+            if let Err(e) = store.report_group_failure(&me, epoch).await {
                 tracing::warn!(error = %e, "cannot report the failed join to the coordinator");
             }
         });

@@ -11,6 +11,7 @@ pub mod expert;
 pub mod group;
 pub mod plan;
 pub mod remote;
+pub mod store;
 pub mod wire;
 
 use clap::Args;
