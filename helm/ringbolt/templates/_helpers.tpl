@@ -56,6 +56,12 @@ the others reach it at (the pod's IP).
 - name: RINGBOLT_METRICS_LISTEN
   value: "0.0.0.0:{{ .Values.metrics.port }}"
 {{- end }}
+{{- if .Values.otlp.endpoint }}
+- name: HOST_IP
+  valueFrom: {fieldRef: {fieldPath: status.hostIP}}
+- name: RINGBOLT_OTLP_ENDPOINT
+  value: {{ .Values.otlp.endpoint | quote }}
+{{- end }}
 {{- include "ringbolt.securityEnv" . }}
 {{- range $k, $v := .Values.env }}
 - name: {{ $k }}
