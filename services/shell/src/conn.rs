@@ -112,7 +112,15 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        while let Some(Ok(s)) = tcp.next().await {
+        loop {
+            // The server stopped (it dropped the stream): stop accepting, freeing the port.
+            let s = tokio::select! {
+                _ = tx.closed() => return,
+                s = tcp.next() => match s {
+                    Some(Ok(s)) => s,
+                    _ => return,
+                },
+            };
             let Some(tls) = &tls else {
                 if tx.send(Ok(Conn::Plain(s))).await.is_err() {
                     return;

@@ -385,7 +385,8 @@ mod tests {
         health.set(true).await;
         let router = shell.server().add_service(health.service());
         let s2 = stop.clone();
-        tokio::spawn(async move { shell.serve(router, listener, s2.cancelled()).await });
+        let served =
+            tokio::spawn(async move { shell.serve(router, listener, s2.cancelled()).await });
 
         let me = Some((f.cert.as_path(), f.key.as_path()));
         healthy(&client(&f.ca, me), &addr).await.unwrap();
@@ -423,7 +424,17 @@ mod tests {
         assert!(!tls.reload().unwrap());
         healthy(&client(&f.other_ca, me), &addr).await.unwrap();
         assert!(healthy(&client(&f.ca, me), &addr).await.is_err());
+        // A stopped server lets its port go.
         stop.cancel();
+        served.await.unwrap().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while TcpListener::bind(&addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} is still taken"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[test]
