@@ -2,13 +2,12 @@
 //! [`JobManager`].
 
 use crate::auth::{Authenticate, Caller, Tokens};
-use crate::bounds::{self, MAX_IDEMPOTENCY_KEY_BYTES, MAX_STOP_TOKENS, echo};
+use crate::bounds::{self, echo};
 use crate::convert;
 use crate::error::JobError;
 use crate::live;
 use crate::manager::{JobManager, WatchSource};
-use crate::record::{JobRecord, JobState, Sampling, Timings, now_unix_ms};
-use ringbolt_model::SamplingParams;
+use crate::submit::Submission;
 use ringbolt_proto::v1 as pb;
 use ringbolt_proto::v1::cluster_server::{Cluster, ClusterServer};
 use ringbolt_proto::v1::jobs_server::{Jobs, JobsServer};
@@ -47,24 +46,6 @@ fn job_id(id: &str) -> Result<&str, JobError> {
     Ok(id)
 }
 
-/// What a submission asks for, as one hash: its parameters and its prompt's token ids. A retry
-/// under the same idempotency key must ask the same.
-fn fingerprint(h: &pb::JobHeader, s: &Sampling, prompt_hash: u64) -> u64 {
-    let mut x = xxhash_rust::xxh3::Xxh3::new();
-    x.update(&h.max_new_tokens.to_le_bytes());
-    x.update(&s.temperature.to_bits().to_le_bytes());
-    x.update(&s.top_p.to_bits().to_le_bytes());
-    x.update(&s.seed.to_le_bytes());
-    x.update(&(s.stop_tokens.len() as u64).to_le_bytes());
-    for t in &s.stop_tokens {
-        x.update(&t.to_le_bytes());
-    }
-    x.update(&h.context_parallel.to_le_bytes());
-    x.update(&[h.ignore_eos as u8]);
-    x.update(&prompt_hash.to_le_bytes());
-    x.digest()
-}
-
 impl JobsService {
     pub fn new(mgr: JobManager, address: String) -> Self {
         JobsService {
@@ -85,57 +66,6 @@ impl JobsService {
     pub fn with_status(mut self, source: std::sync::Arc<dyn StatusSource>) -> Self {
         self.cluster = Some(source);
         self
-    }
-
-    fn validate_header(&self, h: &pb::JobHeader) -> Result<Sampling, JobError> {
-        let limit = self.mgr.limits().max_new_tokens;
-        if h.max_new_tokens == 0 || h.max_new_tokens > limit {
-            return Err(invalid(format!(
-                "max_new_tokens must be between 1 and {limit}, got {}",
-                h.max_new_tokens
-            )));
-        }
-        let s = h.sampling.clone().unwrap_or_default();
-        let params = SamplingParams {
-            temperature: s.temperature,
-            top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
-            seed: s.seed,
-        };
-        params
-            .validate()
-            .map_err(|e| invalid(e.to_string().replace("invalid request: ", "")))?;
-        let vocab = self.mgr.model().vocab_size;
-        if s.stop_tokens.len() > MAX_STOP_TOKENS {
-            return Err(invalid(format!(
-                "{} stop tokens were given; at most {MAX_STOP_TOKENS} are allowed",
-                s.stop_tokens.len()
-            )));
-        }
-        if h.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-            return Err(invalid(format!(
-                "the idempotency key is {} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES} are allowed",
-                h.idempotency_key.len()
-            )));
-        }
-        if let Some(&t) = s.stop_tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(invalid(format!(
-                "stop token {t} is outside the vocabulary (size {vocab})"
-            )));
-        }
-        let most = self.mgr.limits().context_parallel.max(1);
-        if h.context_parallel > most {
-            return Err(JobError::FailedPrecondition(format!(
-                "context-parallel degree {} was requested, but this server splits a context \
-                 among at most {most} rank(s) (standalone --context-parallel)",
-                h.context_parallel
-            )));
-        }
-        Ok(Sampling {
-            temperature: params.temperature,
-            top_p: params.top_p,
-            seed: params.seed,
-            stop_tokens: s.stop_tokens,
-        })
     }
 
     async fn submit(
@@ -167,19 +97,7 @@ impl JobsService {
             }
             None => return Err(invalid("no header: the request stream was empty")),
         };
-        let sampling = self.validate_header(&header)?;
-        let key = (!header.idempotency_key.is_empty()).then(|| header.idempotency_key.clone());
-        // Every upload takes a place among the admitted jobs before it starts (a retry of a
-        // known key too, while it uploads), so admission is exact under concurrency.
-        let permit = self.mgr.admit(caller)?;
-        let model = self.mgr.model().clone();
-        let max_prompt = self
-            .mgr
-            .limits()
-            .max_prompt_tokens
-            .min(model.max_position_embeddings as u64);
-        let (id, mut spool) = self.mgr.new_upload()?;
-        let mut text = String::new();
+        let mut sub = Submission::begin(&self.mgr, header, caller)?;
         loop {
             let msg = stream.message().await.map_err(interrupted)?;
             match msg.and_then(|m| m.item) {
@@ -190,148 +108,27 @@ impl JobsService {
                 }
                 Some(Item::Header(_)) => return Err(invalid("a second header")),
                 Some(Item::End(_)) => break,
-                Some(Item::Chunk(c)) => {
-                    if !c.text.is_empty() {
-                        if self.mgr.tokenizer().is_none() {
-                            return Err(JobError::FailedPrecondition(
-                                "text prompts need a tokenizer, and this server has none configured; send token ids"
-                                    .into(),
-                            ));
-                        }
-                        if !c.tokens.is_empty() || spool.tokens() > 0 {
-                            return Err(invalid("a prompt is either token ids or text, not both"));
-                        }
-                        if (text.len() + c.text.len()) as u64 > max_prompt.saturating_mul(16) {
-                            return Err(invalid(format!(
-                                "the text prompt is longer than the maximum of {max_prompt} tokens allows"
-                            )));
-                        }
-                        text.push_str(&c.text);
-                        continue;
-                    }
-                    if !text.is_empty() {
+                Some(Item::Chunk(c)) if !c.text.is_empty() => {
+                    sub.push_text(&c.text)?;
+                    if !c.tokens.is_empty() {
                         return Err(invalid("a prompt is either token ids or text, not both"));
                     }
+                }
+                Some(Item::Chunk(c)) => {
                     let ids = ringbolt_proto::unpack_tokens(&c.tokens).ok_or_else(|| {
                         invalid(format!(
                             "a chunk of {} bytes is not packed u32 token ids",
                             c.tokens.len()
                         ))
                     })?;
-                    if let Some((i, &t)) = ids
-                        .iter()
-                        .enumerate()
-                        .find(|(_, t)| **t as usize >= model.vocab_size)
-                    {
-                        return Err(invalid(format!(
-                            "token id {t} at position {} is outside the vocabulary (size {})",
-                            spool.tokens() + i as u64,
-                            model.vocab_size
-                        )));
-                    }
-                    if spool.tokens() + ids.len() as u64 > max_prompt {
-                        return Err(invalid(format!(
-                            "the prompt is longer than the maximum of {max_prompt} tokens"
-                        )));
-                    }
-                    spool.write(&ids)?;
+                    sub.push_ids(&ids)?;
                 }
             }
         }
         if stream.message().await.map_err(interrupted)?.is_some() {
             return Err(invalid("a message after the end marker"));
         }
-        if let Some(tok) = self.mgr.tokenizer()
-            && !text.is_empty()
-        {
-            let enc = tok
-                .encode(text.as_str(), false)
-                .map_err(|e| invalid(format!("the text cannot be tokenized: {e}")))?;
-            let ids = enc.get_ids();
-            if let Some((i, &t)) = ids
-                .iter()
-                .enumerate()
-                .find(|(_, t)| **t as usize >= model.vocab_size)
-            {
-                return Err(invalid(format!(
-                    "the tokenizer produced id {t} at position {i}, outside the model's vocabulary (size {})",
-                    model.vocab_size
-                )));
-            }
-            if ids.len() as u64 > max_prompt {
-                return Err(invalid(format!(
-                    "the prompt is longer than the maximum of {max_prompt} tokens"
-                )));
-            }
-            spool.write(ids)?;
-        }
-        let n = spool.tokens();
-        if n == 0 {
-            return Err(invalid("the prompt is empty"));
-        }
-        if header.expected_prompt_tokens != 0 && header.expected_prompt_tokens != n {
-            return Err(invalid(format!(
-                "the header announced {} prompt tokens but {n} arrived",
-                header.expected_prompt_tokens
-            )));
-        }
-        if n as usize + header.max_new_tokens as usize > model.max_position_embeddings {
-            return Err(invalid(format!(
-                "{n} prompt tokens + {} new tokens exceed the model's {} positions",
-                header.max_new_tokens, model.max_position_embeddings
-            )));
-        }
-        let fp = fingerprint(&header, &sampling, spool.prompt_hash());
-        if let Some(k) = &key
-            && let Some(existing) = self.mgr.lookup_idempotency_key(k)?
-        {
-            return self.existing(k, existing, fp);
-        }
-        let record = JobRecord {
-            id,
-            state: JobState::Queued,
-            prompt_tokens: n,
-            max_new_tokens: header.max_new_tokens,
-            sampling,
-            idempotency_key: key.clone(),
-            context_parallel: header.context_parallel,
-            created_unix_ms: now_unix_ms(),
-            finished_unix_ms: None,
-            tokens: Vec::new(),
-            finish_reason: None,
-            error: None,
-            timings: Timings::default(),
-            fingerprint: Some(fp),
-            ignore_eos: header.ignore_eos,
-            cache_bytes_per_rank: Vec::new(),
-        };
-        let (job_id, existing) = self.mgr.accept(record, spool, permit).await?;
-        if existing && let Some(k) = &key {
-            return self.existing(k, job_id, fp);
-        }
-        Ok(pb::SubmitJobResponse {
-            job_id,
-            prompt_tokens: n,
-            existing,
-        })
-    }
-
-    /// The answer to a submission whose idempotency key names job `id`: that job, if it was
-    /// asked with the same prompt and parameters; ALREADY_EXISTS if not.
-    fn existing(&self, key: &str, id: String, fp: u64) -> Result<pb::SubmitJobResponse, JobError> {
-        let rec = self.mgr.get(&id)?;
-        if rec.fingerprint.is_some_and(|f| f != fp) {
-            return Err(JobError::AlreadyExists(format!(
-                "idempotency key `{}` already names job {id}, which was submitted with a \
-                 different prompt or parameters; use a new key for a new job",
-                echo(key)
-            )));
-        }
-        Ok(pb::SubmitJobResponse {
-            job_id: id,
-            prompt_tokens: rec.prompt_tokens,
-            existing: true,
-        })
+        sub.finish().await
     }
 }
 

@@ -12,6 +12,7 @@ pub mod live;
 pub mod manager;
 pub mod record;
 pub mod store;
+pub mod submit;
 
 pub use error::JobError;
 pub use executor::{Completion, EngineConfig, Outcome};
