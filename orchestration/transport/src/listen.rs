@@ -49,14 +49,6 @@ impl ConnLimits {
     }
 }
 
-/// A gRPC server builder for connections bounded by `limits`: it pings idle clients (their
-/// answers count as traffic) and drops those that do not answer.
-pub fn grpc_server(limits: &ConnLimits) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(limits.keepalive())
-        .http2_keepalive_timeout(limits.keepalive())
-}
-
 /// A stream of accepted connections (never an error: accept errors are handled inside), as
 /// tonic's `serve_with_incoming` takes it.
 pub type Incoming = tokio_stream::wrappers::ReceiverStream<io::Result<TimedStream>>;

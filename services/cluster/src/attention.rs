@@ -711,10 +711,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         .server()
         .add_service(health.service())
         .add_service(svc);
-    let grpc = {
-        let stop = stop.clone();
-        tokio::spawn(async move { shell.serve(router, listener, stop.cancelled()).await })
-    };
+    let grpc = shell.spawn(router, listener, stop.clone());
     let reg = membership
         .register(
             Member {

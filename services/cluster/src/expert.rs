@@ -541,10 +541,7 @@ async fn serve_on<B: Backend>(
         .server()
         .add_service(health.service())
         .add_service(svc);
-    let grpc = {
-        let stop = stop.clone();
-        tokio::spawn(async move { shell.serve(router, listener, stop.cancelled()).await })
-    };
+    let grpc = shell.spawn(router, listener, stop.clone());
 
     let me = Member {
         id: id.clone(),

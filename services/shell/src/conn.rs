@@ -30,10 +30,6 @@ impl Conn {
             Conn::Tls(s) => s.get_ref().0,
         }
     }
-
-    pub fn peer(&self) -> std::net::SocketAddr {
-        self.tcp().peer()
-    }
 }
 
 macro_rules! delegate {

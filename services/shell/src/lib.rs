@@ -188,6 +188,16 @@ impl Shell {
             })
     }
 
+    /// [`Shell::serve`] on a task of its own, until `stop`.
+    pub fn spawn(
+        self,
+        router: tonic::transport::server::Router,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+        tokio::spawn(async move { self.serve(router, listener, stop.cancelled()).await })
+    }
+
     /// Serves `router` (made from [`Shell::server`]) on `listener` until `shutdown`.
     pub async fn serve(
         &self,
@@ -384,9 +394,7 @@ mod tests {
         let health = Health::start(&["test"]).await;
         health.set(true).await;
         let router = shell.server().add_service(health.service());
-        let s2 = stop.clone();
-        let served =
-            tokio::spawn(async move { shell.serve(router, listener, s2.cancelled()).await });
+        let served = shell.spawn(router, listener, stop.clone());
 
         let me = Some((f.cert.as_path(), f.key.as_path()));
         healthy(&client(&f.ca, me), &addr).await.unwrap();

@@ -236,11 +236,11 @@ impl ClientTls {
         Ok(c)
     }
 
-    /// A rustls client configuration (the data plane's), read now.
+    /// A rustls client configuration for a raw TLS stream (`ringbolt bench tls`), read now.
     pub fn rustls(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let Some(ca) = &self.ca else {
             return Err(TlsError::Config(
-                "the data plane's TLS needs a CA file (--tls-ca)".into(),
+                "a raw TLS stream needs a CA file (--tls-ca)".into(),
             ));
         };
         let b = rustls::ClientConfig::builder_with_provider(provider())
