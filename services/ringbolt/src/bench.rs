@@ -132,20 +132,10 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
     for max_batch in [jobs, 1] {
         let data = tempfile::tempdir()?;
         let args = StandaloneArgs {
-            checkpoint: dir.clone(),
-            listen: "127.0.0.1:0".parse()?,
-            data_dir: data.path().to_path_buf(),
             max_jobs: jobs,
             max_new_tokens_limit: new_tokens,
-            max_prompt_tokens: 4 << 20,
-            result_ttl_secs: 3600,
             max_batch,
-            prefill_chunk: 4096,
-            context_parallel: 1,
-            tokenizer: None,
-            device: ringbolt_kernels::Device::Cpu,
-            auth: Default::default(),
-            serve: Default::default(),
+            ..StandaloneArgs::in_process(dir.clone(), data.path().to_path_buf())
         };
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());

@@ -50,20 +50,11 @@ async fn bench(a: TlsBenchArgs) -> Result<()> {
 
     // One engine, served on a plain and on a TLS listener.
     let args = StandaloneArgs {
-        checkpoint: a.checkpoint.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().join("data"),
-        max_jobs: 4,
         max_new_tokens_limit: 16,
         max_prompt_tokens: a.prompt_tokens as u64 + 1,
         result_ttl_secs: 60,
         max_batch: 1,
-        prefill_chunk: 4096,
-        context_parallel: 1,
-        tokenizer: None,
-        device: ringbolt_kernels::Device::Cpu,
-        auth: Default::default(),
-        serve: Default::default(),
+        ..StandaloneArgs::in_process(a.checkpoint.clone(), dir.path().join("data"))
     };
     let (a2, s2) = (args.clone(), stop.clone());
     let mgr = tokio::task::spawn_blocking(move || start_manager(&a2, s2)).await??;

@@ -93,20 +93,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     }
     let data = tempfile::tempdir()?;
     let args = StandaloneArgs {
-        checkpoint: dir.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: data.path().to_path_buf(),
-        max_jobs: 4,
         max_new_tokens_limit: a.max_new_tokens.max(4096),
-        max_prompt_tokens: 4 << 20,
-        result_ttl_secs: 3600,
-        max_batch: 8,
-        prefill_chunk: 4096,
-        context_parallel: 1,
-        tokenizer: None,
-        device: ringbolt_kernels::Device::Cpu,
-        auth: Default::default(),
-        serve: Default::default(),
+        ..StandaloneArgs::in_process(dir.clone(), data.path().to_path_buf())
     };
     let token = CancellationToken::new();
     let t_load = Instant::now();

@@ -55,6 +55,29 @@ pub struct StandaloneArgs {
     pub serve: ringbolt_shell::ServeArgs,
 }
 
+impl StandaloneArgs {
+    /// A server in this process on 127.0.0.1 (any port), on the CPU, without tokens or TLS:
+    /// the demo's and the benchmarks' base, which they adjust field by field.
+    pub fn in_process(checkpoint: PathBuf, data_dir: PathBuf) -> Self {
+        StandaloneArgs {
+            checkpoint,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            max_jobs: 4,
+            max_new_tokens_limit: 4096,
+            max_prompt_tokens: 4 << 20,
+            result_ttl_secs: 3600,
+            max_batch: 8,
+            prefill_chunk: 4096,
+            context_parallel: 1,
+            tokenizer: None,
+            device: Device::Cpu,
+            auth: Default::default(),
+            serve: Default::default(),
+        }
+    }
+}
+
 /// The engine's start once the device's backend is open: the model is loaded onto it and
 /// moved to the engine thread, the only thread that computes with it.
 struct StartEngine {
