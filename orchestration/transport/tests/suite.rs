@@ -1,6 +1,7 @@
 //! One suite for every transport: in-process, and TCP on 127.0.0.1.
 
 use bytes::Bytes;
+use ringbolt_transport::guard::Guard;
 use ringbolt_transport::local::LocalGroup;
 use ringbolt_transport::tcp::{TcpHub, TcpTransport};
 use ringbolt_transport::{Transport, TransportError};
@@ -228,12 +229,45 @@ async fn hub_groups(hubs: &[TcpHub], groups: &[u64]) -> Vec<Vec<TcpTransport>> {
 }
 
 async fn hubs(n: usize) -> Vec<TcpHub> {
+    hubs_with(n, Guard::open()).await
+}
+
+/// `n` hubs on 127.0.0.1 admitting the peers `guard` admits.
+async fn hubs_with(n: usize, guard: Guard) -> Vec<TcpHub> {
     let mut out = Vec::new();
     for _ in 0..n {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        out.push(TcpHub::start(l, Duration::from_secs(5), Default::default()).unwrap());
+        out.push(TcpHub::start(l, Duration::from_secs(5), guard.clone()).unwrap());
     }
     out
+}
+
+/// Ranks 0 and 1 of group `group` on the first two of `hs`.
+fn pair(hs: &[TcpHub], group: u64) -> (TcpTransport, TcpTransport) {
+    let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
+    let join = |h: &TcpHub, rank| {
+        h.join(
+            group,
+            rank,
+            addrs.clone(),
+            Duration::from_secs(1),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    (join(&hs[0], 0), join(&hs[1], 1))
+}
+
+/// A group frame's header (sender rank, group, tag, length) and payload, as the wire carries
+/// them after a connection's preamble.
+fn raw_frame(from: u32, group: u64, tag: u64, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&from.to_le_bytes());
+    f.extend_from_slice(&group.to_le_bytes());
+    f.extend_from_slice(&tag.to_le_bytes());
+    f.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    f.extend_from_slice(payload);
+    f
 }
 
 #[tokio::test]
@@ -298,35 +332,19 @@ async fn frames_sent_before_a_peer_joins_wait_for_it() {
 
 #[tokio::test]
 async fn hubs_with_a_secret_admit_only_its_holders() {
-    use ringbolt_transport::guard::Guard;
     use tokio::io::AsyncWriteExt;
-    let secret = || Guard::secret(b"the cluster's data-plane secret, 32+ bytes");
-    let mut hs = Vec::new();
-    for _ in 0..2 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        hs.push(TcpHub::start(l, Duration::from_secs(5), secret()).unwrap());
-    }
+    let hs = hubs_with(
+        2,
+        Guard::secret(b"the cluster's data-plane secret, 32+ bytes"),
+    )
+    .await;
     let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
-    let join = |h: &TcpHub, rank| {
-        h.join(
-            4,
-            rank,
-            addrs.clone(),
-            Duration::from_secs(1),
-            Default::default(),
-        )
-        .unwrap()
-    };
-    let (a, b) = (join(&hs[0], 0), join(&hs[1], 1));
+    let (a, b) = pair(&hs, 4);
     // A stranger writes a well-formed frame for rank 1 of group 4 (from "rank 0", tag 6):
     // it is refused before the frame is read, so nothing arrives.
     let mut s = tokio::net::TcpStream::connect(addrs[1]).await.unwrap();
     let mut frame = b"RBTG\x01\x00\x00\x00".to_vec();
-    frame.extend_from_slice(&0u32.to_le_bytes());
-    frame.extend_from_slice(&4u64.to_le_bytes());
-    frame.extend_from_slice(&6u64.to_le_bytes());
-    frame.extend_from_slice(&5u64.to_le_bytes());
-    frame.extend_from_slice(b"forged");
+    frame.extend(raw_frame(0, 4, 6, b"forged"));
     let _ = s.write_all(&frame).await;
     assert!(matches!(
         b.recv(0, 6).await,
@@ -350,26 +368,10 @@ async fn a_peer_of_another_frame_version_is_refused_not_misread() {
     use tokio::io::AsyncWriteExt;
     let hs = hubs(2).await;
     let addrs: Vec<_> = hs.iter().map(|h| h.address()).collect();
-    let join = |h: &TcpHub, rank| {
-        h.join(
-            5,
-            rank,
-            addrs.clone(),
-            Duration::from_secs(1),
-            Default::default(),
-        )
-        .unwrap()
-    };
-    let (a, b) = (join(&hs[0], 0), join(&hs[1], 1));
+    let (a, b) = pair(&hs, 5);
     // The previous layout: a bare 28-byte header (rank 0, group 5, tag 6, 2 bytes), no preamble.
     let mut s = tokio::net::TcpStream::connect(addrs[1]).await.unwrap();
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&0u32.to_le_bytes());
-    frame.extend_from_slice(&5u64.to_le_bytes());
-    frame.extend_from_slice(&6u64.to_le_bytes());
-    frame.extend_from_slice(&2u64.to_le_bytes());
-    frame.extend_from_slice(b"hi");
-    let _ = s.write_all(&frame).await;
+    let _ = s.write_all(&raw_frame(0, 5, 6, b"hi")).await;
     assert!(matches!(
         b.recv(0, 6).await,
         Err(TransportError::Timeout { .. })
