@@ -246,6 +246,19 @@ impl Cluster {
         p
     }
 
+    /// A leading coordinator (serving when this returns) and a standby, with their endpoints.
+    fn leader_and_standby(&self) -> (Proc, Proc, String, String) {
+        let (p1, p2) = (free_port(), free_port());
+        let leader = self.coordinator(p1, true);
+        let standby = self.coordinator(p2, false);
+        (
+            leader,
+            standby,
+            format!("http://127.0.0.1:{p1}"),
+            format!("http://127.0.0.1:{p2}"),
+        )
+    }
+
     fn worker(&self, role: &str) -> (Proc, String) {
         self.worker_at(role, &["--listen", "127.0.0.1:0"])
     }
@@ -588,14 +601,8 @@ fn cluster_equals_standalone_through_scale_out_drain_and_an_expert_crash() {
 fn attention_worker_and_leader_crashes_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let c = setup("crash", dir.path());
-    let (p1, p2) = (free_port(), free_port());
-    let (ep1, ep2) = (
-        format!("http://127.0.0.1:{p1}"),
-        format!("http://127.0.0.1:{p2}"),
-    );
+    let (mut leader, standby, ep1, ep2) = c.leader_and_standby();
     let both = format!("{ep1},{ep2}");
-    let mut leader = c.coordinator(p1, true);
-    let standby = c.coordinator(p2, false);
     let (mut a1, _) = c.worker("attention-worker");
     let (mut a2, _) = c.worker("attention-worker");
     let (_e, _) = c.worker("expert-worker");
@@ -1436,14 +1443,8 @@ fn every_role_serves_metrics_that_a_job_moves() {
 fn a_paused_leader_that_resumes_is_fenced_and_steps_down() {
     let dir = tempfile::tempdir().unwrap();
     let c = setup("fence", dir.path());
-    let (p1, p2) = (free_port(), free_port());
-    let (ep1, ep2) = (
-        format!("http://127.0.0.1:{p1}"),
-        format!("http://127.0.0.1:{p2}"),
-    );
+    let (mut leader, standby, ep1, ep2) = c.leader_and_standby();
     let both = format!("{ep1},{ep2}");
-    let mut leader = c.coordinator(p1, true);
-    let standby = c.coordinator(p2, false);
     let (_a, _) = c.worker("attention-worker");
     let (_e, _) = c.worker("expert-worker");
     wait_status(&ep1, "experts placed", covers_all);
