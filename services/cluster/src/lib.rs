@@ -159,12 +159,12 @@ impl CommonArgs {
         match &self.data_secret_file {
             Some(p) => Guard::from_file(p).map_err(|e| ClusterError::Invalid(e.to_string())),
             None => {
-                if !data_listen.ip().is_loopback() {
-                    eprintln!(
-                        "WARNING: the data plane on {data_listen} admits ANY peer that can \
-                         reach it: give --data-secret-file (the same file on every worker)"
-                    );
-                }
+                ringbolt_shell::warn_if_exposed(data_listen, false, || {
+                    format!(
+                        "the data plane on {data_listen} admits ANY peer that can reach it: \
+                         give --data-secret-file (the same file on every worker)"
+                    )
+                });
                 Ok(Guard::open())
             }
         }

@@ -164,12 +164,12 @@ pub async fn standalone(a: StandaloneArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     eprintln!("ringbolt standalone listening on {addr}");
     let tokens = a.auth.tokens()?;
-    if tokens.is_none() && !ringbolt_shell::is_loopback(&addr) {
-        eprintln!(
-            "WARNING: standalone accepts jobs from anyone who can reach {addr}: give \
+    ringbolt_shell::warn_if_exposed(addr, tokens.is_some(), || {
+        format!(
+            "standalone accepts jobs from anyone who can reach {addr}: give \
              --auth-tokens-file to require a token"
-        );
-    }
+        )
+    });
     ringbolt_jobs::grpc::serve(mgr, shell, listener, tokens, shutdown_signal(token)).await?;
     Ok(())
 }

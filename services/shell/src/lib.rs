@@ -135,23 +135,26 @@ impl ServeArgs {
     }
 }
 
-/// Whether `addr` is reachable only from this machine.
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
+/// The secure default: a port other machines can reach at `addr` without `protected` (TLS,
+/// a secret, tokens) is said loudly, on stderr and in the log; `warning` says what is open
+/// and which flag closes it.
+pub fn warn_if_exposed(addr: SocketAddr, protected: bool, warning: impl FnOnce() -> String) {
+    if !protected && !addr.ip().is_loopback() {
+        let msg = warning();
+        eprintln!("WARNING: {msg}");
+        tracing::warn!(%addr, "{msg}");
+    }
 }
 
-/// The secure default: a listener other machines can reach without TLS is said loudly, on
-/// stderr and in the log.
+/// [`warn_if_exposed`] for a gRPC listener without TLS.
 pub fn warn_if_open(role: &str, listen: SocketAddr, tls: bool) {
-    if !tls && !is_loopback(&listen) {
-        let msg = format!(
-            "WARNING: {role} serves gRPC on {listen} in PLAIN TEXT to the network: anyone who can \
+    warn_if_exposed(listen, tls, || {
+        format!(
+            "{role} serves gRPC on {listen} in PLAIN TEXT to the network: anyone who can \
              reach it can read and send its traffic. Give --tls-cert and --tls-key (and \
              --tls-client-ca between roles), or listen on 127.0.0.1."
-        );
-        eprintln!("{msg}");
-        tracing::warn!(role, %listen, "serving plain text on a non-loopback address");
-    }
+        )
+    });
 }
 
 /// How a role serves gRPC: built by [`ServeArgs::start`].
