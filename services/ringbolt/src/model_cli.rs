@@ -142,8 +142,20 @@ pub fn init_checkpoint(a: InitCheckpointArgs) -> Result<()> {
         bail!("--max-shard-bytes must be positive");
     }
     let shards = write_random_checkpoint(&cfg, a.seed, dtype, &a.out, a.max_shard_bytes)?;
+    // The text files: a tokenizer trained on a bundled text and MiniMax-01's chat template.
+    let text = if cfg.vocab_size >= ringbolt_text::init::MIN_VOCAB {
+        ringbolt_text::init::write(&a.out, cfg.vocab_size)?;
+        ", tokenizer.json, tokenizer_config.json"
+    } else {
+        eprintln!(
+            "no tokenizer written: a vocabulary of {} ids is below the {} a byte-level tokenizer needs",
+            cfg.vocab_size,
+            ringbolt_text::init::MIN_VOCAB
+        );
+        ""
+    };
     eprintln!(
-        "wrote {} ({} safetensors file{})",
+        "wrote {} ({} safetensors file{}{text})",
         a.out.display(),
         shards,
         if shards == 1 { "" } else { "s" }
