@@ -363,6 +363,8 @@ fn upload_larger_than_the_message_limit_streams_in_chunks() {
 fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(dir.path(), 65_536, false);
+    // A checkpoint without a tokenizer: text prompts are refused.
+    std::fs::remove_file(ckpt.join("tokenizer.json")).unwrap();
     let server = Server::start(
         &ckpt,
         &dir.path().join("data"),

@@ -65,6 +65,8 @@ pub struct CoordinatorArgs {
     pub max_context_parallel: u32,
     #[command(flatten)]
     pub auth: crate::AuthArgs,
+    #[command(flatten)]
+    pub http: ringbolt_openai::HttpArgs,
 }
 
 /// What the coordinator knows of the cluster: members and the plan (for `Status` and for
@@ -1078,11 +1080,26 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         worker_wait: Duration::from_secs(a.worker_wait_secs),
         dial: c.dial(),
     };
-    let mgr = JobManager::start_with(Box::new(exec), cfg, store, limits, None, stop.clone())
+    let text = ringbolt_text::Text::load(&c.checkpoint, None)
+        .map_err(|e| ClusterError::Model(e.to_string()))?
+        .map(Arc::new);
+    let mgr = JobManager::start_with(Box::new(exec), cfg, store, limits, text, stop.clone())
         .map_err(|e| ClusterError::Io(e.to_string()))?;
+    let tokens = a.auth.tokens()?;
+    let http = ringbolt_openai::start(
+        &a.http,
+        "coordinator",
+        &c.checkpoint,
+        mgr.clone(),
+        tokens.clone(),
+        &shell,
+        stop.clone(),
+    )
+    .await
+    .map_err(|e| ClusterError::Io(e.to_string()))?;
     let svc = JobsService::new(mgr, address.clone())
         .with_status(view.clone())
-        .with_tokens(a.auth.tokens()?);
+        .with_tokens(tokens);
     eprintln!("ringbolt coordinator {id} listening on {address}");
     let mut lost = reg.lost();
     let stop2 = stop.clone();
@@ -1105,6 +1122,10 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     serve_service(svc, shell, listener, shutdown)
         .await
         .map_err(|e| ClusterError::Io(e.to_string()))?;
+    stop.cancel();
+    if let Some(h) = http {
+        let _ = h.await;
+    }
     let _ = reg.leave().await;
     let _ = client.clone().lease_revoke(lease).await;
     if fence.deposed.is_cancelled() {

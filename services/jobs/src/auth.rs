@@ -4,6 +4,7 @@
 //! UNAUTHENTICATED. The caller a request is admitted as (for per-token limits) is its token's
 //! hash, so a reload that keeps a token keeps its jobs counted.
 
+use crate::error::JobError;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -121,30 +122,40 @@ impl Tokens {
 #[derive(Clone, Default)]
 pub struct Authenticate(pub Option<Arc<Tokens>>);
 
-impl tonic::service::Interceptor for Authenticate {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+impl Authenticate {
+    /// The caller presenting `authorization` (an HTTP or gRPC `Authorization` header's value):
+    /// None when this server has no tokens; UNAUTHENTICATED when it has and the header is
+    /// missing or carries none of them.
+    pub fn check(&self, authorization: Option<&[u8]>) -> Result<Option<Caller>, JobError> {
         let Some(tokens) = &self.0 else {
-            return Ok(req);
+            return Ok(None);
         };
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("this server needs a token (--token)"))?;
-        let presented = header
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .ok_or_else(|| Status::unauthenticated("authorization is not `Bearer TOKEN`"))?;
+        let header = authorization.ok_or_else(|| {
+            JobError::Unauthenticated("this server needs a token (--token)".into())
+        })?;
+        let presented = header.strip_prefix(b"Bearer ").ok_or_else(|| {
+            JobError::Unauthenticated("authorization is not `Bearer TOKEN`".into())
+        })?;
         match tokens.verify(presented) {
-            Some(c) => {
-                req.extensions_mut().insert(c);
-                Ok(req)
-            }
+            Some(c) => Ok(Some(c)),
             None => {
                 metrics::counter!("ringbolt_admission_rejected_total", "reason" => "token")
                     .increment(1);
-                Err(Status::unauthenticated("the token is not valid here"))
+                Err(JobError::Unauthenticated(
+                    "the token is not valid here".into(),
+                ))
             }
         }
+    }
+}
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        if let Some(c) = self.check(header)? {
+            req.extensions_mut().insert(c);
+        }
+        Ok(req)
     }
 }
 

@@ -41,8 +41,9 @@ pub fn sampling(s: &Sampling) -> pb::SamplingParams {
 }
 
 /// A record on the wire. Stored fields are bounded when accepted; records written before those
-/// bounds existed are clipped here, so one job can never make a message too large.
-pub fn job(r: &JobRecord) -> pb::Job {
+/// bounds existed are clipped here, so one job can never make a message too large. With the
+/// model's text, the job carries its generated text.
+pub fn job(r: &JobRecord, text: Option<&ringbolt_text::Text>) -> pb::Job {
     pb::Job {
         job_id: r.id.clone(),
         state: state(r.state) as i32,
@@ -69,5 +70,6 @@ pub fn job(r: &JobRecord) -> pb::Job {
             .as_deref()
             .map(|k| clip(k, MAX_IDEMPOTENCY_KEY_BYTES).to_string())
             .unwrap_or_default(),
+        text: text.map(|t| t.decode(&r.tokens)),
     }
 }

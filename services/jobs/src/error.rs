@@ -14,6 +14,9 @@ pub enum JobError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A request without a valid token, where tokens are required.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// Accepted data that is damaged or gone (a spooled prompt, a job record).
     #[error("{0}")]
     DataLoss(String),
@@ -40,6 +43,7 @@ impl JobError {
             JobError::ResourceExhausted(_) => Code::ResourceExhausted,
             JobError::NotFound(_) => Code::NotFound,
             JobError::AlreadyExists(_) => Code::AlreadyExists,
+            JobError::Unauthenticated(_) => Code::Unauthenticated,
             JobError::DataLoss(_) => Code::DataLoss,
             JobError::UploadInterrupted(_) => Code::Cancelled,
             JobError::Store(_) => Code::Internal,

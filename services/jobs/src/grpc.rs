@@ -5,8 +5,7 @@ use crate::auth::{Authenticate, Caller, Tokens};
 use crate::bounds::{self, echo};
 use crate::convert;
 use crate::error::JobError;
-use crate::live;
-use crate::manager::{JobManager, WatchSource};
+use crate::manager::JobManager;
 use crate::submit::Submission;
 use ringbolt_proto::v1 as pb;
 use ringbolt_proto::v1::cluster_server::{Cluster, ClusterServer};
@@ -154,52 +153,12 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let src = self.mgr.watch(job_id(&request.into_inner().job_id)?)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let mgr = self.mgr.clone();
+        let mut events = self.mgr.follow(job_id(&request.into_inner().job_id)?)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
-            match src {
-                WatchSource::Finished(rec) => {
-                    for e in live::replay(&rec) {
-                        if tx.send(Ok(e)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                WatchSource::Live(job) => {
-                    let mut changed = job.subscribe();
-                    let mut sent = 0;
-                    loop {
-                        let (batch, done) = {
-                            let s = job.lock();
-                            (s.events[sent..].to_vec(), s.done)
-                        };
-                        sent += batch.len();
-                        for e in batch {
-                            if tx.send(Ok(e)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if done && sent == job.lock().events.len() {
-                            return;
-                        }
-                        tokio::select! {
-                            r = changed.changed() => if r.is_err() {
-                                return;
-                            },
-                            // A server that stops (or steps down) ends its watches, so that it
-                            // can stop; clients follow the job on another server.
-                            _ = mgr.stopping() => {
-                                let _ = tx
-                                    .send(Err(Status::unavailable(
-                                        "this server is stopping; the job goes on elsewhere \
-                                         or after a restart",
-                                    )))
-                                    .await;
-                                return;
-                            }
-                        }
-                    }
+            while let Some(e) = events.recv().await {
+                if tx.send(e.map_err(Status::from)).await.is_err() {
+                    return;
                 }
             }
         });
@@ -212,8 +171,10 @@ impl Jobs for JobsService {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let r = request.into_inner();
+        let rec = self.mgr.get(job_id(&r.job_id)?)?;
         Ok(Response::new(convert::job(
-            &self.mgr.get(job_id(&r.job_id)?)?,
+            &rec,
+            self.mgr.text().map(|t| &**t),
         )))
     }
 
@@ -223,8 +184,10 @@ impl Jobs for JobsService {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let r = request.into_inner();
+        let rec = self.mgr.cancel(job_id(&r.job_id)?)?;
         Ok(Response::new(convert::job(
-            &self.mgr.cancel(job_id(&r.job_id)?)?,
+            &rec,
+            self.mgr.text().map(|t| &**t),
         )))
     }
 
@@ -254,7 +217,7 @@ impl Jobs for JobsService {
         let mut jobs = Vec::with_capacity(records.len());
         let mut bytes = 0;
         for rec in &records {
-            let j = convert::job(rec);
+            let j = convert::job(rec, self.mgr.text().map(|t| &**t));
             let len = j.encoded_len() + 8;
             if !jobs.is_empty() && bytes + len > bounds::PAGE_BYTES {
                 more = true;

@@ -19,6 +19,8 @@ pub struct LiveState {
     pub events: Vec<pb::JobEvent>,
     /// Set with the last event (finished or failed).
     pub done: bool,
+    /// Tokens kept when a client's stop sequence ended the job.
+    pub stopped_at: Option<usize>,
 }
 
 fn ev(e: pb::job_event::Event) -> pb::JobEvent {
@@ -35,6 +37,7 @@ pub fn replay(record: &JobRecord) -> Vec<pb::JobEvent> {
         ev(pb::job_event::Event::Token(pb::Token {
             index: i as u32,
             token: t,
+            text: None,
         }))
     }));
     if let Some(last) = final_event(record) {
@@ -54,6 +57,7 @@ pub fn final_event(record: &JobRecord) -> Option<pb::JobEvent> {
                 generated_tokens: record.tokens.len() as u32,
                 prompt_tokens: record.prompt_tokens,
                 timings: Some(crate::convert::timings(&record.timings)),
+                text: None,
             })))
         }
         JobState::Failed => {
@@ -82,6 +86,7 @@ impl LiveJob {
                 record,
                 events,
                 done: false,
+                stopped_at: None,
             }),
             changed: watch::channel(0).0,
             cancel: tokio_util::sync::CancellationToken::new(),
@@ -145,10 +150,37 @@ impl LiveJob {
     pub fn token(&self, token: u32) {
         metrics::counter!("ringbolt_generated_tokens_total").increment(1);
         self.push(|s| {
+            // Past a stop its client asked for, tokens are not the job's.
+            if s.stopped_at.is_some() {
+                return None;
+            }
             let index = s.record.tokens.len() as u32;
             s.record.tokens.push(token);
-            Some(ev(pb::job_event::Event::Token(pb::Token { index, token })))
+            Some(ev(pb::job_event::Event::Token(pb::Token {
+                index,
+                token,
+                text: None,
+            })))
         });
+    }
+
+    /// Ends the job after its first `tokens` tokens, as a stop (a stop sequence its client
+    /// matched in the text): later tokens are dropped, and it finishes with reason STOP.
+    pub fn stop_after(&self, tokens: usize) {
+        {
+            let mut s = self.lock();
+            if s.done || s.stopped_at.is_some() {
+                return;
+            }
+            s.stopped_at = Some(tokens);
+            s.record.tokens.truncate(tokens);
+        }
+        self.cancel.cancel();
+    }
+
+    /// Where [`stop_after`](Self::stop_after) ended the job, if it did.
+    pub fn stopped_at(&self) -> Option<usize> {
+        self.lock().stopped_at
     }
 
     /// Records the final state (already durable) and closes the log.

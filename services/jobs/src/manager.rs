@@ -9,6 +9,8 @@ use crate::record::{FinishReason, JobRecord, JobState, now_unix_ms};
 use crate::store::{JobStore, SpoolWriter};
 use ringbolt_kernels::Backend;
 use ringbolt_model::{Model, ModelConfig};
+use ringbolt_proto::v1 as pb;
+use ringbolt_text::Text;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
@@ -166,7 +168,7 @@ struct Inner {
     to_engine: Sender<Arc<LiveJob>>,
     limits: Limits,
     model: ModelConfig,
-    tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    text: Option<Arc<Text>>,
     /// Cancelled when the server stops (or steps down).
     shutdown: CancellationToken,
 }
@@ -185,7 +187,7 @@ impl JobManager {
         store: JobStore,
         limits: Limits,
         engine: EngineConfig,
-        tokenizer: Option<tokenizers::Tokenizer>,
+        text: Option<Arc<Text>>,
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let model_cfg = model.config().clone();
@@ -194,7 +196,7 @@ impl JobManager {
             cfg: engine,
             rt: tokio::runtime::Handle::current(),
         });
-        Self::start_with(exec, model_cfg, store, limits, tokenizer, shutdown)
+        Self::start_with(exec, model_cfg, store, limits, text, shutdown)
     }
 
     /// Like [`start`](Self::start), with jobs run by `executor` (a cluster's, say).
@@ -203,7 +205,7 @@ impl JobManager {
         model_cfg: ModelConfig,
         store: JobStore,
         limits: Limits,
-        tokenizer: Option<tokenizers::Tokenizer>,
+        text: Option<Arc<Text>>,
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let ceiling = crate::bounds::MAX_NEW_TOKENS_CEILING;
@@ -233,7 +235,7 @@ impl JobManager {
                 to_engine,
                 limits,
                 model: model_cfg,
-                tokenizer: tokenizer.map(Arc::new),
+                text,
                 shutdown: shutdown.clone(),
             }),
         };
@@ -271,9 +273,9 @@ impl JobManager {
         &self.inner.model
     }
 
-    /// The tokenizer for text prompts, when one is configured.
-    pub fn tokenizer(&self) -> Option<&tokenizers::Tokenizer> {
-        self.inner.tokenizer.as_deref()
+    /// The model's text (tokenizer, chat template), when the checkpoint has a tokenizer.
+    pub fn text(&self) -> Option<&Arc<Text>> {
+        self.inner.text.as_ref()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -307,6 +309,11 @@ impl JobManager {
     }
 
     /// Resolves when the server stops (or, a coordinator, steps down).
+    /// Whether the server is stopping (or stepping down).
+    pub fn is_stopping(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
     pub async fn stopping(&self) {
         self.inner.shutdown.cancelled().await
     }
@@ -443,6 +450,80 @@ impl JobManager {
         }
     }
 
+    /// Every event of job `id` from its first, in order, live until it ends: what every
+    /// watcher reads. With the model's tokenizer, tokens carry the text they complete. A
+    /// server that stops (or steps down) ends its followers with UNAVAILABLE, so that it can
+    /// stop; clients follow the job on another server.
+    pub fn follow(&self, id: &str) -> Result<mpsc::Receiver<Result<pb::JobEvent>>> {
+        let src = self.watch(id)?;
+        let (tx, rx) = mpsc::channel(256);
+        let mut detok = self.text().map(|t| t.detokenizer());
+        let mgr = self.clone();
+        let mut with_text = move |mut e: pb::JobEvent| {
+            use pb::job_event::Event;
+            match (&mut detok, &mut e.event) {
+                (Some(d), Some(Event::Token(t))) => t.text = Some(d.push(t.token)),
+                (Some(d), Some(Event::Finished(f))) => f.text = Some(d.finish()),
+                _ => {}
+            }
+            e
+        };
+        tokio::spawn(async move {
+            let job = match src {
+                WatchSource::Finished(rec) => {
+                    for e in crate::live::replay(&rec) {
+                        if tx.send(Ok(with_text(e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                WatchSource::Live(job) => job,
+            };
+            let mut changed = job.subscribe();
+            let mut sent = 0;
+            loop {
+                let (batch, done) = {
+                    let s = job.lock();
+                    (s.events[sent..].to_vec(), s.done)
+                };
+                sent += batch.len();
+                for e in batch {
+                    if tx.send(Ok(with_text(e))).await.is_err() {
+                        return;
+                    }
+                }
+                if done && sent == job.lock().events.len() {
+                    return;
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() {
+                        return;
+                    },
+                    _ = mgr.stopping() => {
+                        let _ = tx
+                            .send(Err(JobError::Unavailable(
+                                "this server is stopping; the job goes on elsewhere \
+                                 or after a restart"
+                                    .into(),
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Ends job `id` after its first `tokens` tokens as a stop (see [`LiveJob::stop_after`]);
+    /// nothing when it has finished.
+    pub fn stop_after(&self, id: &str, tokens: usize) {
+        if let Some(j) = self.live_job(id) {
+            j.stop_after(tokens);
+        }
+    }
+
     /// Asks a queued or running job to stop. A finished job cannot be cancelled: that is
     /// FAILED_PRECONDITION, saying how it ended.
     pub fn cancel(&self, id: &str) -> Result<JobRecord> {
@@ -497,7 +578,15 @@ impl JobManager {
             let mut rec = c.job.record();
             rec.timings = c.timings;
             rec.finished_unix_ms = Some(now_unix_ms());
-            match c.outcome {
+            let outcome = match (c.outcome, c.job.stopped_at()) {
+                // A client's stop sequence ended it: a stop, however the engine ended.
+                (Outcome::Finished(_), Some(n)) => {
+                    rec.tokens.truncate(n);
+                    Outcome::Finished(FinishReason::Stop)
+                }
+                (o, _) => o,
+            };
+            match outcome {
                 Outcome::Finished(reason) => {
                     rec.state = if reason == FinishReason::Cancelled {
                         JobState::Cancelled

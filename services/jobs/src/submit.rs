@@ -154,7 +154,7 @@ impl Submission {
 
     /// More of the prompt as text (tokenized once it is all in).
     pub fn push_text(&mut self, text: &str) -> Result<(), JobError> {
-        if self.mgr.tokenizer().is_none() {
+        if self.mgr.text().is_none() {
             return Err(JobError::FailedPrecondition(
                 "text prompts need a tokenizer, and this server has none configured; send token ids"
                     .into(),
@@ -178,12 +178,11 @@ impl Submission {
     pub async fn finish(mut self) -> Result<pb::SubmitJobResponse, JobError> {
         let model = self.mgr.model().clone();
         if !self.text.is_empty()
-            && let Some(tok) = self.mgr.tokenizer()
+            && let Some(text) = self.mgr.text()
         {
-            let enc = tok
-                .encode(self.text.as_str(), false)
-                .map_err(|e| invalid(format!("the text cannot be tokenized: {e}")))?;
-            let ids = enc.get_ids();
+            let ids = text
+                .encode(self.text.as_str())
+                .map_err(|e| invalid(e.to_string()))?;
             if let Some((i, &t)) = ids
                 .iter()
                 .enumerate()
@@ -200,7 +199,7 @@ impl Submission {
                     self.max_prompt
                 )));
             }
-            self.spool.write(ids)?;
+            self.spool.write(&ids)?;
         }
         let h = &self.header;
         let n = self.spool.tokens();

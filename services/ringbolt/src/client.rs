@@ -122,11 +122,7 @@ fn transient(s: &tonic::Status) -> bool {
 /// Follows a job to its end like [`watch`], reconnecting (to any of `endpoints`) when the
 /// server goes away; tokens already received are not repeated.
 pub async fn follow(endpoints: &str, id: &str, live: bool) -> Result<Outcome> {
-    let mut out = Outcome {
-        job_id: id.to_string(),
-        tokens: Vec::new(),
-        finished: None,
-    };
+    let mut out = Outcome::new(id);
     let mut client = connect(endpoints).await?;
     // Reconnects are bounded: at most 20 in a row that bring no new token.
     let mut idle = 0;
@@ -305,13 +301,26 @@ pub async fn submit_tokens(
 pub struct Outcome {
     pub job_id: String,
     pub tokens: Vec<u32>,
+    /// The generated text, when the server has the model's tokenizer.
+    pub text: Option<String>,
     pub finished: Option<pb::Finished>,
 }
 
+impl Outcome {
+    fn new(id: &str) -> Self {
+        Outcome {
+            job_id: id.to_string(),
+            tokens: Vec::new(),
+            text: None,
+            finished: None,
+        }
+    }
+}
+
 pub fn outcome_json(o: &Outcome) -> serde_json::Value {
-    let f = o.finished.unwrap_or_default();
+    let f = o.finished.clone().unwrap_or_default();
     let t = f.timings.unwrap_or_default();
-    json!({
+    let mut v = json!({
         "job_id": o.job_id,
         "tokens": o.tokens,
         "finish_reason": pb::FinishReason::try_from(f.reason).map(|r| r.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase()).unwrap_or_default(),
@@ -322,7 +331,11 @@ pub fn outcome_json(o: &Outcome) -> serde_json::Value {
             "decode_seconds": t.decode_seconds,
             "time_to_first_token_seconds": t.time_to_first_token_seconds,
         },
-    })
+    });
+    if let Some(text) = &o.text {
+        v["text"] = json!(text);
+    }
+    v
 }
 
 /// Follows a job from its first event to its end. `live` prints progress and tokens.
@@ -331,11 +344,7 @@ pub async fn watch(
     id: &str,
     live: bool,
 ) -> Result<Outcome, RpcError> {
-    let mut out = Outcome {
-        job_id: id.to_string(),
-        tokens: Vec::new(),
-        finished: None,
-    };
+    let mut out = Outcome::new(id);
     watch_into(client, id, live, &mut out).await?;
     Ok(out)
 }
@@ -395,15 +404,29 @@ async fn watch_into(
                 if live {
                     if out.tokens.is_empty() {
                         bar.finish_and_clear();
-                        print!("tokens:");
+                        if t.text.is_none() {
+                            print!("tokens:");
+                        }
                     }
-                    print!(" {}", t.token);
+                    match &t.text {
+                        Some(piece) => print!("{piece}"),
+                        None => print!(" {}", t.token),
+                    }
                     let _ = std::io::stdout().flush();
+                }
+                if let Some(piece) = &t.text {
+                    out.text.get_or_insert_default().push_str(piece);
                 }
                 out.tokens.push(t.token);
             }
             Some(Event::Finished(f)) => {
                 bar.finish_and_clear();
+                if let Some(rest) = &f.text {
+                    out.text.get_or_insert_default().push_str(rest);
+                    if live {
+                        print!("{rest}");
+                    }
+                }
                 if live {
                     println!();
                 }
@@ -426,7 +449,7 @@ async fn watch_into(
 }
 
 fn print_summary(o: &Outcome) {
-    let f = o.finished.unwrap_or_default();
+    let f = o.finished.clone().unwrap_or_default();
     let t = f.timings.unwrap_or_default();
     let decode_tps = if t.decode_seconds > 0.0 && o.tokens.len() > 1 {
         (o.tokens.len() - 1) as f64 / t.decode_seconds
@@ -530,6 +553,9 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
     }
     if !j.error.is_empty() {
         v["error"] = json!(j.error);
+    }
+    if let Some(text) = &j.text {
+        v["text"] = json!(text);
     }
     if let Ok(r) = pb::FinishReason::try_from(j.finish_reason)
         && r != pb::FinishReason::Unspecified

@@ -53,6 +53,8 @@ pub struct StandaloneArgs {
     pub auth: ringbolt_cluster::AuthArgs,
     #[command(flatten)]
     pub serve: ringbolt_shell::ServeArgs,
+    #[command(flatten)]
+    pub http: ringbolt_openai::HttpArgs,
 }
 
 impl StandaloneArgs {
@@ -74,6 +76,7 @@ impl StandaloneArgs {
             device: Device::Cpu,
             auth: Default::default(),
             serve: Default::default(),
+            http: Default::default(),
         }
     }
 }
@@ -85,7 +88,7 @@ struct StartEngine {
     store: JobStore,
     limits: Limits,
     engine: EngineConfig,
-    tokenizer: Option<tokenizers::Tokenizer>,
+    text: Option<std::sync::Arc<ringbolt_text::Text>>,
     shutdown: CancellationToken,
 }
 
@@ -98,7 +101,7 @@ impl OnBackend for StartEngine {
             self.store,
             self.limits,
             self.engine,
-            self.tokenizer,
+            self.text,
             self.shutdown,
         )?)
     }
@@ -122,17 +125,7 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
         prefill_chunk: a.prefill_chunk.max(1),
         context_parallel: a.context_parallel.max(1) as usize,
     };
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .or_else(|| Some(a.checkpoint.join("tokenizer.json")).filter(|p| p.exists()));
-    let tokenizer = match tok_path {
-        Some(p) => Some(
-            tokenizers::Tokenizer::from_file(&p)
-                .map_err(|e| anyhow::anyhow!("loading the tokenizer {}: {e}", p.display()))?,
-        ),
-        None => None,
-    };
+    let text = ringbolt_text::Text::load(&a.checkpoint, a.tokenizer.as_deref())?.map(Into::into);
     a.device.open(
         None,
         StartEngine {
@@ -140,7 +133,7 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
             store,
             limits,
             engine,
-            tokenizer,
+            text,
             shutdown,
         },
     )?
@@ -170,6 +163,21 @@ pub async fn standalone(a: StandaloneArgs) -> Result<()> {
              --auth-tokens-file to require a token"
         )
     });
-    ringbolt_jobs::grpc::serve(mgr, shell, listener, tokens, shutdown_signal(token)).await?;
+    let http = ringbolt_openai::start(
+        &a.http,
+        "standalone",
+        &a.checkpoint,
+        mgr.clone(),
+        tokens.clone(),
+        &shell,
+        token.clone(),
+    )
+    .await?;
+    ringbolt_jobs::grpc::serve(mgr, shell, listener, tokens, shutdown_signal(token.clone()))
+        .await?;
+    token.cancel();
+    if let Some(h) = http {
+        h.await??;
+    }
     Ok(())
 }

@@ -178,6 +178,29 @@ impl Shell {
         self.tls.as_ref()
     }
 
+    /// The shell an HTTP/1.1 server beside this one uses: the same connection bounds and
+    /// certificate files (followed until `stop`), offering `http/1.1`.
+    pub fn http(&self, stop: CancellationToken) -> Result<Shell, ShellError> {
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| t.with_alpn(&[b"http/1.1"]))
+            .transpose()?;
+        if let Some(t) = &tls {
+            t.follow(stop);
+        }
+        Ok(Shell {
+            limits: self.limits,
+            tls,
+        })
+    }
+
+    /// The connections accepted on `listener` under this shell's bounds, handshaken when it
+    /// has TLS.
+    pub fn incoming(&self, listener: TcpListener) -> conn::Incoming {
+        conn::incoming(listener, self.limits, self.tls.clone()).0
+    }
+
     /// A gRPC server builder: it pings idle clients (their answers count as traffic) and
     /// drops those that do not answer, and opens a span per request.
     pub fn server(&self) -> tonic::transport::Server {

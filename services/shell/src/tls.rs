@@ -146,6 +146,11 @@ impl ServerTls {
         }))
     }
 
+    /// The same files offering other ALPN protocols (`http/1.1` for an HTTP API beside gRPC).
+    pub fn with_alpn(&self, alpn: &[&'static [u8]]) -> Result<Arc<Self>, TlsError> {
+        ServerTls::load(self.files.clone(), alpn)
+    }
+
     /// Whether clients must present a certificate.
     pub fn mutual(&self) -> bool {
         self.files.client_ca.is_some()

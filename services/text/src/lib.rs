@@ -9,6 +9,7 @@ pub mod init;
 pub use chat::{ChatTemplate, Message};
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -130,9 +131,9 @@ impl Text {
     }
 
     /// A decoder of one stream of tokens.
-    pub fn detokenizer(&self) -> Detokenizer<'_> {
+    pub fn detokenizer(self: &Arc<Self>) -> Detokenizer {
         Detokenizer {
-            text: self,
+            text: self.clone(),
             ids: Vec::new(),
             prefix: 0,
             read: 0,
@@ -152,8 +153,8 @@ impl Text {
 /// Turns a stream of token ids into text pieces as they complete: a piece is given only once
 /// its bytes form whole characters, and byte-level merges that change earlier text are waited
 /// for, so the pieces joined equal the decoding of all ids.
-pub struct Detokenizer<'a> {
-    text: &'a Text,
+pub struct Detokenizer {
+    text: Arc<Text>,
     ids: Vec<u32>,
     /// Ids before `prefix` are settled; `prefix..read` gives the context the next piece is
     /// decoded against (decoders treat a sequence's first token specially).
@@ -161,7 +162,7 @@ pub struct Detokenizer<'a> {
     read: usize,
 }
 
-impl Detokenizer<'_> {
+impl Detokenizer {
     /// The text `id` completes (often empty: a character split across tokens).
     pub fn push(&mut self, id: u32) -> String {
         self.ids.push(id);
@@ -201,9 +202,9 @@ impl Detokenizer<'_> {
 mod tests {
     use super::*;
 
-    fn text() -> Text {
+    fn text() -> Arc<Text> {
         let tok = init::train(init::CORPUS, 512).unwrap();
-        Text::new(tok, &init::tokenizer_config()).unwrap()
+        Arc::new(Text::new(tok, &init::tokenizer_config()).unwrap())
     }
 
     #[test]
