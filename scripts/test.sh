@@ -9,6 +9,12 @@ apt_need protoc:protobuf-compiler etcd:etcd-server g++:g++
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 
+# The official `openai` Python package drives the HTTP API in the tests (tests/openai_client.py).
+OPENAI_PY=target/py/openai
+if ! PYTHONPATH="$OPENAI_PY" python3 -c 'import openai' 2>/dev/null; then
+  python3 -m pip install --quiet --target "$OPENAI_PY" openai==3.63.0
+fi
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The CUDA code (feature `cuda`) must build and lint clean without CUDA installed.

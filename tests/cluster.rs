@@ -1378,7 +1378,12 @@ fn every_role_serves_metrics_that_a_job_moves() {
     let (port, mc, ma, me) = (free_port(), free_port(), free_port(), free_port());
     let ep = format!("http://127.0.0.1:{port}");
     let at = |p: u16| format!("127.0.0.1:{p}");
-    let _coord = c.coordinator_with(port, true, &["--metrics-listen", &at(mc)]);
+    let http = free_port();
+    let _coord = c.coordinator_with(
+        port,
+        true,
+        &["--metrics-listen", &at(mc), "--http-listen", &at(http)],
+    );
     let (_a, _) = c.worker_at(
         "attention-worker",
         &["--listen", "127.0.0.1:0", "--metrics-listen", &at(ma)],
@@ -1434,6 +1439,39 @@ fn every_role_serves_metrics_that_a_job_moves() {
     moved(&exp, "ringbolt_expert_rows_total");
     moved(&exp, "ringbolt_expert_compute_seconds_count");
     moved(&exp, "ringbolt_data_plane_bytes_total");
+
+    // The coordinator's HTTP API runs the same job through the cluster, visible by id.
+    let ids: Vec<u64> = p.split(',').map(|t| t.parse().unwrap()).collect();
+    let body = serde_json::json!({
+        "model": c.ckpt.file_name().unwrap().to_str().unwrap(),
+        "prompt": ids, "max_tokens": 24, "temperature": 0, "ignore_eos": true,
+    });
+    let answer = http_post(http, "/v1/completions", &body.to_string());
+    let (status, reply) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{answer}");
+    let reply: Value = serde_json::from_str(reply).unwrap();
+    let id = reply["id"].as_str().unwrap().trim_start_matches("cmpl-");
+    let job = ok_json(&["jobs", "get", id, "--endpoint", &ep, "--json"]);
+    assert_eq!(tokens(&job), want);
+    assert_eq!(job["text"], reply["choices"][0]["text"]);
+    assert_eq!(reply["usage"]["completion_tokens"], want.len());
+}
+
+/// One HTTP/1.1 POST of JSON `body` to 127.0.0.1:`port`; the whole answer.
+fn http_post(port: u16, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// Issue 16: a leading coordinator paused (SIGSTOP) past its lease, while the standby takes

@@ -15,6 +15,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_ringbolt");
 struct Server {
     child: Child,
     endpoint: String,
+    /// The HTTP API's base URL (`http://ADDR/v1`), when started with `--http-listen`.
+    http: Option<String>,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -42,17 +44,27 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("ringbolt standalone listening on ") {
-                    let _ = tx.send(addr.to_string());
+                    let _ = tx.send(format!("http://{addr}"));
+                }
+                if let Some(rest) = line
+                    .strip_prefix("ringbolt standalone serving the OpenAI-compatible HTTP API on ")
+                {
+                    let _ = tx.send(rest.split(' ').next().unwrap_or("").to_string());
                 }
                 log2.lock().unwrap().push(line);
             }
         });
-        let addr = rx
+        let endpoint = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("server printed its address");
+        let http = extra.contains(&"--http-listen").then(|| {
+            rx.recv_timeout(Duration::from_secs(60))
+                .expect("server printed its HTTP address")
+        });
         Server {
             child,
-            endpoint: format!("http://{addr}"),
+            endpoint,
+            http,
             log,
         }
     }
@@ -1353,4 +1365,175 @@ fn tls_refuses_plain_text_and_follows_a_renewed_certificate() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(!status(&addr, Some(ca)).0);
+}
+
+/// Where `scripts/test.sh` installs the `openai` package.
+fn openai_pythonpath() -> PathBuf {
+    std::env::var_os("RINGBOLT_OPENAI_PYTHONPATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/py/openai"))
+}
+
+#[test]
+fn the_openai_package_drives_the_http_api_and_it_agrees_with_grpc() {
+    let pythonpath = openai_pythonpath();
+    let probe = Command::new("python3")
+        .args(["-c", "import openai"])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .expect("python3");
+    assert!(
+        probe.status.success(),
+        "the `openai` package is not installed at {} (scripts/test.sh installs it): {}",
+        pythonpath.display(),
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let token = "http-test-token-0123456789";
+    let tokens_file = dir.path().join("tokens");
+    std::fs::write(&tokens_file, format!("{token}\n")).unwrap();
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--model-name",
+            "tiny-test",
+            "--auth-tokens-file",
+            tokens_file.to_str().unwrap(),
+            "--max-jobs",
+            "1",
+            "--http-max-body-bytes",
+            "65536",
+            "--max-new-tokens-limit",
+            "4000",
+        ],
+    );
+    let base = server.http.clone().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([&base, "tiny-test", token])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .expect("run the openai client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.last().unwrap()["check"], "done", "{stdout}");
+
+    // Every job the client made is a job of the gRPC API, and equals the gRPC API's answer
+    // to the same prompt and parameters; its text is the tokenizer's decoding of its tokens.
+    let text = ringbolt_text::Text::load(&ckpt, None).unwrap().unwrap();
+    let end_of_turn = text.end_of_turn()[0].to_string();
+    let grpc = |args: &[&str]| {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--endpoint", &server.endpoint]);
+        ok_json(&all)
+    };
+    let mut checked = 0;
+    for r in &reports[..reports.len() - 1] {
+        let check = r["check"].as_str().unwrap();
+        let id = r["id"].as_str().unwrap();
+        let http_text = r["text"].as_str().unwrap();
+        let req = &r["request"];
+        let job = grpc(&["jobs", "get", id, "--json"]);
+        let job_tokens: Vec<u32> = tokens(&job).iter().map(|&t| t as u32).collect();
+        assert_eq!(
+            job["text"].as_str().unwrap(),
+            text.decode(&job_tokens),
+            "{check}"
+        );
+        let f = |k: &str| req[k].as_f64().map(|x| x.to_string());
+        let max = req["max_tokens"].to_string();
+        let temperature = f("temperature").unwrap();
+        let top_p = f("top_p").unwrap_or_else(|| "1".into());
+        let seed = req["seed"].as_u64().unwrap_or(0).to_string();
+        // The prompt as the HTTP API made it: the text, the ids, or the chat template's.
+        let rendered;
+        let mut prompt: Vec<&str> = match (&req["prompt"], &req["messages"], &req["input"]) {
+            (Value::String(p), _, _) => {
+                let ids = text.encode(p).unwrap();
+                assert_eq!(job["prompt_tokens"].as_u64().unwrap(), ids.len() as u64);
+                vec!["--text", p]
+            }
+            (Value::Array(ids), _, _) => {
+                rendered = ids
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                vec!["--tokens", &rendered]
+            }
+            (_, Value::Array(m), _) => {
+                let msgs: Vec<ringbolt_text::Message> = m
+                    .iter()
+                    .map(|m| {
+                        ringbolt_text::Message::new(
+                            m["role"].as_str().unwrap(),
+                            m["content"].as_str().unwrap(),
+                        )
+                    })
+                    .collect();
+                rendered = text.template().unwrap().render(&msgs, true).unwrap();
+                vec!["--text", &rendered]
+            }
+            (_, _, Value::String(input)) => {
+                let msgs = [ringbolt_text::Message::new("user", input)];
+                rendered = text.template().unwrap().render(&msgs, true).unwrap();
+                vec!["--text", &rendered]
+            }
+            _ => panic!("{r}"),
+        };
+        let mut args = vec!["submit"];
+        args.append(&mut prompt);
+        args.extend_from_slice(&[
+            "--max-new-tokens",
+            &max,
+            "--temperature",
+            &temperature,
+            "--top-p",
+            &top_p,
+            "--seed",
+            &seed,
+            "--json",
+        ]);
+        if check == "stop" {
+            // The HTTP job ended where its text met the stop sequence: a prefix of the whole
+            // generation, finished as a stop; its text ends before the stop sequence.
+            args.push("--ignore-eos");
+            let whole = grpc(&args);
+            let all = tokens(&whole);
+            assert_eq!(job["finish_reason"], "stop");
+            assert!(job_tokens.len() < all.len());
+            assert_eq!(
+                job_tokens.iter().map(|&t| t as u64).collect::<Vec<_>>(),
+                all[..job_tokens.len()]
+            );
+            let stop = req["stop"].as_str().unwrap();
+            let full = text.decode(&job_tokens);
+            assert_eq!(&full[..http_text.len()], http_text);
+            assert!(
+                full[http_text.len()..].starts_with(stop),
+                "{full:?} {stop:?}"
+            );
+        } else {
+            args.extend_from_slice(&["--stop-tokens", &end_of_turn]);
+            let again = grpc(&args);
+            assert_eq!(tokens(&again), tokens(&job), "{check}: {r}");
+            assert_eq!(again["text"].as_str().unwrap(), http_text, "{check}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
 }

@@ -618,8 +618,11 @@ impl JobManager {
             }
             tracing::info!(job = %rec.id, state = ?rec.state, tokens = rec.tokens.len(), "job finished");
             record_finished(&rec);
-            c.job.finish(rec);
+            // Out of the live table first (its admission place given back; readers find the
+            // durable record), then watchers hear the end: a client that submits again on
+            // hearing it finds the place free.
             self.live().remove(&c.job.id);
+            c.job.finish(rec);
         }
     }
 

@@ -171,7 +171,7 @@ async fn generate(
     g: Generation,
     prompt: Prompt,
 ) -> Result<Response, ApiError> {
-    let sub = generate::submit(&api.mgr, g.header, caller, prompt).await?;
+    let sub = generate::submit(&api.mgr, g.header, g.max_field, caller, prompt).await?;
     let mut pieces = generate::follow(&api.mgr, &sub.id, g.stop, true)?;
     let reply = Reply {
         kind,

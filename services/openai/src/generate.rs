@@ -4,9 +4,9 @@
 
 use crate::error::ApiError;
 use crate::request::Prompt;
-use ringbolt_jobs::JobManager;
 use ringbolt_jobs::auth::Caller;
 use ringbolt_jobs::submit::Submission;
+use ringbolt_jobs::{JobError, JobManager};
 use ringbolt_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -16,19 +16,27 @@ pub struct Submitted {
     pub prompt_tokens: u64,
 }
 
-/// Submits a job asking `header` for `prompt`.
+/// Submits a job asking `header` for `prompt`; `max_field` is what the request calls the
+/// header's `max_new_tokens` (errors say it in the request's words).
 pub async fn submit(
     mgr: &JobManager,
     header: pb::JobHeader,
+    max_field: &'static str,
     caller: Option<Caller>,
     prompt: Prompt,
 ) -> Result<Submitted, ApiError> {
-    let mut sub = Submission::begin(mgr, header, caller)?;
+    let named = |e: JobError| match e {
+        JobError::InvalidArgument(m) if m.contains("max_new_tokens") => {
+            ApiError::field(max_field, m.replace("max_new_tokens", max_field))
+        }
+        e => ApiError::from(e),
+    };
+    let mut sub = Submission::begin(mgr, header, caller).map_err(named)?;
     match &prompt {
         Prompt::Text(t) => sub.push_text(t)?,
         Prompt::Ids(ids) => sub.push_ids(ids)?,
     }
-    let r = sub.finish().await?;
+    let r = sub.finish().await.map_err(named)?;
     Ok(Submitted {
         id: r.job_id,
         prompt_tokens: r.prompt_tokens,

@@ -108,6 +108,8 @@ fn wrong(k: &'static str, want: &str, got: &Value) -> ApiError {
 /// What a generation asks for, from the fields every endpoint shares.
 pub struct Generation {
     pub header: pb::JobHeader,
+    /// The field that bounds the new tokens in this request's API (for errors).
+    pub max_field: &'static str,
     /// Stop sequences matched in the text.
     pub stop: Vec<String>,
     pub stream: bool,
@@ -137,9 +139,11 @@ impl Generation {
         end_of_turn: &[u32],
     ) -> Result<Generation, ApiError> {
         let mut max_new = None;
+        let mut max_field = max_fields.first().copied().unwrap_or("max_tokens");
         for &f in max_fields {
             if let Some(n) = b.count(f)? {
                 max_new = Some(n);
+                max_field = f;
                 break;
             }
         }
@@ -224,6 +228,7 @@ impl Generation {
                 expected_prompt_tokens: 0,
                 ignore_eos,
             },
+            max_field,
             stop,
             stream,
             include_usage,

@@ -178,13 +178,13 @@ impl Writer {
         };
         v["status"] = status.into();
         if status == "queued" || status == "in_progress" {
-            let t = self.text.clone();
-            v["output"] = if self.opened {
-                json!([message_item(&self.id, &t, false)])
-            } else {
-                json!([])
-            };
-            v["output_text"] = t.into();
+            // What the events before the end say is the same on every replay: nothing of
+            // the job's progress.
+            v["output"] = json!([]);
+            v["output_text"] = "".into();
+            v["usage"] = Value::Null;
+            v["incomplete_details"] = Value::Null;
+            v["error"] = Value::Null;
         }
         v
     }
@@ -350,7 +350,8 @@ pub async fn create(
     )?;
     let background = b.bool("background")?.unwrap_or(false);
     let prompt = chat_prompt(&api, &input_messages(&b)?)?;
-    let sub = generate::submit(&api.mgr, g.header, caller.map(|c| c.0), prompt).await?;
+    let sub =
+        generate::submit(&api.mgr, g.header, g.max_field, caller.map(|c| c.0), prompt).await?;
     if g.stream {
         return stream(api, &sub.id, None, !background);
     }
