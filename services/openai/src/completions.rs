@@ -216,9 +216,9 @@ pub async fn completions(
     body: BodyBytes,
 ) -> Result<Response, ApiError> {
     let bytes = crate::body(body, "--http-max-body-bytes")?;
-    let mut b = Body::parse(&bytes)?;
+    let b = Body::parse(&bytes)?;
     drop(bytes);
-    api.check_model(b.string("model")?)?;
+    api.check_model(b.string("model")?.as_deref())?;
     let g = Generation::read(
         &b,
         &["max_tokens"],
@@ -228,7 +228,7 @@ pub async fn completions(
     if b.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::field("suffix", "suffix is not served"));
     }
-    let prompt = request::prompt(b.take("prompt"))?;
+    let prompt = request::prompt(b.raw("prompt"))?;
     generate(api, caller.map(|c| c.0), Kind::Text, g, prompt).await
 }
 
@@ -240,7 +240,7 @@ pub async fn chat(
     let bytes = crate::body(body, "--http-max-body-bytes")?;
     let b = Body::parse(&bytes)?;
     drop(bytes);
-    api.check_model(b.string("model")?)?;
+    api.check_model(b.string("model")?.as_deref())?;
     let g = Generation::read(
         &b,
         &["max_completion_tokens", "max_tokens"],
@@ -255,7 +255,7 @@ pub async fn chat(
     let msgs = b
         .get("messages")
         .ok_or_else(|| ApiError::field("messages", "`messages` is required"))?;
-    let msgs = request::messages(msgs, "messages")?;
+    let msgs = request::messages(&msgs, "messages")?;
     let prompt = chat_prompt(&api, &msgs)?;
     generate(api, caller.map(|c| c.0), Kind::Chat, g, prompt).await
 }

@@ -5,10 +5,13 @@
 use crate::error::ApiError;
 use ringbolt_proto::v1 as pb;
 use ringbolt_text::Message;
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
 
-/// A JSON object body.
-pub struct Body(Map<String, Value>);
+/// A JSON object body, its fields kept as raw JSON and read on demand: a multi-million-token
+/// prompt is parsed once, straight into token ids, never into a tree of JSON values.
+pub struct Body(HashMap<String, Box<RawValue>>);
 
 fn type_name(v: &Value) -> &'static str {
     match v {
@@ -23,40 +26,44 @@ fn type_name(v: &Value) -> &'static str {
 
 impl Body {
     pub fn parse(bytes: &[u8]) -> Result<Body, ApiError> {
-        match serde_json::from_slice::<Value>(bytes) {
-            Ok(Value::Object(m)) => Ok(Body(m)),
-            Ok(v) => Err(ApiError::invalid(format!(
-                "the request body must be a JSON object, got {}",
-                type_name(&v)
-            ))),
-            Err(e) => Err(ApiError::invalid(format!(
-                "the request body is not valid JSON: {e}"
-            ))),
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some_and(|&b| b != b'{') {
+            let what = match serde_json::from_slice::<Value>(bytes) {
+                Ok(v) => type_name(&v),
+                Err(_) => "something else",
+            };
+            return Err(ApiError::invalid(format!(
+                "the request body must be a JSON object, got {what}"
+            )));
         }
+        serde_json::from_slice(bytes)
+            .map(Body)
+            .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
+    }
+
+    /// Field `k` as raw JSON, absent when missing or null.
+    pub fn raw(&self, k: &str) -> Option<&RawValue> {
+        self.0.get(k).map(|r| &**r).filter(|r| r.get() != "null")
     }
 
     /// Field `k`, absent when missing or null.
-    pub fn get(&self, k: &str) -> Option<&Value> {
-        self.0.get(k).filter(|v| !v.is_null())
+    pub fn get(&self, k: &str) -> Option<Value> {
+        self.raw(k).and_then(|r| serde_json::from_str(r.get()).ok())
     }
 
-    pub fn take(&mut self, k: &str) -> Option<Value> {
-        self.0.remove(k).filter(|v| !v.is_null())
-    }
-
-    pub fn string(&self, k: &'static str) -> Result<Option<&str>, ApiError> {
+    pub fn string(&self, k: &'static str) -> Result<Option<String>, ApiError> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(wrong(k, "a string", v)),
+            Some(v) => Err(wrong(k, "a string", &v)),
         }
     }
 
     pub fn bool(&self, k: &'static str) -> Result<Option<bool>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(wrong(k, "a boolean", v)),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(v) => Err(wrong(k, "a boolean", &v)),
         }
     }
 
@@ -64,7 +71,7 @@ impl Body {
         match self.get(k) {
             None => Ok(None),
             Some(Value::Number(n)) => Ok(n.as_f64().map(|x| x as f32)),
-            Some(v) => Err(wrong(k, "a number", v)),
+            Some(v) => Err(wrong(k, "a number", &v)),
         }
     }
 
@@ -83,7 +90,7 @@ impl Body {
                 .ok_or_else(|| {
                     ApiError::field(k, format!("`{k}` must be a non-negative integer, got {n}"))
                 }),
-            Some(v) => Err(wrong(k, "an integer", v)),
+            Some(v) => Err(wrong(k, "an integer", &v)),
         }
     }
 
@@ -96,7 +103,7 @@ impl Body {
                 .or_else(|| n.as_u64().map(|u| u as i64))
                 .map(Some)
                 .ok_or_else(|| ApiError::field(k, format!("`{k}` must be an integer, got {n}"))),
-            Some(v) => Err(wrong(k, "an integer", v)),
+            Some(v) => Err(wrong(k, "an integer", &v)),
         }
     }
 }
@@ -212,7 +219,7 @@ impl Generation {
                 Some(Value::Bool(x)) => *x,
                 Some(v) => return Err(wrong("stream_options", "{\"include_usage\": boolean}", v)),
             },
-            Some(v) => return Err(wrong("stream_options", "an object", v)),
+            Some(v) => return Err(wrong("stream_options", "an object", &v)),
         };
         Ok(Generation {
             header: pb::JobHeader {
@@ -247,9 +254,9 @@ fn read_stop(b: &Body) -> Result<(Vec<String>, Vec<u32>), ApiError> {
     };
     match b.get("stop") {
         None => {}
-        Some(Value::String(s)) => strings.push(s.clone()),
+        Some(Value::String(s)) => strings.push(s),
         Some(Value::Array(list)) => {
-            for v in list {
+            for v in &list {
                 match v {
                     Value::String(s) => strings.push(s.clone()),
                     Value::Number(_) => ids.push(id(v, "stop")?),
@@ -257,16 +264,16 @@ fn read_stop(b: &Body) -> Result<(Vec<String>, Vec<u32>), ApiError> {
                 }
             }
         }
-        Some(v) => return Err(wrong("stop", "a string or an array", v)),
+        Some(v) => return Err(wrong("stop", "a string or an array", &v)),
     }
     match b.get("stop_token_ids") {
         None => {}
         Some(Value::Array(list)) => {
-            for v in list {
+            for v in &list {
                 ids.push(id(v, "stop_token_ids")?);
             }
         }
-        Some(v) => return Err(wrong("stop_token_ids", "an array of token ids", v)),
+        Some(v) => return Err(wrong("stop_token_ids", "an array of token ids", &v)),
     }
     if strings.len() > MAX_STOP_SEQUENCES {
         return Err(ApiError::field(
@@ -295,9 +302,17 @@ pub enum Prompt {
     Ids(Vec<u32>),
 }
 
-/// `/v1/completions`' `prompt`: a string, token ids, or a list of one of either.
-pub fn prompt(v: Option<Value>) -> Result<Prompt, ApiError> {
-    let v = v.ok_or_else(|| ApiError::field("prompt", "`prompt` is required"))?;
+/// `/v1/completions`' `prompt`: a string, token ids, or a list of one of either. Token ids
+/// are read straight from the raw JSON.
+pub fn prompt(raw: Option<&RawValue>) -> Result<Prompt, ApiError> {
+    let raw = raw.ok_or_else(|| ApiError::field("prompt", "`prompt` is required"))?;
+    if raw.get().starts_with('[')
+        && let Ok(ids) = serde_json::from_str::<Vec<u32>>(raw.get())
+    {
+        return Ok(Prompt::Ids(ids));
+    }
+    let v: Value = serde_json::from_str(raw.get())
+        .map_err(|e| ApiError::field("prompt", format!("`prompt` is not valid JSON: {e}")))?;
     let ids = |list: &[Value]| -> Result<Vec<u32>, ApiError> {
         list.iter()
             .map(|t| {
@@ -410,6 +425,7 @@ mod tests {
     #[test]
     fn fields_are_typed_and_named_in_errors() {
         let e = Body::parse(b"[1]").err().unwrap();
+        assert!(e.message.contains("got an array"), "{}", e.message);
         assert!(e.message.contains("JSON object"), "{}", e.message);
         let e = Body::parse(b"{\"a\":").err().unwrap();
         assert!(e.message.contains("not valid JSON"), "{}", e.message);
@@ -461,16 +477,14 @@ mod tests {
 
     #[test]
     fn prompts_and_messages() {
-        assert!(matches!(prompt(Some("hi".into())).unwrap(), Prompt::Text(t) if t == "hi"));
-        assert!(
-            matches!(prompt(Some(serde_json::json!([1, 2]))).unwrap(), Prompt::Ids(i) if i == [1, 2])
-        );
-        assert!(
-            matches!(prompt(Some(serde_json::json!([[1, 2]]))).unwrap(), Prompt::Ids(i) if i == [1, 2])
-        );
-        assert!(prompt(Some(serde_json::json!(["a", "b"]))).is_err());
-        assert!(prompt(Some(serde_json::json!([1, -2]))).is_err());
-        assert!(prompt(None).is_err());
+        let p = |s: &str| prompt(body(&format!("{{\"prompt\": {s}}}")).raw("prompt"));
+        assert!(matches!(p("\"hi\"").unwrap(), Prompt::Text(t) if t == "hi"));
+        assert!(matches!(p("[1, 2]").unwrap(), Prompt::Ids(i) if i == [1, 2]));
+        assert!(matches!(p("[[1, 2]]").unwrap(), Prompt::Ids(i) if i == [1, 2]));
+        assert!(matches!(p("[\"hi\"]").unwrap(), Prompt::Text(t) if t == "hi"));
+        assert!(p("[\"a\", \"b\"]").is_err());
+        assert!(p("[1, -2]").is_err());
+        assert!(p("null").is_err());
         let m = messages(
             &serde_json::json!([
                 {"role": "developer", "content": "be brief"},

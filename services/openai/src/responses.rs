@@ -312,12 +312,12 @@ fn stream(
 fn input_messages(b: &Body) -> Result<Vec<Message>, ApiError> {
     let mut msgs = Vec::new();
     if let Some(i) = b.string("instructions")? {
-        msgs.push(Message::new("system", i));
+        msgs.push(Message::new("system", &i));
     }
     match b.get("input") {
         None => return Err(ApiError::field("input", "`input` is required")),
-        Some(Value::String(s)) => msgs.push(Message::new("user", s)),
-        Some(v) => msgs.extend(request::messages(v, "input")?),
+        Some(Value::String(s)) => msgs.push(Message::new("user", &s)),
+        Some(v) => msgs.extend(request::messages(&v, "input")?),
     }
     Ok(msgs)
 }
@@ -330,7 +330,7 @@ pub async fn create(
     let bytes = crate::body(body, "--http-max-body-bytes")?;
     let b = Body::parse(&bytes)?;
     drop(bytes);
-    api.check_model(b.string("model")?)?;
+    api.check_model(b.string("model")?.as_deref())?;
     if b.get("previous_response_id").is_some() {
         return Err(ApiError::field(
             "previous_response_id",

@@ -40,6 +40,13 @@ pub struct DemoArgs {
     /// Expert workers of the local cluster.
     #[arg(long, default_value_t = 2, requires = "cluster")]
     expert_workers: usize,
+    /// After the job, keep serving until Ctrl-C: gRPC on 127.0.0.1:7070 and the
+    /// OpenAI-compatible HTTP API on --http-listen (the README's examples run against it).
+    #[arg(long, conflicts_with = "cluster")]
+    serve: bool,
+    /// Where `--serve` serves the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080", requires = "serve")]
+    http_listen: std::net::SocketAddr,
 }
 
 fn cache_dir() -> PathBuf {
@@ -70,6 +77,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         .with_context(|| format!("writing {}", dir.display()))?;
     }
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    // Text for the HTTP API's examples (demo checkpoints of older releases have none).
+    if !dir.join("tokenizer.json").exists() {
+        ringbolt_text::init::write(&dir, cfg.vocab_size)?;
+    }
     if a.cluster {
         if a.attention_workers == 0 || a.expert_workers == 0 {
             bail!("a cluster needs at least one attention worker and one expert worker");
@@ -92,21 +103,38 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         return Ok(());
     }
     let data = tempfile::tempdir()?;
-    let args = StandaloneArgs {
+    let mut args = StandaloneArgs {
         max_new_tokens_limit: a.max_new_tokens.max(4096),
         ..StandaloneArgs::in_process(dir.clone(), data.path().to_path_buf())
     };
+    if a.serve {
+        args.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 7070));
+        args.http.http_listen = Some(a.http_listen);
+    }
     let token = CancellationToken::new();
     let t_load = Instant::now();
     let a2 = args.clone();
     let t2 = token.clone();
     let mgr = tokio::task::spawn_blocking(move || start_manager(&a2, t2)).await??;
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let stop = token.clone();
+    let shell = ringbolt_shell::Shell::plain(Default::default());
+    let http = ringbolt_openai::start(
+        &args.http,
+        "demo",
+        &dir,
+        mgr.clone(),
+        None,
+        &shell,
+        token.clone(),
+    )
+    .await?;
     let server = tokio::spawn(ringbolt_jobs::grpc::serve(
         mgr,
-        ringbolt_shell::Shell::plain(Default::default()),
+        shell,
         listener,
         None,
         async move { stop.cancelled().await },
@@ -127,8 +155,20 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     let endpoint = format!("http://{addr}");
     run_job(&endpoint, &cfg, a.prompt_tokens, a.max_new_tokens).await?;
+    if a.serve {
+        eprintln!(
+            "serving until Ctrl-C: gRPC on {endpoint}, the OpenAI-compatible HTTP API on \
+             http://{}/v1 (model `{}`); see README, Usage",
+            a.http_listen,
+            args.http.model_id(&dir)
+        );
+        crate::server::shutdown_signal(token.clone()).await;
+    }
     token.cancel();
     let _ = server.await;
+    if let Some(h) = http {
+        let _ = h.await;
+    }
     Ok(())
 }
 

@@ -58,6 +58,14 @@ pub fn train(corpus: &str, vocab: usize) -> Result<Tokenizer, TextError> {
         corpus.lines().map(|l| format!("{l}\n")),
     )
     .map_err(|e| TextError::Template(format!("training the tokenizer: {e}")))?;
+    // The model's other ids are reserved tokens that decode to their names, so that whatever
+    // a (random) model generates shows as text.
+    let trained = tok.get_vocab_size(true);
+    let reserved: Vec<AddedToken> = (trained..vocab)
+        .map(|i| AddedToken::from(format!("<|reserved_{i}|>"), false))
+        .collect();
+    tok.add_tokens(reserved)
+        .map_err(|e| TextError::Template(format!("reserving the model's other ids: {e}")))?;
     Ok(tok)
 }
 
@@ -109,7 +117,9 @@ mod tests {
         let enc = a.encode("the model", false).unwrap();
         assert!(enc.get_ids().len() < "the model".len());
         let big = train(CORPUS, 32_000).unwrap();
-        assert!(big.get_vocab_size(true) <= MAX_VOCAB);
+        assert_eq!(big.get_vocab_size(true), 32_000);
+        assert!(big.get_vocab_size(false) <= MAX_VOCAB);
+        assert_eq!(big.decode(&[31_999], true).unwrap(), "<|reserved_31999|>");
         assert!(train(CORPUS, 100).is_err());
     }
 }
