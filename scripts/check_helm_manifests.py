@@ -77,6 +77,10 @@ def main():
                 dport = int(env["RINGBOLT_DATA_LISTEN"].rsplit(":", 1)[1])
                 if declared.get("data") != dport:
                     fail(f"{name}: data plane on {dport}, declares {declared}")
+            if "RINGBOLT_HTTP_LISTEN" in env:
+                hport = int(env["RINGBOLT_HTTP_LISTEN"].rsplit(":", 1)[1])
+                if declared.get("http") != hport:
+                    fail(f"{name}: HTTP API on {hport}, declares {declared}")
             if "RINGBOLT_METRICS_LISTEN" in env:
                 mport = int(env["RINGBOLT_METRICS_LISTEN"].rsplit(":", 1)[1])
                 if declared.get("metrics") != mport:
