@@ -1309,7 +1309,44 @@ fn tls_refuses_plain_text_and_follows_a_renewed_certificate() {
             cert.to_str().unwrap(),
             "--tls-key",
             key.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
         ],
+    );
+    // The HTTP API is on the same certificate: HTTPS only.
+    let base = server.http.clone().unwrap();
+    assert!(base.starts_with("https://"), "{base}");
+    let https = |url: &str, ca: &str| {
+        Command::new("python3")
+            .args([
+                "-c",
+                "import ssl, sys, urllib.request; ctx = ssl.create_default_context(cafile=sys.argv[2]); \
+                 print(urllib.request.urlopen(sys.argv[1], context=ctx, timeout=10).read().decode())",
+                url,
+                ca,
+            ])
+            .output()
+            .unwrap()
+    };
+    let health = base.trim_end_matches("/v1").to_string() + "/health";
+    let out = https(&health, f.ca.to_str().unwrap());
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !https(&health, f.other_ca.to_str().unwrap())
+            .status
+            .success()
+    );
+    assert!(
+        !https(
+            &health.replace("https://", "http://"),
+            f.ca.to_str().unwrap()
+        )
+        .status
+        .success()
     );
     let addr = server
         .endpoint
