@@ -130,7 +130,16 @@ async fn write_stream(
             return;
         }
     }
-    while let Some(p) = pieces.recv().await {
+    loop {
+        // A client that has gone is noticed here (its stream dropped), not only at the next
+        // event: its job is cancelled at once, even in a long prefill.
+        let p = tokio::select! {
+            p = pieces.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+            _ = tx.closed() => return,
+        };
         let events = match p {
             Piece::Running => continue,
             Piece::Text(t) => {

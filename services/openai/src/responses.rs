@@ -225,7 +225,14 @@ impl Writer {
             return;
         }
         let item_id = item_id(&self.id);
-        while let Some(p) = pieces.recv().await {
+        loop {
+            let p = tokio::select! {
+                p = pieces.recv() => match p {
+                    Some(p) => p,
+                    None => return,
+                },
+                _ = self.tx.closed() => return,
+            };
             match p {
                 Piece::Running => {}
                 Piece::Text(t) => {

@@ -119,6 +119,8 @@ enum BenchKind {
     /// What TLS costs: a prompt's upload through the public API, plain and TLS, and the data
     /// plane's message sizes over plain and TLS streams; the data-plane secret's handshake.
     Tls(crate::bench_tls::TlsBenchArgs),
+    /// A long prompt's upload through the HTTP API (JSON ids) against the gRPC API.
+    Http(crate::bench_http::HttpBenchArgs),
 }
 
 /// Throughput of concurrent jobs through an in-process standalone server, with decode steps
@@ -217,6 +219,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         } => scaling(checkpoint, &lengths, chunk, rounds),
         BenchKind::Kernels(args) => crate::bench_kernels::run(args),
         BenchKind::Tls(args) => crate::bench_tls::run(args),
+        BenchKind::Http(args) => crate::bench_http::run(args),
         BenchKind::Context {
             checkpoint,
             tokens,
