@@ -4,20 +4,17 @@
 
 use crate::error::ApiError;
 use crate::generate::{self, Finish, Piece};
-use crate::request::{self, Body, Generation, Prompt};
+use crate::request::{self, BodyBytes, Generation, Prompt};
 use crate::{Shared, now_secs};
 use axum::Extension;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use ringbolt_jobs::auth::Caller;
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-type BodyBytes = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 /// Completions are legacy text; chat is messages through the model's chat template.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -224,16 +221,7 @@ pub async fn completions(
     caller: Option<Extension<Caller>>,
     body: BodyBytes,
 ) -> Result<Response, ApiError> {
-    let bytes = crate::body(body, "--http-max-body-bytes")?;
-    let b = Body::parse(&bytes)?;
-    drop(bytes);
-    api.check_model(b.string("model")?.as_deref())?;
-    let g = Generation::read(
-        &b,
-        &["max_tokens"],
-        COMPLETION_DEFAULT_MAX_TOKENS,
-        end_of_turn(&api),
-    )?;
+    let (b, g) = request::read(&api, body, &["max_tokens"], COMPLETION_DEFAULT_MAX_TOKENS)?;
     if b.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::field("suffix", "suffix is not served"));
     }
@@ -246,21 +234,8 @@ pub async fn chat(
     caller: Option<Extension<Caller>>,
     body: BodyBytes,
 ) -> Result<Response, ApiError> {
-    let bytes = crate::body(body, "--http-max-body-bytes")?;
-    let b = Body::parse(&bytes)?;
-    drop(bytes);
-    api.check_model(b.string("model")?.as_deref())?;
-    let g = Generation::read(
-        &b,
-        &["max_completion_tokens", "max_tokens"],
-        default_max(&api),
-        end_of_turn(&api),
-    )?;
-    if b.get("tools")
-        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::field("tools", "tool calling is not served"));
-    }
+    let max = default_max(&api);
+    let (b, g) = request::read(&api, body, &["max_completion_tokens", "max_tokens"], max)?;
     let msgs = b
         .get("messages")
         .ok_or_else(|| ApiError::field("messages", "`messages` is required"))?;
@@ -278,11 +253,6 @@ pub fn chat_prompt(api: &Shared, msgs: &[ringbolt_text::Message]) -> Result<Prom
         )
     })?;
     Ok(Prompt::Text(text.template()?.render(msgs, true)?))
-}
-
-/// The tokens that end an answer (the tokenizer's end of turn).
-pub fn end_of_turn(api: &Shared) -> &[u32] {
-    api.mgr.text().map(|t| t.end_of_turn()).unwrap_or(&[])
 }
 
 /// New tokens when a chat request does not bound them: the server's limit.

@@ -186,19 +186,14 @@ pub fn router(api: Shared, max_body: usize) -> Router {
 
 /// The body of a request, or the error saying why it could not be read (413 beyond the
 /// limit).
-pub fn body(
-    b: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
-    limit_hint: &str,
-) -> Result<bytes::Bytes, ApiError> {
+pub fn body(b: request::BodyBytes) -> Result<bytes::Bytes, ApiError> {
     b.map_err(|r| {
         let status = r.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 status,
-                format!(
-                    "the request body is larger than this server accepts ({limit_hint}); \
-                     send long prompts as token ids, or raise --http-max-body-bytes"
-                ),
+                "the request body is larger than this server accepts (--http-max-body-bytes); \
+                 send long prompts as token ids, or raise it",
             )
         } else {
             ApiError::new(

@@ -112,6 +112,30 @@ fn wrong(k: &'static str, want: &str, got: &Value) -> ApiError {
     ApiError::field(k, format!("`{k}` must be {want}, got {}", type_name(got)))
 }
 
+/// The request body as an endpoint receives it (or why it could not be read).
+pub type BodyBytes = Result<bytes::Bytes, axum::extract::rejection::BytesRejection>;
+
+/// What every generating endpoint reads first: the body (413 beyond the limit), the model it
+/// names, and the generation fields (`max_fields` bound the new tokens, `default_max` when
+/// none is given); tools are refused.
+pub fn read(
+    api: &crate::Api,
+    body: BodyBytes,
+    max_fields: &[&'static str],
+    default_max: u32,
+) -> Result<(Body, Generation), ApiError> {
+    let b = Body::parse(&crate::body(body)?)?;
+    api.check_model(b.string("model")?.as_deref())?;
+    if b.get("tools")
+        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(ApiError::field("tools", "tool calling is not served"));
+    }
+    let end_of_turn = api.mgr.text().map(|t| t.end_of_turn()).unwrap_or(&[]);
+    let g = Generation::read(&b, max_fields, default_max, end_of_turn)?;
+    Ok((b, g))
+}
+
 /// What a generation asks for, from the fields every endpoint shares.
 pub struct Generation {
     pub header: pb::JobHeader,

@@ -10,15 +10,14 @@
 //! `response.cancelled`), or `response.failed`.
 
 use crate::Shared;
-use crate::completions::{chat_prompt, default_max, end_of_turn};
+use crate::completions::{chat_prompt, default_max};
 use crate::error::ApiError;
 use crate::generate::{self, Finish, Piece};
-use crate::request::{self, Body, Generation};
+use crate::request::{self, Body, BodyBytes};
 use axum::Extension;
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use ringbolt_jobs::auth::Caller;
 use ringbolt_jobs::{FinishReason, JobRecord, JobState};
 use ringbolt_text::Message;
@@ -26,8 +25,6 @@ use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-type BodyBytes = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 /// What a response object says of its job.
 struct Object {
@@ -334,27 +331,13 @@ pub async fn create(
     caller: Option<Extension<Caller>>,
     body: BodyBytes,
 ) -> Result<Response, ApiError> {
-    let bytes = crate::body(body, "--http-max-body-bytes")?;
-    let b = Body::parse(&bytes)?;
-    drop(bytes);
-    api.check_model(b.string("model")?.as_deref())?;
+    let (b, g) = request::read(&api, body, &["max_output_tokens"], default_max(&api))?;
     if b.get("previous_response_id").is_some() {
         return Err(ApiError::field(
             "previous_response_id",
             "previous_response_id is not served; send the whole conversation as `input`",
         ));
     }
-    if b.get("tools")
-        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::field("tools", "tool calling is not served"));
-    }
-    let g = Generation::read(
-        &b,
-        &["max_output_tokens"],
-        default_max(&api),
-        end_of_turn(&api),
-    )?;
     let background = b.bool("background")?.unwrap_or(false);
     let prompt = chat_prompt(&api, &input_messages(&b)?)?;
     let sub =

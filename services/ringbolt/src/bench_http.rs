@@ -3,12 +3,8 @@
 //! both, on 127.0.0.1. A request counts until the server has accepted the job (durable, its
 //! answer begun); the job is then dropped. Rounds alternate; each side's best is reported.
 
-use crate::client::submit_tokens;
-use crate::server::{StandaloneArgs, start_manager};
 use anyhow::{Result, bail};
 use clap::Args;
-use ringbolt_proto::v1 as pb;
-use ringbolt_proto::v1::jobs_client::JobsClient;
 use ringbolt_shell::{Dial, Shell};
 use serde_json::json;
 use std::path::PathBuf;
@@ -65,15 +61,8 @@ async fn http_upload(addr: std::net::SocketAddr, body: &[u8]) -> Result<f64> {
 async fn bench(a: HttpBenchArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let stop = CancellationToken::new();
-    let args = StandaloneArgs {
-        max_new_tokens_limit: 16,
-        max_prompt_tokens: a.prompt_tokens as u64 + 1,
-        result_ttl_secs: 60,
-        max_batch: 1,
-        ..StandaloneArgs::in_process(a.checkpoint.clone(), dir.path().join("data"))
-    };
-    let (a2, s2) = (args.clone(), stop.clone());
-    let mgr = tokio::task::spawn_blocking(move || start_manager(&a2, s2)).await??;
+    let mgr =
+        crate::bench_tls::upload_engine(&a.checkpoint, a.prompt_tokens, dir.path(), &stop).await?;
     let shell = Shell::plain(Default::default());
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let grpc_addr = grpc.local_addr()?.to_string();
@@ -111,19 +100,7 @@ async fn bench(a: HttpBenchArgs) -> Result<()> {
     let dial = Dial::default();
     let (mut grpc_best, mut http_best) = (f64::MAX, f64::MAX);
     for _ in 0..a.rounds.max(1) {
-        let mut c = JobsClient::new(dial.connect(&grpc_addr, Duration::from_secs(5)).await?)
-            .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES);
-        let header = pb::JobHeader {
-            max_new_tokens: 1,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        let r = submit_tokens(&mut c, header, ids.clone(), None, |_| {}).await?;
-        grpc_best = grpc_best.min(t.elapsed().as_secs_f64());
-        let _ = c
-            .cancel_job(pb::CancelJobRequest { job_id: r.job_id })
-            .await;
+        grpc_best = grpc_best.min(crate::bench_tls::grpc_upload(&dial, &grpc_addr, &ids).await?);
         http_best = http_best.min(http_upload(http_addr, &body).await?);
         // The job is not what is measured: stop it before it computes.
         for rec in mgr.list(16, None)?.0 {

@@ -39,6 +39,44 @@ pub struct TlsBenchArgs {
     rounds: usize,
 }
 
+/// An in-process engine for upload benchmarks: prompts of `prompt_tokens` accepted, one job
+/// computing at a time, its data under `dir`.
+pub async fn upload_engine(
+    checkpoint: &std::path::Path,
+    prompt_tokens: usize,
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+) -> Result<ringbolt_jobs::JobManager> {
+    let args = StandaloneArgs {
+        max_new_tokens_limit: 16,
+        max_prompt_tokens: prompt_tokens as u64 + 1,
+        result_ttl_secs: 60,
+        max_batch: 1,
+        ..StandaloneArgs::in_process(checkpoint.to_path_buf(), dir.join("data"))
+    };
+    let s = stop.clone();
+    tokio::task::spawn_blocking(move || start_manager(&args, s)).await?
+}
+
+/// Seconds to upload `ids` as a job through the gRPC API at `addr` until it is accepted; the
+/// job is then cancelled (it is not what is measured).
+pub async fn grpc_upload(dial: &Dial, addr: &str, ids: &[u32]) -> Result<f64> {
+    let mut c = JobsClient::new(dial.connect(addr, Duration::from_secs(5)).await?)
+        .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES);
+    let header = pb::JobHeader {
+        max_new_tokens: 1,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let r = submit_tokens(&mut c, header, ids.to_vec(), None, |_| {}).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = c
+        .cancel_job(pb::CancelJobRequest { job_id: r.job_id })
+        .await;
+    Ok(secs)
+}
+
 pub fn run(a: TlsBenchArgs) -> Result<()> {
     crate::run_async(bench(a))
 }
@@ -49,15 +87,7 @@ async fn bench(a: TlsBenchArgs) -> Result<()> {
     let stop = CancellationToken::new();
 
     // One engine, served on a plain and on a TLS listener.
-    let args = StandaloneArgs {
-        max_new_tokens_limit: 16,
-        max_prompt_tokens: a.prompt_tokens as u64 + 1,
-        result_ttl_secs: 60,
-        max_batch: 1,
-        ..StandaloneArgs::in_process(a.checkpoint.clone(), dir.path().join("data"))
-    };
-    let (a2, s2) = (args.clone(), stop.clone());
-    let mgr = tokio::task::spawn_blocking(move || start_manager(&a2, s2)).await??;
+    let mgr = upload_engine(&a.checkpoint, a.prompt_tokens, dir.path(), &stop).await?;
     let tls_args = ServeArgs {
         tls: TlsArgs {
             tls_cert: Some(certs.cert.clone()),
@@ -97,20 +127,7 @@ async fn bench(a: TlsBenchArgs) -> Result<()> {
     let mut upload = [f64::MAX; 2];
     for _ in 0..a.rounds.max(1) {
         for (i, (_, addr, dial)) in endpoints.iter().enumerate() {
-            let mut c = JobsClient::new(dial.connect(addr, Duration::from_secs(5)).await?)
-                .max_encoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES)
-                .max_decoding_message_size(ringbolt_jobs::grpc::MAX_MESSAGE_BYTES);
-            let header = pb::JobHeader {
-                max_new_tokens: 1,
-                ..Default::default()
-            };
-            let t = Instant::now();
-            let r = submit_tokens(&mut c, header, ids.clone(), None, |_| {}).await?;
-            upload[i] = upload[i].min(t.elapsed().as_secs_f64());
-            // The job is not what is measured: stop it before it computes.
-            let _ = c
-                .cancel_job(pb::CancelJobRequest { job_id: r.job_id })
-                .await;
+            upload[i] = upload[i].min(grpc_upload(dial, addr, &ids).await?);
         }
     }
     let mb = (a.prompt_tokens * 4) as f64 / 1e6;
