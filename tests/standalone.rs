@@ -1574,3 +1574,79 @@ fn the_openai_package_drives_the_http_api_and_it_agrees_with_grpc() {
     }
     assert_eq!(checked, 6);
 }
+
+/// Issue 18: jobs sharing a document's prefix start after the cached part and give the tokens
+/// of a run without the cache; so after entries spill to disk and are read back, and after
+/// the spill files are damaged (then they are misses). `cached_tokens` says what was reused.
+#[test]
+fn the_context_cache_reuses_a_shared_prefix_with_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let spill = dir.path().join("spill");
+    let doc: Vec<u32> = (0..100).map(|i| (i * 29 % 500) as u32).collect();
+    let question = |q: &[u32]| doc.iter().chain(q).copied().collect::<Vec<u32>>();
+    let (q1, q2) = (question(&[7, 8, 9]), question(&[3, 1, 4, 1, 5]));
+    let sampled = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "7"];
+    fn with<'a>(sampled: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        sampled.iter().chain(extra).copied().collect()
+    }
+    let serve = |budget: &str| {
+        Server::start(
+            &ckpt,
+            &dir.path().join("data"),
+            &[
+                "--prefill-chunk",
+                "16",
+                "--context-cache-bytes",
+                budget,
+                "--context-cache-dir",
+                spill.to_str().unwrap(),
+            ],
+        )
+    };
+    let server = serve("100000000");
+    let ep = server.endpoint.clone();
+    let cold = submit_json(&ep, &q2, 12, &with(&sampled, &["--no-context-cache"]));
+    assert_eq!(cold["cached_tokens"], 0);
+    let first = submit_json(&ep, &q1, 12, &with(&sampled, &[]));
+    assert_eq!(first["cached_tokens"], 0);
+    let warm = submit_json(&ep, &q2, 12, &with(&sampled, &[]));
+    // 100 shared tokens: the six whole chunks of 16 before them.
+    assert_eq!(warm["cached_tokens"], 96);
+    assert_eq!(tokens(&warm), tokens(&cold));
+    let got = ok_json(&[
+        "jobs",
+        "get",
+        warm["job_id"].as_str().unwrap(),
+        "--endpoint",
+        &ep,
+        "--json",
+    ]);
+    assert_eq!(got["cached_tokens"], 96);
+    drop(server);
+
+    // A budget of about two blocks: the prefill's blocks spill to disk and come back.
+    let server = serve("70000");
+    let ep = server.endpoint.clone();
+    let other = question(&[2, 2]);
+    submit_json(&ep, &other, 4, &with(&sampled, &[]));
+    let spilled = std::fs::read_dir(&spill).unwrap().count();
+    assert!(spilled >= 3, "{spilled} spill files");
+    let warm = submit_json(&ep, &q2, 12, &with(&sampled, &[]));
+    assert_eq!(warm["cached_tokens"], 96);
+    assert_eq!(tokens(&warm), tokens(&cold));
+    drop(server);
+
+    // Damaged spill files are misses: the right tokens, from a cold prefill.
+    for f in std::fs::read_dir(&spill).unwrap() {
+        let p = f.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n / 3] ^= 0x10;
+        std::fs::write(&p, &bytes).unwrap();
+    }
+    let server = serve("70000");
+    let warm = submit_json(&server.endpoint, &q2, 12, &with(&sampled, &[]));
+    assert_eq!(warm["cached_tokens"], 0);
+    assert_eq!(tokens(&warm), tokens(&cold));
+}

@@ -890,6 +890,10 @@ impl Backend for Cpu {
         cache.capacity() * 4
     }
 
+    fn cache_read(&self, cache: &Vec<f32>, start: usize, len: usize) -> Vec<f32> {
+        cache[start..start + len].to_vec()
+    }
+
     fn linear(&self, x: &Vec<f32>, w: &CpuWeight, m: usize, k: usize, n: usize) -> Vec<f32> {
         linear(x, w, m, k, n, true)
     }

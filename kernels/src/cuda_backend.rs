@@ -875,6 +875,19 @@ impl Backend for CudaBackend {
         cache.data.as_ref().map(|d| d.len()).unwrap_or(0) * 2
     }
 
+    fn cache_read(&self, cache: &GpuCache, start: usize, len: usize) -> Vec<f32> {
+        assert!(start + len <= cache.len, "cache_read past the cache's end");
+        let Some(d) = cache.data.as_ref().filter(|_| len > 0) else {
+            return Vec::new();
+        };
+        let raw = self
+            .stream
+            .clone_dtoh(&d.slice(start..start + len))
+            .unwrap_or_else(|e| fail("cache_read", e));
+        // bf16 widens to f32 exactly; appending narrows back to the same bits.
+        raw.into_iter().map(f32::from).collect()
+    }
+
     fn linear(&self, x: &GpuBuf, w: &GpuWeight, m: usize, k: usize, n: usize) -> GpuBuf {
         assert_eq!(x.len, m * k, "linear: x is not [m, k]");
         assert_eq!((w.rows, w.cols), (n, k), "linear: w is not [n, k]");

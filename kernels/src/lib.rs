@@ -145,6 +145,9 @@ pub trait Backend: Send + Sync + 'static {
     fn cache_len(&self, cache: &Self::Cache) -> usize;
     /// Bytes of memory `cache` holds (what is allocated for it, used or not).
     fn cache_bytes(&self, cache: &Self::Cache) -> usize;
+    /// Values `[start, start + len)` of a key or value cache, widened exactly to f32 (appending
+    /// them to a cache gives back the same values: the context cache's copies).
+    fn cache_read(&self, cache: &Self::Cache, start: usize, len: usize) -> Vec<f32>;
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ`.
     fn linear(&self, x: &Self::Buf, w: &Self::Weight, m: usize, k: usize, n: usize) -> Self::Buf;

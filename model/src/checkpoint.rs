@@ -149,6 +149,27 @@ impl Checkpoint {
         &self.config
     }
 
+    /// Identifies the weights this checkpoint holds as files: each weight file's name, size and
+    /// modification time (a rewritten checkpoint gets another), and the config.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(format!("{:?}", self.config).as_bytes());
+        for s in &self.shards {
+            h.update(s.path.to_string_lossy().as_bytes());
+            if let Ok(m) = std::fs::metadata(&s.path) {
+                h.update(&m.len().to_le_bytes());
+                let t = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                h.update(&t.to_le_bytes());
+            }
+        }
+        h.digest()
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.locations.contains_key(name)
     }

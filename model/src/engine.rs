@@ -209,6 +209,8 @@ pub enum Logits {
 pub struct Model<B: Backend> {
     cfg: ModelConfig,
     backend: B,
+    /// The checkpoint's [`Checkpoint::fingerprint`] (the context cache's keys depend on it).
+    fingerprint: u64,
     embed: B::Weight,
     layers: Vec<Layer<B>>,
     final_norm: B::Buf,
@@ -280,6 +282,7 @@ impl<B: Backend> Model<B> {
         Ok(Model {
             cfg,
             backend,
+            fingerprint: ckpt.fingerprint(),
             embed,
             layers,
             final_norm,
@@ -298,6 +301,113 @@ impl<B: Backend> Model<B> {
     /// Block size used by lightning prefill (the config's unless overridden).
     pub fn set_block_size(&mut self, block: usize) {
         self.cfg.block_size = block.max(1);
+    }
+
+    /// The context cache's root key for prefills in chunks of `chunk`: everything that
+    /// changes the arithmetic (weights, config, block size, backend and its threads, the CUDA
+    /// lightning kernel's choice) is in it.
+    pub fn cache_root(&self, chunk: usize) -> crate::prefix::Key {
+        let id = format!(
+            "{}|{}|{:?}|{}",
+            self.fingerprint,
+            self.backend.name(),
+            self.cfg,
+            std::env::var("RINGBOLT_LIGHTNING").unwrap_or_default()
+        );
+        crate::prefix::root(id.as_bytes(), chunk)
+    }
+
+    /// The context cache's block of `st` for its last `tokens` (ending at `st.pos`): those
+    /// positions' keys and values and every lightning state. None for a state whose keys and
+    /// values are split among context-parallel ranks.
+    pub fn cache_block(
+        &self,
+        st: &SequenceState<B>,
+        tokens: &[u32],
+    ) -> Option<crate::prefix::Block> {
+        if st.split.is_some() || tokens.len() > st.pos {
+            return None;
+        }
+        let b = &self.backend;
+        let width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let (start, n) = ((st.pos - tokens.len()) * width, tokens.len() * width);
+        let mut lightning = Vec::new();
+        let mut kv = Vec::new();
+        for c in &st.layers {
+            match c {
+                LayerCache::Lightning(s) => lightning.push(b.download(s)),
+                LayerCache::Softmax { k, v } => {
+                    kv.push((b.cache_read(k, start, n), b.cache_read(v, start, n)))
+                }
+            }
+        }
+        Some(crate::prefix::Block {
+            tokens: tokens.to_vec(),
+            lightning,
+            kv,
+        })
+    }
+
+    /// A state holding the prefix `blocks` make, in order: their keys and values, and the
+    /// lightning states of the last. Blocks that do not fit this model are an error.
+    pub fn restore(
+        &self,
+        blocks: &[std::sync::Arc<crate::prefix::Block>],
+    ) -> Result<SequenceState<B>> {
+        let b = &self.backend;
+        let width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let lightning_layers = self
+            .cfg
+            .layers
+            .iter()
+            .filter(|k| **k == LayerKind::Lightning)
+            .count();
+        let softmax_layers = self.cfg.num_layers() - lightning_layers;
+        let bad = |why: String| {
+            Err(ModelError::Invalid(format!(
+                "a context cache block does not fit the model: {why}"
+            )))
+        };
+        for blk in blocks {
+            let n = blk.tokens.len() * width;
+            if blk.lightning.len() != lightning_layers || blk.kv.len() != softmax_layers {
+                return bad(format!(
+                    "{} lightning and {} softmax layers",
+                    blk.lightning.len(),
+                    blk.kv.len()
+                ));
+            }
+            if blk
+                .lightning
+                .iter()
+                .any(|s| s.len() != self.cfg.lightning_state_len())
+                || blk.kv.iter().any(|(k, v)| k.len() != n || v.len() != n)
+            {
+                return bad("a layer's size".into());
+            }
+        }
+        let mut st = self.new_state();
+        let Some(last) = blocks.last() else {
+            return Ok(st);
+        };
+        let (mut li, mut si) = (0, 0);
+        for c in st.layers.iter_mut() {
+            match c {
+                LayerCache::Lightning(s) => {
+                    *s = b.upload(&last.lightning[li]);
+                    li += 1;
+                }
+                LayerCache::Softmax { k, v } => {
+                    for blk in blocks {
+                        b.cache_append(k, &b.upload(&blk.kv[si].0));
+                        b.cache_append(v, &b.upload(&blk.kv[si].1));
+                    }
+                    si += 1;
+                }
+            }
+        }
+        st.pos = blocks.iter().map(|blk| blk.tokens.len()).sum();
+        Ok(st)
     }
 
     pub fn new_state(&self) -> SequenceState<B> {

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod prefix;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokens;

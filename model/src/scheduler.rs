@@ -17,6 +17,7 @@
 
 use crate::engine::{Logits, Model, SequenceState};
 use crate::error::{ModelError, Result};
+use crate::prefix::ContextCache;
 use crate::sampling::{Sampler, SamplingParams};
 use ringbolt_kernels::Backend;
 use std::collections::VecDeque;
@@ -56,6 +57,8 @@ pub struct Request {
     /// Ranks its prefill is split among (0 or 1: this engine alone; more: the owner runs the
     /// ranks and hands the result to [`Scheduler::admit_prefilled`]).
     pub context_parallel: usize,
+    /// Whether its prefill may start from, and adds to, the scheduler's context cache.
+    pub context_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +108,8 @@ pub struct SeqStats {
     pub resent: u64,
     /// The most sequences it shared a decode step with (itself included).
     pub widest_batch: usize,
+    /// Prompt tokens the context cache had: its prefill started after them.
+    pub cached_tokens: u64,
 }
 
 /// What a sequence tells its owner.
@@ -119,6 +124,10 @@ pub enum Event<'a> {
     Token {
         index: u32,
         token: u32,
+    },
+    /// The prefill starts after `tokens` prompt tokens the context cache had.
+    Cached {
+        tokens: u64,
     },
     /// A context-parallel prefill is done: its degree and the softmax key and value bytes each
     /// rank held.
@@ -199,6 +208,8 @@ struct Seq<B: Backend, S: Sink> {
     /// Prompt tokens prefilled so far.
     done: usize,
     chunk: usize,
+    /// The context cache's key of the prompt's first `done` tokens (None: not cached).
+    chain: Option<crate::prefix::Key>,
     sampler: Sampler,
     max_new: u32,
     /// Stop tokens, the model's end-of-sequence tokens among them unless ignored.
@@ -238,6 +249,7 @@ impl<B: Backend, S: Sink> Seq<B, S> {
 /// The sequences of one engine and the rules they run by. Lives on the engine's thread.
 pub struct Scheduler<B: Backend, S: Sink> {
     cfg: SchedulerConfig,
+    cache: Option<ContextCache>,
     prefilling: VecDeque<Seq<B, S>>,
     decoding: Vec<Seq<B, S>>,
 }
@@ -283,9 +295,16 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                 max_batch: cfg.max_batch.max(1),
                 prefill_chunk: cfg.prefill_chunk.max(1),
             },
+            cache: None,
             prefilling: VecDeque::new(),
             decoding: Vec::new(),
         }
+    }
+
+    /// Prefills start from, and add to, `cache` (requests that allow it).
+    pub fn with_context_cache(mut self, cache: Option<ContextCache>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// No sequence left.
@@ -327,8 +346,39 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             ))));
             return;
         }
-        if let Some(s) = self.new_seq(model, req, sink) {
+        if let Some(mut s) = self.new_seq(model, req, sink) {
+            self.resume_from_cache(model, &mut s);
+            if s.stats.cached_tokens > 0 {
+                let tokens = s.stats.cached_tokens;
+                if !s.sink.send(Event::Cached { tokens }) {
+                    return;
+                }
+            }
             self.prefilling.push_back(s);
+        }
+    }
+
+    /// Starts `s`'s prefill after the longest prefix of its prompt the context cache holds.
+    fn resume_from_cache(&self, model: &Model<B>, s: &mut Seq<B, S>) {
+        let (Some(cache), Some(root)) = (&self.cache, s.chain) else {
+            return;
+        };
+        let blocks = cache.lookup(root, &s.prompt, s.chunk);
+        if blocks.is_empty() {
+            return;
+        }
+        match model.restore(&blocks) {
+            Ok(state) => {
+                s.state = state;
+                s.done = blocks.len() * s.chunk;
+                s.chain = Some(
+                    blocks
+                        .iter()
+                        .fold(root, |k, b| crate::prefix::key(k, &b.tokens)),
+                );
+                s.stats.cached_tokens = s.done as u64;
+            }
+            Err(e) => tracing::warn!(error = %e, "context cache blocks not used"),
         }
     }
 
@@ -342,10 +392,15 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                     stop.extend(cfg.eos_token_ids.iter().copied());
                 }
                 let now = Instant::now();
+                let chunk = req.prefill_chunk.unwrap_or(self.cfg.prefill_chunk).max(1);
+                let chain =
+                    (self.cache.is_some() && req.context_cache && req.context_parallel <= 1)
+                        .then(|| model.cache_root(chunk));
                 Some(Seq {
                     sink,
                     state: model.new_state(),
-                    chunk: req.prefill_chunk.unwrap_or(self.cfg.prefill_chunk).max(1),
+                    chunk,
+                    chain,
                     prompt: req.prompt,
                     done: 0,
                     sampler,
@@ -480,6 +535,19 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                 return None;
             }
         };
+        // A whole chunk (aligned: prefills start at a multiple of the chunk) is a block of the
+        // context cache.
+        if let (Some(cache), Some(parent)) = (&self.cache, s.chain) {
+            let tokens = &s.prompt[s.done..end];
+            let k = crate::prefix::key(parent, tokens);
+            s.chain = Some(k);
+            if tokens.len() == s.chunk
+                && !cache.contains(k)
+                && let Some(block) = model.cache_block(&s.state, tokens)
+            {
+                cache.insert(k, parent, block);
+            }
+        }
         s.done = end;
         let tps = s.done as f64 / s.started.elapsed().as_secs_f64().max(1e-9);
         let progress = Event::Progress {
@@ -619,6 +687,7 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
 mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
+    use crate::engine::LayerCache;
     use crate::writer::{Preset, WeightDtype, write_random_checkpoint};
     use ringbolt_kernels::cpu::Cpu;
     use std::cell::RefCell;
@@ -643,7 +712,7 @@ mod tests {
                     l.tokens.push(token);
                 }
                 Event::Progress { phase, done, .. } => l.progress.push((phase, done)),
-                Event::ContextParallel { .. } => {}
+                Event::ContextParallel { .. } | Event::Cached { .. } => {}
                 Event::Finished { reason, .. } => l.end = Some(Ok(reason)),
                 Event::Failed(e) => l.end = Some(Err(e)),
             }
@@ -665,6 +734,7 @@ mod tests {
 
     fn request(prompt: Vec<u32>, n: u32) -> Request {
         Request {
+            context_cache: true,
             prompt,
             max_new_tokens: n,
             sampling: SamplingParams::default(),
@@ -823,5 +893,122 @@ mod tests {
         let l = log.borrow();
         assert_eq!(l.end, Some(Ok(FinishReason::Cancelled)));
         assert!(l.tokens.len() < 100);
+    }
+
+    /// Issue 18: a prefill that resumes from the context cache gives the cold run's logits bit
+    /// for bit (prefix ending on and inside a block; softmax and lightning layers alike).
+    #[test]
+    fn a_cached_prefix_resumes_to_the_cold_runs_exact_logits() {
+        let (_d, m) = model(None);
+        let chunk = 16;
+        let doc: Vec<u32> = (0..70).map(|i| (i * 37 % 500) as u32).collect();
+        let cold = |prompt: &[u32]| {
+            let mut st = m.new_state();
+            let mut last = Vec::new();
+            for c in prompt.chunks(chunk) {
+                let end = st.pos + c.len() == prompt.len();
+                last = m
+                    .forward(&mut st, c, if end { Logits::Last } else { Logits::None })
+                    .unwrap();
+            }
+            (last, st)
+        };
+        let cache = ContextCache::new(64 << 20, None).unwrap();
+        let root = m.cache_root(chunk);
+        // The first prompt's blocks go in as a prefill would put them.
+        let (_, mut st) = (Vec::<f32>::new(), m.new_state());
+        let mut parent = root;
+        for c in doc[..64].chunks(chunk) {
+            m.forward(&mut st, c, Logits::None).unwrap();
+            let k = crate::prefix::key(parent, c);
+            cache.insert(k, parent, m.cache_block(&st, c).unwrap());
+            parent = k;
+        }
+        for (len, cached) in [(70, 64), (64, 48), (50, 48), (33, 32), (16, 0)] {
+            let prompt = &doc[..len];
+            let blocks = cache.lookup(root, prompt, chunk);
+            assert_eq!(blocks.len() * chunk, cached, "prompt of {len}");
+            let mut st = m.restore(&blocks).unwrap();
+            assert_eq!(st.pos, cached);
+            let mut last = Vec::new();
+            for c in prompt[cached..].chunks(chunk) {
+                let end = st.pos + c.len() == len;
+                last = m
+                    .forward(&mut st, c, if end { Logits::Last } else { Logits::None })
+                    .unwrap();
+            }
+            let (want, cold_st) = cold(prompt);
+            assert_eq!(
+                last, want,
+                "logits of a {len}-token prompt after {cached} cached"
+            );
+            for (a, b) in st.layers.iter().zip(&cold_st.layers) {
+                match (a, b) {
+                    (LayerCache::Lightning(x), LayerCache::Lightning(y)) => assert_eq!(x, y),
+                    (LayerCache::Softmax { k, v }, LayerCache::Softmax { k: k2, v: v2 }) => {
+                        assert_eq!((k, v), (k2, v2))
+                    }
+                    _ => panic!("layer kinds differ"),
+                }
+            }
+        }
+        // A block of another model's shape is refused, not used.
+        let mut wrong = (*cache.lookup(root, &doc, chunk)[0]).clone();
+        wrong.lightning.pop();
+        assert!(m.restore(&[std::sync::Arc::new(wrong)]).is_err());
+    }
+
+    /// Through the scheduler: jobs sharing a prefix get the cold run's tokens, report the
+    /// cached tokens, and a job that opts out neither reads nor adds.
+    #[test]
+    fn the_scheduler_resumes_prefills_from_the_cache() {
+        let (_d, m) = model(None);
+        let cache = ContextCache::new(64 << 20, None).unwrap();
+        let cfg = SchedulerConfig {
+            max_batch: 4,
+            prefill_chunk: 8,
+        };
+        let doc: Vec<u32> = (0..40).map(|i| (i * 13 % 500) as u32).collect();
+        let run = |sched: &mut Scheduler<Cpu, Collect>, prompt: Vec<u32>, use_cache: bool| {
+            let (snk, log, _) = sink();
+            let mut req = request(prompt, 6);
+            req.sampling = SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 5,
+            };
+            req.context_cache = use_cache;
+            sched.admit(&m, req, snk);
+            while !sched.is_idle() {
+                sched.step(&m, &LocalForward);
+            }
+            let l = log.borrow();
+            assert_eq!(l.end, Some(Ok(FinishReason::Length)));
+            (l.tokens.clone(), l.progress.first().copied())
+        };
+        let mut plain: Scheduler<Cpu, Collect> = Scheduler::new(cfg);
+        let mut cached: Scheduler<Cpu, Collect> =
+            Scheduler::new(cfg).with_context_cache(Some(cache.clone()));
+        let mut q1 = doc.clone();
+        q1.extend([7, 7, 7]);
+        let mut q2 = doc.clone();
+        q2.extend([9, 8, 7, 6, 5]);
+        assert_eq!(
+            run(&mut cached, q1.clone(), true).0,
+            run(&mut plain, q1, true).0
+        );
+        assert_eq!(cache.stats().entries, 5);
+        let (warm, first) = run(&mut cached, q2.clone(), true);
+        assert_eq!(warm, run(&mut plain, q2.clone(), true).0);
+        // The first progress after a hit is past the cached 40 tokens.
+        assert_eq!(first, Some((Phase::Prefill, 45)));
+        assert_eq!(cache.stats().hits, 1);
+        assert_eq!(cache.stats().hit_tokens, 40);
+        // Opting out: no lookup, no new blocks.
+        let before = cache.stats();
+        let mut q3 = vec![1, 2, 3, 4, 5, 6, 7, 8, 9];
+        run(&mut cached, q3.clone(), false);
+        q3.push(1);
+        assert_eq!(cache.stats(), before);
     }
 }

@@ -146,8 +146,9 @@ impl Sink for StepSink {
                 tokens_per_second,
             }),
             Event::Token { index, token } => E::Token(ipb::StepToken { index, token }),
-            // This worker prefills alone (Forward::prefill_context is not offered).
-            Event::ContextParallel { .. } => return true,
+            // This worker prefills alone (Forward::prefill_context is not offered), and keeps no
+            // context cache (yet): neither event happens here.
+            Event::ContextParallel { .. } | Event::Cached { .. } => return true,
             Event::Finished {
                 reason: FinishReason::Cancelled,
                 ..
@@ -275,6 +276,7 @@ impl<B: Backend> AttentionHost<B> {
                 stop_tokens: req.stop_tokens.clone(),
                 ignore_eos: req.ignore_eos,
                 prefill_chunk: (req.prefill_chunk > 0).then_some(req.prefill_chunk as usize),
+                context_cache: true,
             },
             rank,
         ))

@@ -79,6 +79,63 @@ impl AuthArgs {
     }
 }
 
+/// The context cache of a role that prefills (standalone; attention workers): what prefills
+/// computed, kept by prompt prefix, so that jobs sharing a prefix start after it.
+#[derive(Args, Clone, Debug)]
+pub struct ContextCacheArgs {
+    /// Bytes of memory the context cache may hold (0: no cache).
+    #[arg(long, env = "RINGBOLT_CONTEXT_CACHE_BYTES", default_value_t = DEFAULT_CONTEXT_CACHE_BYTES)]
+    pub context_cache_bytes: usize,
+    /// A local directory evicted entries spill to (checksummed; at most 4 times the memory
+    /// budget), read back on a hit.
+    #[arg(long, env = "RINGBOLT_CONTEXT_CACHE_DIR")]
+    pub context_cache_dir: Option<std::path::PathBuf>,
+}
+
+/// 2 GiB.
+pub const DEFAULT_CONTEXT_CACHE_BYTES: usize = 2 << 30;
+
+impl Default for ContextCacheArgs {
+    fn default() -> Self {
+        ContextCacheArgs {
+            context_cache_bytes: DEFAULT_CONTEXT_CACHE_BYTES,
+            context_cache_dir: None,
+        }
+    }
+}
+
+impl ContextCacheArgs {
+    /// No cache (benchmarks and tests that measure prefills).
+    pub fn off() -> Self {
+        ContextCacheArgs {
+            context_cache_bytes: 0,
+            context_cache_dir: None,
+        }
+    }
+
+    /// The cache these flags ask for (None with a budget of 0).
+    pub fn open(&self) -> Result<Option<ringbolt_model::prefix::ContextCache>, ClusterError> {
+        if self.context_cache_bytes == 0 {
+            return Ok(None);
+        }
+        ringbolt_model::prefix::ContextCache::new(
+            self.context_cache_bytes,
+            self.context_cache_dir.as_deref(),
+        )
+        .map(Some)
+        .map_err(|e| {
+            let dir = self
+                .context_cache_dir
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            ClusterError::Io(format!(
+                "the context cache directory {}: {e}",
+                dir.display()
+            ))
+        })
+    }
+}
+
 /// Flags every cluster role takes.
 #[derive(Args, Clone, Debug)]
 pub struct CommonArgs {

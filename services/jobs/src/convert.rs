@@ -71,5 +71,6 @@ pub fn job(r: &JobRecord, text: Option<&ringbolt_text::Text>) -> pb::Job {
             .map(|k| clip(k, MAX_IDEMPOTENCY_KEY_BYTES).to_string())
             .unwrap_or_default(),
         text: text.map(|t| t.decode(&r.tokens)),
+        cached_tokens: r.cached_tokens,
     }
 }

@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use tokio::sync::mpsc;
 
 /// Engine scheduling limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct EngineConfig {
     /// Sequences decoded together in one step.
     pub max_batch: usize,
@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Ranks (threads) a job's prefill is split among when it asks for the server's default.
     pub context_parallel: usize,
+    /// Prefills start from, and add to, this cache (None: no cache).
+    pub context_cache: Option<ringbolt_model::prefix::ContextCache>,
 }
 
 impl Default for EngineConfig {
@@ -32,6 +34,7 @@ impl Default for EngineConfig {
             max_batch: 32,
             prefill_chunk: 4096,
             context_parallel: 1,
+            context_cache: None,
         }
     }
 }
@@ -108,6 +111,7 @@ impl sched::Sink for JobSink {
                 cache_bytes_per_rank,
                 ..
             } => self.job.set_cache_bytes(cache_bytes_per_rank),
+            Event::Cached { tokens } => self.job.set_cached_tokens(tokens),
             Event::Token { index, token } => {
                 if index == 0 {
                     let created = self.job.lock().record.created_unix_ms;
@@ -149,7 +153,8 @@ impl<B: Backend> Engine<B> {
         let mut sched: Scheduler<B, JobSink> = Scheduler::new(SchedulerConfig {
             max_batch: self.cfg.max_batch,
             prefill_chunk: self.cfg.prefill_chunk,
-        });
+        })
+        .with_context_cache(self.cfg.context_cache.clone());
         // Context-parallel prefills run on rank threads of their own (the engine keeps
         // decoding other jobs meanwhile) and come back here to decode.
         let (back, prefilled) = std::sync::mpsc::channel::<Option<Prefilled<B>>>();
@@ -251,6 +256,7 @@ impl<B: Backend> Engine<B> {
             ignore_eos: rec.ignore_eos,
             prefill_chunk: None,
             context_parallel: degree,
+            context_cache: !rec.no_context_cache,
         };
         if degree <= 1 {
             sched.admit(&self.model, req, sink);

@@ -58,6 +58,7 @@ pub fn final_event(record: &JobRecord) -> Option<pb::JobEvent> {
                 prompt_tokens: record.prompt_tokens,
                 timings: Some(crate::convert::timings(&record.timings)),
                 text: None,
+                cached_tokens: record.cached_tokens,
             })))
         }
         JobState::Failed => {
@@ -132,6 +133,14 @@ impl LiveJob {
             .set(per_rank.iter().copied().max().unwrap_or(0) as f64);
         self.push(|s| {
             s.record.cache_bytes_per_rank = per_rank.to_vec();
+            None
+        });
+    }
+
+    /// Its prefill starts after `tokens` prompt tokens the context cache had.
+    pub fn set_cached_tokens(&self, tokens: u64) {
+        self.push(|s| {
+            s.record.cached_tokens = tokens;
             None
         });
     }

@@ -483,12 +483,18 @@ impl JobManager {
             let mut changed = job.subscribe();
             let mut sent = 0;
             loop {
-                let (batch, done) = {
+                let (batch, done, kept) = {
                     let s = job.lock();
-                    (s.events[sent..].to_vec(), s.done)
+                    (s.events[sent..].to_vec(), s.done, s.stopped_at)
                 };
                 sent += batch.len();
                 for e in batch {
+                    // Tokens past a client's stop are not the job's (its record drops them).
+                    if let (Some(n), Some(pb::job_event::Event::Token(t))) = (kept, &e.event)
+                        && t.index as usize >= n
+                    {
+                        continue;
+                    }
                     if tx.send(Ok(with_text(e))).await.is_err() {
                         return;
                     }

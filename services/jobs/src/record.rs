@@ -71,6 +71,12 @@ pub struct JobRecord {
     /// Softmax key and value bytes each rank of a context-parallel prefill held.
     #[serde(default)]
     pub cache_bytes_per_rank: Vec<u64>,
+    /// Prompt tokens the context cache had (its prefill started after them).
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// The job neither starts from nor adds to the context cache.
+    #[serde(default)]
+    pub no_context_cache: bool,
 }
 
 pub fn now_unix_ms() -> u64 {

@@ -440,6 +440,8 @@ impl JobStore {
             fingerprint: None,
             ignore_eos: false,
             cache_bytes_per_rank: Vec::new(),
+            cached_tokens: 0,
+            no_context_cache: false,
         };
         self.records.put(&lost)?;
         // Kept for inspection, out of the spool's way.
@@ -672,6 +674,8 @@ mod tests {
             fingerprint: Some(42),
             ignore_eos: false,
             cache_bytes_per_rank: Vec::new(),
+            cached_tokens: 0,
+            no_context_cache: false,
         }
     }
 

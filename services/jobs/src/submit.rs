@@ -241,6 +241,8 @@ impl Submission {
             fingerprint: Some(fp),
             ignore_eos: h.ignore_eos,
             cache_bytes_per_rank: Vec::new(),
+            cached_tokens: 0,
+            no_context_cache: h.no_context_cache,
         };
         let (job_id, existing) = self.mgr.accept(record, self.spool, self.permit).await?;
         if existing && let Some(k) = &self.key {

@@ -26,12 +26,12 @@ enum Kind {
 /// Most new tokens `/v1/completions` gives when the request does not say (OpenAI's 16).
 const COMPLETION_DEFAULT_MAX_TOKENS: u32 = 16;
 
-fn usage(prompt: u64, completion: u32) -> Value {
+fn usage(prompt: u64, completion: u32, cached: u64) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion as u64,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
 }
 
@@ -63,7 +63,7 @@ impl Reply {
     }
 
     /// The whole answer.
-    fn whole(&self, text: String, finish: Finish, prompt: u64, completion: u32) -> Value {
+    fn whole(&self, text: String, finish: Finish, usage_of: Value) -> Value {
         let choice = match self.kind {
             Kind::Text => json!({
                 "index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str(),
@@ -76,7 +76,7 @@ impl Reply {
             }),
         };
         let mut v = self.envelope(false, json!([choice]));
-        v["usage"] = usage(prompt, completion);
+        v["usage"] = usage_of;
         v
     }
 
@@ -148,11 +148,12 @@ async fn write_stream(
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 let mut out = vec![data(&with_usage(reply.chunk(None, Some(finish), first)))];
                 if include_usage {
                     let mut v = reply.envelope(true, json!([]));
-                    v["usage"] = usage(prompt_tokens, completion_tokens);
+                    v["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
                     out.push(data(&v));
                 }
                 out.push(Event::default().data("[DONE]"));
@@ -204,8 +205,10 @@ async fn generate(
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
-                let v = reply.whole(text, finish, prompt_tokens, completion_tokens);
+                let u = usage(prompt_tokens, completion_tokens, cached_tokens);
+                let v = reply.whole(text, finish, u);
                 return Ok(axum::Json(v).into_response());
             }
             Piece::Failed(e) => return Err(e),

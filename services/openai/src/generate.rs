@@ -72,6 +72,8 @@ pub enum Piece {
         finish: Finish,
         prompt_tokens: u64,
         completion_tokens: u32,
+        /// Prompt tokens the context cache had.
+        cached_tokens: u64,
     },
     Failed(ApiError),
 }
@@ -210,6 +212,7 @@ pub fn follow(
                             finish,
                             prompt_tokens: f.prompt_tokens,
                             completion_tokens: f.generated_tokens,
+                            cached_tokens: f.cached_tokens,
                         }
                     }
                     Some(Event::Failed(f)) => Piece::Failed(ApiError::from_grpc(f.code, f.message)),

@@ -227,6 +227,8 @@ impl Generation {
             return Err(ApiError::field("logit_bias", "logit_bias is not served"));
         }
         let ignore_eos = b.bool("ignore_eos")?.unwrap_or(false);
+        // Ringbolt's extension: `"context_cache": false` bypasses the context cache.
+        let no_context_cache = b.bool("context_cache")? == Some(false);
         let (stop, mut stop_tokens) = read_stop(b)?;
         if !ignore_eos {
             for &t in end_of_turn {
@@ -258,6 +260,7 @@ impl Generation {
                 context_parallel: 0,
                 expected_prompt_tokens: 0,
                 ignore_eos,
+                no_context_cache,
             },
             max_field,
             stop,

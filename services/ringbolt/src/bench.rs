@@ -677,6 +677,8 @@ async fn timed_job(
         expected_prompt_tokens: prompt.len() as u64,
         // A benchmark measures the tokens it asks for, wherever the model would stop.
         ignore_eos: true,
+        // ... and the prefill it asks for, whatever an earlier run left in the cache.
+        no_context_cache: true,
     };
     let r = crate::client::submit_tokens(&mut c, header, prompt.to_vec(), None, |_| {}).await?;
     let out = crate::client::watch(&mut c, &r.job_id, false).await?;

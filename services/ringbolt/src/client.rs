@@ -185,6 +185,9 @@ pub struct SubmitArgs {
     /// Same key, same job: retries return the first job.
     #[arg(long, env = "RINGBOLT_IDEMPOTENCY_KEY")]
     pub idempotency_key: Option<String>,
+    /// Neither start from nor add to the server's context cache (the results are the same).
+    #[arg(long, env = "RINGBOLT_NO_CONTEXT_CACHE")]
+    pub no_context_cache: bool,
     /// Context-parallel degree (attention workers splitting the context).
     #[arg(long, env = "RINGBOLT_CONTEXT_PARALLEL", default_value_t = 0)]
     pub context_parallel: u32,
@@ -325,6 +328,7 @@ pub fn outcome_json(o: &Outcome) -> serde_json::Value {
         "tokens": o.tokens,
         "finish_reason": pb::FinishReason::try_from(f.reason).map(|r| r.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase()).unwrap_or_default(),
         "prompt_tokens": f.prompt_tokens,
+        "cached_tokens": f.cached_tokens,
         "timings": {
             "queued_seconds": t.queued_seconds,
             "prefill_seconds": t.prefill_seconds,
@@ -488,6 +492,7 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         context_parallel: a.context_parallel,
         expected_prompt_tokens: ids.len() as u64,
         ignore_eos: a.ignore_eos,
+        no_context_cache: a.no_context_cache,
     };
     let live = !a.json && !a.detach;
     let up = if live {
@@ -543,6 +548,7 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
         "prompt_tokens": j.prompt_tokens,
         "max_new_tokens": j.max_new_tokens,
         "tokens": j.tokens,
+        "cached_tokens": j.cached_tokens,
         "created_unix_ms": j.created_unix_ms,
     });
     if j.context_parallel > 0 {

@@ -191,6 +191,7 @@ async fn run_job(
         context_parallel: 0,
         expected_prompt_tokens: prompt.len() as u64,
         ignore_eos: false,
+        no_context_cache: false,
     };
     let up = ProgressBar::new(prompt.len() as u64).with_style(
         ProgressStyle::with_template("upload  {bar:40} {pos}/{len} tokens ({per_sec})")

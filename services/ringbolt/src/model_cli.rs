@@ -264,6 +264,8 @@ impl ModelTask for GenerateArgs {
                 ignore_eos: a.ignore_eos,
                 prefill_chunk: None,
                 context_parallel: 1,
+                // One generation: nothing to share a prefix with.
+                context_cache: false,
             },
             &mut out,
         );
@@ -300,7 +302,7 @@ impl Sink for &mut Collect {
             Event::Token { token, .. } => self.tokens.push(token),
             Event::Finished { reason, stats } => self.end = Some(Ok((reason, stats.clone()))),
             Event::Failed(e) => self.end = Some(Err(e)),
-            Event::Progress { .. } | Event::ContextParallel { .. } => {}
+            Event::Progress { .. } | Event::ContextParallel { .. } | Event::Cached { .. } => {}
         }
         true
     }

@@ -52,6 +52,8 @@ pub struct StandaloneArgs {
     #[command(flatten)]
     pub auth: ringbolt_cluster::AuthArgs,
     #[command(flatten)]
+    pub context_cache: ringbolt_cluster::ContextCacheArgs,
+    #[command(flatten)]
     pub serve: ringbolt_shell::ServeArgs,
     #[command(flatten)]
     pub http: ringbolt_openai::HttpArgs,
@@ -75,6 +77,8 @@ impl StandaloneArgs {
             tokenizer: None,
             device: Device::Cpu,
             auth: Default::default(),
+            // What the demo and benchmarks measure is the prefill itself.
+            context_cache: ringbolt_cluster::ContextCacheArgs::off(),
             serve: Default::default(),
             http: Default::default(),
         }
@@ -124,6 +128,7 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
         max_batch: a.max_batch.max(1),
         prefill_chunk: a.prefill_chunk.max(1),
         context_parallel: a.context_parallel.max(1) as usize,
+        context_cache: a.context_cache.open()?,
     };
     let text = ringbolt_text::Text::load(&a.checkpoint, a.tokenizer.as_deref())?.map(Into::into);
     a.device.open(

@@ -1,0 +1,585 @@
+//! The context cache: what a prefill computed, kept by the prompt's token prefix, so that a new
+//! job sharing a cached prefix starts its prefill at the longest cached boundary.
+//!
+//! Prompts are cut into blocks of the prefill chunk; block `i`'s key hashes the key of block
+//! `i - 1` and the block's tokens (a hash chain, rooted in the model, its backend and the chunk
+//! size), so a key names a whole prefix. An entry holds one block's contribution: the softmax
+//! layers' keys and values of its positions and every lightning layer's state at its end (a
+//! fixed size, whatever the prefix). Restoring a prefix of `k` blocks takes the keys and values
+//! of blocks `1..=k` and the lightning states of block `k`; the prefill then resumes at a
+//! boundary the cold run also crosses, with the same chunks after it, so the results are the
+//! same bit for bit.
+//!
+//! Memory is bounded (`budget` bytes); the least recently used entries that no restore is
+//! reading are evicted whole (a prefix's deeper blocks before its shallower ones). With a spill
+//! directory, evicted entries go to disk (one file each, checksummed) and come back on a hit; a
+//! damaged or truncated file is a miss, never a wrong answer.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// One block's contribution to a prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The block's tokens (a hit is checked against them, not only the hash).
+    pub tokens: Vec<u32>,
+    /// Each lightning layer's state at the block's end, in layer order.
+    pub lightning: Vec<Vec<f32>>,
+    /// Each softmax layer's keys and values of the block's positions, in layer order.
+    pub kv: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Block {
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        let floats: usize = self.lightning.iter().map(Vec::len).sum::<usize>()
+            + self
+                .kv
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        floats * 4 + self.tokens.len() * 4
+    }
+}
+
+/// Names a prefix: the hash chain's value after its last block.
+pub type Key = u128;
+
+/// The key of the empty prefix for a model identified by `fingerprint` (its weights, config,
+/// backend: whatever changes the arithmetic) prefilled in chunks of `chunk`.
+pub fn root(fingerprint: &[u8], chunk: usize) -> Key {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(b"ringbolt context cache v1");
+    h.update(&(chunk as u64).to_le_bytes());
+    h.update(fingerprint);
+    h.digest128()
+}
+
+/// The key of `parent`'s prefix followed by `tokens`.
+pub fn key(parent: Key, tokens: &[u32]) -> Key {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&parent.to_le_bytes());
+    for t in tokens {
+        h.update(&t.to_le_bytes());
+    }
+    h.digest128()
+}
+
+/// What the cache has done, for metrics and reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Tokens jobs did not prefill because the cache had them.
+    pub hit_tokens: u64,
+    pub evictions: u64,
+    pub bytes: u64,
+    pub entries: u64,
+    /// Entries spilled to disk, and their bytes.
+    pub spilled: u64,
+    pub spilled_bytes: u64,
+    /// Spill files that failed their checks (dropped as misses).
+    pub corrupt: u64,
+}
+
+struct Entry {
+    block: Arc<Block>,
+    parent: Key,
+    bytes: usize,
+    last_use: u64,
+}
+
+struct Spilled {
+    path: PathBuf,
+    bytes: u64,
+    last_use: u64,
+}
+
+struct Inner {
+    entries: HashMap<Key, Entry>,
+    disk: HashMap<Key, Spilled>,
+    bytes: usize,
+    disk_bytes: u64,
+    clock: u64,
+    stats: CacheStats,
+}
+
+/// See the module's docs. Shared by the engine's threads; cheap to clone.
+#[derive(Clone)]
+pub struct ContextCache {
+    inner: Arc<Mutex<Inner>>,
+    budget: usize,
+    dir: Option<PathBuf>,
+    /// Most bytes of spill files kept.
+    disk_budget: u64,
+}
+
+/// Spill files hold `MAGIC`, a version, then the entry; the last 16 bytes are the xxh3-128 of
+/// everything before them.
+const MAGIC: &[u8; 8] = b"RBCTXv01";
+
+/// Disk kept for spilled entries, as a multiple of the memory budget.
+const DISK_BUDGET_FACTOR: u64 = 4;
+
+impl ContextCache {
+    /// A cache of at most `budget` bytes in memory; with `dir`, evicted entries spill there
+    /// (at most 4 × `budget` bytes of files; files a previous run left are used too).
+    pub fn new(budget: usize, dir: Option<&Path>) -> std::io::Result<ContextCache> {
+        let mut disk = HashMap::new();
+        let mut disk_bytes = 0;
+        if let Some(d) = dir {
+            std::fs::create_dir_all(d)?;
+            for e in std::fs::read_dir(d)?.flatten() {
+                let name = e.file_name();
+                let Some(k) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".ctx"))
+                    .and_then(|n| Key::from_str_radix(n, 16).ok())
+                else {
+                    continue;
+                };
+                let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+                disk_bytes += bytes;
+                disk.insert(
+                    k,
+                    Spilled {
+                        path: e.path(),
+                        bytes,
+                        last_use: 0,
+                    },
+                );
+            }
+        }
+        let cache = ContextCache {
+            inner: Arc::new(Mutex::new(Inner {
+                entries: HashMap::new(),
+                disk,
+                bytes: 0,
+                disk_bytes,
+                clock: 0,
+                stats: CacheStats::default(),
+            })),
+            budget,
+            dir: dir.map(Path::to_path_buf),
+            disk_budget: budget as u64 * DISK_BUDGET_FACTOR,
+        };
+        cache.lock().stats.spilled_bytes = disk_bytes;
+        Ok(cache)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let g = self.lock();
+        CacheStats {
+            bytes: g.bytes as u64,
+            entries: g.entries.len() as u64,
+            spilled: g.disk.len() as u64,
+            spilled_bytes: g.disk_bytes,
+            ..g.stats
+        }
+    }
+
+    /// Whether prefix `k` is cached (in memory or spilled).
+    pub fn contains(&self, k: Key) -> bool {
+        let g = self.lock();
+        g.entries.contains_key(&k) || g.disk.contains_key(&k)
+    }
+
+    /// The blocks of the longest cached prefix of `prompt` that ends before its last token
+    /// (the last chunk must still run, for its logits), cut in blocks of `chunk` from `root`.
+    /// Counts a hit or a miss.
+    pub fn lookup(&self, root: Key, prompt: &[u32], chunk: usize) -> Vec<Arc<Block>> {
+        let mut out = Vec::new();
+        let mut parent = root;
+        let mut end = chunk;
+        while end < prompt.len() {
+            let tokens = &prompt[end - chunk..end];
+            let k = key(parent, tokens);
+            match self.get(k, parent) {
+                Some(b) if b.tokens == tokens => out.push(b),
+                _ => break,
+            }
+            parent = k;
+            end += chunk;
+        }
+        let mut g = self.lock();
+        // The prefix's shallower blocks are used more recently than its deeper ones, so that
+        // eviction takes a chain from its end.
+        let mut k = root;
+        let mut keys = Vec::with_capacity(out.len());
+        for b in &out {
+            k = key(k, &b.tokens);
+            keys.push(k);
+        }
+        for k in keys.iter().rev() {
+            g.clock += 1;
+            let now = g.clock;
+            if let Some(e) = g.entries.get_mut(k) {
+                e.last_use = now;
+            }
+        }
+        if out.is_empty() {
+            g.stats.misses += 1;
+            metrics::counter!("ringbolt_context_cache_misses_total").increment(1);
+        } else {
+            g.stats.hits += 1;
+            g.stats.hit_tokens += (out.len() * chunk) as u64;
+            metrics::counter!("ringbolt_context_cache_hits_total").increment(1);
+            metrics::counter!("ringbolt_context_cache_hit_tokens_total")
+                .increment((out.len() * chunk) as u64);
+        }
+        out
+    }
+
+    /// Entry `k` from memory, or read back from its spill file.
+    fn get(&self, k: Key, parent: Key) -> Option<Arc<Block>> {
+        let spilled = {
+            let mut g = self.lock();
+            if let Some(e) = g.entries.get(&k) {
+                return Some(e.block.clone());
+            }
+            g.disk.remove(&k)?
+        };
+        let read = read_spill(&spilled.path, k, parent);
+        let _ = std::fs::remove_file(&spilled.path);
+        {
+            let mut g = self.lock();
+            g.disk_bytes = g.disk_bytes.saturating_sub(spilled.bytes);
+            if read.is_none() {
+                g.stats.corrupt += 1;
+                tracing::warn!(file = %spilled.path.display(), "a context cache spill file failed its checks: dropped");
+            }
+        }
+        let block = Arc::new(read?);
+        self.put(k, parent, block.clone());
+        Some(block)
+    }
+
+    /// Keeps `block`, the block after prefix `parent`, as prefix `k` (evicting to stay within
+    /// the budget; a block larger than the budget is not kept).
+    pub fn insert(&self, k: Key, parent: Key, block: Block) {
+        self.put(k, parent, Arc::new(block));
+    }
+
+    fn put(&self, k: Key, parent: Key, block: Arc<Block>) {
+        let bytes = block.bytes();
+        if bytes > self.budget {
+            return;
+        }
+        let mut evicted = Vec::new();
+        {
+            let mut g = self.lock();
+            if g.entries.contains_key(&k) {
+                return;
+            }
+            while g.bytes + bytes > self.budget {
+                // The least recently used entry no restore is reading.
+                let Some((&victim, _)) = g
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| Arc::strong_count(&e.block) == 1)
+                    .min_by_key(|(_, e)| e.last_use)
+                else {
+                    break;
+                };
+                if let Some(e) = g.entries.remove(&victim) {
+                    g.bytes -= e.bytes;
+                    g.stats.evictions += 1;
+                    evicted.push((victim, e));
+                }
+            }
+            // Blocks being read may keep it from fitting: then it is not kept.
+            if g.bytes + bytes <= self.budget {
+                g.clock += 1;
+                let last_use = g.clock;
+                g.bytes += bytes;
+                g.entries.insert(
+                    k,
+                    Entry {
+                        block,
+                        parent,
+                        bytes,
+                        last_use,
+                    },
+                );
+            }
+            metrics::gauge!("ringbolt_context_cache_bytes").set(g.bytes as f64);
+            metrics::counter!("ringbolt_context_cache_evictions_total")
+                .increment(evicted.len() as u64);
+        }
+        for (victim, e) in evicted {
+            self.spill(victim, e);
+        }
+    }
+
+    /// Writes an evicted entry to the spill directory (when there is one), dropping the oldest
+    /// files beyond the disk budget.
+    fn spill(&self, k: Key, e: Entry) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        let path = dir.join(format!("{k:032x}.ctx"));
+        let body = encode(k, e.parent, &e.block);
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&body))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(err) = written {
+            tracing::warn!(file = %path.display(), error = %err, "cannot spill a context cache entry");
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        }
+        let mut g = self.lock();
+        let last_use = e.last_use;
+        g.disk_bytes += body.len() as u64;
+        if let Some(old) = g.disk.insert(
+            k,
+            Spilled {
+                path,
+                bytes: body.len() as u64,
+                last_use,
+            },
+        ) {
+            g.disk_bytes -= old.bytes;
+        }
+        while g.disk_bytes > self.disk_budget {
+            let Some((&oldest, _)) = g.disk.iter().min_by_key(|(_, s)| s.last_use) else {
+                break;
+            };
+            if let Some(s) = g.disk.remove(&oldest) {
+                g.disk_bytes -= s.bytes;
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, x: u64) {
+    out.extend_from_slice(&x.to_le_bytes());
+}
+
+fn put_floats(out: &mut Vec<u8>, v: &[f32]) {
+    put_u64(out, v.len() as u64);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// A spill file's bytes.
+fn encode(k: Key, parent: Key, b: &Block) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.bytes() + 128);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&k.to_le_bytes());
+    out.extend_from_slice(&parent.to_le_bytes());
+    put_u64(&mut out, b.tokens.len() as u64);
+    for t in &b.tokens {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    put_u64(&mut out, b.lightning.len() as u64);
+    for s in &b.lightning {
+        put_floats(&mut out, s);
+    }
+    put_u64(&mut out, b.kv.len() as u64);
+    for (k, v) in &b.kv {
+        put_floats(&mut out, k);
+        put_floats(&mut out, v);
+    }
+    let sum = xxhash_rust::xxh3::xxh3_128(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
+}
+
+/// Reads a spill file back: None unless it is whole, its checksum holds and it is entry `k`
+/// after `parent`.
+fn read_spill(path: &Path, k: Key, parent: Key) -> Option<Block> {
+    let data = std::fs::read(path).ok()?;
+    decode(&data, k, parent)
+}
+
+fn decode(data: &[u8], k: Key, parent: Key) -> Option<Block> {
+    let (body, sum) = data.split_at_checked(data.len().checked_sub(16)?)?;
+    if xxhash_rust::xxh3::xxh3_128(body) != u128::from_le_bytes(sum.try_into().ok()?) {
+        return None;
+    }
+    let mut r = Reader(body);
+    if r.take(8)? != MAGIC || r.u128()? != k || r.u128()? != parent {
+        return None;
+    }
+    let n = r.len(4)?;
+    let tokens = (0..n).map(|_| r.u32()).collect::<Option<Vec<_>>>()?;
+    let n = r.len(8)?;
+    let lightning = (0..n).map(|_| r.floats()).collect::<Option<Vec<_>>>()?;
+    let n = r.len(16)?;
+    let kv = (0..n)
+        .map(|_| Some((r.floats()?, r.floats()?)))
+        .collect::<Option<Vec<_>>>()?;
+    r.0.is_empty().then_some(Block {
+        tokens,
+        lightning,
+        kv,
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (a, b) = self.0.split_at_checked(n)?;
+        self.0 = b;
+        Some(a)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn u128(&mut self) -> Option<u128> {
+        Some(u128::from_le_bytes(self.take(16)?.try_into().ok()?))
+    }
+    /// A count of items of at least `min_bytes` each that the rest can hold.
+    fn len(&mut self, min_bytes: usize) -> Option<usize> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        (n.checked_mul(min_bytes)? <= self.0.len()).then_some(n)
+    }
+    fn floats(&mut self) -> Option<Vec<f32>> {
+        let n = self.len(4)?;
+        let raw = self.take(n * 4)?;
+        Some(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(tokens: &[u32], fill: f32, kv_len: usize) -> Block {
+        Block {
+            tokens: tokens.to_vec(),
+            lightning: vec![vec![fill; 8], vec![fill + 1.0; 8]],
+            kv: vec![(vec![fill; kv_len], vec![-fill; kv_len])],
+        }
+    }
+
+    /// Caches the blocks of `prompt` in chunks of 2, as a prefill would.
+    fn fill(c: &ContextCache, root: Key, prompt: &[u32]) {
+        let mut parent = root;
+        for (i, t) in prompt.chunks_exact(2).enumerate() {
+            let k = key(parent, t);
+            c.insert(k, parent, block(t, i as f32, 4));
+            parent = k;
+        }
+    }
+
+    #[test]
+    fn the_longest_prefix_ending_before_the_last_token_is_found() {
+        let c = ContextCache::new(1 << 20, None).unwrap();
+        let r = root(b"model", 2);
+        fill(&c, r, &[1, 2, 3, 4, 5, 6]);
+        // Shares two blocks, then differs.
+        let got = c.lookup(r, &[1, 2, 3, 4, 9, 9, 9], 2);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].tokens, vec![3, 4]);
+        // The whole cached prompt: the last block must still run.
+        assert_eq!(c.lookup(r, &[1, 2, 3, 4, 5, 6], 2).len(), 2);
+        assert_eq!(c.lookup(r, &[1, 2, 3, 4, 5, 6, 7], 2).len(), 3);
+        // Another chunk size or model is another root.
+        assert!(
+            c.lookup(root(b"model", 3), &[1, 2, 3, 4, 5, 6, 7], 3)
+                .is_empty()
+        );
+        assert!(
+            c.lookup(root(b"other", 2), &[1, 2, 3, 4, 5, 6, 7], 2)
+                .is_empty()
+        );
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.hit_tokens, s.entries), (3, 2, 14, 3));
+    }
+
+    #[test]
+    fn the_budget_evicts_deepest_least_recent_first_and_spares_blocks_being_read() {
+        let one = block(&[0, 0], 0.0, 4).bytes();
+        let c = ContextCache::new(3 * one, None).unwrap();
+        let r = root(b"m", 2);
+        fill(&c, r, &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(c.stats().entries, 3);
+        // A fourth block (another prompt) evicts the least recently used: the first prompt's
+        // deepest block, after a lookup touched the chain.
+        c.lookup(r, &[1, 2, 3, 4, 5, 6, 7], 2);
+        fill(&c, r, &[7, 8]);
+        assert_eq!(c.stats().evictions, 1);
+        assert_eq!(c.lookup(r, &[1, 2, 3, 4, 5, 6, 7], 2).len(), 2);
+        // A block being read is not evicted.
+        let held = c.lookup(r, &[1, 2, 3, 4, 0], 2);
+        assert_eq!(held.len(), 2);
+        fill(&c, r, &[9, 9, 8, 8]);
+        assert_eq!(
+            c.lookup(r, &[1, 2, 3, 4, 0], 2).len(),
+            2,
+            "held blocks stayed"
+        );
+        drop(held);
+        // Larger than the whole budget: not kept.
+        c.insert(1, 0, block(&[1; 2], 0.0, 4 * one));
+        assert!(!c.contains(1));
+    }
+
+    #[test]
+    fn spilled_entries_come_back_and_damaged_files_are_misses() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = block(&[0, 0], 0.0, 4).bytes();
+        let c = ContextCache::new(2 * one, Some(dir.path())).unwrap();
+        let r = root(b"m", 2);
+        let prompt = [1, 2, 3, 4, 5, 6, 7];
+        fill(&c, r, &prompt[..6]);
+        assert_eq!(c.stats().spilled, 1);
+        // The spilled block comes back, the same.
+        let got = c.lookup(r, &prompt, 2);
+        assert_eq!(got.len(), 3);
+        assert_eq!(*got[0], block(&[1, 2], 0.0, 4));
+        drop(got);
+        drop(c);
+        // A restarted process finds the spill files and uses them.
+        let dir = tempfile::tempdir().unwrap();
+        let first = ContextCache::new(one, Some(dir.path())).unwrap();
+        fill(&first, r, &prompt[..4]);
+        drop(first);
+        let again = ContextCache::new(one, Some(dir.path())).unwrap();
+        assert_eq!(again.stats().spilled, 1);
+        assert_eq!(again.lookup(r, &prompt[..3], 2).len(), 1);
+        // A damaged file is a miss (the prefix ends there), and is dropped.
+        let first = ContextCache::new(one, Some(dir.path())).unwrap();
+        fill(&first, r, &[4, 4, 5, 5]);
+        drop(first);
+        let again = ContextCache::new(one, Some(dir.path())).unwrap();
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let p = f.unwrap().path();
+            let mut bytes = std::fs::read(&p).unwrap();
+            let n = bytes.len();
+            bytes[n / 2] ^= 0x40;
+            std::fs::write(&p, &bytes).unwrap();
+        }
+        assert!(
+            again.lookup(r, &[4, 4, 5], 2).is_empty(),
+            "a damaged spill was used"
+        );
+        assert_eq!(again.stats().corrupt, 1);
+        // Truncated files too.
+        let b = block(&[1, 2], 0.0, 4);
+        let full = encode(5, 6, &b);
+        for cut in [0, 8, 40, full.len() - 1] {
+            assert!(decode(&full[..cut], 5, 6).is_none());
+        }
+        assert_eq!(decode(&full, 5, 6), Some(b.clone()));
+        assert!(decode(&full, 5, 7).is_none(), "another parent");
+    }
+}
