@@ -121,6 +121,9 @@ enum BenchKind {
     Tls(crate::bench_tls::TlsBenchArgs),
     /// A long prompt's upload through the HTTP API (JSON ids) against the gRPC API.
     Http(crate::bench_http::HttpBenchArgs),
+    /// Questions about one long document: time to first token with the context cache warm
+    /// against the cold first question.
+    Cache(crate::bench_cache::CacheBenchArgs),
 }
 
 /// Throughput of concurrent jobs through an in-process standalone server, with decode steps
@@ -220,6 +223,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchKind::Kernels(args) => crate::bench_kernels::run(args),
         BenchKind::Tls(args) => crate::bench_tls::run(args),
         BenchKind::Http(args) => crate::bench_http::run(args),
+        BenchKind::Cache(args) => crate::bench_cache::run(args),
         BenchKind::Context {
             checkpoint,
             tokens,
@@ -668,6 +672,28 @@ async fn timed_job(
     prompt: &[u32],
     new_tokens: u32,
 ) -> Result<(Vec<u32>, f64, f64)> {
+    let t = timed(endpoint, prompt, new_tokens, false).await?;
+    Ok((t.tokens, t.prefill, t.decode))
+}
+
+/// What one job through a server measured.
+pub struct Timed {
+    pub tokens: Vec<u32>,
+    /// Prompt tokens per second of prefill, and generated tokens per second of decode.
+    pub prefill: f64,
+    pub decode: f64,
+    pub time_to_first_token: f64,
+    /// Prompt tokens the context cache had.
+    pub cached_tokens: u64,
+}
+
+/// One job through a server, with or without the server's context cache.
+pub async fn timed(
+    endpoint: &str,
+    prompt: &[u32],
+    new_tokens: u32,
+    context_cache: bool,
+) -> Result<Timed> {
     let mut c = crate::client::connect(endpoint).await?;
     let header = ringbolt_proto::v1::JobHeader {
         max_new_tokens: new_tokens,
@@ -677,15 +703,20 @@ async fn timed_job(
         expected_prompt_tokens: prompt.len() as u64,
         // A benchmark measures the tokens it asks for, wherever the model would stop.
         ignore_eos: true,
-        // ... and the prefill it asks for, whatever an earlier run left in the cache.
-        no_context_cache: true,
+        // ... and the prefill it asks for, unless it measures the cache.
+        no_context_cache: !context_cache,
     };
     let r = crate::client::submit_tokens(&mut c, header, prompt.to_vec(), None, |_| {}).await?;
     let out = crate::client::watch(&mut c, &r.job_id, false).await?;
-    let t = out.finished.and_then(|f| f.timings).unwrap_or_default();
-    let prefill = prompt.len() as f64 / t.prefill_seconds.max(1e-9);
-    let decode = (out.tokens.len().saturating_sub(1)) as f64 / t.decode_seconds.max(1e-9);
-    Ok((out.tokens, prefill, decode))
+    let f = out.finished.unwrap_or_default();
+    let t = f.timings.unwrap_or_default();
+    Ok(Timed {
+        prefill: prompt.len() as f64 / t.prefill_seconds.max(1e-9),
+        decode: (out.tokens.len().saturating_sub(1)) as f64 / t.decode_seconds.max(1e-9),
+        time_to_first_token: t.time_to_first_token_seconds,
+        cached_tokens: f.cached_tokens,
+        tokens: out.tokens,
+    })
 }
 
 async fn cluster(

@@ -4,6 +4,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod bench_cache;
 mod bench_http;
 mod bench_kernels;
 mod bench_tls;

@@ -113,6 +113,15 @@ impl OnBackend for StartEngine {
 
 /// Loads the model, recovers the job store and starts the engine; returns the manager.
 pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<JobManager> {
+    start_manager_with(a, a.context_cache.open()?, shutdown)
+}
+
+/// [`start_manager`] with the context cache `cache` (one its caller also reads).
+pub fn start_manager_with(
+    a: &StandaloneArgs,
+    cache: Option<ringbolt_model::prefix::ContextCache>,
+    shutdown: CancellationToken,
+) -> Result<JobManager> {
     let ckpt = Checkpoint::open(&a.checkpoint)?;
     let store =
         JobStore::open(&a.data_dir).with_context(|| format!("opening {}", a.data_dir.display()))?;
@@ -128,7 +137,7 @@ pub fn start_manager(a: &StandaloneArgs, shutdown: CancellationToken) -> Result<
         max_batch: a.max_batch.max(1),
         prefill_chunk: a.prefill_chunk.max(1),
         context_parallel: a.context_parallel.max(1) as usize,
-        context_cache: a.context_cache.open()?,
+        context_cache: cache,
     };
     let text = ringbolt_text::Text::load(&a.checkpoint, a.tokenizer.as_deref())?.map(Into::into);
     a.device.open(

@@ -1,0 +1,120 @@
+//! `ringbolt bench cache`: the context cache's case — one long document, then several short
+//! questions about it, each a job whose prompt is the document and the question. The first
+//! question prefills the whole document (cold, filling the cache); the others start after the
+//! document's cached blocks. Reports each question's time to first token, the warm ones' median
+//! against the cold one, and the memory the cache holds per cached token against the planner's
+//! figure for a context.
+
+use crate::server::{StandaloneArgs, start_manager_with};
+use anyhow::{Result, bail};
+use clap::Args;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use ringbolt_model::ModelConfig;
+use ringbolt_model::prefix::ContextCache;
+use serde_json::json;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+pub struct CacheBenchArgs {
+    #[arg(long, env = "RINGBOLT_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// Tokens of the document every question shares.
+    #[arg(long, default_value_t = 262_144)]
+    document_tokens: usize,
+    /// Questions asked (the first is the cold one).
+    #[arg(long, default_value_t = 9)]
+    questions: usize,
+    /// Tokens of each question.
+    #[arg(long, default_value_t = 200)]
+    question_tokens: usize,
+    /// Prompt tokens per prefill step (the cache's block).
+    #[arg(long, default_value_t = 4096)]
+    prefill_chunk: usize,
+    /// The cache's memory budget.
+    #[arg(long, default_value_t = 8 << 30)]
+    context_cache_bytes: usize,
+}
+
+pub fn run(a: CacheBenchArgs) -> Result<()> {
+    crate::run_async(bench(a))
+}
+
+async fn bench(a: CacheBenchArgs) -> Result<()> {
+    if a.questions < 2 || a.question_tokens == 0 || a.document_tokens == 0 {
+        bail!("--questions must be at least 2, and the document and questions not empty");
+    }
+    let cfg = ModelConfig::from_file(&a.checkpoint.join("config.json"))?;
+    let dir = tempfile::tempdir()?;
+    let stop = CancellationToken::new();
+    let args = StandaloneArgs {
+        prefill_chunk: a.prefill_chunk,
+        max_batch: 1,
+        ..StandaloneArgs::in_process(a.checkpoint.clone(), dir.path().join("data"))
+    };
+    let cache = ContextCache::new(a.context_cache_bytes, None)?;
+    let (a2, c2, s2) = (args.clone(), cache.clone(), stop.clone());
+    let mgr = tokio::task::spawn_blocking(move || start_manager_with(&a2, Some(c2), s2)).await??;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let s = stop.clone();
+    tokio::spawn(ringbolt_jobs::grpc::serve(
+        mgr,
+        ringbolt_shell::Shell::plain(Default::default()),
+        listener,
+        None,
+        async move { s.cancelled().await },
+    ));
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+            .collect()
+    };
+    let document = ids(a.document_tokens);
+    let mut ttft = Vec::new();
+    let mut cached = Vec::new();
+    for q in 0..a.questions {
+        let mut prompt = document.clone();
+        prompt.extend(ids(a.question_tokens));
+        let t = crate::bench::timed(&endpoint, &prompt, 1, true).await?;
+        eprintln!(
+            "question {q}: {} cached tokens, time to first token {:.3} s",
+            t.cached_tokens, t.time_to_first_token
+        );
+        ttft.push(t.time_to_first_token);
+        cached.push(t.cached_tokens);
+    }
+    stop.cancel();
+    let mut warm = ttft[1..].to_vec();
+    warm.sort_by(f64::total_cmp);
+    let median = warm[warm.len() / 2];
+    let stats = cache.stats();
+    let planner = ringbolt_planner::ContextCost::of(&cfg, 4);
+    let cached_tokens = cached[1..].iter().copied().max().unwrap_or(0);
+    let blocks = (cached_tokens as usize).div_ceil(a.prefill_chunk) as u64;
+    println!(
+        "{}",
+        json!({
+            "bench": "cache",
+            "document_tokens": a.document_tokens,
+            "question_tokens": a.question_tokens,
+            "prefill_chunk": a.prefill_chunk,
+            "cold_ttft_seconds": ttft[0],
+            "warm_ttft_seconds": &ttft[1..],
+            "warm_median_ttft_seconds": median,
+            "cold_over_warm": ttft[0] / median,
+            "cached_tokens": cached,
+            "cache": {
+                "bytes": stats.bytes,
+                "entries": stats.entries,
+                "bytes_per_cached_token": stats.bytes as f64 / cached_tokens.max(1) as f64,
+                "planner_kv_bytes_per_token": planner.kv_bytes_per_token,
+                "planner_bytes_per_cached_token": (cached_tokens * planner.kv_bytes_per_token
+                    + blocks * planner.state_bytes) as f64 / cached_tokens.max(1) as f64,
+                "lightning_state_bytes_per_block": planner.state_bytes,
+            },
+        })
+    );
+    Ok(())
+}
