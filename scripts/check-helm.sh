@@ -66,6 +66,7 @@ refuses "autoscaling needs metrics.enabled" "${REQUIRED[@]}" --set coordinator.d
   --set tls.secretName=rb-tls --set dataPlane.secretName=rb-data \
   --set etcdTls.secretName=rb-etcd --set-string 'etcd.endpoints=https://etcd-0:2379' \
   --set metrics.serviceMonitor.enabled=true --set expertWorker.autoscaling.enabled=true \
+  --set attentionWorker.contextCache.spillSize=100Gi \
   --set-string 'otlp.endpoint=http://$(HOST_IP):4317' >"$OUT/secure.yaml"
 # The example values files.
 for f in "$CHART"/examples/*.yaml; do

@@ -1846,3 +1846,48 @@ fn one_job_is_one_trace_across_coordinator_attention_and_expert_workers() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// Issue 18: attention workers keep a context cache, and the coordinator routes a job to the
+/// worker that holds its prompt's longest prefix: a second question about the same document
+/// starts after the document's cached chunks there, with the tokens of a run without the cache.
+#[test]
+fn jobs_sharing_a_prefix_go_to_the_worker_that_cached_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup("prefix", dir.path());
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator_with(port, true, &["--prefill-chunk", "16"]);
+    let cache = [
+        "--listen",
+        "127.0.0.1:0",
+        "--context-cache-bytes",
+        "100000000",
+    ];
+    let (a1, _) = c.worker_at("attention-worker", &cache);
+    let (a2, _) = c.worker_at("attention-worker", &cache);
+    let (_e, _) = c.worker("expert-worker");
+    wait_status(&ep, "experts placed", covers_all);
+    let doc = prompt(100, 4);
+    let (q1, q2) = (format!("{doc},7,8,9"), format!("{doc},3,1,4,1,5"));
+    let sampled = ["--temperature", "0.8", "--seed", "3"];
+    let done = |id: &str| {
+        follow(&ep, id).join().unwrap();
+        ok_json(&["jobs", "get", "--endpoint", &ep, id, "--json"])
+    };
+    let first = done(&submit_with(&ep, &q1, 8, &sampled));
+    assert_eq!(first["cached_tokens"], 0);
+    let holder = if a1.count("job step started") == 1 {
+        &a1
+    } else {
+        &a2
+    };
+    let warm = done(&submit_with(&ep, &q2, 8, &sampled));
+    // 100 shared tokens: six whole chunks of 16 before them, on the worker that has them.
+    assert_eq!(warm["cached_tokens"], 96, "{warm}");
+    assert_eq!(holder.count("job step started"), 2);
+    let mut cold_args = sampled.to_vec();
+    cold_args.push("--no-context-cache");
+    let cold = done(&submit_with(&ep, &q2, 8, &cold_args));
+    assert_eq!(cold["cached_tokens"], 0);
+    assert_eq!(tokens(&warm), tokens(&cold));
+}

@@ -72,6 +72,8 @@ pub struct AttentionWorkerArgs {
     /// context among enough attention workers that each one's share fits.
     #[arg(long, env = "RINGBOLT_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,
+    #[command(flatten)]
+    pub context_cache: crate::ContextCacheArgs,
 }
 
 /// Most ranks a context-parallel group may have.
@@ -101,6 +103,8 @@ pub struct AttentionHost<B: Backend = Cpu> {
         std::sync::mpsc::Sender<Prefilled<B>>,
         std::sync::mpsc::Receiver<Prefilled<B>>,
     ),
+    /// What this worker's prefills computed, by prompt prefix (None: no cache).
+    cache: Option<ringbolt_model::prefix::ContextCache>,
 }
 
 /// This worker's context data plane.
@@ -127,6 +131,8 @@ struct StepSink {
     job: String,
     tx: mpsc::UnboundedSender<Result<ipb::JobStep, Status>>,
     span: tracing::Span,
+    /// Prompt tokens the context cache had.
+    cached_tokens: u64,
 }
 
 impl Sink for StepSink {
@@ -146,9 +152,12 @@ impl Sink for StepSink {
                 tokens_per_second,
             }),
             Event::Token { index, token } => E::Token(ipb::StepToken { index, token }),
-            // This worker prefills alone (Forward::prefill_context is not offered), and keeps no
-            // context cache (yet): neither event happens here.
-            Event::ContextParallel { .. } | Event::Cached { .. } => return true,
+            // This worker prefills alone (Forward::prefill_context is not offered).
+            Event::ContextParallel { .. } => return true,
+            Event::Cached { tokens } => {
+                self.cached_tokens = tokens;
+                return true;
+            }
             Event::Finished {
                 reason: FinishReason::Cancelled,
                 ..
@@ -175,6 +184,7 @@ impl Sink for StepSink {
                     decode_seconds: stats.decode_seconds,
                     layer_steps: stats.layer_steps,
                     layer_steps_resent: stats.resent,
+                    cached_tokens: self.cached_tokens,
                 })
             }
             Event::Failed(e) => {
@@ -227,7 +237,17 @@ impl<B: Backend> AttentionHost<B> {
             max_batch: 64,
             plane: plane.map(Arc::new),
             prefilled: std::sync::mpsc::channel(),
+            cache: None,
         }
+    }
+
+    /// Prefills start from, and add to, `cache`.
+    pub fn with_context_cache(
+        mut self,
+        cache: Option<ringbolt_model::prefix::ContextCache>,
+    ) -> Self {
+        self.cache = cache;
+        self
     }
 
     pub fn experts(&self) -> &RemoteExperts {
@@ -276,7 +296,7 @@ impl<B: Backend> AttentionHost<B> {
                 stop_tokens: req.stop_tokens.clone(),
                 ignore_eos: req.ignore_eos,
                 prefill_chunk: (req.prefill_chunk > 0).then_some(req.prefill_chunk as usize),
-                context_cache: true,
+                context_cache: !req.no_context_cache,
             },
             rank,
         ))
@@ -320,9 +340,27 @@ impl<B: Backend> AttentionHost<B> {
         match Self::check(&req) {
             Ok((r, None)) => {
                 tracing::info!(%job, tokens = r.prompt.len(), "job step started");
-                sched.admit(&self.model, r, StepSink { job, tx, span });
+                sched.admit(
+                    &self.model,
+                    r,
+                    StepSink {
+                        job,
+                        tx,
+                        span,
+                        cached_tokens: 0,
+                    },
+                );
             }
-            Ok((r, Some(rank))) => self.start_rank(r, rank, StepSink { job, tx, span }),
+            Ok((r, Some(rank))) => self.start_rank(
+                r,
+                rank,
+                StepSink {
+                    job,
+                    tx,
+                    span,
+                    cached_tokens: 0,
+                },
+            ),
             Err(status) => {
                 tracing::warn!(%job, status = %status, "job step refused");
                 let _ = tx.send(Err(status));
@@ -335,7 +373,8 @@ impl<B: Backend> AttentionHost<B> {
         let mut sched = Scheduler::new(SchedulerConfig {
             max_batch: self.max_batch,
             prefill_chunk: self.prefill_chunk,
-        });
+        })
+        .with_context_cache(self.cache.clone());
         loop {
             while let Ok(p) = self.prefilled.1.try_recv() {
                 tracing::info!(job = %p.sink.job, "decoding after the context-parallel prefill");
@@ -424,6 +463,7 @@ impl<B: Backend> AttentionHost<B> {
                         decode_seconds: 0.0,
                         layer_steps: counts.steps,
                         layer_steps_resent: counts.resent,
+                        cached_tokens: 0,
                     };
                     let _ = sink.tx.send(Ok(ipb::JobStep {
                         event: Some(ipb::job_step::Event::Done(done)),
@@ -703,7 +743,8 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
         rt: tokio::runtime::Handle::current(),
         timeout: Duration::from_secs(a.data_timeout_secs.max(1)),
     };
-    let host = AttentionHost::new(model, experts, a.prefill_chunk, Some(plane));
+    let host = AttentionHost::new(model, experts, a.prefill_chunk, Some(plane))
+        .with_context_cache(a.context_cache.open()?);
     let (jobs, mut engine_ended) = start_engine(host, ENGINE_QUEUE)?;
     let svc = AttentionWorkerServer::new(Service { jobs })
         .max_decoding_message_size(MAX_CONTROL_MESSAGE)

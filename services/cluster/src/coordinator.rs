@@ -71,6 +71,9 @@ pub struct CoordinatorArgs {
 
 /// What the coordinator knows of the cluster: members and the plan (for `Status` and for
 /// choosing attention workers).
+/// Prompt blocks the coordinator remembers (which worker prefilled them), at most.
+const MAX_PREFIX_BLOCKS: usize = 1 << 20;
+
 pub struct ClusterView {
     members: RwLock<Vec<Member>>,
     plan: PlanView,
@@ -80,6 +83,16 @@ pub struct ClusterView {
     expert_bytes: u64,
     /// What one job's context costs an attention worker.
     cache: ringbolt_planner::ContextCost,
+    /// Which attention worker prefilled each prompt block (keyed as the context cache keys
+    /// them), for cache-aware routing.
+    prefixes: Mutex<Prefixes>,
+}
+
+#[derive(Default)]
+struct Prefixes {
+    /// Block key → the worker and when it was noted.
+    map: HashMap<ringbolt_model::prefix::Key, (String, u64)>,
+    clock: u64,
 }
 
 impl ClusterView {
@@ -124,10 +137,53 @@ impl ClusterView {
             .collect()
     }
 
+    /// The attention worker that prefilled the longest prefix of `prompt` (in whole chunks
+    /// ending before its last token), as far as this coordinator sent it jobs.
+    fn prefix_holder(&self, chunk: usize, prompt: &[u32]) -> Option<String> {
+        let prefixes = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut k = ringbolt_model::prefix::root(b"coordinator", chunk);
+        let mut holder = None;
+        let mut end = chunk.max(1);
+        while end < prompt.len() {
+            k = ringbolt_model::prefix::key(k, &prompt[end - chunk..end]);
+            match prefixes.map.get(&k) {
+                Some((w, _)) => holder = Some(w.clone()),
+                None => break,
+            }
+            end += chunk;
+        }
+        holder
+    }
+
+    /// Notes that `worker` prefills `prompt`: its whole chunks will be in its context cache.
+    fn record_prefix(&self, chunk: usize, prompt: &[u32], worker: &str) {
+        let mut p = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut k = ringbolt_model::prefix::root(b"coordinator", chunk);
+        for block in prompt.chunks_exact(chunk.max(1)) {
+            k = ringbolt_model::prefix::key(k, block);
+            p.clock += 1;
+            let stamp = p.clock;
+            p.map.insert(k, (worker.to_string(), stamp));
+        }
+        // Bounded: the older half goes when it is full (workers evict too; a stale entry
+        // only costs a miss).
+        if p.map.len() > MAX_PREFIX_BLOCKS {
+            let cut = p.clock - (MAX_PREFIX_BLOCKS / 2) as u64;
+            p.map.retain(|_, (_, s)| *s > cut);
+        }
+    }
+
     /// `n` distinct attention workers with the fewest running jobs, avoiding those in `avoid`
     /// where enough others exist; None while fewer than `n` are registered. A worker that
-    /// offers no context data plane cannot be a rank of a group (n > 1).
-    fn pick_attention(&self, n: usize, avoid: &HashSet<String>) -> Option<Vec<Member>> {
+    /// offers no context data plane cannot be a rank of a group (n > 1). With one worker and a
+    /// `preferred` one (it holds the job's prefix), that one unless it runs more than one job
+    /// beyond the least busy.
+    fn pick_attention(
+        &self,
+        n: usize,
+        avoid: &HashSet<String>,
+        preferred: Option<&str>,
+    ) -> Option<Vec<Member>> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut all: Vec<Member> = self
             .attention_workers()
@@ -138,12 +194,11 @@ impl ClusterView {
             return None;
         }
         // Fresh workers first, then the least loaded.
+        let busy = |m: &Member| running.get(&m.id).copied().unwrap_or(0);
+        let least = all.iter().map(busy).min().unwrap_or(0);
         all.sort_by_key(|m| {
-            (
-                avoid.contains(&m.id),
-                running.get(&m.id).copied().unwrap_or(0),
-                m.id.clone(),
-            )
+            let holds = n == 1 && preferred == Some(m.id.as_str()) && busy(m) <= least + 1;
+            (avoid.contains(&m.id), !holds, busy(m), m.id.clone())
         });
         all.truncate(n);
         Some(all)
@@ -650,8 +705,16 @@ impl ClusterExecutor {
                 };
             }
             let waited = Instant::now();
+            // Cache-aware: the worker whose context cache holds the longest prefix of this
+            // prompt, when it is not much busier than the others.
+            let holder = (degree == 1 && !rec.no_context_cache)
+                .then(|| {
+                    self.view
+                        .prefix_holder(self.prefill_chunk as usize, &prompt)
+                })
+                .flatten();
             let workers = loop {
-                if let Some(w) = self.view.pick_attention(degree, &avoid) {
+                if let Some(w) = self.view.pick_attention(degree, &avoid, holder.as_deref()) {
                     break Some(w);
                 }
                 if waited.elapsed() > self.worker_wait || job.is_cancelled() {
@@ -680,7 +743,11 @@ impl ClusterExecutor {
                 .map(|w| RunningGuard::new(&self.view, &w.id))
                 .collect();
             let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
-            tracing::info!(workers = ?ids, attempt = failures + 1, "job sent to attention worker(s)");
+            tracing::info!(workers = ?ids, attempt = failures + 1, prefix_holder = ?holder, "job sent to attention worker(s)");
+            if degree == 1 && !rec.no_context_cache {
+                self.view
+                    .record_prefix(self.prefill_chunk as usize, &prompt, &workers[0].id);
+            }
             let req = ipb::RunJobRequest {
                 job_id: rec.id.clone(),
                 epoch: self.view.plan.current().epoch,
@@ -697,6 +764,7 @@ impl ClusterExecutor {
                 prefill_chunk: self.prefill_chunk,
                 ignore_eos: rec.ignore_eos,
                 context: None,
+                no_context_cache: rec.no_context_cache,
             };
             let outcome = self.attempt(&job, &workers, req, &mut ttft).await;
             drop(_guards);
@@ -710,8 +778,10 @@ impl ClusterExecutor {
                     tracing::info!(
                         layer_steps = done.layer_steps,
                         resent = done.layer_steps_resent,
+                        cached_tokens = done.cached_tokens,
                         "job finished on the cluster"
                     );
+                    job.set_cached_tokens(done.cached_tokens);
                     return Completion {
                         job,
                         outcome: Outcome::Finished(reason),
@@ -1040,6 +1110,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         expert_bytes: per_expert,
         // Attention workers keep keys and values in f32 (the CPU backend's cache).
         cache: ringbolt_planner::ContextCost::of(&cfg, 4),
+        prefixes: Default::default(),
     });
     let planner = Planner {
         store: store.clone(),
@@ -1217,6 +1288,7 @@ mod tests {
             running: Mutex::new(HashMap::new()),
             expert_bytes: 1,
             cache: ringbolt_planner::ContextCost::of(&cfg, 4),
+            prefixes: Default::default(),
         });
         let mut regs = Vec::new();
         for id in ["e0", "e1"] {
