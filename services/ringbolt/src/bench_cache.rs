@@ -34,6 +34,11 @@ pub struct CacheBenchArgs {
     /// The cache's memory budget.
     #[arg(long, default_value_t = 8 << 30)]
     context_cache_bytes: usize,
+    /// Ask a local cluster instead (a coordinator, two attention workers each with its own
+    /// cache at the default budget, two expert workers; etcd from the PATH): the coordinator
+    /// routes each question to the worker holding the document.
+    #[arg(long)]
+    cluster: bool,
 }
 
 pub fn run(a: CacheBenchArgs) -> Result<()> {
@@ -47,24 +52,34 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
     let cfg = ModelConfig::from_file(&a.checkpoint.join("config.json"))?;
     let dir = tempfile::tempdir()?;
     let stop = CancellationToken::new();
-    let args = StandaloneArgs {
-        prefill_chunk: a.prefill_chunk,
-        max_batch: 1,
-        ..StandaloneArgs::in_process(a.checkpoint.clone(), dir.path().join("data"))
-    };
     let cache = ContextCache::new(a.context_cache_bytes, None)?;
-    let (a2, c2, s2) = (args.clone(), cache.clone(), stop.clone());
-    let mgr = tokio::task::spawn_blocking(move || start_manager_with(&a2, Some(c2), s2)).await??;
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    let s = stop.clone();
-    tokio::spawn(ringbolt_jobs::grpc::serve(
-        mgr,
-        ringbolt_shell::Shell::plain(Default::default()),
-        listener,
-        None,
-        async move { s.cancelled().await },
-    ));
+    let mut cluster = None;
+    let endpoint = if a.cluster {
+        let cl = crate::local_cluster::LocalCluster::start(&a.checkpoint, None, 2, 2).await?;
+        let ep = cl.endpoint.clone();
+        cluster = Some(cl);
+        ep
+    } else {
+        let args = StandaloneArgs {
+            prefill_chunk: a.prefill_chunk,
+            max_batch: 1,
+            ..StandaloneArgs::in_process(a.checkpoint.clone(), dir.path().join("data"))
+        };
+        let (a2, c2, s2) = (args.clone(), cache.clone(), stop.clone());
+        let mgr =
+            tokio::task::spawn_blocking(move || start_manager_with(&a2, Some(c2), s2)).await??;
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let s = stop.clone();
+        tokio::spawn(ringbolt_jobs::grpc::serve(
+            mgr,
+            ringbolt_shell::Shell::plain(Default::default()),
+            listener,
+            None,
+            async move { s.cancelled().await },
+        ));
+        endpoint
+    };
     let mut rng = StdRng::seed_from_u64(11);
     let mut ids = |n: usize| -> Vec<u32> {
         (0..n)
@@ -86,6 +101,7 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
         cached.push(t.cached_tokens);
     }
     stop.cancel();
+    drop(cluster);
     let mut warm = ttft[1..].to_vec();
     warm.sort_by(f64::total_cmp);
     let median = warm[warm.len() / 2];
@@ -97,6 +113,7 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
         "{}",
         json!({
             "bench": "cache",
+            "where": if a.cluster { "cluster: 2 attention workers, 2 expert workers" } else { "standalone" },
             "document_tokens": a.document_tokens,
             "question_tokens": a.question_tokens,
             "prefill_chunk": a.prefill_chunk,
@@ -105,7 +122,8 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
             "warm_median_ttft_seconds": median,
             "cold_over_warm": ttft[0] / median,
             "cached_tokens": cached,
-            "cache": {
+            // In a cluster the caches are the workers' (not measured here).
+            "cache": if a.cluster { serde_json::Value::Null } else { json!({
                 "bytes": stats.bytes,
                 "entries": stats.entries,
                 "bytes_per_cached_token": stats.bytes as f64 / cached_tokens.max(1) as f64,
@@ -113,7 +131,7 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
                 "planner_bytes_per_cached_token": (cached_tokens * planner.kv_bytes_per_token
                     + blocks * planner.state_bytes) as f64 / cached_tokens.max(1) as f64,
                 "lightning_state_bytes_per_block": planner.state_bytes,
-            },
+            })},
         })
     );
     Ok(())
