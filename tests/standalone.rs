@@ -1625,16 +1625,30 @@ fn the_context_cache_reuses_a_shared_prefix_with_the_same_tokens() {
     assert_eq!(got["cached_tokens"], 96);
     drop(server);
 
-    // A budget of about two blocks: the prefill's blocks spill to disk and come back.
+    // A budget of two blocks: a prefill keeps its first two; another prompt's blocks evict
+    // them to disk, and they come back for the next question.
     let server = serve("70000");
     let ep = server.endpoint.clone();
-    let other = question(&[2, 2]);
-    submit_json(&ep, &other, 4, &with(&sampled, &[]));
+    let unrelated: Vec<u32> = (0..40).map(|i| (i * 7 % 300 + 100) as u32).collect();
+    assert_eq!(
+        submit_json(&ep, &q1, 4, &with(&sampled, &[]))["cached_tokens"],
+        0
+    );
+    submit_json(&ep, &unrelated, 4, &with(&sampled, &[]));
     let spilled = std::fs::read_dir(&spill).unwrap().count();
-    assert!(spilled >= 3, "{spilled} spill files");
+    let names: Vec<_> = std::fs::read_dir(&spill)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(spilled, 2, "the document's two blocks spilled: {names:?}");
     let warm = submit_json(&ep, &q2, 12, &with(&sampled, &[]));
-    assert_eq!(warm["cached_tokens"], 96);
+    assert_eq!(warm["cached_tokens"], 32);
     assert_eq!(tokens(&warm), tokens(&cold));
+    // The unrelated prompt again: the document's blocks go back to disk.
+    assert_eq!(
+        submit_json(&ep, &unrelated, 4, &with(&sampled, &[]))["cached_tokens"],
+        32
+    );
     drop(server);
 
     // Damaged spill files are misses: the right tokens, from a cold prefill.

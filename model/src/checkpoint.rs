@@ -149,8 +149,9 @@ impl Checkpoint {
         &self.config
     }
 
-    /// Identifies the weights this checkpoint holds as files: each weight file's name, size and
-    /// modification time (a rewritten checkpoint gets another), and the config.
+    /// Identifies the weights this checkpoint holds as files: each weight file's name, size,
+    /// modification time, inode and change time (which no copy preserves: a rewritten or
+    /// replaced file gets another), and the config.
     pub fn fingerprint(&self) -> u64 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(format!("{:?}", self.config).as_bytes());
@@ -165,6 +166,10 @@ impl Checkpoint {
                     .map(|d| d.as_nanos())
                     .unwrap_or(0);
                 h.update(&t.to_le_bytes());
+                use std::os::unix::fs::MetadataExt;
+                h.update(&m.ino().to_le_bytes());
+                h.update(&m.ctime().to_le_bytes());
+                h.update(&m.ctime_nsec().to_le_bytes());
             }
         }
         h.digest()

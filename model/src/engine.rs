@@ -307,14 +307,29 @@ impl<B: Backend> Model<B> {
     /// changes the arithmetic (weights, config, block size, backend and its threads, the CUDA
     /// lightning kernel's choice) is in it.
     pub fn cache_root(&self, chunk: usize) -> crate::prefix::Key {
+        let env = |k: &str| std::env::var(k).unwrap_or_default();
         let id = format!(
-            "{}|{}|{:?}|{}",
+            "{}|{}|{:?}|{}|{}",
             self.fingerprint,
             self.backend.name(),
             self.cfg,
-            std::env::var("RINGBOLT_LIGHTNING").unwrap_or_default()
+            env("RINGBOLT_LIGHTNING"),
+            env("RINGBOLT_CPU_AMX"),
         );
         crate::prefix::root(id.as_bytes(), chunk)
+    }
+
+    /// Bytes of a context cache block of `tokens` tokens of this model.
+    pub fn cache_block_bytes(&self, tokens: usize) -> usize {
+        let width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let lightning = self
+            .cfg
+            .layers
+            .iter()
+            .filter(|k| **k == LayerKind::Lightning)
+            .count();
+        let softmax = self.cfg.num_layers() - lightning;
+        (lightning * self.cfg.lightning_state_len() + softmax * 2 * tokens * width + tokens) * 4
     }
 
     /// The context cache's block of `st` for its last `tokens` (ending at `st.pos`): those

@@ -133,6 +133,11 @@ impl ContextCache {
             std::fs::create_dir_all(d)?;
             for e in std::fs::read_dir(d)?.flatten() {
                 let name = e.file_name();
+                // A spill a crash cut short.
+                if name.to_str().is_some_and(|n| n.ends_with(".tmp")) {
+                    let _ = std::fs::remove_file(e.path());
+                    continue;
+                }
                 let Some(k) = name
                     .to_str()
                     .and_then(|n| n.strip_suffix(".ctx"))
@@ -165,7 +170,32 @@ impl ContextCache {
             dir: dir.map(Path::to_path_buf),
             disk_budget: budget as u64 * DISK_BUDGET_FACTOR,
         };
-        cache.lock().stats.spilled_bytes = disk_bytes;
+        {
+            // Files a previous run left beyond today's disk budget: the oldest go.
+            let mut g = cache.lock();
+            if g.disk_bytes > cache.disk_budget {
+                let mut files: Vec<(std::time::SystemTime, Key)> = g
+                    .disk
+                    .iter()
+                    .map(|(k, s)| {
+                        let t = std::fs::metadata(&s.path)
+                            .and_then(|m| m.modified())
+                            .unwrap_or(std::time::UNIX_EPOCH);
+                        (t, *k)
+                    })
+                    .collect();
+                files.sort_unstable();
+                for (_, k) in files {
+                    if g.disk_bytes <= cache.disk_budget {
+                        break;
+                    }
+                    if let Some(s) = g.disk.remove(&k) {
+                        g.disk_bytes -= s.bytes;
+                        let _ = std::fs::remove_file(&s.path);
+                    }
+                }
+            }
+        }
         Ok(cache)
     }
 
@@ -236,65 +266,111 @@ impl ContextCache {
         out
     }
 
-    /// Entry `k` from memory, or read back from its spill file.
+    /// Entry `k` (the block after `parent`) from memory, or read back from its spill file.
     fn get(&self, k: Key, parent: Key) -> Option<Arc<Block>> {
         let spilled = {
-            let mut g = self.lock();
+            let g = self.lock();
             if let Some(e) = g.entries.get(&k) {
-                return Some(e.block.clone());
+                return (e.parent == parent).then(|| e.block.clone());
             }
-            g.disk.remove(&k)?
+            g.disk.get(&k)?.path.clone()
         };
-        let read = read_spill(&spilled.path, k, parent);
-        let _ = std::fs::remove_file(&spilled.path);
-        {
+        let Some(block) = read_spill(&spilled, k, parent) else {
             let mut g = self.lock();
-            g.disk_bytes = g.disk_bytes.saturating_sub(spilled.bytes);
-            if read.is_none() {
-                g.stats.corrupt += 1;
-                tracing::warn!(file = %spilled.path.display(), "a context cache spill file failed its checks: dropped");
+            if let Some(s) = g.disk.remove(&k) {
+                g.disk_bytes = g.disk_bytes.saturating_sub(s.bytes);
+            }
+            g.stats.corrupt += 1;
+            drop(g);
+            tracing::warn!(file = %spilled.display(), "a context cache spill file failed its checks: dropped");
+            let _ = std::fs::remove_file(&spilled);
+            return None;
+        };
+        let block = Arc::new(block);
+        // Back in memory: the file goes (if it does not fit, the file stays for next time).
+        if self.put(k, parent, block.clone()) {
+            let mut g = self.lock();
+            if let Some(s) = g.disk.remove(&k) {
+                g.disk_bytes = g.disk_bytes.saturating_sub(s.bytes);
+                let _ = std::fs::remove_file(&s.path);
             }
         }
-        let block = Arc::new(read?);
-        self.put(k, parent, block.clone());
         Some(block)
     }
 
     /// Keeps `block`, the block after prefix `parent`, as prefix `k` (evicting to stay within
-    /// the budget; a block larger than the budget is not kept).
-    pub fn insert(&self, k: Key, parent: Key, block: Block) {
-        self.put(k, parent, Arc::new(block));
+    /// the budget; a block larger than the budget is not kept). Whether it was kept: a
+    /// prefill adds no later block of a prompt once one is not (they could never be reached).
+    pub fn insert(&self, k: Key, parent: Key, block: Block) -> bool {
+        self.put(k, parent, Arc::new(block))
     }
 
-    fn put(&self, k: Key, parent: Key, block: Arc<Block>) {
+    /// Whether a block of `bytes` could be kept at all (a caller skips copying one out
+    /// otherwise).
+    pub fn could_keep(&self, bytes: usize) -> bool {
+        bytes <= self.budget
+    }
+
+    /// Keeps `block` as prefix `k` if room can be made for it: the least recently used entries
+    /// go first, except those a restore is reading and `k`'s own ancestors (a prefix is only
+    /// usable whole, so a long prefill keeps its first blocks rather than its last). Nothing is
+    /// evicted unless the block then fits. Whether it was kept.
+    fn put(&self, k: Key, parent: Key, block: Arc<Block>) -> bool {
         let bytes = block.bytes();
         if bytes > self.budget {
-            return;
+            return false;
         }
         let mut evicted = Vec::new();
-        {
+        let kept = {
             let mut g = self.lock();
             if g.entries.contains_key(&k) {
-                return;
+                return true;
             }
-            while g.bytes + bytes > self.budget {
-                // The least recently used entry no restore is reading.
-                let Some((&victim, _)) = g
+            // The block's ancestors in memory, nearest first.
+            let mut chain = Vec::new();
+            let mut a = parent;
+            while let Some(e) = g.entries.get(&a) {
+                if chain.contains(&a) {
+                    break;
+                }
+                chain.push(a);
+                a = e.parent;
+            }
+            let need = (g.bytes + bytes).saturating_sub(self.budget);
+            let mut victims = Vec::new();
+            if need > 0 {
+                let ancestors: std::collections::HashSet<Key> = chain.iter().copied().collect();
+                let mut candidates: Vec<(u64, Key, usize)> = g
                     .entries
                     .iter()
-                    .filter(|(_, e)| Arc::strong_count(&e.block) == 1)
-                    .min_by_key(|(_, e)| e.last_use)
-                else {
-                    break;
-                };
-                if let Some(e) = g.entries.remove(&victim) {
-                    g.bytes -= e.bytes;
-                    g.stats.evictions += 1;
-                    evicted.push((victim, e));
+                    .filter(|(key, e)| {
+                        Arc::strong_count(&e.block) == 1 && !ancestors.contains(*key)
+                    })
+                    .map(|(key, e)| (e.last_use, *key, e.bytes))
+                    .collect();
+                candidates.sort_unstable();
+                let mut freed = 0;
+                for (_, key, b) in candidates {
+                    if freed >= need {
+                        break;
+                    }
+                    freed += b;
+                    victims.push(key);
+                }
+                if freed < need {
+                    victims.clear();
                 }
             }
-            // Blocks being read may keep it from fitting: then it is not kept.
-            if g.bytes + bytes <= self.budget {
+            if need > 0 && victims.is_empty() {
+                false
+            } else {
+                for v in victims {
+                    if let Some(e) = g.entries.remove(&v) {
+                        g.bytes -= e.bytes;
+                        g.stats.evictions += 1;
+                        evicted.push((v, e));
+                    }
+                }
                 g.clock += 1;
                 let last_use = g.clock;
                 g.bytes += bytes;
@@ -307,14 +383,24 @@ impl ContextCache {
                         last_use,
                     },
                 );
+                // Its ancestors are used more recently than it, the shallowest most: the LRU
+                // order takes a prefix from its end.
+                for a in chain {
+                    g.clock += 1;
+                    let now = g.clock;
+                    if let Some(e) = g.entries.get_mut(&a) {
+                        e.last_use = now;
+                    }
+                }
+                true
             }
-            metrics::gauge!("ringbolt_context_cache_bytes").set(g.bytes as f64);
-            metrics::counter!("ringbolt_context_cache_evictions_total")
-                .increment(evicted.len() as u64);
-        }
+        };
+        metrics::gauge!("ringbolt_context_cache_bytes").set(self.lock().bytes as f64);
+        metrics::counter!("ringbolt_context_cache_evictions_total").increment(evicted.len() as u64);
         for (victim, e) in evicted {
             self.spill(victim, e);
         }
+        kept
     }
 
     /// Writes an evicted entry to the spill directory (when there is one), dropping the oldest
@@ -539,26 +625,32 @@ mod tests {
         let one = block(&[0, 0], 0.0, 4).bytes();
         let c = ContextCache::new(2 * one, Some(dir.path())).unwrap();
         let r = root(b"m", 2);
-        let prompt = [1, 2, 3, 4, 5, 6, 7];
-        fill(&c, r, &prompt[..6]);
-        assert_eq!(c.stats().spilled, 1);
-        // The spilled block comes back, the same.
+        let prompt = [1, 2, 3, 4, 5];
+        fill(&c, r, &prompt[..4]);
+        // A longer prefill than the budget keeps its first blocks.
+        fill(&c, r, &[8, 8, 9, 9, 7, 7]);
+        assert_eq!(c.lookup(r, &[8, 8, 9, 9, 7, 7, 0], 2).len(), 2);
+        // Its first blocks evicted the other prompt's (deepest first, to disk).
+        assert_eq!(c.stats().spilled, 2);
+        // The spilled blocks come back, the same.
         let got = c.lookup(r, &prompt, 2);
-        assert_eq!(got.len(), 3);
+        assert_eq!(got.len(), 2);
         assert_eq!(*got[0], block(&[1, 2], 0.0, 4));
         drop(got);
         drop(c);
         // A restarted process finds the spill files and uses them.
         let dir = tempfile::tempdir().unwrap();
         let first = ContextCache::new(one, Some(dir.path())).unwrap();
-        fill(&first, r, &prompt[..4]);
+        fill(&first, r, &prompt[..2]);
+        fill(&first, r, &[6, 6]);
         drop(first);
         let again = ContextCache::new(one, Some(dir.path())).unwrap();
         assert_eq!(again.stats().spilled, 1);
         assert_eq!(again.lookup(r, &prompt[..3], 2).len(), 1);
         // A damaged file is a miss (the prefix ends there), and is dropped.
         let first = ContextCache::new(one, Some(dir.path())).unwrap();
-        fill(&first, r, &[4, 4, 5, 5]);
+        fill(&first, r, &[4, 4]);
+        fill(&first, r, &[5, 5]);
         drop(first);
         let again = ContextCache::new(one, Some(dir.path())).unwrap();
         for f in std::fs::read_dir(dir.path()).unwrap() {

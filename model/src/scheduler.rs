@@ -346,14 +346,7 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             ))));
             return;
         }
-        if let Some(mut s) = self.new_seq(model, req, sink) {
-            self.resume_from_cache(model, &mut s);
-            if s.stats.cached_tokens > 0 {
-                let tokens = s.stats.cached_tokens;
-                if !s.sink.send(Event::Cached { tokens }) {
-                    return;
-                }
-            }
+        if let Some(s) = self.new_seq(model, req, sink) {
             self.prefilling.push_back(s);
         }
     }
@@ -524,6 +517,17 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         fwd: &impl Forward<B>,
         mut s: Seq<B, S>,
     ) -> Option<Seq<B, S>> {
+        // The cache is looked up when the prefill starts, not when it is queued: a job queued
+        // behind another with the same prefix finds what that one added.
+        if s.done == 0 && s.chain.is_some() && s.stats.cached_tokens == 0 {
+            self.resume_from_cache(model, &mut s);
+            if s.stats.cached_tokens > 0 {
+                let tokens = s.stats.cached_tokens;
+                if !s.sink.send(Event::Cached { tokens }) {
+                    return None;
+                }
+            }
+        }
         let end = (s.done + s.chunk).min(s.prompt.len());
         let last = end == s.prompt.len();
         let toks = vec![s.prompt[s.done..end].to_vec()];
@@ -541,11 +545,15 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             let tokens = &s.prompt[s.done..end];
             let k = crate::prefix::key(parent, tokens);
             s.chain = Some(k);
-            if tokens.len() == s.chunk
-                && !cache.contains(k)
-                && let Some(block) = model.cache_block(&s.state, tokens)
-            {
-                cache.insert(k, parent, block);
+            if tokens.len() == s.chunk && !cache.contains(k) {
+                let kept = cache.could_keep(model.cache_block_bytes(tokens.len()))
+                    && model
+                        .cache_block(&s.state, tokens)
+                        .is_some_and(|block| cache.insert(k, parent, block));
+                if !kept {
+                    // The prompt's later blocks could never be reached: none are added.
+                    s.chain = None;
+                }
             }
         }
         s.done = end;

@@ -157,10 +157,16 @@ impl ClusterView {
 
     /// Notes that `worker` prefills `prompt`: its whole chunks will be in its context cache.
     fn record_prefix(&self, chunk: usize, prompt: &[u32], worker: &str) {
-        let mut p = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
         let mut k = ringbolt_model::prefix::root(b"coordinator", chunk);
-        for block in prompt.chunks_exact(chunk.max(1)) {
-            k = ringbolt_model::prefix::key(k, block);
+        let keys: Vec<_> = prompt
+            .chunks_exact(chunk.max(1))
+            .map(|block| {
+                k = ringbolt_model::prefix::key(k, block);
+                k
+            })
+            .collect();
+        let mut p = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
             p.clock += 1;
             let stamp = p.clock;
             p.map.insert(k, (worker.to_string(), stamp));
@@ -707,7 +713,8 @@ impl ClusterExecutor {
             let waited = Instant::now();
             // Cache-aware: the worker whose context cache holds the longest prefix of this
             // prompt, when it is not much busier than the others.
-            let holder = (degree == 1 && !rec.no_context_cache)
+            let routed = degree == 1 && !rec.no_context_cache && self.prefill_chunk > 0;
+            let holder = routed
                 .then(|| {
                     self.view
                         .prefix_holder(self.prefill_chunk as usize, &prompt)
@@ -744,7 +751,7 @@ impl ClusterExecutor {
                 .collect();
             let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
             tracing::info!(workers = ?ids, attempt = failures + 1, prefix_holder = ?holder, "job sent to attention worker(s)");
-            if degree == 1 && !rec.no_context_cache {
+            if routed {
                 self.view
                     .record_prefix(self.prefill_chunk as usize, &prompt, &workers[0].id);
             }
