@@ -169,6 +169,7 @@ expect_raw_error(400, "`temperature` must be a number", "POST", "/v1/chat/comple
 expect_raw_error(400, "`prompt` is required", "POST", "/v1/completions", {"model": MODEL, "unknown_field": 1})
 expect_raw_error(413, "larger than this server accepts", "POST", "/v1/completions", {"prompt": "x" * 200_000})
 expect_raw_error(404, "no route", "GET", "/v1/engines")
+expect_raw_error(400, "takes no `stop`", "POST", "/v1/responses", {"input": "a", "stop": ["x"]})
 
 # Admission: one job at a time here; a second while one runs gets 429.
 busy = client.responses.create(model=MODEL, input="Another long story.", background=True, max_output_tokens=4000, temperature=0, extra_body={"ignore_eos": True})

@@ -195,6 +195,7 @@ pub fn follow(
                             String::new()
                         } else {
                             let (mut t, matched) = matcher.push(f.text.as_deref().unwrap_or(""));
+                            stopped |= matched;
                             if !matched {
                                 t.push_str(&matcher.finish());
                             }
@@ -203,7 +204,10 @@ pub fn follow(
                         if !rest.is_empty() {
                             let _ = tx.send(Piece::Text(rest)).await;
                         }
+                        // A stop sequence ended the text, however the job ended (it may have
+                        // finished before it heard of the stop).
                         let finish = match pb::FinishReason::try_from(f.reason) {
+                            _ if stopped => Finish::Stop,
                             Ok(pb::FinishReason::Length) => Finish::Length,
                             Ok(pb::FinishReason::Cancelled) => Finish::Cancelled,
                             _ => Finish::Stop,

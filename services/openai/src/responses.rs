@@ -334,6 +334,10 @@ pub async fn create(
     body: BodyBytes,
 ) -> Result<Response, ApiError> {
     let (b, g) = request::read(&api, body, &["max_output_tokens"], default_max(&api))?;
+    // The Responses API has no stop sequences (a resumed stream could not apply them).
+    if b.get("stop").is_some() || b.get("stop_token_ids").is_some() {
+        return Err(ApiError::field("stop", "the Responses API takes no `stop`"));
+    }
     if b.get("previous_response_id").is_some() {
         return Err(ApiError::field(
             "previous_response_id",
