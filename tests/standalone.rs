@@ -1664,3 +1664,64 @@ fn the_context_cache_reuses_a_shared_prefix_with_the_same_tokens() {
     assert_eq!(warm["cached_tokens"], 0);
     assert_eq!(tokens(&warm), tokens(&cold));
 }
+
+/// Issue 18 with context parallelism: a group prefills a prompt up to its last cache boundary
+/// and leaves every rank's share in the cache; a later prompt sharing that prefix starts from
+/// the shares (the rank that decodes finishes it through the keys left on the ranks) and gives
+/// the same tokens as without the cache.
+#[test]
+fn context_parallel_jobs_reuse_a_groups_cached_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 65_536, false);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &[
+            "--prefill-chunk",
+            "16",
+            "--context-cache-bytes",
+            "100000000",
+            "--context-parallel",
+            "3",
+        ],
+    );
+    let ep = server.endpoint.clone();
+    let doc: Vec<u32> = (0..100).map(|i| (i * 31 % 500) as u32).collect();
+    let question = |q: &[u32]| doc.iter().chain(q).copied().collect::<Vec<u32>>();
+    let (q1, q2) = (question(&[7, 8, 9]), question(&[3, 1, 4, 1, 5]));
+    let sampled = [
+        "--context-parallel",
+        "2",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        sampled.iter().chain(extra).copied().collect()
+    };
+    let cold = submit_json(&ep, &q2, 12, &with(&["--no-context-cache"]));
+    assert_eq!(cold["cached_tokens"], 0);
+    let first = submit_json(&ep, &q1, 12, &with(&[]));
+    assert_eq!(first["cached_tokens"], 0);
+    // The group prefilled q1's first 96 positions (six chunks of 16) and kept them.
+    let warm = submit_json(&ep, &q2, 12, &with(&[]));
+    assert_eq!(warm["cached_tokens"], 96, "{warm}");
+    assert_eq!(tokens(&warm), tokens(&cold));
+    let id = warm["job_id"].as_str().unwrap();
+    let got = ok_json(&["jobs", "get", id, "--endpoint", &ep, "--json"]);
+    assert_eq!(got["cached_tokens"], 96);
+    assert_eq!(got["context_parallel"], 2);
+    // A longer question starts from the same 96 and finishes 24 positions on the decoding
+    // rank; greedy, it gives one worker's tokens. A group of another size has no shares.
+    let q3 = question(&(1..=20).collect::<Vec<u32>>());
+    let want = generate(&ckpt, &q3, 12);
+    let v = submit_json(&ep, &q3, 12, &["--context-parallel", "2"]);
+    assert_eq!(v["cached_tokens"], 96, "{v}");
+    assert_eq!(tokens(&v), want);
+    let v = submit_json(&ep, &q3, 12, &["--context-parallel", "3"]);
+    assert_eq!(v["cached_tokens"], 0, "{v}");
+    assert_eq!(tokens(&v), want);
+}

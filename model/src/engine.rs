@@ -165,17 +165,36 @@ pub struct SequenceState<B: Backend> {
     pub split: Option<Box<dyn SplitAttention<B>>>,
 }
 
+/// One rank's keys and values of a split sequence: per softmax layer, keys and values.
+pub type ShareKv = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// Softmax attention of a sequence whose keys and values stay split among the ranks of a
 /// context-parallel prefill (distributed decode, design.md §4.2a): each decode step's query
 /// goes to every rank holding keys, and the partial results merge by log-sum-exp.
 pub trait SplitAttention<B: Backend>: Send + Sync {
-    /// The attention output (`[1, heads·d]`) of one decode token of softmax layer `layer`,
-    /// given its query, key and value (one row each, after RoPE); the key and value are kept
-    /// by one of the ranks.
-    fn attend(&mut self, b: &B, layer: usize, q: &B::Buf, k: B::Buf, v: B::Buf) -> Result<B::Buf>;
+    /// The attention output (`[n, heads·d]`) of the sequence's next `n` tokens at softmax
+    /// layer `layer`, given their queries, keys and values (`n` rows each, after RoPE): each
+    /// sees every earlier key and, causally, the others'. One rank keeps the new keys and
+    /// values.
+    fn attend(
+        &mut self,
+        b: &B,
+        layer: usize,
+        q: &B::Buf,
+        n: usize,
+        k: B::Buf,
+        v: B::Buf,
+    ) -> Result<B::Buf>;
 
     /// Keys of softmax layer `layer` each rank holds.
     fn tokens_per_rank(&self, layer: usize) -> Vec<usize>;
+
+    /// Every rank's keys and values (per softmax layer, its segments' rows in order), when
+    /// every rank's share is in this process and holds only what the prefill put there (the
+    /// context cache keeps them); None otherwise.
+    fn shares(&self, _b: &B) -> Option<Vec<ShareKv>> {
+        None
+    }
 }
 
 impl<B: Backend> SequenceState<B> {
@@ -775,13 +794,7 @@ impl<B: Backend> Model<B> {
                         b.rope_inplace(&mut qs, n, nh, pos0, rope);
                         b.rope_inplace(&mut ks, n, nkv, pos0, rope);
                         if let Some(split) = st.split.as_mut() {
-                            if n != 1 {
-                                return Err(ModelError::Invalid(format!(
-                                    "{n} tokens in one step of a sequence whose keys are split \
-                                     among ranks (it decodes one token per step)"
-                                )));
-                            }
-                            parts.push(split.attend(b, l, &qs, ks, vs)?);
+                            parts.push(split.attend(b, l, &qs, n, ks, vs)?);
                         } else {
                             let LayerCache::Softmax { k: kc, v: vc } = &mut st.layers[l] else {
                                 unreachable!("cache kinds follow the config's layer kinds")

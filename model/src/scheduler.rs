@@ -159,13 +159,18 @@ pub struct ForwardCounts {
     pub resent: u64,
 }
 
-/// A whole prompt prefilled by several ranks.
+/// A prompt prefilled by several ranks, up to `tokens` (the whole prompt, or a prefix whose
+/// rest the scheduler prefills from `state`, its keys and values still split among the ranks).
 pub struct ContextPrefill<B: Backend> {
-    /// The last position's logits.
+    /// Positions the ranks prefilled (or the context cache restored).
+    pub tokens: usize,
+    /// The last position's logits, when `tokens` is the whole prompt.
     pub logits: Vec<f32>,
-    /// The state decode continues from.
+    /// The state prefill or decode continues from.
     pub state: SequenceState<B>,
     pub cache_bytes_per_rank: Vec<u64>,
+    /// Positions restored from the context cache rather than prefilled.
+    pub cached_tokens: usize,
 }
 
 /// A request whose whole prompt context-parallel ranks prefilled (from `started`), to decode
@@ -575,13 +580,26 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
         None
     }
 
-    /// A sequence whose whole prompt was prefilled by context-parallel ranks: its events,
-    /// then its first token.
+    /// A sequence whose prompt context-parallel ranks prefilled, whole or up to a prefix: its
+    /// events, then its first token, or the rest of its prefill (queued like any other).
     fn prefilled(&mut self, mut s: Seq<B, S>, done: ContextPrefill<B>, ranks: usize) {
+        if done.tokens == 0 || done.tokens > s.prompt.len() {
+            let e = invalid(format!(
+                "context-parallel ranks prefilled {} positions of a {}-token prompt",
+                done.tokens,
+                s.prompt.len()
+            ));
+            s.fail(e);
+            return;
+        }
         s.state = done.state;
-        s.done = s.prompt.len();
+        s.done = done.tokens;
+        s.stats.cached_tokens = done.cached_tokens as u64;
         let tps = s.done as f64 / s.started.elapsed().as_secs_f64().max(1e-9);
-        let events = [
+        let cached = (done.cached_tokens > 0).then_some(Event::Cached {
+            tokens: done.cached_tokens as u64,
+        });
+        let events = cached.into_iter().chain([
             Event::ContextParallel {
                 degree: ranks,
                 cache_bytes_per_rank: &done.cache_bytes_per_rank,
@@ -591,11 +609,16 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                 done: s.done as u64,
                 tokens_per_second: tps,
             },
-        ];
+        ]);
         for ev in events {
             if !s.sink.send(ev) {
                 return;
             }
+        }
+        if s.done < s.prompt.len() {
+            // The rest runs here, attending through the state's split keys and values.
+            self.prefilling.push_back(s);
+            return;
         }
         s.prefill_end = Some(Instant::now());
         s.prompt = Vec::new();

@@ -19,6 +19,7 @@
 
 use super::{ExpertExecutor, LayerCache, Mixer, Model, SequenceState, SplitAttention};
 use crate::config::LIGHTNING_NORM_EPS;
+use crate::config::LayerKind;
 use crate::error::{ModelError, Result};
 use ringbolt_kernels::partial::fold_state;
 use ringbolt_kernels::{AttentionShape, Backend, LightningShape, RopeParams};
@@ -620,6 +621,8 @@ pub struct KvShard<B: Backend> {
     layers: Vec<Vec<Segment<B>>>,
     /// Per layer: whether the last segment is the decode tail.
     tail: Vec<bool>,
+    /// Per layer: whether it is a softmax layer.
+    softmax: Vec<bool>,
     shape: AttentionShape,
 }
 
@@ -631,6 +634,34 @@ impl<B: Backend> KvShard<B> {
             .map_or(0, |s| s.iter().map(|g| g.rows).sum())
     }
 
+    /// Per softmax layer, the keys and values the prefill put here (its segments' rows in
+    /// order); None once decode tokens were appended.
+    fn prefilled(&self, b: &B) -> Option<super::ShareKv> {
+        if self.tail.iter().any(|t| *t) {
+            return None;
+        }
+        Some(
+            self.layers
+                .iter()
+                .zip(&self.softmax)
+                .filter(|(_, softmax)| **softmax)
+                .map(|(segs, _)| {
+                    let (mut k, mut v) = (Vec::new(), Vec::new());
+                    for g in segs {
+                        k.extend(b.download(&g.k));
+                        v.extend(b.download(&g.v));
+                    }
+                    (k, v)
+                })
+                .collect(),
+        )
+    }
+
+    /// The attention's heads and widths.
+    pub fn shape(&self) -> AttentionShape {
+        self.shape
+    }
+
     /// Bytes of keys and values held here (f32).
     pub fn bytes(&self) -> usize {
         let w = self.shape.kv_heads * self.shape.head_dim;
@@ -639,39 +670,53 @@ impl<B: Backend> KvShard<B> {
             .sum()
     }
 
-    /// The partial attention (output `[1, heads·d]` and log-sum-exp `[heads]`) of the decode
-    /// query `q` (one row, after RoPE) over the keys of `layer` held here, after appending
-    /// the new token's key and value when `append` is given; None when nothing is held.
+    /// The partial attention (output `[n, heads·d]` and log-sum-exp `[n, heads]`) of `n`
+    /// queries `q` (after RoPE) at the positions after every key held here, over the keys of
+    /// `layer` held here, after appending the new tokens' keys and values (`n` rows each) when
+    /// `append` is given: the queries see every earlier key and, causally, the appended ones.
+    /// None when nothing is held.
     pub fn attend(
         &mut self,
         b: &B,
         layer: usize,
         q: &B::Buf,
+        n: usize,
         append: Option<(B::Buf, B::Buf)>,
     ) -> Option<(B::Buf, Vec<f32>)> {
         let segs = self.layers.get_mut(layer)?;
+        let appended = append.is_some();
         if let Some((k, v)) = append {
             if self.tail[layer]
                 && let Some(t) = segs.last_mut()
             {
                 t.k = b.concat_rows(&[std::mem::replace(&mut t.k, b.zeros(0)), k]);
                 t.v = b.concat_rows(&[std::mem::replace(&mut t.v, b.zeros(0)), v]);
-                t.rows += 1;
+                t.rows += n;
             } else {
-                segs.push(Segment { k, v, rows: 1 });
+                segs.push(Segment { k, v, rows: n });
                 self.tail[layer] = true;
             }
         }
-        // A decode query sees every key: place it after all of them.
+        let last = segs.len().saturating_sub(1);
+        // The queries come after every key held; of the segment just appended to, its last
+        // `n` keys are the queries' own (causal among themselves).
         let parts: Vec<(B::Buf, Vec<f32>)> = segs
             .iter()
-            .filter(|g| g.rows > 0)
-            .map(|g| b.attention_partial(q, 1, g.rows, &g.k, &g.v, g.rows, 0, self.shape))
+            .enumerate()
+            .filter(|(_, g)| g.rows > 0)
+            .map(|(i, g)| {
+                let q_pos0 = if appended && i == last {
+                    g.rows - n
+                } else {
+                    g.rows
+                };
+                b.attention_partial(q, n, q_pos0, &g.k, &g.v, g.rows, 0, self.shape)
+            })
             .collect();
         match parts.len() {
             0 => None,
             1 => parts.into_iter().next(),
-            _ => Some(b.attention_merge(&parts, 1, self.shape)),
+            _ => Some(b.attention_merge(&parts, n, self.shape)),
         }
     }
 }
@@ -720,10 +765,17 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
         st.pos = self.layout.tokens;
         let decodes = whole_everywhere && self.layout.last_rank() == self.rank;
         let tail = vec![false; layers.len()];
+        let softmax = model
+            .cfg
+            .layers
+            .iter()
+            .map(|k| *k == LayerKind::Softmax)
+            .collect();
         Ok((
             KvShard {
                 layers,
                 tail,
+                softmax,
                 shape,
             },
             decodes.then_some(st),
@@ -748,7 +800,15 @@ pub struct LocalSplit<B: Backend> {
 }
 
 impl<B: Backend> SplitAttention<B> for LocalSplit<B> {
-    fn attend(&mut self, b: &B, layer: usize, q: &B::Buf, k: B::Buf, v: B::Buf) -> Result<B::Buf> {
+    fn attend(
+        &mut self,
+        b: &B,
+        layer: usize,
+        q: &B::Buf,
+        n: usize,
+        k: B::Buf,
+        v: B::Buf,
+    ) -> Result<B::Buf> {
         let counts: Vec<usize> = self.shards.iter().map(|s| s.tokens(layer)).collect();
         let h = holder(&counts);
         let mut append = Some((k, v));
@@ -757,14 +817,174 @@ impl<B: Backend> SplitAttention<B> for LocalSplit<B> {
         for (r, s) in self.shards.iter_mut().enumerate() {
             shape = Some(s.shape);
             let a = if r == h { append.take() } else { None };
-            parts.extend(s.attend(b, layer, q, a));
+            parts.extend(s.attend(b, layer, q, n, a));
         }
         let shape = shape.ok_or_else(|| ModelError::Invalid("no shards".into()))?;
-        Ok(b.attention_merge(&parts, 1, shape).0)
+        Ok(b.attention_merge(&parts, n, shape).0)
     }
 
     fn tokens_per_rank(&self, layer: usize) -> Vec<usize> {
         self.shards.iter().map(|s| s.tokens(layer)).collect()
+    }
+
+    fn shares(&self, b: &B) -> Option<Vec<super::ShareKv>> {
+        self.shards.iter().map(|s| s.prefilled(b)).collect()
+    }
+}
+
+/// How many of a `tokens`-token prompt's positions the ranks of a context-parallel group
+/// prefill together: up to the last context cache boundary (a multiple of `chunk`) before its
+/// last token; the decoding rank prefills the rest, under `chunk` tokens, attending through
+/// the split keys and values. The group's part is then a prefix that later prompts sharing it
+/// can take from the cache, and it is the same whether the cache is on or not. A prompt of at
+/// most one chunk is the group's whole.
+pub fn group_prefix(tokens: usize, chunk: usize) -> usize {
+    let chunk = chunk.max(1);
+    match tokens.saturating_sub(1) / chunk * chunk {
+        0 => tokens,
+        n => n,
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// The context cache's blocks of `st`, a sequence whose first `tokens.len()` positions
+    /// context-parallel ranks of this process prefilled (and nothing since): one per rank,
+    /// its keys and values; the rank that decodes (the layout's last) also every lightning
+    /// state. None for any other state.
+    pub fn split_cache_blocks(
+        &self,
+        st: &SequenceState<B>,
+        tokens: &[u32],
+        layout: &Layout,
+    ) -> Option<Vec<crate::prefix::Block>> {
+        let split = st.split.as_ref()?;
+        if st.pos != tokens.len() || layout.tokens != tokens.len() {
+            return None;
+        }
+        let b = &self.backend;
+        let shares = split.shares(b)?;
+        if shares.len() != layout.ranks {
+            return None;
+        }
+        let decoder = layout.last_rank();
+        Some(
+            shares
+                .into_iter()
+                .enumerate()
+                .map(|(r, kv)| crate::prefix::Block {
+                    tokens: tokens.to_vec(),
+                    lightning: if r == decoder {
+                        st.layers
+                            .iter()
+                            .filter_map(|c| match c {
+                                LayerCache::Lightning(s) => Some(b.download(s)),
+                                LayerCache::Softmax { .. } => None,
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    kv,
+                })
+                .collect(),
+        )
+    }
+
+    /// The state [`split_cache_blocks`](Self::split_cache_blocks) kept, its keys and values
+    /// split as `layout` split them (one block per rank, in rank order): what the ranks'
+    /// prefill of `layout.tokens` positions left, bit for bit.
+    pub fn restore_split(
+        &self,
+        blocks: &[std::sync::Arc<crate::prefix::Block>],
+        layout: &Layout,
+    ) -> Result<SequenceState<B>>
+    where
+        B: 'static,
+    {
+        let b = &self.backend;
+        let bad = |why: String| {
+            Err(ModelError::Invalid(format!(
+                "context cache blocks do not fit the model: {why}"
+            )))
+        };
+        if blocks.len() != layout.ranks {
+            return bad(format!(
+                "{} blocks for {} ranks",
+                blocks.len(),
+                layout.ranks
+            ));
+        }
+        let softmax: Vec<usize> = (0..self.cfg.num_layers())
+            .filter(|l| self.cfg.layers[*l] == LayerKind::Softmax)
+            .collect();
+        let lightning = self.cfg.num_layers() - softmax.len();
+        let width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let shape = AttentionShape {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        };
+        let mut shards = Vec::with_capacity(blocks.len());
+        for (r, blk) in blocks.iter().enumerate() {
+            let own = layout.of_rank(r);
+            let rows: usize = own.iter().map(|c| c.len).sum();
+            if blk.tokens.len() != layout.tokens || blk.kv.len() != softmax.len() {
+                return bad(format!(
+                    "rank {r}'s block holds {} tokens and {} softmax layers",
+                    blk.tokens.len(),
+                    blk.kv.len()
+                ));
+            }
+            let mut layers: Vec<Vec<Segment<B>>> =
+                (0..self.cfg.num_layers()).map(|_| Vec::new()).collect();
+            for (&l, (k, v)) in softmax.iter().zip(&blk.kv) {
+                if k.len() != rows * width || v.len() != rows * width {
+                    return bad(format!("rank {r}'s keys of layer {l}"));
+                }
+                let mut row = 0;
+                for c in &own {
+                    let span = row * width..(row + c.len) * width;
+                    layers[l].push(Segment {
+                        k: b.upload(&k[span.clone()]),
+                        v: b.upload(&v[span]),
+                        rows: c.len,
+                    });
+                    row += c.len;
+                }
+            }
+            let tail = vec![false; layers.len()];
+            let softmax = self
+                .cfg
+                .layers
+                .iter()
+                .map(|k| *k == LayerKind::Softmax)
+                .collect();
+            shards.push(KvShard {
+                layers,
+                tail,
+                softmax,
+                shape,
+            });
+        }
+        let states = &blocks[layout.last_rank()].lightning;
+        if states.len() != lightning
+            || states
+                .iter()
+                .any(|s| s.len() != self.cfg.lightning_state_len())
+        {
+            return bad("the decoding rank's lightning states".into());
+        }
+        let mut st = self.new_state();
+        let mut li = 0;
+        for c in st.layers.iter_mut() {
+            if let LayerCache::Lightning(s) = c {
+                *s = b.upload(&states[li]);
+                li += 1;
+            }
+        }
+        st.pos = layout.tokens;
+        st.split = Some(Box::new(LocalSplit { shards }));
+        Ok(st)
     }
 }
 
@@ -966,6 +1186,60 @@ mod tests {
             let spread = before.iter().max().unwrap() - before.iter().min().unwrap();
             assert!(hi - lo <= spread.max(1), "{before:?} -> {after:?}");
         }
+    }
+
+    #[test]
+    fn a_prompt_finished_through_split_keys_and_restored_from_the_cache_equals_one_worker() {
+        let (_d, m) = model(3);
+        let block = m.config().block_size;
+        let chunk = block * 2;
+        // The group prefills up to the last chunk boundary; the rest (inside a chunk or a
+        // whole one) goes through the split keys and values in one step, as the scheduler runs it.
+        for (n, p) in [
+            (chunk * 3 + 5, 2usize),
+            (chunk * 4, 3),
+            (chunk + 1, 4),
+            (chunk * 2 + 9, 1),
+        ] {
+            let prompt: Vec<u32> = (0..n as u32).map(|i| (i * 31 + 7) % 500 + 1).collect();
+            let mut one = m.new_state();
+            let want = m.forward(&mut one, &prompt, Logits::Last).unwrap();
+            let end = group_prefix(n, chunk);
+            assert!(end < n && end.is_multiple_of(chunk), "n={n}: {end}");
+            let (_, ranks) = prefill(&m, &prompt[..end], p).unwrap();
+            let mut cold = local_split_state(ranks).unwrap();
+            let layout = Layout::zigzag(end, p);
+            let blocks = m
+                .split_cache_blocks(&cold, &prompt[..end], &layout)
+                .expect("a fresh split state gives its blocks");
+            assert_eq!(blocks.len(), p);
+            let got = m.forward(&mut cold, &prompt[end..], Logits::Last).unwrap();
+            assert!(
+                rel_err(&got, &want) <= 1e-5,
+                "n={n} P={p}: {}",
+                rel_err(&got, &want)
+            );
+            // Once tokens were appended, the state's shares are no longer the prefix's.
+            assert!(
+                m.split_cache_blocks(&cold, &prompt[..end], &layout)
+                    .is_none()
+            );
+            // Restored: the same arithmetic, bit for bit, then decode the same.
+            let blocks: Vec<_> = blocks.into_iter().map(std::sync::Arc::new).collect();
+            let mut warm = m.restore_split(&blocks, &layout).unwrap();
+            let again = m.forward(&mut warm, &prompt[end..], Logits::Last).unwrap();
+            assert_eq!(again, got, "n={n} P={p}");
+            let t = crate::sampling::argmax(&got);
+            let a = m.forward(&mut cold, &[t], Logits::Last).unwrap();
+            let b = m.forward(&mut warm, &[t], Logits::Last).unwrap();
+            assert_eq!(a, b);
+            // Blocks of another layout or model do not restore.
+            let other = Layout::zigzag(end, p + 1);
+            assert!(m.restore_split(&blocks, &other).is_err());
+        }
+        assert_eq!(group_prefix(chunk, chunk), chunk);
+        assert_eq!(group_prefix(chunk + 1, chunk), chunk);
+        assert_eq!(group_prefix(3, chunk), 3);
     }
 
     #[test]

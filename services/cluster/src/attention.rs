@@ -593,9 +593,11 @@ fn run_rank<B: Backend>(
             )));
             Ok((
                 Some(ContextPrefill {
+                    tokens: prompt.len(),
                     logits,
                     state,
                     cache_bytes_per_rank: Vec::new(),
+                    cached_tokens: 0,
                 }),
                 counts,
             ))

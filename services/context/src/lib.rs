@@ -14,7 +14,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ringbolt_kernels::Backend;
 use ringbolt_model::context::{Chunk, Layout, RankPrefill, Share};
-use ringbolt_model::context::{KvShard, holder};
+use ringbolt_model::context::{KvShard, group_prefix, holder};
+use ringbolt_model::prefix::ContextCache;
+use ringbolt_model::scheduler::ContextPrefill;
 use ringbolt_model::{ExpertExecutor, Model, ModelError};
 use ringbolt_transport::{Transport, TransportError};
 use std::sync::Arc;
@@ -420,8 +422,27 @@ pub fn serve_shard<B: Backend, T: Transport>(
         let Some((layer, q, kv)) = decode_request(msg)? else {
             return Ok(());
         };
+        let shape = shard.shape();
+        let width = shape.heads * shape.head_dim;
+        let kv_width = shape.kv_heads * shape.head_dim;
+        let n = q.len() / width;
+        if n == 0 || q.len() != n * width {
+            return Err(ContextError::Malformed(format!(
+                "a decode query of {} values (rows of {width})",
+                q.len()
+            )));
+        }
+        if let Some((k, v)) = &kv
+            && (k.len() != n * kv_width || v.len() != n * kv_width)
+        {
+            return Err(ContextError::Malformed(format!(
+                "{} keys and {} values for {n} queries (rows of {kv_width})",
+                k.len(),
+                v.len()
+            )));
+        }
         let kv = kv.map(|(k, v)| (b.upload(&k), b.upload(&v)));
-        let part = shard.attend(b, layer, &b.upload(&q), kv);
+        let part = shard.attend(b, layer, &b.upload(&q), n, kv);
         let mut out = BytesMut::new();
         match part {
             None => out.put_u8(0),
@@ -486,6 +507,7 @@ impl<B: Backend, T: Transport + 'static> RemoteSplit<B, T> {
         b: &B,
         layer: usize,
         q: &B::Buf,
+        n: usize,
         k: B::Buf,
         v: B::Buf,
     ) -> Result<B::Buf> {
@@ -495,7 +517,7 @@ impl<B: Backend, T: Transport + 'static> RemoteSplit<B, T> {
             .get_mut(layer)
             .ok_or_else(|| ContextError::Malformed(format!("no layer {layer}")))?;
         let h = holder(counts);
-        counts[h] += 1;
+        counts[h] += n;
         let step = self.step;
         self.step += 1;
         let (qh, kh, vh) = (b.download(q), b.download(&k), b.download(&v));
@@ -524,7 +546,7 @@ impl<B: Backend, T: Transport + 'static> RemoteSplit<B, T> {
                 .collect::<std::result::Result<Vec<Bytes>, TransportError>>()
         });
         let mut parts: Vec<(B::Buf, Vec<f32>)> = Vec::with_capacity(p);
-        parts.extend(self.own.attend(b, layer, q, (h == me).then_some((k, v))));
+        parts.extend(self.own.attend(b, layer, q, n, (h == me).then_some((k, v))));
         let replies = until_aborted(&self.rt, &self.abort, async {
             replies
                 .await
@@ -541,7 +563,7 @@ impl<B: Backend, T: Transport + 'static> RemoteSplit<B, T> {
             }
             let o = get_f32s(&mut r)?;
             let lse = get_f32s(&mut r)?;
-            if o.len() != w || lse.len() != self.shape.heads {
+            if o.len() != n * w || lse.len() != n * self.shape.heads {
                 return Err(ContextError::Malformed(format!(
                     "a decode reply of {} outputs and {} log-sum-exps",
                     o.len(),
@@ -550,7 +572,7 @@ impl<B: Backend, T: Transport + 'static> RemoteSplit<B, T> {
             }
             parts.push((b.upload(&o), lse));
         }
-        Ok(b.attention_merge(&parts, 1, self.shape).0)
+        Ok(b.attention_merge(&parts, n, self.shape).0)
     }
 }
 
@@ -560,10 +582,11 @@ impl<B: Backend, T: Transport + 'static> ringbolt_model::SplitAttention<B> for R
         b: &B,
         layer: usize,
         q: &B::Buf,
+        n: usize,
         k: B::Buf,
         v: B::Buf,
     ) -> ringbolt_model::Result<B::Buf> {
-        self.attend_all(b, layer, q, k, v).map_err(|e| match e {
+        self.attend_all(b, layer, q, n, k, v).map_err(|e| match e {
             ContextError::Model(m) => m,
             // Another try (on a new group) may succeed.
             other => ModelError::Peer(other.to_string()),
@@ -670,6 +693,78 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
     })
 }
 
+/// A context-parallel prefill in this process with the context cache: the group prefills
+/// the prompt's first [`group_prefix`] positions, or the cache gives the longest prefix of
+/// them a group of the same size left when the rest is no more work for the decoding rank
+/// than each rank's part of a group prefill. The group's shares are kept in the cache; the
+/// rest of the prompt is the scheduler's ([`ContextPrefill::tokens`]). `group` makes the
+/// ranks' transports (not called on a hit).
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_group_cached<B: Backend + 'static, T: Transport + 'static>(
+    rt: &tokio::runtime::Handle,
+    model: &Model<B>,
+    prompt: &[u32],
+    degree: usize,
+    chunk: usize,
+    cache: Option<&ContextCache>,
+    group: impl FnOnce() -> Vec<T>,
+    cancel: &CancellationToken,
+) -> Result<ContextPrefill<B>> {
+    let end = group_prefix(prompt.len(), chunk);
+    // Only a prefix ending on a block boundary before the last token can be kept.
+    let cacheable = end.is_multiple_of(chunk.max(1)) && end < prompt.len();
+    let root = model.cache_root(chunk);
+    if let Some(cache) = cache.filter(|_| cacheable) {
+        let min = prompt.len() - prompt.len() / degree.max(1);
+        if let Some((n, shares)) = cache.lookup_shares(root, prompt, chunk, degree, min, end) {
+            let layout = Layout::zigzag(n, degree);
+            match model.restore_split(&shares, &layout) {
+                Ok(state) => {
+                    let cache_bytes_per_rank = shares
+                        .iter()
+                        .map(|b| {
+                            b.kv.iter()
+                                .map(|(k, v)| (k.len() + v.len()) * 4)
+                                .sum::<usize>() as u64
+                        })
+                        .collect();
+                    return Ok(ContextPrefill {
+                        tokens: n,
+                        logits: Vec::new(),
+                        state,
+                        cache_bytes_per_rank,
+                        cached_tokens: n,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "context cache shares not used"),
+            }
+        }
+    }
+    let part = &prompt[..end];
+    let p = prefill_group(rt, model, part, group(), StateExchange::AllGather, cancel)?;
+    if let Some(cache) = cache.filter(|_| cacheable) {
+        let layout = Layout::zigzag(end, degree);
+        let bytes = model.cache_block_bytes(end);
+        if cache.could_keep(bytes)
+            && let Some(blocks) = model.split_cache_blocks(&p.state, part, &layout)
+        {
+            let key = part.chunks(chunk).fold(root, ringbolt_model::prefix::key);
+            cache.insert_shares(key, blocks);
+        }
+    }
+    Ok(ContextPrefill {
+        tokens: end,
+        logits: if end == prompt.len() {
+            p.logits
+        } else {
+            Vec::new()
+        },
+        state: p.state,
+        cache_bytes_per_rank: p.cache_bytes_per_rank,
+        cached_tokens: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -749,7 +844,7 @@ mod tests {
     }
 
     #[test]
-    fn ranks_over_tcp_equal_one_worker_and_decode_with_the_keys_left_on_them() {
+    fn ranks_over_tcp_equal_one_worker_and_finish_and_decode_with_the_keys_left_on_them() {
         let (_d, m) = model();
         let rt = runtime();
         let prompt: Vec<u32> = (0..211u32).map(|i| (i * 13 + 3) % 500 + 1).collect();
@@ -769,7 +864,10 @@ mod tests {
                 Default::default(),
             ))
             .unwrap();
-        let layout = Layout::zigzag(prompt.len(), p);
+        // The ranks prefill the first 180 positions; the decoding rank runs the other 31 in one
+        // step through the keys left on the ranks (as the scheduler finishes a group's prefix).
+        let part = 180;
+        let layout = Layout::zigzag(part, p);
         let last = layout.last_rank();
         // The decoding rank's logits at every step and its keys per rank at the end.
         type Decoded = Option<(Vec<Vec<f32>>, Vec<usize>)>;
@@ -778,6 +876,7 @@ mod tests {
                 .into_iter()
                 .map(|t| {
                     let (layout, prompt, m, h) = (&layout, &prompt, &m, rt.handle());
+                    let head = &prompt[..part];
                     s.spawn(move || {
                         let abort = CancellationToken::new();
                         let t = Arc::new(t);
@@ -786,21 +885,19 @@ mod tests {
                             m,
                             None,
                             layout,
-                            prompt,
+                            head,
                             StateExchange::Ring,
                             t.clone(),
                             &abort,
                         )
                         .unwrap();
                         assert!(times.sent > 0);
-                        let logits = rp.last_logits();
                         let (shard, state) = rp.into_shard().unwrap();
                         let Some(mut st) = state else {
                             // The other ranks serve their keys until the sequence is done.
                             serve_shard(h, m.backend(), shard, last, &*t, &abort).unwrap();
                             return None;
                         };
-                        let mut got = vec![logits.expect("the decoding rank has the logits")];
                         st.split = Some(Box::new(RemoteSplit::new(
                             h.clone(),
                             m,
@@ -809,6 +906,8 @@ mod tests {
                             t,
                             abort,
                         )));
+                        let mut got =
+                            vec![m.forward(&mut st, &prompt[part..], Logits::Last).unwrap()];
                         for _ in 0..64 {
                             let tok = ringbolt_model::sampling::argmax(got.last().unwrap());
                             got.push(m.forward(&mut st, &[tok], Logits::Last).unwrap());
@@ -826,7 +925,7 @@ mod tests {
         for (step, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!(rel_err(a, b) <= 1e-5, "step {step}");
         }
-        // The keys stayed spread: 211 + 64 over three ranks.
+        // The keys stayed spread: 180 + 31 + 64 over three ranks.
         assert_eq!(counts.iter().sum::<usize>(), 211 + 64);
         assert!(counts.iter().all(|c| *c >= 91 && *c <= 92), "{counts:?}");
     }

@@ -268,34 +268,36 @@ impl<B: Backend> Engine<B> {
             return false;
         }
         let (model, rt, back) = (self.model.clone(), self.rt.clone(), back.clone());
+        let chunk = self.cfg.prefill_chunk;
+        let cache = self.cfg.context_cache.clone().filter(|_| req.context_cache);
         let spawned = std::thread::Builder::new()
             .name("context-prefill".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
                 // A cancelled job stops the ranks at their next wait.
                 let cancel = sink.job.cancellation().clone();
-                let group = ringbolt_transport::local::LocalGroup::ranks(
-                    degree,
-                    0,
-                    std::time::Duration::from_secs(3600),
-                );
+                let group = || {
+                    ringbolt_transport::local::LocalGroup::ranks(
+                        degree,
+                        0,
+                        std::time::Duration::from_secs(3600),
+                    )
+                };
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    ringbolt_context::prefill_group(
+                    ringbolt_context::prefill_group_cached(
                         &rt,
                         &model,
                         &req.prompt,
+                        degree,
+                        chunk,
+                        cache.as_ref(),
                         group,
-                        ringbolt_context::StateExchange::AllGather,
                         &cancel,
                     )
                 }));
                 let msg = match r {
-                    Ok(Ok(p)) => Some(Prefilled {
-                        done: sched::ContextPrefill {
-                            logits: p.logits,
-                            state: p.state,
-                            cache_bytes_per_rank: p.cache_bytes_per_rank,
-                        },
+                    Ok(Ok(done)) => Some(Prefilled {
+                        done,
                         req,
                         started,
                         sink,
