@@ -39,6 +39,10 @@ pub struct CacheBenchArgs {
     /// routes each question to the worker holding the document.
     #[arg(long)]
     cluster: bool,
+    /// Standalone: prefill every question with a context-parallel group of this many ranks
+    /// (threads); the cache then keeps each rank's share of the document.
+    #[arg(long, default_value_t = 1)]
+    context_parallel: u32,
 }
 
 pub fn run(a: CacheBenchArgs) -> Result<()> {
@@ -48,6 +52,9 @@ pub fn run(a: CacheBenchArgs) -> Result<()> {
 async fn bench(a: CacheBenchArgs) -> Result<()> {
     if a.questions < 2 || a.question_tokens == 0 || a.document_tokens == 0 {
         bail!("--questions must be at least 2, and the document and questions not empty");
+    }
+    if a.cluster && a.context_parallel > 1 {
+        bail!("--context-parallel is for the standalone run (not --cluster)");
     }
     let cfg = ModelConfig::from_file(&a.checkpoint.join("config.json"))?;
     let dir = tempfile::tempdir()?;
@@ -63,6 +70,7 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
         let args = StandaloneArgs {
             prefill_chunk: a.prefill_chunk,
             max_batch: 1,
+            context_parallel: a.context_parallel.max(1),
             ..StandaloneArgs::in_process(a.checkpoint.clone(), dir.path().join("data"))
         };
         let (a2, c2, s2) = (args.clone(), cache.clone(), stop.clone());
@@ -108,12 +116,18 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
     let stats = cache.stats();
     let planner = ringbolt_planner::ContextCost::of(&cfg, 4);
     let cached_tokens = cached[1..].iter().copied().max().unwrap_or(0);
-    let blocks = (cached_tokens as usize).div_ceil(a.prefill_chunk) as u64;
+    // One set of lightning states per block, or per group prefix (on its decoding rank).
+    let blocks = if a.context_parallel > 1 {
+        1
+    } else {
+        (cached_tokens as usize).div_ceil(a.prefill_chunk) as u64
+    };
     println!(
         "{}",
         json!({
             "bench": "cache",
             "where": if a.cluster { "cluster: 2 attention workers, 2 expert workers" } else { "standalone" },
+            "context_parallel": a.context_parallel.max(1),
             "document_tokens": a.document_tokens,
             "question_tokens": a.question_tokens,
             "prefill_chunk": a.prefill_chunk,
