@@ -1890,4 +1890,26 @@ fn jobs_sharing_a_prefix_go_to_the_worker_that_cached_it() {
     let cold = done(&submit_with(&ep, &q2, 8, &cold_args));
     assert_eq!(cold["cached_tokens"], 0);
     assert_eq!(tokens(&warm), tokens(&cold));
+
+    // Context-parallel: the group of both workers prefills the first 96 positions and each
+    // keeps its share; the next question goes to the same group in the same rank order, which
+    // agrees on the shares all of them hold and starts there.
+    let mut group = sampled.to_vec();
+    group.extend(["--context-parallel", "2"]);
+    let first = done(&submit_with(&ep, &q1, 8, &group));
+    assert_eq!(first["cached_tokens"], 0, "{first}");
+    let warm = done(&submit_with(&ep, &q2, 8, &group));
+    assert_eq!(warm["cached_tokens"], 96, "{warm}");
+    assert_eq!(warm["context_parallel"], 2, "{warm}");
+    group.push("--no-context-cache");
+    let cold = done(&submit_with(&ep, &q2, 8, &group));
+    assert_eq!(cold["cached_tokens"], 0);
+    assert_eq!(tokens(&warm), tokens(&cold));
+    // Greedy, the group's tokens are one worker's.
+    let q3 = format!("{doc},2,7,1,8,2,8,1,8,2,8");
+    let want = generate(&c.ckpt, &q3, 8);
+    let id = submit_with(&ep, &q3, 8, &["--context-parallel", "2"]);
+    let got = done(&id);
+    assert_eq!(got["cached_tokens"], 96, "{got}");
+    assert_eq!(tokens(&got), want);
 }

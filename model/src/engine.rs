@@ -165,9 +165,6 @@ pub struct SequenceState<B: Backend> {
     pub split: Option<Box<dyn SplitAttention<B>>>,
 }
 
-/// One rank's keys and values of a split sequence: per softmax layer, keys and values.
-pub type ShareKv = Vec<(Vec<f32>, Vec<f32>)>;
-
 /// Softmax attention of a sequence whose keys and values stay split among the ranks of a
 /// context-parallel prefill (distributed decode, design.md §4.2a): each decode step's query
 /// goes to every rank holding keys, and the partial results merge by log-sum-exp.
@@ -188,13 +185,6 @@ pub trait SplitAttention<B: Backend>: Send + Sync {
 
     /// Keys of softmax layer `layer` each rank holds.
     fn tokens_per_rank(&self, layer: usize) -> Vec<usize>;
-
-    /// Every rank's keys and values (per softmax layer, its segments' rows in order), when
-    /// every rank's share is in this process and holds only what the prefill put there (the
-    /// context cache keeps them); None otherwise.
-    fn shares(&self, _b: &B) -> Option<Vec<ShareKv>> {
-        None
-    }
 }
 
 impl<B: Backend> SequenceState<B> {

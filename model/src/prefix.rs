@@ -67,8 +67,23 @@ pub fn key(parent: Key, tokens: &[u32]) -> Key {
     h.digest128()
 }
 
+/// The keys of `prompt`'s prefixes of whole blocks of `chunk` from `root` that end at most at
+/// `max`: `(end, key)`, shortest first.
+pub fn prefix_keys(root: Key, prompt: &[u32], chunk: usize, max: usize) -> Vec<(usize, Key)> {
+    let chunk = chunk.max(1);
+    let mut k = root;
+    prompt[..max.min(prompt.len())]
+        .chunks_exact(chunk)
+        .enumerate()
+        .map(|(i, block)| {
+            k = key(k, block);
+            ((i + 1) * chunk, k)
+        })
+        .collect()
+}
+
 /// The key of rank `rank`'s share, in a context-parallel group of `ranks`, of prefix `prefix`
-/// (see [`ContextCache::lookup_shares`]).
+/// (see [`ContextCache::share`]).
 pub fn share_key(prefix: Key, ranks: usize, rank: usize) -> Key {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(b"context-parallel share");
@@ -248,99 +263,65 @@ impl ContextCache {
             parent = k;
             end += chunk;
         }
-        let mut g = self.lock();
-        // The prefix's shallower blocks are used more recently than its deeper ones, so that
-        // eviction takes a chain from its end.
-        let mut k = root;
-        let mut keys = Vec::with_capacity(out.len());
-        for b in &out {
-            k = key(k, &b.tokens);
-            keys.push(k);
-        }
-        for k in keys.iter().rev() {
-            g.clock += 1;
-            let now = g.clock;
-            if let Some(e) = g.entries.get_mut(k) {
-                e.last_use = now;
+        {
+            let mut g = self.lock();
+            // The prefix's shallower blocks are used more recently than its deeper ones, so
+            // that eviction takes a chain from its end.
+            let mut k = root;
+            let mut keys = Vec::with_capacity(out.len());
+            for b in &out {
+                k = key(k, &b.tokens);
+                keys.push(k);
+            }
+            for k in keys.iter().rev() {
+                g.clock += 1;
+                let now = g.clock;
+                if let Some(e) = g.entries.get_mut(k) {
+                    e.last_use = now;
+                }
             }
         }
-        if out.is_empty() {
+        self.count_lookup(out.len() * chunk);
+        out
+    }
+
+    /// Whether rank `rank`'s share, in a context-parallel group of `ranks`, of prefix
+    /// `prefix` is cached (in memory or spilled; not yet checked).
+    pub fn has_share(&self, prefix: Key, ranks: usize, rank: usize) -> bool {
+        self.contains(share_key(prefix, ranks, rank))
+    }
+
+    /// Rank `rank`'s share, in a context-parallel group of `ranks`, of prefix `prefix` (the
+    /// prompt's first `tokens`), from memory or read back and checked from its spill file.
+    pub fn share(
+        &self,
+        prefix: Key,
+        ranks: usize,
+        rank: usize,
+        tokens: &[u32],
+    ) -> Option<Arc<Block>> {
+        self.get(share_key(prefix, ranks, rank), prefix)
+            .filter(|b| b.tokens == tokens)
+    }
+
+    /// Keeps rank `rank`'s share, in a context-parallel group of `ranks`, of prefix `prefix`
+    /// (see [`Model::share_block`](crate::Model::share_block)). Whether it was kept.
+    pub fn insert_share(&self, prefix: Key, ranks: usize, rank: usize, block: Block) -> bool {
+        self.put(share_key(prefix, ranks, rank), prefix, Arc::new(block))
+    }
+
+    /// Counts one lookup: a hit of `tokens` cached tokens, or a miss (0).
+    pub fn count_lookup(&self, tokens: usize) {
+        let mut g = self.lock();
+        if tokens == 0 {
             g.stats.misses += 1;
             metrics::counter!("ringbolt_context_cache_misses_total").increment(1);
         } else {
             g.stats.hits += 1;
-            g.stats.hit_tokens += (out.len() * chunk) as u64;
+            g.stats.hit_tokens += tokens as u64;
             metrics::counter!("ringbolt_context_cache_hits_total").increment(1);
-            metrics::counter!("ringbolt_context_cache_hit_tokens_total")
-                .increment((out.len() * chunk) as u64);
+            metrics::counter!("ringbolt_context_cache_hit_tokens_total").increment(tokens as u64);
         }
-        out
-    }
-
-    /// The longest prefix of `prompt` (cut in blocks of `chunk` from `root`) of between `min`
-    /// and `max` tokens of which a context-parallel group of `ranks` left every rank's share
-    /// ([`insert_shares`](Self::insert_shares)): its length and the shares in rank order.
-    /// Counts a hit or a miss.
-    pub fn lookup_shares(
-        &self,
-        root: Key,
-        prompt: &[u32],
-        chunk: usize,
-        ranks: usize,
-        min: usize,
-        max: usize,
-    ) -> Option<(usize, Vec<Arc<Block>>)> {
-        let chunk = chunk.max(1);
-        let mut keys = Vec::new();
-        let mut parent = root;
-        let mut end = chunk;
-        while end <= max.min(prompt.len()) {
-            parent = key(parent, &prompt[end - chunk..end]);
-            keys.push((end, parent));
-            end += chunk;
-        }
-        let found = keys
-            .into_iter()
-            .rev()
-            .filter(|(end, _)| *end >= min)
-            .find_map(|(end, k)| {
-                let shares: Option<Vec<Arc<Block>>> = (0..ranks)
-                    .map(|r| {
-                        let sk = share_key(k, ranks, r);
-                        if !self.contains(sk) {
-                            return None;
-                        }
-                        self.get(sk, k).filter(|b| b.tokens == prompt[..end])
-                    })
-                    .collect();
-                shares.map(|s| (end, s))
-            });
-        let mut g = self.lock();
-        match &found {
-            None => {
-                g.stats.misses += 1;
-                metrics::counter!("ringbolt_context_cache_misses_total").increment(1);
-            }
-            Some((n, _)) => {
-                g.stats.hits += 1;
-                g.stats.hit_tokens += *n as u64;
-                metrics::counter!("ringbolt_context_cache_hits_total").increment(1);
-                metrics::counter!("ringbolt_context_cache_hit_tokens_total").increment(*n as u64);
-            }
-        }
-        found
-    }
-
-    /// Keeps the shares a context-parallel group left of prefix `prefix` (one block per
-    /// rank, in rank order; see [`Model::split_cache_blocks`](crate::Model::split_cache_blocks)).
-    /// Whether every one was kept.
-    pub fn insert_shares(&self, prefix: Key, blocks: Vec<Block>) -> bool {
-        let ranks = blocks.len();
-        let mut all = true;
-        for (r, b) in blocks.into_iter().enumerate() {
-            all &= self.put(share_key(prefix, ranks, r), prefix, Arc::new(b));
-        }
-        all
     }
 
     /// Entry `k` (the block after `parent`) from memory, or read back from its spill file.
@@ -752,64 +733,46 @@ mod tests {
         assert!(decode(&full, 5, 7).is_none(), "another parent");
     }
     #[test]
-    fn a_groups_shares_are_found_whole_within_the_bounds_asked() {
+    fn a_ranks_share_is_kept_by_prefix_group_and_rank_and_checked_when_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let one = block(&[0; 6], 0.0, 4).bytes();
-        let c = ContextCache::new(4 * one, Some(dir.path())).unwrap();
+        let c = ContextCache::new(2 * one, Some(dir.path())).unwrap();
         let r = root(b"m", 2);
         let prompt = [1, 2, 3, 4, 5, 6, 7, 8];
-        let prefix = prompt[..6].chunks(2).fold(r, key);
-        let shares = |fill: f32| {
-            (0..2)
-                .map(|i| block(&prompt[..6], fill + i as f32, 4))
-                .collect()
-        };
-        assert!(c.insert_shares(prefix, shares(1.0)));
-        // Found at 6 tokens, when 6 is within the bounds; each rank's share in rank order.
-        let (n, got) = c.lookup_shares(r, &prompt, 2, 2, 4, 7).unwrap();
-        assert_eq!((n, got.len()), (6, 2));
-        assert_eq!(*got[1], block(&prompt[..6], 2.0, 4));
+        let keys = prefix_keys(r, &prompt, 2, 7);
+        assert_eq!(keys.iter().map(|(e, _)| *e).collect::<Vec<_>>(), [2, 4, 6]);
+        assert_eq!(keys[2].1, prompt[..6].chunks(2).fold(r, key));
+        let prefix = keys[2].1;
+        let share = |fill: f32| block(&prompt[..6], fill, 4);
+        assert!(c.insert_share(prefix, 2, 1, share(1.0)));
+        assert!(c.has_share(prefix, 2, 1));
+        // Another rank, group size or prefix is not it.
+        assert!(!c.has_share(prefix, 2, 0) && !c.has_share(prefix, 3, 1));
+        assert!(!c.has_share(keys[1].1, 2, 1));
+        assert_eq!(*c.share(prefix, 2, 1, &prompt[..6]).unwrap(), share(1.0));
         assert!(
-            c.lookup_shares(r, &prompt, 2, 2, 7, 8).is_none(),
-            "below the minimum"
+            c.share(prefix, 2, 1, &prompt[..5]).is_none(),
+            "other tokens"
         );
-        assert!(
-            c.lookup_shares(r, &prompt, 2, 2, 0, 5).is_none(),
-            "beyond the maximum"
-        );
-        // Another group size, another prompt, another root: misses.
-        assert!(c.lookup_shares(r, &prompt, 2, 3, 0, 8).is_none());
-        assert!(
-            c.lookup_shares(r, &[1, 2, 3, 4, 9, 9, 7], 2, 2, 0, 8)
-                .is_none()
-        );
-        assert!(
-            c.lookup_shares(root(b"m", 3), &prompt, 2, 2, 0, 8)
-                .is_none()
-        );
-        assert_eq!(c.stats().hits, 1);
-        // A group missing one rank's share is a miss, never a partial state.
-        let other = [9, 9, 8, 8, 1];
-        let k = other[..4].chunks(2).fold(r, key);
-        c.insert_shares(k, (0..2).map(|_| block(&other[..4], 0.0, 4)).collect());
-        let lost = share_key(k, 2, 1);
-        c.lock().entries.remove(&lost);
-        assert!(c.lookup_shares(r, &other, 2, 2, 0, 4).is_none());
         // Evicted to disk and read back, the same; damaged on disk, a miss.
-        let c = ContextCache::new(2 * one, Some(dir.path())).unwrap();
-        assert!(c.insert_shares(prefix, shares(1.0)));
-        assert!(c.insert_shares(k, (0..2).map(|_| block(&other[..4], 0.0, 4)).collect()));
-        let (_, got) = c.lookup_shares(r, &prompt, 2, 2, 0, 8).unwrap();
-        assert_eq!(*got[0], block(&prompt[..6], 1.0, 4));
-        drop(got);
-        c.insert_shares(k, (0..2).map(|_| block(&other[..4], 3.0, 4)).collect());
+        assert!(c.insert_share(prefix, 2, 0, share(2.0)));
+        assert!(c.insert_share(keys[1].1, 2, 0, block(&prompt[..4], 3.0, 4)));
+        assert!(c.has_share(prefix, 2, 1), "spilled, still there");
+        assert_eq!(*c.share(prefix, 2, 1, &prompt[..6]).unwrap(), share(1.0));
         let spilled = dir
             .path()
             .join(format!("{:032x}.ctx", share_key(prefix, 2, 0)));
         let mut bytes = std::fs::read(&spilled).expect("the share was spilled");
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&spilled, &bytes).unwrap();
-        assert!(c.lookup_shares(r, &prompt, 2, 2, 0, 8).is_none());
-        assert!(c.stats().corrupt >= 1);
+        assert!(c.share(prefix, 2, 0, &prompt[..6]).is_none());
+        assert_eq!(c.stats().corrupt, 1);
+        assert!(!c.has_share(prefix, 2, 0), "the damaged file is dropped");
+        c.count_lookup(6);
+        c.count_lookup(0);
+        assert_eq!(
+            (c.stats().hits, c.stats().misses, c.stats().hit_tokens),
+            (1, 1, 6)
+        );
     }
 }

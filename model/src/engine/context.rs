@@ -636,7 +636,7 @@ impl<B: Backend> KvShard<B> {
 
     /// Per softmax layer, the keys and values the prefill put here (its segments' rows in
     /// order); None once decode tokens were appended.
-    fn prefilled(&self, b: &B) -> Option<super::ShareKv> {
+    fn prefilled(&self, b: &B) -> Option<Vec<(Vec<f32>, Vec<f32>)>> {
         if self.tail.iter().any(|t| *t) {
             return None;
         }
@@ -826,10 +826,6 @@ impl<B: Backend> SplitAttention<B> for LocalSplit<B> {
     fn tokens_per_rank(&self, layer: usize) -> Vec<usize> {
         self.shards.iter().map(|s| s.tokens(layer)).collect()
     }
-
-    fn shares(&self, b: &B) -> Option<Vec<super::ShareKv>> {
-        self.shards.iter().map(|s| s.prefilled(b)).collect()
-    }
 }
 
 /// How many of a `tokens`-token prompt's positions the ranks of a context-parallel group
@@ -847,104 +843,86 @@ pub fn group_prefix(tokens: usize, chunk: usize) -> usize {
 }
 
 impl<B: Backend> Model<B> {
-    /// The context cache's blocks of `st`, a sequence whose first `tokens.len()` positions
-    /// context-parallel ranks of this process prefilled (and nothing since): one per rank,
-    /// its keys and values; the rank that decodes (the layout's last) also every lightning
-    /// state. None for any other state.
-    pub fn split_cache_blocks(
+    /// The context cache's block of one rank's share of a context-parallel prefill of
+    /// `tokens` (the positions its layout covers): the share's keys and values as the prefill
+    /// left them and, given the decoding rank's `state`, every lightning state. None once
+    /// tokens were appended to the share or the state.
+    pub fn share_block(
         &self,
-        st: &SequenceState<B>,
+        shard: &KvShard<B>,
+        state: Option<&SequenceState<B>>,
         tokens: &[u32],
-        layout: &Layout,
-    ) -> Option<Vec<crate::prefix::Block>> {
-        let split = st.split.as_ref()?;
-        if st.pos != tokens.len() || layout.tokens != tokens.len() {
+    ) -> Option<crate::prefix::Block> {
+        if state.is_some_and(|st| st.pos != tokens.len()) {
             return None;
         }
         let b = &self.backend;
-        let shares = split.shares(b)?;
-        if shares.len() != layout.ranks {
-            return None;
-        }
-        let decoder = layout.last_rank();
-        Some(
-            shares
-                .into_iter()
-                .enumerate()
-                .map(|(r, kv)| crate::prefix::Block {
-                    tokens: tokens.to_vec(),
-                    lightning: if r == decoder {
-                        st.layers
-                            .iter()
-                            .filter_map(|c| match c {
-                                LayerCache::Lightning(s) => Some(b.download(s)),
-                                LayerCache::Softmax { .. } => None,
-                            })
-                            .collect()
-                    } else {
-                        Vec::new()
-                    },
-                    kv,
+        let kv = shard.prefilled(b)?;
+        let lightning = state.map_or_else(Vec::new, |st| {
+            st.layers
+                .iter()
+                .filter_map(|c| match c {
+                    LayerCache::Lightning(s) => Some(b.download(s)),
+                    LayerCache::Softmax { .. } => None,
                 })
-                .collect(),
-        )
+                .collect()
+        });
+        Some(crate::prefix::Block {
+            tokens: tokens.to_vec(),
+            lightning,
+            kv,
+        })
     }
 
-    /// The state [`split_cache_blocks`](Self::split_cache_blocks) kept, its keys and values
-    /// split as `layout` split them (one block per rank, in rank order): what the ranks'
-    /// prefill of `layout.tokens` positions left, bit for bit.
-    pub fn restore_split(
+    /// Rank `rank`'s share as [`share_block`](Self::share_block) kept it, split as `layout`
+    /// (of the block's tokens) splits it, and on the layout's last rank (the one that
+    /// decodes) the state to decode from: what [`RankPrefill::into_shard`] left, bit for bit.
+    pub fn restore_share(
         &self,
-        blocks: &[std::sync::Arc<crate::prefix::Block>],
+        blk: &crate::prefix::Block,
         layout: &Layout,
-    ) -> Result<SequenceState<B>>
-    where
-        B: 'static,
-    {
+        rank: usize,
+    ) -> Result<(KvShard<B>, Option<SequenceState<B>>)> {
         let b = &self.backend;
         let bad = |why: String| {
             Err(ModelError::Invalid(format!(
-                "context cache blocks do not fit the model: {why}"
+                "a context cache share does not fit the model: {why}"
             )))
         };
-        if blocks.len() != layout.ranks {
+        let softmax: Vec<bool> = self
+            .cfg
+            .layers
+            .iter()
+            .map(|k| *k == LayerKind::Softmax)
+            .collect();
+        let softmax_layers = softmax.iter().filter(|s| **s).count();
+        if rank >= layout.ranks
+            || blk.tokens.len() != layout.tokens
+            || blk.kv.len() != softmax_layers
+        {
             return bad(format!(
-                "{} blocks for {} ranks",
-                blocks.len(),
-                layout.ranks
+                "rank {rank} of {}: {} tokens for {}, {} softmax layers",
+                layout.ranks,
+                blk.tokens.len(),
+                layout.tokens,
+                blk.kv.len()
             ));
         }
-        let softmax: Vec<usize> = (0..self.cfg.num_layers())
-            .filter(|l| self.cfg.layers[*l] == LayerKind::Softmax)
-            .collect();
-        let lightning = self.cfg.num_layers() - softmax.len();
+        let own = layout.of_rank(rank);
+        let rows: usize = own.iter().map(|c| c.len).sum();
         let width = self.cfg.num_kv_heads * self.cfg.head_dim;
-        let shape = AttentionShape {
-            heads: self.cfg.num_heads,
-            kv_heads: self.cfg.num_kv_heads,
-            head_dim: self.cfg.head_dim,
-        };
-        let mut shards = Vec::with_capacity(blocks.len());
-        for (r, blk) in blocks.iter().enumerate() {
-            let own = layout.of_rank(r);
-            let rows: usize = own.iter().map(|c| c.len).sum();
-            if blk.tokens.len() != layout.tokens || blk.kv.len() != softmax.len() {
-                return bad(format!(
-                    "rank {r}'s block holds {} tokens and {} softmax layers",
-                    blk.tokens.len(),
-                    blk.kv.len()
-                ));
-            }
-            let mut layers: Vec<Vec<Segment<B>>> =
-                (0..self.cfg.num_layers()).map(|_| Vec::new()).collect();
-            for (&l, (k, v)) in softmax.iter().zip(&blk.kv) {
+        let mut kv = blk.kv.iter();
+        let mut layers = Vec::with_capacity(softmax.len());
+        for (l, is_softmax) in softmax.iter().enumerate() {
+            let mut segs = Vec::new();
+            if *is_softmax && let Some((k, v)) = kv.next() {
                 if k.len() != rows * width || v.len() != rows * width {
-                    return bad(format!("rank {r}'s keys of layer {l}"));
+                    return bad(format!("the keys of layer {l}"));
                 }
                 let mut row = 0;
                 for c in &own {
                     let span = row * width..(row + c.len) * width;
-                    layers[l].push(Segment {
+                    segs.push(Segment {
                         k: b.upload(&k[span.clone()]),
                         v: b.upload(&v[span]),
                         rows: c.len,
@@ -952,39 +930,44 @@ impl<B: Backend> Model<B> {
                     row += c.len;
                 }
             }
-            let tail = vec![false; layers.len()];
-            let softmax = self
-                .cfg
-                .layers
-                .iter()
-                .map(|k| *k == LayerKind::Softmax)
-                .collect();
-            shards.push(KvShard {
-                layers,
-                tail,
-                softmax,
-                shape,
-            });
+            layers.push(segs);
         }
-        let states = &blocks[layout.last_rank()].lightning;
-        if states.len() != lightning
-            || states
-                .iter()
-                .any(|s| s.len() != self.cfg.lightning_state_len())
-        {
-            return bad("the decoding rank's lightning states".into());
-        }
-        let mut st = self.new_state();
-        let mut li = 0;
-        for c in st.layers.iter_mut() {
-            if let LayerCache::Lightning(s) = c {
-                *s = b.upload(&states[li]);
-                li += 1;
+        let decodes = rank == layout.last_rank();
+        let state = if decodes {
+            let n = self.cfg.num_layers() - softmax_layers;
+            if blk.lightning.len() != n
+                || blk
+                    .lightning
+                    .iter()
+                    .any(|s| s.len() != self.cfg.lightning_state_len())
+            {
+                return bad("the decoding rank's lightning states".into());
             }
-        }
-        st.pos = layout.tokens;
-        st.split = Some(Box::new(LocalSplit { shards }));
-        Ok(st)
+            let mut st = self.new_state();
+            let mut states = blk.lightning.iter();
+            for c in st.layers.iter_mut() {
+                if let LayerCache::Lightning(s) = c
+                    && let Some(x) = states.next()
+                {
+                    *s = b.upload(x);
+                }
+            }
+            st.pos = layout.tokens;
+            Some(st)
+        } else {
+            None
+        };
+        let shard = KvShard {
+            tail: vec![false; layers.len()],
+            layers,
+            softmax,
+            shape: AttentionShape {
+                heads: self.cfg.num_heads,
+                kv_heads: self.cfg.num_kv_heads,
+                head_dim: self.cfg.head_dim,
+            },
+        };
+        Ok((shard, state))
     }
 }
 
@@ -1207,35 +1190,55 @@ mod tests {
             let end = group_prefix(n, chunk);
             assert!(end < n && end.is_multiple_of(chunk), "n={n}: {end}");
             let (_, ranks) = prefill(&m, &prompt[..end], p).unwrap();
-            let mut cold = local_split_state(ranks).unwrap();
             let layout = Layout::zigzag(end, p);
-            let blocks = m
-                .split_cache_blocks(&cold, &prompt[..end], &layout)
-                .expect("a fresh split state gives its blocks");
-            assert_eq!(blocks.len(), p);
+            // Each rank's share as the cache keeps it.
+            let mut shards = Vec::new();
+            let mut cold = None;
+            let mut blocks = Vec::new();
+            for r in ranks {
+                let (shard, st) = r.into_shard().unwrap();
+                blocks.push(m.share_block(&shard, st.as_ref(), &prompt[..end]).unwrap());
+                assert_eq!(blocks.last().unwrap().lightning.is_empty(), st.is_none());
+                shards.push(shard);
+                cold = cold.or(st);
+            }
+            let mut cold = cold.expect("a rank decodes");
+            cold.split = Some(Box::new(LocalSplit { shards }));
             let got = m.forward(&mut cold, &prompt[end..], Logits::Last).unwrap();
             assert!(
                 rel_err(&got, &want) <= 1e-5,
                 "n={n} P={p}: {}",
                 rel_err(&got, &want)
             );
-            // Once tokens were appended, the state's shares are no longer the prefix's.
-            assert!(
-                m.split_cache_blocks(&cold, &prompt[..end], &layout)
-                    .is_none()
-            );
             // Restored: the same arithmetic, bit for bit, then decode the same.
-            let blocks: Vec<_> = blocks.into_iter().map(std::sync::Arc::new).collect();
-            let mut warm = m.restore_split(&blocks, &layout).unwrap();
+            let mut shards = Vec::new();
+            let mut warm = None;
+            for (r, blk) in blocks.iter().enumerate() {
+                let (shard, st) = m.restore_share(blk, &layout, r).unwrap();
+                assert_eq!(st.is_some(), r == layout.last_rank());
+                // What it restored is what it was given.
+                assert_eq!(
+                    m.share_block(&shard, st.as_ref(), &prompt[..end]).as_ref(),
+                    Some(blk)
+                );
+                shards.push(shard);
+                warm = warm.or(st);
+            }
+            let mut warm = warm.unwrap();
+            warm.split = Some(Box::new(LocalSplit { shards }));
             let again = m.forward(&mut warm, &prompt[end..], Logits::Last).unwrap();
             assert_eq!(again, got, "n={n} P={p}");
             let t = crate::sampling::argmax(&got);
             let a = m.forward(&mut cold, &[t], Logits::Last).unwrap();
             let b = m.forward(&mut warm, &[t], Logits::Last).unwrap();
             assert_eq!(a, b);
-            // Blocks of another layout or model do not restore.
-            let other = Layout::zigzag(end, p + 1);
-            assert!(m.restore_split(&blocks, &other).is_err());
+            // Shares of another layout do not restore; nor a decoding share without its states.
+            let other = Layout::zigzag(end + 1, p);
+            assert!(m.restore_share(&blocks[0], &other, 0).is_err());
+            let last = layout.last_rank();
+            let mut stateless = blocks[last].clone();
+            stateless.lightning.clear();
+            assert!(m.restore_share(&stateless, &layout, last).is_err());
         }
         assert_eq!(group_prefix(chunk, chunk), chunk);
         assert_eq!(group_prefix(chunk + 1, chunk), chunk);

@@ -24,7 +24,6 @@ use ringbolt_jobs::executor::fail_code;
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::{Backend, Device, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
-use ringbolt_model::context::Layout;
 use ringbolt_model::scheduler::ContextPrefill;
 use ringbolt_model::scheduler::{
     self, Event, FinishReason, Forward, ForwardCounts, Phase, Scheduler, SchedulerConfig, Sink,
@@ -283,6 +282,12 @@ impl<B: Backend> AttentionHost<B> {
             )));
         }
         let rank = req.context.as_ref().map(Self::check_group).transpose()?;
+        if rank.is_some() && req.prefill_chunk == 0 {
+            // The ranks must cut the prompt alike (the group's part ends on a chunk boundary).
+            return Err(Status::invalid_argument(
+                "a context-parallel job step must name its prefill chunk",
+            ));
+        }
         Ok((
             scheduler::Request {
                 context_parallel: rank.as_ref().map_or(1, |r| r.peers.len()),
@@ -425,6 +430,7 @@ impl<B: Backend> AttentionHost<B> {
             self.experts.clone(),
             self.prefilled.0.clone(),
         );
+        let (cache, prefill_chunk) = (self.cache.clone(), self.prefill_chunk);
         let name = format!("context-rank-{}", rank.rank);
         let job = sink.job.clone();
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
@@ -437,7 +443,20 @@ impl<B: Backend> AttentionHost<B> {
                 "context-parallel rank started"
             );
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_rank(&model, &experts, &plane, &req.prompt, &rank, &sink.tx)
+                let group_job = ringbolt_context::GroupJob {
+                    prompt: &req.prompt,
+                    chunk: req.prefill_chunk.unwrap_or(prefill_chunk),
+                    context_cache: req.context_cache,
+                };
+                run_rank(
+                    &model,
+                    &experts,
+                    &plane,
+                    group_job,
+                    cache.as_ref(),
+                    &rank,
+                    &sink.tx,
+                )
             }));
             let r = r.unwrap_or_else(|p| {
                 Err(Status::internal(format!(
@@ -493,12 +512,12 @@ fn run_rank<B: Backend>(
     model: &Model<B>,
     experts: &RemoteExperts,
     plane: &ContextPlane,
-    prompt: &[u32],
+    group_job: ringbolt_context::GroupJob<'_>,
+    cache: Option<&ringbolt_model::prefix::ContextCache>,
     rank: &RankStep,
     tx: &StepTx,
 ) -> Result<(Option<ContextPrefill<B>>, crate::remote::StepCounts), Status> {
     let me = rank.rank;
-    let layout = Layout::zigzag(prompt.len(), rank.peers.len());
     let transport = plane
         .hub
         .join(
@@ -525,18 +544,17 @@ fn run_rank<B: Backend>(
     }
     let failed = |e: ringbolt_context::ContextError| rank_status(me, e);
     let job = experts.for_job();
-    let (rp, times) = ringbolt_context::prefill_rank(
+    let part = ringbolt_context::prefill_rank_cached(
         &plane.rt,
         model,
         Some(&job),
-        &layout,
-        prompt,
-        // All-gather: measured no slower than the ring (docs/BENCHMARKS.md).
-        ringbolt_context::StateExchange::AllGather,
+        group_job,
+        cache,
         transport.clone(),
         &abort,
     )
     .map_err(failed)?;
+    let times = &part.times;
     tracing::info!(
         compute_s = times.compute.as_secs_f64(),
         state_wait_s = times.state_wait.as_secs_f64(),
@@ -552,23 +570,32 @@ fn run_rank<B: Backend>(
         metrics::histogram!("ringbolt_context_rank_seconds", "part" => part)
             .record(t.as_secs_f64());
     }
-    metrics::gauge!("ringbolt_context_rank_cache_bytes").set(rp.cache_bytes() as f64);
+    let ringbolt_context::RankPart {
+        layout,
+        shard,
+        state,
+        logits,
+        cached,
+        ..
+    } = part;
+    let cache_bytes = shard.bytes();
+    metrics::gauge!("ringbolt_context_rank_cache_bytes").set(cache_bytes as f64);
     let _ = tx.send(Ok(ipb::JobStep {
         event: Some(ipb::job_step::Event::Context(ipb::StepContext {
             rank: me as u32,
-            cache_bytes: rp.cache_bytes() as u64,
+            cache_bytes: cache_bytes as u64,
         })),
     }));
-    let logits = rp.last_logits();
     // The keys and values stay here: the rank that decodes asks every rank for its part of
-    // each decode step's attention.
-    let (shard, state) = rp
-        .into_shard()
-        .map_err(|e| failed(ringbolt_context::ContextError::Model(e)))?;
+    // each decode step's attention (and of the rest of the prompt's, when the group's part
+    // ended before it).
     let counts = job.counts();
-    match (state, logits) {
-        (None, _) => {
-            tracing::info!("rank prefilled; serving its keys and values to the decoding rank");
+    match state {
+        None => {
+            tracing::info!(
+                cached_tokens = cached,
+                "rank prefilled; serving its keys and values to the decoding rank"
+            );
             ringbolt_context::serve_shard(
                 &plane.rt,
                 model.backend(),
@@ -580,7 +607,7 @@ fn run_rank<B: Backend>(
             .map_err(failed)?;
             Ok((None, counts))
         }
-        (Some(mut state), Some(logits)) => {
+        Some(mut state) => {
             // The decode outlives this function: its waits end when the coordinator goes.
             stop.disarm();
             state.split = Some(Box::new(ringbolt_context::RemoteSplit::new(
@@ -593,18 +620,15 @@ fn run_rank<B: Backend>(
             )));
             Ok((
                 Some(ContextPrefill {
-                    tokens: prompt.len(),
-                    logits,
+                    tokens: layout.tokens,
+                    logits: logits.unwrap_or_default(),
                     state,
                     cache_bytes_per_rank: Vec::new(),
-                    cached_tokens: 0,
+                    cached_tokens: cached,
                 }),
                 counts,
             ))
         }
-        (Some(_), None) => Err(Status::internal(
-            "the rank holding the last position has no logits",
-        )),
     }
 }
 

@@ -90,8 +90,9 @@ pub struct ClusterView {
 
 #[derive(Default)]
 struct Prefixes {
-    /// Block key → the worker and when it was noted.
-    map: HashMap<ringbolt_model::prefix::Key, (String, u64)>,
+    /// Block key → the worker (or a context-parallel group's workers, in rank order) and when
+    /// it was noted.
+    map: HashMap<ringbolt_model::prefix::Key, (Vec<String>, u64)>,
     clock: u64,
 }
 
@@ -137,9 +138,10 @@ impl ClusterView {
             .collect()
     }
 
-    /// The attention worker that prefilled the longest prefix of `prompt` (in whole chunks
-    /// ending before its last token), as far as this coordinator sent it jobs.
-    fn prefix_holder(&self, chunk: usize, prompt: &[u32]) -> Option<String> {
+    /// The attention worker (or group, in rank order) that prefilled the longest prefix of
+    /// `prompt` (in whole chunks ending before its last token), as far as this coordinator
+    /// sent it jobs.
+    fn prefix_holder(&self, chunk: usize, prompt: &[u32]) -> Option<Vec<String>> {
         let prefixes = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
         let mut k = ringbolt_model::prefix::root(b"coordinator", chunk);
         let mut holder = None;
@@ -155,8 +157,9 @@ impl ClusterView {
         holder
     }
 
-    /// Notes that `worker` prefills `prompt`: its whole chunks will be in its context cache.
-    fn record_prefix(&self, chunk: usize, prompt: &[u32], worker: &str) {
+    /// Notes that `workers` (one, or a group in rank order) prefill `prompt`: its whole
+    /// chunks will be in their context caches.
+    fn record_prefix(&self, chunk: usize, prompt: &[u32], workers: &[String]) {
         let mut k = ringbolt_model::prefix::root(b"coordinator", chunk);
         let keys: Vec<_> = prompt
             .chunks_exact(chunk.max(1))
@@ -169,7 +172,7 @@ impl ClusterView {
         for k in keys {
             p.clock += 1;
             let stamp = p.clock;
-            p.map.insert(k, (worker.to_string(), stamp));
+            p.map.insert(k, (workers.to_vec(), stamp));
         }
         // Bounded: the older half goes when it is full (workers evict too; a stale entry
         // only costs a miss).
@@ -181,14 +184,15 @@ impl ClusterView {
 
     /// `n` distinct attention workers with the fewest running jobs, avoiding those in `avoid`
     /// where enough others exist; None while fewer than `n` are registered. A worker that
-    /// offers no context data plane cannot be a rank of a group (n > 1). With one worker and a
-    /// `preferred` one (it holds the job's prefix), that one unless it runs more than one job
+    /// offers no context data plane cannot be a rank of a group (n > 1). Given the `preferred`
+    /// ones (a worker or group, in rank order, holding the job's prefix) and `n` of them,
+    /// those, in that order, unless one of them is to be avoided or runs more than one job
     /// beyond the least busy.
     fn pick_attention(
         &self,
         n: usize,
         avoid: &HashSet<String>,
-        preferred: Option<&str>,
+        preferred: Option<&[String]>,
     ) -> Option<Vec<Member>> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut all: Vec<Member> = self
@@ -199,13 +203,23 @@ impl ClusterView {
         if all.len() < n {
             return None;
         }
-        // Fresh workers first, then the least loaded.
         let busy = |m: &Member| running.get(&m.id).copied().unwrap_or(0);
         let least = all.iter().map(busy).min().unwrap_or(0);
-        all.sort_by_key(|m| {
-            let holds = n == 1 && preferred == Some(m.id.as_str()) && busy(m) <= least + 1;
-            (avoid.contains(&m.id), !holds, busy(m), m.id.clone())
-        });
+        if let Some(ids) = preferred.filter(|p| p.len() == n) {
+            let held: Vec<Member> = ids
+                .iter()
+                .filter_map(|id| all.iter().find(|m| &m.id == id).cloned())
+                .collect();
+            if held.len() == n
+                && held
+                    .iter()
+                    .all(|m| !avoid.contains(&m.id) && busy(m) <= least + 1)
+            {
+                return Some(held);
+            }
+        }
+        // Fresh workers first, then the least loaded.
+        all.sort_by_key(|m| (avoid.contains(&m.id), busy(m), m.id.clone()));
         all.truncate(n);
         Some(all)
     }
@@ -713,7 +727,7 @@ impl ClusterExecutor {
             let waited = Instant::now();
             // Cache-aware: the worker whose context cache holds the longest prefix of this
             // prompt, when it is not much busier than the others.
-            let routed = degree == 1 && !rec.no_context_cache && self.prefill_chunk > 0;
+            let routed = !rec.no_context_cache && self.prefill_chunk > 0;
             let holder = routed
                 .then(|| {
                     self.view
@@ -752,8 +766,14 @@ impl ClusterExecutor {
             let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
             tracing::info!(workers = ?ids, attempt = failures + 1, prefix_holder = ?holder, "job sent to attention worker(s)");
             if routed {
-                self.view
-                    .record_prefix(self.prefill_chunk as usize, &prompt, &workers[0].id);
+                // A group keeps its shares of the part of the prompt it prefills.
+                let chunk = self.prefill_chunk as usize;
+                let part = match degree {
+                    1 => prompt.len(),
+                    _ => ringbolt_model::context::group_prefix(prompt.len(), chunk),
+                };
+                let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+                self.view.record_prefix(chunk, &prompt[..part], &ids);
             }
             let req = ipb::RunJobRequest {
                 job_id: rec.id.clone(),

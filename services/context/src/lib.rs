@@ -15,7 +15,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ringbolt_kernels::Backend;
 use ringbolt_model::context::{Chunk, Layout, RankPrefill, Share};
 use ringbolt_model::context::{KvShard, group_prefix, holder};
-use ringbolt_model::prefix::ContextCache;
+use ringbolt_model::prefix::{ContextCache, Key, prefix_keys};
 use ringbolt_model::scheduler::ContextPrefill;
 use ringbolt_model::{ExpertExecutor, Model, ModelError};
 use ringbolt_transport::{Transport, TransportError};
@@ -635,47 +635,12 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
     cancel: &CancellationToken,
 ) -> Result<LocalPrefill<B>> {
     let layout = Layout::zigzag(prompt.len(), group.len());
-    // A failed rank stops the others; so does `cancel`.
-    let abort = cancel.child_token();
-    let results: Vec<Result<(RankPrefill<'_, B>, RankTimes)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .map(|t| {
-                let (layout, abort) = (&layout, &abort);
-                s.spawn(move || {
-                    // A rank that fails (or panics) stops the others' waits at once.
-                    let stop = abort.clone().drop_guard();
-                    let r = prefill_rank(
-                        rt,
-                        model,
-                        None,
-                        layout,
-                        prompt,
-                        exchange,
-                        Arc::new(t),
-                        abort,
-                    );
-                    if r.is_ok() {
-                        stop.disarm();
-                    }
-                    r
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(ContextError::Model(ModelError::Invalid(
-                        "a rank's thread panicked".into(),
-                    )))
-                })
-            })
-            .collect()
-    });
+    let results = run_ranks(group, cancel, |t, abort| {
+        prefill_rank(rt, model, None, &layout, prompt, exchange, t, abort)
+    })?;
     let mut ranks_done = Vec::new();
     let mut times = Vec::new();
-    for r in results {
-        let (rp, t) = r?;
+    for (rp, t) in results {
         ranks_done.push(rp);
         times.push(t);
     }
@@ -693,75 +658,268 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
     })
 }
 
-/// A context-parallel prefill in this process with the context cache: the group prefills
-/// the prompt's first [`group_prefix`] positions, or the cache gives the longest prefix of
-/// them a group of the same size left when the rest is no more work for the decoding rank
-/// than each rank's part of a group prefill. The group's shares are kept in the cache; the
-/// rest of the prompt is the scheduler's ([`ContextPrefill::tokens`]). `group` makes the
-/// ranks' transports (not called on a hit).
-#[allow(clippy::too_many_arguments)]
-pub fn prefill_group_cached<B: Backend + 'static, T: Transport + 'static>(
+/// What a context-parallel job asks of one rank (the same on every rank of its group).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupJob<'a> {
+    pub prompt: &'a [u32],
+    /// The prefill chunk: the context cache's block, which [`group_prefix`] ends on.
+    pub chunk: usize,
+    /// Whether the job reads and adds to the context cache.
+    pub context_cache: bool,
+}
+
+/// What one rank leaves after its part of a group's prefill ([`prefill_rank_cached`]).
+pub struct RankPart<B: Backend> {
+    /// How the group's part of the prompt (its first `layout.tokens` positions) was split;
+    /// the decoding rank's scheduler prefills the rest.
+    pub layout: Layout,
+    /// This rank's keys and values.
+    pub shard: KvShard<B>,
+    /// On the decoding rank (the layout's last): the state to go on from.
+    pub state: Option<ringbolt_model::SequenceState<B>>,
+    /// On the decoding rank, when the layout covers the whole prompt: its last logits.
+    pub logits: Option<Vec<f32>>,
+    /// Positions the group took from the context cache (0: it prefilled them).
+    pub cached: usize,
+    pub times: RankTimes,
+}
+
+/// Tag of the context cache agreement's rounds.
+const CACHE_AGREEMENT: u64 = 5 << 60;
+
+/// Rank `transport.rank()`'s part of the context-parallel prefill of `job.prompt` with the
+/// context cache: the group takes the prompt's first [`group_prefix`] positions (the rest is
+/// the decoding rank's scheduler's). When the job uses the cache and that prefix ends on a
+/// block boundary, the ranks first agree (two all-gathers) on the longest prefix every one of
+/// them holds its share of, if the rest is then no more work for one rank than its part of a
+/// whole prefill, and every rank restores its share; otherwise they prefill the prefix and
+/// each keeps its share in `cache` (its own: a rank without one takes part, holding nothing).
+/// Call it on every rank at once, as [`prefill_rank`].
+pub fn prefill_rank_cached<B: Backend, T: Transport + 'static>(
+    rt: &tokio::runtime::Handle,
+    model: &Model<B>,
+    experts: Option<&(dyn ExpertExecutor<B> + Sync)>,
+    job: GroupJob<'_>,
+    cache: Option<&ContextCache>,
+    transport: Arc<T>,
+    abort: &CancellationToken,
+) -> Result<RankPart<B>> {
+    let (rank, p) = (transport.rank(), transport.size());
+    let prompt = job.prompt;
+    let chunk = job.chunk.max(1);
+    let end = group_prefix(prompt.len(), chunk);
+    let agree = job.context_cache && end.is_multiple_of(chunk) && end < prompt.len();
+    let prefixes = if agree {
+        let root = model.cache_root(chunk);
+        prefix_keys(root, prompt, chunk, end)
+    } else {
+        Vec::new()
+    };
+    if agree {
+        let min = prompt.len() - prompt.len() / p;
+        let held: Vec<(usize, Key)> = prefixes
+            .iter()
+            .rev()
+            .filter(|(n, k)| *n >= min && cache.is_some_and(|c| c.has_share(*k, p, rank)))
+            .copied()
+            .collect();
+        let restored = restore_agreed(rt, model, prompt, &held, cache, &*transport, abort)?;
+        if rank == 0
+            && let Some(c) = cache
+        {
+            c.count_lookup(restored.as_ref().map_or(0, |r| r.layout.tokens));
+        }
+        if let Some(r) = restored {
+            return Ok(r);
+        }
+    }
+    let layout = Layout::zigzag(end, p);
+    let part = &prompt[..end];
+    let (rp, times) = prefill_rank(
+        rt,
+        model,
+        experts,
+        &layout,
+        part,
+        // All-gather: measured no slower than the ring (docs/BENCHMARKS.md).
+        StateExchange::AllGather,
+        transport,
+        abort,
+    )?;
+    let logits = rp.last_logits().filter(|_| end == prompt.len());
+    let (shard, state) = rp.into_shard()?;
+    if let (Some(c), Some((_, key))) = (cache.filter(|_| agree), prefixes.last()) {
+        let bytes = shard.bytes()
+            + state
+                .as_ref()
+                .map_or(0, |st| st.cache_bytes(model.backend()));
+        if c.could_keep(bytes)
+            && let Some(block) = model.share_block(&shard, state.as_ref(), part)
+        {
+            c.insert_share(*key, p, rank, block);
+        }
+    }
+    Ok(RankPart {
+        layout,
+        shard,
+        state,
+        logits,
+        cached: 0,
+        times,
+    })
+}
+
+/// The cache agreement: every rank sends the prefixes it holds its share of (`held`: longest
+/// first, by end), the longest one all hold is chosen, each rank restores its share of it and
+/// says whether it could; the shares are used only when every rank could.
+fn restore_agreed<B: Backend, T: Transport>(
     rt: &tokio::runtime::Handle,
     model: &Model<B>,
     prompt: &[u32],
-    degree: usize,
-    chunk: usize,
+    held: &[(usize, Key)],
     cache: Option<&ContextCache>,
-    group: impl FnOnce() -> Vec<T>,
+    transport: &T,
+    abort: &CancellationToken,
+) -> Result<Option<RankPart<B>>> {
+    let (rank, p) = (transport.rank(), transport.size());
+    let mut msg = BytesMut::new();
+    msg.put_u32_le(held.len() as u32);
+    for (n, _) in held {
+        msg.put_u64_le(*n as u64);
+    }
+    let all = until_aborted(
+        rt,
+        abort,
+        transport.all_gather(CACHE_AGREEMENT, msg.freeze()),
+    )?;
+    let mut common: Option<std::collections::HashSet<u64>> = None;
+    for mut b in all {
+        if b.remaining() < 4 {
+            return Err(ContextError::Malformed("truncated cache agreement".into()));
+        }
+        let n = b.get_u32_le() as usize;
+        if b.remaining() != n.saturating_mul(8) {
+            return Err(ContextError::Malformed(format!(
+                "a cache agreement of {n} prefixes in {} bytes",
+                b.remaining()
+            )));
+        }
+        let ends: std::collections::HashSet<u64> = (0..n).map(|_| b.get_u64_le()).collect();
+        common = Some(match common {
+            None => ends,
+            Some(c) => c.intersection(&ends).copied().collect(),
+        });
+    }
+    let chosen = held
+        .iter()
+        .find(|(n, _)| common.as_ref().is_some_and(|c| c.contains(&(*n as u64))));
+    let Some(&(end, key)) = chosen else {
+        return Ok(None);
+    };
+    let layout = Layout::zigzag(end, p);
+    let mine = cache
+        .and_then(|c| c.share(key, p, rank, &prompt[..end]))
+        .and_then(|blk| match model.restore_share(&blk, &layout, rank) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "a context cache share not used");
+                None
+            }
+        });
+    let ok = Bytes::from(vec![u8::from(mine.is_some())]);
+    let all = until_aborted(rt, abort, transport.all_gather(CACHE_AGREEMENT | 1, ok))?;
+    if all.iter().any(|b| b.first() != Some(&1)) {
+        return Ok(None);
+    }
+    let Some((shard, state)) = mine else {
+        return Ok(None);
+    };
+    Ok(Some(RankPart {
+        layout,
+        shard,
+        state,
+        logits: None,
+        cached: end,
+        times: RankTimes::default(),
+    }))
+}
+
+/// Runs `rank` on one thread of this process per transport of `group`, at once; a rank that
+/// fails (or panics) stops the others' waits (as does `cancel`). The ranks' results in rank
+/// order.
+fn run_ranks<T: Transport + 'static, R: Send>(
+    group: Vec<T>,
+    cancel: &CancellationToken,
+    rank: impl Fn(Arc<T>, &CancellationToken) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let abort = cancel.child_token();
+    let results: Vec<Result<R>> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                let (abort, rank) = (&abort, &rank);
+                s.spawn(move || {
+                    let stop = abort.clone().drop_guard();
+                    let r = rank(Arc::new(t), abort);
+                    if r.is_ok() {
+                        stop.disarm();
+                    }
+                    r
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ContextError::Model(ModelError::Invalid(
+                        "a rank's thread panicked".into(),
+                    )))
+                })
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// A context-parallel prefill with the context cache by one thread of this process per rank
+/// of `group` ([`prefill_rank_cached`] on each, sharing one cache): the state the scheduler
+/// goes on from, its keys and values left on the ranks.
+pub fn prefill_group_cached<B: Backend + 'static, T: Transport + 'static>(
+    rt: &tokio::runtime::Handle,
+    model: &Model<B>,
+    job: GroupJob<'_>,
+    cache: Option<&ContextCache>,
+    group: Vec<T>,
     cancel: &CancellationToken,
 ) -> Result<ContextPrefill<B>> {
-    let end = group_prefix(prompt.len(), chunk);
-    // Only a prefix ending on a block boundary before the last token can be kept.
-    let cacheable = end.is_multiple_of(chunk.max(1)) && end < prompt.len();
-    let root = model.cache_root(chunk);
-    if let Some(cache) = cache.filter(|_| cacheable) {
-        let min = prompt.len() - prompt.len() / degree.max(1);
-        if let Some((n, shares)) = cache.lookup_shares(root, prompt, chunk, degree, min, end) {
-            let layout = Layout::zigzag(n, degree);
-            match model.restore_split(&shares, &layout) {
-                Ok(state) => {
-                    let cache_bytes_per_rank = shares
-                        .iter()
-                        .map(|b| {
-                            b.kv.iter()
-                                .map(|(k, v)| (k.len() + v.len()) * 4)
-                                .sum::<usize>() as u64
-                        })
-                        .collect();
-                    return Ok(ContextPrefill {
-                        tokens: n,
-                        logits: Vec::new(),
-                        state,
-                        cache_bytes_per_rank,
-                        cached_tokens: n,
-                    });
-                }
-                Err(e) => tracing::warn!(error = %e, "context cache shares not used"),
-            }
+    let parts = run_ranks(group, cancel, |t, abort| {
+        prefill_rank_cached(rt, model, None, job, cache, t, abort)
+    })?;
+    local_prefill(parts)
+}
+
+/// The state the scheduler goes on from after the ranks of this process left `parts` (in
+/// rank order): the decoding rank's, attending through every rank's share.
+fn local_prefill<B: Backend + 'static>(parts: Vec<RankPart<B>>) -> Result<ContextPrefill<B>> {
+    let mut shards = Vec::with_capacity(parts.len());
+    let mut decoding = None;
+    let mut cache_bytes_per_rank = Vec::with_capacity(parts.len());
+    for part in parts {
+        cache_bytes_per_rank.push(part.shard.bytes() as u64);
+        shards.push(part.shard);
+        if let Some(st) = part.state {
+            decoding = Some((st, part.logits, part.layout.tokens, part.cached));
         }
     }
-    let part = &prompt[..end];
-    let p = prefill_group(rt, model, part, group(), StateExchange::AllGather, cancel)?;
-    if let Some(cache) = cache.filter(|_| cacheable) {
-        let layout = Layout::zigzag(end, degree);
-        let bytes = model.cache_block_bytes(end);
-        if cache.could_keep(bytes)
-            && let Some(blocks) = model.split_cache_blocks(&p.state, part, &layout)
-        {
-            let key = part.chunks(chunk).fold(root, ringbolt_model::prefix::key);
-            cache.insert_shares(key, blocks);
-        }
-    }
+    let (mut state, logits, tokens, cached_tokens) =
+        decoding.ok_or_else(|| ModelError::Invalid("no rank holds the last position".into()))?;
+    state.split = Some(Box::new(ringbolt_model::context::LocalSplit { shards }));
     Ok(ContextPrefill {
-        tokens: end,
-        logits: if end == prompt.len() {
-            p.logits
-        } else {
-            Vec::new()
-        },
-        state: p.state,
-        cache_bytes_per_rank: p.cache_bytes_per_rank,
-        cached_tokens: 0,
+        tokens,
+        logits: logits.unwrap_or_default(),
+        state,
+        cache_bytes_per_rank,
+        cached_tokens,
     })
 }
 
@@ -841,6 +999,72 @@ mod tests {
                 m.forward(&mut st, &prompt, Logits::None).unwrap();
             }
         }
+    }
+
+    /// The ranks start from the cache only when every one of them holds its share (each rank
+    /// its own cache here, as attention workers have); the tokens are those of a cold run.
+    #[test]
+    fn ranks_agree_on_the_cached_prefix_every_one_of_them_holds() {
+        let (_d, m) = model();
+        let rt = runtime();
+        let prompt: Vec<u32> = (0..100u32).map(|i| (i * 13 + 3) % 500 + 1).collect();
+        let mut one = m.new_state();
+        let want = m.forward(&mut one, &prompt, Logits::Last).unwrap();
+        let job = GroupJob {
+            prompt: &prompt,
+            chunk: 16,
+            context_cache: true,
+        };
+        // Logits after the whole prompt, and the positions the group took from the caches.
+        let run = |caches: [Option<&ContextCache>; 2]| -> (Vec<f32>, usize) {
+            let group = ringbolt_transport::local::LocalGroup::ranks(2, 0, Duration::from_secs(30));
+            let parts = run_ranks(group, &CancellationToken::new(), |t, abort| {
+                prefill_rank_cached(rt.handle(), &m, None, job, caches[t.rank()], t, abort)
+            })
+            .unwrap();
+            let mut done = local_prefill(parts).unwrap();
+            assert_eq!(
+                done.tokens, 96,
+                "the group's part ends on the last boundary"
+            );
+            let logits = m
+                .forward(&mut done.state, &prompt[done.tokens..], Logits::Last)
+                .unwrap();
+            (logits, done.cached_tokens)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let a = ContextCache::new(1 << 30, None).unwrap();
+        let budget = 4 << 20;
+        let b = ContextCache::new(budget, Some(dir.path())).unwrap();
+        let (cold, cached) = run([Some(&a), Some(&b)]);
+        assert_eq!(cached, 0);
+        assert!(rel_err(&cold, &want) <= 1e-5);
+        let (warm, cached) = run([Some(&a), Some(&b)]);
+        assert_eq!(cached, 96);
+        assert_eq!(warm, cold, "from the shares, bit for bit");
+        assert_eq!(a.stats().hits, 1, "rank 0 counts the group's lookups");
+        // One rank without its share (a fresh cache; none at all): both prefill.
+        let fresh = ContextCache::new(1 << 30, None).unwrap();
+        assert_eq!(run([Some(&a), Some(&fresh)]), (cold.clone(), 0));
+        assert_eq!(run([None, Some(&b)]), (cold.clone(), 0));
+        // One rank's share damaged on disk: it says so in the second round; both prefill.
+        let filler = ringbolt_model::prefix::Block {
+            tokens: Vec::new(),
+            lightning: Vec::new(),
+            kv: vec![(
+                vec![0.0; (budget - b.stats().bytes as usize) / 4 + 1],
+                Vec::new(),
+            )],
+        };
+        assert!(b.insert(1, 2, filler));
+        assert_eq!(b.stats().spilled, 1, "the share went to disk: {:?}", b.stats());
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let p = f.unwrap().path();
+            let bytes = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        }
+        assert_eq!(run([Some(&a), Some(&b)]), (cold.clone(), 0));
+        assert_eq!(b.stats().corrupt, 1);
     }
 
     #[test]

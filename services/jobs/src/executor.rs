@@ -269,27 +269,28 @@ impl<B: Backend> Engine<B> {
         }
         let (model, rt, back) = (self.model.clone(), self.rt.clone(), back.clone());
         let chunk = self.cfg.prefill_chunk;
-        let cache = self.cfg.context_cache.clone().filter(|_| req.context_cache);
+        let cache = self.cfg.context_cache.clone();
         let spawned = std::thread::Builder::new()
             .name("context-prefill".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
                 // A cancelled job stops the ranks at their next wait.
                 let cancel = sink.job.cancellation().clone();
-                let group = || {
-                    ringbolt_transport::local::LocalGroup::ranks(
-                        degree,
-                        0,
-                        std::time::Duration::from_secs(3600),
-                    )
+                let group = ringbolt_transport::local::LocalGroup::ranks(
+                    degree,
+                    0,
+                    std::time::Duration::from_secs(3600),
+                );
+                let job = ringbolt_context::GroupJob {
+                    prompt: &req.prompt,
+                    chunk,
+                    context_cache: req.context_cache,
                 };
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     ringbolt_context::prefill_group_cached(
                         &rt,
                         &model,
-                        &req.prompt,
-                        degree,
-                        chunk,
+                        job,
                         cache.as_ref(),
                         group,
                         &cancel,
