@@ -1635,12 +1635,24 @@ fn the_context_cache_reuses_a_shared_prefix_with_the_same_tokens() {
         0
     );
     submit_json(&ep, &unrelated, 4, &with(&sampled, &[]));
-    let spilled = std::fs::read_dir(&spill).unwrap().count();
-    let names: Vec<_> = std::fs::read_dir(&spill)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(spilled, 2, "the document's two blocks spilled: {names:?}");
+    // The spill writer thread writes them soon after.
+    let spilled = || -> Vec<String> {
+        std::fs::read_dir(&spill)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spilled().iter().filter(|n| n.ends_with(".ctx")).count() < 2 && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let names = spilled();
+    assert_eq!(
+        names.len(),
+        2,
+        "the document's two blocks spilled: {names:?}"
+    );
     let warm = submit_json(&ep, &q2, 12, &with(&sampled, &[]));
     assert_eq!(warm["cached_tokens"], 32);
     assert_eq!(tokens(&warm), tokens(&cold));

@@ -12,8 +12,12 @@
 //!
 //! Memory is bounded (`budget` bytes); the least recently used entries that no restore is
 //! reading are evicted whole (a prefix's deeper blocks before its shallower ones). With a spill
-//! directory, evicted entries go to disk (one file each, checksummed) and come back on a hit; a
-//! damaged or truncated file is a miss, never a wrong answer.
+//! directory, evicted entries go to disk (one file each, checksummed, written by a thread of
+//! their own so that an eviction never waits for the disk) and come back on a hit; a damaged or
+//! truncated file is a miss, never a wrong answer.
+//!
+//! A context-parallel group keeps its prefix differently: each rank keeps its own share (its
+//! keys and values; the decoding rank also every lightning state) under [`share_key`].
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -123,8 +127,17 @@ struct Spilled {
     last_use: u64,
 }
 
+/// An evicted entry on its way to the spill directory (still readable meanwhile).
+struct Pending {
+    parent: Key,
+    block: Arc<Block>,
+    last_use: u64,
+}
+
 struct Inner {
     entries: HashMap<Key, Entry>,
+    /// Evicted entries the spill writer has not written yet.
+    pending: HashMap<Key, Pending>,
     disk: HashMap<Key, Spilled>,
     bytes: usize,
     disk_bytes: u64,
@@ -137,9 +150,126 @@ struct Inner {
 pub struct ContextCache {
     inner: Arc<Mutex<Inner>>,
     budget: usize,
-    dir: Option<PathBuf>,
-    /// Most bytes of spill files kept.
-    disk_budget: u64,
+    /// Where evicted entries go (None: they are dropped).
+    disk: Option<Arc<Disk>>,
+    /// The thread that writes them, so that an eviction never waits for the disk.
+    spiller: Option<Arc<Spiller>>,
+}
+
+/// The spill directory and the most bytes of files kept there.
+struct Disk {
+    dir: PathBuf,
+    budget: u64,
+}
+
+enum SpillJob {
+    Write(Key),
+    /// Answered once every job sent before it is done.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The spill writer thread's mailbox; dropping the last handle lets the thread finish what
+/// it was sent and waits for it.
+struct Spiller {
+    tx: Mutex<Option<std::sync::mpsc::SyncSender<SpillJob>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Evictions queued for the spill writer at most; beyond them the evicting thread writes.
+const SPILL_QUEUE: usize = 8;
+
+impl Spiller {
+    fn start(inner: Arc<Mutex<Inner>>, disk: Arc<Disk>) -> Option<Spiller> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<SpillJob>(SPILL_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("context-cache-spill".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        SpillJob::Write(k) => write_spill(&inner, &disk, k),
+                        SpillJob::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "no context cache spill thread: evictions write their files themselves"))
+            .ok()?;
+        Some(Spiller {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn sender(&self) -> Option<std::sync::mpsc::SyncSender<SpillJob>> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Spiller {
+    fn drop(&mut self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock_inner(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes pending entry `k` to its spill file and notes it on disk, dropping the oldest files
+/// beyond the disk budget. An entry that went back to memory meanwhile keeps no file.
+fn write_spill(inner: &Mutex<Inner>, disk: &Disk, k: Key) {
+    let Some((parent, block, last_use)) = lock_inner(inner)
+        .pending
+        .get(&k)
+        .map(|p| (p.parent, p.block.clone(), p.last_use))
+    else {
+        return;
+    };
+    let path = disk.dir.join(format!("{k:032x}.ctx"));
+    let body = encode(k, parent, &block);
+    drop(block);
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&body))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    let mut g = lock_inner(inner);
+    let still_evicted = g.pending.remove(&k).is_some();
+    if let Err(err) = written {
+        drop(g);
+        tracing::warn!(file = %path.display(), error = %err, "cannot spill a context cache entry");
+        let _ = std::fs::remove_file(&tmp);
+        return;
+    }
+    if !still_evicted {
+        drop(g);
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
+    g.disk_bytes += body.len() as u64;
+    if let Some(old) = g.disk.insert(
+        k,
+        Spilled {
+            path,
+            bytes: body.len() as u64,
+            last_use,
+        },
+    ) {
+        g.disk_bytes -= old.bytes;
+    }
+    while g.disk_bytes > disk.budget {
+        let Some((&oldest, _)) = g.disk.iter().min_by_key(|(_, s)| s.last_use) else {
+            break;
+        };
+        if let Some(s) = g.disk.remove(&oldest) {
+            g.disk_bytes -= s.bytes;
+            let _ = std::fs::remove_file(&s.path);
+        }
+    }
 }
 
 /// Spill files hold `MAGIC`, a version, then the entry; the last 16 bytes are the xxh3-128 of
@@ -183,23 +313,36 @@ impl ContextCache {
                 );
             }
         }
+        let inner = Arc::new(Mutex::new(Inner {
+            entries: HashMap::new(),
+            pending: HashMap::new(),
+            disk,
+            bytes: 0,
+            disk_bytes,
+            clock: 0,
+            stats: CacheStats::default(),
+        }));
+        let disk = dir.map(|d| {
+            Arc::new(Disk {
+                dir: d.to_path_buf(),
+                budget: budget as u64 * DISK_BUDGET_FACTOR,
+            })
+        });
+        let disk_budget = disk.as_ref().map_or(0, |d| d.budget);
+        let spiller = disk
+            .clone()
+            .and_then(|d| Spiller::start(inner.clone(), d))
+            .map(Arc::new);
         let cache = ContextCache {
-            inner: Arc::new(Mutex::new(Inner {
-                entries: HashMap::new(),
-                disk,
-                bytes: 0,
-                disk_bytes,
-                clock: 0,
-                stats: CacheStats::default(),
-            })),
+            inner,
             budget,
-            dir: dir.map(Path::to_path_buf),
-            disk_budget: budget as u64 * DISK_BUDGET_FACTOR,
+            disk,
+            spiller,
         };
         {
             // Files a previous run left beyond today's disk budget: the oldest go.
             let mut g = cache.lock();
-            if g.disk_bytes > cache.disk_budget {
+            if g.disk_bytes > disk_budget {
                 let mut files: Vec<(std::time::SystemTime, Key)> = g
                     .disk
                     .iter()
@@ -212,7 +355,7 @@ impl ContextCache {
                     .collect();
                 files.sort_unstable();
                 for (_, k) in files {
-                    if g.disk_bytes <= cache.disk_budget {
+                    if g.disk_bytes <= disk_budget {
                         break;
                     }
                     if let Some(s) = g.disk.remove(&k) {
@@ -226,7 +369,18 @@ impl ContextCache {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock_inner(&self.inner)
+    }
+
+    /// Waits until every eviction so far is written to the spill directory.
+    pub fn flush(&self) {
+        let Some(tx) = self.spiller.as_ref().and_then(|s| s.sender()) else {
+            return;
+        };
+        let (done, wait) = std::sync::mpsc::channel();
+        if tx.send(SpillJob::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -234,7 +388,8 @@ impl ContextCache {
         CacheStats {
             bytes: g.bytes as u64,
             entries: g.entries.len() as u64,
-            spilled: g.disk.len() as u64,
+            // Those on their way count.
+            spilled: (g.disk.len() + g.pending.len()) as u64,
             spilled_bytes: g.disk_bytes,
             ..g.stats
         }
@@ -243,7 +398,7 @@ impl ContextCache {
     /// Whether prefix `k` is cached (in memory or spilled).
     pub fn contains(&self, k: Key) -> bool {
         let g = self.lock();
-        g.entries.contains_key(&k) || g.disk.contains_key(&k)
+        g.entries.contains_key(&k) || g.pending.contains_key(&k) || g.disk.contains_key(&k)
     }
 
     /// The blocks of the longest cached prefix of `prompt` that ends before its last token
@@ -330,6 +485,18 @@ impl ContextCache {
             let g = self.lock();
             if let Some(e) = g.entries.get(&k) {
                 return (e.parent == parent).then(|| e.block.clone());
+            }
+            if let Some(p) = g.pending.get(&k) {
+                // Not written yet: back to memory (the writer then keeps no file).
+                if p.parent != parent {
+                    return None;
+                }
+                let block = p.block.clone();
+                drop(g);
+                if self.put(k, parent, block.clone()) {
+                    self.lock().pending.remove(&k);
+                }
+                return Some(block);
             }
             g.disk.get(&k)?.path.clone()
         };
@@ -461,44 +628,27 @@ impl ContextCache {
         kept
     }
 
-    /// Writes an evicted entry to the spill directory (when there is one), dropping the oldest
-    /// files beyond the disk budget.
+    /// Sends an evicted entry to the spill directory (when there is one): the spill writer
+    /// writes it, or this thread when the writer's queue is full.
     fn spill(&self, k: Key, e: Entry) {
-        let Some(dir) = &self.dir else {
+        let Some(disk) = &self.disk else {
             return;
         };
-        let path = dir.join(format!("{k:032x}.ctx"));
-        let body = encode(k, e.parent, &e.block);
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&body))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(err) = written {
-            tracing::warn!(file = %path.display(), error = %err, "cannot spill a context cache entry");
-            let _ = std::fs::remove_file(&tmp);
-            return;
-        }
-        let mut g = self.lock();
-        let last_use = e.last_use;
-        g.disk_bytes += body.len() as u64;
-        if let Some(old) = g.disk.insert(
+        self.lock().pending.insert(
             k,
-            Spilled {
-                path,
-                bytes: body.len() as u64,
-                last_use,
+            Pending {
+                parent: e.parent,
+                block: e.block,
+                last_use: e.last_use,
             },
-        ) {
-            g.disk_bytes -= old.bytes;
-        }
-        while g.disk_bytes > self.disk_budget {
-            let Some((&oldest, _)) = g.disk.iter().min_by_key(|(_, s)| s.last_use) else {
-                break;
-            };
-            if let Some(s) = g.disk.remove(&oldest) {
-                g.disk_bytes -= s.bytes;
-                let _ = std::fs::remove_file(&s.path);
-            }
+        );
+        let queued = self
+            .spiller
+            .as_ref()
+            .and_then(|s| s.sender())
+            .is_some_and(|tx| tx.try_send(SpillJob::Write(k)).is_ok());
+        if !queued {
+            write_spill(&self.inner, disk, k);
         }
     }
 }
@@ -759,6 +909,7 @@ mod tests {
         assert!(c.insert_share(keys[1].1, 2, 0, block(&prompt[..4], 3.0, 4)));
         assert!(c.has_share(prefix, 2, 1), "spilled, still there");
         assert_eq!(*c.share(prefix, 2, 1, &prompt[..6]).unwrap(), share(1.0));
+        c.flush();
         let spilled = dir
             .path()
             .join(format!("{:032x}.ctx", share_key(prefix, 2, 0)));
@@ -774,5 +925,35 @@ mod tests {
             (c.stats().hits, c.stats().misses, c.stats().hit_tokens),
             (1, 1, 6)
         );
+    }
+    #[test]
+    fn evictions_written_by_the_spill_thread_stay_readable_on_their_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = block(&[0, 0], 0.0, 4).bytes();
+        let c = ContextCache::new(3 * one, Some(dir.path())).unwrap();
+        let r = root(b"m", 2);
+        // Forty two-block prompts through a cache of three blocks: each lookup right after the
+        // evictions finds its blocks in memory, on their way to disk, or on disk, the same.
+        let prompt = |i: u32| [i, i + 1, i + 2, i + 3, 9];
+        for i in 0..40 {
+            fill(&c, r, &prompt(i)[..4]);
+            for j in (0..=i).rev().take(2) {
+                let got = c.lookup(r, &prompt(j), 2);
+                assert_eq!(got.len(), 2, "prompt {j} after {i}");
+                assert_eq!(*got[1], block(&prompt(j)[2..4], 1.0, 4));
+            }
+        }
+        c.flush();
+        let files = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".ctx")
+            })
+            .count();
+        let s = c.stats();
+        assert_eq!(files as u64, s.spilled, "{s:?}");
+        assert_eq!(s.entries, 3);
+        assert_eq!(s.corrupt, 0);
     }
 }

@@ -1057,7 +1057,13 @@ mod tests {
             )],
         };
         assert!(b.insert(1, 2, filler));
-        assert_eq!(b.stats().spilled, 1, "the share went to disk: {:?}", b.stats());
+        assert_eq!(
+            b.stats().spilled,
+            1,
+            "the share went to disk: {:?}",
+            b.stats()
+        );
+        b.flush();
         for f in std::fs::read_dir(dir.path()).unwrap() {
             let p = f.unwrap().path();
             let bytes = std::fs::read(&p).unwrap();
