@@ -50,8 +50,10 @@ pub struct CoordinatorArgs {
     /// Seconds finished results are kept.
     #[arg(long, env = "RINGBOLT_RESULT_TTL_SECS", default_value_t = 86_400)]
     pub result_ttl_secs: u64,
-    /// Prompt tokens per prefill chunk on the attention workers.
-    #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096)]
+    /// Prompt tokens per prefill chunk on the attention workers (the context cache's block;
+    /// the ranks of a context-parallel group cut the prompt by it).
+    #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub prefill_chunk: u32,
     /// Times a job is re-run on another attention worker before it fails.
     #[arg(long, env = "RINGBOLT_JOB_ATTEMPTS", default_value_t = 5)]
@@ -727,7 +729,7 @@ impl ClusterExecutor {
             let waited = Instant::now();
             // Cache-aware: the worker whose context cache holds the longest prefix of this
             // prompt, when it is not much busier than the others.
-            let routed = !rec.no_context_cache && self.prefill_chunk > 0;
+            let routed = !rec.no_context_cache;
             let holder = routed
                 .then(|| {
                     self.view

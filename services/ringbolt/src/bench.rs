@@ -672,7 +672,7 @@ async fn timed_job(
     prompt: &[u32],
     new_tokens: u32,
 ) -> Result<(Vec<u32>, f64, f64)> {
-    let t = timed(endpoint, prompt, new_tokens, false).await?;
+    let t = timed(endpoint, prompt, new_tokens, false, 0).await?;
     Ok((t.tokens, t.prefill, t.decode))
 }
 
@@ -687,19 +687,21 @@ pub struct Timed {
     pub cached_tokens: u64,
 }
 
-/// One job through a server, with or without the server's context cache.
+/// One job through a server, with or without the server's context cache, split among
+/// `context_parallel` ranks (0: the server's choice).
 pub async fn timed(
     endpoint: &str,
     prompt: &[u32],
     new_tokens: u32,
     context_cache: bool,
+    context_parallel: u32,
 ) -> Result<Timed> {
     let mut c = crate::client::connect(endpoint).await?;
     let header = ringbolt_proto::v1::JobHeader {
         max_new_tokens: new_tokens,
         sampling: Some(Default::default()),
         idempotency_key: String::new(),
-        context_parallel: 0,
+        context_parallel,
         expected_prompt_tokens: prompt.len() as u64,
         // A benchmark measures the tokens it asks for, wherever the model would stop.
         ignore_eos: true,

@@ -39,8 +39,9 @@ pub struct CacheBenchArgs {
     /// routes each question to the worker holding the document.
     #[arg(long)]
     cluster: bool,
-    /// Standalone: prefill every question with a context-parallel group of this many ranks
-    /// (threads); the cache then keeps each rank's share of the document.
+    /// Prefill every question with a context-parallel group of this many ranks (standalone:
+    /// threads; --cluster: attention workers, at most two); each rank keeps its share of the
+    /// document in its cache.
     #[arg(long, default_value_t = 1)]
     context_parallel: u32,
 }
@@ -52,9 +53,6 @@ pub fn run(a: CacheBenchArgs) -> Result<()> {
 async fn bench(a: CacheBenchArgs) -> Result<()> {
     if a.questions < 2 || a.question_tokens == 0 || a.document_tokens == 0 {
         bail!("--questions must be at least 2, and the document and questions not empty");
-    }
-    if a.cluster && a.context_parallel > 1 {
-        bail!("--context-parallel is for the standalone run (not --cluster)");
     }
     let cfg = ModelConfig::from_file(&a.checkpoint.join("config.json"))?;
     let dir = tempfile::tempdir()?;
@@ -100,7 +98,7 @@ async fn bench(a: CacheBenchArgs) -> Result<()> {
     for q in 0..a.questions {
         let mut prompt = document.clone();
         prompt.extend(ids(a.question_tokens));
-        let t = crate::bench::timed(&endpoint, &prompt, 1, true).await?;
+        let t = crate::bench::timed(&endpoint, &prompt, 1, true, a.context_parallel).await?;
         eprintln!(
             "question {q}: {} cached tokens, time to first token {:.3} s",
             t.cached_tokens, t.time_to_first_token
