@@ -12,9 +12,10 @@
 //!
 //! Memory is bounded (`budget` bytes); the least recently used entries that no restore is
 //! reading are evicted whole (a prefix's deeper blocks before its shallower ones). With a spill
-//! directory, evicted entries go to disk (one file each, checksummed, written by a thread of
-//! their own so that an eviction never waits for the disk) and come back on a hit; a damaged or
-//! truncated file is a miss, never a wrong answer.
+//! directory, evicted entries go to disk (one file each, checksummed) and come back on a hit; a
+//! damaged or truncated file is a miss, never a wrong answer. A thread of their own writes them,
+//! so that an eviction does not wait for the disk, while at most a quarter of the budget waits
+//! for it (beyond that the evicting thread writes).
 //!
 //! A context-parallel group keeps its prefix differently: each rank keeps its own share (its
 //! keys and values; the decoding rank also every lightning state) under [`share_key`].
@@ -131,13 +132,23 @@ struct Spilled {
 struct Pending {
     parent: Key,
     block: Arc<Block>,
+    bytes: usize,
     last_use: u64,
+}
+
+impl Inner {
+    fn take_pending(&mut self, k: Key) -> Option<Pending> {
+        let p = self.pending.remove(&k)?;
+        self.pending_bytes -= p.bytes;
+        Some(p)
+    }
 }
 
 struct Inner {
     entries: HashMap<Key, Entry>,
-    /// Evicted entries the spill writer has not written yet.
+    /// Evicted entries the spill writer has not written yet, and their bytes.
     pending: HashMap<Key, Pending>,
+    pending_bytes: usize,
     disk: HashMap<Key, Spilled>,
     bytes: usize,
     disk_bytes: u64,
@@ -238,7 +249,7 @@ fn write_spill(inner: &Mutex<Inner>, disk: &Disk, k: Key) {
         .and_then(|mut f| f.write_all(&body))
         .and_then(|_| std::fs::rename(&tmp, &path));
     let mut g = lock_inner(inner);
-    let still_evicted = g.pending.remove(&k).is_some();
+    let still_evicted = g.take_pending(k).is_some();
     if let Err(err) = written {
         drop(g);
         tracing::warn!(file = %path.display(), error = %err, "cannot spill a context cache entry");
@@ -246,8 +257,13 @@ fn write_spill(inner: &Mutex<Inner>, disk: &Disk, k: Key) {
         return;
     }
     if !still_evicted {
+        // Back in memory: no file, unless an older spill of the same entry is noted (the
+        // same key, the same bytes: the file just written is it).
+        let noted = g.disk.contains_key(&k);
         drop(g);
-        let _ = std::fs::remove_file(&path);
+        if !noted {
+            let _ = std::fs::remove_file(&path);
+        }
         return;
     }
     g.disk_bytes += body.len() as u64;
@@ -316,6 +332,7 @@ impl ContextCache {
         let inner = Arc::new(Mutex::new(Inner {
             entries: HashMap::new(),
             pending: HashMap::new(),
+            pending_bytes: 0,
             disk,
             bytes: 0,
             disk_bytes,
@@ -494,7 +511,7 @@ impl ContextCache {
                 let block = p.block.clone();
                 drop(g);
                 if self.put(k, parent, block.clone()) {
-                    self.lock().pending.remove(&k);
+                    self.lock().take_pending(k);
                 }
                 return Some(block);
             }
@@ -634,19 +651,30 @@ impl ContextCache {
         let Some(disk) = &self.disk else {
             return;
         };
-        self.lock().pending.insert(
-            k,
-            Pending {
-                parent: e.parent,
-                block: e.block,
-                last_use: e.last_use,
-            },
-        );
-        let queued = self
-            .spiller
-            .as_ref()
-            .and_then(|s| s.sender())
-            .is_some_and(|tx| tx.try_send(SpillJob::Write(k)).is_ok());
+        // What waits for the writer is memory beyond the budget: at most a quarter of it.
+        let room = {
+            let mut g = self.lock();
+            let room = g.pending_bytes + e.bytes <= self.budget / 4;
+            if let Some(old) = g.pending.insert(
+                k,
+                Pending {
+                    parent: e.parent,
+                    block: e.block,
+                    bytes: e.bytes,
+                    last_use: e.last_use,
+                },
+            ) {
+                g.pending_bytes -= old.bytes;
+            }
+            g.pending_bytes += e.bytes;
+            room
+        };
+        let queued = room
+            && self
+                .spiller
+                .as_ref()
+                .and_then(|s| s.sender())
+                .is_some_and(|tx| tx.try_send(SpillJob::Write(k)).is_ok());
         if !queued {
             write_spill(&self.inner, disk, k);
         }

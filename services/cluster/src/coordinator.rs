@@ -92,9 +92,9 @@ pub struct ClusterView {
 
 #[derive(Default)]
 struct Prefixes {
-    /// Block key → the worker (or a context-parallel group's workers, in rank order) and when
-    /// it was noted.
-    map: HashMap<ringbolt_model::prefix::Key, (Vec<String>, u64)>,
+    /// Prefix key → who prefilled it (a worker, or a context-parallel group's workers in rank
+    /// order; the latest of each size first) and when it was noted.
+    map: HashMap<ringbolt_model::prefix::Key, (Vec<Vec<String>>, u64)>,
     clock: u64,
 }
 
@@ -140,41 +140,50 @@ impl ClusterView {
             .collect()
     }
 
-    /// The attention worker (or group, in rank order) that prefilled the longest prefix of
-    /// `prompt` (in whole chunks ending before its last token), as far as this coordinator
-    /// sent it jobs.
-    fn prefix_holder(&self, chunk: usize, prompt: &[u32]) -> Option<Vec<String>> {
+    /// The attention worker (`n` = 1) or group of `n` (in rank order) that prefilled the
+    /// longest prefix of `prompt` (in whole chunks ending before its last token), as far as
+    /// this coordinator sent it jobs. A group takes its prefix only when the rest is no more
+    /// work for one rank than its part of a whole prefill, so shorter ones are not asked for.
+    fn prefix_holder(&self, chunk: usize, prompt: &[u32], n: usize) -> Option<Vec<String>> {
+        let root = ringbolt_model::prefix::root(b"coordinator", chunk);
+        let keys = ringbolt_model::prefix::prefix_keys(
+            root,
+            prompt,
+            chunk,
+            prompt.len().saturating_sub(1),
+        );
+        let min = if n > 1 {
+            prompt.len() - prompt.len() / n
+        } else {
+            0
+        };
         let prefixes = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut k = ringbolt_model::prefix::root(b"coordinator", chunk);
-        let mut holder = None;
-        let mut end = chunk.max(1);
-        while end < prompt.len() {
-            k = ringbolt_model::prefix::key(k, &prompt[end - chunk..end]);
-            match prefixes.map.get(&k) {
-                Some((w, _)) => holder = Some(w.clone()),
-                None => break,
-            }
-            end += chunk;
-        }
-        holder
+        keys.iter()
+            .rev()
+            .take_while(|(end, _)| *end >= min)
+            .find_map(|(_, k)| {
+                let (holders, _) = prefixes.map.get(k)?;
+                holders.iter().find(|h| h.len() == n).cloned()
+            })
     }
 
-    /// Notes that `workers` (one, or a group in rank order) prefill `prompt`: its whole
-    /// chunks will be in their context caches.
+    /// Notes that `workers` prefill `prompt`: one worker keeps every whole chunk of it in its
+    /// context cache; a group (in rank order) keeps its shares of the whole of it.
     fn record_prefix(&self, chunk: usize, prompt: &[u32], workers: &[String]) {
-        let mut k = ringbolt_model::prefix::root(b"coordinator", chunk);
-        let keys: Vec<_> = prompt
-            .chunks_exact(chunk.max(1))
-            .map(|block| {
-                k = ringbolt_model::prefix::key(k, block);
-                k
-            })
-            .collect();
+        let root = ringbolt_model::prefix::root(b"coordinator", chunk);
+        let mut keys = ringbolt_model::prefix::prefix_keys(root, prompt, chunk, prompt.len());
+        if workers.len() > 1 {
+            keys.retain(|(end, _)| *end == prompt.len());
+        }
         let mut p = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-        for k in keys {
+        for (_, k) in keys {
             p.clock += 1;
             let stamp = p.clock;
-            p.map.insert(k, (workers.to_vec(), stamp));
+            let (holders, when) = p.map.entry(k).or_default();
+            holders.retain(|h| h.len() != workers.len());
+            holders.insert(0, workers.to_vec());
+            holders.truncate(4);
+            *when = stamp;
         }
         // Bounded: the older half goes when it is full (workers evict too; a stale entry
         // only costs a miss).
@@ -733,7 +742,7 @@ impl ClusterExecutor {
             let holder = routed
                 .then(|| {
                     self.view
-                        .prefix_holder(self.prefill_chunk as usize, &prompt)
+                        .prefix_holder(self.prefill_chunk as usize, &prompt, degree)
                 })
                 .flatten();
             let workers = loop {
@@ -1299,6 +1308,61 @@ mod tests {
             Ok(Ok(p)) => p.clone(),
             _ => panic!("never: {what}; last {:?}", view.current()),
         }
+    }
+
+    /// Cache-aware routing: a job goes to the worker, or the group in rank order, that
+    /// prefilled the longest prefix of its prompt, unless one of them is busy; a group is
+    /// found only for a prefix it keeps whole and would take.
+    #[tokio::test]
+    async fn jobs_are_routed_to_the_worker_or_group_holding_their_prefix() {
+        let cfg = ringbolt_model::Preset::Tiny.config();
+        let stop = CancellationToken::new();
+        let view = ClusterView {
+            members: RwLock::new(Vec::new()),
+            plan: MemoryStore::default()
+                .follow_plan(stop.clone())
+                .await
+                .unwrap(),
+            running: Mutex::new(HashMap::new()),
+            expert_bytes: 1,
+            cache: ringbolt_planner::ContextCost::of(&cfg, 4),
+            prefixes: Default::default(),
+        };
+        let attention = |id: &str| Member {
+            role: Role::AttentionWorker,
+            ..expert(id, "127.0.0.1:2")
+        };
+        view.set_members(["a", "b", "c"].map(attention).to_vec());
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let doc: Vec<u32> = (0..100).collect();
+        let ask = |tail: &[u32]| doc.iter().chain(tail).copied().collect::<Vec<u32>>();
+        // One worker prefilled the document and a question: its whole chunks are its.
+        view.record_prefix(16, &ask(&[1, 2, 3]), &ids(&["b"]));
+        assert_eq!(view.prefix_holder(16, &ask(&[7]), 1), Some(ids(&["b"])));
+        assert_eq!(view.prefix_holder(16, &ask(&[7]), 2), None);
+        // A group (rank order c, a) keeps its part, the first 96 positions, whole.
+        view.record_prefix(16, &doc[..96], &ids(&["c", "a"]));
+        let group = view.prefix_holder(16, &ask(&[7, 8]), 2);
+        assert_eq!(group, Some(ids(&["c", "a"])));
+        assert_eq!(view.prefix_holder(16, &ask(&[7]), 1), Some(ids(&["b"])));
+        // Not for a prompt sharing only its first 64: too short for a group to take.
+        let mut other = doc[..64].to_vec();
+        other.extend(500..540);
+        assert_eq!(view.prefix_holder(16, &other, 2), None);
+        assert_eq!(view.prefix_holder(16, &other, 1), Some(ids(&["b"])));
+        // The group is picked in its rank order, unless a member is busier than the least busy
+        // by more than one job, or to be avoided.
+        let picked = |avoid: &[&str]| {
+            let avoid: HashSet<String> = avoid.iter().map(|s| s.to_string()).collect();
+            let got = view.pick_attention(2, &avoid, group.as_deref()).unwrap();
+            got.into_iter().map(|m| m.id).collect::<Vec<_>>()
+        };
+        assert_eq!(picked(&[]), ids(&["c", "a"]));
+        view.running.lock().unwrap().insert("c".into(), 2);
+        assert_eq!(picked(&[]), ids(&["a", "b"]));
+        view.running.lock().unwrap().clear();
+        assert_eq!(picked(&["a"]), ids(&["b", "c"]));
+        stop.cancel();
     }
 
     #[tokio::test]

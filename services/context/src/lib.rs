@@ -787,11 +787,7 @@ fn restore_agreed<B: Backend, T: Transport>(
     for (n, _) in held {
         msg.put_u64_le(*n as u64);
     }
-    let all = until_aborted(
-        rt,
-        abort,
-        transport.all_gather(CACHE_AGREEMENT, msg.freeze()),
-    )?;
+    let all = gather_patiently(rt, transport, abort, CACHE_AGREEMENT, msg.freeze())?;
     let mut common: Option<std::collections::HashSet<u64>> = None;
     for mut b in all {
         if b.remaining() < 4 {
@@ -827,7 +823,7 @@ fn restore_agreed<B: Backend, T: Transport>(
             }
         });
     let ok = Bytes::from(vec![u8::from(mine.is_some())]);
-    let all = until_aborted(rt, abort, transport.all_gather(CACHE_AGREEMENT | 1, ok))?;
+    let all = gather_patiently(rt, transport, abort, CACHE_AGREEMENT | 1, ok)?;
     if all.iter().any(|b| b.first() != Some(&1)) {
         return Ok(None);
     }
@@ -842,6 +838,34 @@ fn restore_agreed<B: Backend, T: Transport>(
         cached: end,
         times: RankTimes::default(),
     }))
+}
+
+/// Every rank's `msg`, in rank order, waiting for the others as long as it takes (a rank may be
+/// reading its share back from disk) unless `abort` is cancelled or a peer is lost.
+fn gather_patiently<T: Transport>(
+    rt: &tokio::runtime::Handle,
+    transport: &T,
+    abort: &CancellationToken,
+    tag: u64,
+    msg: Bytes,
+) -> Result<Vec<Bytes>> {
+    let (me, p) = (transport.rank(), transport.size());
+    for r in (0..p).filter(|r| *r != me) {
+        until_aborted(rt, abort, transport.send(r, tag, msg.clone()))?;
+    }
+    (0..p)
+        .map(|r| {
+            if r == me {
+                return Ok(msg.clone());
+            }
+            loop {
+                match until_aborted(rt, abort, transport.recv(r, tag)) {
+                    Err(ContextError::Transport(TransportError::Timeout { .. })) => continue,
+                    got => return got,
+                }
+            }
+        })
+        .collect()
 }
 
 /// Runs `rank` on one thread of this process per transport of `group`, at once; a rank that
