@@ -471,6 +471,11 @@ impl ModelConfig {
         self.layers.len()
     }
 
+    /// Layers of kind `kind`.
+    pub fn layers_of(&self, kind: LayerKind) -> usize {
+        self.layers.iter().filter(|k| **k == kind).count()
+    }
+
     /// Residual factors `(alpha, beta)` of the attention sublayer of `layer`.
     pub fn attn_factors(&self, layer: usize) -> (f32, f32) {
         match self.layers[layer] {

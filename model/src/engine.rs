@@ -331,13 +331,8 @@ impl<B: Backend> Model<B> {
     /// Bytes of a context cache block of `tokens` tokens of this model.
     pub fn cache_block_bytes(&self, tokens: usize) -> usize {
         let width = self.cfg.num_kv_heads * self.cfg.head_dim;
-        let lightning = self
-            .cfg
-            .layers
-            .iter()
-            .filter(|k| **k == LayerKind::Lightning)
-            .count();
-        let softmax = self.cfg.num_layers() - lightning;
+        let lightning = self.cfg.layers_of(LayerKind::Lightning);
+        let softmax = self.cfg.layers_of(LayerKind::Softmax);
         (lightning * self.cfg.lightning_state_len() + softmax * 2 * tokens * width + tokens) * 4
     }
 
@@ -355,21 +350,59 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let width = self.cfg.num_kv_heads * self.cfg.head_dim;
         let (start, n) = ((st.pos - tokens.len()) * width, tokens.len() * width);
-        let mut lightning = Vec::new();
-        let mut kv = Vec::new();
-        for c in &st.layers {
-            match c {
-                LayerCache::Lightning(s) => lightning.push(b.download(s)),
+        let kv = st
+            .layers
+            .iter()
+            .filter_map(|c| match c {
                 LayerCache::Softmax { k, v } => {
-                    kv.push((b.cache_read(k, start, n), b.cache_read(v, start, n)))
+                    Some((b.cache_read(k, start, n), b.cache_read(v, start, n)))
                 }
-            }
-        }
+                LayerCache::Lightning(_) => None,
+            })
+            .collect();
         Some(crate::prefix::Block {
             tokens: tokens.to_vec(),
-            lightning,
+            lightning: self.lightning_states(st),
             kv,
         })
+    }
+
+    /// Every lightning layer's state of `st`, in layer order (what a context cache entry keeps).
+    pub(crate) fn lightning_states(&self, st: &SequenceState<B>) -> Vec<Vec<f32>> {
+        st.layers
+            .iter()
+            .filter_map(|c| match c {
+                LayerCache::Lightning(s) => Some(self.backend.download(s)),
+                LayerCache::Softmax { .. } => None,
+            })
+            .collect()
+    }
+
+    /// A fresh state at position `pos` holding `states` as its lightning layers' states (its
+    /// softmax caches empty); None when they do not fit this model.
+    pub(crate) fn state_with_lightning(
+        &self,
+        states: &[Vec<f32>],
+        pos: usize,
+    ) -> Option<SequenceState<B>> {
+        if states.len() != self.cfg.layers_of(LayerKind::Lightning)
+            || states
+                .iter()
+                .any(|s| s.len() != self.cfg.lightning_state_len())
+        {
+            return None;
+        }
+        let mut st = self.new_state();
+        let mut states = states.iter();
+        for c in st.layers.iter_mut() {
+            if let LayerCache::Lightning(s) = c
+                && let Some(x) = states.next()
+            {
+                *s = self.backend.upload(x);
+            }
+        }
+        st.pos = pos;
+        Some(st)
     }
 
     /// A state holding the prefix `blocks` make, in order: their keys and values, and the
@@ -380,13 +413,8 @@ impl<B: Backend> Model<B> {
     ) -> Result<SequenceState<B>> {
         let b = &self.backend;
         let width = self.cfg.num_kv_heads * self.cfg.head_dim;
-        let lightning_layers = self
-            .cfg
-            .layers
-            .iter()
-            .filter(|k| **k == LayerKind::Lightning)
-            .count();
-        let softmax_layers = self.cfg.num_layers() - lightning_layers;
+        let lightning_layers = self.cfg.layers_of(LayerKind::Lightning);
+        let softmax_layers = self.cfg.layers_of(LayerKind::Softmax);
         let bad = |why: String| {
             Err(ModelError::Invalid(format!(
                 "a context cache block does not fit the model: {why}"
@@ -410,27 +438,23 @@ impl<B: Backend> Model<B> {
                 return bad("a layer's size".into());
             }
         }
-        let mut st = self.new_state();
         let Some(last) = blocks.last() else {
-            return Ok(st);
+            return Ok(self.new_state());
         };
-        let (mut li, mut si) = (0, 0);
-        for c in st.layers.iter_mut() {
-            match c {
-                LayerCache::Lightning(s) => {
-                    *s = b.upload(&last.lightning[li]);
-                    li += 1;
-                }
-                LayerCache::Softmax { k, v } => {
-                    for blk in blocks {
-                        b.cache_append(k, &b.upload(&blk.kv[si].0));
-                        b.cache_append(v, &b.upload(&blk.kv[si].1));
-                    }
-                    si += 1;
-                }
+        let pos = blocks.iter().map(|blk| blk.tokens.len()).sum();
+        let Some(mut st) = self.state_with_lightning(&last.lightning, pos) else {
+            return bad("the lightning states".into());
+        };
+        let softmax = st.layers.iter_mut().filter_map(|c| match c {
+            LayerCache::Softmax { k, v } => Some((k, v)),
+            LayerCache::Lightning(_) => None,
+        });
+        for (si, (k, v)) in softmax.enumerate() {
+            for blk in blocks {
+                b.cache_append(k, &b.upload(&blk.kv[si].0));
+                b.cache_append(v, &b.upload(&blk.kv[si].1));
             }
         }
-        st.pos = blocks.iter().map(|blk| blk.tokens.len()).sum();
         Ok(st)
     }
 

@@ -627,6 +627,24 @@ pub struct KvShard<B: Backend> {
 }
 
 impl<B: Backend> KvShard<B> {
+    /// The share a prefill left: per layer of `cfg`, its segments (none for lightning layers).
+    fn new(cfg: &crate::config::ModelConfig, layers: Vec<Vec<Segment<B>>>) -> Self {
+        KvShard {
+            tail: vec![false; layers.len()],
+            softmax: cfg
+                .layers
+                .iter()
+                .map(|k| *k == LayerKind::Softmax)
+                .collect(),
+            shape: AttentionShape {
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+            layers,
+        }
+    }
+
     /// Keys of `layer` held here.
     pub fn tokens(&self, layer: usize) -> usize {
         self.layers
@@ -736,7 +754,6 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
                 model.layers.len()
             )));
         }
-        let (_, shape) = self.shape();
         let mut st = model.new_state();
         let mut whole_everywhere = true;
         let mut layers = Vec::with_capacity(self.kept.len());
@@ -764,22 +781,7 @@ impl<'m, B: Backend> RankPrefill<'m, B> {
         }
         st.pos = self.layout.tokens;
         let decodes = whole_everywhere && self.layout.last_rank() == self.rank;
-        let tail = vec![false; layers.len()];
-        let softmax = model
-            .cfg
-            .layers
-            .iter()
-            .map(|k| *k == LayerKind::Softmax)
-            .collect();
-        Ok((
-            KvShard {
-                layers,
-                tail,
-                softmax,
-                shape,
-            },
-            decodes.then_some(st),
-        ))
+        Ok((KvShard::new(&model.cfg, layers), decodes.then_some(st)))
     }
 }
 
@@ -856,21 +858,10 @@ impl<B: Backend> Model<B> {
         if state.is_some_and(|st| st.pos != tokens.len()) {
             return None;
         }
-        let b = &self.backend;
-        let kv = shard.prefilled(b)?;
-        let lightning = state.map_or_else(Vec::new, |st| {
-            st.layers
-                .iter()
-                .filter_map(|c| match c {
-                    LayerCache::Lightning(s) => Some(b.download(s)),
-                    LayerCache::Softmax { .. } => None,
-                })
-                .collect()
-        });
         Some(crate::prefix::Block {
             tokens: tokens.to_vec(),
-            lightning,
-            kv,
+            lightning: state.map_or_else(Vec::new, |st| self.lightning_states(st)),
+            kv: shard.prefilled(&self.backend)?,
         })
     }
 
@@ -889,16 +880,9 @@ impl<B: Backend> Model<B> {
                 "a context cache share does not fit the model: {why}"
             )))
         };
-        let softmax: Vec<bool> = self
-            .cfg
-            .layers
-            .iter()
-            .map(|k| *k == LayerKind::Softmax)
-            .collect();
-        let softmax_layers = softmax.iter().filter(|s| **s).count();
         if rank >= layout.ranks
             || blk.tokens.len() != layout.tokens
-            || blk.kv.len() != softmax_layers
+            || blk.kv.len() != self.cfg.layers_of(LayerKind::Softmax)
         {
             return bad(format!(
                 "rank {rank} of {}: {} tokens for {}, {} softmax layers",
@@ -912,10 +896,12 @@ impl<B: Backend> Model<B> {
         let rows: usize = own.iter().map(|c| c.len).sum();
         let width = self.cfg.num_kv_heads * self.cfg.head_dim;
         let mut kv = blk.kv.iter();
-        let mut layers = Vec::with_capacity(softmax.len());
-        for (l, is_softmax) in softmax.iter().enumerate() {
+        let mut layers = Vec::with_capacity(self.cfg.num_layers());
+        for (l, kind) in self.cfg.layers.iter().enumerate() {
             let mut segs = Vec::new();
-            if *is_softmax && let Some((k, v)) = kv.next() {
+            if *kind == LayerKind::Softmax
+                && let Some((k, v)) = kv.next()
+            {
                 if k.len() != rows * width || v.len() != rows * width {
                     return bad(format!("the keys of layer {l}"));
                 }
@@ -932,42 +918,15 @@ impl<B: Backend> Model<B> {
             }
             layers.push(segs);
         }
-        let decodes = rank == layout.last_rank();
-        let state = if decodes {
-            let n = self.cfg.num_layers() - softmax_layers;
-            if blk.lightning.len() != n
-                || blk
-                    .lightning
-                    .iter()
-                    .any(|s| s.len() != self.cfg.lightning_state_len())
-            {
-                return bad("the decoding rank's lightning states".into());
+        let state = if rank == layout.last_rank() {
+            match self.state_with_lightning(&blk.lightning, layout.tokens) {
+                Some(st) => Some(st),
+                None => return bad("the decoding rank's lightning states".into()),
             }
-            let mut st = self.new_state();
-            let mut states = blk.lightning.iter();
-            for c in st.layers.iter_mut() {
-                if let LayerCache::Lightning(s) = c
-                    && let Some(x) = states.next()
-                {
-                    *s = b.upload(x);
-                }
-            }
-            st.pos = layout.tokens;
-            Some(st)
         } else {
             None
         };
-        let shard = KvShard {
-            tail: vec![false; layers.len()],
-            layers,
-            softmax,
-            shape: AttentionShape {
-                heads: self.cfg.num_heads,
-                kv_heads: self.cfg.num_kv_heads,
-                head_dim: self.cfg.head_dim,
-            },
-        };
-        Ok((shard, state))
+        Ok((KvShard::new(&self.cfg, layers), state))
     }
 }
 
