@@ -966,7 +966,11 @@ fn the_client_says_how_to_dial_and_accepts_bare_addresses() {
         text_of("--max-new-tokens").contains("Number of tokens"),
         "{help}"
     );
-    assert!(text_of("--device").contains("Where to compute"), "{help}");
+    assert!(
+        text_of("--device").contains("Where the model computes"),
+        "{help}"
+    );
+    assert!(text_of("--weights").contains("int8"), "{help}");
 }
 
 #[test]

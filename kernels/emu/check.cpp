@@ -10,6 +10,7 @@
 #include "../cuda/lightning.cu"
 #include "../cuda/rope.cu"
 #include "../cuda/route.cu"
+#include "../cuda/w8a16.cu"
 
 #include <algorithm>
 #include <cstdio>
@@ -377,6 +378,60 @@ void attention_scalar(const Attn& c) {
     check_lse(name + ": merged lse", lse, want_lse, 1e-4);
 }
 
+// ---- int8 weight-only GEMM (quantized experts) ----
+
+// linear_w8a16 as the backend launches it: grid (ceil(n/64), ceil(m/64), batch), 128 threads.
+// Every bf16 × int8 product is exact in f32 (at most 8 + 7 significant bits), so the kernel's
+// only rounding is f32 accumulation, as in the f32 kernels: tolerance 1e-4. With `misaligned`,
+// every expert's weights start one byte into their buffer (the loader's element-wise path even
+// where k is a multiple of 16). y is NaN before the launch (an output never written shows) and
+// has a guard of 64 rows past the last expert's that must stay untouched.
+void w8a16_check(int m, int k, int n, int batch, bool misaligned = false) {
+    auto xf = random((size_t)batch * m * k, 2.0f);
+    const std::vector<__nv_bfloat16> x = to_bf16(xf);  // xf now holds the bf16 values
+    std::uniform_int_distribution<int> qd(-127, 127);
+    std::uniform_real_distribution<float> sd(0.001f, 0.02f);
+    const int off = misaligned ? 1 : 0;
+    std::vector<std::vector<signed char>> wq(batch);
+    std::vector<std::vector<float>> sc(batch);
+    std::vector<const signed char*> wp;
+    std::vector<const float*> sp;
+    for (int z = 0; z < batch; ++z) {
+        wq[z].resize((size_t)n * k + off);
+        for (auto& v : wq[z]) v = (signed char)qd(rng);
+        for (int j = 0; j < n; ++j) sc[z].push_back(sd(rng));
+        wp.push_back(wq[z].data() + off);
+        sp.push_back(sc[z].data());
+    }
+    const size_t valid = (size_t)batch * m * n, guard = (size_t)64 * n + 64;
+    std::vector<float> y(valid + guard, NAN);
+    const float sentinel = -12345.0f;
+    std::fill(y.begin() + valid, y.end(), sentinel);
+    rb_launch({(unsigned)((n + 63) / 64), (unsigned)((m + 63) / 64), (unsigned)batch},
+              {128, 1, 1}, 0,
+              [&] { linear_w8a16(x.data(), wp.data(), sp.data(), y.data(), m, k, n); });
+    std::vector<double> want(valid);
+    for (int z = 0; z < batch; ++z)
+        for (int r = 0; r < m; ++r)
+            for (int j = 0; j < n; ++j) {
+                double acc = 0.0;
+                for (int i = 0; i < k; ++i)
+                    acc += (double)xf[((size_t)z * m + r) * k + i] * wp[z][(size_t)j * k + i];
+                want[((size_t)z * m + r) * n + j] = sc[z][j] * acc;
+            }
+    const bool guard_ok = std::all_of(y.begin() + valid, y.end(),
+                                      [&](float v) { return v == sentinel; });
+    y.resize(valid);
+    const std::string name = "linear_w8a16 m=" + std::to_string(m) + " k=" + std::to_string(k) +
+                             " n=" + std::to_string(n) + " batch=" + std::to_string(batch) +
+                             (misaligned ? " (weights misaligned)" : "");
+    check(name, y, want, 1e-4);
+    if (!guard_ok) {
+        ++failures;
+        std::printf("%-58s FAIL  wrote past the last row\n", name.c_str());
+    }
+}
+
 // ---- the rest ----
 
 void rms_norm_check(int rows, int width) {
@@ -637,6 +692,15 @@ int main() {
     attention_decode_batch({40, 130, 300, 1}, 4, 2, 64, 3);
     attention_decode_batch({17, 200}, 8, 1, 128, 1);
     attention_scalar(attn_case(20, 4, 2, 40, 5));
+    // Int8 weight-only GEMM: decode (m = 1), odd k and n past a tile, exact tiles, m past a
+    // tile with k not a multiple of 32, a long k, and misaligned weights.
+    w8a16_check(1, 64, 96, 1);
+    w8a16_check(37, 70, 130, 2);
+    w8a16_check(64, 128, 64, 1);
+    w8a16_check(65, 33, 8, 3);
+    w8a16_check(3, 512, 200, 1);
+    w8a16_check(2, 47, 65, 2);
+    w8a16_check(20, 96, 70, 2, true);
     rms_norm_check(3, 96);
     rms_norm_check(2, 1000);
     route_check(70, 32, 2);

@@ -1,5 +1,6 @@
 //! The CPU backend: f32 compute, GEMMs through `gemm`, threads through rayon.
 
+use crate::format::{Activations, quantize_int8_into, round_bf16};
 use crate::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
 use rayon::prelude::*;
 
@@ -11,9 +12,18 @@ const GEMV_ROWS: usize = 16;
 /// Query rows per softmax-attention work item.
 const ATTN_Q_BLOCK: usize = 64;
 
-/// The CPU backend. Stateless; cheap to clone.
+/// The CPU backend: how activations enter its GEMMs is its only setting. Cheap to copy.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    activations: Activations,
+}
+
+impl Cpu {
+    /// A CPU backend whose GEMMs take their activations as `activations` says.
+    pub fn new(activations: Activations) -> Self {
+        Cpu { activations }
+    }
+}
 
 /// A matrix operand for [`gemm`]: base slice plus row and column strides (in elements).
 #[derive(Clone, Copy)]
@@ -175,10 +185,15 @@ fn bf16_to_f32(b: u16) -> f32 {
 }
 
 /// A weight matrix on the CPU: bf16 when every value is exactly a bf16 (a bf16 checkpoint: half
-/// the memory traffic in decode, converted to f32 as it is used), else f32.
+/// the memory traffic in decode, converted to f32 as it is used), else f32; or int8 with one
+/// scale per row (output channel) when quantized ([`Backend::upload_weight_int8`]).
 pub enum CpuWeight {
     F32(WeightStore<f32>),
     Bf16(WeightStore<u16>),
+    Int8 {
+        q: WeightStore<i8>,
+        scales: WeightStore<f32>,
+    },
 }
 
 /// A weight's values in their own anonymous memory mapping: in memory they take exactly their
@@ -192,6 +207,19 @@ pub struct WeightStore<T: Copy + 'static> {
 }
 
 impl<T: Copy + 'static> WeightStore<T> {
+    /// `len` zero values (for types whose all-zero bytes are a value: numbers), writable.
+    pub fn zeroed(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<T>();
+        WeightStore {
+            map: (bytes > 0).then(|| {
+                memmap2::MmapMut::map_anon(bytes)
+                    .unwrap_or_else(|e| panic!("cannot map {bytes} bytes for a weight: {e}"))
+            }),
+            len,
+            _t: std::marker::PhantomData,
+        }
+    }
+
     pub fn from_slice(v: &[T]) -> Self {
         let bytes = std::mem::size_of_val(v);
         if bytes == 0 {
@@ -212,6 +240,18 @@ impl<T: Copy + 'static> WeightStore<T> {
             map: Some(map),
             len: v.len(),
             _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Copy + 'static> std::ops::DerefMut for WeightStore<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match &mut self.map {
+            // SAFETY: as in `deref`, and `&mut self` makes this the only view.
+            Some(m) => unsafe {
+                std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut T, self.len)
+            },
+            None => &mut [],
         }
     }
 }
@@ -255,10 +295,45 @@ impl CpuWeight {
         })
     }
 
+    /// `data` (`[rows, cols]`) quantized to int8 per row, straight into its own mapping (no
+    /// temporary copy: an expert worker's memory stays what it holds).
+    pub fn int8(data: &[f32], rows: usize, cols: usize) -> Self {
+        let mut q = WeightStore::<i8>::zeroed(data.len());
+        let mut scales = WeightStore::<f32>::zeroed(rows);
+        quantize_int8_into(data, rows, cols, &mut q, &mut scales);
+        CpuWeight::Int8 { q, scales }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             CpuWeight::F32(v) => v.len(),
             CpuWeight::Bf16(v) => v.len(),
+            CpuWeight::Int8 { q, .. } => q.len(),
+        }
+    }
+
+    /// Bytes the matrix holds (values and scales).
+    pub fn bytes(&self) -> usize {
+        match self {
+            CpuWeight::F32(v) => v.len() * 4,
+            CpuWeight::Bf16(v) => v.len() * 2,
+            CpuWeight::Int8 { q, scales } => q.len() + scales.len() * 4,
+        }
+    }
+
+    /// Row `j` of a matrix with `cols` columns in f32 (dequantized when int8), into `out`.
+    fn row_into(&self, j: usize, cols: usize, out: &mut [f32]) {
+        let r = j * cols..(j + 1) * cols;
+        match self {
+            CpuWeight::F32(v) => out.copy_from_slice(&v[r]),
+            CpuWeight::Bf16(v) => out
+                .iter_mut()
+                .zip(&v[r])
+                .for_each(|(x, &b)| *x = bf16_to_f32(b)),
+            CpuWeight::Int8 { q, scales } => out
+                .iter_mut()
+                .zip(&q[r])
+                .for_each(|(x, &b)| *x = b as f32 * scales[j]),
         }
     }
 
@@ -266,12 +341,22 @@ impl CpuWeight {
         self.len() == 0
     }
 
-    /// The whole matrix in f32 (borrowed when it is stored so).
+    /// The whole matrix in f32 (borrowed when it is stored so; int8 dequantized).
     pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
             CpuWeight::F32(v) => std::borrow::Cow::Borrowed(&v[..]),
             CpuWeight::Bf16(v) => {
                 std::borrow::Cow::Owned(v.par_iter().map(|&b| bf16_to_f32(b)).collect())
+            }
+            CpuWeight::Int8 { q, scales } => {
+                let cols = q.len() / scales.len().max(1);
+                let mut out = vec![0f32; q.len()];
+                if cols > 0 {
+                    out.par_chunks_mut(cols)
+                        .enumerate()
+                        .for_each(|(j, o)| self.row_into(j, cols, o));
+                }
+                std::borrow::Cow::Owned(out)
             }
         }
     }
@@ -718,69 +803,108 @@ fn flash_attention(
     (o, lse)
 }
 
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ`; `parallel` lets the GEMM fork across threads.
-fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool) -> Vec<f32> {
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`; `parallel` lets the GEMM fork across threads. With
+/// [`Activations::Bf16`] the input is rounded to bf16 first.
+fn linear(
+    x: &[f32],
+    w: &CpuWeight,
+    m: usize,
+    k: usize,
+    n: usize,
+    parallel: bool,
+    activations: Activations,
+) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "linear: input is not [m, k]");
     assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
-    if let CpuWeight::Bf16(v) = w {
-        if m == 1 {
-            const CH: usize = 64;
-            let mut y = vec![0f32; n];
-            y.par_chunks_mut(CH).enumerate().for_each(|(c, out)| {
-                let rows = &v[c * CH * k..(c * CH + out.len()) * k];
-                crate::x86::gemv_bf16(x, rows, k, out);
-            });
-            return y;
+    let rounded: Vec<f32>;
+    let x = match activations {
+        Activations::F32 => x,
+        Activations::Bf16 => {
+            rounded = x.iter().map(|&v| round_bf16(v)).collect();
+            &rounded[..]
         }
-        if m > GEMV_ROWS && crate::x86::amx_takes(k, n) {
-            return crate::x86::amx_linear_bf16(x, v, m, k, n, parallel);
+    };
+    // bf16 activations are one bf16 term on the tile unit; f32 ones need three.
+    let terms = match activations {
+        Activations::F32 => 3,
+        Activations::Bf16 => 1,
+    };
+    match w {
+        CpuWeight::Bf16(v) => packed_linear(x, v, m, k, n, parallel, terms),
+        // The packed kernels sum x·q; each output feature then takes its channel's scale.
+        CpuWeight::Int8 { q, scales } => {
+            packed_linear(x, q, m, k, n, parallel, terms).map(|mut y| {
+                for row in y.chunks_mut(n) {
+                    row.iter_mut().zip(scales.iter()).for_each(|(v, s)| *v *= s);
+                }
+                y
+            })
+        }
+        CpuWeight::F32(_) => None,
+    }
+    .unwrap_or_else(|| plain_linear(x, w, m, k, n, parallel))
+}
+
+/// `x · wᵀ` through the kernels that read packed (bf16 or int8) weights in place, without int8
+/// scales; None where no such kernel takes the shape.
+fn packed_linear<T: crate::x86::Packed>(
+    x: &[f32],
+    w: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+    parallel: bool,
+    terms: usize,
+) -> Option<Vec<f32>> {
+    const CH: usize = 64;
+    if m == 1 {
+        let mut y = vec![0f32; n];
+        y.par_chunks_mut(CH).enumerate().for_each(|(c, out)| {
+            let rows = &w[c * CH * k..(c * CH + out.len()) * k];
+            crate::x86::gemv(x, rows, k, out);
+        });
+        return Some(y);
+    }
+    if m > GEMV_ROWS {
+        return crate::x86::amx_takes(k, n)
+            .then(|| crate::x86::amx_linear(x, w, m, k, n, terms, parallel));
+    }
+    if !crate::x86::has_avx512() {
+        return None;
+    }
+    // Memory-bound: parallel over output features, each weight row read once for all rows.
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
+        let rows = &w[c * CH * k..(c * CH + out.len() / m) * k];
+        let done = crate::x86::gemv_rows(x, m, rows, k, out);
+        debug_assert!(done, "AVX-512 is present");
+    });
+    Some(transpose(&yt, n, m))
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
         }
     }
-    let mut y = vec![0f32; m * n];
-    if m <= GEMV_ROWS {
-        // Memory-bound: parallel over output features, each a dot product per input row.
-        const CH: usize = 64;
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
-            if let CpuWeight::Bf16(v) = w {
-                let rows = &v[c * CH * k..(c * CH + out.len() / m) * k];
-                if crate::x86::gemv_bf16_rows(x, m, rows, k, out) {
-                    return;
-                }
-            }
-            let mut row = Vec::new();
-            for (jj, o) in out.chunks_mut(m).enumerate() {
-                let j = c * CH + jj;
-                let wr: &[f32] = match w {
-                    CpuWeight::F32(v) => &v[j * k..(j + 1) * k],
-                    CpuWeight::Bf16(v) => {
-                        row.clear();
-                        row.extend(v[j * k..(j + 1) * k].iter().map(|&b| bf16_to_f32(b)));
-                        &row
-                    }
-                };
-                let mut r = 0;
-                while r + 4 <= m {
-                    let xs = [
-                        &x[r * k..][..k],
-                        &x[(r + 1) * k..][..k],
-                        &x[(r + 2) * k..][..k],
-                        &x[(r + 3) * k..][..k],
-                    ];
-                    o[r..r + 4].copy_from_slice(&dot4(xs, wr));
-                    r += 4;
-                }
-                for (rr, or) in o.iter_mut().enumerate().skip(r) {
-                    *or = dot(&x[rr * k..(rr + 1) * k], wr);
-                }
-            }
-        });
-        for r in 0..m {
-            for j in 0..n {
-                y[r * n + j] = yt[j * m + r];
-            }
-        }
-    } else {
+    t
+}
+
+/// `x · wᵀ` with f32 arithmetic on any weight (int8 dequantized with its scales): dot
+/// products per output feature for a few rows, a GEMM beyond.
+fn plain_linear(
+    x: &[f32],
+    w: &CpuWeight,
+    m: usize,
+    k: usize,
+    n: usize,
+    parallel: bool,
+) -> Vec<f32> {
+    if m > GEMV_ROWS {
+        let mut y = vec![0f32; m * n];
         let wf = w.to_f32();
         gemm(
             m,
@@ -793,8 +917,39 @@ fn linear(x: &[f32], w: &CpuWeight, m: usize, k: usize, n: usize, parallel: bool
             None,
             parallel,
         );
+        return y;
     }
-    y
+    // Memory-bound: parallel over output features, each a dot product per input row.
+    const CH: usize = 64;
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
+        let mut row = vec![0f32; k];
+        for (jj, o) in out.chunks_mut(m).enumerate() {
+            let j = c * CH + jj;
+            let wr: &[f32] = match w {
+                CpuWeight::F32(v) => &v[j * k..(j + 1) * k],
+                _ => {
+                    w.row_into(j, k, &mut row);
+                    &row
+                }
+            };
+            let mut r = 0;
+            while r + 4 <= m {
+                let xs = [
+                    &x[r * k..][..k],
+                    &x[(r + 1) * k..][..k],
+                    &x[(r + 2) * k..][..k],
+                    &x[(r + 3) * k..][..k],
+                ];
+                o[r..r + 4].copy_from_slice(&dot4(xs, wr));
+                r += 4;
+            }
+            for (rr, or) in o.iter_mut().enumerate().skip(r) {
+                *or = dot(&x[rr * k..(rr + 1) * k], wr);
+            }
+        }
+    });
+    transpose(&yt, n, m)
 }
 
 impl Backend for Cpu {
@@ -803,7 +958,11 @@ impl Backend for Cpu {
     type Cache = Vec<f32>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let act = match self.activations {
+            Activations::F32 => "",
+            Activations::Bf16 => ", bf16 activations",
+        };
+        format!("cpu ({} threads{act})", rayon::current_num_threads())
     }
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
@@ -820,20 +979,15 @@ impl Backend for Cpu {
         CpuWeight::from_vec(data)
     }
 
+    fn upload_weight_int8(&self, data: &[f32], rows: usize, cols: usize) -> CpuWeight {
+        CpuWeight::int8(data, rows, cols)
+    }
+
     fn weight_rows(&self, w: &CpuWeight, ids: &[u32], width: usize) -> Vec<f32> {
         let mut out = vec![0f32; ids.len() * width];
         out.par_chunks_mut(width)
             .zip(ids.par_iter())
-            .for_each(|(o, &i)| {
-                let i = i as usize;
-                match w {
-                    CpuWeight::F32(v) => o.copy_from_slice(&v[i * width..(i + 1) * width]),
-                    CpuWeight::Bf16(v) => o
-                        .iter_mut()
-                        .zip(&v[i * width..(i + 1) * width])
-                        .for_each(|(x, &b)| *x = bf16_to_f32(b)),
-                }
-            });
+            .for_each(|(o, &i)| w.row_into(i as usize, width, o));
         out
     }
 
@@ -895,7 +1049,7 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &Vec<f32>, w: &CpuWeight, m: usize, k: usize, n: usize) -> Vec<f32> {
-        linear(x, w, m, k, n, true)
+        linear(x, w, m, k, n, true, self.activations)
     }
 
     fn moe_experts(
@@ -915,9 +1069,17 @@ impl Backend for Cpu {
             .map(|g| {
                 let n = g.ids.len();
                 let xs = self.gather_rows(x, g.ids, hidden);
-                let h = linear(&xs, g.w13, n, hidden, 2 * inter, !per_task);
+                let h = linear(
+                    &xs,
+                    g.w13,
+                    n,
+                    hidden,
+                    2 * inter,
+                    !per_task,
+                    self.activations,
+                );
                 let a = self.swiglu(&h, n, inter);
-                linear(&a, g.w2, n, inter, hidden, !per_task)
+                linear(&a, g.w2, n, inter, hidden, !per_task, self.activations)
             })
             .collect();
         let mut out = vec![0f32; rows * hidden];
@@ -1320,7 +1482,7 @@ mod tests {
         let q = rand_vec(&mut rng, t * 32, 1.0);
         let kc = rand_vec(&mut rng, len * 16, 1.0);
         let vc = rand_vec(&mut rng, len * 16, 1.0);
-        let got = Cpu.attention(&q, t, &kc, &vc, pos0, shape);
+        let got = Cpu::default().attention(&q, t, &kc, &vc, pos0, shape);
         for i in 0..t {
             for h in 0..4 {
                 let g = h / 2;
@@ -1361,11 +1523,11 @@ mod tests {
         let rows = GEMV_ROWS + 3;
         let x = rand_vec(&mut rng, rows * k, 1.0);
         for w in [&w32, &w16] {
-            let cw = Cpu.upload_weight(w, n, k);
+            let cw = Cpu::default().upload_weight(w, n, k);
             assert_eq!(matches!(cw, CpuWeight::Bf16(_)), std::ptr::eq(w, &w16));
-            let big = Cpu.linear(&x, &cw, rows, k, n);
+            let big = Cpu::default().linear(&x, &cw, rows, k, n);
             for m in 1..=GEMV_ROWS {
-                let small = Cpu.linear(&x[..m * k].to_vec(), &cw, m, k, n);
+                let small = Cpu::default().linear(&x[..m * k].to_vec(), &cw, m, k, n);
                 for (a, b) in small.iter().zip(&big) {
                     assert!((a - b).abs() < 1e-4);
                 }
@@ -1377,9 +1539,84 @@ mod tests {
                 }
             }
             assert_eq!(
-                Cpu.weight_rows(&cw, &[3, 0], k),
+                Cpu::default().weight_rows(&cw, &[3, 0], k),
                 [&w[3 * k..4 * k], &w[..k]].concat()
             );
+        }
+    }
+
+    /// Every path of `linear` with int8 weights (one row, a few rows, the tile unit or the
+    /// GEMM, and the portable fallbacks) is within the quantization bound of the f32 product:
+    /// |y_rj − Σ_c x_rc·w_jc| ≤ (s_j / 2)·Σ_c |x_rc| (each weight is off by at most half its
+    /// row's step s_j), plus f32 rounding.
+    #[test]
+    fn int8_linear_is_within_half_a_step_per_weight_on_every_path() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for (k, n) in [(64, 96), (70, 130)] {
+            let w = rand_vec(&mut rng, n * k, 0.1);
+            let cw = Cpu::default().upload_weight_int8(&w, n, k);
+            let CpuWeight::Int8 { scales, .. } = &cw else {
+                panic!("not int8")
+            };
+            assert_eq!(cw.bytes(), n * k + 4 * n);
+            for rows in [1, 5, GEMV_ROWS, 45] {
+                let x = rand_vec(&mut rng, rows * k, 2.0);
+                let y = Cpu::default().linear(&x, &cw, rows, k, n);
+                let plain = plain_linear(&x, &cw, rows, k, n, false);
+                for r in 0..rows {
+                    let xr = &x[r * k..][..k];
+                    let l1: f32 = xr.iter().map(|v| v.abs()).sum();
+                    for j in 0..n {
+                        let exact: f32 = (0..k).map(|c| xr[c] * w[j * k + c]).sum();
+                        let bound = scales[j] / 2.0 * l1 * 1.001 + 1e-5;
+                        let got = y[r * n + j];
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "k={k} rows={rows} ({r},{j}): {got} vs {exact}, bound {bound}"
+                        );
+                        assert!((got - plain[r * n + j]).abs() <= 1e-4 * (1.0 + exact.abs()));
+                    }
+                }
+            }
+            // Rows as activations: dequantized.
+            let rows = Cpu::default().weight_rows(&cw, &[2], k);
+            for (c, v) in rows.iter().enumerate() {
+                assert!((v - w[2 * k + c]).abs() <= scales[2] / 2.0 * 1.001);
+            }
+        }
+    }
+
+    /// bf16 activations: every path equals the f32 product of the rounded inputs.
+    #[test]
+    fn bf16_activations_round_the_input_of_every_gemm() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (k, n) = (64, 96);
+        let w: Vec<f32> = rand_vec(&mut rng, n * k, 0.1)
+            .into_iter()
+            .map(round_bf16)
+            .collect();
+        let bf16 = Cpu::new(Activations::Bf16);
+        for cw in [
+            bf16.upload_weight(&w, n, k),
+            bf16.upload_weight_int8(&w, n, k),
+        ] {
+            for rows in [1, 7, 40] {
+                let x = rand_vec(&mut rng, rows * k, 2.0);
+                let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+                let got = bf16.linear(&x, &cw, rows, k, n);
+                let want = Cpu::default().linear(&xr, &cw, rows, k, n);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{rows}: {a} vs {b}"
+                    );
+                }
+                if rows == 1 {
+                    // And the rounding matters: f32 activations give another result.
+                    let f32_out = Cpu::default().linear(&x, &cw, rows, k, n);
+                    assert!(got.iter().zip(&f32_out).any(|(a, b)| a != b));
+                }
+            }
         }
     }
 
@@ -1400,7 +1637,7 @@ mod tests {
     #[test]
     fn swiglu_and_scatter_add() {
         let h = vec![1.0, -2.0, 3.0, 4.0, /* row 1 */ 0.5, 0.0, -1.0, 2.0];
-        let y = Cpu.swiglu(&h, 2, 2);
+        let y = Cpu::default().swiglu(&h, 2, 2);
         let s = |v: f32| v / (1.0 + (-v).exp());
         let want = [s(1.0) * 3.0, s(-2.0) * 4.0, -s(0.5), 0.0];
         for (a, b) in y.iter().zip(want) {
@@ -1411,8 +1648,8 @@ mod tests {
         let src: Vec<f32> = (0..3 * 4).map(|i| i as f32).collect();
         let mut a = vec![1f32; rows * 4];
         let mut b = a.clone();
-        Cpu.scatter_add_rows(&mut a, &src, &[5, 70, 199], &[0.5, 2.0, -1.0], 4);
-        Cpu.scatter_add_rows(
+        Cpu::default().scatter_add_rows(&mut a, &src, &[5, 70, 199], &[0.5, 2.0, -1.0], 4);
+        Cpu::default().scatter_add_rows(
             &mut b,
             &[&src[8..], &src[..8]].concat(),
             &[199, 5, 70],
@@ -1426,7 +1663,7 @@ mod tests {
     #[test]
     fn route_renormalises_top_k() {
         let logits = vec![0.0, 2.0, 1.0, 2.0, /* row 2 */ 5.0, 0.0, 0.0, 0.0];
-        let r = Cpu.route(&logits, 2, 4, 2);
+        let r = Cpu::default().route(&logits, 2, 4, 2);
         assert_eq!(r.experts, vec![1, 3, 0, 1]);
         assert!((r.weights[0] - 0.5).abs() < 1e-6 && (r.weights[1] - 0.5).abs() < 1e-6);
         let (e0, e1) = (1f32, (-5f32).exp());
@@ -1446,7 +1683,7 @@ mod tests {
         };
         let mut x: Vec<f32> = (0..8).map(|i| i as f32 + 1.0).collect();
         let orig = x.clone();
-        Cpu.rope_inplace(&mut x, 1, 1, 3, rope);
+        Cpu::default().rope_inplace(&mut x, 1, 1, 3, rope);
         let inv = rope_inv_freq(rope);
         for j in 0..2 {
             let a = 3.0f32 * inv[j];

@@ -12,6 +12,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("route", include_str!("../cuda/route.cu")),
     ("lightning", include_str!("../cuda/lightning.cu")),
     ("attention", include_str!("../cuda/attention.cu")),
+    ("w8a16", include_str!("../cuda/w8a16.cu")),
 ];
 
 const COMMON: &str = include_str!("../cuda/common.cuh");

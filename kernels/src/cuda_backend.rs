@@ -81,11 +81,33 @@ pub struct GpuCache {
     len: usize,
 }
 
-/// A bf16 weight matrix `[rows, cols]` on the device.
+/// A weight matrix `[rows, cols]` on the device: bf16, or int8 with one f32 scale per row.
 pub struct GpuWeight {
-    data: CudaSlice<bf16>,
+    data: WeightData,
     rows: usize,
     cols: usize,
+}
+
+enum WeightData {
+    Bf16(CudaSlice<bf16>),
+    Int8 {
+        q: CudaSlice<i8>,
+        scales: CudaSlice<f32>,
+    },
+}
+
+impl GpuWeight {
+    /// The bf16 values; int8 weights take [`CudaBackend::w8a16`] instead.
+    fn bf16(&self) -> &CudaSlice<bf16> {
+        match &self.data {
+            WeightData::Bf16(d) => d,
+            WeightData::Int8 { .. } => unreachable!("int8 weights go through linear_w8a16"),
+        }
+    }
+
+    fn is_int8(&self) -> bool {
+        matches!(self.data, WeightData::Int8 { .. })
+    }
 }
 
 /// One GPU: its stream, cuBLAS handle and kernels. Every operation is queued on the one stream,
@@ -424,6 +446,10 @@ impl CudaBackend {
             batch * m * k,
             "batched linear: x is not [batch·m, k]"
         );
+        let weights: Vec<&GpuWeight> = weights.collect();
+        if weights.first().is_some_and(|w| w.is_int8()) {
+            return self.w8a16(x, &weights, m, k, n);
+        }
         let mut y = self.alloc(batch * m * n);
         let xb = self.to_bf16(x);
         if let Some(yd) = y.data.as_mut() {
@@ -435,7 +461,7 @@ impl CudaBackend {
                     (n, k),
                     "batched linear: a weight is not [n, k]"
                 );
-                let (p, g) = w.data.device_ptr(&self.stream);
+                let (p, g) = w.bf16().device_ptr(&self.stream);
                 a.push(p);
                 guards.push(g);
             }
@@ -486,6 +512,60 @@ impl CudaBackend {
                 fail("batched gemm", status);
             }
         }
+        y
+    }
+
+    /// `Y_b = X_b · W_bᵀ` for int8 weights `W_b` (`[n, k]` with per-row scales), `X_b` the
+    /// b-th block of `m` rows of `x`: one launch of `linear_w8a16` (w8a16.cu: the int8 values
+    /// widened to bf16 in its tile loader, bf16 tensor cores, f32 accumulation, the scales in
+    /// its epilogue), blocks of 64 rows × 64 features, one grid layer per weight.
+    fn w8a16(&self, x: &GpuBuf, weights: &[&GpuWeight], m: usize, k: usize, n: usize) -> GpuBuf {
+        let batch = weights.len();
+        assert_eq!(x.len, batch * m * k, "w8a16: x is not [batch·m, k]");
+        let mut y = self.alloc(batch * m * n);
+        let Some(yd) = y.data.as_mut() else {
+            return y;
+        };
+        let xb = self.to_bf16(x);
+        let mut guards = Vec::with_capacity(2 * batch);
+        let (mut qs, mut ss) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+        for w in weights {
+            assert_eq!((w.rows, w.cols), (n, k), "w8a16: a weight is not [n, k]");
+            let WeightData::Int8 { q, scales } = &w.data else {
+                panic!("w8a16: a bf16 weight among int8 ones");
+            };
+            let (qp, gq) = q.device_ptr(&self.stream);
+            let (sp, gs) = scales.device_ptr(&self.stream);
+            qs.push(qp);
+            ss.push(sp);
+            guards.push((gq, gs));
+        }
+        let up = |v: &[u64]| {
+            self.stream
+                .clone_htod(v)
+                .unwrap_or_else(|e| fail("upload", e))
+        };
+        let (qd, sd) = (up(&qs), up(&ss));
+        let (mi, ki, ni) = (m as i32, k as i32, n as i32);
+        let mut b = self.stream.launch_builder(self.f("linear_w8a16"));
+        b.arg(&xb)
+            .arg(&qd)
+            .arg(&sd)
+            .arg(yd)
+            .arg(&mi)
+            .arg(&ki)
+            .arg(&ni);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: xb holds batch·m·k bf16, y batch·m·n f32; qd and sd are device arrays of
+        // `batch` pointers to live int8 weights ([n, k]) and their n scales, kept alive by
+        // `weights` and the guards until the launch is queued; the block shape is the one the
+        // kernel is written for.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("linear_w8a16", e));
+        drop(guards);
         y
     }
 
@@ -711,7 +791,7 @@ impl Backend for CudaBackend {
     type Weight = GpuWeight;
     type Cache = GpuCache;
 
-    /// Every weight is bf16 on the device.
+    /// Every weight is bf16 on the device (int8 ones aside).
     fn bytes_per_weight(&self, _bf16: bool) -> u64 {
         2
     }
@@ -742,7 +822,29 @@ impl Backend for CudaBackend {
             })
             .unwrap_or_else(|e| fail("upload", e));
         GpuWeight {
-            data: d,
+            data: WeightData::Bf16(d),
+            rows,
+            cols,
+        }
+    }
+
+    fn upload_weight_int8(&self, data: &[f32], rows: usize, cols: usize) -> GpuWeight {
+        let (q, scales) = crate::format::quantize_int8(data, rows, cols);
+        // Empty matrices still get one element: the device has no empty allocations.
+        let q = self
+            .stream
+            .clone_htod(if q.is_empty() { &[0i8][..] } else { &q })
+            .unwrap_or_else(|e| fail("upload", e));
+        let scales = self
+            .stream
+            .clone_htod(if scales.is_empty() {
+                &[0f32][..]
+            } else {
+                &scales
+            })
+            .unwrap_or_else(|e| fail("upload", e));
+        GpuWeight {
+            data: WeightData::Int8 { q, scales },
             rows,
             cols,
         }
@@ -755,7 +857,7 @@ impl Backend for CudaBackend {
             let idd = self.ids(ids);
             let (c, wi) = (ids.len() as i32, width as i32);
             let mut b = self.stream.launch_builder(self.f("gather_rows_bf16"));
-            b.arg(&w.data).arg(&idd).arg(o).arg(&c).arg(&wi);
+            b.arg(w.bf16()).arg(&idd).arg(o).arg(&c).arg(&wi);
             unsafe { b.launch(grid(ids.len() * width, 256)) }
                 .unwrap_or_else(|e| fail("gather_rows_bf16", e));
         }
@@ -891,6 +993,9 @@ impl Backend for CudaBackend {
     fn linear(&self, x: &GpuBuf, w: &GpuWeight, m: usize, k: usize, n: usize) -> GpuBuf {
         assert_eq!(x.len, m * k, "linear: x is not [m, k]");
         assert_eq!((w.rows, w.cols), (n, k), "linear: w is not [n, k]");
+        if w.is_int8() {
+            return self.w8a16(x, &[w], m, k, n);
+        }
         let mut y = self.alloc(m * n);
         let xb = self.to_bf16(x);
         if let Some(yd) = y.data.as_mut() {
@@ -898,7 +1003,7 @@ impl Backend for CudaBackend {
             let (alpha, beta) = (1.0f32, 0.0f32);
             // Row-major Y[m,n] = X[m,k]·Wᵀ is column-major Yᵀ[n,m] = W·Xᵀ: W (column-major
             // [k,n]) transposed, X (column-major [k,m]) as is.
-            let (wp, _rw) = w.data.device_ptr(&self.stream);
+            let (wp, _rw) = w.bf16().device_ptr(&self.stream);
             let (xp, _rx) = xb.device_ptr(&self.stream);
             let (yp, _ry) = yd.device_ptr_mut(&self.stream);
             let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());

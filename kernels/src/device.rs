@@ -4,8 +4,8 @@
 //! builds the backend the device names and hands it to an [`OnBackend`] task, so callers need
 //! no `cfg(feature = "cuda")` of their own.
 
-use crate::Backend;
 use crate::cpu::Cpu;
+use crate::{Activations, Backend};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -61,16 +61,25 @@ pub trait OnBackend {
 impl Device {
     /// Opens the device's backend (a CUDA context on GPU N, its kernels compiled by NVRTC with
     /// headers from `cuda_include`, else `$CUDA_HOME/include`) and runs `task` on it.
+    /// `activations` is what its GEMMs take (None: the device's own, f32 on the CPU); a GPU
+    /// computes with bf16 activations only.
     pub fn open<T: OnBackend>(
         self,
         cuda_include: Option<PathBuf>,
+        activations: Option<Activations>,
         task: T,
     ) -> Result<T::Output, DeviceError> {
         match self {
             Device::Cpu => {
                 let _ = cuda_include;
-                Ok(task.run(Cpu))
+                Ok(task.run(Cpu::new(activations.unwrap_or_default())))
             }
+            Device::Cuda(_) if activations == Some(Activations::F32) => Err(DeviceError::Open {
+                device: self,
+                msg: "a GPU multiplies bf16 activations (--activations bf16); f32 activations \
+                      are computed on the CPU only"
+                    .into(),
+            }),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
                 let b = crate::cuda_backend::CudaBackend::new(n, cuda_include).map_err(|e| {
@@ -112,12 +121,32 @@ mod tests {
 
     #[test]
     fn cpu_opens_everywhere_and_cuda_fails_cleanly_without_a_gpu() {
-        assert!(Device::Cpu.open(None, Name).unwrap().starts_with("cpu"));
+        assert!(
+            Device::Cpu
+                .open(None, None, Name)
+                .unwrap()
+                .starts_with("cpu")
+        );
+        let bf16 = Device::Cpu
+            .open(None, Some(Activations::Bf16), Name)
+            .unwrap();
+        assert!(bf16.contains("bf16 activations"), "{bf16}");
         // Without the feature, or on a machine without a GPU, opening a GPU is an error that
         // names the device (never a panic).
         if cfg!(not(feature = "cuda")) {
-            let e = Device::Cuda(0).open(None, Name).unwrap_err().to_string();
+            let e = Device::Cuda(0)
+                .open(None, None, Name)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("cuda:0") && e.contains("`cuda` feature"), "{e}");
         }
+        let e = Device::Cuda(0)
+            .open(None, Some(Activations::F32), Name)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cuda:0") && e.contains("--activations bf16"),
+            "{e}"
+        );
     }
 }

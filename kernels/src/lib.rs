@@ -16,9 +16,11 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_backend;
 pub mod device;
+pub mod format;
 pub mod x86;
 
 pub use device::{Device, DeviceError, OnBackend};
+pub use format::{Activations, WeightFormat};
 
 /// Lightning-attention geometry of one layer.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +118,11 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_weight_owned(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Weight {
         self.upload_weight(&data, rows, cols)
     }
+    /// Uploads a weight matrix quantized to int8, one symmetric scale per row (output channel,
+    /// [`format::quantize_int8`]); [`linear`](Self::linear) and
+    /// [`moe_experts`](Self::moe_experts) read it as int8 and apply the scales (W8A16). It takes
+    /// [`format::INT8_WEIGHT_BYTES`] per value plus [`format::SCALE_BYTES`] per row.
+    fn upload_weight_int8(&self, data: &[f32], rows: usize, cols: usize) -> Self::Weight;
     /// Rows `ids` of a weight matrix with `width` columns, as activations (embedding lookup).
     fn weight_rows(&self, w: &Self::Weight, ids: &[u32], width: usize) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;

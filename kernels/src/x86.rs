@@ -1,11 +1,13 @@
-//! x86-64 kernels chosen at run time for bf16 weights:
+//! x86-64 kernels chosen at run time for bf16 and int8 weights:
 //!
-//! - [`gemv_bf16`]: one activation row against bf16 weight rows with AVX-512 (decode is
-//!   memory-bound; four weight rows stream at once and each is converted to f32 in registers).
-//! - [`amx_linear_bf16`]: `y = x·wᵀ` on the AMX tile unit. The f32 activations are split into
+//! - [`gemv`]: one activation row against bf16 or int8 weight rows with AVX-512 (decode is
+//!   memory-bound; four weight rows stream at once and each is converted to f32 in registers,
+//!   so int8 reads half the bytes of bf16).
+//! - [`amx_linear`]: `y = x·wᵀ` on the AMX tile unit. The f32 activations are split into
 //!   three bf16 terms (`x = hi + mid + lo`, 24 significant bits in all, as many as f32 has), the
-//!   bf16 weights are exact, every product is exact in f32 and the tile unit accumulates in
-//!   f32: the result has f32 GEMM accuracy at several times the f32 FMA rate.
+//!   bf16 (or int8) weights are exact, every product is exact in f32 and the tile unit
+//!   accumulates in f32: the result has f32 GEMM accuracy at several times the f32 FMA rate.
+//!   With one term the activations are rounded to bf16, as on a GPU.
 //!
 //! Both are used only when the CPU (and, for AMX, the kernel: `arch_prctl`) supports them;
 //! `RINGBOLT_CPU_AMX=0` turns AMX off.
@@ -85,37 +87,79 @@ pub fn amx_takes(k: usize, n: usize) -> bool {
     k > 0 && n > 0 && k.is_multiple_of(AMX_K) && n.is_multiple_of(AMX_N) && has_amx()
 }
 
-/// `out[j] = Σᵢ x[i]·w[j·k + i]` for every row `j` of `w` (bf16, `out.len()` rows of `k`).
-pub fn gemv_bf16(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
+/// A weight element the GEMV kernels read: bf16 bits (`u16`) or an int8 value (`i8`, whose
+/// per-row scale the caller applies). Either widens exactly to f32.
+pub trait Packed: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Sixteen consecutive elements at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F must be present and `p..p+16` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Packed for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX-512F and 16 readable elements (32 bytes).
+        unsafe {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        }
+    }
+}
+
+impl Packed for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const i8) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX-512F and 16 readable elements (16 bytes).
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+    }
+}
+
+/// `out[j] = Σᵢ x[i]·w[j·k + i]` for every row `j` of `w` (`out.len()` rows of `k`), the
+/// weights widened to f32 in registers.
+pub fn gemv<T: Packed>(x: &[f32], w: &[T], k: usize, out: &mut [f32]) {
     assert_eq!(x.len(), k, "gemv: input is not [k]");
     assert_eq!(w.len(), out.len() * k, "gemv: weight is not [rows, k]");
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: AVX-512F is present; the slices' lengths were checked above.
-        unsafe { gemv_bf16_avx512(x, w, k, out) };
+        unsafe { gemv_avx512(x, w, k, out) };
         return;
     }
-    gemv_bf16_portable(x, w, k, out);
+    gemv_portable(x, w, k, out);
 }
 
-/// [`gemv_bf16`] without AVX-512 (auto-vectorised dot products).
-fn gemv_bf16_portable(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
+/// [`gemv`] without AVX-512 (auto-vectorised dot products).
+fn gemv_portable<T: Packed>(x: &[f32], w: &[T], k: usize, out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
-        *o = crate::cpu::dot_as(x, &w[j * k..(j + 1) * k], |b| {
-            f32::from_bits((b as u32) << 16)
-        });
+        *o = crate::cpu::dot_as(x, &w[j * k..(j + 1) * k], T::to_f32);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn gemv_bf16_avx512(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
+unsafe fn gemv_avx512<T: Packed>(x: &[f32], w: &[T], k: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let chunks = k / 16;
     let tail = chunks * 16;
     let xp = x.as_ptr();
     let rows = out.len();
-    let ahead = (PREFETCH_BYTES / (2 * k)).max(1);
+    let ahead = (PREFETCH_BYTES / (std::mem::size_of::<T>() * k)).max(1);
     let mut j = 0;
     while j < rows {
         let nr = (rows - j).min(4);
@@ -127,24 +171,21 @@ unsafe fn gemv_bf16_avx512(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
                 let xv = _mm512_loadu_ps(xp.add(c * 16));
                 if c % 2 == 0 {
                     // One line of each of the rows `ahead` rows on: rows are short (1 KiB
-                    // for hidden 512), too short for the hardware prefetcher to ramp up.
+                    // for hidden 512 in bf16), too short for the hardware prefetcher to ramp
+                    // up.
                     for r in 0..4 {
                         let p = wp[r].wrapping_add(ahead * k + c * 16);
                         _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                     }
                 }
                 for r in 0..4 {
-                    let h = _mm256_loadu_si256(wp[r].add(c * 16) as *const __m256i);
-                    let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                    acc[r] = _mm512_fmadd_ps(xv, f, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(xv, T::load16(wp[r].add(c * 16)), acc[r]);
                 }
             }
         }
         for r in 0..nr {
             let row = &w[(j + r) * k..(j + r + 1) * k];
-            let t: f32 = (tail..k)
-                .map(|i| x[i] * f32::from_bits((row[i] as u32) << 16))
-                .sum();
+            let t: f32 = (tail..k).map(|i| x[i] * row[i].to_f32()).sum();
             out[j + r] = _mm512_reduce_add_ps(acc[r]) + t;
         }
         j += nr;
@@ -152,9 +193,9 @@ unsafe fn gemv_bf16_avx512(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
 }
 
 /// `out[j·m + r] = Σᵢ x[r·k + i]·w[j·k + i]` for `m` input rows (2 to 16: a decode step of
-/// several sequences) against every row `j` of bf16 `w`. Each weight row is read once, from
+/// several sequences) against every row `j` of `w`. Each weight row is read once, from
 /// memory, and converted once. Returns false (and writes nothing) without AVX-512.
-pub fn gemv_bf16_rows(x: &[f32], m: usize, w: &[u16], k: usize, out: &mut [f32]) -> bool {
+pub fn gemv_rows<T: Packed>(x: &[f32], m: usize, w: &[T], k: usize, out: &mut [f32]) -> bool {
     assert_eq!(x.len(), m * k, "gemv: input is not [m, k]");
     assert_eq!(w.len() * m, out.len() * k, "gemv: weight is not [rows, k]");
     #[cfg(target_arch = "x86_64")]
@@ -162,21 +203,21 @@ pub fn gemv_bf16_rows(x: &[f32], m: usize, w: &[u16], k: usize, out: &mut [f32])
         // SAFETY (each arm): AVX-512F is present; the lengths were checked above.
         unsafe {
             match m {
-                2 => rows_avx512::<2>(x, w, k, out),
-                3 => rows_avx512::<3>(x, w, k, out),
-                4 => rows_avx512::<4>(x, w, k, out),
-                5 => rows_avx512::<5>(x, w, k, out),
-                6 => rows_avx512::<6>(x, w, k, out),
-                7 => rows_avx512::<7>(x, w, k, out),
-                8 => rows_avx512::<8>(x, w, k, out),
-                9 => rows_avx512::<9>(x, w, k, out),
-                10 => rows_avx512::<10>(x, w, k, out),
-                11 => rows_avx512::<11>(x, w, k, out),
-                12 => rows_avx512::<12>(x, w, k, out),
-                13 => rows_avx512::<13>(x, w, k, out),
-                14 => rows_avx512::<14>(x, w, k, out),
-                15 => rows_avx512::<15>(x, w, k, out),
-                16 => rows_avx512::<16>(x, w, k, out),
+                2 => rows_avx512::<T, 2>(x, w, k, out),
+                3 => rows_avx512::<T, 3>(x, w, k, out),
+                4 => rows_avx512::<T, 4>(x, w, k, out),
+                5 => rows_avx512::<T, 5>(x, w, k, out),
+                6 => rows_avx512::<T, 6>(x, w, k, out),
+                7 => rows_avx512::<T, 7>(x, w, k, out),
+                8 => rows_avx512::<T, 8>(x, w, k, out),
+                9 => rows_avx512::<T, 9>(x, w, k, out),
+                10 => rows_avx512::<T, 10>(x, w, k, out),
+                11 => rows_avx512::<T, 11>(x, w, k, out),
+                12 => rows_avx512::<T, 12>(x, w, k, out),
+                13 => rows_avx512::<T, 13>(x, w, k, out),
+                14 => rows_avx512::<T, 14>(x, w, k, out),
+                15 => rows_avx512::<T, 15>(x, w, k, out),
+                16 => rows_avx512::<T, 16>(x, w, k, out),
                 _ => return false,
             }
         }
@@ -185,14 +226,14 @@ pub fn gemv_bf16_rows(x: &[f32], m: usize, w: &[u16], k: usize, out: &mut [f32])
     false
 }
 
-/// [`gemv_bf16_rows`] for `M` input rows: one accumulator register per input row.
+/// [`gemv_rows`] for `M` input rows: one accumulator register per input row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512<const M: usize>(x: &[f32], w: &[u16], k: usize, out: &mut [f32]) {
+unsafe fn rows_avx512<T: Packed, const M: usize>(x: &[f32], w: &[T], k: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let chunks = k / 16;
     let tail = chunks * 16;
-    let ahead = (PREFETCH_BYTES / (2 * k)).max(1);
+    let ahead = (PREFETCH_BYTES / (std::mem::size_of::<T>() * k)).max(1);
     for (j, o) in out.chunks_exact_mut(M).enumerate() {
         let wr = &w[j * k..(j + 1) * k];
         let mut acc = [_mm512_setzero_ps(); M];
@@ -203,8 +244,7 @@ unsafe fn rows_avx512<const M: usize>(x: &[f32], w: &[u16], k: usize, out: &mut 
                     let p = wr.as_ptr().wrapping_add(ahead * k + c * 16);
                     _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                 }
-                let h = _mm256_loadu_si256(wr.as_ptr().add(c * 16) as *const __m256i);
-                let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                let f = T::load16(wr.as_ptr().add(c * 16));
                 for r in 0..M {
                     let xv = _mm512_loadu_ps(x.as_ptr().add(r * k + c * 16));
                     acc[r] = _mm512_fmadd_ps(xv, f, acc[r]);
@@ -213,15 +253,13 @@ unsafe fn rows_avx512<const M: usize>(x: &[f32], w: &[u16], k: usize, out: &mut 
         }
         for r in 0..M {
             let xr = &x[r * k..(r + 1) * k];
-            let t: f32 = (tail..k)
-                .map(|i| xr[i] * f32::from_bits((wr[i] as u32) << 16))
-                .sum();
+            let t: f32 = (tail..k).map(|i| xr[i] * wr[i].to_f32()).sum();
             o[r] = _mm512_reduce_add_ps(acc[r]) + t;
         }
     }
 }
 
-/// How far ahead the bf16 GEMV prefetches weight rows: measured on the `small` preset's decode
+/// How far ahead the GEMV prefetches weight rows: measured on the `small` preset's decode
 /// (k = 512): 4 KiB ahead took decode from 9–10.5 to 5.9–6.5 ms per token, 8 KiB to 4.8–5.7,
 /// 16 KiB to 5.8–6.7.
 const PREFETCH_BYTES: usize = 8192;
@@ -229,24 +267,30 @@ const PREFETCH_BYTES: usize = 8192;
 /// Round-to-nearest-even f32 → bf16 (finite inputs).
 #[inline(always)]
 fn bf16_rne(v: f32) -> u16 {
-    let b = v.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    (crate::format::round_bf16(v).to_bits() >> 16) as u16
 }
 
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 `w` on the AMX tile unit, to f32 accuracy (three
-/// bf16 terms per activation). Call only when [`amx_takes`]`(k, n)`. `parallel` spreads the
-/// 32-token blocks over rayon's threads.
-pub fn amx_linear_bf16(
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ` on the AMX tile unit, with `w` bf16 or int8 (int8 values
+/// are exact in bf16; the caller applies their scales). `terms` bf16 terms per activation: 3
+/// gives f32 accuracy, 1 rounds the activations to bf16 (a GPU's numerics, a third of the
+/// tile work). Call only when [`amx_takes`]`(k, n)`. `parallel` spreads the 32-token blocks
+/// over rayon's threads.
+pub fn amx_linear<T: Packed>(
     x: &[f32],
-    w: &[u16],
+    w: &[T],
     m: usize,
     k: usize,
     n: usize,
+    terms: usize,
     parallel: bool,
 ) -> Vec<f32> {
     assert!(
         amx_takes(k, n),
-        "amx_linear_bf16: shape {m}x{k}x{n} not in whole tiles"
+        "amx_linear: shape {m}x{k}x{n} not in whole tiles"
+    );
+    assert!(
+        terms == 1 || terms == SPLITS,
+        "amx_linear: 1 or {SPLITS} terms"
     );
     assert_eq!(x.len(), m * k, "amx: input is not [m, k]");
     assert_eq!(w.len(), n * k, "amx: weight is not [n, k]");
@@ -254,12 +298,14 @@ pub fn amx_linear_bf16(
     let kh = k / 2;
     // Weights in the tile unit's pair-interleaved layout: for each block of 16 output features
     // and each pair of input features, 16 × (w[j][2r], w[j][2r+1]) — one 64-byte tile row.
+    // bf16 bits: exact for bf16 and int8 weights alike.
+    let bits = |v: T| v.to_f32().to_bits() >> 16;
     let mut wp = vec![0u32; n * kh];
     let run = |(jb, blk): (usize, &mut [u32])| {
         for f in 0..16 {
             let row = &w[(jb * 16 + f) * k..(jb * 16 + f + 1) * k];
             for r in 0..kh {
-                blk[r * 16 + f] = row[2 * r] as u32 | (row[2 * r + 1] as u32) << 16;
+                blk[r * 16 + f] = bits(row[2 * r]) | bits(row[2 * r + 1]) << 16;
             }
         }
     };
@@ -268,22 +314,22 @@ pub fn amx_linear_bf16(
     } else {
         wp.chunks_mut(16 * kh).enumerate().for_each(run);
     }
-    // Activations as three bf16 terms, packed tile by tile: for each block of 32 tokens, each
+    // Activations as `terms` bf16 terms, packed tile by tile: for each block of 32 tokens, each
     // step of 32 input features, each term and each half of the block, one 16 × 64-byte tile
     // (rows past m are zero). A block's tiles are contiguous, so a k-chunk of them stays in L1.
     let kk_steps = k / AMX_K;
-    let block_len = kk_steps * SPLITS * AMX_M * AMX_K;
+    let block_len = kk_steps * terms * AMX_M * AMX_K;
     let mut xp = uninit::<u16>(mp / AMX_M * block_len);
     let pack = |(tb, dst): (usize, &mut [MaybeUninit<u16>])| {
         for t in 0..AMX_M {
             let (h, row) = (t / 16, t % 16);
             let xr = (tb * AMX_M + t < m).then(|| &x[(tb * AMX_M + t) * k..][..k]);
             for kk in 0..kk_steps {
-                let mut terms = [[0u16; AMX_K]; SPLITS];
+                let mut parts = [[0u16; AMX_K]; SPLITS];
                 let Some(xr) = xr else {
                     // Padding rows: zero terms.
-                    for (s, term) in terms.iter().enumerate() {
-                        let at = (((kk * SPLITS + s) * 2 + h) * 16 + row) * AMX_K;
+                    for (s, term) in parts.iter().take(terms).enumerate() {
+                        let at = (((kk * terms + s) * 2 + h) * 16 + row) * AMX_K;
                         write_all(&mut dst[at..at + AMX_K], term);
                     }
                     continue;
@@ -295,12 +341,12 @@ pub fn amx_linear_bf16(
                     let r1 = v - f32::from_bits((a as u32) << 16);
                     let b = bf16_rne(r1);
                     let r2 = r1 - f32::from_bits((b as u32) << 16);
-                    terms[0][c] = a;
-                    terms[1][c] = b;
-                    terms[2][c] = bf16_rne(r2);
+                    parts[0][c] = a;
+                    parts[1][c] = b;
+                    parts[2][c] = bf16_rne(r2);
                 }
-                for (s, term) in terms.iter().enumerate() {
-                    let at = (((kk * SPLITS + s) * 2 + h) * 16 + row) * AMX_K;
+                for (s, term) in parts.iter().take(terms).enumerate() {
+                    let at = (((kk * terms + s) * 2 + h) * 16 + row) * AMX_K;
                     write_all(&mut dst[at..at + AMX_K], term);
                 }
             }
@@ -318,7 +364,7 @@ pub fn amx_linear_bf16(
     let block = |(tb, yb): (usize, &mut [MaybeUninit<f32>])| {
         // SAFETY: AMX is usable (amx_takes); the block reads its own packed tiles (inside xp),
         // the whole of wp, and writes its 32 rows of y.
-        unsafe { amx_block(&xp[tb * block_len..][..block_len], k, wp, n, yb) }
+        unsafe { amx_block(&xp[tb * block_len..][..block_len], k, terms, wp, n, yb) }
     };
     if parallel {
         y.par_chunks_mut(AMX_M * n).enumerate().for_each(block);
@@ -380,16 +426,24 @@ impl TileConfig {
 }
 
 /// Input-feature steps per chunk: a chunk of a block's packed activations (4 steps × 3 terms ×
-/// 2 halves × 1 KiB = 24 KiB) stays in L1 while every output feature passes over it.
+/// 2 halves × 1 KiB = 24 KiB at most) stays in L1 while every output feature passes over it.
 const KC_STEPS: usize = 4;
 
-/// One block of 32 tokens (its packed activation tiles `xa`) × all n features into `y` (32 rows
-/// of n). Tiles: 0–3 accumulators (token half × feature half), 4–5 activations, 6–7 weights.
+/// One block of 32 tokens (its packed activation tiles `xa`, `terms` per input step) × all n
+/// features into `y` (32 rows of n). Tiles: 0–3 accumulators (token half × feature half), 4–5
+/// activations, 6–7 weights.
 #[cfg(target_arch = "x86_64")]
-unsafe fn amx_block(xa: &[u16], k: usize, wp: &[u32], n: usize, y: &mut [MaybeUninit<f32>]) {
+unsafe fn amx_block(
+    xa: &[u16],
+    k: usize,
+    terms: usize,
+    wp: &[u32],
+    n: usize,
+    y: &mut [MaybeUninit<f32>],
+) {
     use std::arch::asm;
     let kk_steps = k / AMX_K;
-    debug_assert!(xa.len() == kk_steps * SPLITS * AMX_M * AMX_K);
+    debug_assert!(xa.len() == kk_steps * terms * AMX_M * AMX_K);
     debug_assert!(y.len() == AMX_M * n && wp.len() * 2 == n * k);
     let cfg = TileConfig::full();
     let sc = (n * 4) as isize; // output row stride in bytes
@@ -441,8 +495,8 @@ unsafe fn amx_block(xa: &[u16], k: usize, wp: &[u32], n: usize, y: &mut [MaybeUn
                         s = in(reg) s64,
                         options(nostack, readonly),
                     );
-                    for sp in 0..SPLITS {
-                        let a0 = xa.as_ptr().add((kk * SPLITS + sp) * AMX_M * AMX_K) as *const u8;
+                    for sp in 0..terms {
+                        let a0 = xa.as_ptr().add((kk * terms + sp) * AMX_M * AMX_K) as *const u8;
                         asm!(
                             "tileloadd tmm4, [{a0} + {s}*1]",
                             "tileloadd tmm5, [{a1} + {s}*1]",
@@ -480,7 +534,14 @@ unsafe fn amx_block(xa: &[u16], k: usize, wp: &[u32], n: usize, y: &mut [MaybeUn
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn amx_block(_: &[u16], _: usize, _: &[u32], _: usize, _: &mut [MaybeUninit<f32>]) {
+unsafe fn amx_block(
+    _: &[u16],
+    _: usize,
+    _: usize,
+    _: &[u32],
+    _: usize,
+    _: &mut [MaybeUninit<f32>],
+) {
     unreachable!("AMX is x86-64 only")
 }
 
@@ -526,10 +587,10 @@ mod tests {
             let w = bf16_weights(&mut rng, rows * k);
             let want = reference(&x, &w, 1, k, rows);
             let mut out = vec![0f32; rows];
-            gemv_bf16(&x, &w, k, &mut out);
+            gemv(&x, &w, k, &mut out);
             let e = max_err(&out, &want);
             assert!(e < 1e-6, "k={k} rows={rows}: {e}");
-            gemv_bf16_portable(&x, &w, k, &mut out);
+            gemv_portable(&x, &w, k, &mut out);
             let e = max_err(&out, &want);
             assert!(e < 1e-6, "portable, k={k} rows={rows}: {e}");
         }
@@ -543,7 +604,7 @@ mod tests {
             let w = bf16_weights(&mut rng, rows * k);
             let want = reference(&x, &w, m, k, rows); // [m, rows]
             let mut out = vec![0f32; rows * m]; // [rows, m]
-            if !gemv_bf16_rows(&x, m, &w, k, &mut out) {
+            if !gemv_rows(&x, m, &w, k, &mut out) {
                 eprintln!("skipped: no AVX-512 on this CPU");
                 return;
             }
@@ -568,7 +629,7 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3f32..3.0)).collect();
             let w = bf16_weights(&mut rng, n * k);
             for parallel in [false, true] {
-                let y = amx_linear_bf16(&x, &w, m, k, n, parallel);
+                let y = amx_linear(&x, &w, m, k, n, SPLITS, parallel);
                 assert_eq!(y.len(), m * n);
                 let e = max_err(&y, &reference(&x, &w, m, k, n));
                 assert!(e < 2e-6, "{m}x{k}x{n}: {e}");

@@ -152,7 +152,7 @@ fn rms_norm_swiglu_and_gates_match_the_cpu() {
     unsafe { b.launch(cfg) }.unwrap();
     assert_close(
         &s.clone_dtoh(&yd).unwrap(),
-        &Cpu.rms_norm(&x, &w, width, eps),
+        &Cpu::default().rms_norm(&x, &w, width, eps),
         "rms_norm",
     );
 
@@ -164,7 +164,7 @@ fn rms_norm_swiglu_and_gates_match_the_cpu() {
     unsafe { b.launch(blocks(rows * inter, 256)) }.unwrap();
     assert_close(
         &s.clone_dtoh(&hd).unwrap(),
-        &Cpu.swiglu(&x, rows, inter),
+        &Cpu::default().swiglu(&x, rows, inter),
         "swiglu",
     );
 
@@ -176,7 +176,7 @@ fn rms_norm_swiglu_and_gates_match_the_cpu() {
     b.arg(&mut xg).arg(&gd).arg(&n);
     unsafe { b.launch(blocks(n, 256)) }.unwrap();
     let mut want = x.clone();
-    Cpu.sigmoid_gate_inplace(&mut want, &gate);
+    Cpu::default().sigmoid_gate_inplace(&mut want, &gate);
     assert_close(&s.clone_dtoh(&xg).unwrap(), &want, "sigmoid_gate");
 }
 
@@ -206,7 +206,7 @@ fn rope_and_routing_match_the_cpu() {
         .arg(&pos0);
     unsafe { b.launch(blocks(t * heads * 32, 256)) }.unwrap();
     let mut want = x.clone();
-    Cpu.rope_inplace(&mut want, t, heads, pos0 as usize, rope);
+    Cpu::default().rope_inplace(&mut want, t, heads, pos0 as usize, rope);
     assert_close(&s.clone_dtoh(&xd).unwrap(), &want, "rope");
 
     let (rows, experts, k) = (100, 32, 2);
@@ -223,7 +223,7 @@ fn rope_and_routing_match_the_cpu() {
         .arg(&ei)
         .arg(&ki);
     unsafe { b.launch(blocks(rows, 128)) }.unwrap();
-    let want = Cpu.route(&logits, rows, experts, k);
+    let want = Cpu::default().route(&logits, rows, experts, k);
     assert_eq!(s.clone_dtoh(&ed).unwrap(), want.experts, "route: experts");
     assert_close(&s.clone_dtoh(&wd).unwrap(), &want.weights, "route: weights");
 }
@@ -245,7 +245,7 @@ fn lightning_prefill_and_decode_match_the_cpu() {
     let qkv = rand_vec(&mut rng, t * heads * 3 * d, 0.3);
     let state0 = rand_vec(&mut rng, heads * d * d, 0.1);
     let mut want_state = state0.clone();
-    let want = Cpu.lightning(&qkv, t, shape, &lambda, &mut want_state);
+    let want = Cpu::default().lightning(&qkv, t, shape, &lambda, &mut want_state);
 
     let qd = s.clone_htod(&qkv).unwrap();
     let ld = s.clone_htod(&lambda).unwrap();
@@ -281,8 +281,8 @@ fn lightning_prefill_and_decode_match_the_cpu() {
     let tok = rand_vec(&mut rng, 2 * heads * 3 * d, 0.3);
     let mut s1 = want_state.clone();
     let mut s2 = state0.clone();
-    let w1 = Cpu.lightning(&tok[..heads * 3 * d].to_vec(), 1, shape, &lambda, &mut s1);
-    let w2 = Cpu.lightning(&tok[heads * 3 * d..].to_vec(), 1, shape, &lambda, &mut s2);
+    let w1 = Cpu::default().lightning(&tok[..heads * 3 * d].to_vec(), 1, shape, &lambda, &mut s1);
+    let w2 = Cpu::default().lightning(&tok[heads * 3 * d..].to_vec(), 1, shape, &lambda, &mut s2);
     let st2 = s.clone_htod(&state0).unwrap();
     let td = s.clone_htod(&tok).unwrap();
     let mut od = s.alloc_zeros::<f32>(2 * heads * d).unwrap();
@@ -328,7 +328,7 @@ fn attention_and_its_merge_match_the_cpu() {
     let q = rand_vec(&mut rng, t * heads * d, 1.0);
     let (k, kb16) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
     let (v, vb16) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
-    let want = Cpu.attention(&q, t, &k, &v, pos0, shape);
+    let want = Cpu::default().attention(&q, t, &k, &v, pos0, shape);
 
     let qd = s.clone_htod(&q).unwrap();
     let run = |name: &str,
@@ -448,7 +448,7 @@ fn tensor_core_lightning_against_the_cpu(b: CudaBackend) {
         let qkv = rand_vec(&mut rng, t * heads * 3 * d, 0.3);
         let state0 = rand_vec(&mut rng, heads * d * d, 0.1);
         let mut want_state = state0.clone();
-        let want = Cpu.lightning(&qkv, t, shape, &lambda, &mut want_state);
+        let want = Cpu::default().lightning(&qkv, t, shape, &lambda, &mut want_state);
         let mut st = b.upload(&state0);
         let got = b.lightning(&b.upload(&qkv), t, shape, &lambda, &mut st);
         assert_within(
@@ -484,7 +484,7 @@ fn batched_lightning_decode_matches_the_cpu() {
     // The CPU backend's default: one sequence at a time.
     let mut want_states = states0.clone();
     let mut refs: Vec<&mut Vec<f32>> = want_states.iter_mut().collect();
-    let want = Cpu.lightning_decode(&qkv, shape, &lambda, &mut refs);
+    let want = Cpu::default().lightning_decode(&qkv, shape, &lambda, &mut refs);
     let mut states: Vec<_> = states0.iter().map(|s| b.upload(s)).collect();
     let mut refs: Vec<&mut _> = states.iter_mut().collect();
     let got = b.lightning_decode(&b.upload(&qkv), shape, &lambda, &mut refs);
@@ -522,7 +522,7 @@ fn batched_decode_attention_matches_the_cpu() {
         })
         .collect();
     let cpu: Vec<(&Vec<f32>, &Vec<f32>)> = kv.iter().map(|(k, v)| (k, v)).collect();
-    let want = Cpu.attention_decode(&q, &cpu, &positions, shape);
+    let want = Cpu::default().attention_decode(&q, &cpu, &positions, shape);
     // Every key and value but the last by cache_append (none for the one-key sequence), the
     // last of all sequences at once by cache_append_rows, as a decode step appends them.
     let mut caches: Vec<_> = kv
@@ -585,7 +585,7 @@ fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
         let q = rand_vec(&mut rng, t * heads * d, 1.0);
         let (k, _) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
         let (v, _) = rand_bf16(&mut rng, len * kv_heads * d, 1.0);
-        let want = Cpu.attention(&q, t, &k, &v, pos0, shape);
+        let want = Cpu::default().attention(&q, t, &k, &v, pos0, shape);
         // The caches grow as in the engine: the earlier positions, then this step's rows.
         let (mut kc, mut vc) = (b.new_cache(), b.new_cache());
         let w = kv_heads * d;
@@ -614,6 +614,14 @@ fn tensor_core_attention_matches_the_cpu_in_prefill_and_decode() {
 #[test]
 fn moe_experts_match_the_cpu_batched_and_per_expert() {
     let Some(b) = backend() else { return };
+    moe_case(&b, false);
+    // int8 experts (W8A16: linear_w8a16) against the CPU's int8 experts with bf16 activations,
+    // the same quantized weights and the same rounding of the inputs.
+    moe_case(&b, true);
+}
+
+fn moe_case(b: &CudaBackend, int8: bool) {
+    let cpu = Cpu::new(ringbolt_kernels::Activations::Bf16);
     let mut rng = StdRng::seed_from_u64(7);
     let (hidden, inter, experts) = (256, 384, 4);
     // Weights exactly representable in bf16, so both backends hold the same ones.
@@ -625,20 +633,25 @@ fn moe_experts_match_the_cpu_batched_and_per_expert() {
     };
     let w13: Vec<Vec<f32>> = (0..experts).map(|_| weights(2 * inter * hidden)).collect();
     let w2: Vec<Vec<f32>> = (0..experts).map(|_| weights(hidden * inter)).collect();
+    fn up<B: Backend>(b: &B, w: &[f32], rows: usize, cols: usize, int8: bool) -> B::Weight {
+        if int8 {
+            b.upload_weight_int8(w, rows, cols)
+        } else {
+            b.upload_weight(w, rows, cols)
+        }
+    }
     let (g13, g2): (Vec<_>, Vec<_>) = (
         w13.iter()
-            .map(|w| b.upload_weight(w, 2 * inter, hidden))
+            .map(|w| up(b, w, 2 * inter, hidden, int8))
             .collect(),
-        w2.iter()
-            .map(|w| b.upload_weight(w, hidden, inter))
-            .collect(),
+        w2.iter().map(|w| up(b, w, hidden, inter, int8)).collect(),
     );
     let (c13, c2): (Vec<_>, Vec<_>) = (
         w13.iter()
-            .map(|w| Cpu.upload_weight(w, 2 * inter, hidden))
+            .map(|w| up(&cpu, w, 2 * inter, hidden, int8))
             .collect(),
         w2.iter()
-            .map(|w| Cpu.upload_weight(w, hidden, inter))
+            .map(|w| up(&cpu, w, hidden, inter, int8))
             .collect(),
     );
     // 6 rows: 3 per expert, the batched GEMMs; 300 rows: 150 per expert, two GEMMs each.
@@ -671,13 +684,13 @@ fn moe_experts_match_the_cpu_batched_and_per_expert() {
                 w2: &g2[e],
             })
             .collect();
-        let want = Cpu.moe_experts(&x, rows, hidden, inter, &cpu_groups);
+        let want = cpu.moe_experts(&x, rows, hidden, inter, &cpu_groups);
         let got = b.moe_experts(&b.upload(&x), rows, hidden, inter, &gpu_groups);
         assert_within(
             &b.download(&got),
             &want,
             BF16_TOL,
-            &format!("moe experts, {rows} rows"),
+            &format!("moe experts, {rows} rows, int8 {int8}"),
         );
     }
 }
@@ -693,11 +706,15 @@ fn scatter_add_adds_repeated_rows_in_order() {
     let weights = rand_vec(&mut rng, rows, 1.0);
     let y = rand_vec(&mut rng, rows * width, 1.0);
     let base = rand_vec(&mut rng, dests * width, 1.0);
-    let mut want = Cpu.upload(&base);
-    Cpu.scatter_add_rows(&mut want, &Cpu.upload(&y), &ids, &weights, width);
+    let mut want = Cpu::default().upload(&base);
+    Cpu::default().scatter_add_rows(&mut want, &Cpu::default().upload(&y), &ids, &weights, width);
     let mut got = b.upload(&base);
     b.scatter_add_rows(&mut got, &b.upload(&y), &ids, &weights, width);
-    assert_close(&b.download(&got), &Cpu.download(&want), "scatter_add_rows");
+    assert_close(
+        &b.download(&got),
+        &Cpu::default().download(&want),
+        "scatter_add_rows",
+    );
 }
 
 #[test]
@@ -712,7 +729,7 @@ fn rope_at_per_row_positions_matches_the_cpu() {
     let (heads, positions) = (8, [0usize, 5, 4095, 1_000_000, 17]);
     let x = rand_vec(&mut rng, positions.len() * heads * 128, 1.0);
     let mut want = x.clone();
-    Cpu.rope_at(&mut want, heads, &positions, rope);
+    Cpu::default().rope_at(&mut want, heads, &positions, rope);
     let mut got = b.upload(&x);
     b.rope_at(&mut got, heads, &positions, rope);
     assert_close(&b.download(&got), &want, "rope_at");
@@ -743,7 +760,8 @@ fn partial_attention_and_its_merge_match_the_cpu() {
         for (k_pos0, k_len) in [(0usize, 120usize), (120, 190), (310, 90)] {
             let k = rand_vec(&mut rng, k_len * w, 0.5);
             let v = rand_vec(&mut rng, k_len * w, 0.5);
-            let (oc, lc) = Cpu.attention_partial(&q, t, q_pos0, &k, &v, k_len, k_pos0, shape);
+            let (oc, lc) =
+                Cpu::default().attention_partial(&q, t, q_pos0, &k, &v, k_len, k_pos0, shape);
             let (og, lg) = b.attention_partial(
                 &b.upload(&q),
                 t,
@@ -766,7 +784,7 @@ fn partial_attention_and_its_merge_match_the_cpu() {
             parts_cpu.push((oc, lc));
         }
         let (mg, lg) = b.attention_merge(&parts_gpu, t, shape);
-        let (mc, lc) = Cpu.attention_merge(&parts_cpu, t, shape);
+        let (mc, lc) = Cpu::default().attention_merge(&parts_cpu, t, shape);
         assert_within(&b.download(&mg), &mc, tol, &format!("d={d} merge"));
         for (x, y) in lg.iter().zip(&lc) {
             assert!((x - y).abs() <= 0.05 * y.abs().max(1.0), "d={d} merged lse");

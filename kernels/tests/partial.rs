@@ -24,7 +24,7 @@ fn close(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn lightning_from_a_prefix_state_is_zero_start_plus_the_prefix_term() {
-    let b = Cpu;
+    let b = Cpu::default();
     let (heads, d) = (3, 8);
     let decay = [0.05f32, 0.3, 0.9];
     for (t, block) in [(1, 4), (5, 4), (37, 16), (64, 16)] {
@@ -56,7 +56,7 @@ fn lightning_from_a_prefix_state_is_zero_start_plus_the_prefix_term() {
 
 #[test]
 fn attention_over_all_keys_is_the_merge_of_partials_over_any_split() {
-    let b = Cpu;
+    let b = Cpu::default();
     let shape = AttentionShape {
         heads: 4,
         kv_heads: 2,

@@ -197,6 +197,17 @@ impl Checkpoint {
     /// [`load`](Self::load) appending to `out` (no temporary copy: fused matrices are read
     /// straight into place).
     pub fn load_into(&self, name: &str, shape: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        let at = out.len();
+        out.resize(at + shape.iter().product::<usize>(), 0.0);
+        let read = self.read_into(name, shape, &mut out[at..]);
+        if read.is_err() {
+            out.truncate(at);
+        }
+        read
+    }
+
+    /// [`load`](Self::load) into `dst`, which holds exactly the tensor's values.
+    pub fn read_into(&self, name: &str, shape: &[usize], dst: &mut [f32]) -> Result<()> {
         let &idx = self.locations.get(name).ok_or_else(|| {
             let where_ = if self.shards.len() == 1 && !self.dir.join(INDEX_FILE).exists() {
                 self.shards[0].path.clone()
@@ -230,20 +241,17 @@ impl Checkpoint {
             .mmap
             .get(start + b..start + e)
             .ok_or_else(|| err("data lies beyond the end of the file".into()))?;
-        let at = out.len();
-        out.resize(at + n, 0.0);
-        let dst = &mut out[at..];
-        let done = convert(bytes, info.dtype, dst).and_then(|()| {
-            match dst.par_iter().position_any(|x| !x.is_finite()) {
+        assert_eq!(
+            dst.len(),
+            n,
+            "read_into: the destination is not the tensor's size"
+        );
+        convert(bytes, info.dtype, dst)
+            .and_then(|()| match dst.par_iter().position_any(|x| !x.is_finite()) {
                 Some(i) => Err(format!("non-finite value at element {i}")),
                 None => Ok(()),
-            }
-        });
-        if let Err(e) = done {
-            out.truncate(at);
-            return Err(err(e));
-        }
-        Ok(())
+            })
+            .map_err(err)
     }
 }
 

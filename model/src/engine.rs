@@ -5,7 +5,9 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LIGHTNING_NORM_EPS, LayerKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::weights::{expert_name, layer_prefix};
-use ringbolt_kernels::{AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing};
+use ringbolt_kernels::{
+    AttentionShape, Backend, ExpertGroup, LightningShape, RopeParams, Routing, WeightFormat,
+};
 
 pub mod context;
 
@@ -101,14 +103,34 @@ pub struct Expert<B: Backend> {
 }
 
 impl<B: Backend> Expert<B> {
-    pub fn load(ckpt: &Checkpoint, backend: &B, layer: usize, expert: usize) -> Result<Self> {
+    /// Loads one expert onto `backend`, quantized to int8 when `weights` says so.
+    pub fn load(
+        ckpt: &Checkpoint,
+        backend: &B,
+        layer: usize,
+        expert: usize,
+        weights: WeightFormat,
+    ) -> Result<Self> {
         let c = ckpt.config();
         let (h, i) = (c.hidden_size, c.intermediate_size);
+        let names = ["w1", "w3", "w2"].map(|w| expert_name(layer, expert, w));
+        if weights.int8_experts() {
+            // Read through a scratch mapping of its own, returned to the OS when dropped: the
+            // f32 values are only on their way to int8, and a heap block that size would stay
+            // with the allocator, beyond the int8 bytes the planner counts.
+            let mut scratch = ringbolt_kernels::cpu::WeightStore::<f32>::zeroed(2 * i * h);
+            ckpt.read_into(&names[0], &[i, h], &mut scratch[..i * h])?;
+            ckpt.read_into(&names[1], &[i, h], &mut scratch[i * h..])?;
+            let w13 = backend.upload_weight_int8(&scratch, 2 * i, h);
+            ckpt.read_into(&names[2], &[h, i], &mut scratch[..h * i])?;
+            let w2 = backend.upload_weight_int8(&scratch[..h * i], h, i);
+            return Ok(Expert { w13, w2 });
+        }
         // Sized once: no reallocation of the fused matrix; the backend takes the buffers.
         let mut w13 = Vec::with_capacity(2 * i * h);
-        ckpt.load_into(&expert_name(layer, expert, "w1"), &[i, h], &mut w13)?;
-        ckpt.load_into(&expert_name(layer, expert, "w3"), &[i, h], &mut w13)?;
-        let w2 = ckpt.load(&expert_name(layer, expert, "w2"), &[h, i])?;
+        ckpt.load_into(&names[0], &[i, h], &mut w13)?;
+        ckpt.load_into(&names[1], &[i, h], &mut w13)?;
+        let w2 = ckpt.load(&names[2], &[h, i])?;
         Ok(Expert {
             w13: backend.upload_weight_owned(w13, 2 * i, h),
             w2: backend.upload_weight_owned(w2, h, i),
@@ -120,6 +142,21 @@ impl<B: Backend> Expert<B> {
         let h13 = backend.linear(x, &self.w13, rows, h, 2 * i);
         let a = backend.swiglu(&h13, rows, i);
         backend.linear(&a, &self.w2, rows, i, h)
+    }
+}
+
+/// A weight matrix onto `backend`, quantized to int8 when `int8`.
+fn upload_as<B: Backend>(
+    backend: &B,
+    w: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    int8: bool,
+) -> B::Weight {
+    if int8 {
+        backend.upload_weight_int8(&w, rows, cols)
+    } else {
+        backend.upload_weight_owned(w, rows, cols)
     }
 }
 
@@ -220,6 +257,8 @@ pub struct Model<B: Backend> {
     backend: B,
     /// The checkpoint's [`Checkpoint::fingerprint`] (the context cache's keys depend on it).
     fingerprint: u64,
+    /// How the weights are held (the context cache's keys depend on it too).
+    weights: WeightFormat,
     embed: B::Weight,
     layers: Vec<Layer<B>>,
     final_norm: B::Buf,
@@ -227,14 +266,21 @@ pub struct Model<B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Loads every tensor of the model from `ckpt` onto `backend`.
+    /// Loads every tensor of the model from `ckpt` onto `backend`, as the checkpoint has them.
     pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
-        Self::load_parts(ckpt, backend, true)
+        Self::load_parts(ckpt, backend, true, WeightFormat::Bf16)
     }
 
-    /// Loads the model; without `experts`, everything but the experts' weights (an attention
-    /// worker's share: its MoE layers then run through an [`ExpertExecutor`]).
-    pub fn load_parts(ckpt: &Checkpoint, backend: B, experts: bool) -> Result<Self> {
+    /// Loads the model with its weights held as `weights` says; without `experts`, everything
+    /// but the experts' weights (an attention worker's share: its MoE layers then run through
+    /// an [`ExpertExecutor`]).
+    pub fn load_parts(
+        ckpt: &Checkpoint,
+        backend: B,
+        experts: bool,
+        weights: WeightFormat,
+    ) -> Result<Self> {
+        let started = std::time::Instant::now();
         let cfg = ckpt.config().clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -244,28 +290,33 @@ impl<B: Backend> Model<B> {
         let upw = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
             Ok(backend.upload_weight_owned(ckpt.load(name, &[rows, cols])?, rows, cols))
         };
+        // An attention projection, int8 under `--weights int8-all`.
+        let proj = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
+            let w = ckpt.load(name, &[rows, cols])?;
+            Ok(upload_as(&backend, w, rows, cols, weights.int8_attention()))
+        };
         let embed = upw("model.embed_tokens.weight", v, h)?;
         let mut layers = Vec::with_capacity(cfg.num_layers());
         for (l, kind) in cfg.layers.iter().enumerate() {
             let p = layer_prefix(l);
             let mixer = match kind {
                 LayerKind::Lightning => Mixer::Lightning {
-                    qkv: upw(&format!("{p}.self_attn.qkv_proj.weight"), 3 * nh * d, h)?,
-                    gate: upw(&format!("{p}.self_attn.output_gate.weight"), nh * d, h)?,
+                    qkv: proj(&format!("{p}.self_attn.qkv_proj.weight"), 3 * nh * d, h)?,
+                    gate: proj(&format!("{p}.self_attn.output_gate.weight"), nh * d, h)?,
                     norm: up(&format!("{p}.self_attn.norm.weight"), &[nh * d])?,
-                    out: upw(&format!("{p}.self_attn.out_proj.weight"), h, nh * d)?,
+                    out: proj(&format!("{p}.self_attn.out_proj.weight"), h, nh * d)?,
                     decay: cfg.lightning_decay(l),
                 },
                 LayerKind::Softmax => Mixer::Softmax {
-                    q: upw(&format!("{p}.self_attn.q_proj.weight"), nh * d, h)?,
-                    k: upw(&format!("{p}.self_attn.k_proj.weight"), nkv * d, h)?,
-                    v: upw(&format!("{p}.self_attn.v_proj.weight"), nkv * d, h)?,
-                    o: upw(&format!("{p}.self_attn.o_proj.weight"), h, nh * d)?,
+                    q: proj(&format!("{p}.self_attn.q_proj.weight"), nh * d, h)?,
+                    k: proj(&format!("{p}.self_attn.k_proj.weight"), nkv * d, h)?,
+                    v: proj(&format!("{p}.self_attn.v_proj.weight"), nkv * d, h)?,
+                    o: proj(&format!("{p}.self_attn.o_proj.weight"), h, nh * d)?,
                 },
             };
             let experts = if experts {
                 (0..cfg.num_experts)
-                    .map(|e| Expert::load(ckpt, &backend, l, e))
+                    .map(|e| Expert::load(ckpt, &backend, l, e, weights))
                     .collect::<Result<Vec<_>>>()?
             } else {
                 Vec::new()
@@ -288,10 +339,18 @@ impl<B: Backend> Model<B> {
         } else {
             Some(upw("lm_head.weight", v, h)?)
         };
+        if weights != WeightFormat::Bf16 {
+            tracing::info!(
+                weights = %weights,
+                seconds = started.elapsed().as_secs_f64(),
+                "model loaded and quantized"
+            );
+        }
         Ok(Model {
             cfg,
             backend,
             fingerprint: ckpt.fingerprint(),
+            weights,
             embed,
             layers,
             final_norm,
@@ -318,8 +377,9 @@ impl<B: Backend> Model<B> {
     pub fn cache_root(&self, chunk: usize) -> crate::prefix::Key {
         let env = |k: &str| std::env::var(k).unwrap_or_default();
         let id = format!(
-            "{}|{}|{:?}|{}|{}",
+            "{}|{}|{}|{:?}|{}|{}",
             self.fingerprint,
+            self.weights,
             self.backend.name(),
             self.cfg,
             env("RINGBOLT_LIGHTNING"),

@@ -759,7 +759,7 @@ mod tests {
         let mut cfg = Preset::Tiny.config();
         cfg.eos_token_ids = eos.into_iter().collect();
         write_random_checkpoint(&cfg, 3, WeightDtype::F32, dir.path(), None).unwrap();
-        let m = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu).unwrap();
+        let m = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu::default()).unwrap();
         (dir, m)
     }
 

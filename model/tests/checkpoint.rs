@@ -7,7 +7,7 @@ use ringbolt_model::{Checkpoint, Logits, Model, Preset, WeightDtype, write_rando
 use std::path::Path;
 
 fn logits(dir: &Path) -> Vec<f32> {
-    let model = Model::load(&Checkpoint::open(dir).unwrap(), Cpu).unwrap();
+    let model = Model::load(&Checkpoint::open(dir).unwrap(), Cpu::default()).unwrap();
     let mut st = model.new_state();
     model
         .forward(
@@ -20,7 +20,7 @@ fn logits(dir: &Path) -> Vec<f32> {
 
 /// The error of loading the whole model from `dir`.
 fn load_error(dir: &Path) -> String {
-    match Model::load(&Checkpoint::open(dir).unwrap(), Cpu) {
+    match Model::load(&Checkpoint::open(dir).unwrap(), Cpu::default()) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -91,8 +91,15 @@ fn loads_only_the_tensors_asked_for() {
         }
     }
     let ckpt = Checkpoint::open(dir.path()).unwrap();
-    Expert::load(&ckpt, &Cpu, 5, 2).expect("the expert's own shards are intact");
-    let err = Model::load(&ckpt, Cpu)
+    Expert::load(
+        &ckpt,
+        &Cpu::default(),
+        5,
+        2,
+        ringbolt_kernels::WeightFormat::Bf16,
+    )
+    .expect("the expert's own shards are intact");
+    let err = Model::load(&ckpt, Cpu::default())
         .err()
         .expect("other shards are corrupt")
         .to_string();
@@ -201,7 +208,7 @@ fn missing_or_broken_config_is_a_clear_error() {
 fn bad_tokens_and_overlong_contexts_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), WeightDtype::F32, None);
-    let model = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu).unwrap();
+    let model = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu::default()).unwrap();
     let mut st = model.new_state();
     let err = model
         .forward(&mut st, &[1, 512], Logits::Last)

@@ -258,7 +258,7 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
 }
 
 fn engine_logits(dir: &Path, tokens: &[u32], prefill: usize) -> Vec<f32> {
-    let model = Model::load(&Checkpoint::open(dir).unwrap(), Cpu).unwrap();
+    let model = Model::load(&Checkpoint::open(dir).unwrap(), Cpu::default()).unwrap();
     let mut st = model.new_state();
     let mut out = model
         .forward(&mut st, &tokens[..prefill], Logits::All)

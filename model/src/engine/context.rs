@@ -1055,7 +1055,7 @@ mod tests {
             })
             .collect();
         write_random_checkpoint(&cfg, 11, WeightDtype::F32, dir.path(), None).unwrap();
-        let m = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu).unwrap();
+        let m = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu::default()).unwrap();
         (dir, m)
     }
 

@@ -15,6 +15,14 @@ pub fn expert_bytes(cfg: &ModelConfig, bytes_per_param: u64) -> u64 {
     ModelCounts::new(cfg).expert_unit_params * bytes_per_param
 }
 
+/// Bytes one expert takes quantized to int8 (`--weights int8`): a byte per weight and an f32
+/// scale per output channel of w1, w3 (I each) and w2 (H).
+pub fn int8_expert_bytes(cfg: &ModelConfig) -> u64 {
+    use ringbolt_kernels::format::{INT8_WEIGHT_BYTES, SCALE_BYTES};
+    let channels = (2 * cfg.intermediate_size + cfg.hidden_size) as u64;
+    ModelCounts::new(cfg).expert_unit_params * INT8_WEIGHT_BYTES + channels * SCALE_BYTES
+}
+
 /// An expert worker the planner may give experts to.
 #[derive(Debug, Clone)]
 pub struct Candidate {

@@ -178,10 +178,8 @@ pub fn plan_with_degree(r: &PlanRequest, p: u64) -> Plan {
     let bf16 = 2u64;
     let expert_unit_bytes = match r.weights {
         WeightFormat::Bf16 => counts.expert_unit_params * bf16,
-        // int8 values plus one bf16 scale per output channel of w1, w3 (I each) and w2 (H).
-        WeightFormat::Int8 => {
-            counts.expert_unit_params + (2 * c.intermediate_size as u64 + h) * bf16
-        }
+        // What an expert worker with `--weights int8` holds.
+        WeightFormat::Int8 => crate::placement::int8_expert_bytes(c),
     };
     let attention_bytes = (counts.attention_params
         + counts.embedding_params

@@ -22,7 +22,7 @@ use futures::future::BoxFuture;
 use ringbolt_jobs::bounds::{MAX_NEW_TOKENS_CEILING, MAX_STOP_TOKENS, check_job_id, echo};
 use ringbolt_jobs::executor::fail_code;
 use ringbolt_kernels::cpu::Cpu;
-use ringbolt_kernels::{Backend, Device, OnBackend};
+use ringbolt_kernels::{Backend, OnBackend};
 use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::scheduler::ContextPrefill;
 use ringbolt_model::scheduler::{
@@ -60,9 +60,8 @@ pub struct AttentionWorkerArgs {
     /// How long a layer step waits for a plan that can serve it after a failure.
     #[arg(long, env = "RINGBOLT_RESEND_WINDOW_SECS", default_value_t = 120)]
     pub resend_window_secs: u64,
-    /// Where attention computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
-    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
-    pub device: Device,
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
     /// Where the context data plane listens: context-parallel ranks exchange lightning states
     /// and keys and values over it (default: the --listen host, any port).
     #[arg(long, env = "RINGBOLT_DATA_LISTEN")]
@@ -708,12 +707,12 @@ fn start_engine<B: Backend>(
 
 /// `ringbolt attention-worker`.
 pub async fn run(a: AttentionWorkerArgs) -> Result<(), ClusterError> {
-    let device = a.device;
+    let compute = a.compute;
     // The device's backend is opened and the model loaded on a blocking thread; what comes back
     // is the worker, typed by its backend, ready to serve.
     let serve = tokio::task::spawn_blocking(move || {
-        device
-            .open(None, Load { a })
+        compute
+            .open(Load { a })
             .map_err(|e| ClusterError::Model(e.to_string()))?
     })
     .await
@@ -731,7 +730,7 @@ impl OnBackend for Load {
     fn run<B: Backend>(self, backend: B) -> Self::Output {
         let ckpt = Checkpoint::open(&self.a.common.checkpoint)
             .map_err(|e| ClusterError::Model(e.to_string()))?;
-        let model = Model::load_parts(&ckpt, backend, false)
+        let model = Model::load_parts(&ckpt, backend, false, self.a.compute.weights)
             .map_err(|e| ClusterError::Model(e.to_string()))?;
         tracing::info!(backend = %model.backend().name(), "attention weights loaded");
         Ok(Box::pin(serve(self.a, model)))
@@ -747,7 +746,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
     let id = c.member_id("attention", &address);
     let store: Arc<dyn Store> = Arc::new(EtcdStore::new(membership.client(), &c.cluster));
     let view = store.follow_plan(stop.clone()).await?;
-    let _group = crate::group::follow_on(a.device, &id, &view, store.clone(), stop.clone());
+    let _group = crate::group::follow_on(a.compute.device, &id, &view, store.clone(), stop.clone());
     let cfg = model.config().clone();
     let (data_listener, data_address, guard) = bind_data(a.data_listen, c).await?;
     let experts = RemoteExperts::new(
@@ -790,7 +789,7 @@ async fn serve<B: Backend>(a: AttentionWorkerArgs, model: Model<B>) -> Result<()
                 data_address,
                 capacity_bytes: a.memory_bytes,
                 expert_bytes: 0,
-                device: a.device.to_string(),
+                device: a.compute.device.to_string(),
             },
             c.lease_ttl(),
         )

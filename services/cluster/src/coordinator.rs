@@ -1088,7 +1088,11 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let ckpt = Checkpoint::open(&c.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
     let cfg: ModelConfig = ckpt.config().clone();
     // For workers that do not say what an expert takes on their device: the CPU's figure.
-    let per_expert = expert_bytes(&ckpt, &ringbolt_kernels::cpu::Cpu);
+    let per_expert = expert_bytes(
+        &ckpt,
+        &ringbolt_kernels::cpu::Cpu::default(),
+        ringbolt_kernels::WeightFormat::Bf16,
+    );
     // The listener is bound only once elected: with port 0 the id cannot name the port.
     let id = match (&c.id, &c.advertise) {
         (Some(id), _) => id.clone(),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use clap::Args;
 use futures::future::BoxFuture;
 use ringbolt_kernels::cpu::Cpu;
-use ringbolt_kernels::{Backend, Device, ExpertGroup, OnBackend};
+use ringbolt_kernels::{Backend, ExpertGroup, OnBackend, WeightFormat};
 use ringbolt_membership::{Member, Membership, Role};
 use ringbolt_model::scheduler::panic_message;
 use ringbolt_model::{Checkpoint, Expert, ModelConfig};
@@ -41,14 +41,18 @@ pub struct ExpertWorkerArgs {
     /// Longest a drain (SIGTERM) waits for the experts to move before exiting anyway.
     #[arg(long, env = "RINGBOLT_DRAIN_TIMEOUT_SECS", default_value_t = 120)]
     pub drain_timeout_secs: u64,
-    /// Where the experts compute: `cpu`, or `cuda:N` (a build with `--features cuda`).
-    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
-    pub device: Device,
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
 }
 
-/// Bytes one expert of `ckpt` takes on `backend`: the CPU keeps bf16 checkpoints bf16 (2 bytes
-/// per weight) and widens anything else to f32 (4); a GPU holds bf16 whatever the checkpoint.
-pub fn expert_bytes<B: Backend>(ckpt: &Checkpoint, backend: &B) -> u64 {
+/// Bytes one expert of `ckpt` takes on `backend` held as `weights`: int8 takes a byte per
+/// weight and a scale per output channel on any backend; otherwise the CPU keeps bf16
+/// checkpoints bf16 (2 bytes per weight) and widens anything else to f32 (4), and a GPU holds
+/// bf16 whatever the checkpoint.
+pub fn expert_bytes<B: Backend>(ckpt: &Checkpoint, backend: &B, weights: WeightFormat) -> u64 {
+    if weights.int8_experts() {
+        return ringbolt_planner::placement::int8_expert_bytes(ckpt.config());
+    }
     let w1 = ringbolt_model::weights::expert_name(0, 0, "w1");
     let bf16 = ckpt.dtype(&w1).as_deref() == Some("BF16");
     ringbolt_planner::placement::expert_bytes(ckpt.config(), backend.bytes_per_weight(bf16))
@@ -78,6 +82,8 @@ pub struct ExpertHost<B: Backend = Cpu> {
     id: String,
     ckpt: Arc<Checkpoint>,
     cfg: ModelConfig,
+    /// How the experts are held.
+    weights: WeightFormat,
     held: RwLock<HashMap<Slot, Arc<Expert<B>>>>,
     /// Experts loaded for epochs not active yet.
     pending: Mutex<BTreeMap<u64, HashSet<Slot>>>,
@@ -89,7 +95,7 @@ pub struct ExpertHost<B: Backend = Cpu> {
 impl ExpertHost<Cpu> {
     /// A host computing on the CPU.
     pub fn new(id: String, ckpt: Checkpoint) -> Self {
-        Self::on(Cpu, id, ckpt)
+        Self::on(Cpu::default(), id, ckpt)
     }
 }
 
@@ -101,6 +107,7 @@ impl<B: Backend> ExpertHost<B> {
             id,
             cfg: ckpt.config().clone(),
             ckpt: Arc::new(ckpt),
+            weights: WeightFormat::Bf16,
             held: RwLock::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             active: AtomicU64::new(0),
@@ -109,9 +116,15 @@ impl<B: Backend> ExpertHost<B> {
         }
     }
 
+    /// The host with its experts held as `weights` (`--weights`).
+    pub fn with_weights(mut self, weights: WeightFormat) -> Self {
+        self.weights = weights;
+        self
+    }
+
     /// Bytes one expert takes here.
     pub fn expert_bytes(&self) -> u64 {
-        expert_bytes(&self.ckpt, &self.backend)
+        expert_bytes(&self.ckpt, &self.backend, self.weights)
     }
 
     pub fn active_epoch(&self) -> u64 {
@@ -149,8 +162,14 @@ impl<B: Backend> ExpertHost<B> {
         };
         let mut loaded = 0;
         for &(l, e) in &missing {
-            let ex = Expert::load(&self.ckpt, &self.backend, l as usize, e as usize)
-                .map_err(|e| ClusterError::Model(e.to_string()))?;
+            let ex = Expert::load(
+                &self.ckpt,
+                &self.backend,
+                l as usize,
+                e as usize,
+                self.weights,
+            )
+            .map_err(|e| ClusterError::Model(e.to_string()))?;
             self.held
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -475,11 +494,11 @@ impl<B: Backend> ExpertWorker for Control<B> {
 pub async fn run(a: ExpertWorkerArgs) -> Result<(), ClusterError> {
     let ckpt =
         Checkpoint::open(&a.common.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
-    let device = a.device;
+    let compute = a.compute;
     // Experts are loaded later, as plans place them; here the device's backend is opened.
     let serve = tokio::task::spawn_blocking(move || {
-        device
-            .open(None, Open { a, ckpt })
+        compute
+            .open(Open { a, ckpt })
             .map_err(|e| ClusterError::Model(e.to_string()))
     })
     .await
@@ -512,12 +531,12 @@ async fn serve_on<B: Backend>(
     let (listener, address) = bind(c.listen, c.advertise.as_deref()).await?;
     let (data_listener, data_address, guard) = bind_data(a.data_listen, c).await?;
     let id = c.member_id("expert", &address);
-    let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt));
+    let host = Arc::new(ExpertHost::on(backend, id.clone(), ckpt).with_weights(a.compute.weights));
     let data = serve_with(data_listener, host.handler(), shell.limits(), guard);
 
     let store: Arc<dyn Store> = Arc::new(EtcdStore::new(membership.client(), &c.cluster));
     let view = store.follow_plan(stop.clone()).await?;
-    let _group = crate::group::follow_on(a.device, &id, &view, store.clone(), stop.clone());
+    let _group = crate::group::follow_on(a.compute.device, &id, &view, store.clone(), stop.clone());
     {
         let host = host.clone();
         let mut rx = view.subscribe();
@@ -550,7 +569,7 @@ async fn serve_on<B: Backend>(
         data_address: data_address.clone(),
         capacity_bytes: a.memory_bytes,
         expert_bytes: host.expert_bytes(),
-        device: a.device.to_string(),
+        device: a.compute.device.to_string(),
     };
     let register = || async {
         membership
@@ -670,7 +689,7 @@ mod tests {
             for &r in ids {
                 xs.extend_from_slice(&req.x[r as usize * h..(r as usize + 1) * h]);
             }
-            out.extend(ex.forward(&Cpu, &xs, ids.len(), h, i));
+            out.extend(ex.forward(&Cpu::default(), &xs, ids.len(), h, i));
         }
         out
     }

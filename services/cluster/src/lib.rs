@@ -79,6 +79,35 @@ impl AuthArgs {
     }
 }
 
+/// Where a role computes and in what formats: `--device`, `--weights`, `--activations` (one
+/// definition for standalone, the workers, `logits`, `generate` and `bench engine`).
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct ComputeArgs {
+    /// Where the model computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
+    pub device: ringbolt_kernels::Device,
+    /// How weights are held: `bf16` (as the checkpoint has them), `int8` (the routed experts
+    /// quantized at load to int8 with one scale per output channel, computed as W8A16: half the
+    /// memory and bytes read of bf16), `int8-all` (the attention projections too).
+    #[arg(long, env = "RINGBOLT_WEIGHTS", default_value = "bf16")]
+    pub weights: ringbolt_kernels::WeightFormat,
+    /// What GEMMs multiply: `f32` (exact; the CPU's default) or `bf16` (rounded before each
+    /// GEMM, f32 accumulation: a GPU's numerics, the fastest CPU prefill). A GPU always
+    /// computes with bf16 activations.
+    #[arg(long, env = "RINGBOLT_ACTIVATIONS")]
+    pub activations: Option<ringbolt_kernels::Activations>,
+}
+
+impl ComputeArgs {
+    /// Opens the device's backend with these activations and runs `task` on it.
+    pub fn open<T: ringbolt_kernels::OnBackend>(
+        &self,
+        task: T,
+    ) -> Result<T::Output, ringbolt_kernels::DeviceError> {
+        self.device.open(None, self.activations, task)
+    }
+}
+
 /// The context cache of a role that prefills (standalone; attention workers): what prefills
 /// computed, kept by prompt prefix, so that jobs sharing a prefix start after it.
 #[derive(Args, Clone, Debug)]

@@ -372,7 +372,7 @@ impl RemoteExperts {
                     let mut out = vec![0f32; rows * self.hidden];
                     for (e, (ids, ws)) in buckets.iter().enumerate() {
                         if !ids.is_empty() {
-                            Cpu.scatter_add_rows(&mut out, &ys[e], ids, ws, self.hidden);
+                            Cpu::default().scatter_add_rows(&mut out, &ys[e], ids, ws, self.hidden);
                         }
                     }
                     return Ok(out);

@@ -95,8 +95,14 @@ async fn remote_experts_match_the_engine_and_resend_after_a_plan_change() {
     let (tx, view) = PlanView::channel(plan1.clone());
 
     let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let full = Model::load(&ckpt, Cpu).unwrap();
-    let attn = Model::load_parts(&ckpt, Cpu, false).unwrap();
+    let full = Model::load(&ckpt, Cpu::default()).unwrap();
+    let attn = Model::load_parts(
+        &ckpt,
+        Cpu::default(),
+        false,
+        ringbolt_kernels::WeightFormat::Bf16,
+    )
+    .unwrap();
     assert!(!attn.has_experts());
     let remote = RemoteExperts::new(
         view,
@@ -283,8 +289,16 @@ async fn gpu_expert_workers_exchange_bf16() {
         w.device = "cuda:0".into();
     }
     let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let full = Arc::new(Model::load(&ckpt, Cpu).unwrap());
-    let attn = Arc::new(Model::load_parts(&ckpt, Cpu, false).unwrap());
+    let full = Arc::new(Model::load(&ckpt, Cpu::default()).unwrap());
+    let attn = Arc::new(
+        Model::load_parts(
+            &ckpt,
+            Cpu::default(),
+            false,
+            ringbolt_kernels::WeightFormat::Bf16,
+        )
+        .unwrap(),
+    );
     let executor = |p: Plan| {
         Arc::new(RemoteExperts::new(
             PlanView::fixed(p),

@@ -1,12 +1,13 @@
 //! `ringbolt bench`: engine benchmarks that print ratios against baselines measured in the
 //! same run (never wall-clock assertions).
 
-use crate::model_cli::load_model;
+use crate::model_cli::{load_model, load_model_as};
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_kernels::cpu::{Mat, gemm};
+use ringbolt_kernels::{Activations, WeightFormat};
 use ringbolt_model::{LayerKind, Logits, Model, ModelConfig};
 use serde_json::json;
 use std::path::PathBuf;
@@ -39,6 +40,13 @@ enum BenchKind {
         /// Sequences decoded together in the decode measurement.
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// How the weights are held (`bf16`, `int8`, `int8-all`); other than bf16, bf16 f32
+        /// is measured in the same run as the baseline.
+        #[arg(long, default_value = "bf16")]
+        weights: WeightFormat,
+        /// What GEMMs multiply (`f32`, `bf16`); bf16 is compared with f32 in the same run.
+        #[arg(long, default_value = "f32")]
+        activations: Activations,
     },
     /// Concurrent jobs through the server: batched decode vs one job at a time.
     Batching {
@@ -206,13 +214,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             decode_steps,
             repeat,
             batch,
+            weights,
+            activations,
         } => engine(
             checkpoint,
-            prefill,
-            decode_context,
-            decode_steps,
-            repeat.max(1),
-            batch.max(1),
+            EngineRun {
+                prefill,
+                ctx: decode_context,
+                steps: decode_steps,
+                repeat: repeat.max(1),
+                batch: batch.max(1),
+            },
+            weights,
+            activations,
         ),
         BenchKind::Scaling {
             checkpoint,
@@ -323,7 +337,7 @@ fn bf16_linear_gflops(m: usize, n: usize, k: usize) -> f64 {
         .map(|_| f32::from_bits(rng.random_range(-1.0f32..1.0).to_bits() & 0xffff_0000))
         .collect();
     use ringbolt_kernels::Backend;
-    let cpu = Cpu;
+    let cpu = Cpu::default();
     let w = cpu.upload_weight(&w, n, k);
     let best = best_secs(5, || {
         std::hint::black_box(cpu.linear(&x, &w, m, k, n));
@@ -374,65 +388,168 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn engine(
-    dir: PathBuf,
+/// What `bench engine` measures.
+#[derive(Clone, Copy)]
+struct EngineRun {
     prefill: usize,
     ctx: usize,
     steps: usize,
     repeat: usize,
     batch: usize,
+}
+
+/// One model's measurement: best prefill seconds, best decode seconds per step, one
+/// sequence's cache bytes, and the prefill's last logits.
+struct Measured {
+    prefill_s: f64,
+    decode_s: f64,
+    cache_bytes: usize,
+    logits: Vec<f32>,
+}
+
+fn measure(model: &Model<Cpu>, toks: &[u32], r: EngineRun) -> Result<Measured> {
+    let mut best = f64::MAX;
+    let mut logits = Vec::new();
+    for _ in 0..r.repeat {
+        let mut st = model.new_state();
+        let t = Instant::now();
+        logits = model.forward(&mut st, toks, Logits::Last)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let (decode_s, cache_bytes) = decode_time(model, r.ctx, r.steps, r.repeat, r.batch)?;
+    Ok(Measured {
+        prefill_s: best,
+        decode_s,
+        cache_bytes,
+        logits,
+    })
+}
+
+/// Loads `dir` as `weights` with `activations`: the model and the seconds it took.
+fn timed_load(
+    dir: &std::path::Path,
+    weights: WeightFormat,
+    activations: Activations,
+) -> Result<(Model<Cpu>, f64)> {
+    let t = Instant::now();
+    let m = load_model_as(dir, weights, activations)?;
+    Ok((m, t.elapsed().as_secs_f64()))
+}
+
+fn engine(
+    dir: PathBuf,
+    r: EngineRun,
+    weights: WeightFormat,
+    activations: Activations,
 ) -> Result<()> {
-    let model = load_model(&dir)?;
-    let c = model.config().clone();
-    if prefill == 0 || steps == 0 || ctx == 0 {
+    if r.prefill == 0 || r.steps == 0 || r.ctx == 0 {
         bail!("--prefill, --decode-context and --decode-steps must be positive");
     }
+    let (model, load_s) = timed_load(&dir, weights, activations)?;
+    let c = model.config().clone();
     let gf = gemm_gflops(
-        prefill.min(4096),
+        r.prefill.min(4096),
         c.intermediate_size.max(c.hidden_size),
         c.hidden_size,
     );
     let gf_sq = gemm_gflops(1024, 1024, 1024);
     let lf = bf16_linear_gflops(
-        prefill.min(4096),
+        r.prefill.min(4096),
         c.intermediate_size.max(c.hidden_size),
         c.hidden_size,
     );
-    let toks = random_tokens(prefill, c.vocab_size, 7);
-    let mut best = f64::MAX;
-    for _ in 0..repeat {
-        let mut st = model.new_state();
-        let t = Instant::now();
-        model.forward(&mut st, &toks, Logits::Last)?;
-        best = best.min(t.elapsed().as_secs_f64());
+    let toks = random_tokens(r.prefill, c.vocab_size, 7);
+    // Another format is compared with the checkpoint's weights and f32 activations, measured
+    // in alternate rounds of this run (the machine's speed drifts).
+    let baseline = (weights, activations) != (WeightFormat::Bf16, Activations::F32);
+    let base_model = if baseline {
+        Some(timed_load(&dir, WeightFormat::Bf16, Activations::F32)?)
+    } else {
+        None
+    };
+    let one = EngineRun { repeat: 1, ..r };
+    let (mut ours, mut theirs): (Option<Measured>, Option<Measured>) = (None, None);
+    let keep_best = |slot: &mut Option<Measured>, m: Measured| match slot {
+        Some(b) => {
+            b.prefill_s = b.prefill_s.min(m.prefill_s);
+            b.decode_s = b.decode_s.min(m.decode_s);
+        }
+        None => *slot = Some(m),
+    };
+    for _ in 0..r.repeat {
+        keep_best(&mut ours, measure(&model, &toks, one)?);
+        if let Some((bm, _)) = &base_model {
+            keep_best(&mut theirs, measure(bm, &toks, one)?);
+        }
     }
-    let flops = prefill_flops(&c, prefill);
-    let prefill_gflops = flops / best / 1e9;
-
-    let (decode_s, cache_bytes) = decode_time(&model, ctx, steps, repeat, batch)?;
-    let line = json!({
+    let ours = ours.expect("at least one round");
+    let flops = prefill_flops(&c, r.prefill);
+    let prefill_gflops = flops / ours.prefill_s / 1e9;
+    let mut line = json!({
         "bench": "engine",
         "checkpoint": dir,
         "threads": rayon::current_num_threads(),
+        "weights": weights.to_string(),
+        "activations": activations.to_string(),
+        "load_seconds": load_s,
         "gemm_gflops_engine_shape": gf,
         "gemm_gflops_1024": gf_sq,
         "bf16_linear_gflops_engine_shape": lf,
         "cpu_amx": ringbolt_kernels::x86::has_amx(),
-        "prefill_tokens": prefill,
-        "prefill_seconds": best,
-        "prefill_tokens_per_second": prefill as f64 / best,
+        "prefill_tokens": r.prefill,
+        "prefill_seconds": ours.prefill_s,
+        "prefill_tokens_per_second": r.prefill as f64 / ours.prefill_s,
         "prefill_gflops": prefill_gflops,
         "prefill_fraction_of_gemm": prefill_gflops / gf,
-        "decode_context": ctx,
-        "decode_batch": batch,
-        "decode_ms_per_step": decode_s * 1e3,
-        "decode_ms_per_token": decode_s * 1e3 / batch as f64,
-        "decode_tokens_per_second": batch as f64 / decode_s,
-        "decode_cache_bytes": cache_bytes,
+        "decode_context": r.ctx,
+        "decode_batch": r.batch,
+        "decode_ms_per_step": ours.decode_s * 1e3,
+        "decode_ms_per_token": ours.decode_s * 1e3 / r.batch as f64,
+        "decode_tokens_per_second": r.batch as f64 / ours.decode_s,
+        "decode_cache_bytes": ours.cache_bytes,
         "peak_rss_bytes": peak_rss_bytes(),
     });
+    if let (Some(b), Some((_, base_load_s))) = (theirs, base_model) {
+        let (err, rel) = logits_error(&ours.logits, &b.logits);
+        line["baseline"] = json!({
+            "weights": "bf16",
+            "activations": "f32",
+            "load_seconds": base_load_s,
+            "prefill_seconds": b.prefill_s,
+            "decode_ms_per_token": b.decode_s * 1e3 / r.batch as f64,
+        });
+        line["prefill_speedup_vs_baseline"] = json!(b.prefill_s / ours.prefill_s);
+        line["decode_speedup_vs_baseline"] = json!(b.decode_s / ours.decode_s);
+        line["logits_max_abs_error_vs_baseline"] = json!(err);
+        line["logits_rel_rms_error_vs_baseline"] = json!(rel);
+        line["same_argmax_as_baseline"] = json!(argmax(&ours.logits) == argmax(&b.logits));
+    }
     println!("{line}");
     Ok(())
+}
+
+/// Largest absolute difference, and the RMS of the difference relative to the RMS of `want`.
+fn logits_error(got: &[f32], want: &[f32]) -> (f32, f64) {
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let d: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let w: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (err, (d / w.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        })
+        .0
 }
 
 /// Seconds per decode step of `batch` sequences after a prefill of `ctx` tokens each, and one

@@ -2,8 +2,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use ringbolt_cluster::ComputeArgs;
 use ringbolt_kernels::cpu::Cpu;
-use ringbolt_kernels::{Backend, OnBackend};
+use ringbolt_kernels::{Activations, Backend, OnBackend, WeightFormat};
 use ringbolt_model::scheduler::{
     Event, FinishReason, LocalForward, Request, Scheduler, SchedulerConfig, SeqError, SeqStats,
     Sink,
@@ -91,9 +92,8 @@ pub struct LogitsArgs {
     /// Lightning prefill block size (default: the config's).
     #[arg(long, env = "RINGBOLT_BLOCK_SIZE")]
     block_size: Option<usize>,
-    /// Where to compute: `cpu` or `cuda:N` (needs a build with `--features cuda`).
-    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
-    device: Device,
+    #[command(flatten)]
+    compute: ringbolt_cluster::ComputeArgs,
     /// Output safetensors file with one f32 tensor `logits` of shape [T, vocab].
     #[arg(long, env = "RINGBOLT_OUT")]
     out: PathBuf,
@@ -106,9 +106,8 @@ pub struct GenerateArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// Where to compute: `cpu` or `cuda:N` (needs a build with `--features cuda`).
-    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
-    device: Device,
+    #[command(flatten)]
+    compute: ringbolt_cluster::ComputeArgs,
     /// Number of tokens to generate (at most; the model's end-of-sequence tokens stop it).
     #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS")]
     max_new_tokens: usize,
@@ -164,8 +163,22 @@ pub fn init_checkpoint(a: InitCheckpointArgs) -> Result<()> {
 }
 
 pub fn load_model(dir: &Path) -> Result<Model<Cpu>> {
+    load_model_as(dir, WeightFormat::Bf16, Activations::F32)
+}
+
+/// [`load_model`] with its weights held as `weights` and GEMMs taking `activations`.
+pub fn load_model_as(
+    dir: &Path,
+    weights: WeightFormat,
+    activations: Activations,
+) -> Result<Model<Cpu>> {
     let ckpt = Checkpoint::open(dir)?;
-    Ok(Model::load(&ckpt, Cpu)?)
+    Ok(Model::load_parts(
+        &ckpt,
+        Cpu::new(activations),
+        true,
+        weights,
+    )?)
 }
 
 pub use ringbolt_kernels::Device;
@@ -178,24 +191,30 @@ trait ModelTask {
 /// Loads the checkpoint onto a backend and runs the task there.
 struct Load<'a, T> {
     ckpt: &'a Checkpoint,
+    weights: WeightFormat,
     task: T,
 }
 
 impl<T: ModelTask> OnBackend for Load<'_, T> {
     type Output = Result<()>;
     fn run<B: Backend>(self, backend: B) -> Result<()> {
-        self.task.run(Model::load(self.ckpt, backend)?)
+        let model = Model::load_parts(self.ckpt, backend, true, self.weights)?;
+        self.task.run(model)
     }
 }
 
-fn on_device(dir: &Path, device: Device, task: impl ModelTask) -> Result<()> {
+fn on_device(dir: &Path, compute: ComputeArgs, task: impl ModelTask) -> Result<()> {
     let ckpt = Checkpoint::open(dir)?;
-    device.open(None, Load { ckpt: &ckpt, task })?
+    compute.open(Load {
+        ckpt: &ckpt,
+        weights: compute.weights,
+        task,
+    })?
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let (dir, device) = (a.checkpoint.clone(), a.device);
-    on_device(&dir, device, a)
+    let (dir, compute) = (a.checkpoint.clone(), a.compute);
+    on_device(&dir, compute, a)
 }
 
 impl ModelTask for LogitsArgs {
@@ -232,8 +251,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let (dir, device) = (a.checkpoint.clone(), a.device);
-    on_device(&dir, device, a)
+    let (dir, compute) = (a.checkpoint.clone(), a.compute);
+    on_device(&dir, compute, a)
 }
 
 impl ModelTask for GenerateArgs {

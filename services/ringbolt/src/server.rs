@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use ringbolt_jobs::{EngineConfig, JobManager, JobStore, Limits};
-use ringbolt_kernels::{Backend, Device, OnBackend};
+use ringbolt_kernels::{Backend, OnBackend};
 use ringbolt_model::{Checkpoint, Model};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,9 +46,8 @@ pub struct StandaloneArgs {
     /// A Hugging Face `tokenizer.json` for text prompts (default: the checkpoint's, if any).
     #[arg(long, env = "RINGBOLT_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
-    /// Where the model computes: `cpu`, or `cuda:N` (a build with `--features cuda`).
-    #[arg(long, env = "RINGBOLT_DEVICE", default_value = "cpu")]
-    pub device: Device,
+    #[command(flatten)]
+    pub compute: ringbolt_cluster::ComputeArgs,
     #[command(flatten)]
     pub auth: ringbolt_cluster::AuthArgs,
     #[command(flatten)]
@@ -75,7 +74,7 @@ impl StandaloneArgs {
             prefill_chunk: 4096,
             context_parallel: 1,
             tokenizer: None,
-            device: Device::Cpu,
+            compute: Default::default(),
             auth: Default::default(),
             // What the demo and benchmarks measure is the prefill itself.
             context_cache: ringbolt_cluster::ContextCacheArgs::off(),
@@ -89,6 +88,7 @@ impl StandaloneArgs {
 /// moved to the engine thread, the only thread that computes with it.
 struct StartEngine {
     ckpt: Checkpoint,
+    weights: ringbolt_kernels::WeightFormat,
     store: JobStore,
     limits: Limits,
     engine: EngineConfig,
@@ -99,7 +99,7 @@ struct StartEngine {
 impl OnBackend for StartEngine {
     type Output = Result<JobManager>;
     fn run<B: Backend>(self, backend: B) -> Result<JobManager> {
-        let model = Model::load(&self.ckpt, backend)?;
+        let model = Model::load_parts(&self.ckpt, backend, true, self.weights)?;
         Ok(JobManager::start(
             model,
             self.store,
@@ -140,17 +140,15 @@ pub fn start_manager_with(
         context_cache: cache,
     };
     let text = ringbolt_text::Text::load(&a.checkpoint, a.tokenizer.as_deref())?.map(Into::into);
-    a.device.open(
-        None,
-        StartEngine {
-            ckpt,
-            store,
-            limits,
-            engine,
-            text,
-            shutdown,
-        },
-    )?
+    a.compute.open(StartEngine {
+        ckpt,
+        weights: a.compute.weights,
+        store,
+        limits,
+        engine,
+        text,
+        shutdown,
+    })?
 }
 
 pub async fn shutdown_signal(token: CancellationToken) {

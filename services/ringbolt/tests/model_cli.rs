@@ -108,7 +108,7 @@ fn logits_writes_every_position_and_matches_the_engine() {
     assert!(err <= 1e-4 * scale, "prefill+decode vs prefill: {err}");
 
     // Same numbers as the library.
-    let model = Model::load(&Checkpoint::open(&ckpt).unwrap(), Cpu).unwrap();
+    let model = Model::load(&Checkpoint::open(&ckpt).unwrap(), Cpu::default()).unwrap();
     let ids: Vec<u32> = toks.split(',').map(|s| s.parse().unwrap()).collect();
     let lib = model
         .forward(&mut model.new_state(), &ids, Logits::All)
@@ -183,7 +183,7 @@ fn generate_is_greedy_by_default_and_seeded_when_sampling() {
     assert_eq!(toks.len(), 6);
 
     // Greedy equals argmax of the engine's logits, step by step.
-    let model = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu).unwrap();
+    let model = Model::load(&Checkpoint::open(dir.path()).unwrap(), Cpu::default()).unwrap();
     let mut st = model.new_state();
     let mut logits = model.forward(&mut st, &[1, 2, 3, 4], Logits::Last).unwrap();
     for &t in &toks {
@@ -449,4 +449,100 @@ fn every_compute_role_takes_a_device_and_refuses_one_it_cannot_open() {
             "cuda:1 asked for",
         );
     }
+}
+
+/// `--weights int8`, `int8-all` and `--activations bf16` on the `small` preset: the greedy
+/// tokens of `generate` agree with the checkpoint's bf16 weights and f32 activations for the
+/// first 16 tokens of each test prompt, and `logits` takes the same flags (its int8 logits
+/// differ from bf16, within a few percent).
+#[test]
+fn compute_formats_keep_the_greedy_tokens_of_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    ok(&[
+        "init-checkpoint",
+        "--preset",
+        "small",
+        "--seed",
+        "1",
+        "--dtype",
+        "bf16",
+        "--out",
+        d,
+    ]);
+    let prompts = [
+        "1,2,3,4,5,6,7,8",
+        "4242,17,99,31000,5,600,7000,12,12,12",
+        "29999,1,15000,77,3",
+    ];
+    let greedy = |prompt: &str, flags: &[&str]| -> Vec<u64> {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            d,
+            "--tokens",
+            prompt,
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(flags);
+        let v: serde_json::Value = serde_json::from_str(ok(&args).trim()).unwrap();
+        v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect()
+    };
+    for p in prompts {
+        let want = greedy(p, &[]);
+        assert_eq!(want.len(), 16);
+        for flags in [
+            &["--weights", "int8"][..],
+            &["--weights", "int8-all"],
+            &["--activations", "bf16"],
+            &["--weights", "int8", "--activations", "bf16"],
+        ] {
+            assert_eq!(greedy(p, flags), want, "prompt {p}, {flags:?}");
+        }
+    }
+    let logits = |flags: &[&str]| {
+        let out = dir.path().join(format!("{}.safetensors", flags.join("")));
+        let mut args = vec![
+            "logits",
+            "--checkpoint",
+            d,
+            "--tokens",
+            prompts[1],
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        ok(&args);
+        read_logits(&out).1
+    };
+    let (a, b) = (logits(&[]), logits(&["--weights", "int8"]));
+    let d2: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let n2: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    let rel = (d2 / n2).sqrt();
+    assert!(rel > 0.0 && rel < 0.05, "int8 logits off by {rel:e}");
+    fails(
+        &[
+            "logits",
+            "--checkpoint",
+            d,
+            "--tokens",
+            "1",
+            "--out",
+            "x",
+            "--weights",
+            "fp4",
+        ],
+        "bf16, int8 or int8-all",
+    );
 }
