@@ -52,6 +52,39 @@ PY
 else
   echo "transformers baseline skipped: torch/transformers not importable by $PYTHON"
 fi
+# Compute formats: int8 experts (and attention) against bf16 weights, bf16 activations against
+# f32, each within one command; then bf16 activations against transformers in bfloat16.
+ours_bf=()
+theirs_bf=()
+for _ in $(seq "$ROUNDS"); do
+  for w in int8 int8-all; do
+    $R --threads "$THREADS" bench engine --checkpoint "$work/small" --prefill 4096 --decode-context 512 --repeat 2 --weights $w
+  done
+  o=$($R --threads "$THREADS" bench engine --checkpoint "$work/small" --prefill 4096 --decode-context 512 --repeat 2 --activations bf16)
+  echo "$o"
+  ours_bf+=("$o")
+  if [ $have_ref = 1 ]; then
+    t=$($PYTHON scripts/reference/bench_transformers.py --checkpoint "$work/small" --threads "$THREADS" --repeat 2 --dtype bfloat16 2>/dev/null | tail -1)
+    echo "$t"
+    theirs_bf+=("$t")
+  fi
+done
+if [ $have_ref = 1 ]; then
+  $PYTHON - "${ours_bf[@]}" -- "${theirs_bf[@]}" <<'PY'
+import json, sys
+args = sys.argv[1:]
+cut = args.index("--")
+o = [json.loads(a) for a in args[:cut]]
+t = [json.loads(a) for a in args[cut + 1:]]
+op = min(x["prefill_seconds"] for x in o); tp = min(x["prefill_seconds"] for x in t)
+print(json.dumps({
+  "rounds": len(o),
+  "best_prefill_seconds_bf16_activations": {"ringbolt": op, "transformers_bfloat16": tp},
+  "prefill_speedup_vs_transformers_bfloat16": tp / op,
+  "logits_rel_rms_error_vs_f32": [x["logits_rel_rms_error_vs_baseline"] for x in o],
+}))
+PY
+fi
 # Lightning-only model: every layer linear attention.
 if [ ! -d "$work/linear" ]; then
   $PYTHON - "$work" <<'PY'

@@ -21,9 +21,12 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="what the model is loaded and computed in")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = MiniMaxForCausalLM.from_pretrained(a.checkpoint, dtype=torch.float32).eval()
+    dtype = getattr(torch, a.dtype)
+    model = MiniMaxForCausalLM.from_pretrained(a.checkpoint, dtype=dtype).eval()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, vocab, (1, a.prefill), generator=g)
@@ -47,6 +50,7 @@ def main():
     print(json.dumps({
         "bench": "transformers",
         "torch": torch.__version__,
+        "dtype": a.dtype,
         "threads": torch.get_num_threads(),
         "prefill_tokens": a.prefill,
         "prefill_seconds": best,
