@@ -341,6 +341,40 @@ pub trait Backend: Send + Sync + 'static {
         (self.upload_owned(o), lse)
     }
 
+    /// LayerNorm over each row of width `width`: `g ⊙ (u − mean) / sqrt(var + eps) + b` (the
+    /// vision tower's norm). The default computes on the host.
+    fn layer_norm(
+        &self,
+        x: &Self::Buf,
+        g: &Self::Buf,
+        b: &Self::Buf,
+        width: usize,
+        eps: f32,
+    ) -> Self::Buf {
+        let (g, bias) = (self.host_view(g), self.host_view(b));
+        let out = partial::layer_norm(&self.host_view(x), &g, &bias, width, eps);
+        self.upload_owned(out)
+    }
+
+    /// `x[r] += bias` for every row `r` of width `bias.len()` (a linear layer's bias). The
+    /// default computes on the host.
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf) {
+        let bias = self.host_view(bias).into_owned();
+        let mut v = self.host_view(x).into_owned();
+        for row in v.chunks_mut(bias.len().max(1)) {
+            row.iter_mut().zip(&bias).for_each(|(a, b)| *a += b);
+        }
+        *x = self.upload_owned(v);
+    }
+
+    /// GELU in place, the exact (erf) form: `x · (1 + erf(x / √2)) / 2`. The default computes
+    /// on the host.
+    fn gelu_inplace(&self, x: &mut Self::Buf) {
+        let mut v = self.host_view(x).into_owned();
+        v.iter_mut().for_each(|a| *a = partial::gelu(*a));
+        *x = self.upload_owned(v);
+    }
+
     /// The part of lightning attention that an earlier context contributes (LASP): for `t`
     /// tokens whose `qkv` is laid out as for [`lightning`](Self::lightning) and a state
     /// `prefix` (`[heads, d, d]`, the decayed sum of k^T v of everything before the first
@@ -478,6 +512,29 @@ pub mod partial {
             .flat_map(|(_, l)| l[..t * heads].iter().copied())
             .collect();
         (out, merge_lse(&stacked, parts.len(), t * heads))
+    }
+
+    /// See [`super::Backend::layer_norm`]; statistics in f64.
+    pub fn layer_norm(x: &[f32], g: &[f32], b: &[f32], width: usize, eps: f32) -> Vec<f32> {
+        assert!(
+            g.len() == width && b.len() == width,
+            "layer_norm: parameters are not [width]"
+        );
+        let mut out = vec![0f32; x.len()];
+        for (o, r) in out.chunks_mut(width).zip(x.chunks(width)) {
+            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for (((o, &v), &g), &b) in o.iter_mut().zip(r).zip(g).zip(b) {
+                *o = ((v as f64 - mean) * inv) as f32 * g + b;
+            }
+        }
+        out
+    }
+
+    /// Exact GELU: `x · (1 + erf(x / √2)) / 2`.
+    pub fn gelu(x: f32) -> f32 {
+        0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
     }
 
     /// See [`super::Backend::lightning_prefix`].

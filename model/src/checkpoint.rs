@@ -30,6 +30,8 @@ struct ShardData {
 pub struct Checkpoint {
     dir: PathBuf,
     config: ModelConfig,
+    /// A MiniMax-VL-01 checkpoint's vision tower, projector and image settings.
+    vision: Option<crate::vision::VisionConfig>,
     shards: Vec<Shard>,
     /// Tensor name → shard index, from the index file (or the single file's header).
     locations: HashMap<String, usize>,
@@ -53,7 +55,7 @@ impl Checkpoint {
                 msg: "not a directory".into(),
             });
         }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (config, vision) = read_config(&dir.join("config.json"))?;
         let index_path = dir.join(INDEX_FILE);
         let mut shards = Vec::new();
         let mut locations = HashMap::new();
@@ -136,6 +138,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
+            vision,
             shards,
             locations,
         })
@@ -147,6 +150,24 @@ impl Checkpoint {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The vision side of a MiniMax-VL-01 checkpoint (None for a text model).
+    pub fn vision(&self) -> Option<&crate::vision::VisionConfig> {
+        self.vision.as_ref()
+    }
+
+    /// Where tensor `name` is: a VL-01 checkpoint keeps the text model's tensors under
+    /// `language_model.` (`language_model.model.layers.…`, `language_model.lm_head.weight`), so
+    /// a text name not found as is is looked for there.
+    fn locate<'a>(&self, name: &'a str) -> Option<(usize, std::borrow::Cow<'a, str>)> {
+        if let Some(&i) = self.locations.get(name) {
+            return Some((i, name.into()));
+        }
+        self.vision.as_ref()?;
+        let prefixed = format!("{TEXT_PREFIX}{name}");
+        let &i = self.locations.get(&prefixed)?;
+        Some((i, prefixed.into()))
     }
 
     /// Identifies the weights this checkpoint holds as files: each weight file's name, size,
@@ -176,15 +197,15 @@ impl Checkpoint {
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.locations.contains_key(name)
+        self.locate(name).is_some()
     }
 
     /// The on-disk dtype of tensor `name` as safetensors names it (`F32`, `BF16`, `F16`, ...);
     /// None when absent or unreadable.
     pub fn dtype(&self, name: &str) -> Option<String> {
-        let shard = &self.shards[*self.locations.get(name)?];
-        let data = open_shard(shard).ok()?;
-        Some(format!("{:?}", data.meta.info(name)?.dtype))
+        let (i, name) = self.locate(name)?;
+        let data = open_shard(&self.shards[i]).ok()?;
+        Some(format!("{:?}", data.meta.info(&name)?.dtype))
     }
 
     /// Reads tensor `name`, checks its shape, and converts it to f32.
@@ -208,7 +229,7 @@ impl Checkpoint {
 
     /// [`load`](Self::load) into `dst`, which holds exactly the tensor's values.
     pub fn read_into(&self, name: &str, shape: &[usize], dst: &mut [f32]) -> Result<()> {
-        let &idx = self.locations.get(name).ok_or_else(|| {
+        let (idx, located) = self.locate(name).ok_or_else(|| {
             let where_ = if self.shards.len() == 1 && !self.dir.join(INDEX_FILE).exists() {
                 self.shards[0].path.clone()
             } else {
@@ -222,14 +243,14 @@ impl Checkpoint {
         })?;
         let shard = &self.shards[idx];
         let err = |msg: String| ModelError::Tensor {
-            tensor: name.to_string(),
+            tensor: located.to_string(),
             file: shard.path.clone(),
             msg,
         };
         let data = open_shard(shard).map_err(err)?;
         let info = data
             .meta
-            .info(name)
+            .info(&located)
             .ok_or_else(|| err("listed in the index but not in this file".into()))?;
         if info.shape != shape {
             return Err(err(format!("shape {:?}, expected {:?}", info.shape, shape)));
@@ -253,6 +274,51 @@ impl Checkpoint {
             })
             .map_err(err)
     }
+}
+
+/// Where a VL-01 checkpoint keeps the text model's tensors.
+pub const TEXT_PREFIX: &str = "language_model.";
+
+/// The text model's config and, for MiniMax-VL-01 (`model_type` `minimax_vl_01`, or
+/// `llava_next` as transformers writes the same structure), the vision side; the text config
+/// of a VL-01 checkpoint is its `text_config`, in either dialect.
+fn read_config(path: &Path) -> Result<(ModelConfig, Option<crate::vision::VisionConfig>)> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let in_file = |e: ModelError| match e {
+        ModelError::ConfigField { .. } => ModelError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        },
+        other => other,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    let model_type = v.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
+    if !crate::vision::VL_MODEL_TYPES.contains(&model_type) {
+        return Ok((ModelConfig::from_json(&v).map_err(in_file)?, None));
+    }
+    let text_cfg = v.get("text_config").ok_or_else(|| {
+        in_file(ModelError::field(
+            "text_config",
+            format!("a `{model_type}` config needs the text model's config"),
+        ))
+    })?;
+    let config = ModelConfig::from_json(text_cfg).map_err(|e| {
+        in_file(match e {
+            ModelError::ConfigField { field, msg } => ModelError::ConfigField {
+                field: format!("text_config.{field}"),
+                msg,
+            },
+            other => other,
+        })
+    })?;
+    let vision = crate::vision::VisionConfig::from_json(&v).map_err(in_file)?;
+    Ok((config, Some(vision)))
 }
 
 fn open_shard(shard: &Shard) -> std::result::Result<Arc<ShardData>, String> {

@@ -200,6 +200,9 @@ pub struct SequenceState<B: Backend> {
     /// Where its softmax layers attend when its keys and values are split among
     /// context-parallel ranks (None: the caches in `layers`).
     pub split: Option<Box<dyn SplitAttention<B>>>,
+    /// Input rows that replace the token embeddings at some positions (an image's features
+    /// at its placeholders): (first position, `[n, H]` rows), by position.
+    pub embeddings: Vec<(usize, Vec<f32>)>,
 }
 
 /// Softmax attention of a sequence whose keys and values stay split among the ranks of a
@@ -225,6 +228,29 @@ pub trait SplitAttention<B: Backend>: Send + Sync {
 }
 
 impl<B: Backend> SequenceState<B> {
+    /// Rows `rows` (`[n, H]`) replace the token embeddings at positions `pos..pos + n` when
+    /// those positions are computed.
+    pub fn set_embeddings(&mut self, pos: usize, rows: Vec<f32>) {
+        self.embeddings.push((pos, rows));
+        self.embeddings.sort_by_key(|e| e.0);
+    }
+
+    /// Writes the replacement rows for positions `pos..pos + count` into `dst` (`[count, h]`);
+    /// whether there were any.
+    fn patch_embeddings(&self, pos: usize, count: usize, dst: &mut [f32], h: usize) -> bool {
+        let mut any = false;
+        for (start, rows) in &self.embeddings {
+            let n = rows.len() / h.max(1);
+            let (lo, hi) = ((*start).max(pos), (start + n).min(pos + count));
+            if lo < hi {
+                dst[(lo - pos) * h..(hi - pos) * h]
+                    .copy_from_slice(&rows[(lo - start) * h..(hi - start) * h]);
+                any = true;
+            }
+        }
+        any
+    }
+
     /// Bytes held by this sequence's caches (f32 lightning states, keys and values as the
     /// backend stores them).
     pub fn cache_bytes(&self, backend: &B) -> usize {
@@ -260,6 +286,8 @@ pub struct Model<B: Backend> {
     /// How the weights are held (the context cache's keys depend on it too).
     weights: WeightFormat,
     embed: B::Weight,
+    /// A VL-01 checkpoint's vision tower and projector.
+    vision: Option<crate::vision::VisionTower<B>>,
     layers: Vec<Layer<B>>,
     final_norm: B::Buf,
     lm_head: Option<B::Weight>,
@@ -296,6 +324,7 @@ impl<B: Backend> Model<B> {
             Ok(upload_as(&backend, w, rows, cols, weights.int8_attention()))
         };
         let embed = upw("model.embed_tokens.weight", v, h)?;
+        let vision = crate::vision::VisionTower::load(ckpt, &backend)?;
         let mut layers = Vec::with_capacity(cfg.num_layers());
         for (l, kind) in cfg.layers.iter().enumerate() {
             let p = layer_prefix(l);
@@ -352,6 +381,7 @@ impl<B: Backend> Model<B> {
             fingerprint: ckpt.fingerprint(),
             weights,
             embed,
+            vision,
             layers,
             final_norm,
             lm_head,
@@ -360,6 +390,42 @@ impl<B: Backend> Model<B> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The vision tower of a VL-01 model.
+    pub fn vision(&self) -> Option<&crate::vision::VisionTower<B>> {
+        self.vision.as_ref()
+    }
+
+    /// The features an image puts in place of its placeholder tokens (`[n, H]`), from its
+    /// crops' pixels and its original (height, width).
+    pub fn image_features(&self, pixels: &[f32], size: (usize, usize)) -> Result<Vec<f32>> {
+        let v = self.vision.as_ref().ok_or_else(|| {
+            ModelError::Invalid(
+                "images need a MiniMax-VL-01 checkpoint; this one has no vision tower".into(),
+            )
+        })?;
+        v.image_features(&self.backend, pixels, size)
+    }
+
+    /// The input rows of a forward step: the token embeddings, with the rows the sequences
+    /// replace (image features) in place.
+    fn embed(&self, seqs: &[(&mut SequenceState<B>, &[u32])], ids: &[u32]) -> B::Buf {
+        let b = &self.backend;
+        let hsz = self.cfg.hidden_size;
+        let h = b.weight_rows(&self.embed, ids, hsz);
+        if seqs.iter().all(|(st, _)| st.embeddings.is_empty()) {
+            return h;
+        }
+        let mut host = b.host_view(&h).into_owned();
+        let mut row = 0;
+        let mut any = false;
+        for (st, toks) in seqs {
+            let dst = &mut host[row * hsz..(row + toks.len()) * hsz];
+            any |= st.patch_embeddings(st.pos, toks.len(), dst, hsz);
+            row += toks.len();
+        }
+        if any { b.upload_owned(host) } else { h }
     }
 
     pub fn backend(&self) -> &B {
@@ -535,6 +601,7 @@ impl<B: Backend> Model<B> {
             })
             .collect();
         SequenceState {
+            embeddings: Vec::new(),
             pos: 0,
             layers,
             split: None,
@@ -633,7 +700,7 @@ impl<B: Backend> Model<B> {
         let h = match remote {
             Some(r) if rows >= PIPELINE_MIN_ROWS => self.forward_pipelined(seqs, &ids, r)?,
             _ => {
-                let mut h = b.weight_rows(&self.embed, &ids, hsz);
+                let mut h = self.embed(seqs, &ids);
                 let mut views: Vec<(&mut SequenceState<B>, usize, usize)> = seqs
                     .iter_mut()
                     .map(|(st, toks)| {
@@ -698,9 +765,10 @@ impl<B: Backend> Model<B> {
         let mbs = micro_batches(&lens, PIPELINE_PARTS);
         let rows: Vec<usize> = mbs.iter().map(|v| v.iter().map(|p| p.2).sum()).collect();
         let mut hs = Vec::with_capacity(mbs.len());
+        let all = self.embed(seqs, ids);
         let mut r0 = 0;
         for &n in &rows {
-            hs.push(b.weight_rows(&self.embed, &ids[r0..r0 + n], hsz));
+            hs.push(b.rows(&all, r0, n, hsz));
             r0 += n;
         }
         // Per micro-batch: the experts in flight and the residual they add to.

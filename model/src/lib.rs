@@ -7,10 +7,12 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod image;
 pub mod prefix;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokens;
+pub mod vision;
 pub mod weights;
 pub mod writer;
 
