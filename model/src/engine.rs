@@ -408,6 +408,51 @@ impl<B: Backend> Model<B> {
         v.image_features(&self.backend, pixels, size)
     }
 
+    /// A prompt with images, as the model takes it: each image placeholder (one per image, in
+    /// order) expanded to that image's feature count, and the features to put there
+    /// ((position, `[n, H]` rows), for [`SequenceState::set_embeddings`] or a request).
+    #[allow(clippy::type_complexity)]
+    pub fn prompt_with_images(
+        &self,
+        prompt: &[u32],
+        images: &[crate::image::Rgb],
+    ) -> Result<(Vec<u32>, Vec<(usize, Vec<f32>)>)> {
+        if images.is_empty() {
+            return Ok((prompt.to_vec(), Vec::new()));
+        }
+        let v = self.vision.as_ref().ok_or_else(|| {
+            ModelError::Invalid(
+                "images need a MiniMax-VL-01 checkpoint; this one has no vision tower".into(),
+            )
+        })?;
+        let token = v.config().image_token;
+        let placeholders = prompt.iter().filter(|&&t| t == token).count();
+        if placeholders != images.len() {
+            return Err(ModelError::Invalid(format!(
+                "the prompt holds {placeholders} image placeholder(s) (token {token}) for {} \
+                 image(s): give one per image, in order",
+                images.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(prompt.len());
+        let mut rows = Vec::with_capacity(images.len());
+        let mut next = images.iter();
+        for &t in prompt {
+            // As many images as placeholders: each placeholder takes the next one.
+            match (t == token).then(|| next.next()).flatten() {
+                Some(img) => {
+                    let pixels = crate::image::crops(img, v.config())?;
+                    let f = v.image_features(&self.backend, &pixels, (img.height, img.width))?;
+                    let n = f.len() / self.cfg.hidden_size;
+                    rows.push((ids.len(), f));
+                    ids.extend(std::iter::repeat_n(token, n));
+                }
+                None => ids.push(t),
+            }
+        }
+        Ok((ids, rows))
+    }
+
     /// The input rows of a forward step: the token embeddings, with the rows the sequences
     /// replace (image features) in place.
     fn embed(&self, seqs: &[(&mut SequenceState<B>, &[u32])], ids: &[u32]) -> B::Buf {

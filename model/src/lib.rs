@@ -29,4 +29,7 @@ pub use scheduler::{
     ContextPrefill, Event, FailKind, FinishReason, Forward, ForwardCounts, LocalForward, Phase,
     Request, Scheduler, SchedulerConfig, SeqError, SeqStats, Sink,
 };
-pub use writer::{Preset, WeightDtype, write_random_checkpoint, write_random_checkpoint_scaled};
+pub use writer::{
+    Preset, WeightDtype, write_random_checkpoint, write_random_checkpoint_scaled,
+    write_random_vl_checkpoint,
+};

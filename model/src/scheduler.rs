@@ -59,6 +59,10 @@ pub struct Request {
     pub context_parallel: usize,
     /// Whether its prefill may start from, and adds to, the scheduler's context cache.
     pub context_cache: bool,
+    /// Input rows that replace the prompt's token embeddings (an image's features at its
+    /// placeholders): (first position, `[n, H]` rows). A prompt with any is never cached
+    /// (the cache's keys are token ids).
+    pub embeddings: Vec<(usize, Vec<f32>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,12 +395,18 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                 }
                 let now = Instant::now();
                 let chunk = req.prefill_chunk.unwrap_or(self.cfg.prefill_chunk).max(1);
-                let chain =
-                    (self.cache.is_some() && req.context_cache && req.context_parallel <= 1)
-                        .then(|| model.cache_root(chunk));
+                let chain = (self.cache.is_some()
+                    && req.context_cache
+                    && req.context_parallel <= 1
+                    && req.embeddings.is_empty())
+                .then(|| model.cache_root(chunk));
+                let mut state = model.new_state();
+                for (pos, rows) in req.embeddings {
+                    state.set_embeddings(pos, rows);
+                }
                 Some(Seq {
                     sink,
-                    state: model.new_state(),
+                    state,
                     chunk,
                     chain,
                     prompt: req.prompt,
@@ -438,6 +448,18 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             )));
         }
         model.check_tokens(0, &req.prompt).map_err(invalid)?;
+        for (pos, rows) in &req.embeddings {
+            let n = rows.len() / cfg.hidden_size;
+            if rows.len() % cfg.hidden_size != 0 || pos + n > req.prompt.len() {
+                return Err(invalid(format!(
+                    "{} input values at position {pos} are not rows of {} inside the {}-token \
+                     prompt",
+                    rows.len(),
+                    cfg.hidden_size,
+                    req.prompt.len()
+                )));
+            }
+        }
         if let Some(&t) = req
             .stop_tokens
             .iter()
@@ -766,6 +788,7 @@ mod tests {
     fn request(prompt: Vec<u32>, n: u32) -> Request {
         Request {
             context_cache: true,
+            embeddings: Vec::new(),
             prompt,
             max_new_tokens: n,
             sampling: SamplingParams::default(),

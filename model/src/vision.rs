@@ -173,6 +173,33 @@ impl VisionConfig {
         })
     }
 
+    /// The released `config.json` of a VL-01 model with this vision side and `text_config`.
+    pub fn to_json(&self, text_config: Value) -> Value {
+        serde_json::json!({
+            "architectures": ["MiniMaxVL01ForConditionalGeneration"],
+            "model_type": "minimax_vl_01",
+            "image_token_index": self.image_token,
+            "image_grid_pinpoints": self.pinpoints.iter().map(|&(h, w)| [h, w]).collect::<Vec<_>>(),
+            "vision_feature_layer": self.feature_layer as i64 - self.num_layers as i64 - 1,
+            "vision_feature_select_strategy": "default",
+            "projector_hidden_act": "gelu",
+            "tie_word_embeddings": false,
+            "text_config": text_config,
+            "vision_config": {
+                "model_type": "clip_vision_model",
+                "hidden_act": "gelu",
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads,
+                "image_size": self.image_size,
+                "patch_size": self.patch_size,
+                "layer_norm_eps": self.layer_norm_eps,
+                "num_channels": 3,
+            },
+        })
+    }
+
     /// Patches along a crop's side.
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size

@@ -48,20 +48,48 @@ pub enum Preset {
     Tiny,
     /// About 145M parameters: a laptop runs 4K tokens in seconds.
     Small,
+    /// `Tiny` with a small vision tower: MiniMax-VL-01's layout (56-pixel crops of 4 × 4
+    /// patches, grids of up to 6 crops).
+    VlTiny,
 }
 
 impl Preset {
     pub fn config(self) -> ModelConfig {
         let mut c = match self {
-            Preset::Tiny => ModelConfig::text01_shape(512, 64, 128, 8, 4, 2, 16, 8, 4),
+            Preset::Tiny | Preset::VlTiny => {
+                ModelConfig::text01_shape(512, 64, 128, 8, 4, 2, 16, 8, 4)
+            }
             Preset::Small => ModelConfig::text01_shape(32_000, 512, 1024, 8, 8, 2, 64, 32, 8),
         };
         c.dialect = crate::config::Dialect::Transformers;
         (c.block_size, c.max_position_embeddings) = match self {
-            Preset::Tiny => (16, 65_536),
+            Preset::Tiny | Preset::VlTiny => (16, 65_536),
             Preset::Small => (256, 1_048_576),
         };
         c
+    }
+}
+
+impl Preset {
+    /// The vision side of a VL preset.
+    pub fn vision(self) -> Option<crate::vision::VisionConfig> {
+        let c = self.config();
+        (self == Preset::VlTiny).then(|| crate::vision::VisionConfig {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            image_size: 56,
+            patch_size: 14,
+            layer_norm_eps: 1e-5,
+            feature_layer: 2,
+            pinpoints: (1..=6)
+                .flat_map(|a| (1..=6).map(move |b| (a, b)))
+                .filter(|(a, b)| a * b <= 6)
+                .map(|(a, b)| (56 * a, 56 * b))
+                .collect(),
+            image_token: c.vocab_size as u32 - 1,
+        })
     }
 }
 
@@ -80,6 +108,7 @@ fn fill(spec: &TensorSpec, seed: u64, std_scale: f32) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
     match spec.init {
         Init::Ones => vec![1.0; n],
+        Init::Zeros => vec![0.0; n],
         Init::Normal(std) => {
             let std = std * std_scale;
             // Chunks with their own streams so large tensors fill in parallel.
@@ -129,12 +158,51 @@ pub fn write_random_checkpoint_scaled(
     max_shard_bytes: Option<u64>,
     std_scale: f32,
 ) -> Result<usize> {
+    write_checkpoint(
+        cfg.to_transformers_json(),
+        tensor_specs(cfg),
+        seed,
+        dtype,
+        out,
+        max_shard_bytes,
+        std_scale,
+    )
+}
+
+/// A random MiniMax-VL-01 checkpoint in the released layout: `model_type` `minimax_vl_01`,
+/// the text model's config as `text_config` and its tensors under `language_model.`, the
+/// vision tower under `vision_tower.vision_model.`, the projector and `image_newline`.
+pub fn write_random_vl_checkpoint(
+    cfg: &ModelConfig,
+    vision: &crate::vision::VisionConfig,
+    seed: u64,
+    dtype: WeightDtype,
+    out: &Path,
+    max_shard_bytes: Option<u64>,
+) -> Result<usize> {
+    let mut specs = tensor_specs(cfg);
+    for s in &mut specs {
+        s.name = format!("{}{}", crate::checkpoint::TEXT_PREFIX, s.name);
+    }
+    specs.extend(crate::weights::vision_specs(vision, cfg.hidden_size));
+    let config = vision.to_json(cfg.to_transformers_json());
+    write_checkpoint(config, specs, seed, dtype, out, max_shard_bytes, 1.0)
+}
+
+fn write_checkpoint(
+    mut config: serde_json::Value,
+    specs: Vec<TensorSpec>,
+    seed: u64,
+    dtype: WeightDtype,
+    out: &Path,
+    max_shard_bytes: Option<u64>,
+    std_scale: f32,
+) -> Result<usize> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ModelError::Io { path, source }
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let mut config = cfg.to_transformers_json();
     config["torch_dtype"] = json!(dtype.torch_name());
     config["dtype"] = json!(dtype.torch_name());
     let cfg_path = out.join("config.json");
@@ -143,8 +211,6 @@ pub fn write_random_checkpoint_scaled(
         serde_json::to_string_pretty(&config).unwrap_or_default() + "\n",
     )
     .map_err(io(&cfg_path))?;
-
-    let specs = tensor_specs(cfg);
     // Group tensors into shards by size, in checkpoint order.
     let limit = max_shard_bytes.unwrap_or(u64::MAX);
     let mut shards: Vec<Vec<&TensorSpec>> = vec![vec![]];

@@ -301,6 +301,7 @@ impl<B: Backend> AttentionHost<B> {
                 ignore_eos: req.ignore_eos,
                 prefill_chunk: (req.prefill_chunk > 0).then_some(req.prefill_chunk as usize),
                 context_cache: !req.no_context_cache,
+                embeddings: Vec::new(),
             },
             rank,
         ))

@@ -257,6 +257,7 @@ impl<B: Backend> Engine<B> {
             prefill_chunk: None,
             context_parallel: degree,
             context_cache: !rec.no_context_cache,
+            embeddings: Vec::new(),
         };
         if degree <= 1 {
             sched.admit(&self.model, req, sink);

@@ -11,7 +11,7 @@ use ringbolt_model::scheduler::{
 };
 use ringbolt_model::{
     Checkpoint, Logits, Model, ModelConfig, Preset, SamplingParams, WeightDtype,
-    tokens::parse_token_list, write_random_checkpoint,
+    tokens::parse_token_list, write_random_checkpoint, write_random_vl_checkpoint,
 };
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 pub enum PresetArg {
     Tiny,
     Small,
+    /// `tiny` with a small vision tower, in MiniMax-VL-01's layout.
+    VlTiny,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +63,36 @@ pub struct PromptArgs {
     tokens_file: Option<PathBuf>,
 }
 
+/// `--image FILE` (repeatable): images for a MiniMax-VL-01 checkpoint's prompt.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ImageArgs {
+    /// An image (PNG or JPEG) for the prompt's next image placeholder (the checkpoint's
+    /// `image_token_index`; one per image, in order). Each placeholder is expanded to the
+    /// image's feature count, as the reference processor does. Repeatable.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// Largest image accepted, in pixels.
+    #[arg(long, env = "RINGBOLT_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
+}
+
+/// 64 Mpx.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 1 << 26;
+
+impl ImageArgs {
+    /// The images, decoded.
+    pub fn read(&self) -> Result<Vec<ringbolt_model::image::Rgb>> {
+        self.images
+            .iter()
+            .map(|p| {
+                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                ringbolt_model::image::Rgb::decode(&bytes, self.max_image_pixels)
+                    .with_context(|| format!("image {}", p.display()))
+            })
+            .collect()
+    }
+}
+
 impl PromptArgs {
     pub fn read(&self) -> Result<Vec<u32>> {
         let ids = match (&self.tokens, &self.tokens_file) {
@@ -86,6 +118,8 @@ pub struct LogitsArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     prompt: PromptArgs,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Prefill this many tokens at once, then decode the rest one at a time (default: all).
     #[arg(long, env = "RINGBOLT_PREFILL_LEN")]
     prefill_len: Option<usize>,
@@ -107,6 +141,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     prompt: PromptArgs,
     #[command(flatten)]
+    images: ImageArgs,
+    #[command(flatten)]
     compute: ringbolt_cluster::ComputeArgs,
     /// Number of tokens to generate (at most; the model's end-of-sequence tokens stop it).
     #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS")]
@@ -126,12 +162,14 @@ pub struct GenerateArgs {
 }
 
 pub fn init_checkpoint(a: InitCheckpointArgs) -> Result<()> {
-    let cfg = match &a.config {
-        Some(path) => ModelConfig::from_file(path)?,
-        None => match a.preset {
-            PresetArg::Tiny => Preset::Tiny.config(),
-            PresetArg::Small => Preset::Small.config(),
-        },
+    let preset = match a.preset {
+        PresetArg::Tiny => Preset::Tiny,
+        PresetArg::Small => Preset::Small,
+        PresetArg::VlTiny => Preset::VlTiny,
+    };
+    let (cfg, vision) = match &a.config {
+        Some(path) => (ModelConfig::from_file(path)?, None),
+        None => (preset.config(), preset.vision()),
     };
     let dtype = match a.dtype {
         DtypeArg::F32 => WeightDtype::F32,
@@ -140,7 +178,10 @@ pub fn init_checkpoint(a: InitCheckpointArgs) -> Result<()> {
     if a.max_shard_bytes == Some(0) {
         bail!("--max-shard-bytes must be positive");
     }
-    let shards = write_random_checkpoint(&cfg, a.seed, dtype, &a.out, a.max_shard_bytes)?;
+    let shards = match &vision {
+        Some(v) => write_random_vl_checkpoint(&cfg, v, a.seed, dtype, &a.out, a.max_shard_bytes)?,
+        None => write_random_checkpoint(&cfg, a.seed, dtype, &a.out, a.max_shard_bytes)?,
+    };
     // The text files: a tokenizer trained on a bundled text and MiniMax-01's chat template.
     let text = if cfg.vocab_size >= ringbolt_text::init::MIN_VOCAB {
         ringbolt_text::init::write(&a.out, cfg.vocab_size)?;
@@ -226,7 +267,7 @@ impl ModelTask for LogitsArgs {
             }
             model.set_block_size(b);
         }
-        let ids = a.prompt.read()?;
+        let (ids, embeddings) = model.prompt_with_images(&a.prompt.read()?, &a.images.read()?)?;
         let t = ids.len();
         let k = a.prefill_len.unwrap_or(t);
         if k == 0 || k > t {
@@ -235,6 +276,9 @@ impl ModelTask for LogitsArgs {
         model.check_tokens(0, &ids)?;
         let vocab = model.config().vocab_size;
         let mut state = model.new_state();
+        for (pos, rows) in embeddings {
+            state.set_embeddings(pos, rows);
+        }
         let mut all = model.forward(&mut state, &ids[..k], Logits::All)?;
         for &id in &ids[k..] {
             all.extend(model.forward(&mut state, &[id], Logits::All)?);
@@ -258,7 +302,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 impl ModelTask for GenerateArgs {
     fn run<B: Backend>(self, model: Model<B>) -> Result<()> {
         let a = self;
-        let ids = a.prompt.read()?;
+        let (ids, embeddings) = model.prompt_with_images(&a.prompt.read()?, &a.images.read()?)?;
         let n = ids.len();
         let max_new_tokens = u32::try_from(a.max_new_tokens)
             .map_err(|_| anyhow::anyhow!("--max-new-tokens {} is too large", a.max_new_tokens))?;
@@ -285,6 +329,7 @@ impl ModelTask for GenerateArgs {
                 context_parallel: 1,
                 // One generation: nothing to share a prefix with.
                 context_cache: false,
+                embeddings,
             },
             &mut out,
         );

@@ -546,3 +546,137 @@ fn compute_formats_keep_the_greedy_tokens_of_small() {
         "bf16, int8 or int8-all",
     );
 }
+
+/// `init-checkpoint --preset vl-tiny` writes a VL-01 checkpoint; `generate` and `logits` take
+/// `--image FILE` (repeatable) for the prompt's placeholders, expand each to the image's
+/// features, and write the logits of the expanded sequence (the engine's, row for row); bad
+/// images and placeholder counts are refused with reasons.
+#[test]
+fn vl_tiny_takes_images_in_generate_and_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("vl");
+    let c = ckpt.to_str().unwrap();
+    ok(&[
+        "init-checkpoint",
+        "--preset",
+        "vl-tiny",
+        "--seed",
+        "3",
+        "--out",
+        c,
+    ]);
+    let opened = Checkpoint::open(&ckpt).unwrap();
+    let v = opened.vision().expect("a VL-01 checkpoint").clone();
+    assert!(opened.has("language_model.model.embed_tokens.weight"));
+    assert!(opened.has("vision_tower.vision_model.pre_layrnorm.weight"));
+    let images =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/vl/images");
+    let (a, b) = (images.join("a.png"), images.join("d.jpg"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let img = v.image_token.to_string();
+    let prompt = format!("5,{img},6,7,{img},8");
+    let out = dir.path().join("l.safetensors");
+    let logits = |image1: &str| {
+        ok(&[
+            "logits",
+            "--checkpoint",
+            c,
+            "--tokens",
+            &prompt,
+            "--image",
+            a,
+            "--image",
+            image1,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        read_logits(&out)
+    };
+    let (shape, got) = logits(b);
+    let expanded = 4 + v.feature_count(45, 70) + v.feature_count(50, 61);
+    assert_eq!(shape, vec![expanded, 512]);
+    // The engine's own logits for the same images.
+    let model = Model::load(&opened, Cpu::default()).unwrap();
+    let decode =
+        |p: &str| ringbolt_model::image::Rgb::decode(&std::fs::read(p).unwrap(), 1 << 20).unwrap();
+    let ids: Vec<u32> = prompt.split(',').map(|t| t.parse().unwrap()).collect();
+    let (full, rows) = model
+        .prompt_with_images(&ids, &[decode(a), decode(b)])
+        .unwrap();
+    assert_eq!(full.len(), expanded);
+    let mut st = model.new_state();
+    for (pos, r) in rows {
+        st.set_embeddings(pos, r);
+    }
+    assert_eq!(got, model.forward(&mut st, &full, Logits::All).unwrap());
+    // Another image, other logits.
+    let (_, other) = logits(a);
+    assert_ne!(got, other);
+    // generate: the expanded prompt's length, and tokens.
+    let line = ok(&[
+        "generate",
+        "--checkpoint",
+        c,
+        "--tokens",
+        &prompt,
+        "--image",
+        a,
+        "--image",
+        b,
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+    ]);
+    let g: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(g["prompt_tokens"], expanded);
+    assert_eq!(g["tokens"].as_array().unwrap().len(), 3);
+    // Refusals, with reasons.
+    let refuse = |extra: &[&str], needle: &str| {
+        let mut args = vec!["generate", "--checkpoint", c, "--max-new-tokens", "1"];
+        args.extend_from_slice(extra);
+        fails(&args, needle);
+    };
+    refuse(
+        &["--tokens", &prompt, "--image", a],
+        "2 image placeholder(s)",
+    );
+    refuse(&["--tokens", "5,6", "--image", a], "0 image placeholder(s)");
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nbroken").unwrap();
+    refuse(
+        &[
+            "--tokens",
+            &format!("5,{img}"),
+            "--image",
+            bad.to_str().unwrap(),
+        ],
+        "bad.png",
+    );
+    refuse(
+        &[
+            "--tokens",
+            &format!("5,{img}"),
+            "--image",
+            a,
+            "--max-image-pixels",
+            "100",
+        ],
+        "above the limit of 100 pixels",
+    );
+    let text = dir.path().join("text");
+    init(&text, &[]);
+    fails(
+        &[
+            "generate",
+            "--checkpoint",
+            text.to_str().unwrap(),
+            "--tokens",
+            "5,6",
+            "--image",
+            a,
+            "--max-new-tokens",
+            "1",
+        ],
+        "MiniMax-VL-01",
+    );
+}
