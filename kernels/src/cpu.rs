@@ -1314,6 +1314,32 @@ impl Backend for Cpu {
         interleave_heads(&per_head, t, d)
     }
 
+    fn layer_norm(
+        &self,
+        x: &Vec<f32>,
+        g: &Vec<f32>,
+        b: &Vec<f32>,
+        width: usize,
+        eps: f32,
+    ) -> Vec<f32> {
+        const ROWS: usize = 64;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ROWS * width)
+            .zip(x.par_chunks(ROWS * width))
+            .for_each(|(o, r)| o.copy_from_slice(&crate::partial::layer_norm(r, g, b, width, eps)));
+        out
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) {
+        x.par_chunks_mut(bias.len().max(1))
+            .for_each(|row| row.iter_mut().zip(bias).for_each(|(a, b)| *a += b));
+    }
+
+    fn gelu_inplace(&self, x: &mut Vec<f32>) {
+        x.par_chunks_mut(1 << 14)
+            .for_each(|c| c.iter_mut().for_each(|a| *a = crate::partial::gelu(*a)));
+    }
+
     fn attention_partial(
         &self,
         q: &Vec<f32>,

@@ -273,6 +273,9 @@ impl VisionConfig {
     }
 }
 
+/// Crops one pass of the vision tower takes.
+const CROPS_PER_PASS: usize = 4;
+
 /// A linear layer with a bias.
 struct Linear<B: Backend> {
     w: B::Weight,
@@ -406,20 +409,31 @@ impl<B: Backend> VisionTower<B> {
     }
 
     /// Projected features of `n` crops (`pixels`: `[n, 3, S, S]`, normalized): `[n, g², H]`
-    /// (the text model's hidden size), on the host.
+    /// (the text model's hidden size), on the host. The crops go through the tower a few at a
+    /// time, so that its activations stay small (a 2016 × 1008 image has 19 crops: 11k rows).
     pub fn crop_features(&self, b: &B, pixels: &[f32], n: usize) -> Result<Vec<f32>> {
-        let (s, p, g, d) = (
-            self.cfg.image_size,
-            self.cfg.patch_size,
-            self.cfg.grid(),
-            self.cfg.hidden_size,
-        );
+        let s = self.cfg.image_size;
         if pixels.len() != n * 3 * s * s {
             return Err(ModelError::Invalid(format!(
                 "{} pixel values are not {n} crops of 3 × {s} × {s}",
                 pixels.len()
             )));
         }
+        let mut out = Vec::with_capacity(n * self.cfg.tokens_per_crop() * self.text_hidden);
+        for part in pixels.chunks(CROPS_PER_PASS * 3 * s * s) {
+            out.extend(self.crops_through(b, part, part.len() / (3 * s * s)));
+        }
+        Ok(out)
+    }
+
+    /// [`crop_features`](Self::crop_features) of crops whose pixels were checked.
+    fn crops_through(&self, b: &B, pixels: &[f32], n: usize) -> Vec<f32> {
+        let (s, p, g, d) = (
+            self.cfg.image_size,
+            self.cfg.patch_size,
+            self.cfg.grid(),
+            self.cfg.hidden_size,
+        );
         // Patches flattened as the convolution's weight is ([channel, row, column]), row-major
         // over the grid.
         let k = 3 * p * p;
@@ -504,7 +518,7 @@ impl<B: Backend> VisionTower<B> {
         let mut y = self.proj1.forward(b, &sel, n * g * g, d, th);
         b.gelu_inplace(&mut y);
         let y = self.proj2.forward(b, &y, n * g * g, th, th);
-        Ok(b.host_view(&y).into_owned())
+        b.host_view(&y).into_owned()
     }
 
     /// The features an image of `size` (height, width) pixels puts in place of its

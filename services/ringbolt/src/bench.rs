@@ -132,6 +132,9 @@ enum BenchKind {
     /// Questions about one long document: time to first token with the context cache warm
     /// against the cold first question.
     Cache(crate::bench_cache::CacheBenchArgs),
+    /// MiniMax-VL-01's vision path for one image (crops, vision tower, projector, packing) at
+    /// the released shapes.
+    Vision(crate::bench_vision::VisionBenchArgs),
 }
 
 /// Throughput of concurrent jobs through an in-process standalone server, with decode steps
@@ -238,6 +241,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchKind::Tls(args) => crate::bench_tls::run(args),
         BenchKind::Http(args) => crate::bench_http::run(args),
         BenchKind::Cache(args) => crate::bench_cache::run(args),
+        BenchKind::Vision(args) => crate::bench_vision::run(args),
         BenchKind::Context {
             checkpoint,
             tokens,

@@ -8,6 +8,7 @@ mod bench_cache;
 mod bench_http;
 mod bench_kernels;
 mod bench_tls;
+mod bench_vision;
 mod client;
 mod demo;
 mod kernels_cli;
