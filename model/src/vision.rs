@@ -173,6 +173,27 @@ impl VisionConfig {
         })
     }
 
+    /// The released MiniMax-VL-01's vision side (CLIP ViT-L/14 at 336 pixels, its last layer;
+    /// 28 grid resolutions up to 2016 × 1008 pixels), with placeholder token `image_token`.
+    pub fn released(image_token: u32) -> Self {
+        VisionConfig {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_layers: 24,
+            num_heads: 16,
+            image_size: 336,
+            patch_size: 14,
+            layer_norm_eps: 1e-5,
+            feature_layer: 24,
+            pinpoints: (1..=6)
+                .flat_map(|a| (1..=6).map(move |b| (a, b)))
+                .filter(|(a, b)| a * b <= 18)
+                .map(|(a, b)| (336 * a, 336 * b))
+                .collect(),
+            image_token,
+        }
+    }
+
     /// The released `config.json` of a VL-01 model with this vision side and `text_config`.
     pub fn to_json(&self, text_config: Value) -> Value {
         serde_json::json!({
@@ -557,35 +578,11 @@ impl<B: Backend> VisionTower<B> {
 mod tests {
     use super::*;
 
-    /// The released model's grid (336-pixel tiles, 28 resolutions up to 2016 × 1008).
-    fn released() -> VisionConfig {
-        let mut pin = Vec::new();
-        for a in 1..=6 {
-            for b in 1..=6 {
-                if a * b <= 18 {
-                    pin.push((336 * a, 336 * b));
-                }
-            }
-        }
-        VisionConfig {
-            hidden_size: 1024,
-            intermediate_size: 4096,
-            num_layers: 24,
-            num_heads: 16,
-            image_size: 336,
-            patch_size: 14,
-            layer_norm_eps: 1e-5,
-            feature_layer: 24,
-            pinpoints: pin,
-            image_token: 200025,
-        }
-    }
-
     /// Placeholder counts of the released processor for images of these (height, width), as
     /// its `get_num_token` computes them (576 + rows · (cols + 1)).
     #[test]
     fn feature_counts_follow_the_released_processor() {
-        let c = released();
+        let c = VisionConfig::released(200025);
         assert_eq!(c.pinpoints.len(), 28);
         for ((h, w), want) in [
             ((336, 336), 1176),

@@ -35,26 +35,6 @@ pub struct VisionBenchArgs {
     activations: ringbolt_kernels::Activations,
 }
 
-/// The released model's vision side (transformers' port of MiniMax-VL-01 lists it).
-pub fn released_vision() -> VisionConfig {
-    VisionConfig {
-        hidden_size: 1024,
-        intermediate_size: 4096,
-        num_layers: 24,
-        num_heads: 16,
-        image_size: 336,
-        patch_size: 14,
-        layer_norm_eps: 1e-5,
-        feature_layer: 24,
-        pinpoints: (1..=6)
-            .flat_map(|a| (1..=6).map(move |b| (a, b)))
-            .filter(|(a, b)| a * b <= 18)
-            .map(|(a, b)| (336 * a, 336 * b))
-            .collect(),
-        image_token: 511,
-    }
-}
-
 /// A text model just wide enough to hold the projector's output (one small layer).
 fn text_config() -> ModelConfig {
     ModelConfig::text01_shape(512, 6144, 64, 1, 1, 1, 64, 64, 2)
@@ -87,7 +67,7 @@ pub fn run(a: VisionBenchArgs) -> Result<()> {
                 eprintln!("writing a random VL-01 checkpoint to {}", d.display());
                 write_random_vl_checkpoint(
                     &text_config(),
-                    &released_vision(),
+                    &VisionConfig::released(511),
                     1,
                     WeightDtype::Bf16,
                     &d,
