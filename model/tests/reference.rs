@@ -1,6 +1,9 @@
 //! The engine against logits computed by the reference implementation (transformers'
 //! `MiniMaxForCausalLM` in f32, see scripts/reference/gen_fixtures.py).
 
+mod common;
+use common::assert_close;
+
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_model::{Checkpoint, Dialect, Logits, Model};
 use safetensors::SafeTensors;
@@ -48,21 +51,6 @@ fn fixture(name: &str) -> Fixture {
         decode: f32s("decode_logits"),
         stepwise: f32s("stepwise_logits"),
     }
-}
-
-/// |got − want| ≤ 1e-4 · max|want| everywhere.
-fn assert_close(got: &[f32], want: &[f32], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("{what}: max error {err:e} (max|logit| {scale})");
-    assert!(
-        err <= 1e-4 * scale,
-        "{what}: max error {err:e} > 1e-4 × {scale}"
-    );
 }
 
 fn run(model: &Model<Cpu>, tokens: &[u32], prefill_len: usize) -> Vec<f32> {

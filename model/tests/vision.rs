@@ -3,6 +3,9 @@
 //! after the vision tower, the projector and the packing, and the logits of a prompt holding two
 //! images, within 1e-4 of the largest reference value.
 
+mod common;
+use common::assert_close;
+
 use ringbolt_kernels::cpu::Cpu;
 use ringbolt_model::{Checkpoint, Logits, Model};
 use safetensors::SafeTensors;
@@ -57,20 +60,6 @@ impl Expected {
             })
             .collect()
     }
-}
-
-fn assert_close(got: &[f32], want: &[f32], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("{what}: max error {err:e} (max|want| {scale})");
-    assert!(
-        err <= 1e-4 * scale,
-        "{what}: max error {err:e} > 1e-4 × {scale}"
-    );
 }
 
 #[test]
