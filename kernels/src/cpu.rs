@@ -196,18 +196,33 @@ pub enum CpuWeight {
     },
 }
 
+/// Element types a [`WeightStore`] holds: plain numbers, for which every bit pattern (all zeros
+/// included) is a value, so a fresh zeroed mapping is already a valid array of them.
+pub trait Plain: Copy + Send + Sync + 'static + plain::Sealed {}
+
+mod plain {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+    impl Sealed for i8 {}
+}
+
+impl Plain for f32 {}
+impl Plain for u16 {}
+impl Plain for i8 {}
+
 /// A weight's values in their own anonymous memory mapping: in memory they take exactly their
 /// pages, whatever the heap allocator does with large blocks (mimalloc, which the binary uses
 /// for its fast reuse of big temporaries, kept about 20% more than asked for the 1–2 MiB
 /// expert matrices), and they go back to the OS when dropped. Page-aligned.
-pub struct WeightStore<T: Copy + 'static> {
+pub struct WeightStore<T: Plain> {
     map: Option<memmap2::MmapMut>,
     len: usize,
     _t: std::marker::PhantomData<T>,
 }
 
-impl<T: Copy + 'static> WeightStore<T> {
-    /// `len` zero values (for types whose all-zero bytes are a value: numbers), writable.
+impl<T: Plain> WeightStore<T> {
+    /// `len` zeros, writable.
     pub fn zeroed(len: usize) -> Self {
         let bytes = len * std::mem::size_of::<T>();
         WeightStore {
@@ -221,30 +236,13 @@ impl<T: Copy + 'static> WeightStore<T> {
     }
 
     pub fn from_slice(v: &[T]) -> Self {
-        let bytes = std::mem::size_of_val(v);
-        if bytes == 0 {
-            return WeightStore {
-                map: None,
-                len: 0,
-                _t: std::marker::PhantomData,
-            };
-        }
-        let mut map = memmap2::MmapMut::map_anon(bytes)
-            .unwrap_or_else(|e| panic!("cannot map {bytes} bytes for a weight: {e}"));
-        // SAFETY: `map` is `bytes` long and page-aligned (so aligned for T); `v` is `bytes`
-        // of plain `Copy` values that do not overlap a fresh mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(v.as_ptr() as *const u8, map.as_mut_ptr(), bytes);
-        }
-        WeightStore {
-            map: Some(map),
-            len: v.len(),
-            _t: std::marker::PhantomData,
-        }
+        let mut store = Self::zeroed(v.len());
+        store.copy_from_slice(v);
+        store
     }
 }
 
-impl<T: Copy + 'static> std::ops::DerefMut for WeightStore<T> {
+impl<T: Plain> std::ops::DerefMut for WeightStore<T> {
     fn deref_mut(&mut self) -> &mut [T] {
         match &mut self.map {
             // SAFETY: as in `deref`, and `&mut self` makes this the only view.
@@ -256,12 +254,12 @@ impl<T: Copy + 'static> std::ops::DerefMut for WeightStore<T> {
     }
 }
 
-impl<T: Copy + 'static> std::ops::Deref for WeightStore<T> {
+impl<T: Plain> std::ops::Deref for WeightStore<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
         match &self.map {
-            // SAFETY: the mapping holds `len` initialised values of T, page-aligned, and lives
-            // as long as `self`.
+            // SAFETY: the mapping is `len` values of T long, page-aligned (so aligned for T),
+            // zeroed when made (a valid T: `Plain`) and lives as long as `self`.
             Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr() as *const T, self.len) },
             None => &[],
         }
@@ -923,12 +921,13 @@ fn plain_linear(
     const CH: usize = 64;
     let mut yt = vec![0f32; n * m];
     yt.par_chunks_mut(CH * m).enumerate().for_each(|(c, out)| {
-        let mut row = vec![0f32; k];
+        let mut row = Vec::new();
         for (jj, o) in out.chunks_mut(m).enumerate() {
             let j = c * CH + jj;
             let wr: &[f32] = match w {
                 CpuWeight::F32(v) => &v[j * k..(j + 1) * k],
                 _ => {
+                    row.resize(k, 0.0);
                     w.row_into(j, k, &mut row);
                     &row
                 }

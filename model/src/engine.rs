@@ -400,12 +400,17 @@ impl<B: Backend> Model<B> {
     /// The features an image puts in place of its placeholder tokens (`[n, H]`), from its
     /// crops' pixels and its original (height, width).
     pub fn image_features(&self, pixels: &[f32], size: (usize, usize)) -> Result<Vec<f32>> {
-        let v = self.vision.as_ref().ok_or_else(|| {
+        self.vision_for_images()?
+            .image_features(&self.backend, pixels, size)
+    }
+
+    /// The vision tower, or why this model takes no images.
+    fn vision_for_images(&self) -> Result<&crate::vision::VisionTower<B>> {
+        self.vision.as_ref().ok_or_else(|| {
             ModelError::Invalid(
                 "images need a MiniMax-VL-01 checkpoint; this one has no vision tower".into(),
             )
-        })?;
-        v.image_features(&self.backend, pixels, size)
+        })
     }
 
     /// A prompt with images, as the model takes it: each image placeholder (one per image, in
@@ -420,11 +425,7 @@ impl<B: Backend> Model<B> {
         if images.is_empty() {
             return Ok((prompt.to_vec(), Vec::new()));
         }
-        let v = self.vision.as_ref().ok_or_else(|| {
-            ModelError::Invalid(
-                "images need a MiniMax-VL-01 checkpoint; this one has no vision tower".into(),
-            )
-        })?;
+        let v = self.vision_for_images()?;
         let token = v.config().image_token;
         let placeholders = prompt.iter().filter(|&&t| t == token).count();
         if placeholders != images.len() {

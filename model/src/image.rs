@@ -54,11 +54,15 @@ impl Rgb {
         if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
             return Err(ImageError::Decode(format!("{format:?}")));
         }
-        let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
-        let mut limits = image::Limits::default();
-        limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
-        reader.limits(limits);
-        let (w, h) = reader
+        // One reader for the header, one for the pixels, both under the same allocation limit.
+        let reader = || {
+            let mut r = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+            let mut limits = image::Limits::default();
+            limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
+            r.limits(limits);
+            r
+        };
+        let (w, h) = reader()
             .into_dimensions()
             .map_err(|e| ImageError::Decode(e.to_string()))?;
         let (width, height) = (w as usize, h as usize);
@@ -72,7 +76,8 @@ impl Rgb {
                 limit: max_pixels,
             });
         }
-        let img = image::load_from_memory_with_format(bytes, format)
+        let img = reader()
+            .decode()
             .map_err(|e| ImageError::Decode(e.to_string()))?;
         Ok(Rgb {
             width,

@@ -66,33 +66,29 @@ impl VisionConfig {
                 })
         };
         let vnum = |key: &str| num(vc, "vision_config.", key);
-        let act = vc.get("hidden_act").and_then(Value::as_str).unwrap_or("");
-        if act != "gelu" {
-            return Err(ModelError::field(
-                "vision_config.hidden_act",
-                format!("`{act}`: the vision tower computes exact GELU (`gelu`) only"),
-            ));
-        }
-        let proj = v
-            .get("projector_hidden_act")
-            .and_then(Value::as_str)
-            .unwrap_or("gelu");
-        if proj != "gelu" {
-            return Err(ModelError::field(
-                "projector_hidden_act",
-                format!("`{proj}`: the projector computes exact GELU (`gelu`) only"),
-            ));
-        }
-        let strategy = v
-            .get("vision_feature_select_strategy")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        if strategy != "default" {
-            return Err(ModelError::field(
-                "vision_feature_select_strategy",
-                format!("`{strategy}`: only `default` (the CLS token dropped) is supported"),
-            ));
-        }
+        // A string setting (`default` when absent) that must be `want`.
+        let only = |obj: &Value, prefix: &str, key: &str, default: &str, want: &str, why: &str| {
+            let got = obj.get(key).and_then(Value::as_str).unwrap_or(default);
+            if got == want {
+                return Ok(());
+            }
+            Err(ModelError::field(
+                &format!("{prefix}{key}"),
+                format!("`{got}`: {why}"),
+            ))
+        };
+        let tower = "the vision tower computes exact GELU (`gelu`) only";
+        only(vc, "vision_config.", "hidden_act", "", "gelu", tower)?;
+        let projector = "the projector computes exact GELU (`gelu`) only";
+        only(v, "", "projector_hidden_act", "gelu", "gelu", projector)?;
+        only(
+            v,
+            "",
+            "vision_feature_select_strategy",
+            "default",
+            "default",
+            "only `default` (the CLS token dropped) is supported",
+        )?;
         let num_layers = vnum("num_hidden_layers")?;
         let layer = v
             .get("vision_feature_layer")
@@ -185,13 +181,19 @@ impl VisionConfig {
             patch_size: 14,
             layer_norm_eps: 1e-5,
             feature_layer: 24,
-            pinpoints: (1..=6)
-                .flat_map(|a| (1..=6).map(move |b| (a, b)))
-                .filter(|(a, b)| a * b <= 18)
-                .map(|(a, b)| (336 * a, 336 * b))
-                .collect(),
+            pinpoints: Self::grids(336, 6, 18),
             image_token,
         }
+    }
+
+    /// Every grid resolution of up to `side` tiles of `tile` pixels a side and `tiles` tiles in
+    /// all, (height, width), in the released list's order (by height, then width).
+    pub fn grids(tile: usize, side: usize, tiles: usize) -> Vec<(usize, usize)> {
+        (1..=side)
+            .flat_map(|a| (1..=side).map(move |b| (a, b)))
+            .filter(|(a, b)| a * b <= tiles)
+            .map(|(a, b)| (tile * a, tile * b))
+            .collect()
     }
 
     /// The released `config.json` of a VL-01 model with this vision side and `text_config`.
@@ -577,6 +579,54 @@ impl<B: Backend> VisionTower<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A VL config with a field the engine does not compute is refused, naming the field.
+    #[test]
+    fn unsupported_vision_settings_are_refused_by_name() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/reference/vl/checkpoint/config.json"
+        ))
+        .unwrap();
+        let good: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(VisionConfig::from_json(&good).unwrap().feature_layer, 3);
+        let refused = |edit: &dyn Fn(&mut Value), field: &str| {
+            let mut v = good.clone();
+            edit(&mut v);
+            let e = VisionConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        };
+        refused(
+            &|v| v["vision_config"]["hidden_act"] = "quick_gelu".into(),
+            "vision_config.hidden_act",
+        );
+        refused(
+            &|v| v["projector_hidden_act"] = "relu".into(),
+            "projector_hidden_act",
+        );
+        refused(
+            &|v| v["vision_feature_select_strategy"] = "full".into(),
+            "vision_feature_select_strategy",
+        );
+        refused(
+            &|v| v["vision_feature_layer"] = (-5).into(),
+            "vision_feature_layer",
+        );
+        refused(
+            &|v| v["image_grid_pinpoints"] = serde_json::json!([[28, 30]]),
+            "image_grid_pinpoints",
+        );
+        refused(
+            &|v| v["vision_config"]["patch_size"] = 5.into(),
+            "vision_config.patch_size",
+        );
+        refused(
+            &|v| {
+                v.as_object_mut().unwrap().remove("image_token_index");
+            },
+            "image_token_index",
+        );
+    }
 
     /// Placeholder counts of the released processor for images of these (height, width), as
     /// its `get_num_token` computes them (576 + rows · (cols + 1)).

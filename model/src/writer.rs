@@ -83,11 +83,7 @@ impl Preset {
             patch_size: 14,
             layer_norm_eps: 1e-5,
             feature_layer: 2,
-            pinpoints: (1..=6)
-                .flat_map(|a| (1..=6).map(move |b| (a, b)))
-                .filter(|(a, b)| a * b <= 6)
-                .map(|(a, b)| (56 * a, 56 * b))
-                .collect(),
+            pinpoints: crate::vision::VisionConfig::grids(56, 6, 6),
             image_token: c.vocab_size as u32 - 1,
         })
     }
