@@ -247,9 +247,30 @@ fn chunk(ids: &[u32]) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         item: Some(pb::submit_job_request::Item::Chunk(pb::PromptChunk {
             tokens: ringbolt_proto::pack_tokens(ids),
-            text: String::new(),
+            ..Default::default()
         })),
     }
+}
+
+fn image_piece(data: &[u8], last: bool) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        item: Some(pb::submit_job_request::Item::Chunk(pb::PromptChunk {
+            image: Some(pb::ImagePiece {
+                data: data.to_vec(),
+                last,
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+/// An image file as pieces of at most `size` bytes.
+fn image_pieces(data: &[u8], size: usize) -> Vec<pb::SubmitJobRequest> {
+    let n = data.chunks(size).count();
+    data.chunks(size)
+        .enumerate()
+        .map(|(i, c)| image_piece(c, i + 1 == n))
+        .collect()
 }
 
 fn end() -> pb::SubmitJobRequest {
@@ -456,6 +477,12 @@ fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
             "maximum of 100",
         ),
         (
+            "an image for a text model",
+            vec![header(4), chunk(&[1]), image_piece(b"\x89PNG", true), end()],
+            Code::InvalidArgument,
+            "MiniMax-VL-01",
+        ),
+        (
             "chunk before header",
             vec![chunk(&[1]), header(4), end()],
             Code::InvalidArgument,
@@ -480,7 +507,7 @@ fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
                 pb::SubmitJobRequest {
                     item: Some(pb::submit_job_request::Item::Chunk(pb::PromptChunk {
                         tokens: vec![1, 2, 3],
-                        text: String::new(),
+                        ..Default::default()
                     })),
                 },
                 end(),
@@ -506,8 +533,8 @@ fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
                 header(4),
                 pb::SubmitJobRequest {
                     item: Some(pb::submit_job_request::Item::Chunk(pb::PromptChunk {
-                        tokens: vec![],
                         text: "hi".into(),
+                        ..Default::default()
                     })),
                 },
                 end(),
@@ -1740,4 +1767,180 @@ fn context_parallel_jobs_reuse_a_groups_cached_prefix() {
     let v = submit_json(&ep, &q3, 12, &["--context-parallel", "3"]);
     assert_eq!(v["cached_tokens"], 0, "{v}");
     assert_eq!(tokens(&v), want);
+}
+
+/// The reference fixtures' images (`tests/fixtures/reference/vl/images`).
+fn fixture_image(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/reference/vl/images")
+        .join(name)
+}
+
+#[test]
+fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("vl");
+    let c = ckpt.to_str().unwrap();
+    let (ok, _, err) = run(&[
+        "init-checkpoint",
+        "--preset",
+        "vl-tiny",
+        "--seed",
+        "3",
+        "--out",
+        c,
+    ]);
+    assert!(ok, "{err}");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    let img = cfg["image_token_index"].as_u64().unwrap().to_string();
+    let prompt = format!("5,{img},6,7,{img},8");
+    let (a, b, d) = (
+        fixture_image("a.png"),
+        fixture_image("b.png"),
+        fixture_image("d.jpg"),
+    );
+    let (a, b, d) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        d.to_str().unwrap(),
+    );
+    let images = ["--image", d, "--image", b];
+    let mut gen_args = vec!["generate", "--checkpoint", c, "--tokens", &prompt];
+    gen_args.extend_from_slice(&images);
+    gen_args.extend_from_slice(&["--max-new-tokens", "6", "--ignore-eos"]);
+    let want = ok_json(&gen_args);
+    let expanded = want["prompt_tokens"].as_u64().unwrap();
+    assert!(expanded > 6, "the placeholders were expanded: {want}");
+
+    // d.jpg is 61 × 50 (3050 pixels), b.png 31 × 90 (2790), a.png 70 × 45 (3150).
+    let data = dir.path().join("data");
+    let limits = ["--max-images", "2", "--max-image-pixels", "3100"];
+    let mut server = Server::start(&ckpt, &data, &limits);
+    let submit = |ep: &str, extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "submit",
+            "--endpoint",
+            ep,
+            "--tokens",
+            &prompt,
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(&images);
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let args = submit(&server.endpoint, &["--json"]);
+    let got = ok_json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(tokens(&got), tokens(&want));
+    assert_eq!(got["prompt_tokens"].as_u64(), Some(expanded), "{got}");
+
+    // Accepted, then the server is killed: the job and its images are on disk.
+    let args = submit(&server.endpoint, &["--idempotency-key", "v1", "--detach"]);
+    let (ok, out, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    server.kill9();
+    let server = Server::start(&ckpt, &data, &limits);
+    let done = ok_json(&[
+        "jobs",
+        "wait",
+        &id,
+        "--endpoint",
+        &server.endpoint,
+        "--json",
+    ]);
+    assert_eq!(tokens(&done), tokens(&want), "{done}");
+    let job = ok_json(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
+    assert_eq!(job["images"], 2, "{job}");
+    assert_eq!(job["prompt_tokens"].as_u64(), Some(expanded), "{job}");
+
+    // Bad images: INVALID_ARGUMENT with the reason, and no job.
+    let ep = server.endpoint.clone();
+    let rt = rt();
+    let before = rt.block_on(job_count(&ep));
+    let [a_bytes, b_bytes, d_bytes] = [a, b, d].map(|p| std::fs::read(p).unwrap());
+    let ids = |p: &str| -> Vec<u32> { p.split(',').map(|t| t.parse().unwrap()).collect() };
+    let two = ids(&prompt);
+    let one = ids(&format!("5,{img},6"));
+    let with_images = |prompt: &[u32], imgs: &[&[u8]]| {
+        let mut m = vec![header(4), chunk(prompt)];
+        for i in imgs {
+            m.extend(image_pieces(i, 1000));
+        }
+        m.push(end());
+        m
+    };
+    let corrupt = b_bytes[..b_bytes.len() / 2].to_vec();
+    let zero = {
+        // A PNG header that says 0 × 0 pixels.
+        let mut b = a_bytes[..33].to_vec();
+        b[16..24].copy_from_slice(&[0; 8]);
+        b
+    };
+    let cases: Vec<(&str, Vec<pb::SubmitJobRequest>, &str)> = vec![
+        ("corrupt bytes", with_images(&one, &[&corrupt]), "image 1"),
+        (
+            "not an image",
+            with_images(&one, &[b"hello"]),
+            "PNG or JPEG",
+        ),
+        ("zero size", with_images(&one, &[&zero]), "image 1"),
+        (
+            "above the pixel limit",
+            with_images(&one, &[&a_bytes]),
+            "limit of 3100 pixels",
+        ),
+        (
+            "too many images",
+            with_images(&two, &[&d_bytes, &d_bytes, &d_bytes]),
+            "at most 2",
+        ),
+        (
+            "fewer placeholders than images",
+            with_images(&one, &[&d_bytes, &d_bytes]),
+            "placeholder",
+        ),
+        (
+            "more placeholders than images",
+            with_images(&two, &[&d_bytes]),
+            "placeholder",
+        ),
+        (
+            "an image never finished",
+            vec![
+                header(4),
+                chunk(&one),
+                image_piece(&d_bytes[..100], false),
+                end(),
+            ],
+            "not finished",
+        ),
+    ];
+    for (what, msgs, needle) in cases {
+        let err = rt.block_on(submit_raw(&ep, msgs)).expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains(needle), "{what}: {}", err.message());
+    }
+    // Asking to split a prompt with images among ranks is refused (one rank prefills it).
+    let mut cp = with_images(&one, &[&d_bytes]);
+    cp[0] = pb::SubmitJobRequest {
+        item: Some(pb::submit_job_request::Item::Header(pb::JobHeader {
+            max_new_tokens: 4,
+            context_parallel: 2,
+            ..Default::default()
+        })),
+    };
+    let err = rt
+        .block_on(submit_raw(&ep, cp))
+        .expect_err("context parallel");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(rt.block_on(job_count(&ep)), before, "no job was created");
+    // Still serving images, sent in pieces the raw way.
+    let r = rt
+        .block_on(submit_raw(&ep, with_images(&one, &[&d_bytes])))
+        .unwrap();
+    assert!(r.prompt_tokens > 3);
 }

@@ -428,13 +428,7 @@ impl<B: Backend> Model<B> {
         let v = self.vision_for_images()?;
         let token = v.config().image_token;
         let placeholders = prompt.iter().filter(|&&t| t == token).count();
-        if placeholders != images.len() {
-            return Err(ModelError::Invalid(format!(
-                "the prompt holds {placeholders} image placeholder(s) (token {token}) for {} \
-                 image(s): give one per image, in order",
-                images.len()
-            )));
-        }
+        v.config().check_placeholders(placeholders, images.len())?;
         let mut ids = Vec::with_capacity(prompt.len());
         let mut rows = Vec::with_capacity(images.len());
         let mut next = images.iter();

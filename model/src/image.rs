@@ -16,6 +16,13 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 #[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
+/// The largest image accepted by default, in pixels (64 Mpx).
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 1 << 26;
+
+/// The most bytes of image files one prompt may hold, all its images together (64 MiB): a
+/// cluster's job step carries them to its attention worker in one message.
+pub const MAX_IMAGE_BYTES: usize = 64 << 20;
+
 /// An 8-bit RGB image, row-major, 3 bytes a pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rgb {

@@ -294,6 +294,19 @@ impl VisionConfig {
         let p = self.packing(h, w);
         self.tokens_per_crop() + p.rows * (p.cols + 1)
     }
+
+    /// Whether a prompt holding `placeholders` image tokens can take `images` images: one
+    /// placeholder per image (a prompt without images keeps its image tokens as tokens).
+    pub fn check_placeholders(&self, placeholders: usize, images: usize) -> Result<()> {
+        if images == 0 || placeholders == images {
+            return Ok(());
+        }
+        Err(ModelError::Invalid(format!(
+            "the prompt holds {placeholders} image placeholder(s) (token {}) for {images} \
+             image(s): give one per image, in order",
+            self.image_token
+        )))
+    }
 }
 
 /// Crops one pass of the vision tower takes.

@@ -41,8 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
-/// Largest control message (a 4M-token prompt is 16 MiB packed).
-pub const MAX_CONTROL_MESSAGE: usize = 64 << 20;
+/// Largest control message (a 4M-token prompt is 16 MiB packed, and a job step carries up to
+/// 64 MiB of images beside it).
+pub const MAX_CONTROL_MESSAGE: usize = 96 << 20;
 
 /// Job steps waiting for the engine thread at most; more are refused (RESOURCE_EXHAUSTED).
 const ENGINE_QUEUE: usize = 256;
@@ -281,6 +282,12 @@ impl<B: Backend> AttentionHost<B> {
             )));
         }
         let rank = req.context.as_ref().map(Self::check_group).transpose()?;
+        if rank.is_some() && !req.images.is_empty() {
+            return Err(Status::invalid_argument(
+                "a context-parallel job step takes no images (a prompt with images is \
+                 prefilled on one worker)",
+            ));
+        }
         if rank.is_some() && req.prefill_chunk == 0 {
             // The ranks must cut the prompt alike (the group's part ends on a chunk boundary).
             return Err(Status::invalid_argument(
@@ -340,9 +347,24 @@ impl<B: Backend> AttentionHost<B> {
     /// Hands a job step to the scheduler, or refuses it on its stream with the status that
     /// says why.
     fn admit(&self, sched: &mut Scheduler<B, StepSink>, inc: Incoming) {
-        let Incoming { req, tx, span } = inc;
+        let Incoming { mut req, tx, span } = inc;
         let job = echo(&req.job_id);
-        match Self::check(&req) {
+        let images = std::mem::take(&mut req.images);
+        // This worker runs the prompt's images through its vision tower (on the engine
+        // thread, the one that computes with the model).
+        let checked = Self::check(&req).and_then(|(mut r, rank)| {
+            if !images.is_empty() {
+                let p = ringbolt_jobs::store::Prompt {
+                    tokens: std::mem::take(&mut r.prompt),
+                    images,
+                };
+                let _span = tracing::info_span!("vision", images = p.images.len()).entered();
+                (r.prompt, r.embeddings) =
+                    ringbolt_jobs::executor::with_images(&self.model, p).map_err(|e| e.status())?;
+            }
+            Ok((r, rank))
+        });
+        match checked {
             Ok((r, None)) => {
                 tracing::info!(%job, tokens = r.prompt.len(), "job step started");
                 sched.admit(

@@ -14,7 +14,7 @@ use clap::Args;
 use futures::StreamExt;
 use ringbolt_jobs::grpc::{JobsService, StatusSource, serve_service};
 use ringbolt_jobs::{
-    Completion, Executor, FinishReason, JobManager, JobStore, Limits, LiveJob, Outcome, Timings,
+    Completion, Executor, FinishReason, JobManager, JobStore, LiveJob, Outcome, Timings,
 };
 use ringbolt_membership::{Member, MemberEvent, Membership, Role};
 use ringbolt_model::{Checkpoint, ModelConfig};
@@ -38,18 +38,8 @@ pub struct CoordinatorArgs {
     /// Where spooled prompts are kept (shared storage when a standby coordinator runs).
     #[arg(long, env = "RINGBOLT_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// Jobs queued or running at once; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "RINGBOLT_MAX_JOBS", default_value_t = 64)]
-    pub max_jobs: usize,
-    /// Largest max_new_tokens a job may ask for.
-    #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
-    pub max_new_tokens_limit: u32,
-    /// Longest prompt accepted (also bounded by the model's positions).
-    #[arg(long, env = "RINGBOLT_MAX_PROMPT_TOKENS", default_value_t = 4 << 20)]
-    pub max_prompt_tokens: u64,
-    /// Seconds finished results are kept.
-    #[arg(long, env = "RINGBOLT_RESULT_TTL_SECS", default_value_t = 86_400)]
-    pub result_ttl_secs: u64,
+    #[command(flatten)]
+    pub limits: crate::JobLimitArgs,
     /// Prompt tokens per prefill chunk on the attention workers (the context cache's block;
     /// the ranks of a context-parallel group cut the prompt by it).
     #[arg(long, env = "RINGBOLT_PREFILL_CHUNK", default_value_t = 4096,
@@ -703,27 +693,33 @@ impl ClusterExecutor {
             outcome: Outcome::Failed(code as i32, msg),
             timings: t,
         };
-        let (id, n) = (rec.id.clone(), rec.prompt_tokens);
-        let prompt = match tokio::task::spawn_blocking(move || store.read_prompt(&id, n)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                return fail(job, e.status().code(), e.to_string(), Timings::default());
-            }
-            Err(e) => {
-                return fail(
-                    job,
-                    tonic::Code::Internal,
-                    e.to_string(),
-                    Timings::default(),
-                );
-            }
-        };
+        let r = rec.clone();
+        let (prompt, images) =
+            match tokio::task::spawn_blocking(move || store.read_prompt(&r)).await {
+                Ok(Ok(p)) => (p.tokens, p.images),
+                Ok(Err(e)) => {
+                    return fail(job, e.status().code(), e.to_string(), Timings::default());
+                }
+                Err(e) => {
+                    return fail(
+                        job,
+                        tonic::Code::Internal,
+                        e.to_string(),
+                        Timings::default(),
+                    );
+                }
+            };
         let packed = ringbolt_proto::pack_tokens(&prompt);
         let created = rec.created_unix_ms;
         let queued = ringbolt_jobs::record::now_unix_ms().saturating_sub(created) as f64 / 1e3;
-        let degree = self
-            .view
-            .context_degree(rec.context_parallel, prompt.len() as u64);
+        // The attention worker that runs the job runs its images through the vision tower;
+        // image features are taken by one rank's prefill only (submission says so).
+        let degree = match images.is_empty() {
+            true => self
+                .view
+                .context_degree(rec.context_parallel, prompt.len() as u64),
+            false => 1,
+        };
         let mut avoid = HashSet::new();
         let mut failures = 0u32;
         let mut ttft = 0.0;
@@ -738,7 +734,7 @@ impl ClusterExecutor {
             let waited = Instant::now();
             // Cache-aware: the worker whose context cache holds the longest prefix of this
             // prompt, when it is not much busier than the others.
-            let routed = !rec.no_context_cache;
+            let routed = !rec.no_context_cache && images.is_empty();
             let holder = routed
                 .then(|| {
                     self.view
@@ -803,6 +799,7 @@ impl ClusterExecutor {
                 ignore_eos: rec.ignore_eos,
                 context: None,
                 no_context_cache: rec.no_context_cache,
+                images: images.clone(),
             };
             let outcome = self.attempt(&job, &workers, req, &mut ttft).await;
             drop(_guards);
@@ -1087,6 +1084,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let client = membership.client();
     let ckpt = Checkpoint::open(&c.checkpoint).map_err(|e| ClusterError::Model(e.to_string()))?;
     let cfg: ModelConfig = ckpt.config().clone();
+    let vision = ckpt.vision().cloned();
     // For workers that do not say what an expert takes on their device: the CPU's figure.
     let per_expert = expert_bytes(
         &ckpt,
@@ -1177,14 +1175,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
         .await
         .map_err(|e| ClusterError::Io(e.to_string()))?
         .map_err(|e| ClusterError::Io(format!("{}: {e}", a.data_dir.display())))?;
-    let limits = Limits {
-        max_jobs: a.max_jobs.max(1),
-        max_new_tokens: a.max_new_tokens_limit,
-        max_prompt_tokens: a.max_prompt_tokens,
-        result_ttl: Duration::from_secs(a.result_ttl_secs),
-        context_parallel: a.max_context_parallel.max(1),
-        max_jobs_per_token: a.auth.max_jobs_per_token,
-    };
+    let limits = a.limits.limits(a.max_context_parallel, &a.auth);
     let exec = ClusterExecutor {
         rt: tokio::runtime::Handle::current(),
         view: view.clone(),
@@ -1196,8 +1187,15 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), ClusterError> {
     let text = ringbolt_text::Text::load(&c.checkpoint, None)
         .map_err(|e| ClusterError::Model(e.to_string()))?
         .map(Arc::new);
-    let mgr = JobManager::start_with(Box::new(exec), cfg, store, limits, text, stop.clone())
-        .map_err(|e| ClusterError::Io(e.to_string()))?;
+    let mgr = JobManager::start_with(
+        Box::new(exec),
+        (cfg, vision),
+        store,
+        limits,
+        text,
+        stop.clone(),
+    )
+    .map_err(|e| ClusterError::Io(e.to_string()))?;
     let tokens = a.auth.tokens()?;
     let http = ringbolt_openai::start(
         &a.http,

@@ -51,6 +51,61 @@ impl From<ClusterError> for tonic::Status {
     }
 }
 
+/// What a job may ask for (standalone and coordinator: one definition of the flags).
+#[derive(Args, Clone, Debug)]
+pub struct JobLimitArgs {
+    /// Jobs queued or running at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RINGBOLT_MAX_JOBS", default_value_t = 64)]
+    pub max_jobs: usize,
+    /// Largest max_new_tokens a job may ask for.
+    #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_new_tokens_limit: u32,
+    /// Longest prompt accepted (also bounded by the model's positions; an image counts as
+    /// its features).
+    #[arg(long, env = "RINGBOLT_MAX_PROMPT_TOKENS", default_value_t = 4 << 20)]
+    pub max_prompt_tokens: u64,
+    /// Seconds finished results are kept.
+    #[arg(long, env = "RINGBOLT_RESULT_TTL_SECS", default_value_t = 86_400)]
+    pub result_ttl_secs: u64,
+    /// Most images one job's prompt may hold (a MiniMax-VL-01 model).
+    #[arg(long, env = "RINGBOLT_MAX_IMAGES", default_value_t = ringbolt_jobs::DEFAULT_MAX_IMAGES)]
+    pub max_images: usize,
+    /// Largest image accepted, in pixels.
+    #[arg(long, env = "RINGBOLT_MAX_IMAGE_PIXELS",
+          default_value_t = ringbolt_model::image::DEFAULT_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
+}
+
+impl Default for JobLimitArgs {
+    fn default() -> Self {
+        let l = ringbolt_jobs::Limits::default();
+        JobLimitArgs {
+            max_jobs: l.max_jobs,
+            max_new_tokens_limit: l.max_new_tokens,
+            max_prompt_tokens: l.max_prompt_tokens,
+            result_ttl_secs: l.result_ttl.as_secs(),
+            max_images: l.max_images,
+            max_image_pixels: l.max_image_pixels,
+        }
+    }
+}
+
+impl JobLimitArgs {
+    /// The limits, with a server's context-parallel degree and per-token job limit.
+    pub fn limits(&self, context_parallel: u32, auth: &AuthArgs) -> ringbolt_jobs::Limits {
+        ringbolt_jobs::Limits {
+            max_jobs: self.max_jobs.max(1),
+            max_new_tokens: self.max_new_tokens_limit,
+            max_prompt_tokens: self.max_prompt_tokens,
+            result_ttl: Duration::from_secs(self.result_ttl_secs),
+            context_parallel: context_parallel.max(1),
+            max_jobs_per_token: auth.max_jobs_per_token,
+            max_images: self.max_images,
+            max_image_pixels: self.max_image_pixels,
+        }
+    }
+}
+
 /// Who may use the public API (standalone and coordinator).
 #[derive(Args, Clone, Debug, Default)]
 pub struct AuthArgs {

@@ -72,5 +72,6 @@ pub fn job(r: &JobRecord, text: Option<&ringbolt_text::Text>) -> pb::Job {
             .unwrap_or_default(),
         text: text.map(|t| t.decode(&r.tokens)),
         cached_tokens: r.cached_tokens,
+        images: r.images.len() as u32,
     }
 }

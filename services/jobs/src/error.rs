@@ -24,6 +24,9 @@ pub enum JobError {
     UploadInterrupted(String),
     #[error("job store: {0}")]
     Store(String),
+    /// A failure of the server's own (a panicked task, say).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("model: {0}")]
     Model(#[from] ringbolt_model::ModelError),
     #[error("the server is shutting down")]
@@ -46,7 +49,7 @@ impl JobError {
             JobError::Unauthenticated(_) => Code::Unauthenticated,
             JobError::DataLoss(_) => Code::DataLoss,
             JobError::UploadInterrupted(_) => Code::Cancelled,
-            JobError::Store(_) => Code::Internal,
+            JobError::Store(_) | JobError::Internal(_) => Code::Internal,
             JobError::Model(_) => Code::Internal,
             JobError::ShuttingDown | JobError::Unavailable(_) | JobError::NotLeader(_) => {
                 Code::Unavailable

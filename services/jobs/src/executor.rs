@@ -64,6 +64,34 @@ pub(crate) struct Engine<B: Backend> {
 /// A job whose context-parallel prefill is done, to decode on the engine thread.
 type Prefilled<B> = sched::Prefilled<B, JobSink>;
 
+/// A spooled prompt as the model takes it: its images decoded and run through the vision
+/// tower, their placeholders expanded ([`Model::prompt_with_images`]).
+#[allow(clippy::type_complexity)]
+pub fn with_images<B: Backend>(
+    model: &Model<B>,
+    p: crate::store::Prompt,
+) -> Result<(Vec<u32>, Vec<(usize, Vec<f32>)>), crate::JobError> {
+    if p.images.is_empty() {
+        return Ok((p.tokens, Vec::new()));
+    }
+    let images = p
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            // Checked against the pixel limit when the job was accepted.
+            ringbolt_model::image::Rgb::decode(bytes, u64::MAX)
+                .map_err(|e| crate::JobError::InvalidArgument(format!("image {}: {e}", i + 1)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    model
+        .prompt_with_images(&p.tokens, &images)
+        .map_err(|e| match e {
+            ringbolt_model::ModelError::Invalid(m) => crate::JobError::InvalidArgument(m),
+            e => crate::JobError::Model(e),
+        })
+}
+
 /// The gRPC code of a sequence failure.
 pub fn fail_code(kind: FailKind) -> tonic::Code {
     match kind {
@@ -227,7 +255,11 @@ impl<B: Backend> Engine<B> {
             );
             return false;
         }
-        let prompt = match self.store.read_prompt(&rec.id, rec.prompt_tokens) {
+        let read = self
+            .store
+            .read_prompt(&rec)
+            .and_then(|p| with_images(&self.model, p));
+        let (prompt, embeddings) = match read {
             Ok(p) => p,
             Err(e) => {
                 sink.complete(
@@ -238,6 +270,8 @@ impl<B: Backend> Engine<B> {
             }
         };
         let degree = match rec.context_parallel {
+            // Image features are taken by one rank's prefill only (submission says so).
+            _ if !embeddings.is_empty() => 1,
             0 => self.cfg.context_parallel.max(1),
             n => n as usize,
         };
@@ -257,7 +291,7 @@ impl<B: Backend> Engine<B> {
             prefill_chunk: None,
             context_parallel: degree,
             context_cache: !rec.no_context_cache,
-            embeddings: Vec::new(),
+            embeddings,
         };
         if degree <= 1 {
             sched.admit(&self.model, req, sink);

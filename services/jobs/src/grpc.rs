@@ -107,6 +107,18 @@ impl JobsService {
                 }
                 Some(Item::Header(_)) => return Err(invalid("a second header")),
                 Some(Item::End(_)) => break,
+                Some(Item::Chunk(pb::PromptChunk {
+                    image: Some(piece),
+                    tokens,
+                    text,
+                })) => {
+                    if !tokens.is_empty() || !text.is_empty() {
+                        return Err(invalid(
+                            "a prompt chunk holds tokens, text or an image piece, not several",
+                        ));
+                    }
+                    sub.push_image(&piece.data, piece.last).await?;
+                }
                 Some(Item::Chunk(c)) if !c.text.is_empty() => {
                     sub.push_text(&c.text)?;
                     if !c.tokens.is_empty() {

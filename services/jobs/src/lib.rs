@@ -17,6 +17,6 @@ pub mod submit;
 pub use error::JobError;
 pub use executor::{Completion, EngineConfig, Outcome};
 pub use live::LiveJob;
-pub use manager::{Executor, JobManager, Limits};
+pub use manager::{DEFAULT_MAX_IMAGES, Executor, JobManager, Limits};
 pub use record::{FinishReason, JobRecord, JobState, Timings};
 pub use store::{JobStore, RecordBackend};

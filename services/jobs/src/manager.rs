@@ -8,6 +8,7 @@ use crate::live::LiveJob;
 use crate::record::{FinishReason, JobRecord, JobState, now_unix_ms};
 use crate::store::{JobStore, SpoolWriter};
 use ringbolt_kernels::Backend;
+use ringbolt_model::vision::VisionConfig;
 use ringbolt_model::{Model, ModelConfig};
 use ringbolt_proto::v1 as pb;
 use ringbolt_text::Text;
@@ -33,7 +34,14 @@ pub struct Limits {
     pub context_parallel: u32,
     /// Jobs one token may have uploaded, queued or running at once (0: only `max_jobs`).
     pub max_jobs_per_token: usize,
+    /// Images one job's prompt may hold.
+    pub max_images: usize,
+    /// Largest image accepted, in pixels.
+    pub max_image_pixels: u64,
 }
+
+/// Images a job's prompt may hold by default.
+pub const DEFAULT_MAX_IMAGES: usize = 16;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -44,6 +52,8 @@ impl Default for Limits {
             result_ttl: Duration::from_secs(24 * 3600),
             context_parallel: 1,
             max_jobs_per_token: 0,
+            max_images: DEFAULT_MAX_IMAGES,
+            max_image_pixels: ringbolt_model::image::DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -168,6 +178,8 @@ struct Inner {
     to_engine: Sender<Arc<LiveJob>>,
     limits: Limits,
     model: ModelConfig,
+    /// The image side of a MiniMax-VL-01 model (None: prompts take no images).
+    vision: Option<VisionConfig>,
     text: Option<Arc<Text>>,
     /// Cancelled when the server stops (or steps down).
     shutdown: CancellationToken,
@@ -191,18 +203,20 @@ impl JobManager {
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let model_cfg = model.config().clone();
+        let vision = model.vision().map(|v| v.config().clone());
         let exec: Box<dyn Executor> = Box::new(LocalEngine {
             model,
             cfg: engine,
             rt: tokio::runtime::Handle::current(),
         });
-        Self::start_with(exec, model_cfg, store, limits, text, shutdown)
+        Self::start_with(exec, (model_cfg, vision), store, limits, text, shutdown)
     }
 
-    /// Like [`start`](Self::start), with jobs run by `executor` (a cluster's, say).
+    /// Like [`start`](Self::start), with jobs run by `executor` (a cluster's, say), for a
+    /// model of this config (and vision side, for a MiniMax-VL-01 model).
     pub fn start_with(
         executor: Box<dyn Executor>,
-        model_cfg: ModelConfig,
+        (model_cfg, vision): (ModelConfig, Option<VisionConfig>),
         store: JobStore,
         limits: Limits,
         text: Option<Arc<Text>>,
@@ -235,6 +249,7 @@ impl JobManager {
                 to_engine,
                 limits,
                 model: model_cfg,
+                vision,
                 text,
                 shutdown: shutdown.clone(),
             }),
@@ -271,6 +286,11 @@ impl JobManager {
 
     pub fn model(&self) -> &ModelConfig {
         &self.inner.model
+    }
+
+    /// The image side of a MiniMax-VL-01 model.
+    pub fn vision(&self) -> Option<&VisionConfig> {
+        self.inner.vision.as_ref()
     }
 
     /// The model's text (tokenizer, chat template), when the checkpoint has a tokenizer.

@@ -45,10 +45,23 @@ pub struct Timings {
     pub time_to_first_token_seconds: f64,
 }
 
+/// An image of a job's prompt (its bytes are spooled after the prompt's token ids).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Length of the image file.
+    pub bytes: u64,
+    pub width: u32,
+    pub height: u32,
+    /// Positions its placeholder takes once expanded.
+    pub features: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
     pub state: JobState,
+    /// Positions the prompt takes: its token ids, each image placeholder counted as its
+    /// image's features.
     pub prompt_tokens: u64,
     pub max_new_tokens: u32,
     pub sampling: Sampling,
@@ -77,6 +90,17 @@ pub struct JobRecord {
     /// The job neither starts from nor adds to the context cache.
     #[serde(default)]
     pub no_context_cache: bool,
+    /// The prompt's images, in placeholder order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageInfo>,
+}
+
+impl JobRecord {
+    /// Token ids spooled for the prompt: each image is one placeholder there.
+    pub fn spooled_tokens(&self) -> u64 {
+        let features: u64 = self.images.iter().map(|i| i.features).sum();
+        (self.prompt_tokens + self.images.len() as u64).saturating_sub(features)
+    }
 }
 
 pub fn now_unix_ms() -> u64 {

@@ -3,9 +3,9 @@
 //! prompt is on disk (fsynced, renamed into place) before its record is committed, and the
 //! record is committed before the client hears the job id.
 //!
-//! A spool file is the prompt's token ids (packed little-endian u32), then the job's record as
-//! accepted (JSON), its length (u32), an xxh3-64 checksum of everything before it (u64) and a
-//! magic. So the spool alone says which jobs were accepted and how to run them: at start every
+//! A spool file is the prompt's token ids (packed little-endian u32), its images' files one
+//! after another (their lengths are in the record), then the job's record as accepted (JSON),
+//! its length (u32), an xxh3-64 checksum of everything before it (u64) and a magic. So the spool alone says which jobs were accepted and how to run them: at start every
 //! spooled job must have a record, and one whose record is gone (a lost, emptied or damaged
 //! job database) is recovered from its spool file, or recorded as lost with the reason. A
 //! prompt is verified against its checksum before a job runs again; a damaged one fails that
@@ -94,13 +94,26 @@ pub struct JobStore {
     recovery: Recovery,
 }
 
-/// A prompt being uploaded: a temporary spool file, removed unless committed.
+/// A prompt being uploaded: a temporary spool file (and one for its images, which may arrive
+/// between its tokens), removed unless committed.
 pub struct SpoolWriter {
     tmp: PathBuf,
     dest: PathBuf,
     file: Option<BufWriter<std::fs::File>>,
     tokens: u64,
     hash: Xxh3,
+    /// The images' bytes so far (created with the first image), copied after the tokens when
+    /// the prompt is committed.
+    images: Option<(PathBuf, BufWriter<std::fs::File>)>,
+    image_hash: Xxh3,
+}
+
+/// A job's prompt as spooled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    /// Each image's file, in placeholder order.
+    pub images: Vec<Vec<u8>>,
 }
 
 impl SpoolWriter {
@@ -122,13 +135,66 @@ impl SpoolWriter {
         Ok(())
     }
 
+    /// Adds an image's file after the images written so far.
+    pub fn write_image(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.images.is_none() {
+            let path = self.tmp.with_extension("images.part");
+            // Read back when the prompt is committed.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)?;
+            self.images = Some((path, BufWriter::with_capacity(1 << 20, f)));
+        }
+        if let Some((_, f)) = &mut self.images {
+            f.write_all(bytes)?;
+        }
+        self.image_hash.update(&(bytes.len() as u64).to_le_bytes());
+        self.image_hash.update(bytes);
+        Ok(())
+    }
+
     pub fn tokens(&self) -> u64 {
         self.tokens
     }
 
-    /// Hash of the prompt's token ids written so far.
+    /// Hash of the prompt written so far: its token ids, and its images when it has any.
     pub fn prompt_hash(&self) -> u64 {
-        self.hash.digest()
+        match self.images {
+            None => self.hash.digest(),
+            Some(_) => {
+                let mut h = Xxh3::new();
+                h.update(&self.hash.digest().to_le_bytes());
+                h.update(&self.image_hash.digest().to_le_bytes());
+                h.digest()
+            }
+        }
+    }
+
+    /// Appends the images' bytes (if any) to the spool file, hashing them into `h`.
+    fn append_images(&mut self, f: &mut BufWriter<std::fs::File>, h: &mut Xxh3) -> Result<()> {
+        let Some((path, images)) = self.images.take() else {
+            return Ok(());
+        };
+        let mut images = images
+            .into_inner()
+            .map_err(|e| JobError::Store(e.to_string()))?;
+        use std::io::Seek;
+        images.seek(std::io::SeekFrom::Start(0))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = images.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            f.write_all(&buf[..n])?;
+            h.update(&buf[..n]);
+        }
+        drop(images);
+        let _ = std::fs::remove_file(path);
+        Ok(())
     }
 
     /// Writes the record and the checksum, flushes, fsyncs and moves the file into place.
@@ -140,6 +206,7 @@ impl SpoolWriter {
         let meta = serde_json::to_vec(record)?;
         let len = (meta.len() as u32).to_le_bytes();
         let mut h = self.hash.clone();
+        self.append_images(&mut f, &mut h)?;
         h.update(&meta);
         h.update(&len);
         f.write_all(&meta)?;
@@ -162,12 +229,16 @@ impl Drop for SpoolWriter {
             self.file = None;
             let _ = std::fs::remove_file(&self.tmp);
         }
+        if let Some((path, _)) = self.images.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
 /// A spool file's contents once checked.
 struct Spooled {
     tokens: Vec<u32>,
+    images: Vec<Vec<u8>>,
     /// The record as accepted (None in a file of an older release, which has no checksum).
     record: Option<JobRecord>,
 }
@@ -196,6 +267,7 @@ fn read_spool(path: &Path) -> std::result::Result<Spooled, String> {
         }
         return Ok(Spooled {
             tokens: u32s(&bytes),
+            images: Vec::new(),
             record: None,
         });
     }
@@ -211,23 +283,33 @@ fn read_spool(path: &Path) -> std::result::Result<Spooled, String> {
         ));
     }
     let meta_end = n - SPOOL_TRAILER;
-    let tokens_end = meta_end
+    let bad_length = |what: &str| format!("{} is damaged: bad {what} length", path.display());
+    let meta_start = meta_end
         .checked_sub(meta_len as usize)
-        .filter(|e| e % 4 == 0)
-        .ok_or_else(|| {
-            format!(
-                "{} is damaged: bad record length {meta_len}",
-                path.display()
-            )
-        })?;
-    let record: JobRecord = serde_json::from_slice(&bytes[tokens_end..meta_end]).map_err(|e| {
+        .ok_or_else(|| bad_length("record"))?;
+    let record: JobRecord = serde_json::from_slice(&bytes[meta_start..meta_end]).map_err(|e| {
         format!(
             "{} is damaged: its record does not parse: {e}",
             path.display()
         )
     })?;
+    let image_bytes = record
+        .images
+        .iter()
+        .try_fold(0usize, |a, i| a.checked_add(usize::try_from(i.bytes).ok()?));
+    let tokens_end = image_bytes
+        .and_then(|b| meta_start.checked_sub(b))
+        .filter(|e| e % 4 == 0)
+        .ok_or_else(|| bad_length("images' or tokens'"))?;
+    let mut images = Vec::with_capacity(record.images.len());
+    let mut at = tokens_end;
+    for i in &record.images {
+        images.push(bytes[at..at + i.bytes as usize].to_vec());
+        at += i.bytes as usize;
+    }
     Ok(Spooled {
         tokens: u32s(&bytes[..tokens_end]),
+        images,
         record: Some(record),
     })
 }
@@ -385,7 +467,8 @@ impl JobStore {
             Ok(Spooled {
                 tokens,
                 record: Some(rec),
-            }) if rec.id == id && rec.prompt_tokens == tokens.len() as u64 => {
+                ..
+            }) if rec.id == id && rec.spooled_tokens() == tokens.len() as u64 => {
                 let rec = JobRecord {
                     state: JobState::Queued,
                     tokens: Vec::new(),
@@ -442,6 +525,7 @@ impl JobStore {
             cache_bytes_per_rank: Vec::new(),
             cached_tokens: 0,
             no_context_cache: false,
+            images: Vec::new(),
         };
         self.records.put(&lost)?;
         // Kept for inspection, out of the spool's way.
@@ -463,6 +547,8 @@ impl JobStore {
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             tokens: 0,
             hash: Xxh3::new(),
+            images: None,
+            image_hash: Xxh3::new(),
         })
     }
 
@@ -514,27 +600,40 @@ impl JobStore {
         self.records.all()
     }
 
-    /// The spooled prompt of job `id`, verified against its checksum and the `tokens` its
-    /// record says it has: DATA_LOSS, never other tokens.
-    pub fn read_prompt(&self, id: &str, tokens: u64) -> Result<Vec<u32>> {
+    /// The spooled prompt of job `rec`, verified against its checksum and against the tokens
+    /// and images its record says it has: DATA_LOSS, never another prompt.
+    pub fn read_prompt(&self, rec: &JobRecord) -> Result<Prompt> {
+        let id = &rec.id;
         let lost =
             |why: String| JobError::DataLoss(format!("the prompt of job {id} is lost: {why}"));
         let s = read_spool(&self.prompt_path(id)).map_err(lost)?;
         if let Some(r) = &s.record
-            && (r.id != id || r.prompt_tokens != s.tokens.len() as u64)
+            && (&r.id != id || r.spooled_tokens() != s.tokens.len() as u64)
         {
             return Err(lost(format!(
                 "its spool file holds job {}'s {} tokens",
-                r.id, r.prompt_tokens
+                r.id,
+                r.spooled_tokens()
             )));
         }
+        let tokens = rec.spooled_tokens();
         if s.tokens.len() as u64 != tokens {
             return Err(lost(format!(
                 "its spool file has {} tokens, the record says {tokens}",
                 s.tokens.len()
             )));
         }
-        Ok(s.tokens)
+        let held: Vec<u64> = s.images.iter().map(|i| i.len() as u64).collect();
+        let said: Vec<u64> = rec.images.iter().map(|i| i.bytes).collect();
+        if held != said {
+            return Err(lost(format!(
+                "its spool file has images of {held:?} bytes, the record says {said:?}"
+            )));
+        }
+        Ok(Prompt {
+            tokens: s.tokens,
+            images: s.images,
+        })
     }
 
     /// Removes a finished job's prompt, then its record and key (in that order: a crash
@@ -676,22 +775,42 @@ mod tests {
             cache_bytes_per_rank: Vec::new(),
             cached_tokens: 0,
             no_context_cache: false,
+            images: Vec::new(),
         }
     }
 
-    /// Accepts three jobs (the second finished) into a store in `dir`.
-    fn accept_jobs(dir: &Path) -> Vec<(JobRecord, Vec<u32>)> {
+    /// Accepts three jobs (the second finished, the third with two images that arrived
+    /// between its tokens) into a store in `dir`.
+    fn accept_jobs(dir: &Path) -> Vec<(JobRecord, Prompt)> {
         let store = JobStore::open(dir).unwrap();
         assert!(store.recovery().is_clean());
         let mut out = Vec::new();
         for (i, key) in [(0u32, Some("k0")), (1, None), (2, Some("k2"))] {
             let id = format!("0000000{i}-job");
-            let prompt: Vec<u32> = (0..1000 + i).map(|t| t * 7 + i).collect();
+            let tokens: Vec<u32> = (0..1000 + i).map(|t| t * 7 + i).collect();
+            let images: Vec<Vec<u8>> = match i {
+                2 => vec![(0..333u32).map(|b| b as u8).collect(), vec![9; 5]],
+                _ => Vec::new(),
+            };
             let mut w = store.spool_writer(&id).unwrap();
-            w.write(&prompt[..500]).unwrap();
-            w.write(&prompt[500..]).unwrap();
-            let rec = record(&id, &prompt, key);
+            w.write(&tokens[..500]).unwrap();
+            for img in &images {
+                w.write_image(img).unwrap();
+            }
+            w.write(&tokens[500..]).unwrap();
+            let mut rec = record(&id, &tokens, key);
+            for img in &images {
+                rec.images.push(crate::record::ImageInfo {
+                    bytes: img.len() as u64,
+                    width: 2,
+                    height: 3,
+                    features: 40,
+                });
+                rec.prompt_tokens += 39;
+            }
+            assert_eq!(rec.spooled_tokens(), tokens.len() as u64);
             store.commit(&rec, w).unwrap().unwrap();
+            let prompt = Prompt { tokens, images };
             if i == 1 {
                 store
                     .put(&JobRecord {
@@ -748,11 +867,7 @@ mod tests {
                 if r.recovered.contains(&rec.id) {
                     assert_eq!(got, *rec, "{damage}");
                 }
-                assert_eq!(
-                    store.read_prompt(&rec.id, rec.prompt_tokens).unwrap(),
-                    *prompt,
-                    "{damage}"
-                );
+                assert_eq!(store.read_prompt(rec).unwrap(), *prompt, "{damage}");
                 if let Some(k) = &rec.idempotency_key {
                     assert_eq!(
                         store.lookup_key(k).unwrap().as_deref(),
@@ -787,6 +902,56 @@ mod tests {
     }
 
     #[test]
+    fn a_prompts_images_are_spooled_after_its_tokens_and_in_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        let hash = |images: &[&[u8]]| {
+            let mut w = store.spool_writer("hash").unwrap();
+            w.write(&[1, 2, 3]).unwrap();
+            for img in images {
+                w.write_image(img).unwrap();
+            }
+            w.prompt_hash()
+        };
+        // Images change the hash (a retry must send the same ones); none leaves it as it was.
+        let mut plain = store.spool_writer("plain").unwrap();
+        plain.write(&[1, 2, 3]).unwrap();
+        assert_eq!(hash(&[]), plain.prompt_hash());
+        assert_ne!(hash(&[b"ab"]), hash(&[]));
+        assert_ne!(hash(&[b"ab"]), hash(&[b"a", b"b"]));
+        assert_ne!(hash(&[b"ab"]), hash(&[b"ac"]));
+        drop(plain);
+        // A writer dropped before commit leaves nothing behind, its images' file included.
+        let spool: Vec<_> = std::fs::read_dir(dir.path().join("spool"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(spool.is_empty(), "{spool:?}");
+        drop(store);
+        let jobs = accept_jobs(dir.path());
+        let store = JobStore::open(dir.path()).unwrap();
+        let (rec, prompt) = &jobs[2];
+        assert_eq!(store.read_prompt(rec).unwrap(), *prompt);
+        // A record that says other image sizes is refused.
+        let mut other = rec.clone();
+        other.images[0].bytes -= 4;
+        other.images[1].bytes += 4;
+        match store.read_prompt(&other) {
+            Err(JobError::DataLoss(m)) => assert!(m.contains("images"), "{m}"),
+            other => panic!("want DATA_LOSS, got {other:?}"),
+        }
+        // A flipped byte in an image is caught by the checksum.
+        let path = spool_file(dir.path(), &rec.id);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[prompt.tokens.len() * 4 + 100] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        match store.read_prompt(rec) {
+            Err(JobError::DataLoss(m)) => assert!(m.contains("checksum"), "{m}"),
+            other => panic!("want DATA_LOSS, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn a_damaged_spool_file_is_data_loss_never_other_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = accept_jobs(dir.path());
@@ -799,18 +964,15 @@ mod tests {
         }
         std::fs::write(&path, &bytes).unwrap();
         let store = JobStore::open(dir.path()).unwrap();
-        match store.read_prompt(&rec.id, rec.prompt_tokens) {
+        match store.read_prompt(rec) {
             Err(JobError::DataLoss(m)) => assert!(m.contains("checksum"), "{m}"),
             other => panic!("want DATA_LOSS, got {other:?}"),
         }
         // Truncated, and gone: the same.
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        assert!(matches!(
-            store.read_prompt(&rec.id, rec.prompt_tokens),
-            Err(JobError::DataLoss(_))
-        ));
+        assert!(matches!(store.read_prompt(rec), Err(JobError::DataLoss(_))));
         std::fs::remove_file(&path).unwrap();
-        match store.read_prompt(&rec.id, rec.prompt_tokens) {
+        match store.read_prompt(rec) {
             Err(JobError::DataLoss(m)) => assert!(m.contains(&rec.id), "{m}"),
             other => panic!("want DATA_LOSS, got {other:?}"),
         }

@@ -1,13 +1,14 @@
 //! Submitting a job, whatever API it comes through: one set of rules for what a job may ask,
 //! one admission, one spooling of its prompt. A [`Submission`] begins with the job's header
 //! (checked, then admitted: it holds its place among the jobs in flight while its prompt
-//! arrives), takes the prompt as token ids or text in pieces, and ends by accepting the job.
+//! arrives), takes the prompt as token ids or text in pieces, and images (a MiniMax-VL-01
+//! model) in pieces between them, and ends by accepting the job.
 
 use crate::auth::Caller;
 use crate::bounds::{MAX_IDEMPOTENCY_KEY_BYTES, MAX_STOP_TOKENS, echo};
 use crate::error::JobError;
 use crate::manager::{JobManager, Permit};
-use crate::record::{JobRecord, JobState, Sampling, Timings, now_unix_ms};
+use crate::record::{ImageInfo, JobRecord, JobState, Sampling, Timings, now_unix_ms};
 use crate::store::SpoolWriter;
 use ringbolt_model::SamplingParams;
 use ringbolt_proto::v1 as pb;
@@ -99,6 +100,12 @@ pub struct Submission {
     text: String,
     /// The longest prompt accepted.
     max_prompt: u64,
+    /// Image placeholders among the token ids received.
+    placeholders: u64,
+    /// The images accepted so far (their files are spooled).
+    images: Vec<ImageInfo>,
+    /// The pieces of the image being received.
+    image: Vec<u8>,
 }
 
 impl Submission {
@@ -128,7 +135,64 @@ impl Submission {
             spool,
             text: String::new(),
             max_prompt,
+            placeholders: 0,
+            images: Vec::new(),
+            image: Vec::new(),
         })
+    }
+
+    /// More of an image's file; `last` ends the image, which is then decoded (off the async
+    /// threads) to check it and count its features, and spooled.
+    pub async fn push_image(&mut self, data: &[u8], last: bool) -> Result<(), JobError> {
+        use ringbolt_model::image::{MAX_IMAGE_BYTES, Rgb};
+        let Some(vision) = self.mgr.vision().cloned() else {
+            return Err(invalid(
+                "images need a MiniMax-VL-01 model, and this server's model takes none",
+            ));
+        };
+        let limits = self.mgr.limits();
+        let index = self.images.len() + 1;
+        if index > limits.max_images {
+            return Err(invalid(format!(
+                "more than {} images: a prompt may hold at most {} (--max-images)",
+                limits.max_images, limits.max_images
+            )));
+        }
+        let held: u64 = self.images.iter().map(|i| i.bytes).sum();
+        if held as usize + self.image.len() + data.len() > MAX_IMAGE_BYTES {
+            return Err(invalid(format!(
+                "the prompt's images are larger than the limit of {MAX_IMAGE_BYTES} bytes \
+                 (all images together)"
+            )));
+        }
+        self.image.extend_from_slice(data);
+        if !last {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.image);
+        let max_pixels = limits.max_image_pixels;
+        let (bytes, decoded) = tokio::task::spawn_blocking(move || {
+            let size = Rgb::decode(&bytes, max_pixels).map(|img| (img.width, img.height));
+            (bytes, size)
+        })
+        .await
+        .map_err(|e| JobError::Internal(format!("decoding image {index}: {e}")))?;
+        let (width, height) = decoded.map_err(|e| invalid(format!("image {index}: {e}")))?;
+        self.spool.write_image(&bytes)?;
+        self.images.push(ImageInfo {
+            bytes: bytes.len() as u64,
+            width: width as u32,
+            height: height as u32,
+            features: vision.feature_count(height, width) as u64,
+        });
+        Ok(())
+    }
+
+    /// The positions the prompt takes so far: its token ids, each image placeholder counted
+    /// as its image's features (once the images are in).
+    fn positions(&self, ids: u64) -> u64 {
+        let features: u64 = self.images.iter().map(|i| i.features).sum();
+        (ids + features).saturating_sub(self.images.len() as u64)
     }
 
     /// More of the prompt as token ids.
@@ -149,7 +213,14 @@ impl Submission {
                 self.max_prompt
             )));
         }
+        self.count_placeholders(ids);
         self.spool.write(ids)
+    }
+
+    fn count_placeholders(&mut self, ids: &[u32]) {
+        if let Some(v) = self.mgr.vision() {
+            self.placeholders += ids.iter().filter(|&&t| t == v.image_token).count() as u64;
+        }
     }
 
     /// More of the prompt as text (tokenized once it is all in).
@@ -199,17 +270,48 @@ impl Submission {
                     self.max_prompt
                 )));
             }
+            self.count_placeholders(&ids);
             self.spool.write(&ids)?;
         }
+        if !self.image.is_empty() {
+            return Err(invalid(format!(
+                "image {} was not finished: the prompt ended before its last piece",
+                self.images.len() + 1
+            )));
+        }
         let h = &self.header;
-        let n = self.spool.tokens();
-        if n == 0 {
+        let ids = self.spool.tokens();
+        if ids == 0 {
             return Err(invalid("the prompt is empty"));
         }
-        if h.expected_prompt_tokens != 0 && h.expected_prompt_tokens != n {
+        if h.expected_prompt_tokens != 0 && h.expected_prompt_tokens != ids {
             return Err(invalid(format!(
-                "the header announced {} prompt tokens but {n} arrived",
+                "the header announced {} prompt tokens but {ids} arrived",
                 h.expected_prompt_tokens
+            )));
+        }
+        let mut context_parallel = h.context_parallel;
+        if let Some(v) = self.mgr.vision() {
+            v.check_placeholders(self.placeholders as usize, self.images.len())
+                .map_err(|e| invalid(e.to_string().replace("invalid request: ", "")))?;
+        }
+        if !self.images.is_empty() {
+            // A context-parallel prefill does not take image features yet: such a prompt is
+            // prefilled on one rank, and asking for more is refused.
+            if context_parallel > 1 {
+                return Err(JobError::FailedPrecondition(format!(
+                    "context-parallel degree {context_parallel} was requested for a prompt with \
+                     images, which is prefilled on one rank: ask for 0 or 1"
+                )));
+            }
+            context_parallel = 1;
+        }
+        let n = self.positions(ids);
+        if n > self.max_prompt {
+            return Err(invalid(format!(
+                "the prompt takes {n} positions with its images' features, more than the \
+                 maximum of {} tokens",
+                self.max_prompt
             )));
         }
         if n as usize + h.max_new_tokens as usize > model.max_position_embeddings {
@@ -231,7 +333,7 @@ impl Submission {
             max_new_tokens: h.max_new_tokens,
             sampling: self.sampling,
             idempotency_key: self.key.clone(),
-            context_parallel: h.context_parallel,
+            context_parallel,
             created_unix_ms: now_unix_ms(),
             finished_unix_ms: None,
             tokens: Vec::new(),
@@ -243,6 +345,7 @@ impl Submission {
             cache_bytes_per_rank: Vec::new(),
             cached_tokens: 0,
             no_context_cache: h.no_context_cache,
+            images: self.images,
         };
         let (job_id, existing) = self.mgr.accept(record, self.spool, self.permit).await?;
         if existing && let Some(k) = &self.key {

@@ -95,9 +95,10 @@ impl From<JobError> for ApiError {
             JobError::ShuttingDown | JobError::Unavailable(_) | JobError::NotLeader(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            JobError::DataLoss(_) | JobError::Store(_) | JobError::Model(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            JobError::DataLoss(_)
+            | JobError::Store(_)
+            | JobError::Internal(_)
+            | JobError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let code = match &e {
             JobError::Unauthenticated(_) => Some("invalid_api_key"),

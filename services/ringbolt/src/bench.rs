@@ -147,12 +147,12 @@ async fn batching(dir: PathBuf, jobs: usize, prompt_tokens: usize, new_tokens: u
     let mut results = Vec::new();
     for max_batch in [jobs, 1] {
         let data = tempfile::tempdir()?;
-        let args = StandaloneArgs {
-            max_jobs: jobs,
-            max_new_tokens_limit: new_tokens,
+        let mut args = StandaloneArgs {
             max_batch,
             ..StandaloneArgs::in_process(dir.clone(), data.path().to_path_buf())
         };
+        args.limits.max_jobs = jobs;
+        args.limits.max_new_tokens_limit = new_tokens;
         let token = tokio_util::sync::CancellationToken::new();
         let (a2, t2) = (args.clone(), token.clone());
         let mgr = tokio::task::spawn_blocking(move || start_manager(&a2, t2)).await??;

@@ -47,13 +47,13 @@ pub async fn upload_engine(
     dir: &std::path::Path,
     stop: &CancellationToken,
 ) -> Result<ringbolt_jobs::JobManager> {
-    let args = StandaloneArgs {
-        max_new_tokens_limit: 16,
-        max_prompt_tokens: prompt_tokens as u64 + 1,
-        result_ttl_secs: 60,
+    let mut args = StandaloneArgs {
         max_batch: 1,
         ..StandaloneArgs::in_process(checkpoint.to_path_buf(), dir.join("data"))
     };
+    args.limits.max_new_tokens_limit = 16;
+    args.limits.max_prompt_tokens = prompt_tokens as u64 + 1;
+    args.limits.result_ttl_secs = 60;
     let s = stop.clone();
     tokio::task::spawn_blocking(move || start_manager(&args, s)).await?
 }

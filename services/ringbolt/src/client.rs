@@ -1,7 +1,7 @@
 //! The client side of the public API: `submit`, `jobs`, `status`.
 
 use crate::model_cli::PromptArgs;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use ringbolt_proto::v1 as pb;
@@ -191,6 +191,10 @@ pub struct SubmitArgs {
     /// Context-parallel degree (attention workers splitting the context).
     #[arg(long, env = "RINGBOLT_CONTEXT_PARALLEL", default_value_t = 0)]
     pub context_parallel: u32,
+    /// An image (PNG or JPEG) for the prompt's next image placeholder (a MiniMax-VL-01
+    /// model's `image_token_index`; one per image, in order). Repeatable.
+    #[arg(long = "image")]
+    pub images: Vec<std::path::PathBuf>,
     /// Print the job id once accepted and exit.
     #[arg(long, env = "RINGBOLT_DETACH")]
     pub detach: bool,
@@ -267,6 +271,21 @@ pub async fn submit_tokens(
     text: Option<String>,
     on_chunk: impl Fn(usize) + Send + 'static,
 ) -> Result<pb::SubmitJobResponse, RpcError> {
+    submit_prompt(client, header, ids, text, Vec::new(), on_chunk).await
+}
+
+/// Bytes of an image file per prompt chunk.
+const IMAGE_PIECE_BYTES: usize = 1 << 20;
+
+/// Uploads a prompt with images (files, in placeholder order, after the tokens).
+pub async fn submit_prompt(
+    client: &mut JobsClient<Conn>,
+    header: pb::JobHeader,
+    ids: Vec<u32>,
+    text: Option<String>,
+    images: Vec<Vec<u8>>,
+    on_chunk: impl Fn(usize) + Send + 'static,
+) -> Result<pb::SubmitJobResponse, RpcError> {
     use pb::submit_job_request::Item;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
@@ -277,20 +296,38 @@ pub async fn submit_tokens(
         if let Some(t) = text {
             let _ = tx
                 .send(req(Item::Chunk(pb::PromptChunk {
-                    tokens: vec![],
                     text: t,
+                    ..Default::default()
                 })))
                 .await;
         }
         for chunk in ids.chunks(CHUNK_TOKENS) {
             let c = pb::PromptChunk {
                 tokens: ringbolt_proto::pack_tokens(chunk),
-                text: String::new(),
+                ..Default::default()
             };
             if tx.send(req(Item::Chunk(c))).await.is_err() {
                 return;
             }
             on_chunk(chunk.len());
+        }
+        for image in images {
+            // An empty file is still one (last) piece, for the server to refuse.
+            let pieces = image.chunks(IMAGE_PIECE_BYTES).count().max(1);
+            for i in 0..pieces {
+                let at = (i * IMAGE_PIECE_BYTES).min(image.len());
+                let end = (at + IMAGE_PIECE_BYTES).min(image.len());
+                let c = pb::PromptChunk {
+                    image: Some(pb::ImagePiece {
+                        data: image[at..end].to_vec(),
+                        last: i + 1 == pieces,
+                    }),
+                    ..Default::default()
+                };
+                if tx.send(req(Item::Chunk(c))).await.is_err() {
+                    return;
+                }
+            }
         }
         let _ = tx.send(req(Item::End(pb::PromptEnd {}))).await;
     });
@@ -479,6 +516,11 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         Some(t) => (Vec::new(), Some(t.clone())),
         None => (a.prompt.read()?, None),
     };
+    let images = a
+        .images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
     let mut client = connect(&a.endpoint).await?;
     let header = pb::JobHeader {
         max_new_tokens: a.max_new_tokens,
@@ -505,7 +547,10 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let up2 = up.clone();
-    let resp = submit_tokens(&mut client, header, ids, text, move |n| up2.inc(n as u64)).await?;
+    let resp = submit_prompt(&mut client, header, ids, text, images, move |n| {
+        up2.inc(n as u64)
+    })
+    .await?;
     up.finish_and_clear();
     if a.detach {
         if a.json {
@@ -553,6 +598,9 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
     });
     if j.context_parallel > 0 {
         v["context_parallel"] = json!(j.context_parallel);
+    }
+    if j.images > 0 {
+        v["images"] = json!(j.images);
     }
     if !j.cache_bytes_per_rank.is_empty() {
         v["cache_bytes_per_rank"] = json!(j.cache_bytes_per_rank);

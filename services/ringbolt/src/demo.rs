@@ -103,10 +103,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         return Ok(());
     }
     let data = tempfile::tempdir()?;
-    let mut args = StandaloneArgs {
-        max_new_tokens_limit: a.max_new_tokens.max(4096),
-        ..StandaloneArgs::in_process(dir.clone(), data.path().to_path_buf())
-    };
+    let mut args = StandaloneArgs::in_process(dir.clone(), data.path().to_path_buf());
+    args.limits.max_new_tokens_limit = a.max_new_tokens.max(4096);
     if a.serve {
         args.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 7070));
         args.http.http_listen = Some(a.http_listen);

@@ -72,12 +72,9 @@ pub struct ImageArgs {
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
     /// Largest image accepted, in pixels.
-    #[arg(long, env = "RINGBOLT_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_IMAGE_PIXELS)]
+    #[arg(long, env = "RINGBOLT_MAX_IMAGE_PIXELS", default_value_t = ringbolt_model::image::DEFAULT_MAX_IMAGE_PIXELS)]
     pub max_image_pixels: u64,
 }
-
-/// 64 Mpx.
-pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 1 << 26;
 
 impl ImageArgs {
     /// The images, decoded.

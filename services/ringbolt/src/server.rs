@@ -7,7 +7,6 @@ use ringbolt_kernels::{Backend, OnBackend};
 use ringbolt_model::{Checkpoint, Model};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Clone)]
@@ -21,18 +20,8 @@ pub struct StandaloneArgs {
     /// Where job records and spooled prompts are kept.
     #[arg(long, env = "RINGBOLT_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// Jobs queued or running at once; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "RINGBOLT_MAX_JOBS", default_value_t = 64)]
-    pub max_jobs: usize,
-    /// Largest max_new_tokens a job may ask for.
-    #[arg(long, env = "RINGBOLT_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
-    pub max_new_tokens_limit: u32,
-    /// Longest prompt accepted (also bounded by the model's positions).
-    #[arg(long, env = "RINGBOLT_MAX_PROMPT_TOKENS", default_value_t = 4 << 20)]
-    pub max_prompt_tokens: u64,
-    /// Seconds finished results are kept.
-    #[arg(long, env = "RINGBOLT_RESULT_TTL_SECS", default_value_t = 86_400)]
-    pub result_ttl_secs: u64,
+    #[command(flatten)]
+    pub limits: ringbolt_cluster::JobLimitArgs,
     /// Sequences decoded together per step.
     #[arg(long, env = "RINGBOLT_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
@@ -66,10 +55,11 @@ impl StandaloneArgs {
             checkpoint,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
-            max_jobs: 4,
-            max_new_tokens_limit: 4096,
-            max_prompt_tokens: 4 << 20,
-            result_ttl_secs: 3600,
+            limits: ringbolt_cluster::JobLimitArgs {
+                max_jobs: 4,
+                result_ttl_secs: 3600,
+                ..Default::default()
+            },
             max_batch: 8,
             prefill_chunk: 4096,
             context_parallel: 1,
@@ -125,14 +115,7 @@ pub fn start_manager_with(
     let ckpt = Checkpoint::open(&a.checkpoint)?;
     let store =
         JobStore::open(&a.data_dir).with_context(|| format!("opening {}", a.data_dir.display()))?;
-    let limits = Limits {
-        max_jobs: a.max_jobs.max(1),
-        max_new_tokens: a.max_new_tokens_limit,
-        max_prompt_tokens: a.max_prompt_tokens,
-        result_ttl: Duration::from_secs(a.result_ttl_secs),
-        context_parallel: a.context_parallel.max(1),
-        max_jobs_per_token: a.auth.max_jobs_per_token,
-    };
+    let limits = a.limits.limits(a.context_parallel, &a.auth);
     let engine = EngineConfig {
         max_batch: a.max_batch.max(1),
         prefill_chunk: a.prefill_chunk.max(1),
