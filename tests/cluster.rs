@@ -275,11 +275,16 @@ impl Cluster {
 }
 
 fn setup(name: &str, dir: &Path) -> Cluster {
+    setup_preset(name, dir, "tiny")
+}
+
+/// A cluster of a checkpoint `init-checkpoint --preset PRESET` writes.
+fn setup_preset(name: &str, dir: &Path, preset: &str) -> Cluster {
     let ckpt = dir.join("ckpt");
     let (ok, _, err) = run(&[
         "init-checkpoint",
         "--preset",
-        "tiny",
+        preset,
         "--seed",
         "5",
         "--dtype",
@@ -1933,4 +1938,75 @@ fn jobs_sharing_a_prefix_go_to_the_worker_that_cached_it() {
     let got = done(&id);
     assert_eq!(got["cached_tokens"], 96, "{got}");
     assert_eq!(tokens(&got), want);
+}
+
+#[test]
+fn a_job_with_images_runs_its_vision_tower_on_the_attention_worker_and_equals_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = setup_preset("vision", dir.path(), "vl-tiny");
+    let port = free_port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let _coord = c.coordinator_with(port, true, &["--max-image-pixels", "3100"]);
+    let (attention, _) = c.worker("attention-worker");
+    let (_e, _) = c.worker("expert-worker");
+    wait_status(&ep, "experts placed", covers_all);
+
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(c.ckpt.join("config.json")).unwrap())
+            .unwrap();
+    let img = cfg["image_token_index"].as_u64().unwrap().to_string();
+    let p = format!("5,{img},6,7,{img},8");
+    let images =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/vl/images");
+    let (d, b, a) = (
+        images.join("d.jpg"),
+        images.join("b.png"),
+        images.join("a.png"),
+    );
+    let (d, b, a) = (
+        d.to_str().unwrap(),
+        b.to_str().unwrap(),
+        a.to_str().unwrap(),
+    );
+    let want = ok_json(&[
+        "generate",
+        "--checkpoint",
+        c.ckpt.to_str().unwrap(),
+        "--tokens",
+        &p,
+        "--image",
+        d,
+        "--image",
+        b,
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+    ]);
+    let id = submit_with(&ep, &p, 8, &["--image", d, "--image", b, "--ignore-eos"]);
+    let got = follow(&ep, &id).join().unwrap();
+    assert_eq!(tokens(&got), tokens(&want), "{got}");
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
+    assert_eq!(job["images"], 2, "{job}");
+    assert_eq!(job["prompt_tokens"], want["prompt_tokens"], "{job}");
+    assert_eq!(attention.count("job step started"), 1);
+
+    // A bad image is refused by the coordinator, with the reason; nothing runs.
+    let (ok, _, err) = run(&[
+        "submit",
+        "--endpoint",
+        &ep,
+        "--tokens",
+        &format!("5,{img}"),
+        "--image",
+        a,
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(
+        !ok && err.contains("InvalidArgument") && err.contains("3100 pixels"),
+        "{err}"
+    );
+    let list = ok_json(&["jobs", "list", "--endpoint", &ep, "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(attention.count("job step started"), 1);
 }
