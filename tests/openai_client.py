@@ -158,7 +158,7 @@ expect_error(400, lambda: client.completions.create(model=MODEL, prompt="a", max
 expect_error(400, lambda: client.completions.create(model=MODEL, prompt="a", max_tokens=100000), "max_tokens")
 expect_error(404, lambda: client.completions.create(model="no-such-model", prompt="a"), "no-such-model")
 expect_error(400, lambda: client.chat.completions.create(model=MODEL, messages=[]), "empty")
-expect_error(400, lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "text parts")
+expect_error(400, lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "not fetched")
 expect_error(400, lambda: client.completions.create(model=MODEL, prompt=[1, 10 ** 9]), "vocabulary")
 expect_error(404, lambda: client.responses.retrieve("resp_nope"), "resp_nope")
 expect_error(401, lambda: openai.OpenAI(base_url=BASE, api_key="wrong", max_retries=0).models.list(), "token")

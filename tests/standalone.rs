@@ -1944,3 +1944,81 @@ fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
         .unwrap();
     assert!(r.prompt_tokens > 3);
 }
+
+#[test]
+fn the_openai_package_sends_images_as_data_urls_and_they_equal_grpc_images() {
+    let pythonpath = openai_pythonpath();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("vl");
+    let c = ckpt.to_str().unwrap();
+    let (ok, _, err) = run(&[
+        "init-checkpoint",
+        "--preset",
+        "vl-tiny",
+        "--seed",
+        "4",
+        "--out",
+        c,
+    ]);
+    assert!(ok, "{err}");
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--http-listen", "127.0.0.1:0", "--model-name", "vl"],
+    );
+    let (d, b) = (fixture_image("d.jpg"), fixture_image("b.png"));
+    let (d, b) = (d.to_str().unwrap(), b.to_str().unwrap());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_images.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([server.http.as_deref().unwrap(), "vl", d, b])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .expect("run the openai client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let job = ok_json(&[
+        "jobs",
+        "get",
+        r["id"].as_str().unwrap(),
+        "--endpoint",
+        &server.endpoint,
+        "--json",
+    ]);
+    assert_eq!(job["images"], 2, "{job}");
+    assert_eq!(job["prompt_tokens"], r["prompt_tokens"], "{job}");
+    // The same chat through the gRPC API: the template's text with the placeholders, and
+    // the images by file.
+    let text = ringbolt_text::Text::load(&ckpt, None).unwrap().unwrap();
+    let chat = text
+        .template()
+        .unwrap()
+        .render(
+            &[ringbolt_text::Message::new("user", "look<image>and<image>")],
+            true,
+        )
+        .unwrap();
+    let grpc = ok_json(&[
+        "submit",
+        "--endpoint",
+        &server.endpoint,
+        "--text",
+        &chat,
+        "--image",
+        d,
+        "--image",
+        b,
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(tokens(&grpc), tokens(&job));
+    assert_eq!(grpc["prompt_tokens"], r["prompt_tokens"]);
+    assert_eq!(job["text"], r["text"]);
+}

@@ -16,6 +16,10 @@ use serde_json::Value;
 /// same structure (LLaVA-NeXT with a MiniMax text config).
 pub const VL_MODEL_TYPES: [&str; 2] = ["minimax_vl_01", "llava_next"];
 
+/// The text of an image placeholder (the processor's `image_token`): the tokenizer encodes it
+/// to `image_token_index`, and chat messages put it where an image part is.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
 /// The vision side of a VL-01 config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VisionConfig {

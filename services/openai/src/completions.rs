@@ -177,8 +177,9 @@ async fn generate(
     kind: Kind,
     g: Generation,
     prompt: Prompt,
+    images: Vec<Vec<u8>>,
 ) -> Result<Response, ApiError> {
-    let sub = generate::submit(&api.mgr, g.header, g.max_field, caller, prompt).await?;
+    let sub = generate::submit(&api.mgr, g.header, g.max_field, caller, prompt, images).await?;
     let mut pieces = generate::follow(&api.mgr, &sub.id, g.stop, true)?;
     let reply = Reply {
         kind,
@@ -229,7 +230,7 @@ pub async fn completions(
         return Err(ApiError::field("suffix", "suffix is not served"));
     }
     let prompt = request::prompt(b.raw("prompt"))?;
-    generate(api, caller.map(|c| c.0), Kind::Text, g, prompt).await
+    generate(api, caller.map(|c| c.0), Kind::Text, g, prompt, Vec::new()).await
 }
 
 pub async fn chat(
@@ -242,9 +243,9 @@ pub async fn chat(
     let msgs = b
         .get("messages")
         .ok_or_else(|| ApiError::field("messages", "`messages` is required"))?;
-    let msgs = request::messages(&msgs, "messages")?;
-    let prompt = chat_prompt(&api, &msgs)?;
-    generate(api, caller.map(|c| c.0), Kind::Chat, g, prompt).await
+    let chat = request::messages(&msgs, "messages")?;
+    let prompt = chat_prompt(&api, &chat.messages)?;
+    generate(api, caller.map(|c| c.0), Kind::Chat, g, prompt, chat.images).await
 }
 
 /// The prompt the model's chat template makes of `msgs`, ending where the answer begins.

@@ -16,14 +16,16 @@ pub struct Submitted {
     pub prompt_tokens: u64,
 }
 
-/// Submits a job asking `header` for `prompt`; `max_field` is what the request calls the
-/// header's `max_new_tokens` (errors say it in the request's words).
+/// Submits a job asking `header` for `prompt` (with `images`, in placeholder order);
+/// `max_field` is what the request calls the header's `max_new_tokens` (errors say it in the
+/// request's words).
 pub async fn submit(
     mgr: &JobManager,
     header: pb::JobHeader,
     max_field: &'static str,
     caller: Option<Caller>,
     prompt: Prompt,
+    images: Vec<Vec<u8>>,
 ) -> Result<Submitted, ApiError> {
     let named = |e: JobError| match e {
         JobError::InvalidArgument(m) if m.contains("max_new_tokens") => {
@@ -35,6 +37,9 @@ pub async fn submit(
     match &prompt {
         Prompt::Text(t) => sub.push_text(t)?,
         Prompt::Ids(ids) => sub.push_ids(ids)?,
+    }
+    for image in images {
+        sub.push_image(&image, true).await?;
     }
     let r = sub.finish().await.map_err(named)?;
     Ok(Submitted {

@@ -372,8 +372,35 @@ pub fn prompt(raw: Option<&RawValue>) -> Result<Prompt, ApiError> {
     }
 }
 
-/// A message's content: a string, or a list of text parts.
-fn content(v: Option<&Value>, at: usize) -> Result<String, ApiError> {
+/// An image part's file, from its `data:` URL (URLs are never fetched).
+fn data_url(url: &str, at: usize, field: &'static str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine;
+    let bad = |why: &str| ApiError::field(field, format!("message {at} has an image {why}"));
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(bad(
+            "URL that is not a data: URL; images are not fetched from the network: send the \
+             image itself as data:image/png;base64,… or data:image/jpeg;base64,…",
+        ));
+    };
+    let (meta, data) = rest
+        .split_once(',')
+        .ok_or_else(|| bad("data: URL without a comma before its data"))?;
+    if !meta.ends_with(";base64") {
+        return Err(bad("data: URL that is not base64 (`;base64,` is required)"));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| bad(&format!("data: URL whose base64 does not decode: {e}")))
+}
+
+/// A message's content: a string, or a list of text and image parts. An image part becomes
+/// the image placeholder's text in the content, its file the next of `images`.
+fn content(
+    v: Option<&Value>,
+    at: usize,
+    field: &'static str,
+    images: &mut Vec<Vec<u8>>,
+) -> Result<String, ApiError> {
     match v {
         None => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
@@ -381,13 +408,28 @@ fn content(v: Option<&Value>, at: usize) -> Result<String, ApiError> {
             let mut out = String::new();
             for p in parts {
                 let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
-                match (kind, p.get("text").and_then(Value::as_str)) {
-                    ("text" | "input_text" | "output_text", Some(t)) => out.push_str(t),
+                // Chat Completions: {"image_url": {"url": …}}; Responses: {"image_url": "…"}.
+                let url = p
+                    .get("image_url")
+                    .and_then(|u| u.as_str().or_else(|| u.get("url")?.as_str()));
+                match (kind, p.get("text").and_then(Value::as_str), url) {
+                    ("text" | "input_text" | "output_text", Some(t), _) => out.push_str(t),
+                    ("image_url" | "input_image", _, Some(url)) => {
+                        images.push(data_url(url, at, field)?);
+                        out.push_str(ringbolt_model::vision::IMAGE_PLACEHOLDER);
+                    }
+                    ("image_url" | "input_image", _, None) => {
+                        return Err(ApiError::field(
+                            field,
+                            format!("message {at} has an image part without an `image_url`"),
+                        ));
+                    }
                     _ => {
                         return Err(ApiError::field(
-                            "messages",
+                            field,
                             format!(
-                                "message {at} has a content part of type `{kind}`; only text parts are served"
+                                "message {at} has a content part of type `{kind}`; text and \
+                                 image parts are served"
                             ),
                         ));
                     }
@@ -405,15 +447,23 @@ fn content(v: Option<&Value>, at: usize) -> Result<String, ApiError> {
     }
 }
 
+/// Chat messages with the files of their image parts, in order.
+pub struct Chat {
+    pub messages: Vec<Message>,
+    pub images: Vec<Vec<u8>>,
+}
+
 /// Chat messages (`messages`, or the Responses API's `input` list), roles checked.
-pub fn messages(v: &Value, field: &'static str) -> Result<Vec<Message>, ApiError> {
+pub fn messages(v: &Value, field: &'static str) -> Result<Chat, ApiError> {
     let list = v
         .as_array()
         .ok_or_else(|| wrong(field, "an array of messages", v))?;
     if list.is_empty() {
         return Err(ApiError::field(field, format!("`{field}` is empty")));
     }
-    list.iter()
+    let mut images = Vec::new();
+    let messages = list
+        .iter()
         .enumerate()
         .map(|(i, m)| {
             let o = m.as_object().ok_or_else(|| {
@@ -434,11 +484,12 @@ pub fn messages(v: &Value, field: &'static str) -> Result<Vec<Message>, ApiError
             };
             Ok(Message {
                 role: role.into(),
-                content: content(o.get("content"), i)?,
+                content: content(o.get("content"), i, field, &mut images)?,
                 name: o.get("name").and_then(Value::as_str).map(str::to_string),
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(Chat { messages, images })
 }
 
 #[cfg(test)]
@@ -520,8 +571,37 @@ mod tests {
             "messages",
         )
         .unwrap();
-        assert_eq!(m[0], Message::new("system", "be brief"));
-        assert_eq!(m[1].content, "ab");
+        assert_eq!(m.messages[0], Message::new("system", "be brief"));
+        assert_eq!(m.messages[1].content, "ab");
+        assert!(m.images.is_empty());
+        // Image parts: their files in order, their placeholders where they were.
+        let m = messages(
+            &serde_json::json!([{"role": "user", "content": [
+                {"type": "text", "text": "a"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAEC"}},
+                {"type": "input_image", "image_url": "data:image/jpeg;base64,/w=="},
+                {"type": "text", "text": "b"}
+            ]}]),
+            "messages",
+        )
+        .unwrap();
+        assert_eq!(m.messages[0].content, "a<image><image>b");
+        assert_eq!(m.images, vec![vec![0, 1, 2], vec![255]]);
+        for (url, why) in [
+            ("https://example.com/a.png", "not fetched"),
+            ("data:image/png,abc", "base64"),
+            ("data:image/png;base64,***", "does not decode"),
+        ] {
+            let e = messages(
+                &serde_json::json!([{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}}
+                ]}]),
+                "messages",
+            )
+            .err()
+            .unwrap();
+            assert!(e.message.contains(why), "{url}: {}", e.message);
+        }
         for bad in [
             serde_json::json!([]),
             serde_json::json!({}),

@@ -314,18 +314,26 @@ fn stream(
         .into_response())
 }
 
-/// `input` (text, or messages) after `instructions`, as chat messages.
-fn input_messages(b: &Body) -> Result<Vec<Message>, ApiError> {
+/// `input` (text, or messages) after `instructions`, as chat messages (and their images).
+fn input_messages(b: &Body) -> Result<request::Chat, ApiError> {
     let mut msgs = Vec::new();
     if let Some(i) = b.string("instructions")? {
         msgs.push(Message::new("system", &i));
     }
+    let mut images = Vec::new();
     match b.get("input") {
         None => return Err(ApiError::field("input", "`input` is required")),
         Some(Value::String(s)) => msgs.push(Message::new("user", &s)),
-        Some(v) => msgs.extend(request::messages(&v, "input")?),
+        Some(v) => {
+            let chat = request::messages(&v, "input")?;
+            msgs.extend(chat.messages);
+            images = chat.images;
+        }
     }
-    Ok(msgs)
+    Ok(request::Chat {
+        messages: msgs,
+        images,
+    })
 }
 
 pub async fn create(
@@ -345,9 +353,11 @@ pub async fn create(
         ));
     }
     let background = b.bool("background")?.unwrap_or(false);
-    let prompt = chat_prompt(&api, &input_messages(&b)?)?;
+    let chat = input_messages(&b)?;
+    let prompt = chat_prompt(&api, &chat.messages)?;
+    let caller = caller.map(|c| c.0);
     let sub =
-        generate::submit(&api.mgr, g.header, g.max_field, caller.map(|c| c.0), prompt).await?;
+        generate::submit(&api.mgr, g.header, g.max_field, caller, prompt, chat.images).await?;
     if g.stream {
         return stream(api, &sub.id, None, !background);
     }

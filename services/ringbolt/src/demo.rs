@@ -79,7 +79,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     // Text for the HTTP API's examples (demo checkpoints of older releases have none).
     if !dir.join("tokenizer.json").exists() {
-        ringbolt_text::init::write(&dir, cfg.vocab_size)?;
+        ringbolt_text::init::write(&dir, cfg.vocab_size, &[])?;
     }
     if a.cluster {
         if a.attention_workers == 0 || a.expert_workers == 0 {

@@ -181,7 +181,14 @@ pub fn init_checkpoint(a: InitCheckpointArgs) -> Result<()> {
     };
     // The text files: a tokenizer trained on a bundled text and MiniMax-01's chat template.
     let text = if cfg.vocab_size >= ringbolt_text::init::MIN_VOCAB {
-        ringbolt_text::init::write(&a.out, cfg.vocab_size)?;
+        // A VL-01 model's image placeholder is a special token of its own, as released.
+        let last: &[&str] = match &vision {
+            Some(v) if v.image_token as usize + 1 == cfg.vocab_size => {
+                &[ringbolt_model::vision::IMAGE_PLACEHOLDER]
+            }
+            _ => &[],
+        };
+        ringbolt_text::init::write(&a.out, cfg.vocab_size, last)?;
         ", tokenizer.json, tokenizer_config.json"
     } else {
         eprintln!(

@@ -31,6 +31,14 @@ const MAX_VOCAB: usize = 4096;
 
 /// A byte-level BPE tokenizer of at most `vocab` ids trained on `corpus` (deterministic).
 pub fn train(corpus: &str, vocab: usize) -> Result<Tokenizer, TextError> {
+    train_with(corpus, vocab, &[])
+}
+
+/// [`train`], with the special tokens `last` taking the vocabulary's last ids (a VL-01
+/// model's `<image>` placeholder, say).
+pub fn train_with(corpus: &str, vocab: usize, last: &[&str]) -> Result<Tokenizer, TextError> {
+    let all = vocab;
+    let vocab = vocab.saturating_sub(last.len());
     if vocab < MIN_VOCAB {
         return Err(TextError::Template(format!(
             "a byte-level tokenizer needs at least {MIN_VOCAB} ids; the model has {vocab}"
@@ -66,6 +74,15 @@ pub fn train(corpus: &str, vocab: usize) -> Result<Tokenizer, TextError> {
         .collect();
     tok.add_tokens(reserved)
         .map_err(|e| TextError::Template(format!("reserving the model's other ids: {e}")))?;
+    let last: Vec<AddedToken> = last.iter().map(|s| AddedToken::from(*s, true)).collect();
+    tok.add_special_tokens(last)
+        .map_err(|e| TextError::Template(format!("adding the last special tokens: {e}")))?;
+    if tok.get_vocab_size(true) != all {
+        return Err(TextError::Template(format!(
+            "the tokenizer has {} ids, not the model's {all}",
+            tok.get_vocab_size(true)
+        )));
+    }
     Ok(tok)
 }
 
@@ -85,9 +102,10 @@ pub fn tokenizer_config() -> serde_json::Value {
     })
 }
 
-/// Writes `tokenizer.json` and `tokenizer_config.json` into `dir` for a model of `vocab` ids.
-pub fn write(dir: &Path, vocab: usize) -> Result<(), TextError> {
-    let tok = train(CORPUS, vocab)?;
+/// Writes `tokenizer.json` and `tokenizer_config.json` into `dir` for a model of `vocab` ids,
+/// the special tokens `last` taking its last ids.
+pub fn write(dir: &Path, vocab: usize, last: &[&str]) -> Result<(), TextError> {
+    let tok = train_with(CORPUS, vocab, last)?;
     let path = dir.join("tokenizer.json");
     tok.save(&path, true).map_err(|e| TextError::Write {
         path: path.clone(),
@@ -121,5 +139,11 @@ mod tests {
         assert!(big.get_vocab_size(false) <= MAX_VOCAB);
         assert_eq!(big.decode(&[31_999], true).unwrap(), "<|reserved_31999|>");
         assert!(train(CORPUS, 100).is_err());
+        // A VL-01 model's placeholder takes the last id, and is one token in text.
+        let vl = train_with(CORPUS, 512, &["<image>"]).unwrap();
+        assert_eq!(vl.get_vocab_size(true), 512);
+        assert_eq!(vl.token_to_id("<image>"), Some(511));
+        let enc = vl.encode("a<image>b", false).unwrap();
+        assert!(enc.get_ids().contains(&511), "{:?}", enc.get_ids());
     }
 }

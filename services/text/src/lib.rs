@@ -258,7 +258,7 @@ mod tests {
         std::fs::write(dir.join("tokenizer.json"), "{not json").unwrap();
         let e = Text::load(&dir, None).err().unwrap().to_string();
         assert!(e.contains("tokenizer.json"), "{e}");
-        init::write(&dir, 512).unwrap();
+        init::write(&dir, 512, &[]).unwrap();
         let t = Text::load(&dir, None).unwrap().unwrap();
         assert!(t.template().is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -291,7 +291,7 @@ mod reference {
         let (dir, _) = fixture();
         let out = std::env::temp_dir().join(format!("rb-text-ref-{}", std::process::id()));
         std::fs::create_dir_all(&out).unwrap();
-        init::write(&out, 512).unwrap();
+        init::write(&out, 512, &[]).unwrap();
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             assert_eq!(
                 std::fs::read_to_string(out.join(f)).unwrap(),
