@@ -1,5 +1,5 @@
-// Row-wise and element-wise kernels: RMSNorm, activations, gates, axpby, gathers and the
-// weighted scatter-add that combines expert outputs, and bf16 conversion.
+// Row-wise and element-wise kernels: RMSNorm, LayerNorm, activations, gates, biases, axpby,
+// gathers and the weighted scatter-add that combines expert outputs, and bf16 conversion.
 #include "common.cuh"
 
 // y = g ⊙ x / sqrt(mean(x²) + eps), one block per row.
@@ -12,6 +12,38 @@ RB_EXTERN void rms_norm(const float* __restrict__ x, const float* __restrict__ g
     s = rb_block_sum(s);
     const float r = rsqrtf(s / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) yr[i] = g[i] * (xr[i] * r);
+}
+
+// y = g ⊙ (x − mean) / sqrt(var + eps) + b, one block per row (the vision tower's LayerNorm;
+// the variance from the mean's deviations, a second pass over the row).
+RB_EXTERN void layer_norm(const float* __restrict__ x, const float* __restrict__ g,
+                          const float* __restrict__ b, float* __restrict__ y, int width,
+                          float eps) {
+    const float* xr = x + (size_t)blockIdx.x * width;
+    float* yr = y + (size_t)blockIdx.x * width;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) s += xr[i];
+    const float mean = rb_block_sum(s) / (float)width;
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float d = xr[i] - mean;
+        v += d * d;
+    }
+    const float r = rsqrtf(rb_block_sum(v) / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) yr[i] = (xr[i] - mean) * r * g[i] + b[i];
+}
+
+// x[i] += bias[i mod width]: a linear layer's bias on every row.
+RB_EXTERN void add_bias(float* __restrict__ x, const float* __restrict__ bias, size_t n,
+                        int width) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += bias[i % (size_t)width];
+}
+
+// Exact GELU: x · (1 + erf(x / √2)) / 2.
+RB_EXTERN void gelu_inplace(float* __restrict__ x, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { float v = x[i]; x[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 }
 
 RB_EXTERN void silu_inplace(float* __restrict__ x, size_t n) {

@@ -451,6 +451,40 @@ void rms_norm_check(int rows, int width) {
           1e-5);
 }
 
+// The vision tower's row and element kernels: LayerNorm (rows far from zero mean, where a
+// one-pass variance would cancel), a bias on every row, exact GELU.
+void vision_elementwise_check(int rows, int width) {
+    auto x = random((size_t)rows * width, 2.0f), g = random(width, 1.0f), b = random(width, 1.0f);
+    for (auto& v : x) v += 300.0f;
+    const float eps = 1e-5f;
+    std::vector<float> y(x.size(), NAN);
+    rb_launch({(unsigned)rows, 1, 1}, {256, 1, 1}, 0,
+              [&] { layer_norm(x.data(), g.data(), b.data(), y.data(), width, eps); });
+    std::vector<double> want(x.size());
+    for (int r = 0; r < rows; ++r) {
+        double mean = 0.0, var = 0.0;
+        for (int i = 0; i < width; ++i) mean += x[r * width + i];
+        mean /= width;
+        for (int i = 0; i < width; ++i) var += std::pow(x[r * width + i] - mean, 2);
+        const double inv = 1.0 / std::sqrt(var / width + eps);
+        for (int i = 0; i < width; ++i)
+            want[r * width + i] = (x[r * width + i] - mean) * inv * g[i] + b[i];
+    }
+    const std::string shape = " rows=" + std::to_string(rows) + " width=" + std::to_string(width);
+    check("layer_norm" + shape, y, want, 1e-4);
+    const size_t n = x.size();
+    auto grid1 = dim3{(unsigned)((n + 255) / 256), 1, 1};
+    std::vector<float> s = x;
+    rb_launch(grid1, {256, 1, 1}, 0, [&] { add_bias(s.data(), b.data(), n, width); });
+    for (size_t i = 0; i < n; ++i) want[i] = (double)x[i] + b[i % width];
+    check("add_bias" + shape, s, want, 1e-6);
+    s = random(n, 4.0f);
+    std::vector<float> in = s;
+    rb_launch(grid1, {256, 1, 1}, 0, [&] { gelu_inplace(s.data(), n); });
+    for (size_t i = 0; i < n; ++i) want[i] = 0.5 * in[i] * (1.0 + std::erf(in[i] / std::sqrt(2.0)));
+    check("gelu_inplace" + shape, s, want, 1e-6);
+}
+
 void route_check(int rows, int experts, int top_k) {
     auto logits = random((size_t)rows * experts, 3.0f);
     std::vector<unsigned> ids((size_t)rows * top_k, 999);
@@ -703,6 +737,8 @@ int main() {
     w8a16_check(20, 96, 70, 2, true);
     rms_norm_check(3, 96);
     rms_norm_check(2, 1000);
+    vision_elementwise_check(3, 96);
+    vision_elementwise_check(2, 1000);
     route_check(70, 32, 2);
     rope_check(4, 2, 16, 8, 10);
     rope_rows_check(3, 16, 8);

@@ -149,6 +149,7 @@ pub fn compile_module(
     cached: bool,
 ) -> Result<Compiled, CudaError> {
     use cudarc::nvrtc::{CompileError, CompileOptions};
+    // SAFETY: only tries to load the library (dlopen); calls nothing in it.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(CudaError::NoNvrtc);
     }
@@ -286,6 +287,7 @@ fn cache_path(module: &str, src: &str, arch: &str, version: &str) -> Option<Path
 
 /// CUDA devices on this machine (0 or an error when there is no driver).
 pub fn device_count() -> Result<usize, CudaError> {
+    // SAFETY: only tries to load the library (dlopen); calls nothing in it.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(CudaError::NoDriver);
     }
@@ -308,6 +310,9 @@ mod tests {
         }
         for k in [
             "rms_norm",
+            "layer_norm",
+            "add_bias",
+            "gelu_inplace",
             "swiglu",
             "scatter_add_rows",
             "rope_inplace",

@@ -168,6 +168,7 @@ const POOL_KEEP_BYTES: u64 = 4 << 30;
 /// the pool (cuBLAS workspaces, NCCL buffers). Best effort: a failure costs speed only.
 fn keep_pool_memory(ordinal: usize) {
     use cudarc::driver::sys;
+    // SAFETY: plain driver calls on out-pointers to locals that live through them.
     let r = unsafe {
         let mut dev: sys::CUdevice = 0;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
@@ -365,6 +366,7 @@ impl CudaBackend {
             let nn = x.len;
             let mut b = self.stream.launch_builder(self.f("f32_to_bf16"));
             b.arg(&v).arg(&mut y).arg(&nn);
+            // SAFETY: v holds nn values and y has room for nn (one thread each).
             unsafe { b.launch(grid(nn, 256)) }.unwrap_or_else(|e| fail("f32_to_bf16", e));
         }
         y
@@ -423,6 +425,7 @@ impl CudaBackend {
                 .arg(&wd)
                 .arg(&c)
                 .arg(&wi);
+            // SAFETY: out has a row for every dst entry, y one for every src entry, starts holds dst.len()+1 offsets into src and weights; one thread per element of the dst rows.
             unsafe { b.launch(grid(u.dst.len() * width, 256)) }
                 .unwrap_or_else(|e| fail("scatter_add_rows", e));
         }
@@ -781,6 +784,7 @@ impl CudaBackend {
         if let Some(d) = x.data.as_mut() {
             let mut b = self.stream.launch_builder(self.f(name));
             b.arg(d).arg(&n);
+            // SAFETY: x holds n values; one thread per element.
             unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail(name, e));
         }
     }
@@ -858,6 +862,7 @@ impl Backend for CudaBackend {
             let (c, wi) = (ids.len() as i32, width as i32);
             let mut b = self.stream.launch_builder(self.f("gather_rows_bf16"));
             b.arg(w.bf16()).arg(&idd).arg(o).arg(&c).arg(&wi);
+            // SAFETY: every id indexes a row of the table (checked by the caller); o has room for ids.len()·width values, one thread each.
             unsafe { b.launch(grid(ids.len() * width, 256)) }
                 .unwrap_or_else(|e| fail("gather_rows_bf16", e));
         }
@@ -901,6 +906,7 @@ impl Backend for CudaBackend {
             let (c, wi) = (ids.len() as i32, width as i32);
             let mut b = self.stream.launch_builder(self.f("gather_rows"));
             b.arg(src).arg(&idd).arg(o).arg(&c).arg(&wi);
+            // SAFETY: every id indexes a row of src (checked by the caller); o has room for ids.len()·width values, one thread each.
             unsafe { b.launch(grid(ids.len() * width, 256)) }
                 .unwrap_or_else(|e| fail("gather_rows", e));
         }
@@ -1051,9 +1057,58 @@ impl Backend for CudaBackend {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
+            // SAFETY: x and y hold rows·width floats, g width (asserted above); one block a row.
             unsafe { b.launch(cfg) }.unwrap_or_else(|e| fail("rms_norm", e));
         }
         y
+    }
+
+    fn layer_norm(&self, x: &GpuBuf, g: &GpuBuf, b: &GpuBuf, width: usize, eps: f32) -> GpuBuf {
+        assert!(
+            g.len == width && b.len == width,
+            "layer_norm: parameters are not [width]"
+        );
+        let rows = x.len / width.max(1);
+        let mut y = self.alloc(x.len);
+        if let (Some(yd), Some(xd), Some(gd), Some(bd)) = (
+            y.data.as_mut(),
+            x.data.as_ref(),
+            g.data.as_ref(),
+            b.data.as_ref(),
+        ) {
+            let wi = width as i32;
+            let mut l = self.stream.launch_builder(self.f("layer_norm"));
+            l.arg(xd).arg(gd).arg(bd).arg(yd).arg(&wi).arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: x and y hold rows·width floats, g and b width (checked above); one block
+            // a row reads and writes only its row.
+            unsafe { l.launch(cfg) }.unwrap_or_else(|e| fail("layer_norm", e));
+        }
+        y
+    }
+
+    fn add_bias(&self, x: &mut GpuBuf, bias: &GpuBuf) {
+        let (n, width) = (x.len, bias.len);
+        assert!(
+            width > 0 && n % width == 0,
+            "add_bias: {n} values are not rows of {width}"
+        );
+        if let (Some(xd), Some(bd)) = (x.data.as_mut(), bias.data.as_ref()) {
+            let wi = width as i32;
+            let mut b = self.stream.launch_builder(self.f("add_bias"));
+            b.arg(xd).arg(bd).arg(&n).arg(&wi);
+            // SAFETY: one thread per element of x (n of them); bias holds width floats and is
+            // read at i mod width.
+            unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail("add_bias", e));
+        }
+    }
+
+    fn gelu_inplace(&self, x: &mut GpuBuf) {
+        self.elementwise(x, "gelu_inplace");
     }
 
     fn silu_inplace(&self, x: &mut GpuBuf) {
@@ -1066,6 +1121,7 @@ impl Backend for CudaBackend {
         if let (Some(xd), Some(gd)) = (x.data.as_mut(), gate.data.as_ref()) {
             let mut b = self.stream.launch_builder(self.f("sigmoid_gate"));
             b.arg(xd).arg(gd).arg(&n);
+            // SAFETY: x and gate both hold n values (asserted above); one thread per element.
             unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail("sigmoid_gate", e));
         }
     }
@@ -1078,6 +1134,7 @@ impl Backend for CudaBackend {
         {
             let mut b = self.stream.launch_builder(self.f("axpby"));
             b.arg(&alpha).arg(ad).arg(&beta).arg(bd).arg(yd).arg(&n);
+            // SAFETY: a, b and y all hold n values; one thread per element.
             unsafe { b.launch(grid(n, 256)) }.unwrap_or_else(|e| fail("axpby", e));
         }
         y
@@ -1090,6 +1147,7 @@ impl Backend for CudaBackend {
             let (r, i) = (rows as i32, inter as i32);
             let mut b = self.stream.launch_builder(self.f("swiglu"));
             b.arg(hd).arg(yd).arg(&r).arg(&i);
+            // SAFETY: h holds rows·2·inter values and y rows·inter; one thread per element of y.
             unsafe { b.launch(grid(rows * inter, 256)) }.unwrap_or_else(|e| fail("swiglu", e));
         }
         y
@@ -1291,6 +1349,7 @@ impl Backend for CudaBackend {
                 .arg(&hd)
                 .arg(&hf)
                 .arg(&p0);
+            // SAFETY: q/k hold t rows of heads·dim values and the tables cover their positions; one thread per rotated pair.
             unsafe { b.launch(grid(t * heads * half, 256)) }
                 .unwrap_or_else(|e| fail("rope_inplace", e));
         }
@@ -1318,6 +1377,7 @@ impl Backend for CudaBackend {
                 .arg(&hi)
                 .arg(&hd)
                 .arg(&hf);
+            // SAFETY: q/k hold t rows of heads·dim values and the tables cover their positions; one thread per rotated pair.
             unsafe { b.launch(grid(t * heads * half, 256)) }
                 .unwrap_or_else(|e| fail("rope_rows", e));
         }
@@ -1531,6 +1591,7 @@ impl Backend for CudaBackend {
             let (r, e, k) = (rows as i32, experts as i32, top_k as i32);
             let mut b = self.stream.launch_builder(self.f("route_topk"));
             b.arg(ld).arg(&mut ed).arg(&mut wd).arg(&r).arg(&e).arg(&k);
+            // SAFETY: logits hold rows·experts values, ids and weights rows·top_k; one thread per row.
             unsafe { b.launch(grid(rows, 128)) }.unwrap_or_else(|e| fail("route_topk", e));
         }
         Routing {

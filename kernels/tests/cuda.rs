@@ -791,3 +791,35 @@ fn partial_attention_and_its_merge_match_the_cpu() {
         }
     }
 }
+
+#[test]
+fn vision_layer_norm_bias_and_gelu_match_the_cpu() {
+    let Some(b) = backend() else { return };
+    let cpu = Cpu::default();
+    let mut rng = StdRng::seed_from_u64(9);
+    let (rows, width) = (5, 1024);
+    // Rows far from zero mean, where a one-pass variance would cancel.
+    let x: Vec<f32> = rand_vec(&mut rng, rows * width, 2.0)
+        .iter()
+        .map(|v| v + 300.0)
+        .collect();
+    let (g, bias) = (
+        rand_vec(&mut rng, width, 1.0),
+        rand_vec(&mut rng, width, 1.0),
+    );
+    let eps = 1e-5;
+    let got = b.layer_norm(&b.upload(&x), &b.upload(&g), &b.upload(&bias), width, eps);
+    let want = cpu.layer_norm(&cpu.upload(&x), &g, &bias, width, eps);
+    assert_close(&b.host_view(&got), &want, "layer_norm");
+    let mut gb = b.upload(&x);
+    b.add_bias(&mut gb, &b.upload(&bias));
+    let mut cb = x.clone();
+    cpu.add_bias(&mut cb, &bias);
+    assert_close(&b.host_view(&gb), &cb, "add_bias");
+    let y = rand_vec(&mut rng, rows * width, 4.0);
+    let mut gy = b.upload(&y);
+    b.gelu_inplace(&mut gy);
+    let mut cy = y.clone();
+    cpu.gelu_inplace(&mut cy);
+    assert_close(&b.host_view(&gy), &cy, "gelu_inplace");
+}

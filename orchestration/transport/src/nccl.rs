@@ -54,11 +54,13 @@ pub struct NcclTransport {
 
 /// Whether libnccl can be loaded here (it needs no GPU).
 pub fn available() -> bool {
+    // SAFETY: only tries to load the library (dlopen); calls nothing in it.
     unsafe { cudarc::nccl::sys::is_culib_present() }
 }
 
 /// A fresh NCCL unique id (rank 0 of a new epoch creates it; the coordinator hands it out).
 pub fn unique_id() -> Result<[std::ffi::c_char; 128]> {
+    // SAFETY: only tries to load the library (dlopen); calls nothing in it.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
         return Err(TransportError::Peer {
             peer: 0,
@@ -231,9 +233,11 @@ impl NcclTransport {
         if rank >= size {
             return Err(TransportError::BadRank { rank, size });
         }
+        // SAFETY: only tries to load the library (dlopen); calls nothing in it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(cuda_err(rank, "no CUDA driver on this machine"));
         }
+        // SAFETY: only tries to load the library (dlopen); calls nothing in it.
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(nccl_err(
                 rank,
