@@ -1815,7 +1815,14 @@ fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
 
     // d.jpg is 61 × 50 (3050 pixels), b.png 31 × 90 (2790), a.png 70 × 45 (3150).
     let data = dir.path().join("data");
-    let limits = ["--max-images", "2", "--max-image-pixels", "3100"];
+    let limits = [
+        "--max-images",
+        "2",
+        "--max-image-pixels",
+        "3100",
+        "--prefill-chunk",
+        "16",
+    ];
     let mut server = Server::start(&ckpt, &data, &limits);
     let submit = |ep: &str, extra: &[&str]| -> Vec<String> {
         let mut args = vec![
@@ -1836,6 +1843,21 @@ fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
     let got = ok_json(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(tokens(&got), tokens(&want));
     assert_eq!(got["prompt_tokens"].as_u64(), Some(expanded), "{got}");
+    // Asked again: the context cache has its blocks (keyed by the images' features too), and
+    // the tokens are the same; the same token ids with the images swapped do not hit.
+    let again = ok_json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(tokens(&again), tokens(&want));
+    assert!(again["cached_tokens"].as_u64().unwrap() >= 16, "{again}");
+    let swapped: Vec<&str> = args
+        .iter()
+        .map(|a| match a.as_str() {
+            x if x == d => b,
+            x if x == b => d,
+            x => x,
+        })
+        .collect();
+    let other = ok_json(&swapped);
+    assert_eq!(other["cached_tokens"], 0, "{other}");
 
     // Accepted, then the server is killed: the job and its images are on disk.
     let args = submit(&server.endpoint, &["--idempotency-key", "v1", "--detach"]);

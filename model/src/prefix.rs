@@ -62,6 +62,30 @@ pub fn root(fingerprint: &[u8], chunk: usize) -> Key {
     h.digest128()
 }
 
+/// The root of prompts whose embeddings are replaced at some positions (images' features):
+/// `root` salted with every replacement's position and values, so that their blocks are shared
+/// only with prompts that have the same rows at the same positions (token ids alone do not say
+/// which image a placeholder stands for).
+pub fn embeddings_root(root: Key, embeddings: &[(usize, Vec<f32>)]) -> Key {
+    if embeddings.is_empty() {
+        return root;
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(b"replaced embeddings");
+    h.update(&root.to_le_bytes());
+    let mut buf = Vec::with_capacity(4 << 10);
+    for (pos, rows) in embeddings {
+        h.update(&(*pos as u64).to_le_bytes());
+        h.update(&(rows.len() as u64).to_le_bytes());
+        for part in rows.chunks(1 << 10) {
+            buf.clear();
+            buf.extend(part.iter().flat_map(|v| v.to_le_bytes()));
+            h.update(&buf);
+        }
+    }
+    h.digest128()
+}
+
 /// The key of `parent`'s prefix followed by `tokens`.
 pub fn key(parent: Key, tokens: &[u32]) -> Key {
     let mut h = xxhash_rust::xxh3::Xxh3::new();

@@ -60,8 +60,8 @@ pub struct Request {
     /// Whether its prefill may start from, and adds to, the scheduler's context cache.
     pub context_cache: bool,
     /// Input rows that replace the prompt's token embeddings (an image's features at its
-    /// placeholders): (first position, `[n, H]` rows). A prompt with any is never cached
-    /// (the cache's keys are token ids).
+    /// placeholders): (first position, `[n, H]` rows). The context cache keeps such a prompt's
+    /// blocks under a root salted with these rows ([`crate::prefix::embeddings_root`]).
     pub embeddings: Vec<(usize, Vec<f32>)>,
 }
 
@@ -370,7 +370,9 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             return;
         }
         match model.restore(&blocks) {
-            Ok(state) => {
+            Ok(mut state) => {
+                // The features of positions still to prefill stay with the sequence.
+                state.embeddings = std::mem::take(&mut s.state.embeddings);
                 s.state = state;
                 s.done = blocks.len() * s.chunk;
                 s.chain = Some(
@@ -395,11 +397,11 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
                 }
                 let now = Instant::now();
                 let chunk = req.prefill_chunk.unwrap_or(self.cfg.prefill_chunk).max(1);
-                let chain = (self.cache.is_some()
-                    && req.context_cache
-                    && req.context_parallel <= 1
-                    && req.embeddings.is_empty())
-                .then(|| model.cache_root(chunk));
+                // A prompt with images' features has a root of its own per set of features.
+                let chain =
+                    (self.cache.is_some() && req.context_cache && req.context_parallel <= 1).then(
+                        || crate::prefix::embeddings_root(model.cache_root(chunk), &req.embeddings),
+                    );
                 let mut state = model.new_state();
                 for (pos, rows) in req.embeddings {
                     state.set_embeddings(pos, rows);
@@ -1064,5 +1066,78 @@ mod tests {
         run(&mut cached, q3.clone(), false);
         q3.push(1);
         assert_eq!(cache.stats(), before);
+    }
+
+    /// Prompts with replaced embeddings (images' features) share cached blocks only with the
+    /// same rows at the same positions; rows after the cached prefix still apply on a hit.
+    #[test]
+    fn cached_blocks_of_prompts_with_embeddings_are_keyed_by_their_rows() {
+        let (_d, m) = model(None);
+        let h = m.config().hidden_size;
+        let cache = ContextCache::new(64 << 20, None).unwrap();
+        let cfg = SchedulerConfig {
+            max_batch: 4,
+            prefill_chunk: 8,
+        };
+        let rows = |seed: u32, n: usize| -> Vec<f32> {
+            (0..n * h)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0
+                        - 1.0
+                })
+                .collect()
+        };
+        // Features in the first blocks, and rows past the 40 tokens that get cached.
+        let image = |seed: u32| {
+            vec![
+                (3, rows(seed, 10)),
+                (25, rows(seed + 1, 5)),
+                (44, rows(seed + 2, 1)),
+            ]
+        };
+        let doc: Vec<u32> = (0..40).map(|i| (i * 13 % 500) as u32).collect();
+        let run =
+            |sched: &mut Scheduler<Cpu, Collect>, prompt: &[u32], emb: Vec<(usize, Vec<f32>)>| {
+                let (snk, log, _) = sink();
+                let mut req = request(prompt.to_vec(), 6);
+                req.embeddings = emb;
+                sched.admit(&m, req, snk);
+                while !sched.is_idle() {
+                    sched.step(&m, &LocalForward);
+                }
+                let l = log.borrow();
+                assert_eq!(l.end, Some(Ok(FinishReason::Length)));
+                l.tokens.clone()
+            };
+        let mut plain: Scheduler<Cpu, Collect> = Scheduler::new(cfg);
+        let mut cached: Scheduler<Cpu, Collect> =
+            Scheduler::new(cfg).with_context_cache(Some(cache.clone()));
+        let q1: Vec<u32> = doc.iter().copied().chain([7, 7, 7, 7, 7]).collect();
+        let q2: Vec<u32> = doc.iter().copied().chain([9, 8, 7, 6, 5]).collect();
+        assert_eq!(
+            run(&mut cached, &q1, image(1)),
+            run(&mut plain, &q1, image(1))
+        );
+        assert_eq!(cache.stats().entries, 5);
+        // The same features: a hit, and the cold run's tokens (the last row applied after it).
+        let warm = run(&mut cached, &q2, image(1));
+        assert_eq!(cache.stats().hits, 1);
+        assert_eq!(warm, run(&mut plain, &q2, image(1)));
+        let without_tail: Vec<_> = image(1).into_iter().take(2).collect();
+        assert_ne!(
+            warm,
+            run(&mut plain, &q2, without_tail),
+            "the last row matters"
+        );
+        // Other features, or none, at the same token ids: no hit, their own tokens.
+        assert_eq!(
+            run(&mut cached, &q2, image(7)),
+            run(&mut plain, &q2, image(7))
+        );
+        assert_eq!(
+            run(&mut cached, &q2, Vec::new()),
+            run(&mut plain, &q2, Vec::new())
+        );
+        assert_eq!(cache.stats().hits, 1);
     }
 }
