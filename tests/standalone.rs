@@ -101,6 +101,11 @@ fn ok_json(args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
+/// `ringbolt jobs VERB ID --endpoint EP --json` (`get` or `wait`).
+fn jobs_json(verb: &str, endpoint: &str, id: &str) -> Value {
+    ok_json(&["jobs", verb, id, "--endpoint", endpoint, "--json"])
+}
+
 fn tokens(v: &Value) -> Vec<u64> {
     v["tokens"]
         .as_array()
@@ -327,9 +332,9 @@ fn jobs_equal_generate_and_run_concurrently_with_batched_decode() {
     }
     // A late watcher gets every token from the start.
     let id = got[0]["job_id"].as_str().unwrap();
-    let again = ok_json(&["jobs", "wait", id, "--endpoint", &server.endpoint, "--json"]);
+    let again = jobs_json("wait", &server.endpoint, id);
     assert_eq!(tokens(&again), want[0]);
-    let get = ok_json(&["jobs", "get", id, "--endpoint", &server.endpoint, "--json"]);
+    let get = jobs_json("get", &server.endpoint, id);
     assert_eq!(get["state"], "succeeded");
     assert_eq!(get["context_parallel"], 1);
     let status = ok_json(&["status", "--endpoint", &server.endpoint, "--json"]);
@@ -349,7 +354,7 @@ fn upload_larger_than_the_message_limit_streams_in_chunks() {
     // 2.5M tokens = 10 MB of ids, above the server's 8 MiB message limit.
     let ids = prompt(2_500_000, 3);
     let id = submit_detached(&server.endpoint, dir.path(), &ids, 2, &[]);
-    let get = ok_json(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
+    let get = jobs_json("get", &server.endpoint, &id);
     assert_eq!(get["prompt_tokens"], 2_500_000);
     // The spooled prompt is exactly what was sent.
     let spooled =
@@ -381,14 +386,7 @@ fn upload_larger_than_the_message_limit_streams_in_chunks() {
         "--json",
     ]);
     assert_eq!(cancelled["job_id"], id.as_str());
-    let done = ok_json(&[
-        "jobs",
-        "wait",
-        &id,
-        "--endpoint",
-        &server.endpoint,
-        "--json",
-    ]);
+    let done = jobs_json("wait", &server.endpoint, &id);
     assert_eq!(done["finish_reason"], "cancelled");
 }
 
@@ -628,14 +626,7 @@ fn kill_9_after_acceptance_loses_nothing() {
         id
     );
     // The watcher checks indices: each token exactly once, in order.
-    let done = ok_json(&[
-        "jobs",
-        "wait",
-        &id,
-        "--endpoint",
-        &server.endpoint,
-        "--json",
-    ]);
+    let done = jobs_json("wait", &server.endpoint, &id);
     assert_eq!(tokens(&done), want);
     assert_eq!(done["finish_reason"], "length");
     assert!(
@@ -676,17 +667,10 @@ fn cancel_stops_a_running_job_and_admission_is_bounded() {
         &server.endpoint,
         "--json",
     ]);
-    let done = ok_json(&[
-        "jobs",
-        "wait",
-        &id,
-        "--endpoint",
-        &server.endpoint,
-        "--json",
-    ]);
+    let done = jobs_json("wait", &server.endpoint, &id);
     assert_eq!(done["finish_reason"], "cancelled");
     assert!(tokens(&done).len() < 50);
-    let get = ok_json(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
+    let get = jobs_json("get", &server.endpoint, &id);
     assert_eq!(get["state"], "cancelled");
     // The slot is free again.
     assert_eq!(
@@ -1133,7 +1117,7 @@ fn standalone_context_parallel_jobs_equal_one_rank() {
         let v = submit_json(&ep, &ids, new, &extra);
         assert_eq!(tokens(&v), want, "{n} tokens {extra:?}");
         let id = v["job_id"].as_str().unwrap();
-        let get = ok_json(&["jobs", "get", id, "--endpoint", &ep, "--json"]);
+        let get = jobs_json("get", &ep, id);
         let degree = if extra.is_empty() { 4 } else { 2 };
         assert_eq!(get["context_parallel"], degree, "{get}");
         let per_rank: Vec<u64> = get["cache_bytes_per_rank"]
@@ -1162,14 +1146,14 @@ fn standalone_context_parallel_jobs_equal_one_rank() {
     let want = generate(&ckpt, &small, 8);
     let v = submit_json(&ep, &small, 8, &["--context-parallel", "1"]);
     assert_eq!(tokens(&v), want);
-    let get = ok_json(&["jobs", "get", &id, "--endpoint", &ep, "--json"]);
+    let get = jobs_json("get", &ep, &id);
     assert_eq!(get["state"], "running", "{get}");
     assert!(
         get["tokens"].as_array().is_none_or(|t| t.is_empty()),
         "{get}"
     );
     ok_json(&["jobs", "cancel", &id, "--endpoint", &ep, "--json"]);
-    let done = ok_json(&["jobs", "wait", &id, "--endpoint", &ep, "--json"]);
+    let done = jobs_json("wait", &ep, &id);
     assert_eq!(done["finish_reason"], "cancelled", "{done}");
 
     // More ranks than the server has: refused, saying how many it has.
@@ -1442,6 +1426,27 @@ fn openai_pythonpath() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/py/openai"))
 }
 
+/// Runs `tests/NAME` with python3 and the `openai` package; its standard output (the script
+/// must succeed).
+fn openai_script(name: &str, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests")
+        .join(name);
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .env("PYTHONPATH", openai_pythonpath())
+        .output()
+        .expect("run the openai client");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn the_openai_package_drives_the_http_api_and_it_agrees_with_grpc() {
     let pythonpath = openai_pythonpath();
@@ -1480,19 +1485,7 @@ fn the_openai_package_drives_the_http_api_and_it_agrees_with_grpc() {
         ],
     );
     let base = server.http.clone().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_client.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([&base, "tiny-test", token])
-        .env("PYTHONPATH", &pythonpath)
-        .output()
-        .expect("run the openai client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the openai client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = openai_script("openai_client.py", &[&base, "tiny-test", token]);
     let reports: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -1645,14 +1638,7 @@ fn the_context_cache_reuses_a_shared_prefix_with_the_same_tokens() {
     // 100 shared tokens: the six whole chunks of 16 before them.
     assert_eq!(warm["cached_tokens"], 96);
     assert_eq!(tokens(&warm), tokens(&cold));
-    let got = ok_json(&[
-        "jobs",
-        "get",
-        warm["job_id"].as_str().unwrap(),
-        "--endpoint",
-        &ep,
-        "--json",
-    ]);
+    let got = jobs_json("get", &ep, warm["job_id"].as_str().unwrap());
     assert_eq!(got["cached_tokens"], 96);
     drop(server);
 
@@ -1754,7 +1740,7 @@ fn context_parallel_jobs_reuse_a_groups_cached_prefix() {
     assert_eq!(warm["cached_tokens"], 96, "{warm}");
     assert_eq!(tokens(&warm), tokens(&cold));
     let id = warm["job_id"].as_str().unwrap();
-    let got = ok_json(&["jobs", "get", id, "--endpoint", &ep, "--json"]);
+    let got = jobs_json("get", &ep, id);
     assert_eq!(got["cached_tokens"], 96);
     assert_eq!(got["context_parallel"], 2);
     // A longer question starts from the same 96 and finishes 24 positions on the decoding
@@ -1776,21 +1762,29 @@ fn fixture_image(name: &str) -> PathBuf {
         .join(name)
 }
 
-#[test]
-fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("vl");
-    let c = ckpt.to_str().unwrap();
+/// A random `vl-tiny` checkpoint in `dir`.
+fn vl_checkpoint(dir: &Path, seed: u32) -> PathBuf {
+    let ckpt = dir.join("vl");
+    let seed = seed.to_string();
+    let out = ckpt.to_str().unwrap();
     let (ok, _, err) = run(&[
         "init-checkpoint",
         "--preset",
         "vl-tiny",
         "--seed",
-        "3",
+        &seed,
         "--out",
-        c,
+        out,
     ]);
     assert!(ok, "{err}");
+    ckpt
+}
+
+#[test]
+fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = vl_checkpoint(dir.path(), 3);
+    let c = ckpt.to_str().unwrap();
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
     let img = cfg["image_token_index"].as_u64().unwrap().to_string();
@@ -1866,16 +1860,9 @@ fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
     let id = out.trim().to_string();
     server.kill9();
     let server = Server::start(&ckpt, &data, &limits);
-    let done = ok_json(&[
-        "jobs",
-        "wait",
-        &id,
-        "--endpoint",
-        &server.endpoint,
-        "--json",
-    ]);
+    let done = jobs_json("wait", &server.endpoint, &id);
     assert_eq!(tokens(&done), tokens(&want), "{done}");
-    let job = ok_json(&["jobs", "get", &id, "--endpoint", &server.endpoint, "--json"]);
+    let job = jobs_json("get", &server.endpoint, &id);
     assert_eq!(job["images"], 2, "{job}");
     assert_eq!(job["prompt_tokens"].as_u64(), Some(expanded), "{job}");
 
@@ -1969,20 +1956,8 @@ fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
 
 #[test]
 fn the_openai_package_sends_images_as_data_urls_and_they_equal_grpc_images() {
-    let pythonpath = openai_pythonpath();
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("vl");
-    let c = ckpt.to_str().unwrap();
-    let (ok, _, err) = run(&[
-        "init-checkpoint",
-        "--preset",
-        "vl-tiny",
-        "--seed",
-        "4",
-        "--out",
-        c,
-    ]);
-    assert!(ok, "{err}");
+    let ckpt = vl_checkpoint(dir.path(), 4);
     let server = Server::start(
         &ckpt,
         &dir.path().join("data"),
@@ -1990,28 +1965,12 @@ fn the_openai_package_sends_images_as_data_urls_and_they_equal_grpc_images() {
     );
     let (d, b) = (fixture_image("d.jpg"), fixture_image("b.png"));
     let (d, b) = (d.to_str().unwrap(), b.to_str().unwrap());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_images.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([server.http.as_deref().unwrap(), "vl", d, b])
-        .env("PYTHONPATH", &pythonpath)
-        .output()
-        .expect("run the openai client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the openai client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = openai_script(
+        "openai_images.py",
+        &[server.http.as_deref().unwrap(), "vl", d, b],
     );
     let r: Value = serde_json::from_str(stdout.trim()).unwrap();
-    let job = ok_json(&[
-        "jobs",
-        "get",
-        r["id"].as_str().unwrap(),
-        "--endpoint",
-        &server.endpoint,
-        "--json",
-    ]);
+    let job = jobs_json("get", &server.endpoint, r["id"].as_str().unwrap());
     assert_eq!(job["images"], 2, "{job}");
     assert_eq!(job["prompt_tokens"], r["prompt_tokens"], "{job}");
     // The same chat through the gRPC API: the template's text with the placeholders, and
