@@ -1941,7 +1941,7 @@ fn jobs_sharing_a_prefix_go_to_the_worker_that_cached_it() {
 }
 
 #[test]
-fn a_job_with_images_runs_its_vision_tower_on_the_attention_worker_and_equals_generate() {
+fn jobs_with_images_run_the_vision_tower_on_their_attention_workers_alone_or_split() {
     let dir = tempfile::tempdir().unwrap();
     let c = setup_preset("vision", dir.path(), "vl-tiny");
     let port = free_port();
@@ -1990,6 +1990,39 @@ fn a_job_with_images_runs_its_vision_tower_on_the_attention_worker_and_equals_ge
     assert_eq!(job["prompt_tokens"], want["prompt_tokens"], "{job}");
     assert_eq!(attention.count("job step started"), 1);
 
+    // Split between two attention workers: each runs the tower and takes its chunks' features.
+    let (second, _) = c.worker("attention-worker");
+    wait_status(&ep, "two attention workers", |s| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "attention-worker")
+            .count()
+            == 2
+    });
+    let id = submit_with(
+        &ep,
+        &p,
+        8,
+        &[
+            "--image",
+            d,
+            "--image",
+            b,
+            "--ignore-eos",
+            "--context-parallel",
+            "2",
+        ],
+    );
+    let got = follow(&ep, &id).join().unwrap();
+    assert_eq!(tokens(&got), tokens(&want), "{got}");
+    let job = ok_json(&["jobs", "get", "--endpoint", &ep, &id, "--json"]);
+    assert_eq!(job["context_parallel"], 2, "{job}");
+    for w in [&attention, &second] {
+        assert_eq!(w.count("context-parallel rank started"), 1);
+    }
+
     // A bad image is refused by the coordinator, with the reason; nothing runs.
     let (ok, _, err) = run(&[
         "submit",
@@ -2007,6 +2040,6 @@ fn a_job_with_images_runs_its_vision_tower_on_the_attention_worker_and_equals_ge
         "{err}"
     );
     let list = ok_json(&["jobs", "list", "--endpoint", &ep, "--json"]);
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     assert_eq!(attention.count("job step started"), 1);
 }

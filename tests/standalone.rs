@@ -1933,19 +1933,6 @@ fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
         assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
         assert!(err.message().contains(needle), "{what}: {}", err.message());
     }
-    // Asking to split a prompt with images among ranks is refused (one rank prefills it).
-    let mut cp = with_images(&one, &[&d_bytes]);
-    cp[0] = pb::SubmitJobRequest {
-        item: Some(pb::submit_job_request::Item::Header(pb::JobHeader {
-            max_new_tokens: 4,
-            context_parallel: 2,
-            ..Default::default()
-        })),
-    };
-    let err = rt
-        .block_on(submit_raw(&ep, cp))
-        .expect_err("context parallel");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(rt.block_on(job_count(&ep)), before, "no job was created");
     // Still serving images, sent in pieces the raw way.
     let r = rt
@@ -2002,4 +1989,65 @@ fn the_openai_package_sends_images_as_data_urls_and_they_equal_grpc_images() {
     assert_eq!(tokens(&grpc), tokens(&job));
     assert_eq!(grpc["prompt_tokens"], r["prompt_tokens"]);
     assert_eq!(job["text"], r["text"]);
+}
+
+#[test]
+fn context_parallel_jobs_with_images_equal_generate_and_reuse_the_groups_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = vl_checkpoint(dir.path(), 5);
+    let c = ckpt.to_str().unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    let img = cfg["image_token_index"].as_u64().unwrap().to_string();
+    // Text before, between and after the images: they land in several ranks' chunks.
+    let prompt = format!("5,9,12,{img},6,7,8,9,10,{img},8,3,4");
+    let (d, b) = (fixture_image("d.jpg"), fixture_image("b.png"));
+    let (d, b) = (d.to_str().unwrap(), b.to_str().unwrap());
+    let want = ok_json(&[
+        "generate",
+        "--checkpoint",
+        c,
+        "--tokens",
+        &prompt,
+        "--image",
+        d,
+        "--image",
+        b,
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+    ]);
+    let server = Server::start(
+        &ckpt,
+        &dir.path().join("data"),
+        &["--context-parallel", "2", "--prefill-chunk", "16"],
+    );
+    let job = |first: &str, second: &str| {
+        ok_json(&[
+            "submit",
+            "--endpoint",
+            &server.endpoint,
+            "--tokens",
+            &prompt,
+            "--image",
+            first,
+            "--image",
+            second,
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+        ])
+    };
+    let cold = job(d, b);
+    assert_eq!(tokens(&cold), tokens(&want), "{cold}");
+    let rec = jobs_json("get", &server.endpoint, cold["job_id"].as_str().unwrap());
+    assert_eq!(rec["context_parallel"], 2, "{rec}");
+    // Again: the group's shares, kept under the images' features, and the same tokens.
+    let warm = job(d, b);
+    assert_eq!(tokens(&warm), tokens(&want));
+    assert!(warm["cached_tokens"].as_u64().unwrap() >= 16, "{warm}");
+    // The images swapped: no shares of the other images are used.
+    let other = job(b, d);
+    assert_eq!(other["cached_tokens"], 0, "{other}");
 }

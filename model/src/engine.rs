@@ -227,6 +227,28 @@ pub trait SplitAttention<B: Backend>: Send + Sync {
     fn tokens_per_rank(&self, layer: usize) -> Vec<usize>;
 }
 
+/// Writes the rows of `embeddings` ((first position, `[n, h]` rows)) that fall in positions
+/// `pos..pos + count` into `dst` (`[count, h]`); whether there were any.
+pub(crate) fn patch_rows(
+    embeddings: &[(usize, Vec<f32>)],
+    pos: usize,
+    count: usize,
+    dst: &mut [f32],
+    h: usize,
+) -> bool {
+    let mut any = false;
+    for (start, rows) in embeddings {
+        let n = rows.len() / h.max(1);
+        let (lo, hi) = ((*start).max(pos), (start + n).min(pos + count));
+        if lo < hi {
+            dst[(lo - pos) * h..(hi - pos) * h]
+                .copy_from_slice(&rows[(lo - start) * h..(hi - start) * h]);
+            any = true;
+        }
+    }
+    any
+}
+
 impl<B: Backend> SequenceState<B> {
     /// Rows `rows` (`[n, H]`) replace the token embeddings at positions `pos..pos + n` when
     /// those positions are computed.
@@ -238,17 +260,7 @@ impl<B: Backend> SequenceState<B> {
     /// Writes the replacement rows for positions `pos..pos + count` into `dst` (`[count, h]`);
     /// whether there were any.
     fn patch_embeddings(&self, pos: usize, count: usize, dst: &mut [f32], h: usize) -> bool {
-        let mut any = false;
-        for (start, rows) in &self.embeddings {
-            let n = rows.len() / h.max(1);
-            let (lo, hi) = ((*start).max(pos), (start + n).min(pos + count));
-            if lo < hi {
-                dst[(lo - pos) * h..(hi - pos) * h]
-                    .copy_from_slice(&rows[(lo - start) * h..(hi - start) * h]);
-                any = true;
-            }
-        }
-        any
+        patch_rows(&self.embeddings, pos, count, dst, h)
     }
 
     /// Bytes held by this sequence's caches (f32 lightning states, keys and values as the

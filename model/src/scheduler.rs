@@ -616,7 +616,10 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             s.fail(e);
             return;
         }
+        // The features of positions still to prefill stay with the sequence.
+        let embeddings = std::mem::take(&mut s.state.embeddings);
         s.state = done.state;
+        s.state.embeddings = embeddings;
         s.done = done.tokens;
         s.stats.cached_tokens = done.cached_tokens as u64;
         let tps = s.done as f64 / s.started.elapsed().as_secs_f64().max(1e-9);

@@ -175,6 +175,20 @@ impl<B: Backend> Model<B> {
         prompt: &[u32],
         experts: Option<&'m (dyn ExpertExecutor<B> + Sync)>,
     ) -> Result<RankPrefill<'m, B>> {
+        self.rank_prefill_with(layout, rank, prompt, &[], experts)
+    }
+
+    /// [`rank_prefill`](Self::rank_prefill) of a prompt whose token embeddings `embeddings`
+    /// replace at some positions (images' features: (first position, `[n, H]` rows), as
+    /// [`SequenceState::set_embeddings`](crate::SequenceState::set_embeddings) takes them).
+    pub fn rank_prefill_with<'m>(
+        &'m self,
+        layout: &Layout,
+        rank: usize,
+        prompt: &[u32],
+        embeddings: &[(usize, Vec<f32>)],
+        experts: Option<&'m (dyn ExpertExecutor<B> + Sync)>,
+    ) -> Result<RankPrefill<'m, B>> {
         if rank >= layout.ranks || prompt.len() != layout.tokens {
             return Err(ModelError::Invalid(format!(
                 "rank {rank} of a {}-rank layout of {} tokens, for a {}-token prompt",
@@ -195,12 +209,25 @@ impl<B: Backend> Model<B> {
             .flat_map(|c| prompt[c.start..c.start + c.len].iter().copied())
             .collect();
         let rows = ids.len();
-        let h = if rows > 0 {
-            self.backend
-                .weight_rows(&self.embed, &ids, self.cfg.hidden_size)
+        let hsz = self.cfg.hidden_size;
+        let mut h = if rows > 0 {
+            self.backend.weight_rows(&self.embed, &ids, hsz)
         } else {
             self.backend.zeros(0)
         };
+        if !embeddings.is_empty() && rows > 0 {
+            let mut host = self.backend.host_view(&h).into_owned();
+            let mut at = 0;
+            let mut any = false;
+            for c in &own {
+                let dst = &mut host[at * hsz..(at + c.len) * hsz];
+                any |= crate::engine::patch_rows(embeddings, c.start, c.len, dst, hsz);
+                at += c.len;
+            }
+            if any {
+                h = self.backend.upload_owned(host);
+            }
+        }
         Ok(RankPrefill {
             model: self,
             experts,
@@ -967,9 +994,19 @@ mod tests {
         prompt: &[u32],
         ranks: usize,
     ) -> Result<(Vec<f32>, Vec<RankPrefill<'m, B>>)> {
+        prefill_with(model, prompt, &[], ranks)
+    }
+
+    /// [`prefill`] with embeddings replaced at some positions.
+    fn prefill_with<'m, B: Backend>(
+        model: &'m Model<B>,
+        prompt: &[u32],
+        embeddings: &[(usize, Vec<f32>)],
+        ranks: usize,
+    ) -> Result<(Vec<f32>, Vec<RankPrefill<'m, B>>)> {
         let layout = Layout::zigzag(prompt.len(), ranks);
         let mut rs: Vec<RankPrefill<'m, B>> = (0..layout.ranks)
-            .map(|r| model.rank_prefill(&layout, r, prompt, None))
+            .map(|r| model.rank_prefill_with(&layout, r, prompt, embeddings, None))
             .collect::<Result<_>>()?;
         // MoE steps in blocks of a few rows (a rank's millions of rows in blocks).
         for r in rs.iter_mut() {
@@ -1087,6 +1124,35 @@ mod tests {
                 let b = m.forward(&mut one, &[t], Logits::Last).unwrap();
                 assert!(rel_err(&a, &b) <= 1e-5, "n={n} P={p}: decode after prefill");
             }
+        }
+    }
+
+    /// Images' features (rows that replace token embeddings), across chunk and rank
+    /// boundaries, give one worker's logits.
+    #[test]
+    fn context_parallel_prefill_with_replaced_embeddings_equals_one_worker() {
+        let (_d, m) = model(3);
+        let h = m.config().hidden_size;
+        let prompt: Vec<u32> = (0..61u32).map(|i| (i * 37 + 11) % 500 + 1).collect();
+        let rows = |seed: usize, n: usize| -> Vec<f32> {
+            (0..n * h)
+                .map(|i| ((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let emb = vec![(2, rows(1, 17)), (30, rows(2, 3)), (50, rows(3, 11))];
+        let mut st = m.new_state();
+        for (p, r) in &emb {
+            st.set_embeddings(*p, r.clone());
+        }
+        let want = m.forward(&mut st, &prompt, Logits::Last).unwrap();
+        let plain = m
+            .forward(&mut m.new_state(), &prompt, Logits::Last)
+            .unwrap();
+        assert!(rel_err(&plain, &want) > 1e-3, "the rows change the logits");
+        for p in 1..=4 {
+            let (got, _) = prefill_with(&m, &prompt, &emb, p).unwrap();
+            let e = rel_err(&got, &want);
+            assert!(e <= 1e-5, "P={p}: relative error {e}");
         }
     }
 

@@ -282,12 +282,6 @@ impl<B: Backend> AttentionHost<B> {
             )));
         }
         let rank = req.context.as_ref().map(Self::check_group).transpose()?;
-        if rank.is_some() && !req.images.is_empty() {
-            return Err(Status::invalid_argument(
-                "a context-parallel job step takes no images (a prompt with images is \
-                 prefilled on one worker)",
-            ));
-        }
         if rank.is_some() && req.prefill_chunk == 0 {
             // The ranks must cut the prompt alike (the group's part ends on a chunk boundary).
             return Err(Status::invalid_argument(
@@ -351,7 +345,8 @@ impl<B: Backend> AttentionHost<B> {
         let job = echo(&req.job_id);
         let images = std::mem::take(&mut req.images);
         // This worker runs the prompt's images through its vision tower (on the engine
-        // thread, the one that computes with the model).
+        // thread, the one that computes with the model); every rank of a context-parallel
+        // group does, and takes its chunks' features.
         let checked = Self::check(&req).and_then(|(mut r, rank)| {
             if !images.is_empty() {
                 let p = ringbolt_jobs::store::Prompt {
@@ -467,6 +462,7 @@ impl<B: Backend> AttentionHost<B> {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let group_job = ringbolt_context::GroupJob {
                     prompt: &req.prompt,
+                    embeddings: &req.embeddings,
                     chunk: req.prefill_chunk.unwrap_or(prefill_chunk),
                     context_cache: req.context_cache,
                 };

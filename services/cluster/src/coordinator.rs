@@ -712,14 +712,12 @@ impl ClusterExecutor {
         let packed = ringbolt_proto::pack_tokens(&prompt);
         let created = rec.created_unix_ms;
         let queued = ringbolt_jobs::record::now_unix_ms().saturating_sub(created) as f64 / 1e3;
-        // The attention worker that runs the job runs its images through the vision tower;
-        // image features are taken by one rank's prefill only (submission says so).
-        let degree = match images.is_empty() {
-            true => self
-                .view
-                .context_degree(rec.context_parallel, prompt.len() as u64),
-            false => 1,
-        };
+        // The attention worker(s) that run the job run its images through the vision tower
+        // (every rank of a group: each takes its chunks' features). The context's length
+        // counts each image's features.
+        let degree = self
+            .view
+            .context_degree(rec.context_parallel, rec.prompt_tokens);
         let mut avoid = HashSet::new();
         let mut failures = 0u32;
         let mut ttft = 0.0;

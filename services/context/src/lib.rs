@@ -149,7 +149,8 @@ fn decode_kv(mut b: Bytes) -> Result<KvBlock> {
     Ok(out)
 }
 
-/// Runs rank `transport.rank()`'s part of the prefill of `prompt` split by `layout`, its
+/// Runs rank `transport.rank()`'s part of the prefill of `prompt` split by `layout` (with
+/// `embeddings` replacing token embeddings at some positions: images' features), its
 /// transfers on `rt`. Call it on every rank at once, each on its own thread. A wait on the
 /// other ranks ends early when `abort` is cancelled (another rank failed).
 #[allow(clippy::too_many_arguments)]
@@ -159,6 +160,7 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
     experts: Option<&'m (dyn ExpertExecutor<B> + Sync)>,
     layout: &Layout,
     prompt: &[u32],
+    embeddings: &[(usize, Vec<f32>)],
     exchange: StateExchange,
     transport: Arc<T>,
     abort: &CancellationToken,
@@ -171,7 +173,7 @@ pub fn prefill_rank<'m, B: Backend, T: Transport + 'static>(
         ))));
     }
     let mut times = RankTimes::default();
-    let mut rp = model.rank_prefill(layout, rank, prompt, experts)?;
+    let mut rp = model.rank_prefill_with(layout, rank, prompt, embeddings, experts)?;
     let (next, prev) = ((rank + 1) % p, (rank + p - 1) % p);
     while !rp.done() {
         let l = rp.layer();
@@ -636,7 +638,7 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
 ) -> Result<LocalPrefill<B>> {
     let layout = Layout::zigzag(prompt.len(), group.len());
     let results = run_ranks(group, cancel, |t, abort| {
-        prefill_rank(rt, model, None, &layout, prompt, exchange, t, abort)
+        prefill_rank(rt, model, None, &layout, prompt, &[], exchange, t, abort)
     })?;
     let mut ranks_done = Vec::new();
     let mut times = Vec::new();
@@ -662,6 +664,9 @@ pub fn prefill_group<B: Backend, T: Transport + 'static>(
 #[derive(Debug, Clone, Copy)]
 pub struct GroupJob<'a> {
     pub prompt: &'a [u32],
+    /// Rows that replace the prompt's token embeddings (images' features: (first position,
+    /// `[n, H]` rows)); every rank has them all and takes its chunks' rows.
+    pub embeddings: &'a [(usize, Vec<f32>)],
     /// The prefill chunk: the context cache's block, which [`group_prefix`] ends on.
     pub chunk: usize,
     /// Whether the job reads and adds to the context cache.
@@ -710,7 +715,8 @@ pub fn prefill_rank_cached<B: Backend, T: Transport + 'static>(
     let end = group_prefix(prompt.len(), chunk);
     let agree = job.context_cache && end.is_multiple_of(chunk) && end < prompt.len();
     let prefixes = if agree {
-        let root = model.cache_root(chunk);
+        // Shares of a prompt with images' features are kept under a root of those features.
+        let root = ringbolt_model::prefix::embeddings_root(model.cache_root(chunk), job.embeddings);
         prefix_keys(root, prompt, chunk, end)
     } else {
         Vec::new()
@@ -741,6 +747,7 @@ pub fn prefill_rank_cached<B: Backend, T: Transport + 'static>(
         experts,
         &layout,
         part,
+        job.embeddings,
         // All-gather: measured no slower than the ring (docs/BENCHMARKS.md).
         StateExchange::AllGather,
         transport,
@@ -1036,6 +1043,7 @@ mod tests {
         let want = m.forward(&mut one, &prompt, Logits::Last).unwrap();
         let job = GroupJob {
             prompt: &prompt,
+            embeddings: &[],
             chunk: 16,
             context_cache: true,
         };
@@ -1140,6 +1148,7 @@ mod tests {
                             None,
                             layout,
                             head,
+                            &[],
                             StateExchange::Ring,
                             t.clone(),
                             &abort,

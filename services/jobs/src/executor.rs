@@ -270,8 +270,6 @@ impl<B: Backend> Engine<B> {
             }
         };
         let degree = match rec.context_parallel {
-            // Image features are taken by one rank's prefill only (submission says so).
-            _ if !embeddings.is_empty() => 1,
             0 => self.cfg.context_parallel.max(1),
             n => n as usize,
         };
@@ -318,6 +316,7 @@ impl<B: Backend> Engine<B> {
                 );
                 let job = ringbolt_context::GroupJob {
                     prompt: &req.prompt,
+                    embeddings: &req.embeddings,
                     chunk,
                     context_cache: req.context_cache,
                 };

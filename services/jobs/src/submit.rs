@@ -290,21 +290,9 @@ impl Submission {
                 h.expected_prompt_tokens
             )));
         }
-        let mut context_parallel = h.context_parallel;
         if let Some(v) = self.mgr.vision() {
             v.check_placeholders(self.placeholders as usize, self.images.len())
                 .map_err(|e| invalid(e.to_string().replace("invalid request: ", "")))?;
-        }
-        if !self.images.is_empty() {
-            // A context-parallel prefill does not take image features yet: such a prompt is
-            // prefilled on one rank, and asking for more is refused.
-            if context_parallel > 1 {
-                return Err(JobError::FailedPrecondition(format!(
-                    "context-parallel degree {context_parallel} was requested for a prompt with \
-                     images, which is prefilled on one rank: ask for 0 or 1"
-                )));
-            }
-            context_parallel = 1;
         }
         let n = self.positions(ids);
         if n > self.max_prompt {
@@ -333,7 +321,7 @@ impl Submission {
             max_new_tokens: h.max_new_tokens,
             sampling: self.sampling,
             idempotency_key: self.key.clone(),
-            context_parallel,
+            context_parallel: h.context_parallel,
             created_unix_ms: now_unix_ms(),
             finished_unix_ms: None,
             tokens: Vec::new(),
