@@ -1780,14 +1780,35 @@ fn vl_checkpoint(dir: &Path, seed: u32) -> PathBuf {
     ckpt
 }
 
+/// A VL checkpoint's image placeholder id, as text.
+fn image_token(ckpt: &Path) -> String {
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    cfg["image_token_index"].as_u64().unwrap().to_string()
+}
+
+/// `generate` of `prompt` (token ids) with `images`, `n` tokens past any end-of-sequence.
+fn generate_with_images(ckpt: &Path, prompt: &str, images: &[&str], n: u32) -> Value {
+    let n = n.to_string();
+    let mut args = vec![
+        "generate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--tokens",
+        prompt,
+    ];
+    for i in images {
+        args.extend(["--image", i]);
+    }
+    args.extend(["--max-new-tokens", &n, "--ignore-eos"]);
+    ok_json(&args)
+}
+
 #[test]
 fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = vl_checkpoint(dir.path(), 3);
-    let c = ckpt.to_str().unwrap();
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
-    let img = cfg["image_token_index"].as_u64().unwrap().to_string();
+    let img = image_token(&ckpt);
     let prompt = format!("5,{img},6,7,{img},8");
     let (a, b, d) = (
         fixture_image("a.png"),
@@ -1800,10 +1821,7 @@ fn jobs_with_images_equal_generate_survive_kill_9_and_bad_images_are_refused() {
         d.to_str().unwrap(),
     );
     let images = ["--image", d, "--image", b];
-    let mut gen_args = vec!["generate", "--checkpoint", c, "--tokens", &prompt];
-    gen_args.extend_from_slice(&images);
-    gen_args.extend_from_slice(&["--max-new-tokens", "6", "--ignore-eos"]);
-    let want = ok_json(&gen_args);
+    let want = generate_with_images(&ckpt, &prompt, &[d, b], 6);
     let expanded = want["prompt_tokens"].as_u64().unwrap();
     assert!(expanded > 6, "the placeholders were expanded: {want}");
 
@@ -1995,28 +2013,12 @@ fn the_openai_package_sends_images_as_data_urls_and_they_equal_grpc_images() {
 fn context_parallel_jobs_with_images_equal_generate_and_reuse_the_groups_shares() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = vl_checkpoint(dir.path(), 5);
-    let c = ckpt.to_str().unwrap();
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
-    let img = cfg["image_token_index"].as_u64().unwrap().to_string();
+    let img = image_token(&ckpt);
     // Text before, between and after the images: they land in several ranks' chunks.
     let prompt = format!("5,9,12,{img},6,7,8,9,10,{img},8,3,4");
     let (d, b) = (fixture_image("d.jpg"), fixture_image("b.png"));
     let (d, b) = (d.to_str().unwrap(), b.to_str().unwrap());
-    let want = ok_json(&[
-        "generate",
-        "--checkpoint",
-        c,
-        "--tokens",
-        &prompt,
-        "--image",
-        d,
-        "--image",
-        b,
-        "--max-new-tokens",
-        "6",
-        "--ignore-eos",
-    ]);
+    let want = generate_with_images(&ckpt, &prompt, &[d, b], 6);
     let server = Server::start(
         &ckpt,
         &dir.path().join("data"),
