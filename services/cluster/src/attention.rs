@@ -102,6 +102,11 @@ pub struct AttentionHost<B: Backend = Cpu> {
         std::sync::mpsc::Sender<Prefilled<B>>,
         std::sync::mpsc::Receiver<Prefilled<B>>,
     ),
+    /// Job steps whose images the vision tower (on a thread of its own) turned into features.
+    seen: (
+        std::sync::mpsc::Sender<Seen>,
+        std::sync::mpsc::Receiver<Seen>,
+    ),
     /// What this worker's prefills computed, by prompt prefix (None: no cache).
     cache: Option<ringbolt_model::prefix::ContextCache>,
 }
@@ -119,6 +124,13 @@ struct RankStep {
     group: u64,
     rank: usize,
     peers: Vec<SocketAddr>,
+}
+
+/// A job step whose prompt's images are features now, to start on the engine thread.
+struct Seen {
+    req: scheduler::Request,
+    rank: Option<RankStep>,
+    sink: StepSink,
 }
 
 /// A context-parallel prefill done, its sequence to decode on the engine thread.
@@ -236,6 +248,7 @@ impl<B: Backend> AttentionHost<B> {
             max_batch: 64,
             plane: plane.map(Arc::new),
             prefilled: std::sync::mpsc::channel(),
+            seen: std::sync::mpsc::channel(),
             cache: None,
         }
     }
@@ -344,49 +357,91 @@ impl<B: Backend> AttentionHost<B> {
         let Incoming { mut req, tx, span } = inc;
         let job = echo(&req.job_id);
         let images = std::mem::take(&mut req.images);
-        // This worker runs the prompt's images through its vision tower (on the engine
-        // thread, the one that computes with the model); every rank of a context-parallel
-        // group does, and takes its chunks' features.
-        let checked = Self::check(&req).and_then(|(mut r, rank)| {
-            if !images.is_empty() {
-                let p = ringbolt_jobs::store::Prompt {
-                    tokens: std::mem::take(&mut r.prompt),
-                    images,
-                };
-                let _span = tracing::info_span!("vision", images = p.images.len()).entered();
-                (r.prompt, r.embeddings) =
-                    ringbolt_jobs::executor::with_images(&self.model, p).map_err(|e| e.status())?;
-            }
-            Ok((r, rank))
-        });
-        match checked {
-            Ok((r, None)) => {
-                tracing::info!(%job, tokens = r.prompt.len(), "job step started");
-                sched.admit(
-                    &self.model,
-                    r,
-                    StepSink {
-                        job,
-                        tx,
-                        span,
-                        cached_tokens: 0,
-                    },
-                );
-            }
-            Ok((r, Some(rank))) => self.start_rank(
-                r,
-                rank,
-                StepSink {
+        match Self::check(&req) {
+            Ok((r, rank)) => {
+                let sink = StepSink {
                     job,
                     tx,
                     span,
                     cached_tokens: 0,
-                },
-            ),
+                };
+                if images.is_empty() {
+                    self.dispatch(sched, r, rank, sink);
+                } else {
+                    self.see(r, rank, images, sink);
+                }
+            }
             Err(status) => {
                 tracing::warn!(%job, status = %status, "job step refused");
                 let _ = tx.send(Err(status));
             }
+        }
+    }
+
+    /// Starts a checked job step: into the scheduler, or as one rank of a group.
+    fn dispatch(
+        &self,
+        sched: &mut Scheduler<B, StepSink>,
+        r: scheduler::Request,
+        rank: Option<RankStep>,
+        sink: StepSink,
+    ) {
+        match rank {
+            None => {
+                tracing::info!(job = %sink.job, tokens = r.prompt.len(), "job step started");
+                sched.admit(&self.model, r, sink);
+            }
+            Some(rank) => self.start_rank(r, rank, sink),
+        }
+    }
+
+    /// Runs the step's images through the vision tower on a thread of its own (the engine
+    /// thread keeps stepping the other jobs), then hands the step back to start. Every rank of
+    /// a context-parallel group does this, and takes its chunks' features.
+    fn see(
+        &self,
+        mut r: scheduler::Request,
+        rank: Option<RankStep>,
+        images: Vec<Vec<u8>>,
+        sink: StepSink,
+    ) {
+        let (model, back) = (self.model.clone(), self.seen.0.clone());
+        let tx = sink.tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vision".into())
+            .spawn(move || {
+                let _span =
+                    tracing::info_span!(parent: &sink.span, "vision", images = images.len())
+                        .entered();
+                let p = ringbolt_jobs::store::Prompt {
+                    tokens: std::mem::take(&mut r.prompt),
+                    images,
+                };
+                let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ringbolt_jobs::executor::with_images(&model, p)
+                }));
+                match seen {
+                    Ok(Ok((prompt, embeddings))) => {
+                        (r.prompt, r.embeddings) = (prompt, embeddings);
+                        let _ = back.send(Seen { req: r, rank, sink });
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(job = %sink.job, error = %e, "job step refused");
+                        let _ = sink.tx.send(Err(e.status()));
+                    }
+                    Err(p) => {
+                        let msg = format!(
+                            "the vision tower panicked: {}",
+                            scheduler::panic_message(&*p)
+                        );
+                        let _ = sink.tx.send(Err(Status::internal(msg)));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = tx.send(Err(Status::unavailable(format!(
+                "cannot start the vision tower's thread: {e}"
+            ))));
         }
     }
 
@@ -398,6 +453,9 @@ impl<B: Backend> AttentionHost<B> {
         })
         .with_context_cache(self.cache.clone());
         loop {
+            while let Ok(s) = self.seen.1.try_recv() {
+                self.dispatch(&mut sched, s.req, s.rank, s.sink);
+            }
             while let Ok(p) = self.prefilled.1.try_recv() {
                 tracing::info!(job = %p.sink.job, "decoding after the context-parallel prefill");
                 sched.admit_prefilled(&self.model, p);

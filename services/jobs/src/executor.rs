@@ -64,6 +64,20 @@ pub(crate) struct Engine<B: Backend> {
 /// A job whose context-parallel prefill is done, to decode on the engine thread.
 type Prefilled<B> = sched::Prefilled<B, JobSink>;
 
+/// What a thread of the engine's hands back to the engine thread (exactly one message each).
+enum Back<B: Backend> {
+    /// A context-parallel prefill done (None: the thread ended the job itself).
+    Prefilled(Option<Box<Prefilled<B>>>),
+    /// A job whose images the vision tower turned into features, to start.
+    Seen {
+        sink: JobSink,
+        rec: Box<crate::record::JobRecord>,
+        degree: usize,
+        prompt: Vec<u32>,
+        embeddings: Vec<(usize, Vec<f32>)>,
+    },
+}
+
 /// A spooled prompt as the model takes it: its images decoded and run through the vision
 /// tower, their placeholders expanded ([`Model::prompt_with_images`]).
 #[allow(clippy::type_complexity)]
@@ -183,16 +197,34 @@ impl<B: Backend> Engine<B> {
             prefill_chunk: self.cfg.prefill_chunk,
         })
         .with_context_cache(self.cfg.context_cache.clone());
-        // Context-parallel prefills run on rank threads of their own (the engine keeps
-        // decoding other jobs meanwhile) and come back here to decode.
-        let (back, prefilled) = std::sync::mpsc::channel::<Option<Prefilled<B>>>();
+        // Context-parallel prefills run on rank threads of their own, and vision towers on a
+        // thread each (the engine keeps decoding other jobs meanwhile); they come back here.
+        let (back, prefilled) = std::sync::mpsc::channel::<Back<B>>();
         let mut in_flight = 0usize;
         let mut open = true;
         loop {
             while let Ok(p) = prefilled.try_recv() {
                 in_flight -= 1;
-                if let Some(p) = p {
-                    sched.admit_prefilled(&self.model, p);
+                match p {
+                    Back::Prefilled(Some(p)) => sched.admit_prefilled(&self.model, *p),
+                    Back::Prefilled(None) => {}
+                    Back::Seen {
+                        sink,
+                        rec,
+                        degree,
+                        prompt,
+                        embeddings,
+                    } => {
+                        let started = self.launch(
+                            &mut sched,
+                            sink,
+                            &rec,
+                            degree,
+                            (prompt, embeddings),
+                            &back,
+                        );
+                        in_flight += usize::from(started);
+                    }
                 }
             }
             if open && pending.is_empty() && sched.is_idle() {
@@ -232,22 +264,18 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Starts `job`: into the scheduler, or (context-parallel) onto rank threads whose result
-    /// comes back on `back` (always exactly one message). Returns whether it went to ranks.
+    /// Starts `job`: into the scheduler, or onto a thread whose result comes back on `back`
+    /// (always exactly one message): its vision tower when the prompt has images, or
+    /// (context-parallel) its rank threads. Returns whether it went to a thread.
     fn start(
         &self,
         sched: &mut Scheduler<B, JobSink>,
         job: Arc<LiveJob>,
-        back: &std::sync::mpsc::Sender<Option<Prefilled<B>>>,
+        back: &std::sync::mpsc::Sender<Back<B>>,
     ) -> bool {
         let rec = job.record();
         let queued = now_unix_ms().saturating_sub(rec.created_unix_ms) as f64 / 1e3;
-        let sink = JobSink {
-            job: job.clone(),
-            done: self.done.clone(),
-            queued,
-            ttft: 0.0,
-        };
+        let sink = self.sink(job.clone(), queued);
         if job.is_cancelled() {
             sink.complete(
                 Outcome::Finished(FinishReason::Cancelled),
@@ -255,11 +283,7 @@ impl<B: Backend> Engine<B> {
             );
             return false;
         }
-        let read = self
-            .store
-            .read_prompt(&rec)
-            .and_then(|p| with_images(&self.model, p));
-        let (prompt, embeddings) = match read {
+        let prompt = match self.store.read_prompt(&rec) {
             Ok(p) => p,
             Err(e) => {
                 sink.complete(
@@ -276,6 +300,81 @@ impl<B: Backend> Engine<B> {
         job.set_running(degree as u32);
         job.progress(pb::Phase::Prefill, 0, 0.0);
         tracing::info!(job = %rec.id, prompt_tokens = rec.prompt_tokens, "prefill started");
+        if prompt.images.is_empty() {
+            return self.launch(sched, sink, &rec, degree, (prompt.tokens, Vec::new()), back);
+        }
+        let (model, back) = (self.model.clone(), back.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vision".into())
+            .spawn(move || {
+                let _span = tracing::info_span!("vision", job = %rec.id).entered();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    with_images(&model, prompt)
+                }));
+                let msg = match r {
+                    Ok(Ok((prompt, embeddings))) => Back::Seen {
+                        sink,
+                        rec: Box::new(rec),
+                        degree,
+                        prompt,
+                        embeddings,
+                    },
+                    Ok(Err(e)) => {
+                        let code = e.status().code() as i32;
+                        sink.complete(Outcome::Failed(code, e.to_string()), Timings::default());
+                        Back::Prefilled(None)
+                    }
+                    Err(p) => {
+                        let msg =
+                            format!("the vision tower panicked: {}", sched::panic_message(&*p));
+                        sink.complete(
+                            Outcome::Failed(tonic::Code::Internal as i32, msg),
+                            Timings::default(),
+                        );
+                        Back::Prefilled(None)
+                    }
+                };
+                let _ = back.send(msg);
+            });
+        match spawned {
+            Ok(_) => true,
+            Err(e) => {
+                // The sink went with the closure: the job ends through a new one.
+                self.sink(job, queued).complete(
+                    Outcome::Failed(
+                        tonic::Code::Internal as i32,
+                        format!("cannot start the vision tower's thread: {e}"),
+                    ),
+                    Timings::default(),
+                );
+                false
+            }
+        }
+    }
+
+    fn sink(&self, job: Arc<LiveJob>, queued: f64) -> JobSink {
+        JobSink {
+            job,
+            done: self.done.clone(),
+            queued,
+            ttft: 0.0,
+        }
+    }
+
+    /// Starts the prefill of job `rec` (its prompt as the model takes it, images expanded):
+    /// into the scheduler, or onto `degree` rank threads whose result comes back on `back`.
+    /// Returns whether it went to ranks.
+    fn launch(
+        &self,
+        sched: &mut Scheduler<B, JobSink>,
+        sink: JobSink,
+        rec: &crate::record::JobRecord,
+        degree: usize,
+        (prompt, embeddings): (Vec<u32>, Vec<(usize, Vec<f32>)>),
+        back: &std::sync::mpsc::Sender<Back<B>>,
+    ) -> bool {
+        // Should a rank thread not start, the job ends through a sink like this one.
+        let (job, queued) = (sink.job.clone(), sink.queued);
         let req = sched::Request {
             prompt,
             max_new_tokens: rec.max_new_tokens,
@@ -371,19 +470,13 @@ impl<B: Backend> Engine<B> {
                         None
                     }
                 };
-                let _ = back.send(msg);
+                let _ = back.send(Back::Prefilled(msg.map(Box::new)));
             });
         match spawned {
             Ok(_) => true,
             Err(e) => {
                 // The sink went with the closure: the job ends through a new one.
-                JobSink {
-                    job,
-                    done: self.done.clone(),
-                    queued,
-                    ttft: 0.0,
-                }
-                .complete(
+                self.sink(job, queued).complete(
                     Outcome::Failed(
                         tonic::Code::Internal as i32,
                         format!("cannot start the context-parallel prefill: {e}"),
