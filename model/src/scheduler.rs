@@ -231,6 +231,14 @@ struct Seq<B: Backend, S: Sink> {
 }
 
 impl<B: Backend, S: Sink> Seq<B, S> {
+    /// Goes on from `state` (restored from the cache, or left by context-parallel ranks),
+    /// which covers a prefix of the prompt: the features of the positions still to prefill
+    /// stay with the sequence.
+    fn resume_from(&mut self, mut state: SequenceState<B>) {
+        state.embeddings = std::mem::take(&mut self.state.embeddings);
+        self.state = state;
+    }
+
     fn stats(&mut self) -> &SeqStats {
         let now = Instant::now();
         self.stats.prefill_seconds = (self.prefill_end.unwrap_or(now) - self.started).as_secs_f64();
@@ -370,10 +378,8 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             return;
         }
         match model.restore(&blocks) {
-            Ok(mut state) => {
-                // The features of positions still to prefill stay with the sequence.
-                state.embeddings = std::mem::take(&mut s.state.embeddings);
-                s.state = state;
+            Ok(state) => {
+                s.resume_from(state);
                 s.done = blocks.len() * s.chunk;
                 s.chain = Some(
                     blocks
@@ -616,10 +622,7 @@ impl<B: Backend, S: Sink> Scheduler<B, S> {
             s.fail(e);
             return;
         }
-        // The features of positions still to prefill stay with the sequence.
-        let embeddings = std::mem::take(&mut s.state.embeddings);
-        s.state = done.state;
-        s.state.embeddings = embeddings;
+        s.resume_from(done.state);
         s.done = done.tokens;
         s.stats.cached_tokens = done.cached_tokens as u64;
         let tps = s.done as f64 / s.started.elapsed().as_secs_f64().max(1e-9);
