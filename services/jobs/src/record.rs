@@ -95,11 +95,17 @@ pub struct JobRecord {
     pub images: Vec<ImageInfo>,
 }
 
+/// Positions a prompt's images add to its token ids: each placeholder becomes its image's
+/// features.
+pub fn image_positions(images: &[ImageInfo]) -> u64 {
+    images.iter().map(|i| i.features.saturating_sub(1)).sum()
+}
+
 impl JobRecord {
     /// Token ids spooled for the prompt: each image is one placeholder there.
     pub fn spooled_tokens(&self) -> u64 {
-        let features: u64 = self.images.iter().map(|i| i.features).sum();
-        (self.prompt_tokens + self.images.len() as u64).saturating_sub(features)
+        self.prompt_tokens
+            .saturating_sub(image_positions(&self.images))
     }
 }
 

@@ -50,9 +50,7 @@ pub fn validate_header(mgr: &JobManager, h: &pb::JobHeader) -> Result<Sampling, 
         top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
         seed: s.seed,
     };
-    params
-        .validate()
-        .map_err(|e| invalid(e.to_string().replace("invalid request: ", "")))?;
+    params.validate().map_err(JobError::from_request)?;
     let vocab = mgr.model().vocab_size;
     if s.stop_tokens.len() > MAX_STOP_TOKENS {
         return Err(invalid(format!(
@@ -145,7 +143,7 @@ impl Submission {
     /// threads) to check it and count its features, and spooled.
     pub async fn push_image(&mut self, data: &[u8], last: bool) -> Result<(), JobError> {
         use ringbolt_model::image::{MAX_IMAGE_BYTES, Rgb};
-        let Some(vision) = self.mgr.vision().cloned() else {
+        let Some(vision) = self.mgr.vision() else {
             return Err(invalid(
                 "images need a MiniMax-VL-01 model, and this server's model takes none",
             ));
@@ -186,13 +184,6 @@ impl Submission {
             features: vision.feature_count(height, width) as u64,
         });
         Ok(())
-    }
-
-    /// The positions the prompt takes so far: its token ids, each image placeholder counted
-    /// as its image's features (once the images are in).
-    fn positions(&self, ids: u64) -> u64 {
-        let features: u64 = self.images.iter().map(|i| i.features).sum();
-        (ids + features).saturating_sub(self.images.len() as u64)
     }
 
     /// More of the prompt as token ids.
@@ -292,9 +283,9 @@ impl Submission {
         }
         if let Some(v) = self.mgr.vision() {
             v.check_placeholders(self.placeholders as usize, self.images.len())
-                .map_err(|e| invalid(e.to_string().replace("invalid request: ", "")))?;
+                .map_err(JobError::from_request)?;
         }
-        let n = self.positions(ids);
+        let n = ids + crate::record::image_positions(&self.images);
         if n > self.max_prompt {
             return Err(invalid(format!(
                 "the prompt takes {n} positions with its images' features, more than the \
