@@ -39,6 +39,15 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// The model's verdict on what a request asked: an invalid request is INVALID_ARGUMENT
+    /// (with the model's reason), anything else the model's own failure.
+    pub fn from_request(e: ringbolt_model::ModelError) -> Self {
+        match e {
+            ringbolt_model::ModelError::Invalid(m) => JobError::InvalidArgument(m),
+            e => JobError::Model(e),
+        }
+    }
+
     pub fn status(&self) -> Status {
         let code = match self {
             JobError::InvalidArgument(_) => Code::InvalidArgument,

@@ -100,10 +100,7 @@ pub fn with_images<B: Backend>(
         .collect::<Result<Vec<_>, _>>()?;
     model
         .prompt_with_images(&p.tokens, &images)
-        .map_err(|e| match e {
-            ringbolt_model::ModelError::Invalid(m) => crate::JobError::InvalidArgument(m),
-            e => crate::JobError::Model(e),
-        })
+        .map_err(crate::JobError::from_request)
 }
 
 /// The gRPC code of a sequence failure.
@@ -304,9 +301,12 @@ impl<B: Backend> Engine<B> {
             return self.launch(sched, sink, &rec, degree, (prompt.tokens, Vec::new()), back);
         }
         let (model, back) = (self.model.clone(), back.clone());
-        let spawned = std::thread::Builder::new()
-            .name("vision".into())
-            .spawn(move || {
+        self.spawn_for(
+            "vision",
+            "the vision tower's thread",
+            job,
+            queued,
+            move || {
                 let _span = tracing::info_span!("vision", job = %rec.id).entered();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     with_images(&model, prompt)
@@ -335,15 +335,28 @@ impl<B: Backend> Engine<B> {
                     }
                 };
                 let _ = back.send(msg);
-            });
-        match spawned {
+            },
+        )
+    }
+
+    /// Runs `work` (which ends `job` or hands it back) on a thread named `name`; when the
+    /// thread cannot start, `job` fails saying `what` could not. Whether it started.
+    fn spawn_for(
+        &self,
+        name: &str,
+        what: &str,
+        job: Arc<LiveJob>,
+        queued: f64,
+        work: impl FnOnce() + Send + 'static,
+    ) -> bool {
+        match std::thread::Builder::new().name(name.into()).spawn(work) {
             Ok(_) => true,
             Err(e) => {
-                // The sink went with the closure: the job ends through a new one.
+                // The job's sink went with the closure: it ends through a new one.
                 self.sink(job, queued).complete(
                     Outcome::Failed(
                         tonic::Code::Internal as i32,
-                        format!("cannot start the vision tower's thread: {e}"),
+                        format!("cannot start {what}: {e}"),
                     ),
                     Timings::default(),
                 );
@@ -373,7 +386,6 @@ impl<B: Backend> Engine<B> {
         (prompt, embeddings): (Vec<u32>, Vec<(usize, Vec<f32>)>),
         back: &std::sync::mpsc::Sender<Back<B>>,
     ) -> bool {
-        // Should a rank thread not start, the job ends through a sink like this one.
         let (job, queued) = (sink.job.clone(), sink.queued);
         let req = sched::Request {
             prompt,
@@ -402,89 +414,74 @@ impl<B: Backend> Engine<B> {
         let (model, rt, back) = (self.model.clone(), self.rt.clone(), back.clone());
         let chunk = self.cfg.prefill_chunk;
         let cache = self.cfg.context_cache.clone();
-        let spawned = std::thread::Builder::new()
-            .name("context-prefill".into())
-            .spawn(move || {
-                let started = std::time::Instant::now();
-                // A cancelled job stops the ranks at their next wait.
-                let cancel = sink.job.cancellation().clone();
-                let group = ringbolt_transport::local::LocalGroup::ranks(
-                    degree,
-                    0,
-                    std::time::Duration::from_secs(3600),
-                );
-                let job = ringbolt_context::GroupJob {
-                    prompt: &req.prompt,
-                    embeddings: &req.embeddings,
-                    chunk,
-                    context_cache: req.context_cache,
-                };
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    ringbolt_context::prefill_group_cached(
-                        &rt,
-                        &model,
-                        job,
-                        cache.as_ref(),
-                        group,
-                        &cancel,
-                    )
-                }));
-                let msg = match r {
-                    Ok(Ok(done)) => Some(Prefilled {
-                        done,
-                        req,
-                        started,
-                        sink,
-                    }),
-                    Ok(Err(_)) if sink.job.is_cancelled() => {
-                        sink.complete(
-                            Outcome::Finished(FinishReason::Cancelled),
-                            Timings::default(),
-                        );
-                        None
-                    }
-                    Ok(Err(e)) => {
-                        let code = match &e {
-                            ringbolt_context::ContextError::Model(m) => {
-                                fail_code(sched::failure_kind(m))
-                            }
-                            _ => tonic::Code::Internal,
-                        };
-                        sink.complete(
-                            Outcome::Failed(code as i32, e.to_string()),
-                            Timings::default(),
-                        );
-                        None
-                    }
-                    Err(p) => {
-                        sink.complete(
-                            Outcome::Failed(
-                                tonic::Code::Internal as i32,
-                                format!(
-                                    "the context-parallel prefill panicked: {}",
-                                    sched::panic_message(&*p)
-                                ),
+        let what = "the context-parallel prefill";
+        self.spawn_for("context-prefill", what, job, queued, move || {
+            let started = std::time::Instant::now();
+            // A cancelled job stops the ranks at their next wait.
+            let cancel = sink.job.cancellation().clone();
+            let group = ringbolt_transport::local::LocalGroup::ranks(
+                degree,
+                0,
+                std::time::Duration::from_secs(3600),
+            );
+            let job = ringbolt_context::GroupJob {
+                prompt: &req.prompt,
+                embeddings: &req.embeddings,
+                chunk,
+                context_cache: req.context_cache,
+            };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ringbolt_context::prefill_group_cached(
+                    &rt,
+                    &model,
+                    job,
+                    cache.as_ref(),
+                    group,
+                    &cancel,
+                )
+            }));
+            let msg = match r {
+                Ok(Ok(done)) => Some(Prefilled {
+                    done,
+                    req,
+                    started,
+                    sink,
+                }),
+                Ok(Err(_)) if sink.job.is_cancelled() => {
+                    sink.complete(
+                        Outcome::Finished(FinishReason::Cancelled),
+                        Timings::default(),
+                    );
+                    None
+                }
+                Ok(Err(e)) => {
+                    let code = match &e {
+                        ringbolt_context::ContextError::Model(m) => {
+                            fail_code(sched::failure_kind(m))
+                        }
+                        _ => tonic::Code::Internal,
+                    };
+                    sink.complete(
+                        Outcome::Failed(code as i32, e.to_string()),
+                        Timings::default(),
+                    );
+                    None
+                }
+                Err(p) => {
+                    sink.complete(
+                        Outcome::Failed(
+                            tonic::Code::Internal as i32,
+                            format!(
+                                "the context-parallel prefill panicked: {}",
+                                sched::panic_message(&*p)
                             ),
-                            Timings::default(),
-                        );
-                        None
-                    }
-                };
-                let _ = back.send(Back::Prefilled(msg.map(Box::new)));
-            });
-        match spawned {
-            Ok(_) => true,
-            Err(e) => {
-                // The sink went with the closure: the job ends through a new one.
-                self.sink(job, queued).complete(
-                    Outcome::Failed(
-                        tonic::Code::Internal as i32,
-                        format!("cannot start the context-parallel prefill: {e}"),
-                    ),
-                    Timings::default(),
-                );
-                false
-            }
-        }
+                        ),
+                        Timings::default(),
+                    );
+                    None
+                }
+            };
+            let _ = back.send(Back::Prefilled(msg.map(Box::new)));
+        })
     }
 }
