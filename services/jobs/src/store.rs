@@ -5,8 +5,9 @@
 //!
 //! A spool file is the prompt's token ids (packed little-endian u32), its images' files one
 //! after another (their lengths are in the record), then the job's record as accepted (JSON),
-//! its length (u32), an xxh3-64 checksum of everything before it (u64) and a magic. So the spool alone says which jobs were accepted and how to run them: at start every
-//! spooled job must have a record, and one whose record is gone (a lost, emptied or damaged
+//! its length (u32), an xxh3-64 checksum of everything before it (u64) and a magic. So the
+//! spool alone says which jobs were accepted and how to run them: at start every spooled job
+//! must have a record, and one whose record is gone (a lost, emptied or damaged
 //! job database) is recovered from its spool file, or recorded as lost with the reason. A
 //! prompt is verified against its checksum before a job runs again; a damaged one fails that
 //! job with DATA_LOSS instead of running different tokens.
