@@ -653,6 +653,7 @@ fn grouped_attention(
     k: &[f32],
     v: &[f32],
     shape: AttentionShape,
+    activations: Activations,
     visible: impl Fn(usize) -> usize + Sync,
 ) -> (Vec<f32>, Vec<f32>) {
     let AttentionShape {
@@ -689,9 +690,15 @@ fn grouped_attention(
             if nk == 0 {
                 return (vec![0f32; rows * d], vec![f32::NEG_INFINITY; rows]);
             }
-            flash_attention(&qg, rows, d, &k[g * d..], &v[g * d..], kvw, nk, |r| {
-                visible(r0 + r % mb)
-            })
+            let seen = |r| visible(r0 + r % mb);
+            let (kg, vg) = (&k[g * d..], &v[g * d..]);
+            match activations {
+                // bf16 operands on the tile unit, as a GPU's flash attention takes them.
+                Activations::Bf16 if rows > ATTN_DOT_ROWS && crate::x86::amx_takes(d, d) => {
+                    flash_attention_amx(&qg, rows, d, kg, vg, kvw, nk, seen)
+                }
+                _ => flash_attention(&qg, rows, d, kg, vg, kvw, nk, seen),
+            }
         })
         .collect();
     let mut out = vec![0f32; t * heads * d];
@@ -707,6 +714,74 @@ fn grouped_attention(
         }
     }
     (out, lse)
+}
+
+/// The running softmax of [`flash_attention`]: per row, the largest score so far and the sum
+/// of the exponentials relative to it.
+struct OnlineSoftmax {
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+impl OnlineSoftmax {
+    fn new(rows: usize) -> Self {
+        OnlineSoftmax {
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0f32; rows],
+        }
+    }
+
+    /// Takes in the scores of keys `kt..kt + kn` (`s`, rows of `width` ≥ kn): each row's
+    /// visible scores become their exponentials (the rest zeros), and its output row in `o`
+    /// (rows of `d`) is rescaled to the new maximum.
+    #[allow(clippy::too_many_arguments)]
+    fn absorb(
+        &mut self,
+        s: &mut [f32],
+        width: usize,
+        kt: usize,
+        kn: usize,
+        visible: impl Fn(usize) -> usize,
+        o: &mut [f32],
+        d: usize,
+    ) {
+        for (r, row) in s.chunks_mut(width).enumerate() {
+            let cnt = visible(r).saturating_sub(kt).min(kn);
+            if cnt == 0 {
+                row.iter_mut().for_each(|x| *x = 0.0);
+                continue;
+            }
+            let (m, l) = (&mut self.m[r], &mut self.l[r]);
+            let m_new = m.max(max_lanes(&row[..cnt]));
+            let rescale = if *m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                fast_exp(*m - m_new)
+            };
+            let sum = exp_sum(&mut row[..cnt], m_new);
+            row[cnt..].iter_mut().for_each(|x| *x = 0.0);
+            *l = *l * rescale + sum;
+            *m = m_new;
+            if rescale != 1.0 {
+                o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= rescale);
+            }
+        }
+    }
+
+    /// The output normalised by each row's sum, and each row's log-sum-exp (−∞, with a zero
+    /// output, for a row that saw no key).
+    fn finish(self, mut o: Vec<f32>, d: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut lse = vec![f32::NEG_INFINITY; self.m.len()];
+        for (r, (&m, &l)) in self.m.iter().zip(&self.l).enumerate() {
+            if l == 0.0 {
+                continue;
+            }
+            let inv = 1.0 / l;
+            o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+            lse[r] = m + l.ln();
+        }
+        (o, lse)
+    }
 }
 
 /// Softmax attention of `rows` (pre-scaled) queries `q` (`[rows, d]`) over the first `nk` keys
@@ -729,8 +804,7 @@ fn flash_attention(
         return dot_attention(q, rows, d, k, v, stride, visible);
     }
     let mut o = vec![0f32; rows * d];
-    let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f32; rows];
+    let mut soft = OnlineSoftmax::new(rows);
     let mut s = vec![0f32; rows * ATTN_K_TILE.min(nk)];
     let mut kt = 0;
     while kt < nk {
@@ -751,27 +825,7 @@ fn flash_attention(
             None,
             false,
         );
-        for r in 0..rows {
-            let row = &mut st[r * kn..(r + 1) * kn];
-            let cnt = visible(r).saturating_sub(kt).min(kn);
-            if cnt == 0 {
-                row.iter_mut().for_each(|x| *x = 0.0);
-                continue;
-            }
-            let m_new = m[r].max(max_lanes(&row[..cnt]));
-            let rescale = if m[r] == f32::NEG_INFINITY {
-                0.0
-            } else {
-                fast_exp(m[r] - m_new)
-            };
-            let sum = exp_sum(&mut row[..cnt], m_new);
-            row[cnt..].iter_mut().for_each(|x| *x = 0.0);
-            l[r] = l[r] * rescale + sum;
-            m[r] = m_new;
-            if rescale != 1.0 {
-                o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= rescale);
-            }
-        }
+        soft.absorb(st, kn, kt, kn, &visible, &mut o, d);
         gemm(
             rows,
             d,
@@ -789,20 +843,47 @@ fn flash_attention(
         );
         kt += kn;
     }
-    let mut lse = vec![f32::NEG_INFINITY; rows];
-    for r in 0..rows {
-        if l[r] == 0.0 {
-            continue;
-        }
-        let inv = 1.0 / l[r];
-        o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
-        lse[r] = m[r] + l[r].ln();
+    soft.finish(o, d)
+}
+
+/// [`flash_attention`] on the AMX tile unit with bf16 operands: the queries, each tile of keys,
+/// the softmax weights and each tile of values are rounded to bf16 and multiplied with f32
+/// accumulation, as a GPU's flash attention does; the online softmax stays in f32. For
+/// [`Activations::Bf16`]; needs `amx_takes(d, d)`.
+#[allow(clippy::too_many_arguments)]
+fn flash_attention_amx(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    nk: usize,
+    visible: impl Fn(usize) -> usize,
+) -> (Vec<f32>, Vec<f32>) {
+    use crate::x86::{TileCols, TileRows, amx_multiply};
+    let qp = TileRows::pack(q, rows, d, 1, false);
+    let mut o = vec![0f32; rows * d];
+    let mut soft = OnlineSoftmax::new(rows);
+    let mut kt = 0;
+    while kt < nk {
+        let kn = ATTN_K_TILE.min(nk - kt);
+        // Keys past kn are zero columns of the operand; every row masks them below.
+        let knp = kn.next_multiple_of(32);
+        let keys = TileCols::rows_of(&k[kt * stride..], stride, kn, knp, d);
+        let mut s = amx_multiply(&qp, &keys, false);
+        soft.absorb(&mut s, knp, kt, kn, &visible, &mut o, d);
+        let values = TileCols::columns_of(&v[kt * stride..], stride, kn, knp, d);
+        let pv = amx_multiply(&TileRows::pack(&s, rows, knp, 1, false), &values, false);
+        o.iter_mut().zip(&pv).for_each(|(o, p)| *o += p);
+        kt += kn;
     }
-    (o, lse)
+    soft.finish(o, d)
 }
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`; `parallel` lets the GEMM fork across threads. With
-/// [`Activations::Bf16`] the input is rounded to bf16 first.
+/// [`Activations::Bf16`] the input is rounded to bf16 first (by the tile unit's packing where
+/// it takes the GEMM, by a rounded copy otherwise).
 fn linear(
     x: &[f32],
     w: &CpuWeight,
@@ -814,6 +895,29 @@ fn linear(
 ) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "linear: input is not [m, k]");
     assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
+    // The int8 kernels sum x·q; each output feature then takes its channel's scale.
+    let scaled = |y: Vec<f32>, scales: &[f32]| {
+        let mut y = y;
+        for row in y.chunks_mut(n) {
+            row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
+        }
+        y
+    };
+    if m > GEMV_ROWS && crate::x86::amx_takes(k, n) {
+        // bf16 activations are one bf16 term on the tile unit; f32 ones need three.
+        let terms = match activations {
+            Activations::F32 => 3,
+            Activations::Bf16 => 1,
+        };
+        match w {
+            CpuWeight::Bf16(v) => return crate::x86::amx_linear(x, v, m, k, n, terms, parallel),
+            CpuWeight::Int8 { q, scales } => {
+                let y = crate::x86::amx_linear(x, q, m, k, n, terms, parallel);
+                return scaled(y, scales);
+            }
+            CpuWeight::F32(_) => {}
+        }
+    }
     let rounded: Vec<f32>;
     let x = match activations {
         Activations::F32 => x,
@@ -822,37 +926,23 @@ fn linear(
             &rounded[..]
         }
     };
-    // bf16 activations are one bf16 term on the tile unit; f32 ones need three.
-    let terms = match activations {
-        Activations::F32 => 3,
-        Activations::Bf16 => 1,
-    };
     match w {
-        CpuWeight::Bf16(v) => packed_linear(x, v, m, k, n, parallel, terms),
-        // The packed kernels sum x·q; each output feature then takes its channel's scale.
-        CpuWeight::Int8 { q, scales } => {
-            packed_linear(x, q, m, k, n, parallel, terms).map(|mut y| {
-                for row in y.chunks_mut(n) {
-                    row.iter_mut().zip(scales.iter()).for_each(|(v, s)| *v *= s);
-                }
-                y
-            })
-        }
+        CpuWeight::Bf16(v) => packed_linear(x, v, m, k, n),
+        CpuWeight::Int8 { q, scales } => packed_linear(x, q, m, k, n).map(|y| scaled(y, scales)),
         CpuWeight::F32(_) => None,
     }
     .unwrap_or_else(|| plain_linear(x, w, m, k, n, parallel))
 }
 
-/// `x · wᵀ` through the kernels that read packed (bf16 or int8) weights in place, without int8
-/// scales; None where no such kernel takes the shape.
+/// `x · wᵀ` for a few rows (decode) through the AVX-512 kernels that read packed (bf16 or int8)
+/// weights in place, without int8 scales; None where no such kernel takes the shape (larger
+/// GEMMs go to the tile unit or to [`plain_linear`]).
 fn packed_linear<T: crate::x86::Packed>(
     x: &[f32],
     w: &[T],
     m: usize,
     k: usize,
     n: usize,
-    parallel: bool,
-    terms: usize,
 ) -> Option<Vec<f32>> {
     const CH: usize = 64;
     if m == 1 {
@@ -863,11 +953,7 @@ fn packed_linear<T: crate::x86::Packed>(
         });
         return Some(y);
     }
-    if m > GEMV_ROWS {
-        return crate::x86::amx_takes(k, n)
-            .then(|| crate::x86::amx_linear(x, w, m, k, n, terms, parallel));
-    }
-    if !crate::x86::has_avx512() {
+    if m > GEMV_ROWS || !crate::x86::has_avx512() {
         return None;
     }
     // Memory-bound: parallel over output features, each weight row read once for all rows.
@@ -1268,7 +1354,10 @@ impl Backend for Cpu {
             "attention: cache shorter than positions"
         );
         assert_eq!(k_cache.len(), v_cache.len());
-        grouped_attention(q, t, k_cache, v_cache, shape, |i| pos0 + i + 1).0
+        grouped_attention(q, t, k_cache, v_cache, shape, self.activations, |i| {
+            pos0 + i + 1
+        })
+        .0
     }
 
     fn lightning_prefix(
@@ -1352,7 +1441,7 @@ impl Backend for Cpu {
     ) -> (Vec<f32>, Vec<f32>) {
         let kvw = shape.kv_heads * shape.head_dim;
         assert!(k.len() >= k_len * kvw && v.len() >= k_len * kvw);
-        grouped_attention(q, t, k, v, shape, |i| {
+        grouped_attention(q, t, k, v, shape, self.activations, |i| {
             (q_pos0 + i + 1).saturating_sub(k_pos0).min(k_len)
         })
     }
@@ -1532,6 +1621,63 @@ mod tests {
                     assert!((want - have).abs() < 1e-5, "row {i} head {h} dim {c}");
                 }
             }
+        }
+    }
+
+    /// With bf16 activations, prefill attention runs on the tile unit with bf16 operands: within
+    /// bf16's error of the exact softmax, over several key tiles, a partial tile and GQA.
+    #[test]
+    fn bf16_attention_on_the_tile_unit_matches_the_exact_softmax() {
+        if !crate::x86::has_amx() {
+            eprintln!("skipped: no AMX on this CPU");
+            return;
+        }
+        let (heads, kv, d) = (4, 2, 64);
+        let shape = AttentionShape {
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+        };
+        let bf16 = Cpu::new(Activations::Bf16);
+        for (pos0, t) in [(0, 70), (600, 45), (1000, 100)] {
+            let mut rng = StdRng::seed_from_u64(21 + pos0 as u64);
+            let len = pos0 + t;
+            let q = rand_vec(&mut rng, t * heads * d, 1.0);
+            let kc = rand_vec(&mut rng, len * kv * d, 1.0);
+            let vc = rand_vec(&mut rng, len * kv * d, 1.0);
+            let got = bf16.attention(&q, t, &kc, &vc, pos0, shape);
+            let exact = Cpu::default().attention(&q, t, &kc, &vc, pos0, shape);
+            let mut worst = 0f32;
+            for i in 0..t {
+                for h in 0..heads {
+                    let g = h / (heads / kv);
+                    let qi = &q[(i * heads + h) * d..][..d];
+                    let vis = pos0 + i + 1;
+                    let sc: Vec<f64> = (0..vis)
+                        .map(|j| {
+                            let kj = &kc[(j * kv + g) * d..][..d];
+                            let dot: f64 =
+                                qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                            dot / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..vis)
+                            .map(|j| e[j] / z * vc[(j * kv + g) * d + c] as f64)
+                            .sum();
+                        let at = (i * heads + h) * d + c;
+                        worst = worst.max((got[at] as f64 - want).abs() as f32);
+                        assert!((exact[at] as f64 - want).abs() < 1e-5);
+                    }
+                }
+            }
+            // bf16 operands (8 significant bits) on outputs of magnitude ~1.
+            assert!(worst < 6e-3, "pos0 {pos0} t {t}: {worst}");
+            assert!(worst > 0.0, "the bf16 path rounds its operands");
+            eprintln!("pos0 {pos0} t {t}: largest error {worst:e}");
         }
     }
 

@@ -25,13 +25,14 @@ const AMX_K: usize = 32;
 /// bf16 terms an f32 activation is split into.
 const SPLITS: usize = 3;
 
-/// Whether AVX-512F is available (decided once).
+/// Whether AVX-512F and AVX-512BW are available (decided once).
 pub fn has_avx512() -> bool {
     static F: OnceLock<bool> = OnceLock::new();
     *F.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -82,7 +83,7 @@ fn amx_supported() -> bool {
     false
 }
 
-/// Whether [`amx_linear_bf16`] takes this shape: every dimension in whole tiles of features.
+/// Whether [`amx_linear`] takes this shape: every dimension in whole tiles of features.
 pub fn amx_takes(k: usize, n: usize) -> bool {
     k > 0 && n > 0 && k.is_multiple_of(AMX_K) && n.is_multiple_of(AMX_N) && has_amx()
 }
@@ -97,6 +98,12 @@ pub trait Packed: Copy + Send + Sync + 'static {
     /// AVX-512F must be present and `p..p+16` readable.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Thirty-two consecutive elements at `p` as bf16 bits, in order.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512BW must be present and `p..p+32` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load32_bf16(p: *const Self) -> std::arch::x86_64::__m512i;
 }
 
 impl Packed for u16 {
@@ -114,6 +121,12 @@ impl Packed for u16 {
             _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_bf16(p: *const u16) -> std::arch::x86_64::__m512i {
+        // SAFETY: the caller guarantees AVX-512F and 32 readable elements (64 bytes).
+        unsafe { std::arch::x86_64::_mm512_loadu_si512(p as *const _) }
+    }
 }
 
 impl Packed for i8 {
@@ -127,6 +140,20 @@ impl Packed for i8 {
         use std::arch::x86_64::*;
         // SAFETY: the caller guarantees AVX-512F and 16 readable elements (16 bytes).
         unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_bf16(p: *const i8) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX-512F/BW and 32 readable elements (32 bytes). An
+        // int8 value is exact in f32 and in bf16, so the top half of its f32 bits is its bf16.
+        unsafe {
+            let half = |q: *const i8| {
+                let f = Self::load16(q);
+                _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(f)))
+            };
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half(p)), half(p.add(16)))
+        }
     }
 }
 
@@ -273,8 +300,13 @@ fn bf16_rne(v: f32) -> u16 {
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ` on the AMX tile unit, with `w` bf16 or int8 (int8 values
 /// are exact in bf16; the caller applies their scales). `terms` bf16 terms per activation: 3
 /// gives f32 accuracy, 1 rounds the activations to bf16 (a GPU's numerics, a third of the
-/// tile work). Call only when [`amx_takes`]`(k, n)`. `parallel` spreads the 32-token blocks
-/// over rayon's threads.
+/// tile work). Call only when [`amx_takes`]`(k, n)`. `parallel` spreads the work over rayon's
+/// threads.
+///
+/// Blocking: the packed activations of a chunk of [`CHUNK_TOKENS`] tokens stay in L2 while
+/// each 32-feature panel of packed weights (32 × k bf16: 32 KiB at k = 512) stays in L1 and
+/// every 32-token block of the chunk passes over it, accumulating in the tiles across the
+/// whole of k.
 pub fn amx_linear<T: Packed>(
     x: &[f32],
     w: &[T],
@@ -288,24 +320,269 @@ pub fn amx_linear<T: Packed>(
         amx_takes(k, n),
         "amx_linear: shape {m}x{k}x{n} not in whole tiles"
     );
-    assert!(
-        terms == 1 || terms == SPLITS,
-        "amx_linear: 1 or {SPLITS} terms"
-    );
     assert_eq!(x.len(), m * k, "amx: input is not [m, k]");
     assert_eq!(w.len(), n * k, "amx: weight is not [n, k]");
-    let mp = m.div_ceil(AMX_M) * AMX_M;
-    let kh = k / 2;
-    // Weights in the tile unit's pair-interleaved layout: for each block of 16 output features
-    // and each pair of input features, 16 × (w[j][2r], w[j][2r+1]) — one 64-byte tile row.
-    // bf16 bits: exact for bf16 and int8 weights alike.
-    let bits = |v: T| v.to_f32().to_bits() >> 16;
-    let mut wp = vec![0u32; n * kh];
-    let run = |(jb, blk): (usize, &mut [u32])| {
-        for f in 0..16 {
-            let row = &w[(jb * 16 + f) * k..(jb * 16 + f + 1) * k];
+    let b = TileCols {
+        data: pack_weights(w, k, n, parallel),
+        n,
+        k,
+    };
+    amx_multiply(&TileRows::pack(x, m, k, terms, parallel), &b, parallel)
+}
+
+/// The left operand of [`amx_multiply`]: `m` rows of `k` activations as `terms` bf16 terms,
+/// packed tile by tile (see [`pack_activations`]).
+pub struct TileRows {
+    data: Vec<u16>,
+    m: usize,
+    k: usize,
+    terms: usize,
+}
+
+impl TileRows {
+    /// `x` (`[m, k]`, k a multiple of 32) packed; `terms` is 1 (bf16) or 3 (f32 accuracy).
+    pub fn pack(x: &[f32], m: usize, k: usize, terms: usize, parallel: bool) -> Self {
+        assert!(
+            terms == 1 || terms == SPLITS,
+            "amx: 1 or {SPLITS} terms, not {terms}"
+        );
+        assert!(k > 0 && k.is_multiple_of(AMX_K), "amx: k = {k}");
+        assert_eq!(x.len(), m * k, "amx: input is not [m, k]");
+        TileRows {
+            data: pack_activations(x, m, k, terms, parallel),
+            m,
+            k,
+            terms,
+        }
+    }
+}
+
+/// The right operand of [`amx_multiply`]: `n` output features of `k` inputs in the tile unit's
+/// pair-interleaved layout (see [`pack_weights`]).
+pub struct TileCols {
+    data: Vec<u32>,
+    n: usize,
+    k: usize,
+}
+
+impl TileCols {
+    /// Rows `src[i·stride..][..k]` for i < `rows` as the operand's features, rounded to bf16,
+    /// then zero features up to `n` (≥ rows; n and k multiples of 32): `x · srcᵀ`, e.g. the
+    /// scores of queries against a tile of keys.
+    pub fn rows_of(src: &[f32], stride: usize, rows: usize, n: usize, k: usize) -> Self {
+        assert!(rows <= n && n.is_multiple_of(AMX_N) && k.is_multiple_of(AMX_K));
+        assert!(rows == 0 || (rows - 1) * stride + k <= src.len());
+        let kh = k / 2;
+        let mut data = uninit::<u32>(n * kh);
+        for (jb, blk) in data.chunks_mut(16 * kh).enumerate() {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512() {
+                // SAFETY: AVX-512F/BW are present (has_avx512 checks both); the rows read
+                // are inside src (checked above), blk holds 16 · k/2 elements.
+                unsafe { pack_f32_rows_avx512(src, stride, rows, jb, k, blk) };
+                continue;
+            }
+            for f in 0..16 {
+                let j = jb * 16 + f;
+                for r in 0..kh {
+                    let pair = if j < rows {
+                        let p = &src[j * stride + 2 * r..][..2];
+                        bf16_rne(p[0]) as u32 | (bf16_rne(p[1]) as u32) << 16
+                    } else {
+                        0
+                    };
+                    blk[r * 16 + f].write(pair);
+                }
+            }
+        }
+        // SAFETY: every block wrote all of its elements.
+        let data = unsafe { assume_init(data) };
+        TileCols { data, n, k }
+    }
+
+    /// Rows `src[i·stride..][..n]` for i < `rows` as the operand's inputs, rounded to bf16,
+    /// then zero inputs up to `k` (≥ rows; n and k multiples of 32): `p · src`, e.g. attention
+    /// weights against a tile of values.
+    pub fn columns_of(src: &[f32], stride: usize, rows: usize, k: usize, n: usize) -> Self {
+        assert!(rows <= k && n.is_multiple_of(AMX_N) && k.is_multiple_of(AMX_K));
+        assert!(rows == 0 || (rows - 1) * stride + n <= src.len());
+        let kh = k / 2;
+        let mut data = uninit::<u32>(n * kh);
+        for (jb, blk) in data.chunks_mut(16 * kh).enumerate() {
             for r in 0..kh {
-                blk[r * 16 + f] = bits(row[2 * r]) | bits(row[2 * r + 1]) << 16;
+                let dst = &mut blk[r * 16..][..16];
+                let row = |i: usize| (i < rows).then(|| &src[i * stride + jb * 16..][..16]);
+                let (lo, hi) = (row(2 * r), row(2 * r + 1));
+                #[cfg(target_arch = "x86_64")]
+                if has_avx512() {
+                    // SAFETY: AVX-512F is present; each present row holds 16 values, dst 16.
+                    unsafe { interleave_avx512(lo, hi, dst) };
+                    continue;
+                }
+                for f in 0..16 {
+                    let b = |r: Option<&[f32]>| r.map_or(0, |r| bf16_rne(r[f]) as u32);
+                    dst[f].write(b(lo) | b(hi) << 16);
+                }
+            }
+        }
+        // SAFETY: every block wrote all of its elements.
+        let data = unsafe { assume_init(data) };
+        TileCols { data, n, k }
+    }
+}
+
+/// One 16-feature block of [`TileCols::rows_of`]: 32 values of each of 16 rows rounded to bf16
+/// (one register per row), then the 16 × 16 transpose of their pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_f32_rows_avx512(
+    src: &[f32],
+    stride: usize,
+    rows: usize,
+    jb: usize,
+    k: usize,
+    blk: &mut [MaybeUninit<u32>],
+) {
+    use std::arch::x86_64::*;
+    for kk in 0..k / AMX_K {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (f, reg) in r.iter_mut().enumerate() {
+            let j = jb * 16 + f;
+            if j < rows {
+                // SAFETY: j·stride + kk·32 + 32 <= (rows-1)·stride + k <= src.len().
+                let p = unsafe { src.as_ptr().add(j * stride + kk * AMX_K) };
+                // SAFETY: 32 readable values at p.
+                let (a, b) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
+                *reg = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rne16(a).0)),
+                    _mm512_cvtepi32_epi16(rne16(b).0),
+                );
+            }
+        }
+        for (i, row) in transpose16(r).iter().enumerate() {
+            // SAFETY: (kk·16 + i)·16 + 16 <= 16 · k/2.
+            unsafe {
+                _mm512_storeu_si512(blk.as_mut_ptr().add((kk * 16 + i) * 16) as *mut _, *row)
+            };
+        }
+    }
+}
+
+/// Sixteen pairs `(lo[f], hi[f])` rounded to bf16 into `dst` (an absent row is zeros).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave_avx512(lo: Option<&[f32]>, hi: Option<&[f32]>, dst: &mut [MaybeUninit<u32>]) {
+    use std::arch::x86_64::*;
+    debug_assert!(dst.len() == 16);
+    // SAFETY: each present row holds 16 values.
+    let bits = |r: Option<&[f32]>| {
+        r.map_or(_mm512_setzero_si512(), |r| {
+            rne16(unsafe { _mm512_loadu_ps(r.as_ptr()) }).0
+        })
+    };
+    let v = _mm512_or_si512(bits(lo), _mm512_slli_epi32::<16>(bits(hi)));
+    // SAFETY: dst holds 16 u32.
+    unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, v) };
+}
+
+/// `a · bᵀ` on the tile unit: `[a.m, b.n]` in f32. `parallel` spreads the work over rayon's
+/// threads. Panics unless AMX is usable and the operands agree on k.
+///
+/// Blocking: the packed rows of a chunk of [`CHUNK_TOKENS`] stay in L2 while each 32-feature
+/// panel of `b` (32 × k bf16: 32 KiB at k = 512) stays in L1 and every 32-row block of the
+/// chunk passes over it, accumulating in the tiles across the whole of k.
+pub fn amx_multiply(a: &TileRows, b: &TileCols, parallel: bool) -> Vec<f32> {
+    assert!(has_amx(), "amx: the tile unit is not usable here");
+    assert_eq!(a.k, b.k, "amx: operands differ in k");
+    let (m, k, n, terms) = (a.m, a.k, b.n, a.terms);
+    let mp = m.div_ceil(AMX_M) * AMX_M;
+    let block_len = k / AMX_K * terms * AMX_M * AMX_K;
+    let blocks = mp / AMX_M;
+    let per_chunk = CHUNK_TOKENS / AMX_M;
+    let chunks = blocks.div_ceil(per_chunk);
+    let panels = n / AMX_N;
+    // Work items: (chunk, run of panels); enough of them to keep every thread busy.
+    let splits = if parallel {
+        (4 * rayon::current_num_threads())
+            .div_ceil(chunks)
+            .clamp(1, panels)
+    } else {
+        1
+    };
+    let per_split = panels.div_ceil(splits);
+    let mut y = uninit::<f32>(mp * n);
+    let out = OutPtr(y.as_mut_ptr() as *mut f32);
+    let (xp, wp) = (&a.data[..], &b.data[..]);
+    let run = |item: usize| {
+        let (c, s) = (item / splits, item % splits);
+        let (b0, b1) = (c * per_chunk, ((c + 1) * per_chunk).min(blocks));
+        let (p0, p1) = (s * per_split, ((s + 1) * per_split).min(panels));
+        if p0 >= p1 {
+            return;
+        }
+        // SAFETY: AMX is usable (checked above); the item reads its chunk's packed tiles and
+        // its panels of wp, and writes rows b0·32..b1·32 × its panels' columns of y, which no
+        // other item writes (items differ in chunk or in panels); y has mp × n elements.
+        unsafe {
+            amx_panels(
+                &xp[b0 * block_len..b1 * block_len],
+                k,
+                terms,
+                wp,
+                p0..p1,
+                out.at(b0 * AMX_M * n),
+                n,
+            )
+        }
+    };
+    if parallel {
+        (0..chunks * splits).into_par_iter().for_each(run);
+    } else {
+        (0..chunks * splits).for_each(run);
+    }
+    // SAFETY: the items covered every chunk × panel: all mp rows × n features were stored.
+    let mut y = unsafe { assume_init(y) };
+    y.truncate(m * n);
+    y
+}
+
+/// Tokens per chunk in [`amx_linear`]: 256 tokens of packed activations take 256 KiB at
+/// k = 512 with one term (768 KiB with three), well inside L2.
+const CHUNK_TOKENS: usize = 256;
+
+/// The output's base pointer, shared by work items that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only written through by work items whose regions do not overlap
+// (see amx_linear); the allocation outlives them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Weights in the tile unit's pair-interleaved layout: for each block of 16 output features
+/// and each pair of input features r, the 16 features' `(w[j][2r], w[j][2r+1])` as bf16 bits —
+/// one 64-byte tile row. Exact for bf16 and int8 weights alike.
+fn pack_weights<T: Packed>(w: &[T], k: usize, n: usize, parallel: bool) -> Vec<u32> {
+    let kh = k / 2;
+    let mut wp = uninit::<u32>(n * kh);
+    let run = |(jb, blk): (usize, &mut [MaybeUninit<u32>])| {
+        let rows = &w[jb * 16 * k..(jb + 1) * 16 * k];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: AVX-512F is present; rows holds 16 rows of k, blk 16·k/2 elements.
+            unsafe { pack_block_avx512(rows, k, blk) };
+            return;
+        }
+        let bits = |v: T| v.to_f32().to_bits() >> 16;
+        for f in 0..16 {
+            let row = &rows[f * k..(f + 1) * k];
+            for r in 0..kh {
+                blk[r * 16 + f].write(bits(row[2 * r]) | bits(row[2 * r + 1]) << 16);
             }
         }
     };
@@ -314,9 +591,77 @@ pub fn amx_linear<T: Packed>(
     } else {
         wp.chunks_mut(16 * kh).enumerate().for_each(run);
     }
-    // Activations as `terms` bf16 terms, packed tile by tile: for each block of 32 tokens, each
-    // step of 32 input features, each term and each half of the block, one 16 × 64-byte tile
-    // (rows past m are zero). A block's tiles are contiguous, so a k-chunk of them stays in L1.
+    // SAFETY: every block wrote all of its 16 · k/2 elements.
+    unsafe { assume_init(wp) }
+}
+
+/// One 16-feature block of [`pack_weights`]: each row's 32 bf16 of a step (16 pairs, one
+/// 512-bit register) then a 16 × 16 transpose of 32-bit pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_block_avx512<T: Packed>(rows: &[T], k: usize, blk: &mut [MaybeUninit<u32>]) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows.len() == 16 * k && blk.len() * 2 == 16 * k && k.is_multiple_of(32));
+    for kk in 0..k / AMX_K {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (f, reg) in r.iter_mut().enumerate() {
+            // SAFETY: f·k + kk·32 + 32 <= 16·k.
+            *reg = unsafe { T::load32_bf16(rows.as_ptr().add(f * k + kk * AMX_K)) };
+        }
+        let t = transpose16(r);
+        for (i, row) in t.iter().enumerate() {
+            // SAFETY: (kk·16 + i)·16 + 16 <= 16 · k/2.
+            unsafe {
+                _mm512_storeu_si512(blk.as_mut_ptr().add((kk * 16 + i) * 16) as *mut _, *row)
+            };
+        }
+    }
+}
+
+/// The 16 × 16 transpose of 32-bit elements held in 16 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // 2 × 2 blocks of 32-bit elements, then of 64-bit pairs, then of 128-bit lanes, then of
+    // 256-bit halves.
+    let mut a = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    // Within each 128-bit lane, b[4i + j] now holds row j of the 4 × 4 block of rows 4i..4i+4.
+    let mut c = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        for j in 0..2 {
+            let (lo, hi) = (b[8 * j + i], b[8 * j + 4 + i]);
+            // Lanes 0, 2 of lo then 0, 2 of hi; lanes 1, 3 of lo then 1, 3 of hi.
+            c[8 * j + i] = _mm512_shuffle_i32x4::<0b10_00_10_00>(lo, hi);
+            c[8 * j + 4 + i] = _mm512_shuffle_i32x4::<0b11_01_11_01>(lo, hi);
+        }
+    }
+    let mut d = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        let (lo, hi) = (c[i], c[8 + i]);
+        d[i] = _mm512_shuffle_i32x4::<0b10_00_10_00>(lo, hi);
+        d[8 + i] = _mm512_shuffle_i32x4::<0b11_01_11_01>(lo, hi);
+    }
+    // d[s] is column s of the input: row s of the transpose.
+    d
+}
+
+/// Activations as `terms` bf16 terms, packed tile by tile: for each block of 32 tokens, each
+/// step of 32 input features, each term and each half of the block, one 16 × 64-byte tile
+/// (rows past m are zero).
+fn pack_activations(x: &[f32], m: usize, k: usize, terms: usize, parallel: bool) -> Vec<u16> {
+    let mp = m.div_ceil(AMX_M) * AMX_M;
     let kk_steps = k / AMX_K;
     let block_len = kk_steps * terms * AMX_M * AMX_K;
     let mut xp = uninit::<u16>(mp / AMX_M * block_len);
@@ -326,24 +671,8 @@ pub fn amx_linear<T: Packed>(
             let xr = (tb * AMX_M + t < m).then(|| &x[(tb * AMX_M + t) * k..][..k]);
             for kk in 0..kk_steps {
                 let mut parts = [[0u16; AMX_K]; SPLITS];
-                let Some(xr) = xr else {
-                    // Padding rows: zero terms.
-                    for (s, term) in parts.iter().take(terms).enumerate() {
-                        let at = (((kk * terms + s) * 2 + h) * 16 + row) * AMX_K;
-                        write_all(&mut dst[at..at + AMX_K], term);
-                    }
-                    continue;
-                };
-                let src = &xr[kk * AMX_K..][..AMX_K];
-                for c in 0..AMX_K {
-                    let v = src[c];
-                    let a = bf16_rne(v);
-                    let r1 = v - f32::from_bits((a as u32) << 16);
-                    let b = bf16_rne(r1);
-                    let r2 = r1 - f32::from_bits((b as u32) << 16);
-                    parts[0][c] = a;
-                    parts[1][c] = b;
-                    parts[2][c] = bf16_rne(r2);
+                if let Some(xr) = xr {
+                    split_terms(&xr[kk * AMX_K..][..AMX_K], terms, &mut parts);
                 }
                 for (s, term) in parts.iter().take(terms).enumerate() {
                     let at = (((kk * terms + s) * 2 + h) * 16 + row) * AMX_K;
@@ -358,23 +687,68 @@ pub fn amx_linear<T: Packed>(
         xp.chunks_mut(block_len).enumerate().for_each(pack);
     }
     // SAFETY: `pack` wrote every element (data rows and zero padding rows).
-    let xp = unsafe { assume_init(xp) };
-    let mut y = uninit::<f32>(mp * n);
-    let (xp, wp) = (&xp[..], &wp[..]);
-    let block = |(tb, yb): (usize, &mut [MaybeUninit<f32>])| {
-        // SAFETY: AMX is usable (amx_takes); the block reads its own packed tiles (inside xp),
-        // the whole of wp, and writes its 32 rows of y.
-        unsafe { amx_block(&xp[tb * block_len..][..block_len], k, terms, wp, n, yb) }
-    };
-    if parallel {
-        y.par_chunks_mut(AMX_M * n).enumerate().for_each(block);
-    } else {
-        y.chunks_mut(AMX_M * n).enumerate().for_each(block);
+    unsafe { assume_init(xp) }
+}
+
+/// 32 activations as `terms` bf16 terms (`v = hi + mid + lo` to 24 bits with three; `hi`,
+/// the rounded value, with one).
+fn split_terms(src: &[f32], terms: usize, parts: &mut [[u16; AMX_K]; SPLITS]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; src holds 32 values.
+        unsafe { split_terms_avx512(src, terms, parts) };
+        return;
     }
-    // SAFETY: every block stored all 32 of its rows × n features.
-    let mut y = unsafe { assume_init(y) };
-    y.truncate(m * n);
-    y
+    for c in 0..AMX_K {
+        let v = src[c];
+        let a = bf16_rne(v);
+        parts[0][c] = a;
+        if terms > 1 {
+            let r1 = v - f32::from_bits((a as u32) << 16);
+            let b = bf16_rne(r1);
+            parts[1][c] = b;
+            parts[2][c] = bf16_rne(r1 - f32::from_bits((b as u32) << 16));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn split_terms_avx512(src: &[f32], terms: usize, parts: &mut [[u16; AMX_K]; SPLITS]) {
+    use std::arch::x86_64::*;
+    debug_assert!(src.len() == AMX_K);
+    for half in 0..2 {
+        // SAFETY: 16 values at half·16 are inside src (32 values).
+        let mut v = unsafe { _mm512_loadu_ps(src.as_ptr().add(half * 16)) };
+        for part in parts.iter_mut().take(terms) {
+            let (bits, hi) = rne16(v);
+            // SAFETY: 16 u16 at half·16 are inside the 32 of the term.
+            unsafe {
+                _mm256_storeu_si256(
+                    part.as_mut_ptr().add(half * 16) as *mut __m256i,
+                    _mm512_cvtepi32_epi16(bits),
+                )
+            };
+            v = _mm512_sub_ps(v, hi);
+        }
+    }
+}
+
+/// Sixteen f32 rounded to bf16 as [`crate::format::round_bf16`] does (ties to even, non-finite
+/// values truncated): the bf16 bits in the low half of each 32-bit lane, and the rounded
+/// values as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn rne16(v: std::arch::x86_64::__m512) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    let b = _mm512_castps_si512(v);
+    let exp = _mm512_set1_epi32(0x7f80_0000);
+    let finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(b, exp), exp);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let up = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    let r = _mm512_mask_mov_epi32(b, finite, up);
+    let bits = _mm512_srli_epi32::<16>(r);
+    (bits, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits)))
 }
 
 /// A vector of `len` values to be written before they are read.
@@ -425,83 +799,79 @@ impl TileConfig {
     }
 }
 
-/// Input-feature steps per chunk: a chunk of a block's packed activations (4 steps × 3 terms ×
-/// 2 halves × 1 KiB = 24 KiB at most) stays in L1 while every output feature passes over it.
-const KC_STEPS: usize = 4;
-
-/// One block of 32 tokens (its packed activation tiles `xa`, `terms` per input step) × all n
-/// features into `y` (32 rows of n). Tiles: 0–3 accumulators (token half × feature half), 4–5
-/// activations, 6–7 weights.
+/// The 32-token blocks of a chunk (`xa`: their packed activation tiles, `terms` per input
+/// step) against the 32-feature `panels` of `wp`, into `y` (the chunk's first row; rows of n).
+/// Tiles: 0–3 accumulators (token half × feature half), 4–5 activations, 6–7 weights.
+///
+/// # Safety
+/// AMX must be usable; `y` must be valid for writes of the chunk's rows × the panels'
+/// columns (row stride n).
 #[cfg(target_arch = "x86_64")]
-unsafe fn amx_block(
+unsafe fn amx_panels(
     xa: &[u16],
     k: usize,
     terms: usize,
     wp: &[u32],
+    panels: std::ops::Range<usize>,
+    y: *mut f32,
     n: usize,
-    y: &mut [MaybeUninit<f32>],
 ) {
     use std::arch::asm;
     let kk_steps = k / AMX_K;
-    debug_assert!(xa.len() == kk_steps * terms * AMX_M * AMX_K);
-    debug_assert!(y.len() == AMX_M * n && wp.len() * 2 == n * k);
+    let block_len = kk_steps * terms * AMX_M * AMX_K;
+    debug_assert!(xa.len().is_multiple_of(block_len) && wp.len() * 2 == n * k);
+    debug_assert!(panels.end * AMX_N <= n);
+    let blocks = xa.len() / block_len;
     let cfg = TileConfig::full();
     let sc = (n * 4) as isize; // output row stride in bytes
     let s64: isize = 64; // packed tiles: 64-byte rows
-    let s_part = (AMX_N * 4) as isize; // partial-sum blocks: 32 f32 per row
     let kh = k / 2;
-    // SAFETY (whole function): every tile load reads 16 rows of 64 bytes inside `xa`, `wp` or
-    // `acc`, every store writes 16 rows of 64 bytes inside `acc` or `y`; the caller checked
-    // AMX support.
-    // Partial sums between k-chunks live in their own buffer, 32 × 32 per feature block:
-    // loading and storing them through y's rows, n·4 bytes apart, thrashes a few L1 sets.
-    let chunks = kk_steps.div_ceil(KC_STEPS);
-    let mut acc = uninit::<f32>(if chunks > 1 { AMX_M * n } else { 0 });
+    // SAFETY (whole block): every tile load reads 16 rows of 64 bytes inside `xa` (block tb,
+    // step kk, term sp, half) or `wp` (feature blocks 2p and 2p+1, step kk); every store
+    // writes 16 rows of 64 bytes at rows tb·32.. and columns p·32.. of y, which the caller
+    // lets us write; the caller checked AMX support.
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-        for (ci, kc) in (0..kk_steps).step_by(KC_STEPS).enumerate() {
-            for jb in (0..n).step_by(AMX_N) {
-                // This feature block's partial sums: a 32 × 32 block with 128-byte rows.
-                let part = acc.as_mut_ptr().wrapping_add(jb * AMX_M) as *mut u8;
-                if ci == 0 {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
-                } else {
-                    let [c0, c1, c2, c3] = c_tiles(part, s_part);
-                    asm!(
-                        "tileloadd tmm0, [{c0} + {s}*1]",
-                        "tileloadd tmm1, [{c1} + {s}*1]",
-                        "tileloadd tmm2, [{c2} + {s}*1]",
-                        "tileloadd tmm3, [{c3} + {s}*1]",
-                        c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                        s = in(reg) s_part,
-                        options(nostack, readonly),
-                    );
-                }
-                let b0 = wp.as_ptr().add((jb / 16) * 16 * kh) as *const u8;
-                let b1 = wp.as_ptr().add((jb / 16 + 1) * 16 * kh) as *const u8;
-                for kk in kc..(kc + KC_STEPS).min(kk_steps) {
+        for p in panels {
+            let b0 = wp.as_ptr().add(2 * p * 16 * kh) as *const u8;
+            let b1 = b0.add(16 * kh * 4);
+            for tb in 0..blocks {
+                let xb = xa.as_ptr().add(tb * block_len) as *const u8;
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                for kk in 0..kk_steps {
                     let boff = kk * 16 * 64;
+                    let a = xb.add(kk * terms * AMX_M * AMX_K * 2);
+                    // Loads between the products that need them, so that a load overlaps
+                    // the products before it (a tile load takes about two products' time).
                     asm!(
                         "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
                         "tileloadd tmm7, [{b1} + {s}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
                         b0 = in(reg) b0.add(boff),
                         b1 = in(reg) b1.add(boff),
+                        a0 = in(reg) a,
+                        a1 = in(reg) a.add(16 * 64),
                         s = in(reg) s64,
                         options(nostack, readonly),
                     );
-                    for sp in 0..terms {
-                        let a0 = xa.as_ptr().add((kk * terms + sp) * AMX_M * AMX_K) as *const u8;
+                    for sp in 1..terms {
+                        let a0 = a.add(sp * AMX_M * AMX_K * 2);
                         asm!(
                             "tileloadd tmm4, [{a0} + {s}*1]",
-                            "tileloadd tmm5, [{a1} + {s}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
                             "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm5, [{a1} + {s}*1]",
                             "tdpbf16ps tmm2, tmm5, tmm6",
                             "tdpbf16ps tmm3, tmm5, tmm7",
                             a0 = in(reg) a0,
@@ -511,20 +881,15 @@ unsafe fn amx_block(
                         );
                     }
                 }
-                // Partial sums go back to the buffer; the last chunk's go to y.
-                let (base, stride) = if ci + 1 < chunks {
-                    (part, s_part)
-                } else {
-                    (y.as_mut_ptr().add(jb) as *mut u8, sc)
-                };
-                let [c0, c1, c2, c3] = c_tiles(base, stride);
+                let base = y.add(tb * AMX_M * n + p * AMX_N) as *mut u8;
+                let [c0, c1, c2, c3] = c_tiles(base, sc);
                 asm!(
                     "tilestored [{c0} + {s}*1], tmm0",
                     "tilestored [{c1} + {s}*1], tmm1",
                     "tilestored [{c2} + {s}*1], tmm2",
                     "tilestored [{c3} + {s}*1], tmm3",
                     c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                    s = in(reg) stride,
+                    s = in(reg) sc,
                     options(nostack),
                 );
             }
@@ -534,13 +899,14 @@ unsafe fn amx_block(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn amx_block(
+unsafe fn amx_panels(
     _: &[u16],
     _: usize,
     _: usize,
     _: &[u32],
+    _: std::ops::Range<usize>,
+    _: *mut f32,
     _: usize,
-    _: &mut [MaybeUninit<f32>],
 ) {
     unreachable!("AMX is x86-64 only")
 }
@@ -616,6 +982,65 @@ mod tests {
         }
     }
 
+    /// The vectorised packing (a 16 × 16 transpose per step) lays weights out as the scalar
+    /// rule does, for bf16 and int8 weights.
+    #[test]
+    fn packed_weights_follow_the_scalar_layout() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let (k, n) = (96, 48);
+        let w = bf16_weights(&mut rng, n * k);
+        let q: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127i8..=127)).collect();
+        fn scalar<T: Packed>(w: &[T], k: usize, n: usize) -> Vec<u32> {
+            let bits = |v: T| v.to_f32().to_bits() >> 16;
+            let kh = k / 2;
+            let mut out = vec![0u32; n * kh];
+            for jb in 0..n / 16 {
+                for f in 0..16 {
+                    let row = &w[(jb * 16 + f) * k..][..k];
+                    for r in 0..kh {
+                        out[jb * 16 * kh + r * 16 + f] =
+                            bits(row[2 * r]) | bits(row[2 * r + 1]) << 16;
+                    }
+                }
+            }
+            out
+        }
+        for parallel in [false, true] {
+            assert_eq!(pack_weights(&w, k, n, parallel), scalar(&w, k, n));
+            assert_eq!(pack_weights(&q, k, n, parallel), scalar(&q, k, n));
+        }
+    }
+
+    /// One term: the activations rounded to bf16 (as `format::round_bf16` rounds them), then
+    /// an exact-product f32 sum; int8 weights go through the same tiles.
+    #[test]
+    fn amx_linear_with_one_term_rounds_the_activations() {
+        if !has_amx() {
+            eprintln!("skipped: no AMX on this CPU");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(6);
+        for (m, k, n) in [(1, 32, 32), (300, 64, 96), (33, 1024, 64), (513, 96, 32)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3f32..3.0)).collect();
+            let rounded: Vec<f32> = x.iter().map(|&v| crate::format::round_bf16(v)).collect();
+            let w = bf16_weights(&mut rng, n * k);
+            let q: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127i8..=127)).collect();
+            let qw: Vec<u16> = q.iter().map(|&v| bf16_rne(v as f32)).collect();
+            for parallel in [false, true] {
+                let e = max_err(
+                    &amx_linear(&x, &w, m, k, n, 1, parallel),
+                    &reference(&rounded, &w, m, k, n),
+                );
+                assert!(e < 2e-6, "{m}x{k}x{n}: {e}");
+                let e = max_err(
+                    &amx_linear(&x, &q, m, k, n, 1, parallel),
+                    &reference(&rounded, &qw, m, k, n),
+                );
+                assert!(e < 2e-6, "int8 {m}x{k}x{n}: {e}");
+            }
+        }
+    }
+
     /// The three-term split keeps f32 accuracy: the AMX result is as close to an f64
     /// reference as an f32 GEMM is (here within 2e-6 of the largest output).
     #[test]
@@ -625,7 +1050,13 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(4);
-        for (m, k, n) in [(1, 32, 32), (45, 64, 96), (100, 512, 64), (33, 1024, 32)] {
+        for (m, k, n) in [
+            (1, 32, 32),
+            (45, 64, 96),
+            (100, 512, 64),
+            (33, 1024, 32),
+            (600, 64, 64),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3f32..3.0)).collect();
             let w = bf16_weights(&mut rng, n * k);
             for parallel in [false, true] {
