@@ -160,13 +160,18 @@ pub fn fast_exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // t's low mantissa bits hold n (t = 1.5·2^23 + n exactly, n in [−126, 127]): 2^n from
+    // them with integer lane arithmetic. (`n as i32`, a saturating cast, does not vectorize:
+    // it went lane by lane through scalar conversions and NaN checks.)
+    let bits = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
+    p * f32::from_bits(bits)
 }
 
 #[inline(always)]
@@ -177,6 +182,48 @@ fn silu(x: f32) -> f32 {
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
+}
+
+/// An element-wise loop compiled twice, for the AVX2 baseline and with AVX-512 (16 lanes: the
+/// exponentials of SiLU and softmax run twice as wide), the wide one chosen at run time. The
+/// body must only call `#[inline(always)]` helpers, so that it vectorizes as a whole.
+macro_rules! elementwise {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if crate::x86::has_avx512() {
+                #[target_feature(enable = "avx512f")]
+                fn wide($($arg: $ty),*) $(-> $ret)? $body
+                // SAFETY: AVX-512F is present.
+                return unsafe { wide($($arg),*) };
+            }
+            $body
+        }
+    };
+}
+
+elementwise! {
+    /// `x ← silu(x)`.
+    fn silu_slice(x: &mut [f32]) {
+        x.iter_mut().for_each(|v| *v = silu(*v));
+    }
+}
+
+elementwise! {
+    /// `x ← x · sigmoid(g)`.
+    fn sigmoid_gate_slice(x: &mut [f32], g: &[f32]) {
+        x.iter_mut().zip(g).for_each(|(v, &g)| *v *= sigmoid(g));
+    }
+}
+
+elementwise! {
+    /// `o ← silu(g) · u`.
+    fn swiglu_slice(o: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = silu(g) * u;
+        }
+    }
 }
 
 #[inline(always)]
@@ -569,22 +616,24 @@ fn max_lanes(x: &[f32]) -> f32 {
     r
 }
 
-/// `x ← exp(x − m)` in place; returns the sum.
-fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut it = x.chunks_exact_mut(8);
-    for c in &mut it {
-        for l in 0..8 {
-            c[l] = fast_exp(c[l] - m);
-            acc[l] += c[l];
+elementwise! {
+    /// `x ← exp(x − m)` in place; returns the sum.
+    fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0f32; 16];
+        let mut it = x.chunks_exact_mut(16);
+        for c in &mut it {
+            for l in 0..16 {
+                c[l] = fast_exp(c[l] - m);
+                acc[l] += c[l];
+            }
         }
+        let mut s: f32 = acc.iter().sum();
+        for v in it.into_remainder() {
+            *v = fast_exp(*v - m);
+            s += *v;
+        }
+        s
     }
-    let mut s: f32 = acc.iter().sum();
-    for v in it.into_remainder() {
-        *v = fast_exp(*v - m);
-        s += *v;
-    }
-    s
 }
 
 /// Query rows up to which attention is computed with dot products instead of GEMM tiles
@@ -1190,15 +1239,14 @@ impl Backend for Cpu {
     }
 
     fn silu_inplace(&self, x: &mut Vec<f32>) {
-        x.par_chunks_mut(4096)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = silu(*v)));
+        x.par_chunks_mut(4096).for_each(silu_slice);
     }
 
     fn sigmoid_gate_inplace(&self, x: &mut Vec<f32>, gate: &Vec<f32>) {
         assert_eq!(x.len(), gate.len());
         x.par_chunks_mut(4096)
             .zip(gate.par_chunks(4096))
-            .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(v, &g)| *v *= sigmoid(g)));
+            .for_each(|(a, g)| sigmoid_gate_slice(a, g));
     }
 
     fn axpby(&self, alpha: f32, a: &Vec<f32>, beta: f32, b: &Vec<f32>) -> Vec<f32> {
@@ -1225,9 +1273,7 @@ impl Backend for Cpu {
             .zip(h.par_chunks(2 * inter))
             .for_each(|(o, hr)| {
                 let (g, u) = hr.split_at(inter);
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = silu(g) * u;
-                }
+                swiglu_slice(o, g, u);
             });
         y
     }
