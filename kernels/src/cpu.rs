@@ -479,6 +479,79 @@ pub fn rope_inv_freq(rope: RopeParams) -> Vec<f32> {
         .collect()
 }
 
+/// [`lightning_head`] for a prefill on the AMX tile unit with bf16 operands (for
+/// [`Activations::Bf16`]; needs `amx_takes(d, d)` and a block that is a multiple of 32): each
+/// block's four products — `Q·Kᵀ`, the decayed scores times `V`, the decayed `Q` times the
+/// state and the decayed `Kᵀ·V` — round their operands to bf16 and accumulate in f32, as a GPU
+/// kernel does; the state and the decays stay f32.
+#[allow(clippy::too_many_arguments)]
+fn lightning_head_amx(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    d: usize,
+    lambda: f32,
+    block: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    use crate::x86::{TileCols, TileRows, amx_multiply};
+    debug_assert!(block.is_multiple_of(32) && t > 1);
+    let decay: Vec<f32> = (0..=block).map(|n| (-lambda * n as f32).exp()).collect();
+    let mut qs = vec![0f32; block * d];
+    let mut start = 0;
+    while start < t {
+        let m = block.min(t - start);
+        // Keys beyond m are zero rows of the operands: they add nothing.
+        let mp = m.next_multiple_of(32);
+        let qb = &q[start * d..(start + m) * d];
+        let kb = &k[start * d..(start + m) * d];
+        let vb = &v[start * d..(start + m) * d];
+        let ob = &mut out[start * d..(start + m) * d];
+        // Intra-block: ((Q Kᵀ) ⊙ D) V with D[i][j] = exp(−λ(i−j)) for j ≤ i.
+        let keys = TileCols::rows_of(kb, d, m, mp, d);
+        let mut sc = amx_multiply(&TileRows::pack(qb, m, d, 1, false), &keys, false);
+        for (i, row) in sc.chunks_mut(mp).enumerate() {
+            for (j, s) in row.iter_mut().enumerate() {
+                *s = if j <= i { *s * decay[i - j] } else { 0.0 };
+            }
+        }
+        let values = TileCols::columns_of(vb, d, m, mp, d);
+        let intra = amx_multiply(&TileRows::pack(&sc, m, mp, 1, false), &values, false);
+        // Inter-block: (Q ⊙ exp(−λ(i+1))) S from the carried state.
+        for (i, (dst, src)) in qs.chunks_mut(d).zip(qb.chunks(d)).enumerate() {
+            let f = decay[i + 1];
+            dst.iter_mut().zip(src).for_each(|(o, &x)| *o = x * f);
+        }
+        let carried = TileCols::columns_of(state, d, d, d, d);
+        let inter = amx_multiply(
+            &TileRows::pack(&qs[..m * d], m, d, 1, false),
+            &carried,
+            false,
+        );
+        for ((o, &a), &b) in ob.iter_mut().zip(&intra).zip(&inter) {
+            *o = a + b;
+        }
+        // State: S ← exp(−λ m) S + (K ⊙ exp(−λ(m−1−j)))ᵀ V, the left operand (K ⊙ ·)ᵀ
+        // as [d, mp].
+        let mut kt = vec![0f32; d * mp];
+        for (j, kr) in kb.chunks(d).enumerate() {
+            let f = decay[m - 1 - j];
+            for (c, &x) in kr.iter().enumerate() {
+                kt[c * mp + j] = x * f;
+            }
+        }
+        let update = amx_multiply(&TileRows::pack(&kt, d, mp, 1, false), &values, false);
+        let g = decay[m];
+        state
+            .iter_mut()
+            .zip(&update)
+            .for_each(|(s, &u)| *s = g * *s + u);
+        start += m;
+    }
+}
+
 /// One head of lightning attention over `t` tokens: `q`, `k`, `v` are `[t, d]`, `state` is
 /// `[d, d]` (rows: key dim, columns: value dim). Writes `out` (`[t, d]`).
 #[allow(clippy::too_many_arguments)]
@@ -1340,6 +1413,8 @@ impl Backend for Cpu {
         );
         assert_eq!(decay.len(), heads);
         let row = heads * 3 * d;
+        // bf16 prefills run each block's products on the tile unit.
+        let amx_block = t > 1 && block.is_multiple_of(32) && crate::x86::amx_takes(d, d);
         let per_head: Vec<Vec<f32>> = state
             .par_chunks_mut(d * d)
             .enumerate()
@@ -1354,7 +1429,12 @@ impl Backend for Cpu {
                     v[i * d..(i + 1) * d].copy_from_slice(&qkv[base + 2 * d..base + 3 * d]);
                 }
                 let mut o = vec![0f32; t * d];
-                lightning_head(&q, &k, &v, t, d, decay[h], block, st, &mut o);
+                match self.activations {
+                    Activations::Bf16 if amx_block => {
+                        lightning_head_amx(&q, &k, &v, t, d, decay[h], block, st, &mut o)
+                    }
+                    _ => lightning_head(&q, &k, &v, t, d, decay[h], block, st, &mut o),
+                }
                 o
             })
             .collect();
@@ -1591,6 +1671,54 @@ mod tests {
                     "state block {block} λ {lambda}"
                 );
             }
+        }
+    }
+
+    /// bf16 prefills run lightning's block products on the tile unit: within bf16's error of
+    /// the exact recurrence, over whole and partial blocks, from a carried state.
+    #[test]
+    fn bf16_lightning_on_the_tile_unit_follows_the_recurrence() {
+        if !crate::x86::has_amx() {
+            eprintln!("skipped: no AMX on this CPU");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(17);
+        let (t, d) = (150, 64);
+        let q = rand_vec(&mut rng, t * d, 1.0);
+        let k = rand_vec(&mut rng, t * d, 1.0);
+        let v = rand_vec(&mut rng, t * d, 1.0);
+        for &lambda in &[0.9f32, 0.05, 1e-5] {
+            let (want, want_s) = recurrence(&q, &k, &v, t, d, lambda as f64);
+            // The first 40 tokens one way, the rest from the carried state.
+            let (mut s, mut o) = (vec![0f32; d * d], vec![0f32; t * d]);
+            let split = 40 * d;
+            lightning_head_amx(
+                &q[..split],
+                &k[..split],
+                &v[..split],
+                40,
+                d,
+                lambda,
+                64,
+                &mut s,
+                &mut o[..split],
+            );
+            lightning_head_amx(
+                &q[split..],
+                &k[split..],
+                &v[split..],
+                t - 40,
+                d,
+                lambda,
+                64,
+                &mut s,
+                &mut o[split..],
+            );
+            let (eo, es) = (max_rel(&o, &want), max_rel(&s, &want_s));
+            eprintln!("λ {lambda}: output {eo:e}, state {es:e}");
+            // Operands with 8 significant bits, sums of up to ~150 terms.
+            assert!(eo < 1.5e-2 && es < 1.5e-2, "λ {lambda}: {eo} {es}");
+            assert!(eo > 1e-6, "the tile path rounds its operands");
         }
     }
 
