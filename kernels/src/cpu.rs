@@ -674,19 +674,21 @@ pub fn lightning_head(
 /// Keys per tile of [`flash_attention`].
 const ATTN_K_TILE: usize = 512;
 
-fn max_lanes(x: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let chunks = x.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            m[l] = m[l].max(x[c * 8 + l]);
+elementwise! {
+    /// The largest value of `x` (−∞ when empty), ignoring NaNs as `f32::max` does; written
+    /// as compare-and-select so that it compiles to plain vector maxima.
+    fn max_lanes(x: &[f32]) -> f32 {
+        let pick = |a: f32, b: f32| if b > a { b } else { a };
+        let mut m = [f32::NEG_INFINITY; 16];
+        let mut it = x.chunks_exact(16);
+        for c in &mut it {
+            for l in 0..16 {
+                m[l] = pick(m[l], c[l]);
+            }
         }
+        let r = m.iter().fold(f32::NEG_INFINITY, |a, &b| pick(a, b));
+        it.remainder().iter().fold(r, |a, &b| pick(a, b))
     }
-    let mut r = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    for &v in &x[chunks * 8..] {
-        r = r.max(v);
-    }
-    r
 }
 
 elementwise! {
