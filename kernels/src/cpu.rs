@@ -203,6 +203,44 @@ macro_rules! elementwise {
     };
 }
 
+/// `len` values written chunk by chunk in parallel by `fill` (chunk i holds elements
+/// `i·chunk..`; the last may be shorter), without zeroing the buffer first: for outputs that
+/// every element of is computed, where zeroing was a whole extra pass over memory.
+///
+/// # Safety
+/// `fill` must write every element of the chunk it is given.
+unsafe fn par_written(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: the chunks cover 0..len and `fill` wrote each of them whole (the caller's
+    // promise); the capacity is at least len.
+    unsafe { v.set_len(len) };
+    v
+}
+
+elementwise! {
+    /// `Σ x²` in f64, over 8 independent lanes: one running sum was a chain of dependent
+    /// additions (four cycles each) that no compiler may reorder.
+    fn sum_squares(x: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut it = x.chunks_exact(8);
+        for c in &mut it {
+            for l in 0..8 {
+                acc[l] += c[l] as f64 * c[l] as f64;
+            }
+        }
+        let tail: f64 = it.remainder().iter().map(|&v| v as f64 * v as f64).sum();
+        acc.iter().sum::<f64>() + tail
+    }
+}
+
 elementwise! {
     /// `x ← silu(x)`.
     fn silu_slice(x: &mut [f32]) {
@@ -218,10 +256,10 @@ elementwise! {
 }
 
 elementwise! {
-    /// `o ← silu(g) · u`.
-    fn swiglu_slice(o: &mut [f32], g: &[f32], u: &[f32]) {
+    /// `o ← silu(g) · u` (written whole when the three have one length).
+    fn swiglu_slice(o: &mut [std::mem::MaybeUninit<f32>], g: &[f32], u: &[f32]) {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = silu(g) * u;
+            o.write(silu(g) * u);
         }
     }
 }
@@ -755,15 +793,17 @@ fn dot_attention(
 /// Rows `[t, heads·d]` from each head's `[t, d]` output.
 fn interleave_heads(per_head: &[Vec<f32>], t: usize, d: usize) -> Vec<f32> {
     let heads = per_head.len();
-    let mut out = vec![0f32; t * heads * d];
-    out.par_chunks_mut(heads * d)
-        .enumerate()
-        .for_each(|(i, orow)| {
+    // SAFETY: chunk i is row i (heads·d elements); the loop writes d of them per head.
+    unsafe {
+        par_written(t * heads * d, heads * d, |i, orow| {
             for (h, o) in per_head.iter().enumerate() {
-                orow[h * d..(h + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
+                let src = &o[i * d..(i + 1) * d];
+                for (dst, &v) in orow[h * d..(h + 1) * d].iter_mut().zip(src) {
+                    dst.write(v);
+                }
             }
-        });
-    out
+        })
+    }
 }
 
 /// Causal softmax attention with GQA of `t` queries (`[t, heads·d]`) over keys and values
@@ -1300,17 +1340,19 @@ impl Backend for Cpu {
 
     fn rms_norm(&self, x: &Vec<f32>, g: &Vec<f32>, width: usize, eps: f32) -> Vec<f32> {
         assert_eq!(g.len(), width);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(width)
-            .zip(x.par_chunks(width))
-            .for_each(|(yr, xr)| {
-                let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / width as f64;
+        assert!(x.len().is_multiple_of(width), "rms_norm: rows of {width}");
+        // SAFETY: chunk i is row i of the output (width elements), and the loop writes each
+        // of them: xr and g are width long too.
+        unsafe {
+            par_written(x.len(), width, |i, yr| {
+                let xr = &x[i * width..(i + 1) * width];
+                let ms = sum_squares(xr) / width as f64;
                 let r = (1.0 / (ms + eps as f64).sqrt()) as f32;
                 for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(g) {
-                    *o = w * (v * r);
+                    o.write(w * (v * r));
                 }
-            });
-        y
+            })
+        }
     }
 
     fn silu_inplace(&self, x: &mut Vec<f32>) {
@@ -1326,15 +1368,17 @@ impl Backend for Cpu {
 
     fn axpby(&self, alpha: f32, a: &Vec<f32>, beta: f32, b: &Vec<f32>) -> Vec<f32> {
         assert_eq!(a.len(), b.len());
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(4096)
-            .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
-            .for_each(|(o, (a, b))| {
+        const CH: usize = 4096;
+        // SAFETY: chunk i covers elements i·CH.. of the output, as the same ranges of a and b
+        // (equal lengths, asserted): the loop writes each of them.
+        unsafe {
+            par_written(a.len(), CH, |i, o| {
+                let (a, b) = (&a[i * CH..][..o.len()], &b[i * CH..][..o.len()]);
                 for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = alpha * a + beta * b;
+                    o.write(alpha * a + beta * b);
                 }
-            });
-        y
+            })
+        }
     }
 
     fn swiglu(&self, h: &Vec<f32>, rows: usize, inter: usize) -> Vec<f32> {
@@ -1343,14 +1387,14 @@ impl Backend for Cpu {
             rows * 2 * inter,
             "swiglu: input is not [rows, 2·inter]"
         );
-        let mut y = vec![0f32; rows * inter];
-        y.par_chunks_mut(inter)
-            .zip(h.par_chunks(2 * inter))
-            .for_each(|(o, hr)| {
-                let (g, u) = hr.split_at(inter);
+        // SAFETY: chunk i is row i (inter elements); swiglu_slice writes each of them (g
+        // and u are inter long).
+        unsafe {
+            par_written(rows * inter, inter, |i, o| {
+                let (g, u) = h[i * 2 * inter..(i + 1) * 2 * inter].split_at(inter);
                 swiglu_slice(o, g, u);
-            });
-        y
+            })
+        }
     }
 
     fn scatter_add_rows(
@@ -1421,14 +1465,16 @@ impl Backend for Cpu {
             .par_chunks_mut(d * d)
             .enumerate()
             .map(|(h, st)| {
-                let mut q = vec![0f32; t * d];
-                let mut k = vec![0f32; t * d];
-                let mut v = vec![0f32; t * d];
+                let (mut q, mut k, mut v) = (
+                    Vec::with_capacity(t * d),
+                    Vec::with_capacity(t * d),
+                    Vec::with_capacity(t * d),
+                );
                 for i in 0..t {
                     let base = i * row + h * 3 * d;
-                    q[i * d..(i + 1) * d].copy_from_slice(&qkv[base..base + d]);
-                    k[i * d..(i + 1) * d].copy_from_slice(&qkv[base + d..base + 2 * d]);
-                    v[i * d..(i + 1) * d].copy_from_slice(&qkv[base + 2 * d..base + 3 * d]);
+                    q.extend_from_slice(&qkv[base..base + d]);
+                    k.extend_from_slice(&qkv[base + d..base + 2 * d]);
+                    v.extend_from_slice(&qkv[base + 2 * d..base + 3 * d]);
                 }
                 let mut o = vec![0f32; t * d];
                 match self.activations {
