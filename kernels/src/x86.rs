@@ -355,6 +355,11 @@ impl TileRows {
             terms,
         }
     }
+
+    /// The rows packed.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
 }
 
 /// The right operand of [`amx_multiply`]: `n` output features of `k` inputs in the tile unit's
