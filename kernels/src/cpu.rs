@@ -1062,6 +1062,56 @@ fn flash_attention_amx(
     soft.finish(o, d)
 }
 
+/// Each output row's features times their int8 channel scales (the int8 kernels sum x·q).
+fn scaled(mut y: Vec<f32>, scales: &[f32]) -> Vec<f32> {
+    for row in y.chunks_mut(scales.len()) {
+        row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
+    }
+    y
+}
+
+/// A bf16 or int8 weight packed for the AMX tile unit; int8 channel scales are applied to the
+/// product.
+struct TileWeight<'a> {
+    cols: crate::x86::TileCols,
+    k: usize,
+    scales: Option<&'a [f32]>,
+}
+
+impl<'a> TileWeight<'a> {
+    /// `w` (`[n, k]`) packed; None where the tile unit does not take it (no AMX, a shape not
+    /// in whole tiles, f32 weights).
+    fn of(w: &'a CpuWeight, k: usize, n: usize, parallel: bool) -> Option<Self> {
+        if !crate::x86::amx_takes(k, n) {
+            return None;
+        }
+        use crate::x86::TileCols;
+        let (cols, scales) = match w {
+            CpuWeight::Bf16(v) => (TileCols::weights(v, k, n, parallel), None),
+            CpuWeight::Int8 { q, scales } => {
+                (TileCols::weights(q, k, n, parallel), Some(&scales[..]))
+            }
+            CpuWeight::F32(_) => return None,
+        };
+        Some(TileWeight { cols, k, scales })
+    }
+
+    /// `x · wᵀ` for `m` rows: bf16 activations are one bf16 term on the tile unit, f32 ones
+    /// need three (f32 accuracy).
+    fn apply(&self, x: &[f32], m: usize, activations: Activations, parallel: bool) -> Vec<f32> {
+        let terms = match activations {
+            Activations::F32 => 3,
+            Activations::Bf16 => 1,
+        };
+        let a = crate::x86::TileRows::pack(x, m, self.k, terms, parallel);
+        let y = crate::x86::amx_multiply(&a, &self.cols, parallel);
+        match self.scales {
+            Some(s) => scaled(y, s),
+            None => y,
+        }
+    }
+}
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`; `parallel` lets the GEMM fork across threads. With
 /// [`Activations::Bf16`] the input is rounded to bf16 first (by the tile unit's packing where
 /// it takes the GEMM, by a rounded copy otherwise).
@@ -1076,28 +1126,10 @@ fn linear(
 ) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "linear: input is not [m, k]");
     assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
-    // The int8 kernels sum x·q; each output feature then takes its channel's scale.
-    let scaled = |y: Vec<f32>, scales: &[f32]| {
-        let mut y = y;
-        for row in y.chunks_mut(n) {
-            row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
-        }
-        y
-    };
-    if m > GEMV_ROWS && crate::x86::amx_takes(k, n) {
-        // bf16 activations are one bf16 term on the tile unit; f32 ones need three.
-        let terms = match activations {
-            Activations::F32 => 3,
-            Activations::Bf16 => 1,
-        };
-        match w {
-            CpuWeight::Bf16(v) => return crate::x86::amx_linear(x, v, m, k, n, terms, parallel),
-            CpuWeight::Int8 { q, scales } => {
-                let y = crate::x86::amx_linear(x, q, m, k, n, terms, parallel);
-                return scaled(y, scales);
-            }
-            CpuWeight::F32(_) => {}
-        }
+    if m > GEMV_ROWS
+        && let Some(tw) = TileWeight::of(w, k, n, parallel)
+    {
+        return tw.apply(x, m, activations, parallel);
     }
     let rounded: Vec<f32>;
     let x = match activations {

@@ -322,11 +322,7 @@ pub fn amx_linear<T: Packed>(
     );
     assert_eq!(x.len(), m * k, "amx: input is not [m, k]");
     assert_eq!(w.len(), n * k, "amx: weight is not [n, k]");
-    let b = TileCols {
-        data: pack_weights(w, k, n, parallel),
-        n,
-        k,
-    };
+    let b = TileCols::weights(w, k, n, parallel);
     amx_multiply(&TileRows::pack(x, m, k, terms, parallel), &b, parallel)
 }
 
@@ -371,6 +367,21 @@ pub struct TileCols {
 }
 
 impl TileCols {
+    /// A weight `w` (`[n, k]`, bf16 bits or int8 values; the caller applies int8 scales to
+    /// the product) packed once, to multiply several inputs. Needs [`amx_takes`]`(k, n)`.
+    pub fn weights<T: Packed>(w: &[T], k: usize, n: usize, parallel: bool) -> Self {
+        assert!(
+            k > 0 && n > 0 && k.is_multiple_of(AMX_K) && n.is_multiple_of(AMX_N),
+            "amx: weight {n}x{k} not in whole tiles"
+        );
+        assert_eq!(w.len(), n * k, "amx: weight is not [n, k]");
+        TileCols {
+            data: pack_weights(w, k, n, parallel),
+            n,
+            k,
+        }
+    }
+
     /// Rows `src[i·stride..][..k]` for i < `rows` as the operand's features, rounded to bf16,
     /// then zero features up to `n` (≥ rows; n and k multiples of 32): `x · srcᵀ`, e.g. the
     /// scores of queries against a tile of keys.
