@@ -519,83 +519,24 @@ pub fn rope_inv_freq(rope: RopeParams) -> Vec<f32> {
         .collect()
 }
 
-/// [`lightning_head`] for a prefill on the AMX tile unit with bf16 operands (for
-/// [`Activations::Bf16`]; needs `amx_takes(d, d)` and a block that is a multiple of 32): each
-/// block's four products — `Q·Kᵀ`, the decayed scores times `V`, the decayed `Q` times the
-/// state and the decayed `Kᵀ·V` — round their operands to bf16 and accumulate in f32, as a GPU
-/// kernel does; the state and the decays stay f32.
-#[allow(clippy::too_many_arguments)]
-fn lightning_head_amx(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    t: usize,
-    d: usize,
-    lambda: f32,
-    block: usize,
-    state: &mut [f32],
-    out: &mut [f32],
-) {
-    use crate::x86::{TileCols, TileRows, amx_multiply};
-    debug_assert!(block.is_multiple_of(32) && t > 1);
-    let decay: Vec<f32> = (0..=block).map(|n| (-lambda * n as f32).exp()).collect();
-    let mut qs = vec![0f32; block * d];
-    let mut start = 0;
-    while start < t {
-        let m = block.min(t - start);
-        // Keys beyond m are zero rows of the operands: they add nothing.
-        let mp = m.next_multiple_of(32);
-        let qb = &q[start * d..(start + m) * d];
-        let kb = &k[start * d..(start + m) * d];
-        let vb = &v[start * d..(start + m) * d];
-        let ob = &mut out[start * d..(start + m) * d];
-        // Intra-block: ((Q Kᵀ) ⊙ D) V with D[i][j] = exp(−λ(i−j)) for j ≤ i.
-        let keys = TileCols::rows_of(kb, d, m, mp, d);
-        let mut sc = amx_multiply(&TileRows::pack(qb, m, d, 1, false), &keys, false);
-        for (i, row) in sc.chunks_mut(mp).enumerate() {
-            for (j, s) in row.iter_mut().enumerate() {
-                *s = if j <= i { *s * decay[i - j] } else { 0.0 };
-            }
-        }
-        let values = TileCols::columns_of(vb, d, m, mp, d);
-        let intra = amx_multiply(&TileRows::pack(&sc, m, mp, 1, false), &values, false);
-        // Inter-block: (Q ⊙ exp(−λ(i+1))) S from the carried state.
-        for (i, (dst, src)) in qs.chunks_mut(d).zip(qb.chunks(d)).enumerate() {
-            let f = decay[i + 1];
-            dst.iter_mut().zip(src).for_each(|(o, &x)| *o = x * f);
-        }
-        let carried = TileCols::columns_of(state, d, d, d, d);
-        let inter = amx_multiply(
-            &TileRows::pack(&qs[..m * d], m, d, 1, false),
-            &carried,
-            false,
-        );
-        for ((o, &a), &b) in ob.iter_mut().zip(&intra).zip(&inter) {
-            *o = a + b;
-        }
-        // State: S ← exp(−λ m) S + (K ⊙ exp(−λ(m−1−j)))ᵀ V, the left operand (K ⊙ ·)ᵀ
-        // as [d, mp].
-        let mut kt = vec![0f32; d * mp];
-        for (j, kr) in kb.chunks(d).enumerate() {
-            let f = decay[m - 1 - j];
-            for (c, &x) in kr.iter().enumerate() {
-                kt[c * mp + j] = x * f;
-            }
-        }
-        let update = amx_multiply(&TileRows::pack(&kt, d, mp, 1, false), &values, false);
-        let g = decay[m];
-        state
-            .iter_mut()
-            .zip(&update)
-            .for_each(|(s, &u)| *s = g * *s + u);
-        start += m;
-    }
+/// How [`lightning_head`] multiplies.
+#[derive(Clone, Copy, PartialEq)]
+enum Products {
+    /// f32 GEMMs (exact).
+    F32,
+    /// The AMX tile unit with bf16 operands and f32 accumulation, as a GPU kernel multiplies
+    /// (for [`Activations::Bf16`]; needs `amx_takes(d, d)` and a block that is a multiple of 32).
+    Tile,
 }
 
 /// One head of lightning attention over `t` tokens: `q`, `k`, `v` are `[t, d]`, `state` is
-/// `[d, d]` (rows: key dim, columns: value dim). Writes `out` (`[t, d]`).
+/// `[d, d]` (rows: key dim, columns: value dim). Writes `out` (`[t, d]`). A prefill goes in
+/// blocks: per block, the intra-block part `((Q Kᵀ) ⊙ D) V`, the inter-block part
+/// `(Q ⊙ decay) S` from the carried state, and the state update `S ← exp(−λ m) S +
+/// (K ⊙ decay)ᵀ V`, with the four products made as `products` says. The state and the
+/// decays stay f32.
 #[allow(clippy::too_many_arguments)]
-pub fn lightning_head(
+fn lightning_head(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -605,6 +546,7 @@ pub fn lightning_head(
     block: usize,
     state: &mut [f32],
     out: &mut [f32],
+    products: Products,
 ) {
     let block = block.max(1);
     if t == 1 {
@@ -629,84 +571,86 @@ pub fn lightning_head(
         }
         return;
     }
+    use crate::x86::{TileCols, TileRows, amx_multiply};
+    let tile = products == Products::Tile;
+    debug_assert!(!tile || block.is_multiple_of(32));
     // decay[n] = exp(−λ n), n = 0..=block
     let decay: Vec<f32> = (0..=block).map(|n| (-lambda * n as f32).exp()).collect();
-    let mut scores = vec![0f32; block * block];
-    let mut scaled = vec![0f32; block * d];
+    let mut qs = vec![0f32; block * d];
     let mut start = 0;
     while start < t {
         let m = block.min(t - start);
+        // Keys per row of the scores: the tile unit's operands are padded with zero keys to
+        // whole tiles (they add nothing).
+        let w = if tile { m.next_multiple_of(32) } else { m };
         let qb = &q[start * d..(start + m) * d];
         let kb = &k[start * d..(start + m) * d];
         let vb = &v[start * d..(start + m) * d];
         let ob = &mut out[start * d..(start + m) * d];
+        let values = tile.then(|| TileCols::columns_of(vb, d, m, w, d));
         // Intra-block: ((Q Kᵀ) ⊙ D) V with D[i][j] = exp(−λ(i−j)) for j ≤ i.
-        let sc = &mut scores[..m * m];
-        gemm(
-            m,
-            m,
-            d,
-            sc,
-            m,
-            Mat::rows(qb, d),
-            Mat::transposed(kb, d),
-            None,
-            false,
-        );
-        for i in 0..m {
-            let row = &mut sc[i * m..(i + 1) * m];
+        let mut sc = if tile {
+            let keys = TileCols::rows_of(kb, d, m, w, d);
+            amx_multiply(&TileRows::pack(qb, m, d, 1, false), &keys, false)
+        } else {
+            let mut sc = vec![0f32; m * m];
+            let (qm, km) = (Mat::rows(qb, d), Mat::transposed(kb, d));
+            gemm(m, m, d, &mut sc, m, qm, km, None, false);
+            sc
+        };
+        for (i, row) in sc.chunks_mut(w).enumerate() {
             for (j, s) in row.iter_mut().enumerate() {
                 *s = if j <= i { *s * decay[i - j] } else { 0.0 };
             }
         }
-        gemm(
-            m,
-            d,
-            m,
-            ob,
-            d,
-            Mat::rows(sc, m),
-            Mat::rows(vb, d),
-            None,
-            false,
-        );
         // Inter-block: (Q ⊙ exp(−λ(i+1))) S from the carried state.
-        let qs = &mut scaled[..m * d];
-        for i in 0..m {
+        for (i, (dst, src)) in qs.chunks_mut(d).zip(qb.chunks(d)).enumerate() {
             let f = decay[i + 1];
-            for c in 0..d {
-                qs[i * d + c] = qb[i * d + c] * f;
-            }
+            dst.iter_mut().zip(src).for_each(|(o, &x)| *o = x * f);
         }
-        gemm(
-            m,
-            d,
-            d,
-            ob,
-            d,
-            Mat::rows(qs, d),
-            Mat::rows(state, d),
-            Some(1.0),
-            false,
-        );
-        // State: S ← exp(−λ m) S + (K ⊙ exp(−λ(m−1−j)))ᵀ V.
-        for j in 0..m {
+        let qs = &qs[..m * d];
+        if let Some(values) = &values {
+            let intra = amx_multiply(&TileRows::pack(&sc, m, w, 1, false), values, false);
+            let carried = TileCols::columns_of(state, d, d, d, d);
+            let inter = amx_multiply(&TileRows::pack(qs, m, d, 1, false), &carried, false);
+            for ((o, &a), &b) in ob.iter_mut().zip(&intra).zip(&inter) {
+                *o = a + b;
+            }
+        } else {
+            gemm(
+                m,
+                d,
+                m,
+                ob,
+                d,
+                Mat::rows(&sc, m),
+                Mat::rows(vb, d),
+                None,
+                false,
+            );
+            let (qm, sm) = (Mat::rows(qs, d), Mat::rows(state, d));
+            gemm(m, d, d, ob, d, qm, sm, Some(1.0), false);
+        }
+        // State: S ← exp(−λ m) S + (K ⊙ exp(−λ(m−1−j)))ᵀ V, the left operand (K ⊙ ·)ᵀ as
+        // [d, w].
+        let mut kt = vec![0f32; d * w];
+        for (j, kr) in kb.chunks(d).enumerate() {
             let f = decay[m - 1 - j];
-            for c in 0..d {
-                qs[j * d + c] = kb[j * d + c] * f;
+            for (c, &x) in kr.iter().enumerate() {
+                kt[c * w + j] = x * f;
             }
         }
-        gemm(
-            d,
-            d,
-            m,
-            state,
-            d,
-            Mat::transposed(qs, d),
-            Mat::rows(vb, d),
-            Some(decay[m]),
-            false,
-        );
+        let g = decay[m];
+        if let Some(values) = &values {
+            let update = amx_multiply(&TileRows::pack(&kt, d, w, 1, false), values, false);
+            state
+                .iter_mut()
+                .zip(&update)
+                .for_each(|(s, &u)| *s = g * *s + u);
+        } else {
+            let (km, vm) = (Mat::rows(&kt, w), Mat::rows(vb, d));
+            gemm(d, d, m, state, d, km, vm, Some(g), false);
+        }
         start += m;
     }
 }
@@ -832,6 +776,11 @@ fn grouped_attention(
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let qblocks = t.div_ceil(ATTN_Q_BLOCK);
+    // bf16 operands on the tile unit, as a GPU's flash attention takes them.
+    let products = match activations {
+        Activations::Bf16 if crate::x86::amx_takes(d, d) => Products::Tile,
+        _ => Products::F32,
+    };
     let items: Vec<(usize, usize)> = (0..kv_heads)
         .flat_map(|g| (0..qblocks).map(move |b| (g, b)))
         .collect();
@@ -858,13 +807,7 @@ fn grouped_attention(
             }
             let seen = |r| visible(r0 + r % mb);
             let (kg, vg) = (&k[g * d..], &v[g * d..]);
-            match activations {
-                // bf16 operands on the tile unit, as a GPU's flash attention takes them.
-                Activations::Bf16 if rows > ATTN_DOT_ROWS && crate::x86::amx_takes(d, d) => {
-                    flash_attention_amx(&qg, rows, d, kg, vg, kvw, nk, seen)
-                }
-                _ => flash_attention(&qg, rows, d, kg, vg, kvw, nk, seen),
-            }
+            flash_attention(&qg, rows, d, kg, vg, kvw, nk, seen, products)
         })
         .collect();
     let mut out = vec![0f32; t * heads * d];
@@ -957,6 +900,11 @@ impl OnlineSoftmax {
 /// an online softmax (running max and sum per row), so memory stays O(rows × tile) whatever
 /// the context length. Returns the output and each row's log-sum-exp (−∞, with a zero output,
 /// for a row that sees no key).
+///
+/// With [`Products::Tile`] the queries, each tile of keys, the softmax weights and each tile of
+/// values are rounded to bf16 and multiplied on the AMX tile unit with f32 accumulation, as a
+/// GPU's flash attention does (for [`Activations::Bf16`]; needs `amx_takes(d, d)`); the
+/// online softmax stays f32.
 #[allow(clippy::too_many_arguments)]
 fn flash_attention(
     q: &[f32],
@@ -967,12 +915,44 @@ fn flash_attention(
     stride: usize,
     nk: usize,
     visible: impl Fn(usize) -> usize,
+    products: Products,
 ) -> (Vec<f32>, Vec<f32>) {
     if rows <= ATTN_DOT_ROWS {
         return dot_attention(q, rows, d, k, v, stride, visible);
     }
     let mut o = vec![0f32; rows * d];
     let mut soft = OnlineSoftmax::new(rows);
+    if products == Products::Tile {
+        use crate::x86::{TileCols, TileRows, amx_multiply};
+        // Rows go through each key tile in blocks, so that a block's scores and weights stay in
+        // cache between the products and the softmax.
+        const ROWS: usize = 64;
+        let blocks: Vec<(usize, TileRows)> = (0..rows)
+            .step_by(ROWS)
+            .map(|r0| {
+                let n = ROWS.min(rows - r0);
+                (r0, TileRows::pack(&q[r0 * d..(r0 + n) * d], n, d, 1, false))
+            })
+            .collect();
+        let mut kt = 0;
+        while kt < nk {
+            let kn = ATTN_K_TILE.min(nk - kt);
+            // Keys past kn are zero columns of the operand; every row masks them below.
+            let knp = kn.next_multiple_of(32);
+            let keys = TileCols::rows_of(&k[kt * stride..], stride, kn, knp, d);
+            let values = TileCols::columns_of(&v[kt * stride..], stride, kn, knp, d);
+            for (r0, qp) in &blocks {
+                let n = qp.rows();
+                let mut s = amx_multiply(qp, &keys, false);
+                soft.absorb(*r0, &mut s, knp, kt, kn, &visible, &mut o, d);
+                let pv = amx_multiply(&TileRows::pack(&s, n, knp, 1, false), &values, false);
+                let ob = &mut o[r0 * d..(r0 + n) * d];
+                ob.iter_mut().zip(&pv).for_each(|(o, p)| *o += p);
+            }
+            kt += kn;
+        }
+        return soft.finish(o, d);
+    }
     let mut s = vec![0f32; rows * ATTN_K_TILE.min(nk)];
     let mut kt = 0;
     while kt < nk {
@@ -1009,54 +989,6 @@ fn flash_attention(
             Some(1.0),
             false,
         );
-        kt += kn;
-    }
-    soft.finish(o, d)
-}
-
-/// [`flash_attention`] on the AMX tile unit with bf16 operands: the queries, each tile of keys,
-/// the softmax weights and each tile of values are rounded to bf16 and multiplied with f32
-/// accumulation, as a GPU's flash attention does; the online softmax stays in f32. For
-/// [`Activations::Bf16`]; needs `amx_takes(d, d)`.
-#[allow(clippy::too_many_arguments)]
-fn flash_attention_amx(
-    q: &[f32],
-    rows: usize,
-    d: usize,
-    k: &[f32],
-    v: &[f32],
-    stride: usize,
-    nk: usize,
-    visible: impl Fn(usize) -> usize,
-) -> (Vec<f32>, Vec<f32>) {
-    use crate::x86::{TileCols, TileRows, amx_multiply};
-    // Rows go through each key tile in blocks, so that a block's scores and weights stay in
-    // cache between the products and the softmax.
-    const ROWS: usize = 64;
-    let blocks: Vec<(usize, TileRows)> = (0..rows)
-        .step_by(ROWS)
-        .map(|r0| {
-            let n = ROWS.min(rows - r0);
-            (r0, TileRows::pack(&q[r0 * d..(r0 + n) * d], n, d, 1, false))
-        })
-        .collect();
-    let mut o = vec![0f32; rows * d];
-    let mut soft = OnlineSoftmax::new(rows);
-    let mut kt = 0;
-    while kt < nk {
-        let kn = ATTN_K_TILE.min(nk - kt);
-        // Keys past kn are zero columns of the operand; every row masks them below.
-        let knp = kn.next_multiple_of(32);
-        let keys = TileCols::rows_of(&k[kt * stride..], stride, kn, knp, d);
-        let values = TileCols::columns_of(&v[kt * stride..], stride, kn, knp, d);
-        for (r0, qp) in &blocks {
-            let n = qp.rows();
-            let mut s = amx_multiply(qp, &keys, false);
-            soft.absorb(*r0, &mut s, knp, kt, kn, &visible, &mut o, d);
-            let pv = amx_multiply(&TileRows::pack(&s, n, knp, 1, false), &values, false);
-            let ob = &mut o[r0 * d..(r0 + n) * d];
-            ob.iter_mut().zip(&pv).for_each(|(o, p)| *o += p);
-        }
         kt += kn;
     }
     soft.finish(o, d)
@@ -1527,10 +1459,21 @@ impl Backend for Cpu {
                 }
                 let mut o = vec![0f32; t * d];
                 match self.activations {
-                    Activations::Bf16 if amx_block => {
-                        lightning_head_amx(&q, &k, &v, t, d, decay[h], block, st, &mut o)
+                    Activations::Bf16 if amx_block => lightning_head(
+                        &q,
+                        &k,
+                        &v,
+                        t,
+                        d,
+                        decay[h],
+                        block,
+                        st,
+                        &mut o,
+                        Products::Tile,
+                    ),
+                    _ => {
+                        lightning_head(&q, &k, &v, t, d, decay[h], block, st, &mut o, Products::F32)
                     }
-                    _ => lightning_head(&q, &k, &v, t, d, decay[h], block, st, &mut o),
                 }
                 o
             })
@@ -1757,7 +1700,18 @@ mod tests {
             for &block in &[1usize, 3, 8, 16, 64, 256] {
                 let mut s = vec![0f32; d * d];
                 let mut o = vec![0f32; t * d];
-                lightning_head(&q, &k, &v, t, d, lambda, block, &mut s, &mut o);
+                lightning_head(
+                    &q,
+                    &k,
+                    &v,
+                    t,
+                    d,
+                    lambda,
+                    block,
+                    &mut s,
+                    &mut o,
+                    Products::F32,
+                );
                 assert!(
                     max_rel(&o, &want) < 1e-5,
                     "block {block} λ {lambda}: {}",
@@ -1789,27 +1743,21 @@ mod tests {
             // The first 40 tokens one way, the rest from the carried state.
             let (mut s, mut o) = (vec![0f32; d * d], vec![0f32; t * d]);
             let split = 40 * d;
-            lightning_head_amx(
-                &q[..split],
-                &k[..split],
-                &v[..split],
-                40,
-                d,
-                lambda,
-                64,
-                &mut s,
-                &mut o[..split],
-            );
-            lightning_head_amx(
-                &q[split..],
-                &k[split..],
-                &v[split..],
+            let tile = Products::Tile;
+            let (q0, k0, v0) = (&q[..split], &k[..split], &v[..split]);
+            lightning_head(q0, k0, v0, 40, d, lambda, 64, &mut s, &mut o[..split], tile);
+            let (q1, k1, v1) = (&q[split..], &k[split..], &v[split..]);
+            lightning_head(
+                q1,
+                k1,
+                v1,
                 t - 40,
                 d,
                 lambda,
                 64,
                 &mut s,
                 &mut o[split..],
+                tile,
             );
             let (eo, es) = (max_rel(&o, &want), max_rel(&s, &want_s));
             eprintln!("λ {lambda}: output {eo:e}, state {es:e}");
@@ -1842,6 +1790,7 @@ mod tests {
                 16,
                 &mut s,
                 &mut o[a * d..b * d],
+                Products::F32,
             );
         }
         assert!(max_rel(&o, &want) < 1e-5);
