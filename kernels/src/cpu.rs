@@ -519,14 +519,23 @@ pub fn rope_inv_freq(rope: RopeParams) -> Vec<f32> {
         .collect()
 }
 
-/// How [`lightning_head`] multiplies.
+/// How [`lightning_head`] and [`flash_attention`] multiply.
 #[derive(Clone, Copy, PartialEq)]
 enum Products {
     /// f32 GEMMs (exact).
     F32,
-    /// The AMX tile unit with bf16 operands and f32 accumulation, as a GPU kernel multiplies
-    /// (for [`Activations::Bf16`]; needs `amx_takes(d, d)` and a block that is a multiple of 32).
+    /// The AMX tile unit with bf16 operands and f32 accumulation, as a GPU kernel multiplies.
     Tile,
+}
+
+impl Products {
+    /// Tile for bf16 activations where the tile unit takes heads of `d`; F32 otherwise.
+    fn for_heads(activations: Activations, d: usize) -> Self {
+        match activations {
+            Activations::Bf16 if crate::x86::amx_takes(d, d) => Products::Tile,
+            _ => Products::F32,
+        }
+    }
 }
 
 /// One head of lightning attention over `t` tokens: `q`, `k`, `v` are `[t, d]`, `state` is
@@ -572,8 +581,8 @@ fn lightning_head(
         return;
     }
     use crate::x86::{TileCols, TileRows, amx_multiply};
-    let tile = products == Products::Tile;
-    debug_assert!(!tile || block.is_multiple_of(32));
+    // The tile unit takes blocks of whole tiles only; other block sizes multiply in f32.
+    let tile = products == Products::Tile && block.is_multiple_of(32);
     // decay[n] = exp(−λ n), n = 0..=block
     let decay: Vec<f32> = (0..=block).map(|n| (-lambda * n as f32).exp()).collect();
     let mut qs = vec![0f32; block * d];
@@ -777,10 +786,7 @@ fn grouped_attention(
     let scale = 1.0 / (d as f32).sqrt();
     let qblocks = t.div_ceil(ATTN_Q_BLOCK);
     // bf16 operands on the tile unit, as a GPU's flash attention takes them.
-    let products = match activations {
-        Activations::Bf16 if crate::x86::amx_takes(d, d) => Products::Tile,
-        _ => Products::F32,
-    };
+    let products = Products::for_heads(activations, d);
     let items: Vec<(usize, usize)> = (0..kv_heads)
         .flat_map(|g| (0..qblocks).map(move |b| (g, b)))
         .collect();
@@ -1441,7 +1447,7 @@ impl Backend for Cpu {
         assert_eq!(decay.len(), heads);
         let row = heads * 3 * d;
         // bf16 prefills run each block's products on the tile unit.
-        let amx_block = t > 1 && block.is_multiple_of(32) && crate::x86::amx_takes(d, d);
+        let products = Products::for_heads(self.activations, d);
         let per_head: Vec<Vec<f32>> = state
             .par_chunks_mut(d * d)
             .enumerate()
@@ -1458,23 +1464,7 @@ impl Backend for Cpu {
                     v.extend_from_slice(&qkv[base + 2 * d..base + 3 * d]);
                 }
                 let mut o = vec![0f32; t * d];
-                match self.activations {
-                    Activations::Bf16 if amx_block => lightning_head(
-                        &q,
-                        &k,
-                        &v,
-                        t,
-                        d,
-                        decay[h],
-                        block,
-                        st,
-                        &mut o,
-                        Products::Tile,
-                    ),
-                    _ => {
-                        lightning_head(&q, &k, &v, t, d, decay[h], block, st, &mut o, Products::F32)
-                    }
-                }
+                lightning_head(&q, &k, &v, t, d, decay[h], block, st, &mut o, products);
                 o
             })
             .collect();

@@ -301,12 +301,7 @@ fn bf16_rne(v: f32) -> u16 {
 /// are exact in bf16; the caller applies their scales). `terms` bf16 terms per activation: 3
 /// gives f32 accuracy, 1 rounds the activations to bf16 (a GPU's numerics, a third of the
 /// tile work). Call only when [`amx_takes`]`(k, n)`. `parallel` spreads the work over rayon's
-/// threads.
-///
-/// Blocking: the packed activations of a chunk of [`CHUNK_TOKENS`] tokens stay in L2 while
-/// each 32-feature panel of packed weights (32 × k bf16: 32 KiB at k = 512) stays in L1 and
-/// every 32-token block of the chunk passes over it, accumulating in the tiles across the
-/// whole of k.
+/// threads. The packing and [`amx_multiply`] check the shapes.
 pub fn amx_linear<T: Packed>(
     x: &[f32],
     w: &[T],
@@ -316,12 +311,6 @@ pub fn amx_linear<T: Packed>(
     terms: usize,
     parallel: bool,
 ) -> Vec<f32> {
-    assert!(
-        amx_takes(k, n),
-        "amx_linear: shape {m}x{k}x{n} not in whole tiles"
-    );
-    assert_eq!(x.len(), m * k, "amx: input is not [m, k]");
-    assert_eq!(w.len(), n * k, "amx: weight is not [n, k]");
     let b = TileCols::weights(w, k, n, parallel);
     amx_multiply(&TileRows::pack(x, m, k, terms, parallel), &b, parallel)
 }
@@ -448,7 +437,7 @@ impl TileCols {
 }
 
 /// One 16-feature block of [`TileCols::rows_of`]: 32 values of each of 16 rows rounded to bf16
-/// (one register per row), then the 16 × 16 transpose of their pairs.
+/// (one register per row; rows past `rows` are zeros), then [`transpose_into`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_f32_rows_avx512(
@@ -460,28 +449,22 @@ unsafe fn pack_f32_rows_avx512(
     blk: &mut [MaybeUninit<u32>],
 ) {
     use std::arch::x86_64::*;
-    for kk in 0..k / AMX_K {
-        let mut r = [_mm512_setzero_si512(); 16];
-        for (f, reg) in r.iter_mut().enumerate() {
-            let j = jb * 16 + f;
-            if j < rows {
-                // SAFETY: j·stride + kk·32 + 32 <= (rows-1)·stride + k <= src.len().
-                let p = unsafe { src.as_ptr().add(j * stride + kk * AMX_K) };
-                // SAFETY: 32 readable values at p.
-                let (a, b) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
-                *reg = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rne16(a).0)),
-                    _mm512_cvtepi32_epi16(rne16(b).0),
-                );
-            }
+    transpose_into(k, blk, |f, kk| {
+        let j = jb * 16 + f;
+        if j >= rows {
+            return _mm512_setzero_si512();
         }
-        for (i, row) in transpose16(r).iter().enumerate() {
-            // SAFETY: (kk·16 + i)·16 + 16 <= 16 · k/2.
-            unsafe {
-                _mm512_storeu_si512(blk.as_mut_ptr().add((kk * 16 + i) * 16) as *mut _, *row)
-            };
-        }
-    }
+        // SAFETY: j·stride + kk·32 + 32 <= (rows-1)·stride + k <= src.len() (the caller's
+        // check), so 32 values at p are readable.
+        let (a, b) = unsafe {
+            let p = src.as_ptr().add(j * stride + kk * AMX_K);
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+        };
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rne16(a).0)),
+            _mm512_cvtepi32_epi16(rne16(b).0),
+        )
+    });
 }
 
 /// Sixteen pairs `(lo[f], hi[f])` rounded to bf16 into `dst` (an absent row is zeros).
@@ -562,7 +545,7 @@ pub fn amx_multiply(a: &TileRows, b: &TileCols, parallel: bool) -> Vec<f32> {
     y
 }
 
-/// Tokens per chunk in [`amx_linear`]: 256 tokens of packed activations take 256 KiB at
+/// Tokens per chunk in [`amx_multiply`]: 256 tokens of packed activations take 256 KiB at
 /// k = 512 with one term (768 KiB with three), well inside L2.
 const CHUNK_TOKENS: usize = 256;
 
@@ -570,7 +553,7 @@ const CHUNK_TOKENS: usize = 256;
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: the pointer is only written through by work items whose regions do not overlap
-// (see amx_linear); the allocation outlives them.
+// (see amx_multiply); the allocation outlives them.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -612,24 +595,35 @@ fn pack_weights<T: Packed>(w: &[T], k: usize, n: usize, parallel: bool) -> Vec<u
 }
 
 /// One 16-feature block of [`pack_weights`]: each row's 32 bf16 of a step (16 pairs, one
-/// 512-bit register) then a 16 × 16 transpose of 32-bit pairs.
+/// 512-bit register), then [`transpose_into`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_block_avx512<T: Packed>(rows: &[T], k: usize, blk: &mut [MaybeUninit<u32>]) {
+    debug_assert!(rows.len() == 16 * k);
+    // SAFETY: f·k + kk·32 + 32 <= 16·k: 32 readable elements; AVX-512F/BW are enabled here.
+    transpose_into(k, blk, |f, kk| unsafe {
+        T::load32_bf16(rows.as_ptr().add(f * k + kk * AMX_K))
+    });
+}
+
+/// A 16-feature block of a [`TileCols`] (`blk`, 16 · k/2 pairs) from its 16 features' bf16
+/// values: `row(f, kk)` gives feature f's 32 inputs of step kk (16 pairs in one register);
+/// each step's 16 × 16 transpose of pairs is 16 tile rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_into(
+    k: usize,
+    blk: &mut [MaybeUninit<u32>],
+    row: impl Fn(usize, usize) -> std::arch::x86_64::__m512i,
+) {
     use std::arch::x86_64::*;
-    debug_assert!(rows.len() == 16 * k && blk.len() * 2 == 16 * k && k.is_multiple_of(32));
+    assert!(blk.len() * 2 == 16 * k && k.is_multiple_of(AMX_K));
     for kk in 0..k / AMX_K {
-        let mut r = [_mm512_setzero_si512(); 16];
-        for (f, reg) in r.iter_mut().enumerate() {
-            // SAFETY: f·k + kk·32 + 32 <= 16·k.
-            *reg = unsafe { T::load32_bf16(rows.as_ptr().add(f * k + kk * AMX_K)) };
-        }
-        let t = transpose16(r);
-        for (i, row) in t.iter().enumerate() {
-            // SAFETY: (kk·16 + i)·16 + 16 <= 16 · k/2.
-            unsafe {
-                _mm512_storeu_si512(blk.as_mut_ptr().add((kk * 16 + i) * 16) as *mut _, *row)
-            };
+        let r: [__m512i; 16] = std::array::from_fn(|f| row(f, kk));
+        for (i, t) in transpose16(r).iter().enumerate() {
+            let dst = &mut blk[(kk * 16 + i) * 16..][..16];
+            // SAFETY: dst holds 16 u32, 64 bytes.
+            unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, *t) };
         }
     }
 }
